@@ -1,0 +1,111 @@
+// The qie INT8 GEMM kernel layer: plain C++ over raw pointers, strides and a params struct.
+//
+// Every GEMM is computed as u8 x s8 -> s32, exactly:
+//   acc[m][n] = sum_k (a[m][k] - za[m]) * (b[k][n] - zb[n]) + bias[m][n]
+// u8u8, s8s8 and s8u8 reach the same u8s8 microkernels through the +128 shift: a signed A is
+// stored as a ^ 0x80 (= a + 128, u8) with za + 128; an unsigned B is stored as b ^ 0x80 (= b - 128,
+// s8) with zb - 128. The differences (a - za) and (b - zb) are unchanged, so the result is exact.
+//
+// With raw = sum_k a'b', rs[m] = sum_k a'[m][k], cs[n] = sum_k b'[k][n] (primed: shifted values):
+//   acc = raw + bias - zb[n] * rs[m] - za[m] * (cs[n] - K * zb[n])
+// The epilogue of each microkernel applies that, then writes int32, float (acc * scale[n] + fbias[n])
+// or requantized u8/s8 (saturate(round_half_even(float(acc) * scale[n]) + y_zp)), all in float32
+// with the multiply rounded before the add, as ONNX Runtime's MLAS does.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace qie {
+
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+constexpr int kIsaCount = 4;
+const char* IsaName(Isa isa);
+bool IsaFromName(const char* name, Isa* out);
+bool IsaSupported(Isa isa);  // by this CPU (cpuid + OS state)
+Isa ActiveIsa();              // best supported, or QIE_ISA's choice; fixed after first use
+bool ForceIsa(Isa isa);       // for tests and benchmarks; false if the CPU lacks it
+
+enum class OutKind : int { kInt32 = 0, kFloat = 1, kU8 = 2, kS8 = 3 };
+
+// What the epilogue needs, for one tile (rows m0.., columns n0..).
+struct Epilogue {
+  OutKind kind;
+  const int32_t* rs;     // [mr] row sums of shifted A (nullptr when zb is all zero)
+  const int32_t* za;     // [mr] A zero points (shifted)
+  const int32_t* zb;     // [nr] B zero points (shifted); nullptr when all zero
+  const int32_t* csk;    // [nr] cs[n] - K*zb[n]
+  const int32_t* bias;   // int32 bias at (m0, n0), or nullptr
+  ptrdiff_t bias_rs;     // bias row stride (0 broadcasts rows)
+  int bias_cs;           // 1: per column, 0: one value per row
+  const float* scale;    // [nr] output multipliers (float/quantized outputs)
+  const float* fbias;    // [nr] float bias added after scaling, or nullptr
+  int32_t y_zp;
+  void* y;               // output at (m0, n0)
+  ptrdiff_t ldy;         // in elements
+};
+
+// One tile: rows [0, mr) of A (row stride lda bytes, or int16 elements for wide kernels), one packed
+// panel of B (NR columns, of which nr are real), kp = K rounded up to the kernel's K-group.
+using TileFn = void (*)(size_t mr, size_t nr, size_t kp, const void* a, size_t lda, const void* b_panel,
+                        const Epilogue& ep);
+
+struct MicroKernel {
+  Isa isa;
+  const char* name;  // e.g. qie_gemm_u8s8_s32_8x32c4__avx512vnni
+  int mr, nr, kgroup;
+  bool wide;         // operands widened to int16 (AVX2's exact vpmaddwd path)
+  TileFn tile;
+};
+const MicroKernel& GetMicroKernel(Isa isa);
+
+// B packed once (constant weights) or per call: panels of NR columns, K padded to the K-group.
+struct PackedB {
+  Isa isa = Isa::kScalar;
+  size_t K = 0, N = 0, kp = 0;
+  bool shifted = false;        // B was u8 and is stored as b ^ 0x80
+  std::vector<int32_t> cs;     // [N] column sums of stored (shifted) values
+  std::vector<int8_t> data;    // panels, 64-byte aligned start via offset below
+  size_t offset = 0;
+  size_t panel_bytes = 0;
+  const void* panel(size_t p) const { return data.data() + offset + p * panel_bytes; }
+};
+// b: K x N with element (k, n) at b[k*ldb_k + n*ldb_n]; b_signed says int8 (else uint8).
+void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k,
+           ptrdiff_t ldb_n, PackedB* out);
+
+using ParallelFor = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
+
+// A GEMM problem over `batch` independent matrices sharing one packed B per batch entry.
+struct GemmArgs {
+  size_t M = 0, N = 0, K = 0;
+  const uint8_t* a = nullptr;  // A for batch 0; rows of lda bytes
+  size_t lda = 0;
+  const size_t* a_offsets = nullptr;  // [batch] byte offsets of each A (nullptr: all 0)
+  bool a_signed = false;
+  const int32_t* za = nullptr;  // A zero point(s), unshifted
+  int za_per_row = 0;           // 1: za[m], 0: za[0]
+  const int32_t* zb = nullptr;  // [N] B zero points, unshifted (nullptr: all zero)
+  const int32_t* bias = nullptr;
+  ptrdiff_t bias_rs = 0;
+  int bias_cs = 0;
+  ptrdiff_t bias_batch_stride = 0;
+  OutKind kind = OutKind::kInt32;
+  const float* scale = nullptr;  // [N]
+  const float* fbias = nullptr;  // [N]
+  int32_t y_zp = 0;
+  void* y = nullptr;
+  size_t ldy = 0;
+  ptrdiff_t y_batch_stride = 0;  // in elements
+  size_t batch = 1;
+  const PackedB* const* b = nullptr;  // [batch] packed B (entries may repeat)
+};
+void Gemm(const MicroKernel& uk, const GemmArgs& args, const ParallelFor& pfor);
+
+// DynamicQuantizeLinear semantics (as ORT computes them): scale and zero point from min/max of x
+// (range widened to include 0), then q = saturate(round_half_even(x / scale) + zp).
+void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp);
+void QuantizeLinearU8(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
+
+}  // namespace qie

@@ -1,0 +1,167 @@
+// The GEMM driver: packs B into microkernel panels, prepares A tiles, splits the work into tasks and
+// runs the microkernels. ISA-neutral; the microkernels do the arithmetic and the fused epilogue.
+//
+// Tiling, in steps:
+//  1. B is packed once per weight into panels of NR columns x kp (K padded to the K-group), each column
+//     group interleaved by K-group so one vector load feeds NR/lanes dot products.
+//  2. The output is cut into tasks of (batch, MB rows, NB columns); NB is chosen so a task's B block
+//     (kp x NB) stays in L2, MB so an A tile (MR x kp) stays in L1 while it sweeps the B block.
+//  3. Within a task, each MR-row A tile is prepared once (shifted / padded / widened only when the
+//     kernel needs it; row sums only when B has a non-zero zero point), then every panel of the block
+//     runs the microkernel, whose epilogue writes the final output directly.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/gemm.h"
+
+namespace qie {
+namespace {
+
+constexpr int kMaxMr = 16;
+constexpr size_t kL2Block = 256 * 1024;
+
+size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace
+
+void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k,
+           ptrdiff_t ldb_n, PackedB* out) {
+  const size_t nr = uk.nr, kg = uk.kgroup;
+  out->isa = uk.isa;
+  out->K = K;
+  out->N = N;
+  out->kp = RoundUp(std::max<size_t>(K, 1), kg);
+  out->shifted = !b_signed;
+  const size_t elem = uk.wide ? 2 : 1;
+  out->panel_bytes = RoundUp(out->kp * nr * elem, 64);
+  const size_t panels = (N + nr - 1) / nr;
+  out->data.assign(panels * out->panel_bytes + 64, 0);
+  out->offset = (64 - reinterpret_cast<uintptr_t>(out->data.data()) % 64) % 64;
+  out->cs.assign(N, 0);
+  const uint8_t flip = b_signed ? 0 : 0x80;
+  for (size_t p = 0; p < panels; ++p) {
+    int8_t* dst = out->data.data() + out->offset + p * out->panel_bytes;
+    int16_t* dst16 = reinterpret_cast<int16_t*>(dst);
+    for (size_t j = 0; j < nr && p * nr + j < N; ++j) {
+      const size_t n = p * nr + j;
+      int32_t sum = 0;
+      for (size_t k = 0; k < K; ++k) {
+        const int8_t v = static_cast<int8_t>(b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(n) * ldb_n] ^ flip);
+        sum += v;
+        const size_t idx = ((k / kg) * nr + j) * kg + k % kg;
+        if (uk.wide) dst16[idx] = v; else dst[idx] = v;
+      }
+      out->cs[n] = sum;
+    }
+  }
+}
+
+void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
+  const size_t M = g.M, N = g.N, K = g.K, mr = uk.mr, nr = uk.nr;
+  if (M == 0 || N == 0 || g.batch == 0) return;
+  const size_t kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
+
+  // Per-column terms, shared by all tasks.
+  const bool has_zb = g.zb != nullptr && std::any_of(g.zb, g.zb + N, [&](int32_t z) { return z != 0; }) ;
+  const int32_t zb_shift = g.b[0]->shifted ? 128 : 0;
+  std::vector<int32_t> zb_s, csk(N);
+  bool any_zb = has_zb || zb_shift != 0;
+  if (any_zb) {
+    zb_s.resize(N);
+    for (size_t n = 0; n < N; ++n) zb_s[n] = (g.zb ? g.zb[n] : 0) - zb_shift;
+  }
+  const int32_t za_shift = g.a_signed ? 128 : 0;
+  const bool direct_a = !uk.wide && !g.a_signed && K % uk.kgroup == 0 && K > 0;
+
+  const size_t panels = (N + nr - 1) / nr, mtiles = (M + mr - 1) / mr;
+  const size_t panel_bytes = g.b[0]->panel_bytes;
+  size_t nb = std::max<size_t>(1, std::min(panels, kL2Block / panel_bytes));
+  size_t mb = std::min<size_t>(mtiles, std::max<size_t>(1, 64 / mr));
+  const double macs = double(M) * N * K * g.batch;
+  auto count = [&] { return g.batch * ((mtiles + mb - 1) / mb) * ((panels + nb - 1) / nb); };
+  if (macs > 262144.0) {
+    while (count() < 8 && (mb > 1 || nb > 1)) {
+      if (mb > 1) mb = (mb + 1) / 2; else nb = (nb + 1) / 2;
+    }
+  } else {
+    mb = mtiles;
+    nb = panels;
+  }
+  const size_t mblocks = (mtiles + mb - 1) / mb, nblocks = (panels + nb - 1) / nb;
+  const size_t elem = uk.wide ? 2 : 1;
+
+  auto task = [&](size_t t) {
+    const size_t nbi = t % nblocks, mbi = (t / nblocks) % mblocks, bi = t / (nblocks * mblocks);
+    const PackedB& pb = *g.b[bi];
+    const uint8_t* a_b = g.a + (g.a_offsets ? g.a_offsets[bi] : 0);
+    thread_local std::vector<uint8_t> abuf;
+    if (!direct_a && abuf.size() < mr * kp * elem + 64) abuf.resize(mr * kp * elem + 64);
+    int32_t rs[kMaxMr], za[kMaxMr];
+    for (size_t mt = mbi * mb; mt < std::min(mtiles, (mbi + 1) * mb); ++mt) {
+      const size_t m0 = mt * mr, rows = std::min(mr, M - m0);
+      // Step 3: prepare the A tile.
+      const void* a_tile;
+      size_t lda;
+      for (size_t r = 0; r < rows; ++r) {
+        const uint8_t* src = a_b + (m0 + r) * g.lda;
+        za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
+        if (any_zb) {
+          int32_t s = 0;
+          if (g.a_signed) { for (size_t k = 0; k < K; ++k) s += static_cast<uint8_t>(src[k] ^ 0x80); }
+          else { for (size_t k = 0; k < K; ++k) s += src[k]; }
+          rs[r] = s;
+        }
+      }
+      if (direct_a) {
+        a_tile = a_b + m0 * g.lda;
+        lda = g.lda;
+      } else {
+        const uint8_t flip = g.a_signed ? 0x80 : 0;
+        for (size_t r = 0; r < rows; ++r) {
+          const uint8_t* src = a_b + (m0 + r) * g.lda;
+          if (uk.wide) {
+            int16_t* d = reinterpret_cast<int16_t*>(abuf.data()) + r * kp;
+            for (size_t k = 0; k < K; ++k) d[k] = static_cast<uint8_t>(src[k] ^ flip);
+            for (size_t k = K; k < kp; ++k) d[k] = 0;
+          } else {
+            uint8_t* d = abuf.data() + r * kp;
+            for (size_t k = 0; k < K; ++k) d[k] = src[k] ^ flip;
+            for (size_t k = K; k < kp; ++k) d[k] = 0;
+          }
+        }
+        a_tile = abuf.data();
+        lda = kp;
+      }
+      for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p) {
+        const size_t n0 = p * nr, cols = std::min(nr, N - n0);
+        int32_t csk_local[64];
+        for (size_t j = 0; j < cols; ++j)
+          csk_local[j] = pb.cs[n0 + j] - (any_zb ? static_cast<int32_t>(K) * zb_s[n0 + j] : 0);
+        Epilogue ep;
+        ep.kind = g.kind;
+        ep.rs = any_zb ? rs : nullptr;
+        ep.za = za;
+        ep.zb = any_zb ? zb_s.data() + n0 : nullptr;
+        ep.csk = csk_local;
+        ep.bias = g.bias ? g.bias + static_cast<ptrdiff_t>(bi) * g.bias_batch_stride +
+                               static_cast<ptrdiff_t>(m0) * g.bias_rs + static_cast<ptrdiff_t>(n0) * g.bias_cs
+                         : nullptr;
+        ep.bias_rs = g.bias_rs;
+        ep.bias_cs = g.bias_cs;
+        ep.scale = g.scale ? g.scale + n0 : nullptr;
+        ep.fbias = g.fbias ? g.fbias + n0 : nullptr;
+        ep.y_zp = g.y_zp;
+        const size_t osz = g.kind == OutKind::kU8 || g.kind == OutKind::kS8 ? 1 : 4;
+        ep.y = static_cast<char*>(g.y) + (static_cast<ptrdiff_t>(bi) * g.y_batch_stride +
+                                          static_cast<ptrdiff_t>(m0 * g.ldy + n0)) * osz;
+        ep.ldy = static_cast<ptrdiff_t>(g.ldy);
+        uk.tile(rows, cols, kp, a_tile, lda, pb.panel(p), ep);
+      }
+    }
+  };
+  const size_t total = g.batch * mblocks * nblocks;
+  if (total == 1) task(0);
+  else pfor(total, task);
+}
+
+}  // namespace qie

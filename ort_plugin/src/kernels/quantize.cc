@@ -1,0 +1,36 @@
+// Dynamic quantization of a float tensor to u8, exactly as ONNX Runtime's DynamicQuantizeLinear /
+// DynamicQuantizeMatMul compute it:
+//   lo = min(0, min x), hi = max(0, max x), scale = (hi - lo) / 255 (1 when hi == lo),
+//   zp = round_half_even(clamp(0 - lo / scale, 0, 255)), q = saturate(round_half_even(x / scale) + zp).
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/gemm.h"
+
+namespace qie {
+
+void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp) {
+  float lo = 0.0f, hi = 0.0f;
+  if (n > 0) {
+    lo = hi = x[0];
+    for (size_t i = 1; i < n; ++i) { lo = std::min(lo, x[i]); hi = std::max(hi, x[i]); }
+  }
+  lo = std::min(lo, 0.0f);
+  hi = std::max(hi, 0.0f);
+  const float s = hi == lo ? 1.0f : (hi - lo) / 255.0f;
+  const float z0 = 0.0f - lo / s;
+  *scale = s;
+  *zp = static_cast<uint8_t>(std::nearbyint(std::max(0.0f, std::min(255.0f, z0))));
+}
+
+void QuantizeLinearU8(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q) {
+  const float lo = 0.0f - zp, hi = 255.0f - zp;
+  for (size_t i = 0; i < n; ++i) {
+    float v = x[i] / scale;
+    if (v != v) v = 0.0f;  // NaN: defined result (zero point) instead of an undefined conversion
+    v = std::min(std::max(v, lo), hi);
+    q[i] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(v)) + zp);
+  }
+}
+
+}  // namespace qie

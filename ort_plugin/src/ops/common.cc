@@ -1,0 +1,186 @@
+// Implementation of the ORT adaptor helpers declared in common.h.
+#include "ops/common.h"
+
+#include <cmath>
+#include <sstream>
+
+namespace qie {
+
+const OrtApi* g_ort = nullptr;
+
+void Fail(const std::string& msg) { throw OpError(msg); }
+
+void ThrowOnError(OrtStatus* st) {
+  if (!st) return;
+  std::string msg = g_ort->GetErrorMessage(st);
+  g_ort->ReleaseStatus(st);
+  throw std::runtime_error(msg);
+}
+
+std::string DtypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    default: return "dtype#" + std::to_string(static_cast<int>(t));
+  }
+}
+
+std::string ShapeStr(const std::vector<int64_t>& s) {
+  std::ostringstream o;
+  o << "[";
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? "," : "") << s[i];
+  o << "]";
+  return o.str();
+}
+
+int64_t Tensor::size() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+Tensor TensorOf(const OrtValue* v) {
+  Tensor t;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ThrowOnError(g_ort->GetTensorTypeAndShape(v, &info));
+  size_t rank = 0;
+  OrtStatus* st = g_ort->GetTensorElementType(info, &t.type);
+  if (!st) st = g_ort->GetDimensionsCount(info, &rank);
+  if (!st) {
+    t.shape.resize(rank);
+    st = g_ort->GetDimensions(info, t.shape.data(), rank);
+  }
+  g_ort->ReleaseTensorTypeAndShapeInfo(info);
+  ThrowOnError(st);
+  void* data = nullptr;
+  ThrowOnError(g_ort->GetTensorMutableData(const_cast<OrtValue*>(v), &data));
+  t.data = data;
+  return t;
+}
+
+std::optional<Tensor> Input(OrtKernelContext* ctx, size_t i) {
+  size_t n = 0;
+  ThrowOnError(g_ort->KernelContext_GetInputCount(ctx, &n));
+  if (i >= n) return std::nullopt;
+  const OrtValue* v = nullptr;
+  ThrowOnError(g_ort->KernelContext_GetInput(ctx, i, &v));
+  if (!v) return std::nullopt;
+  return TensorOf(v);
+}
+
+Tensor RequiredInput(OrtKernelContext* ctx, size_t i, const char* name) {
+  auto t = Input(ctx, i);
+  if (!t) Fail(std::string("required input ") + name + " is missing");
+  return *t;
+}
+
+void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape) {
+  OrtValue* v = nullptr;
+  ThrowOnError(g_ort->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));
+  void* data = nullptr;
+  ThrowOnError(g_ort->GetTensorMutableData(v, &data));
+  return data;
+}
+
+std::optional<Tensor> ConstantInput(const OrtKernelInfo* info, size_t i) {
+  size_t n = 0;
+  ThrowOnError(g_ort->KernelInfo_GetInputCount(info, &n));
+  if (i >= n) return std::nullopt;
+  int is_const = 0;
+  const OrtValue* v = nullptr;
+  OrtStatus* st = g_ort->KernelInfoGetConstantInput_tensor(info, i, &is_const, &v);
+  if (st) {  // an absent optional input reports an error here: treat as not constant
+    g_ort->ReleaseStatus(st);
+    return std::nullopt;
+  }
+  if (!is_const || !v) return std::nullopt;
+  return TensorOf(v);
+}
+
+int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t dflt) {
+  int64_t v = dflt;
+  OrtStatus* st = g_ort->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  return v;
+}
+
+float AttrFloat(const OrtKernelInfo* info, const char* name, float dflt) {
+  float v = dflt;
+  OrtStatus* st = g_ort->KernelInfoGetAttribute_float(info, name, &v);
+  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  return v;
+}
+
+std::string NodeName(const OrtKernelInfo* info) {
+  size_t n = 0;
+  OrtStatus* st = g_ort->KernelInfo_GetNodeName(info, nullptr, &n);
+  if (st) { g_ort->ReleaseStatus(st); return ""; }
+  std::string s(n, '\0');
+  st = g_ort->KernelInfo_GetNodeName(info, s.data(), &n);
+  if (st) { g_ort->ReleaseStatus(st); return ""; }
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+namespace {
+struct PforCall {
+  const std::function<void(size_t)>* fn;
+};
+void PforTrampoline(void* data, size_t i) { (*static_cast<PforCall*>(data)->fn)(i); }
+}  // namespace
+
+ParallelFor OrtParallelFor(OrtKernelContext* ctx) {
+  return [ctx](size_t total, const std::function<void(size_t)>& fn) {
+    PforCall call{&fn};
+    ThrowOnError(g_ort->KernelContext_ParallelFor(ctx, PforTrampoline, total, 0, &call));
+  };
+}
+
+void RequireInt8Type(const Tensor& t, const char* what) {
+  if (!t.is_int8() && !t.is_uint8()) Fail(std::string(what) + " must be uint8 or int8, got " + DtypeName(t.type));
+}
+
+void RequireType(const Tensor& t, ONNXTensorElementDataType want, const char* what) {
+  if (t.type != want) Fail(std::string(what) + " must be " + DtypeName(want) + ", got " + DtypeName(t.type));
+}
+
+std::vector<float> Scales(const Tensor& t, size_t n, const char* what) {
+  RequireType(t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, what);
+  const int64_t sz = t.size();
+  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n)))
+    Fail(std::string(what) + " must have 1" + (n ? " or " + std::to_string(n) : std::string()) +
+         " elements, got shape " + ShapeStr(t.shape));
+  std::vector<float> out(n ? n : 1);
+  for (size_t i = 0; i < out.size(); ++i) {
+    const float v = t.as<float>()[sz == 1 ? 0 : i];
+    if (!std::isfinite(v) || !(v > 0.0f))
+      Fail(std::string(what) + " must be finite and > 0, got " + std::to_string(v) + " at index " + std::to_string(sz == 1 ? 0 : i));
+    out[i] = v;
+  }
+  return out;
+}
+
+std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTensorElementDataType like, const char* what) {
+  std::vector<int32_t> out(n ? n : 1, 0);
+  if (!t) return out;
+  if (t->type != like) Fail(std::string(what) + " must have the dtype of its tensor (" + DtypeName(like) + "), got " + DtypeName(t->type));
+  const int64_t sz = t->size();
+  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n)))
+    Fail(std::string(what) + " must have 1" + (n ? " or " + std::to_string(n) : std::string()) +
+         " elements, got shape " + ShapeStr(t->shape));
+  for (size_t i = 0; i < out.size(); ++i) {
+    const size_t j = sz == 1 ? 0 : i;
+    out[i] = t->is_int8() ? t->as<int8_t>()[j] : t->as<uint8_t>()[j];
+  }
+  return out;
+}
+
+}  // namespace qie

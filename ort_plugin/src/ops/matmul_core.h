@@ -1,0 +1,45 @@
+// The matmul-shaped part every GEMM-family adaptor shares: numpy matmul broadcasting (N-D, 1-D
+// operands), prepacking a constant B at kernel creation, per-call packing otherwise, and one call of
+// the kernel layer per batch matrix (or one folded call when B has no batch).
+#pragma once
+#include "ops/common.h"
+
+namespace qie {
+
+struct MatMulPlan {
+  size_t M = 0, K = 0, N = 0;
+  std::vector<int64_t> out_shape;
+  std::vector<size_t> a_off, b_idx;  // per output batch: A element offset, B matrix index
+  bool folded = false;               // B has no batch: all A rows form one GEMM
+  size_t rows = 0;                   // rows of that GEMM (batch of A x M)
+};
+// a_shape x b_shape with numpy matmul semantics; `what_a`/`what_b` name the inputs in errors.
+MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int64_t>& b_shape);
+
+// Output epilogue of one matmul call, already validated and expanded.
+struct MatMulEpilogue {
+  OutKind kind = OutKind::kInt32;
+  std::vector<int32_t> za;  // 1 or M (per row) A zero points
+  std::vector<int32_t> zb;  // N B zero points
+  std::vector<float> scale; // N multipliers (float/quantized outputs)
+  const float* fbias = nullptr;  // N float bias or nullptr
+  int32_t y_zp = 0;
+};
+
+class MatMulCore {
+ public:
+  // Prepacks input `b_index` when ORT reports it constant.
+  void Init(const OrtKernelInfo* info, size_t b_index);
+  // a: uint8/int8 data of a_shape, b: the B input (its data is used unless prepacked for this ISA).
+  // Returns the ISA that ran.
+  Isa Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t* a, bool a_signed, const Tensor& b,
+          const MatMulEpilogue& ep, void* y);
+
+ private:
+  PrepackedB pre_;
+  bool has_pre_ = false;
+};
+
+void PackAllB(const MicroKernel& uk, const Tensor& b, PrepackedB* out);
+
+}  // namespace qie

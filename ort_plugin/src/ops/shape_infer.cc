@@ -1,0 +1,137 @@
+// Output dtype and shape inference for the registered ops (OrtCustomOp::InferOutputShapeFn).
+// ORT needs it to type the outputs whose dtype follows an input (QLinearMatMul, QGemm: y_zero_point's
+// dtype, or float when QGemm has none); the shapes let later nodes be planned. Unknown dimensions
+// stay symbolic; shapes that cannot multiply are reported here, at load time, with the node's op.
+#include <string>
+
+#include "ops/ops.h"
+
+namespace qie {
+namespace {
+
+struct Dim {
+  int64_t v = -1;
+  std::string sym;
+  bool known() const { return v >= 0; }
+};
+struct TypeShape {
+  bool present = false;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<Dim> dims;
+};
+
+TypeShape InputTS(OrtShapeInferContext* ctx, size_t i) {
+  TypeShape ts;
+  size_t n = 0;
+  ThrowOnError(g_ort->ShapeInferContext_GetInputCount(ctx, &n));
+  if (i >= n) return ts;
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context: never released here
+  OrtStatus* st = g_ort->ShapeInferContext_GetInputTypeShape(ctx, i, &info);
+  if (st || !info) {  // absent optional input
+    if (st) g_ort->ReleaseStatus(st);
+    return ts;
+  }
+  size_t rank = 0;
+  st = g_ort->GetTensorElementType(info, &ts.type);
+  if (!st) st = g_ort->GetDimensionsCount(info, &rank);
+  std::vector<int64_t> v(rank);
+  std::vector<const char*> s(rank, nullptr);
+  if (!st && rank) st = g_ort->GetDimensions(info, v.data(), rank);
+  if (!st && rank) st = g_ort->GetSymbolicDimensions(info, s.data(), rank);
+  ThrowOnError(st);
+  ts.present = ts.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  for (size_t d = 0; d < rank; ++d) ts.dims.push_back({v[d], s[d] ? s[d] : ""});
+  return ts;
+}
+
+int64_t AttrIntCtx(OrtShapeInferContext* ctx, const char* name, int64_t dflt) {
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* st = g_ort->ShapeInferContext_GetAttribute(ctx, name, &attr);
+  if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return dflt; }
+  int64_t v = dflt;
+  size_t out = 0;
+  st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof(v), &out);
+  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  return v;
+}
+
+void SetOutput(OrtShapeInferContext* ctx, ONNXTensorElementDataType type, const std::vector<Dim>& dims) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  ThrowOnError(g_ort->CreateTensorTypeAndShapeInfo(&info));
+  // ORT writes a dimension as its symbol when it has one, else as its value: unknown dimensions
+  // without a symbol get a fresh one so they are not written as -1.
+  std::vector<int64_t> v;
+  std::vector<std::string> names;
+  for (size_t i = 0; i < dims.size(); ++i) {
+    v.push_back(dims[i].v);
+    names.push_back(dims[i].known() ? "" : dims[i].sym.empty() ? "qie_unk_" + std::to_string(i) : dims[i].sym);
+  }
+  std::vector<const char*> s;
+  for (const auto& n : names) s.push_back(n.c_str());
+  OrtStatus* st = g_ort->SetTensorElementType(info, type);
+  if (!st) st = g_ort->SetDimensions(info, v.data(), v.size());
+  if (!st) st = g_ort->SetSymbolicDimensions(info, s.data(), s.size());
+  if (!st) st = g_ort->ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
+  g_ort->ReleaseTensorTypeAndShapeInfo(info);
+  ThrowOnError(st);
+}
+
+bool SameDim(const Dim& a, const Dim& b) { return a.known() ? b.known() && a.v == b.v : !b.known() && !a.sym.empty() && a.sym == b.sym; }
+
+std::string DimsStr(const std::vector<Dim>& d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + (d[i].known() ? std::to_string(d[i].v) : (d[i].sym.empty() ? "?" : d[i].sym));
+  return s + "]";
+}
+
+std::vector<Dim> MatMulDims(const TypeShape& a, const TypeShape& b) {
+  if (a.dims.empty() || b.dims.empty()) Fail("A and B must have rank >= 1, got A " + DimsStr(a.dims) + " and B " + DimsStr(b.dims));
+  const bool a1 = a.dims.size() == 1, b1 = b.dims.size() == 1;
+  std::vector<Dim> as = a1 ? std::vector<Dim>{{1, ""}, a.dims[0]} : a.dims;
+  std::vector<Dim> bs = b1 ? std::vector<Dim>{b.dims[0], {1, ""}} : b.dims;
+  const Dim& ka = as.back();
+  const Dim& kb = bs[bs.size() - 2];
+  if (ka.known() && kb.known() && ka.v != kb.v)
+    Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) + " has K=" + std::to_string(kb.v));
+  std::vector<Dim> ab(as.begin(), as.end() - 2), bb(bs.begin(), bs.end() - 2);
+  const size_t r = std::max(ab.size(), bb.size());
+  ab.insert(ab.begin(), r - ab.size(), Dim{1, ""});
+  bb.insert(bb.begin(), r - bb.size(), Dim{1, ""});
+  std::vector<Dim> out;
+  for (size_t d = 0; d < r; ++d) {
+    if (SameDim(ab[d], bb[d]) || (bb[d].known() && bb[d].v == 1)) out.push_back(ab[d]);
+    else if (ab[d].known() && ab[d].v == 1) out.push_back(bb[d]);
+    else if (ab[d].known() && bb[d].known()) Fail("batch dimensions do not broadcast: A " + DimsStr(a.dims) + ", B " + DimsStr(b.dims));
+    else out.push_back(ab[d].known() ? ab[d] : bb[d].known() ? bb[d] : Dim{});
+  }
+  if (!a1) out.push_back(as[as.size() - 2]);
+  if (!b1) out.push_back(bs.back());
+  return out;
+}
+
+}  // namespace
+
+void InferMatMulShape(OrtShapeInferContext* ctx, size_t a_idx, size_t b_idx, ONNXTensorElementDataType type) {
+  const TypeShape a = InputTS(ctx, a_idx), b = InputTS(ctx, b_idx);
+  SetOutput(ctx, type, MatMulDims(a, b));
+}
+
+void InferQLinearMatMul(OrtShapeInferContext* ctx) {
+  const TypeShape yzp = InputTS(ctx, 7);
+  InferMatMulShape(ctx, 0, 3, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
+}
+
+void InferQGemm(OrtShapeInferContext* ctx) {
+  const TypeShape a = InputTS(ctx, 0), b = InputTS(ctx, 3), yzp = InputTS(ctx, 8);
+  if (a.dims.size() != 2 || b.dims.size() != 2) Fail("A and B must be 2-D, got A " + DimsStr(a.dims) + " and B " + DimsStr(b.dims));
+  const bool ta = AttrIntCtx(ctx, "transA", 0) != 0, tb = AttrIntCtx(ctx, "transB", 0) != 0;
+  const Dim& m = a.dims[ta ? 1 : 0];
+  const Dim& ka = a.dims[ta ? 0 : 1];
+  const Dim& kb = b.dims[tb ? 1 : 0];
+  const Dim& n = b.dims[tb ? 0 : 1];
+  if (ka.known() && kb.known() && ka.v != kb.v)
+    Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) + " has K=" + std::to_string(kb.v));
+  SetOutput(ctx, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {m, n});
+}
+
+}  // namespace qie

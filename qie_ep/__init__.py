@@ -1,0 +1,68 @@
+"""qie: INT8 GEMM and convolution kernels that plug into ONNX Runtime (and TVM).
+
+One line makes every quantized GEMM node of an ONNX graph run on qie's kernels::
+
+    so = onnxruntime.SessionOptions(); qie_ep.register(so)
+
+``stats()`` tells which (domain, op) ran on qie and on which ISA path.
+"""
+from __future__ import annotations
+
+from qie_ep._lib import library_path, lib
+
+__all__ = ["register", "library_path", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
+__version__ = "0.1.0"
+
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
+
+
+def register(sess_options) -> None:
+    """Register qie's custom-op library with an ``onnxruntime.SessionOptions``.
+
+    Same as ``sess_options.register_custom_ops_library(qie_ep.library_path())``. Sessions created with
+    these options run QLinearMatMul, MatMulInteger, QGemm, MatMulIntegerToFloat and
+    DynamicQuantizeMatMul nodes on qie, at every graph optimization level.
+    """
+    sess_options.register_custom_ops_library(library_path())
+
+
+def stats() -> dict[tuple[str, str], dict[str, int]]:
+    """Kernel invocations since load or the last ``reset_stats()``: {(domain, op): {isa: count}}.
+
+    The domain of standard ONNX ops is "" (as in the graph); contrib ops have "com.microsoft".
+    """
+    h = lib()
+    need = h.qie_stats_snapshot(None, 0)
+    buf = __import__("ctypes").create_string_buffer(need + 1)
+    h.qie_stats_snapshot(buf, need + 1)
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for line in buf.value.decode().splitlines():
+        domain, op, isa, count = line.split("\t")
+        out.setdefault((domain, op), {})[isa] = int(count)
+    return out
+
+
+def reset_stats() -> None:
+    """Zero every counter reported by ``stats()``."""
+    lib().qie_stats_reset()
+
+
+def active_isa() -> str:
+    """The ISA path kernels use now: the best this CPU has, or the one ``QIE_ISA`` / ``force_isa`` chose."""
+    return lib().qie_active_isa().decode()
+
+
+def supported_isas() -> list[str]:
+    """ISA paths this CPU can run, from slowest to fastest."""
+    return [i for i in ISAS if lib().qie_isa_supported(i.encode())]
+
+
+def force_isa(name: str) -> None:
+    """Run every qie kernel on ISA path ``name`` from now on (tests and benchmarks; overrides ``QIE_ISA``).
+
+    Raises ``ValueError`` if the name is unknown or the CPU lacks that ISA.
+    """
+    if name not in ISAS:
+        raise ValueError(f"unknown ISA {name!r}; expected one of {ISAS}")
+    if lib().qie_force_isa(name.encode()) != 0:
+        raise ValueError(f"ISA {name!r} is not supported by this CPU (supported: {supported_isas()})")

@@ -1,0 +1,66 @@
+"""Locating and loading the compiled custom-op library (libqie_ort.so) through ctypes.
+
+Python never calls the library for compute: it registers the library with ONNX Runtime and reads the
+small C API it exports (stats, ISA selection, and kernel-level entry points used by the tests).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import importlib.resources
+import os
+from pathlib import Path
+
+LIB_NAME = "libqie_ort.so"
+
+
+def library_path() -> str:
+    """Absolute path of libqie_ort.so.
+
+    Looked up in order: the ``QIE_LIBRARY`` environment variable, ``qie_ep/lib/`` next to this
+    module, then the files of the installed ``qie`` distribution (so a source checkout on
+    ``sys.path`` still finds the library that ``pip install .`` built).
+    """
+    env = os.environ.get("QIE_LIBRARY")
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"QIE_LIBRARY={env} does not exist")
+        return str(Path(env).resolve())
+    here = importlib.resources.files("qie_ep") / "lib" / LIB_NAME
+    if here.is_file():
+        return str(Path(str(here)).resolve())
+    try:
+        for f in importlib.metadata.files("qie") or []:
+            if f.name == LIB_NAME:
+                p = Path(str(f.locate())).resolve()
+                if p.is_file():
+                    return str(p)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise FileNotFoundError(
+        f"{LIB_NAME} not found: build it with `pip install .` (or `make build`), or set QIE_LIBRARY")
+
+
+@functools.lru_cache(maxsize=None)
+def lib() -> ctypes.CDLL:
+    """The loaded library with argument types declared for every exported C function."""
+    h = ctypes.CDLL(library_path())
+    c = ctypes
+    h.qie_stats_snapshot.argtypes = [c.c_char_p, c.c_size_t]
+    h.qie_stats_snapshot.restype = c.c_size_t
+    h.qie_stats_reset.argtypes = []
+    h.qie_stats_reset.restype = None
+    h.qie_active_isa.argtypes = []
+    h.qie_active_isa.restype = c.c_char_p
+    h.qie_isa_supported.argtypes = [c.c_char_p]
+    h.qie_isa_supported.restype = c.c_int
+    h.qie_force_isa.argtypes = [c.c_char_p]
+    h.qie_force_isa.restype = c.c_int
+    p = c.c_void_p
+    h.qie_test_gemm.argtypes = [c.c_char_p, c.c_size_t, c.c_size_t, c.c_size_t, p, c.c_int, p, c.c_int, p, c.c_int,
+                                p, p, c.c_ssize_t, c.c_int, c.c_int, p, p, c.c_int32, p, c.c_int]
+    h.qie_test_gemm.restype = c.c_int
+    h.qie_test_quantize_dynamic.argtypes = [p, c.c_size_t, p, p, p]
+    h.qie_test_quantize_dynamic.restype = None
+    return h

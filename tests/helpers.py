@@ -1,0 +1,89 @@
+"""Shared test helpers: the kernel-level ctypes entry, ONNX model builders, session runners."""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import qie_ep
+from qie_ep._lib import lib
+
+OUT_KINDS = {"int32": 0, "float": 1, "uint8": 2, "int8": 3}
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _ptr(x):
+    return None if x is None else x.ctypes.data_as(ctypes.c_void_p)
+
+
+def kernel_gemm(isa, a, b, za, zb, bias=None, bias_rs=0, bias_cs=0, out="int32", scale=None, fbias=None,
+                y_zp=0, threads=1):
+    """Run qie's kernel layer on one 2-D GEMM on ISA path `isa` (returns None if unsupported)."""
+    a = np.ascontiguousarray(a)
+    b = np.ascontiguousarray(b)
+    m, k = a.shape
+    n = b.shape[1]
+    za = np.ascontiguousarray(np.asarray(za, np.int32).reshape(-1))
+    zb = np.ascontiguousarray(np.broadcast_to(np.asarray(zb, np.int32).reshape(-1), (n,)))
+    scale = None if scale is None else np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32), (n,)))
+    fbias = None if fbias is None else np.ascontiguousarray(np.asarray(fbias, np.float32))
+    bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.int32))
+    ydt = {"int32": np.int32, "float": np.float32, "uint8": np.uint8, "int8": np.int8}[out]
+    y = np.full((m, n), 0x5A, dtype=ydt) if ydt in (np.uint8, np.int8) else np.full((m, n), 12345, ydt)
+    rc = lib().qie_test_gemm(isa.encode(), m, n, k, _ptr(a), int(a.dtype == np.int8), _ptr(b), int(b.dtype == np.int8),
+                             _ptr(za), int(za.size > 1), _ptr(zb), _ptr(bias), bias_rs, bias_cs, OUT_KINDS[out],
+                             _ptr(scale), _ptr(fbias), int(y_zp), _ptr(y), threads)
+    return None if rc != 0 else y
+
+
+def tensor_type(dtype) -> int:
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def single_node_model(op, inputs, initializers, out_dtype, domain="", attrs=None, opset=21, out_shape=None):
+    """One node; `inputs`: list of (name, array-or-None) fed at run time (None = empty optional slot);
+    `initializers`: {name: array} constants (also listed in `inputs` order by name)."""
+    names = [n for n, _ in inputs]
+    graph_inputs = [helper.make_tensor_value_info(n, tensor_type(v.dtype), list(v.shape))
+                    for n, v in inputs if v is not None and n not in initializers and n]
+    inits = [numpy_helper.from_array(np.asarray(v), n) for n, v in initializers.items()]
+    node = helper.make_node(op, names, ["y"], domain=domain, **(attrs or {}))
+    y = helper.make_tensor_value_info("y", tensor_type(out_dtype), out_shape)
+    graph = helper.make_graph([node], f"{op}_test", graph_inputs, [y], initializer=inits)
+    opsets = [helper.make_opsetid("", opset)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 10
+    return model
+
+
+def run(model, feeds, qie=True, level="all", threads=1):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = OPT_LEVELS[level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if qie:
+        qie_ep.register(so)
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_exact(got, want, context=""):
+    """atol=0 comparison whose failure names the first mismatch."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape} {context}"
+    assert got.dtype == want.dtype, f"dtype {got.dtype} != {want.dtype} {context}"
+    bad = np.argwhere(got != want) if got.dtype.kind != "f" else np.argwhere(~((got == want) | (np.isnan(got) & np.isnan(want))))
+    if bad.size:
+        i = tuple(bad[0])
+        raise AssertionError(f"{len(bad)} mismatches; first at {i}: expected {want[i]!r}, got {got[i]!r} {context}")
