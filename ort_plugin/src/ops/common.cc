@@ -2,6 +2,7 @@
 #include "ops/common.h"
 
 #include <cmath>
+#include <cstring>
 #include <sstream>
 
 namespace qie {
@@ -152,15 +153,52 @@ void RequireType(const Tensor& t, ONNXTensorElementDataType want, const char* wh
   if (t.type != want) Fail(std::string(what) + " must be " + DtypeName(want) + ", got " + DtypeName(t.type));
 }
 
+namespace {
+std::string SizeError(const char* what, size_t n, const std::vector<int64_t>& shape) {
+  if (n == 0) return std::string(what) + " must have 1 element (per-row quantization of this input is not supported), got shape " + ShapeStr(shape);
+  return std::string(what) + " must have 1 or " + std::to_string(n) + " elements, got shape " + ShapeStr(shape);
+}
+}  // namespace
+
+namespace {
+float HalfToFloat(uint16_t h) {  // IEEE binary16 -> binary32, exact
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) bits = sign | 0x7F800000u | (man << 13);
+  else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);
+  else if (man == 0) bits = sign;
+  else {  // subnormal half: normalise
+    int e = -1;
+    uint32_t m = man;
+    do { m <<= 1; ++e; } while (!(m & 0x400));
+    bits = sign | ((112 - e) << 23) | ((m & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+float ScaleAt(const Tensor& t, size_t i) {
+  if (t.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return HalfToFloat(t.as<uint16_t>()[i]);
+  if (t.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) {
+    const uint32_t bits = static_cast<uint32_t>(t.as<uint16_t>()[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  return t.as<float>()[i];
+}
+}  // namespace
+
+// Scales may be float, float16 or bfloat16 (opset 21); all widen exactly to float32.
 std::vector<float> Scales(const Tensor& t, size_t n, const char* what) {
-  RequireType(t, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, what);
+  if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
+      t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+    Fail(std::string(what) + " must be float, float16 or bfloat16, got " + DtypeName(t.type));
   const int64_t sz = t.size();
-  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n)))
-    Fail(std::string(what) + " must have 1" + (n ? " or " + std::to_string(n) : std::string()) +
-         " elements, got shape " + ShapeStr(t.shape));
+  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n))) Fail(SizeError(what, n, t.shape));
   std::vector<float> out(n ? n : 1);
   for (size_t i = 0; i < out.size(); ++i) {
-    const float v = t.as<float>()[sz == 1 ? 0 : i];
+    const float v = ScaleAt(t, sz == 1 ? 0 : i);
     if (!std::isfinite(v) || !(v > 0.0f))
       Fail(std::string(what) + " must be finite and > 0, got " + std::to_string(v) + " at index " + std::to_string(sz == 1 ? 0 : i));
     out[i] = v;
@@ -173,9 +211,7 @@ std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTe
   if (!t) return out;
   if (t->type != like) Fail(std::string(what) + " must have the dtype of its tensor (" + DtypeName(like) + "), got " + DtypeName(t->type));
   const int64_t sz = t->size();
-  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n)))
-    Fail(std::string(what) + " must have 1" + (n ? " or " + std::to_string(n) : std::string()) +
-         " elements, got shape " + ShapeStr(t->shape));
+  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n))) Fail(SizeError(what, n, t->shape));
   for (size_t i = 0; i < out.size(); ++i) {
     const size_t j = sz == 1 ? 0 : i;
     out[i] = t->is_int8() ? t->as<int8_t>()[j] : t->as<uint8_t>()[j];

@@ -27,10 +27,10 @@ class QLinearMatMulKernel : public Kernel {
     RequireInt8Type(y_zp, "y_zero_point");
     const MatMulPlan plan = PlanMatMul(a.shape, b.shape);
     MatMulEpilogue ep;
-    const float sa = Scales(a_scale, 0, "a_scale (per-row a_scale is not supported)")[0];
+    const float sa = Scales(a_scale, 0, "a_scale")[0];
     const float sy = Scales(y_scale, 0, "y_scale")[0];
     const std::vector<float> sb = Scales(b_scale, plan.N, "b_scale");
-    ep.za = ZeroPoints(Input(ctx, 2), 0, a.type, "a_zero_point (per-row a_zero_point is not supported)");
+    ep.za = ZeroPoints(Input(ctx, 2), 0, a.type, "a_zero_point");
     ep.zb = ZeroPoints(Input(ctx, 5), plan.N, b.type, "b_zero_point");
     if (y_zp.size() != 1) Fail("y_zero_point must have 1 element, got shape " + ShapeStr(y_zp.shape));
     ep.y_zp = y_zp.is_int8() ? y_zp.as<int8_t>()[0] : y_zp.as<uint8_t>()[0];
@@ -54,8 +54,8 @@ class MatMulIntegerKernel : public Kernel {
     const MatMulPlan plan = PlanMatMul(a.shape, b.shape);
     MatMulEpilogue ep;
     ep.kind = OutKind::kInt32;
-    ep.za = ZeroPoints(Input(ctx, 2), plan.M, a.type, "a_zero_point (scalar or per-row)");
-    ep.zb = ZeroPoints(Input(ctx, 3), plan.N, b.type, "b_zero_point (scalar or per-column)");
+    ep.za = ZeroPoints(Input(ctx, 2), plan.M, a.type, "a_zero_point");
+    ep.zb = ZeroPoints(Input(ctx, 3), plan.N, b.type, "b_zero_point");
     void* y = Output(ctx, 0, plan.out_shape);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
@@ -89,8 +89,8 @@ class MatMulIntegerToFloatKernel : public Kernel {
     RequireInt8Type(b, "B");
     const MatMulPlan plan = PlanMatMul(a.shape, b.shape);
     MatMulEpilogue ep;
-    const float sa = Scales(a_scale, 0, "a_scale (per-row a_scale is not supported)")[0];
-    ep.za = ZeroPoints(Input(ctx, 4), 0, a.type, "a_zero_point (per-row a_zero_point is not supported)");
+    const float sa = Scales(a_scale, 0, "a_scale")[0];
+    ep.za = ZeroPoints(Input(ctx, 4), 0, a.type, "a_zero_point");
     ep.zb = ZeroPoints(Input(ctx, 5), plan.N, b.type, "b_zero_point");
     std::optional<Tensor> bias;
     FloatEpilogue(ctx, plan, sa, b_scale, 6, &ep, &bias);
