@@ -63,4 +63,6 @@ def lib() -> ctypes.CDLL:
     h.qie_test_gemm.restype = c.c_int
     h.qie_test_quantize_dynamic.argtypes = [p, c.c_size_t, p, p, p]
     h.qie_test_quantize_dynamic.restype = None
+    h.qie_bench_vnni_peak_gops.argtypes = []
+    h.qie_bench_vnni_peak_gops.restype = c.c_double
     return h

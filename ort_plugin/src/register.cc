@@ -17,6 +17,7 @@
 
 namespace qie {
 const char* IsaEnvError();
+double MeasureVnniPeakGops();
 
 namespace {
 
@@ -248,6 +249,11 @@ __attribute__((visibility("default"))) int qie_test_gemm(
   };
   qie::Gemm(uk, g, pfor);
   return 0;
+}
+
+// Measured single-core vpdpbusd peak (benchmarks); 0 when the CPU lacks AVX-512 VNNI.
+__attribute__((visibility("default"))) double qie_bench_vnni_peak_gops() {
+  return qie::IsaSupported(qie::Isa::kAvx512Vnni) ? qie::MeasureVnniPeakGops() : 0.0;
 }
 
 // DynamicQuantizeLinear as the DynamicQuantizeMatMul kernel applies it (for the reference tests).

@@ -62,10 +62,9 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   const size_t kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
 
   // Per-column terms, shared by all tasks.
-  const bool has_zb = g.zb != nullptr && std::any_of(g.zb, g.zb + N, [&](int32_t z) { return z != 0; }) ;
   const int32_t zb_shift = g.b[0]->shifted ? 128 : 0;
-  std::vector<int32_t> zb_s, csk(N);
-  bool any_zb = has_zb || zb_shift != 0;
+  const bool any_zb = zb_shift != 0 || (g.zb != nullptr && std::any_of(g.zb, g.zb + N, [](int32_t z) { return z != 0; }));
+  std::vector<int32_t> zb_s;
   if (any_zb) {
     zb_s.resize(N);
     for (size_t n = 0; n < N; ++n) zb_s[n] = (g.zb ? g.zb[n] : 0) - zb_shift;

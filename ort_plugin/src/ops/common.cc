@@ -1,6 +1,7 @@
 // Implementation of the ORT adaptor helpers declared in common.h.
 #include "ops/common.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -197,12 +198,13 @@ std::vector<float> Scales(const Tensor& t, size_t n, const char* what) {
   const int64_t sz = t.size();
   if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n))) Fail(SizeError(what, n, t.shape));
   std::vector<float> out(n ? n : 1);
-  for (size_t i = 0; i < out.size(); ++i) {
-    const float v = ScaleAt(t, sz == 1 ? 0 : i);
+  for (int64_t i = 0; i < sz; ++i) {  // validate the stored elements, then broadcast
+    const float v = ScaleAt(t, static_cast<size_t>(i));
     if (!std::isfinite(v) || !(v > 0.0f))
-      Fail(std::string(what) + " must be finite and > 0, got " + std::to_string(v) + " at index " + std::to_string(sz == 1 ? 0 : i));
-    out[i] = v;
+      Fail(std::string(what) + " must be finite and > 0, got " + std::to_string(v) + " at index " + std::to_string(i));
+    out[static_cast<size_t>(i)] = v;
   }
+  if (sz == 1) std::fill(out.begin(), out.end(), out[0]);
   return out;
 }
 
