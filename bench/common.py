@@ -27,6 +27,9 @@ def session(model_bytes: bytes, qie: bool, threads: int) -> ort.InferenceSession
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Both sessions live in one process and are run alternately: a spinning idle worker of one would
+    # steal the second core from the other, so neither spins.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if qie:
         qie_ep.register(so)
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])

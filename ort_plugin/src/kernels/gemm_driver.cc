@@ -6,9 +6,9 @@
 //     group interleaved by K-group so one vector load feeds NR/lanes dot products.
 //  2. The output is cut into tasks of (batch, MB rows, NB columns); NB is chosen so a task's B block
 //     (kp x NB) stays in L2, MB so an A tile (MR x kp) stays in L1 while it sweeps the B block.
-//  3. Within a task, each MR-row A tile is prepared once (shifted / padded / widened only when the
-//     kernel needs it; row sums only when B has a non-zero zero point), then every panel of the block
-//     runs the microkernel, whose epilogue writes the final output directly.
+//  3. A is prepared once per call (shifted / padded / widened only when the kernel needs it; row sums
+//     only when B has a non-zero zero point); then within a task each MR-row A tile sweeps every
+//     panel of the task's B block with the microkernel, whose epilogue writes the final output.
 #include <algorithm>
 #include <cstring>
 
@@ -21,6 +21,26 @@ constexpr int kMaxMr = 16;
 constexpr size_t kL2Block = 256 * 1024;
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+// Copies one A row into the kernel's layout: XOR with `flip` (0x80 shifts s8 to u8), zero-padded to
+// kp, widened to int16 for wide kernels. Separate with __restrict so the compiler vectorizes it.
+void PrepareRow(const uint8_t* __restrict src, size_t K, size_t kp, uint8_t flip, bool wide, void* __restrict dst) {
+  if (wide) {
+    int16_t* __restrict d = static_cast<int16_t*>(dst);
+    for (size_t k = 0; k < K; ++k) d[k] = static_cast<uint8_t>(src[k] ^ flip);
+    for (size_t k = K; k < kp; ++k) d[k] = 0;
+  } else {
+    uint8_t* __restrict d = static_cast<uint8_t*>(dst);
+    for (size_t k = 0; k < K; ++k) d[k] = src[k] ^ flip;
+    for (size_t k = K; k < kp; ++k) d[k] = 0;
+  }
+}
+
+int32_t RowSum(const uint8_t* __restrict src, size_t K, uint8_t flip) {
+  int32_t s = 0;
+  for (size_t k = 0; k < K; ++k) s += static_cast<uint8_t>(src[k] ^ flip);
+  return s;
+}
 
 }  // namespace
 
@@ -89,48 +109,36 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   const size_t mblocks = (mtiles + mb - 1) / mb, nblocks = (panels + nb - 1) / nb;
   const size_t elem = uk.wide ? 2 : 1;
 
+  // Step 3a: prepare A once for the whole call (in parallel over row chunks): shifted / padded /
+  // widened rows when the kernel needs them, and row sums when B has a non-zero zero point.
+  const size_t rows_total = g.batch * M;
+  std::vector<uint8_t> aprep(direct_a ? 0 : rows_total * kp * elem + 64);
+  std::vector<int32_t> rsum(any_zb ? rows_total : 0);
+  auto row_ptr = [&](size_t row) { return g.a + (g.a_offsets ? g.a_offsets[row / M] : 0) + (row % M) * g.lda; };
+  if (!direct_a || any_zb) {
+    const uint8_t flip = g.a_signed ? 0x80 : 0;
+    constexpr size_t kChunk = 64;
+    auto prep = [&](size_t c) {
+      for (size_t row = c * kChunk; row < std::min(rows_total, (c + 1) * kChunk); ++row) {
+        const uint8_t* src = row_ptr(row);
+        if (any_zb) rsum[row] = RowSum(src, K, flip);
+        if (!direct_a) PrepareRow(src, K, kp, flip, uk.wide, aprep.data() + row * kp * elem);
+      }
+    };
+    const size_t chunks = (rows_total + kChunk - 1) / kChunk;
+    if (chunks == 1 || macs <= 262144.0) for (size_t c = 0; c < chunks; ++c) prep(c);
+    else pfor(chunks, prep);
+  }
+
   auto task = [&](size_t t) {
     const size_t nbi = t % nblocks, mbi = (t / nblocks) % mblocks, bi = t / (nblocks * mblocks);
     const PackedB& pb = *g.b[bi];
-    const uint8_t* a_b = g.a + (g.a_offsets ? g.a_offsets[bi] : 0);
-    thread_local std::vector<uint8_t> abuf;
-    if (!direct_a && abuf.size() < mr * kp * elem + 64) abuf.resize(mr * kp * elem + 64);
-    int32_t rs[kMaxMr], za[kMaxMr];
+    int32_t za[kMaxMr];
     for (size_t mt = mbi * mb; mt < std::min(mtiles, (mbi + 1) * mb); ++mt) {
-      const size_t m0 = mt * mr, rows = std::min(mr, M - m0);
-      // Step 3: prepare the A tile.
-      const void* a_tile;
-      size_t lda;
-      for (size_t r = 0; r < rows; ++r) {
-        const uint8_t* src = a_b + (m0 + r) * g.lda;
-        za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
-        if (any_zb) {
-          int32_t s = 0;
-          if (g.a_signed) { for (size_t k = 0; k < K; ++k) s += static_cast<uint8_t>(src[k] ^ 0x80); }
-          else { for (size_t k = 0; k < K; ++k) s += src[k]; }
-          rs[r] = s;
-        }
-      }
-      if (direct_a) {
-        a_tile = a_b + m0 * g.lda;
-        lda = g.lda;
-      } else {
-        const uint8_t flip = g.a_signed ? 0x80 : 0;
-        for (size_t r = 0; r < rows; ++r) {
-          const uint8_t* src = a_b + (m0 + r) * g.lda;
-          if (uk.wide) {
-            int16_t* d = reinterpret_cast<int16_t*>(abuf.data()) + r * kp;
-            for (size_t k = 0; k < K; ++k) d[k] = static_cast<uint8_t>(src[k] ^ flip);
-            for (size_t k = K; k < kp; ++k) d[k] = 0;
-          } else {
-            uint8_t* d = abuf.data() + r * kp;
-            for (size_t k = 0; k < K; ++k) d[k] = src[k] ^ flip;
-            for (size_t k = K; k < kp; ++k) d[k] = 0;
-          }
-        }
-        a_tile = abuf.data();
-        lda = kp;
-      }
+      const size_t m0 = mt * mr, rows = std::min(mr, M - m0), row0 = bi * M + m0;
+      for (size_t r = 0; r < rows; ++r) za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
+      const void* a_tile = direct_a ? static_cast<const void*>(row_ptr(row0)) : aprep.data() + row0 * kp * elem;
+      const size_t lda = direct_a ? g.lda : kp;
       for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p) {
         const size_t n0 = p * nr, cols = std::min(nr, N - n0);
         int32_t csk_local[64];
@@ -138,7 +146,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
           csk_local[j] = pb.cs[n0 + j] - (any_zb ? static_cast<int32_t>(K) * zb_s[n0 + j] : 0);
         Epilogue ep;
         ep.kind = g.kind;
-        ep.rs = any_zb ? rs : nullptr;
+        ep.rs = any_zb ? rsum.data() + row0 : nullptr;
         ep.za = za;
         ep.zb = any_zb ? zb_s.data() + n0 : nullptr;
         ep.csk = csk_local;
