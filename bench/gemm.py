@@ -57,6 +57,7 @@ def plot(rows: list[dict], path) -> None:
             ratio = [next(r["ratio"] for r in sub if (r["m"], r["n"], r["k"]) == s and r["combo"] == combo) for s in shapes]
             ax.bar(x + (i - 1) * 0.27, ratio, 0.27, label=combo)
         ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_yscale("log")
         ax.set_xticks(x, [f"{m}x{k}x{n}" for m, n, k in shapes], rotation=45, ha="right", fontsize=8)
         ax.set_title(f"qie / ORT speed, {threads} thread{'s' if threads > 1 else ''} (higher is better)")
         ax.set_xlabel("M x K x N")
