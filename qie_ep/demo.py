@@ -24,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _session(path, qie: bool, threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
+    # The sessions are timed alternately in one process: a spinning idle worker of one would steal a
+    # core from the next, so none spins (the same rule as bench/).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if qie:
         qie_ep.register(so)
     model = qie_ep.with_contrib_opset(onnx.load(str(path)))

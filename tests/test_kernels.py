@@ -115,3 +115,26 @@ def test_extreme_values_cannot_saturate(isa):
             b = np.full((k, 19), bval, np.int8)
             want = np.full((5, 19), 255 * bval * k, np.int32)
             check(kernel_gemm(isa, a, b, [0], np.zeros(19, np.int32)), want, isa=isa, k=k, b=bval)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+def test_dynamic_quantize_linear_matches_reference(isa, restore_isa):
+    """DynamicQuantizeMatMul's on-the-fly quantization of A, per ISA path (vector and scalar), vs the
+    reference: exact .5 ties (round half to even), values beyond the range, lengths off the vector width."""
+    import ctypes
+
+    import qie_ep
+    from qie_ep._lib import lib
+    qie_ep.force_isa(isa)
+    rng = np.random.default_rng(5)
+    cases = [rng.normal(size=n).astype(np.float32) * 3 for n in (1, 15, 16, 17, 1000)]
+    ties = (np.arange(-300, 300, dtype=np.float32) + 0.5) * np.float32(2.0 / 255)  # x / scale lands on .5
+    cases += [ties, np.full(33, 2.5, np.float32), np.zeros(7, np.float32), -np.abs(cases[-1])]
+    for x in cases:
+        q = np.empty(x.size, np.uint8)
+        scale, zp = ctypes.c_float(), ctypes.c_uint8()
+        lib().qie_test_quantize_dynamic(x.ctypes.data_as(ctypes.c_void_p), x.size, ctypes.byref(scale),
+                                        ctypes.byref(zp), q.ctypes.data_as(ctypes.c_void_p))
+        want_q, want_s, want_zp = R.dynamic_quantize_linear(x)
+        assert scale.value == want_s and zp.value == want_zp, (isa, x.size, scale.value, want_s, zp.value, want_zp)
+        check(q, want_q, isa=isa, n=x.size)
