@@ -100,13 +100,17 @@ def minilm_onnx() -> Path:
     return out
 
 
-def minilm_int8_dynamic() -> Path:
-    """MiniLM quantized with onnxruntime.quantization.quantize_dynamic (int8 weights), cached."""
-    out = cache_dir() / "models" / "minilm-l6-v2.int8-dynamic.onnx"
+def minilm_int8_dynamic(weights: str = "int8") -> Path:
+    """MiniLM quantized with onnxruntime.quantization.quantize_dynamic, cached.
+
+    ``weights``: "int8" (QuantType.QInt8, u8 x s8 GEMMs) or "uint8" (QuantType.QUInt8, u8 x u8 GEMMs).
+    """
+    suffix = {"int8": "int8-dynamic", "uint8": "int8-dynamic-u8w"}[weights]
+    out = cache_dir() / "models" / f"minilm-l6-v2.{suffix}.onnx"
     if not out.exists():
         from onnxruntime.quantization import QuantType, quantize_dynamic
         tmp = out.with_suffix(".tmp.onnx")
-        quantize_dynamic(minilm_onnx(), tmp, weight_type=QuantType.QInt8)
+        quantize_dynamic(minilm_onnx(), tmp, weight_type=QuantType.QInt8 if weights == "int8" else QuantType.QUInt8)
         tmp.rename(out)
     return out
 
