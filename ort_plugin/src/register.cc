@@ -68,56 +68,43 @@ OrtStatus* ErrorStatus(OrtErrorCode code, const std::string& what, const char* m
   return g_ort->CreateStatus(code, (what + ": " + msg).c_str());
 }
 
+// Runs `body`, turning any exception into an ORT error status prefixed with `what`.
+template <class F>
+OrtStatus* Guarded(const std::string& what, F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const OpError& e) {
+    return ErrorStatus(ORT_INVALID_ARGUMENT, what, e.what());
+  } catch (const std::bad_alloc&) {
+    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, "out of memory");
+  } catch (const std::exception& e) {
+    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, e.what());
+  } catch (...) {
+    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, "unknown error");
+  }
+}
+
 OrtStatus* ORT_API_CALL CreateKernelV2(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
   const QieOp& q = Op(op);
-  std::string what = std::string("qie ") + q.def->name;
-  try {
-    what += " (node '" + NodeName(info) + "')";
+  const std::string what = std::string("qie ") + q.def->name + " (node '" + NodeName(info) + "')";
+  return Guarded(what, [&] {
     auto holder = std::make_unique<KernelHolder>();
     holder->what = what;
     holder->stats_id = q.stats_id;
     holder->kernel = q.def->make(info);
     *kernel = holder.release();
-    return nullptr;
-  } catch (const OpError& e) {
-    return ErrorStatus(ORT_INVALID_ARGUMENT, what, e.what());
-  } catch (const std::exception& e) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, e.what());
-  } catch (...) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, "unknown error");
-  }
+  });
 }
 
 OrtStatus* ORT_API_CALL KernelComputeV2(void* kernel, OrtKernelContext* ctx) {
   auto* h = static_cast<KernelHolder*>(kernel);
-  try {
-    const Isa isa = h->kernel->Compute(ctx);
-    StatsCount(h->stats_id, isa);
-    return nullptr;
-  } catch (const OpError& e) {
-    return ErrorStatus(ORT_INVALID_ARGUMENT, h->what, e.what());
-  } catch (const std::bad_alloc&) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, h->what, "out of memory");
-  } catch (const std::exception& e) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, h->what, e.what());
-  } catch (...) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, h->what, "unknown error");
-  }
+  return Guarded(h->what, [&] { StatsCount(h->stats_id, h->kernel->Compute(ctx)); });
 }
 
 OrtStatus* ORT_API_CALL InferShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) {
   const QieOp& q = Op(op);
-  const std::string what = std::string("qie ") + q.def->name + " (shape inference)";
-  try {
-    q.def->infer(ctx);
-    return nullptr;
-  } catch (const OpError& e) {
-    return ErrorStatus(ORT_INVALID_ARGUMENT, what, e.what());
-  } catch (const std::exception& e) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, e.what());
-  } catch (...) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, "unknown error");
-  }
+  return Guarded(std::string("qie ") + q.def->name + " (shape inference)", [&] { q.def->infer(ctx); });
 }
 
 void ORT_API_CALL KernelDestroy(void* kernel) { delete static_cast<KernelHolder*>(kernel); }
