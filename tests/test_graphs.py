@@ -32,16 +32,20 @@ def qdq_matmul_model(rng, k=64, n=48):
     return m
 
 
+def run_both(model, feeds, level):
+    """Run with qie (returning its stats) and on ORT's built-in kernels; assert identical outputs."""
+    qie_ep.reset_stats()
+    got = run(model, feeds, qie=True, level=level)[0]
+    st = qie_ep.stats()
+    assert_exact(got, run(model, feeds, qie=False, level=level)[0], f"level={level}")
+    return st
+
+
 @pytest.mark.parametrize("level", list(OPT_LEVELS))
 def test_qdq_matmul_graph(level):
     rng = np.random.default_rng(30)
     model = qdq_matmul_model(rng)
-    x = rng.normal(size=(2, 9, 64)).astype(np.float32)
-    qie_ep.reset_stats()
-    got = run(model, {"x": x}, qie=True, level=level)[0]
-    st = qie_ep.stats()
-    ref = run(model, {"x": x}, qie=False, level=level)[0]
-    assert_exact(got, ref, f"level={level}")
+    st = run_both(model, {"x": rng.normal(size=(2, 9, 64)).astype(np.float32)}, level)
     if level in ("extended", "all"):  # ORT fuses DQ->MatMul->Q into QLinearMatMul, which qie takes
         assert ("", "QLinearMatMul") in st, st
     else:  # below EXTENDED a QDQ graph stays float: nothing quantized runs anywhere
@@ -70,12 +74,7 @@ def test_quantize_dynamic_graph(tmp_path, level):
     float_mlp(rng, tmp_path / "f.onnx")
     quantize_dynamic(tmp_path / "f.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8)
     model = onnx.load(tmp_path / "q.onnx")
-    x = rng.normal(size=(3, 7, 96)).astype(np.float32)
-    qie_ep.reset_stats()
-    got = run(model, {"x": x}, qie=True, level=level)[0]
-    st = qie_ep.stats()
-    ref = run(model, {"x": x}, qie=False, level=level)[0]
-    assert_exact(got, ref, f"level={level}")
+    st = run_both(model, {"x": rng.normal(size=(3, 7, 96)).astype(np.float32)}, level)
     ran = {op for (_, op) in st}
     if level in ("disable", "basic"):  # DynamicQuantizeLinear + MatMulInteger
         assert ran == {"MatMulInteger"} and st[("", "MatMulInteger")] and sum(st[("", "MatMulInteger")].values()) == 2, st

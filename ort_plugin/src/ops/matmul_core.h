@@ -13,7 +13,7 @@ struct MatMulPlan {
   bool folded = false;               // B has no batch: all A rows form one GEMM
   size_t rows = 0;                   // rows of that GEMM (batch of A x M)
 };
-// a_shape x b_shape with numpy matmul semantics; `what_a`/`what_b` name the inputs in errors.
+// a_shape x b_shape with numpy matmul semantics; shapes that cannot multiply raise OpError.
 MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int64_t>& b_shape);
 
 // Output epilogue of one matmul call, already validated and expanded.
