@@ -14,17 +14,11 @@
 
 #include "kernels/gemm.h"
 
-#define QIE_STR2(x) #x
-#define QIE_STR(x) QIE_STR2(x)
-
 namespace qie {
 namespace {
 
-#ifndef QIE_AVX512_MR
-#define QIE_AVX512_MR 8
-#define QIE_AVX512_NR 48
-#endif
-constexpr int kMr = QIE_AVX512_MR, kNr = QIE_AVX512_NR, kVecs = kNr / 16;
+constexpr int kMr = 8, kNr = 48, kVecs = kNr / 16;  // the macros below hold up to 8 rows x 4 vectors
+static_assert(kMr <= 8 && kVecs <= 4, "tile larger than the named accumulators");
 
 inline __m512i LoadOrZero(const int32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
 
@@ -62,20 +56,26 @@ inline __m512i BroadcastA(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// Named accumulators (c<row><vec>) rather than an array: GCC keeps them in registers without the
-// per-iteration register shuffling it emits for an array of __m512i.
-#define QIE_DOT(r, v) \
-  if constexpr (kVecs > v) c##r##v = _mm512_dpbusd_epi32(c##r##v, av, b##v);
-#define QIE_ROW(r)                                         \
-  if constexpr (R > r) {                                   \
-    const __m512i av = BroadcastA(a + (r) * lda + kb * 4); \
-    QIE_DOT(r, 0) QIE_DOT(r, 1) QIE_DOT(r, 2) QIE_DOT(r, 3) \
+// Named accumulators (p<row><vec>, p = c or d) rather than an array: GCC keeps them in registers
+// without the per-iteration register shuffling it emits for an array of __m512i.
+#define QIE_DOT(p, r, v, bb) \
+  if constexpr (kVecs > v) p##r##v = _mm512_dpbusd_epi32(p##r##v, av, bb##v);
+#define QIE_ROW(p, r, k, bb)                                                              \
+  if constexpr (R > r) {                                                                  \
+    const __m512i av = BroadcastA(a + (r) * lda + (k) * 4);                               \
+    QIE_DOT(p, r, 0, bb) QIE_DOT(p, r, 1, bb) QIE_DOT(p, r, 2, bb) QIE_DOT(p, r, 3, bb)   \
   }
+#define QIE_LOADB(bb, k)                                                \
+  const int8_t* bb##k_ = b + (k) * (kNr * 4);                           \
+  const __m512i bb##0 = _mm512_load_si512(bb##k_);                      \
+  const __m512i bb##1 = kVecs > 1 ? _mm512_load_si512(bb##k_ + 64) : z; \
+  const __m512i bb##2 = kVecs > 2 ? _mm512_load_si512(bb##k_ + 128) : z; \
+  const __m512i bb##3 = kVecs > 3 ? _mm512_load_si512(bb##k_ + 192) : z;
 #define QIE_STORE1(r, v) \
   if constexpr (kVecs > v) if (nr > 16 * v) StoreRow(c##r##v, r, 16 * v, Mask(nr, v), ep);
 #define QIE_STORE(r) \
   if constexpr (R > r) { QIE_STORE1(r, 0) QIE_STORE1(r, 1) QIE_STORE1(r, 2) QIE_STORE1(r, 3) }
-#define QIE_DECL(r) __m512i c##r##0 = z, c##r##1 = z, c##r##2 = z, c##r##3 = z;
+#define QIE_DECL(p, r) __m512i p##r##0 = z, p##r##1 = z, p##r##2 = z, p##r##3 = z;
 
 inline __mmask16 Mask(size_t nr, int v) {
   const size_t c0 = 16 * static_cast<size_t>(v);
@@ -85,58 +85,38 @@ inline __mmask16 Mask(size_t nr, int v) {
 template <int R>
 void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   const __m512i z = _mm512_setzero_si512();
-  QIE_DECL(0) QIE_DECL(1) QIE_DECL(2) QIE_DECL(3) QIE_DECL(4) QIE_DECL(5) QIE_DECL(6) QIE_DECL(7)
+  QIE_DECL(c, 0) QIE_DECL(c, 1) QIE_DECL(c, 2) QIE_DECL(c, 3) QIE_DECL(c, 4) QIE_DECL(c, 5) QIE_DECL(c, 6) QIE_DECL(c, 7)
   const size_t kgroups = kp / 4;
   for (size_t kb = 0; kb < kgroups; ++kb) {
-    const int8_t* bk = b + kb * (kNr * 4);
-    const __m512i b0 = _mm512_load_si512(bk);
-    const __m512i b1 = kVecs > 1 ? _mm512_load_si512(bk + 64) : z;
-    const __m512i b2 = kVecs > 2 ? _mm512_load_si512(bk + 128) : z;
-    const __m512i b3 = kVecs > 3 ? _mm512_load_si512(bk + 192) : z;
-    QIE_ROW(0) QIE_ROW(1) QIE_ROW(2) QIE_ROW(3) QIE_ROW(4) QIE_ROW(5) QIE_ROW(6) QIE_ROW(7)
+    QIE_LOADB(e, kb)
+    QIE_ROW(c, 0, kb, e) QIE_ROW(c, 1, kb, e) QIE_ROW(c, 2, kb, e) QIE_ROW(c, 3, kb, e)
+    QIE_ROW(c, 4, kb, e) QIE_ROW(c, 5, kb, e) QIE_ROW(c, 6, kb, e) QIE_ROW(c, 7, kb, e)
   }
   QIE_STORE(0) QIE_STORE(1) QIE_STORE(2) QIE_STORE(3) QIE_STORE(4) QIE_STORE(5) QIE_STORE(6) QIE_STORE(7)
 }
 // 1-2 rows: too few independent accumulator chains to hide vpdpbusd's latency, so even and odd
 // K-groups go to two accumulator sets (c, d) summed before the epilogue.
-#define QIE_DOT2(p, r, v, bb) \
-  if constexpr (kVecs > v) p##r##v = _mm512_dpbusd_epi32(p##r##v, av, bb##v);
-#define QIE_ROW2(p, r, k, bb)                                 \
-  if constexpr (R > r) {                                      \
-    const __m512i av = BroadcastA(a + (r) * lda + (k) * 4);   \
-    QIE_DOT2(p, r, 0, bb) QIE_DOT2(p, r, 1, bb) QIE_DOT2(p, r, 2, bb) QIE_DOT2(p, r, 3, bb) \
-  }
-#define QIE_LOADB(bb, k)                                                        \
-  const int8_t* bb##k_ = b + (k) * (kNr * 4);                                   \
-  const __m512i bb##0 = _mm512_load_si512(bb##k_);                              \
-  const __m512i bb##1 = kVecs > 1 ? _mm512_load_si512(bb##k_ + 64) : z;         \
-  const __m512i bb##2 = kVecs > 2 ? _mm512_load_si512(bb##k_ + 128) : z;        \
-  const __m512i bb##3 = kVecs > 3 ? _mm512_load_si512(bb##k_ + 192) : z;
-
 template <int R>
 void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   static_assert(R <= 2, "few rows");
   const __m512i z = _mm512_setzero_si512();
-  QIE_DECL(0) QIE_DECL(1)
-  __m512i d00 = z, d01 = z, d02 = z, d03 = z, d10 = z, d11 = z, d12 = z, d13 = z;
+  QIE_DECL(c, 0) QIE_DECL(c, 1) QIE_DECL(d, 0) QIE_DECL(d, 1)
   const size_t kgroups = kp / 4;
   size_t kb = 0;
   for (; kb + 2 <= kgroups; kb += 2) {
-    { QIE_LOADB(e, kb) QIE_ROW2(c, 0, kb, e) QIE_ROW2(c, 1, kb, e) }
-    { QIE_LOADB(o, kb + 1) QIE_ROW2(d, 0, kb + 1, o) QIE_ROW2(d, 1, kb + 1, o) }
+    { QIE_LOADB(e, kb) QIE_ROW(c, 0, kb, e) QIE_ROW(c, 1, kb, e) }
+    { QIE_LOADB(o, kb + 1) QIE_ROW(d, 0, kb + 1, o) QIE_ROW(d, 1, kb + 1, o) }
   }
-  if (kb < kgroups) { QIE_LOADB(e, kb) QIE_ROW2(c, 0, kb, e) QIE_ROW2(c, 1, kb, e) }
+  if (kb < kgroups) { QIE_LOADB(e, kb) QIE_ROW(c, 0, kb, e) QIE_ROW(c, 1, kb, e) }
   c00 = _mm512_add_epi32(c00, d00); c01 = _mm512_add_epi32(c01, d01);
   c02 = _mm512_add_epi32(c02, d02); c03 = _mm512_add_epi32(c03, d03);
   c10 = _mm512_add_epi32(c10, d10); c11 = _mm512_add_epi32(c11, d11);
   c12 = _mm512_add_epi32(c12, d12); c13 = _mm512_add_epi32(c13, d13);
   QIE_STORE(0) QIE_STORE(1)
 }
-#undef QIE_DOT2
-#undef QIE_ROW2
-#undef QIE_LOADB
 #undef QIE_DOT
 #undef QIE_ROW
+#undef QIE_LOADB
 #undef QIE_STORE1
 #undef QIE_STORE
 #undef QIE_DECL
@@ -158,7 +138,7 @@ void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const vo
 
 }  // namespace
 
-extern const MicroKernel kGemmAvx512Vnni = {Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_" QIE_STR(QIE_AVX512_MR) "x" QIE_STR(QIE_AVX512_NR) "c4__avx512vnni", kMr, kNr, 4, false, Tile};
+extern const MicroKernel kGemmAvx512Vnni = {Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_8x48c4__avx512vnni", kMr, kNr, 4, false, Tile};
 
 }  // namespace qie
 
