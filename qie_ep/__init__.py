@@ -33,7 +33,7 @@ def with_contrib_opset(model):
     which ORT's optimizer creates other com.microsoft nodes (e.g. Gelu, FastGelu in transformers):
     once a library registers com.microsoft kernels, ORT 1.31 resolves those fused nodes only when the
     model imports the domain ("com.microsoft:Gelu(-1) is not a registered function/op" otherwise).
-    Models written by ORT's quantizer in QOperator format and most exporters already import it.
+    A model that already imports the domain is returned unchanged.
     """
     import onnx.helper
 

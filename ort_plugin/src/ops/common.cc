@@ -155,13 +155,14 @@ void RequireType(const Tensor& t, ONNXTensorElementDataType want, const char* wh
 }
 
 namespace {
-std::string SizeError(const char* what, size_t n, const std::vector<int64_t>& shape) {
-  if (n == 0) return std::string(what) + " must have 1 element (per-row quantization of this input is not supported), got shape " + ShapeStr(shape);
-  return std::string(what) + " must have 1 or " + std::to_string(n) + " elements, got shape " + ShapeStr(shape);
+// A scale / zero point holds 1 element, or n (per column) when n > 0; returns its element count.
+int64_t RequireCount(const Tensor& t, size_t n, const char* what) {
+  const int64_t sz = t.size();
+  if (sz == 1 || (n > 0 && sz == static_cast<int64_t>(n))) return sz;
+  if (n == 0) Fail(std::string(what) + " must have 1 element (per-row quantization of this input is not supported), got shape " + ShapeStr(t.shape));
+  Fail(std::string(what) + " must have 1 or " + std::to_string(n) + " elements, got shape " + ShapeStr(t.shape));
 }
-}  // namespace
 
-namespace {
 float HalfToFloat(uint16_t h) {  // IEEE binary16 -> binary32, exact
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
   uint32_t bits;
@@ -195,8 +196,7 @@ std::vector<float> Scales(const Tensor& t, size_t n, const char* what) {
   if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 &&
       t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
     Fail(std::string(what) + " must be float, float16 or bfloat16, got " + DtypeName(t.type));
-  const int64_t sz = t.size();
-  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n))) Fail(SizeError(what, n, t.shape));
+  const int64_t sz = RequireCount(t, n, what);
   std::vector<float> out(n ? n : 1);
   for (int64_t i = 0; i < sz; ++i) {  // validate the stored elements, then broadcast
     const float v = ScaleAt(t, static_cast<size_t>(i));
@@ -212,8 +212,7 @@ std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTe
   std::vector<int32_t> out(n ? n : 1, 0);
   if (!t) return out;
   if (t->type != like) Fail(std::string(what) + " must have the dtype of its tensor (" + DtypeName(like) + "), got " + DtypeName(t->type));
-  const int64_t sz = t->size();
-  if (sz != 1 && (n == 0 || sz != static_cast<int64_t>(n))) Fail(SizeError(what, n, t->shape));
+  const int64_t sz = RequireCount(*t, n, what);
   for (size_t i = 0; i < out.size(); ++i) {
     const size_t j = sz == 1 ? 0 : i;
     out[i] = t->is_int8() ? t->as<int8_t>()[j] : t->as<uint8_t>()[j];
