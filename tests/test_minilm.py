@@ -21,14 +21,12 @@ import qie_ep
 from helpers import OPT_LEVELS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-models = pytest.importorskip("qie_ep.models")
+from qie_ep import models  # noqa: E402  (after HF_HUB_OFFLINE; torch/transformers are required, never skipped)
 QOPS = {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
 
 
 @pytest.fixture(scope="module", params=["int8", "uint8"], ids=["s8-weights", "u8-weights"])
 def minilm(request):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
     return models.minilm_onnx(), models.minilm_int8_dynamic(request.param), models.minilm_feeds()
 
 
