@@ -61,6 +61,9 @@ def lib() -> ctypes.CDLL:
     h.qie_test_gemm.argtypes = [c.c_char_p, c.c_size_t, c.c_size_t, c.c_size_t, p, c.c_int, p, c.c_int, p, c.c_int,
                                 p, p, c.c_ssize_t, c.c_int, c.c_int, p, p, c.c_int32, p, c.c_int]
     h.qie_test_gemm.restype = c.c_int
+    h.qie_test_conv.argtypes = [c.c_char_p, c.c_size_t, c.c_size_t, c.c_size_t, c.c_size_t, p, p, c.c_int, c.c_int32,
+                                p, c.c_int, p, p, c.c_int, p, c.c_int32, p, c.c_int]
+    h.qie_test_conv.restype = c.c_int
     h.qie_test_quantize_dynamic.argtypes = [p, c.c_size_t, p, p, p]
     h.qie_test_quantize_dynamic.restype = None
     h.qie_bench_vnni_peak_gops.argtypes = []

@@ -154,3 +154,90 @@ def gemm_u8s8(a, b, a_zero_point, b_zero_point, bias=None, out: str = "int32", s
         y = acc.astype(F32) * scale
         return (y + np.asarray(fbias, F32)).astype(F32) if fbias is not None else y.astype(F32)
     return requantize(acc, scale, np.asarray(y_zero_point), np.uint8 if out == "uint8" else np.int8)
+
+
+# --- convolution -------------------------------------------------------------------------------------
+
+def conv_geometry(in_spatial, kernel, strides=None, dilations=None, pads=None, auto_pad="NOTSET"):
+    """ONNX Conv output geometry: returns ``(out_spatial, pads_begin, pads_end)``.
+
+    ``pads`` is ONNX's ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]``; ``auto_pad`` SAME_UPPER /
+    SAME_LOWER put the odd padding element at the end / the beginning; VALID means no padding.
+    """
+    r = len(in_spatial)
+    strides = list(strides or [1] * r)
+    dilations = list(dilations or [1] * r)
+    pads = list(pads or [0] * (2 * r))
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    out, pb, pe = [], [], []
+    for i in range(r):
+        ext = dilations[i] * (kernel[i] - 1) + 1
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            o = -(-in_spatial[i] // strides[i])
+            total = max(0, (o - 1) * strides[i] + ext - in_spatial[i])
+            lo = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            pb.append(lo)
+            pe.append(total - lo)
+        elif auto_pad == "VALID":
+            pb.append(0)
+            pe.append(0)
+        else:
+            pb.append(pads[i])
+            pe.append(pads[i + r])
+        out.append((in_spatial[i] + pb[i] + pe[i] - ext) // strides[i] + 1)
+    return out, pb, pe
+
+
+def conv_integer(x, w, x_zero_point=None, w_zero_point=None, *, bias=None, group: int = 1, kernel_shape=None,
+                 strides=None, dilations=None, pads=None, auto_pad="NOTSET", channels_last: bool = False) -> np.ndarray:
+    """ONNX ConvInteger: ``sum_{c,taps} (x - x_zp) * (w - w_zp[m]) (+ bias[m])`` as int32.
+
+    ``x``: (N, C, *spatial) or, with ``channels_last``, (N, *spatial, C); ``w``: (M, C/group, *kernel);
+    ``x_zero_point`` per tensor, ``w_zero_point`` per tensor or per output channel. Padding contributes
+    nothing (it is ``x_zero_point`` in quantized terms). 1-D, 2-D and 3-D.
+    """
+    x, w = np.asarray(x), np.asarray(w)
+    if channels_last:
+        x = np.moveaxis(x, -1, 1)
+    n, c = x.shape[:2]
+    m, cg = w.shape[:2]
+    kernel = list(kernel_shape or w.shape[2:])
+    sp = x.shape[2:]
+    r = len(sp)
+    strides = list(strides or [1] * r)
+    dilations = list(dilations or [1] * r)
+    out, pb, pe = conv_geometry(sp, kernel, strides, dilations, pads, auto_pad)
+    if c != cg * group or m % group:
+        raise ValueError(f"channels {c} / weights {w.shape} do not fit group {group}")
+    xs = _i64(x) - (0 if x_zero_point is None else int(_i64(x_zero_point).reshape(-1)[0]))
+    zw = np.zeros(1, np.int64) if w_zero_point is None else _i64(w_zero_point).reshape(-1)
+    ws = _i64(w) - _per_column(zw, m, "w_zero_point").reshape((m,) + (1,) * (w.ndim - 1))
+    xs = np.pad(xs, [(0, 0), (0, 0)] + [(pb[i], pe[i]) for i in range(r)])
+    mg = m // group
+    acc = np.zeros((n, group, mg) + tuple(max(o, 0) for o in out), np.int64)
+    wg = ws.reshape((group, mg, cg) + tuple(kernel))
+    for tap in np.ndindex(*kernel):
+        sl = tuple(slice(tap[i] * dilations[i], tap[i] * dilations[i] + (out[i] - 1) * strides[i] + 1, strides[i])
+                   for i in range(r))
+        xt = xs[(slice(None), slice(None)) + sl].reshape((n, group, cg) + tuple(out))
+        acc += np.einsum("ngc...,gmc->ngm...", xt, wg[(slice(None), slice(None), slice(None)) + tap])
+    acc = acc.reshape((n, m) + tuple(out))
+    if bias is not None:
+        acc = acc + _i64(bias).reshape((1, m) + (1,) * r)
+    acc = _wrap_i32(acc)
+    return np.moveaxis(acc, 1, -1) if channels_last else acc
+
+
+def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, bias=None,
+                 channels_last: bool = False, **attrs) -> np.ndarray:
+    """ONNX QLinearConv (and com.microsoft's NHWC form with ``channels_last``).
+
+    ``acc`` as :func:`conv_integer` plus int32 bias; ``M[m] = x_scale * w_scale[m] / y_scale`` in float32,
+    then :func:`requantize` per output channel.
+    """
+    m = np.asarray(w).shape[0]
+    acc = conv_integer(x, w, x_zero_point, w_zero_point, bias=bias, channels_last=channels_last, **attrs)
+    mult = F32(np.asarray(x_scale, F32).reshape(-1)[0]) * _per_column(np.asarray(w_scale, F32), m, "w_scale")
+    mult = (mult / F32(np.asarray(y_scale, F32).reshape(-1)[0])).astype(F32)
+    shape = (m,) if channels_last else (m,) + (1,) * (acc.ndim - 2)
+    return requantize(acc, mult.reshape(shape), y_zero_point, np.asarray(y_zero_point).dtype)

@@ -87,3 +87,32 @@ def assert_exact(got, want, context=""):
     if bad.size:
         i = tuple(bad[0])
         raise AssertionError(f"{len(bad)} mismatches; first at {i}: expected {want[i]!r}, got {got[i]!r} {context}")
+
+
+def kernel_conv(isa, x, w, x_zp, w_zp, *, group=1, strides=None, dilations=None, pads=None, bias=None,
+                out="int32", scale=None, y_zp=0, threads=1):
+    """Run qie's NHWC convolution kernel layer on ISA path `isa` (returns None if unsupported).
+
+    ``x``: NHWC (N, *spatial, C) with 1-3 spatial dims; ``w``: ONNX (M, C/group, *kernel);
+    ``pads``: ONNX [begin..., end...].
+    """
+    from qie_ep.reference import conv_geometry
+    x = np.ascontiguousarray(x)
+    w = np.ascontiguousarray(w)
+    n, c = x.shape[0], x.shape[-1]
+    m = w.shape[0]
+    sp, k = list(x.shape[1:-1]), list(w.shape[2:])
+    r = len(sp)
+    strides, dilations = list(strides or [1] * r), list(dilations or [1] * r)
+    o, pb, _ = conv_geometry(sp, k, strides, dilations, pads)
+    pad3 = lambda v, f: [f] * (3 - r) + list(v)  # noqa: E731
+    geom = np.array(pad3(sp, 1) + pad3(o, 1) + pad3(k, 1) + pad3(strides, 1) + pad3(dilations, 1) + pad3(pb, 0), np.uintp)
+    w_zp = np.ascontiguousarray(np.broadcast_to(np.asarray(w_zp, np.int32).reshape(-1), (m,)))
+    scale = None if scale is None else np.ascontiguousarray(np.broadcast_to(np.asarray(scale, np.float32), (m,)))
+    bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.int32))
+    ydt = {"int32": np.int32, "uint8": np.uint8, "int8": np.int8}[out]
+    y = np.full([n] + o + [m], 0x5A if ydt != np.int32 else 12345, ydt)
+    rc = lib().qie_test_conv(isa.encode(), n, c, m, group, _ptr(geom), _ptr(x), int(x.dtype == np.int8), int(x_zp),
+                             _ptr(w), int(w.dtype == np.int8), _ptr(w_zp), _ptr(bias), OUT_KINDS[out], _ptr(scale),
+                             int(y_zp), _ptr(y), threads)
+    return None if rc != 0 else y

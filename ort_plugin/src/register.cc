@@ -12,11 +12,13 @@
 #include <mutex>
 #include <thread>
 
+#include "kernels/conv.h"
 #include "ops/ops.h"
 
 namespace qie {
 const char* IsaEnvError();
 double MeasureVnniPeakGops();
+ParallelFor ThreadPoolFor(int threads);
 
 namespace {
 
@@ -46,6 +48,9 @@ const std::vector<OpDef>& Table() {
       {"com.microsoft", "MatMulIntegerToFloat", {U, U, U, U, U, U, U}, 4, U, MakeMatMulIntegerToFloat, InferMatMulFloat},
       {"com.microsoft", "DynamicQuantizeMatMul", {U, U, U, U, U}, 3, U, MakeDynamicQuantizeMatMul, InferMatMulFloat},
       {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, U}, 6, U, MakeQGemm, InferQGemm},
+      {"", "QLinearConv", {U, U, U, U, U, U, U, U, U}, 8, U, MakeQLinearConv, InferQLinearConv},
+      {"", "ConvInteger", {U, U, U, U}, 2, U, MakeConvInteger, InferConvInteger},
+      {"com.microsoft", "QLinearConv", {U, U, U, U, U, U, U, U, U}, 8, U, MakeQLinearConvNhwc, InferQLinearConvNhwc},
   };
   return table;
 }
@@ -60,6 +65,22 @@ struct KernelHolder {
   std::string what;  // "qie QLinearMatMul (node 'x')"
   int stats_id;
 };
+
+}  // namespace
+
+// For the kernel-level test entries: `threads` std::threads sharing a ParallelFor's tasks.
+ParallelFor ThreadPoolFor(int threads) {
+  return [threads](size_t total, const std::function<void(size_t)>& fn) {
+    std::atomic<size_t> next{0};
+    auto worker = [&] { for (size_t i; (i = next.fetch_add(1)) < total;) fn(i); };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+  };
+}
+
+namespace {
 
 const QieOp& Op(const OrtCustomOp* op) { return *static_cast<const QieOp*>(op); }
 
@@ -225,15 +246,33 @@ __attribute__((visibility("default"))) int qie_test_gemm(
   g.scale = scale; g.fbias = fbias; g.y_zp = y_zp;
   g.y = y; g.ldy = N;
   g.batch = 1; g.b = &bp;
-  qie::ParallelFor pfor = [threads](size_t total, const std::function<void(size_t)>& fn) {
-    std::atomic<size_t> next{0};
-    auto worker = [&] { for (size_t i; (i = next.fetch_add(1)) < total;) fn(i); };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-  };
-  qie::Gemm(uk, g, pfor);
+  qie::Gemm(uk, g, qie::ThreadPoolFor(threads));
+  return 0;
+}
+
+// Kernel-level entry for the convolution kernel tests: one NHWC convolution on a named ISA path.
+// geom: 3 spatial dims each of in, out, k, stride, dil, pad (leading pads), D/H/W order.
+__attribute__((visibility("default"))) int qie_test_conv(
+    const char* isa_name, size_t batch, size_t C, size_t M, size_t group, const size_t* geom, const uint8_t* x,
+    int x_signed, int32_t x_zp, const uint8_t* w, int w_signed, const int32_t* w_zp, const int32_t* bias, int out_kind,
+    const float* scale, int32_t y_zp, void* y, int threads) {
+  qie::Isa isa;
+  if (!qie::IsaFromName(isa_name, &isa) || !qie::IsaSupported(isa)) return -1;
+  const qie::MicroKernel& uk = qie::GetMicroKernel(isa);
+  qie::ConvShape s;
+  s.batch = batch; s.C = C; s.M = M; s.group = group;
+  for (int d = 0; d < 3; ++d) {
+    s.in[d] = geom[d]; s.out[d] = geom[3 + d]; s.k[d] = geom[6 + d];
+    s.stride[d] = geom[9 + d]; s.dil[d] = geom[12 + d]; s.pad[d] = geom[15 + d];
+  }
+  qie::PackedConv pw;
+  qie::PackConv(uk, s, w, w_signed != 0, w_zp, &pw);
+  qie::ConvArgs a;
+  a.x = x; a.x_signed = x_signed != 0; a.x_zp = x_zp;
+  a.w_zp = w_zp; a.bias = bias;
+  a.kind = static_cast<qie::OutKind>(out_kind);
+  a.scale = scale; a.y_zp = y_zp; a.y = y;
+  qie::Conv(uk, s, pw, a, qie::ThreadPoolFor(threads));
   return 0;
 }
 

@@ -82,6 +82,7 @@ struct GemmArgs {
   size_t M = 0, N = 0, K = 0;
   const uint8_t* a = nullptr;  // A for batch 0; rows of lda bytes
   size_t lda = 0;
+  bool a_rows_padded = false;  // rows hold kp bytes, zero from K on: used in place whatever K is
   const size_t* a_offsets = nullptr;  // [batch] byte offsets of each A (nullptr: all 0)
   bool a_signed = false;
   const int32_t* za = nullptr;  // A zero point(s), unshifted

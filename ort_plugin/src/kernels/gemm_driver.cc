@@ -90,7 +90,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
     for (size_t n = 0; n < N; ++n) zb_s[n] = (g.zb ? g.zb[n] : 0) - zb_shift;
   }
   const int32_t za_shift = g.a_signed ? 128 : 0;
-  const bool direct_a = !uk.wide && !g.a_signed && K % uk.kgroup == 0 && K > 0;
+  const bool direct_a = !uk.wide && !g.a_signed && K > 0 && (K % uk.kgroup == 0 || g.a_rows_padded);
 
   const size_t panels = (N + nr - 1) / nr, mtiles = (M + mr - 1) / mr;
   const size_t panel_bytes = g.b[0]->panel_bytes;

@@ -18,10 +18,16 @@ std::unique_ptr<Kernel> MakeMatMulInteger(const OrtKernelInfo* info);
 std::unique_ptr<Kernel> MakeMatMulIntegerToFloat(const OrtKernelInfo* info);
 std::unique_ptr<Kernel> MakeDynamicQuantizeMatMul(const OrtKernelInfo* info);
 std::unique_ptr<Kernel> MakeQGemm(const OrtKernelInfo* info);
+std::unique_ptr<Kernel> MakeQLinearConv(const OrtKernelInfo* info);
+std::unique_ptr<Kernel> MakeQLinearConvNhwc(const OrtKernelInfo* info);  // com.microsoft, channels_last
+std::unique_ptr<Kernel> MakeConvInteger(const OrtKernelInfo* info);
 
 // Output dtype/shape inference (shape_infer.cc); throw OpError on shapes that cannot multiply.
 void InferMatMulShape(OrtShapeInferContext* ctx, size_t a_idx, size_t b_idx, ONNXTensorElementDataType type);
 void InferQLinearMatMul(OrtShapeInferContext* ctx);
 void InferQGemm(OrtShapeInferContext* ctx);
+void InferQLinearConv(OrtShapeInferContext* ctx);
+void InferQLinearConvNhwc(OrtShapeInferContext* ctx);
+void InferConvInteger(OrtShapeInferContext* ctx);
 
 }  // namespace qie

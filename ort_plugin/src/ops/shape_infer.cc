@@ -4,6 +4,7 @@
 // stay symbolic; shapes that cannot multiply are reported here, at load time, with the node's op.
 #include <string>
 
+#include "ops/conv_core.h"
 #include "ops/ops.h"
 
 namespace qie {
@@ -53,6 +54,32 @@ int64_t AttrIntCtx(OrtShapeInferContext* ctx, const char* name, int64_t dflt) {
   st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof(v), &out);
   if (st) { g_ort->ReleaseStatus(st); return dflt; }
   return v;
+}
+
+std::vector<int64_t> AttrIntsCtx(OrtShapeInferContext* ctx, const char* name) {
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* st = g_ort->ShapeInferContext_GetAttribute(ctx, name, &attr);
+  if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return {}; }
+  size_t bytes = 0;
+  st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INTS, nullptr, 0, &bytes);
+  if (st) g_ort->ReleaseStatus(st);  // expected: reports the size needed
+  std::vector<int64_t> v(bytes / sizeof(int64_t));
+  if (v.empty()) return v;
+  ThrowOnError(g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INTS, v.data(), v.size() * sizeof(int64_t), &bytes));
+  return v;
+}
+
+std::string AttrStringCtx(OrtShapeInferContext* ctx, const char* name, const char* dflt) {
+  const OrtOpAttr* attr = nullptr;
+  OrtStatus* st = g_ort->ShapeInferContext_GetAttribute(ctx, name, &attr);
+  if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return dflt; }
+  size_t bytes = 0;
+  st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &bytes);
+  if (st) g_ort->ReleaseStatus(st);
+  std::string s(bytes, '\0');
+  if (bytes) ThrowOnError(g_ort->ReadOpAttr(attr, ORT_OP_ATTR_STRING, s.data(), bytes, &bytes));
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
 }
 
 void SetOutput(OrtShapeInferContext* ctx, ONNXTensorElementDataType type, const std::vector<Dim>& dims) {
@@ -133,5 +160,51 @@ void InferQGemm(OrtShapeInferContext* ctx) {
     Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) + " has K=" + std::to_string(kb.v));
   SetOutput(ctx, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {m, n});
 }
+
+// Conv: [N, M, out...] (NCHW) or [N, out..., M] (channels_last); unknown spatial dims stay unknown.
+void InferConv(OrtShapeInferContext* ctx, size_t w_idx, ONNXTensorElementDataType type, bool nhwc_domain) {
+  const TypeShape x = InputTS(ctx, 0), w = InputTS(ctx, w_idx);
+  const bool nhwc = nhwc_domain && AttrIntCtx(ctx, "channels_last", 0) != 0;
+  ConvAttrs at;
+  at.auto_pad = AttrStringCtx(ctx, "auto_pad", "NOTSET");
+  at.kernel_shape = AttrIntsCtx(ctx, "kernel_shape");
+  at.pads = AttrIntsCtx(ctx, "pads");
+  at.strides = AttrIntsCtx(ctx, "strides");
+  at.dilations = AttrIntsCtx(ctx, "dilations");
+  at.group = AttrIntCtx(ctx, "group", 1);
+  const int64_t rank = static_cast<int64_t>(x.dims.size());
+  std::vector<Dim> out_dims;
+  bool w_known = !w.dims.empty();
+  std::vector<int64_t> ws;
+  for (const Dim& d : w.dims) { ws.push_back(d.v); w_known = w_known && d.known(); }
+  if (rank == 0 || !w_known) {  // shapes not known yet: dtype only
+    if (rank == 0) { SetOutput(ctx, type, {}); return; }
+    out_dims.assign(static_cast<size_t>(rank), Dim{});
+    out_dims[0] = x.dims[0];
+    SetOutput(ctx, type, out_dims);
+    return;
+  }
+  const Dim& c = nhwc ? x.dims.back() : x.dims.size() > 1 ? x.dims[1] : Dim{};
+  const std::vector<int64_t> k = ConvKernelDims(at, rank, c.known() ? c.v : -1, ws);
+  std::vector<int64_t> in;
+  for (size_t i = 0; i + 2 < x.dims.size(); ++i) in.push_back(x.dims[nhwc ? i + 1 : i + 2].v);
+  std::vector<int64_t> out, pad;
+  ConvGeometry(at, in, k, &out, &pad);
+  out_dims.push_back(x.dims[0]);
+  if (!nhwc) out_dims.push_back({ws[0], ""});
+  for (int64_t o : out) out_dims.push_back({o, ""});
+  if (nhwc) out_dims.push_back({ws[0], ""});
+  SetOutput(ctx, type, out_dims);
+}
+
+void InferQLinearConv(OrtShapeInferContext* ctx) {
+  const TypeShape yzp = InputTS(ctx, 7);
+  InferConv(ctx, 3, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false);
+}
+void InferQLinearConvNhwc(OrtShapeInferContext* ctx) {
+  const TypeShape yzp = InputTS(ctx, 7);
+  InferConv(ctx, 3, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true);
+}
+void InferConvInteger(OrtShapeInferContext* ctx) { InferConv(ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false); }
 
 }  // namespace qie

@@ -1,0 +1,198 @@
+// The convolution driver: weight prepacking and the three NHWC paths of conv.h (pointwise GEMM,
+// im2col blocks + GEMM, depthwise). ISA-neutral; arithmetic lives in the GEMM microkernels and the
+// per-ISA depthwise kernels.
+//
+// The general path, in steps:
+//  1. Output pixels (over the whole batch) are cut into blocks whose im2col rows (kp bytes each, K =
+//     taps x Cg gathered in (tap, channel) order, padding taps filled with the zero point, zeros from
+//     K to kp) take about kIm2colBytes; a block's rows are gathered in parallel.
+//  2. Each group then runs one GEMM on its block: A = the im2col rows (used in place by the
+//     microkernel: `a_rows_padded`), B = the group's prepacked panels, output columns g*Mg.. of the
+//     NHWC output with row stride M. A signed input is stored XOR 0x80 (+128) with the zero point
+//     shifted alike, so the differences (x - x_zp) are unchanged.
+#include <algorithm>
+#include <cstring>
+
+#include "kernels/conv.h"
+
+namespace qie {
+
+extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
+
+DepthwiseFn GetDepthwiseKernel(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx2:
+    case Isa::kAvxVnni: return kDepthwiseAvx2;
+    case Isa::kAvx512Vnni: return kDepthwiseAvx512;
+    default: return kDepthwiseScalar;
+  }
+}
+
+bool ConvShape::pointwise() const {
+  for (int d = 0; d < 3; ++d)
+    if (k[d] != 1 || stride[d] != 1 || pad[d] != 0 || out[d] != in[d]) return false;
+  return true;
+}
+
+namespace {
+
+constexpr size_t kIm2colBytes = 2 << 20;
+constexpr size_t kGatherChunk = 32;
+
+size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
+
+// One im2col row for output pixel `row` (flattened over batch) and group g.
+void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t row, uint8_t flip, uint8_t pad_val, size_t kp,
+               uint8_t* __restrict dst) {
+  const size_t P = s.out_pixels(), b = row / P, p = row % P, Cg = s.Cg();
+  const ptrdiff_t od = ptrdiff_t(p / (s.out[1] * s.out[2])), oh = ptrdiff_t((p / s.out[2]) % s.out[1]),
+                  ow = ptrdiff_t(p % s.out[2]);
+  uint8_t* d = dst;
+  for (size_t kd = 0; kd < s.k[0]; ++kd) {
+    const ptrdiff_t id = od * ptrdiff_t(s.stride[0]) + ptrdiff_t(kd * s.dil[0]) - ptrdiff_t(s.pad[0]);
+    for (size_t kh = 0; kh < s.k[1]; ++kh) {
+      const ptrdiff_t ih = oh * ptrdiff_t(s.stride[1]) + ptrdiff_t(kh * s.dil[1]) - ptrdiff_t(s.pad[1]);
+      for (size_t kw = 0; kw < s.k[2]; ++kw, d += Cg) {
+        const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
+        if (id < 0 || id >= ptrdiff_t(s.in[0]) || ih < 0 || ih >= ptrdiff_t(s.in[1]) || iw < 0 || iw >= ptrdiff_t(s.in[2])) {
+          std::memset(d, pad_val, Cg);
+          continue;
+        }
+        const uint8_t* __restrict src = x + (((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw)) * s.C + g * Cg;
+        if (flip) for (size_t c = 0; c < Cg; ++c) d[c] = src[c] ^ flip;
+        else std::memcpy(d, src, Cg);
+      }
+    }
+  }
+  std::memset(d, 0, kp - size_t(d - dst));
+}
+
+GemmArgs GroupGemm(const ConvShape& s, const ConvArgs& a, size_t g) {
+  const size_t Mg = s.Mg();
+  GemmArgs ga;
+  ga.N = Mg;
+  ga.K = s.taps() * s.Cg();
+  ga.zb = a.w_zp ? a.w_zp + g * Mg : nullptr;
+  ga.bias = a.bias ? a.bias + g * Mg : nullptr;
+  ga.bias_rs = 0;
+  ga.bias_cs = 1;
+  ga.kind = a.kind;
+  ga.scale = a.scale ? a.scale + g * Mg : nullptr;
+  ga.y_zp = a.y_zp;
+  ga.ldy = s.M;
+  ga.batch = 1;
+  ga.b = nullptr;
+  return ga;
+}
+
+size_t OutBytes(OutKind k) { return k == OutKind::kInt32 || k == OutKind::kFloat ? 4 : 1; }
+
+template <class T>
+void TransposeT(const T* src, T* dst, size_t batch, size_t rows, size_t cols) {
+  constexpr size_t kB = 32;  // cache blocks of kB x kB elements
+  for (size_t b = 0; b < batch; ++b, src += rows * cols, dst += rows * cols)
+    for (size_t i0 = 0; i0 < rows; i0 += kB)
+      for (size_t j0 = 0; j0 < cols; j0 += kB)
+        for (size_t i = i0; i < std::min(rows, i0 + kB); ++i)
+          for (size_t j = j0; j < std::min(cols, j0 + kB); ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+}  // namespace
+
+void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem) {
+  if (elem == 4) TransposeT(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), batch, rows, cols);
+  else TransposeT(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), batch, rows, cols);
+}
+
+void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool w_signed, const int32_t* w_zp,
+              PackedConv* out) {
+  const size_t taps = s.taps(), Cg = s.Cg(), Mg = s.Mg(), K = taps * Cg;
+  out->isa = uk.isa;
+  out->depthwise = s.depthwise();
+  out->groups.clear();
+  out->dw.clear();
+  if (out->depthwise) {
+    out->dw.resize(taps * s.C);
+    for (size_t c = 0; c < s.C; ++c)
+      for (size_t t = 0; t < taps; ++t) {
+        const int32_t v = w_signed ? int32_t(int8_t(w[c * taps + t])) : int32_t(w[c * taps + t]);
+        out->dw[t * s.C + c] = static_cast<int16_t>(v - (w_zp ? w_zp[c] : 0));
+      }
+    return;
+  }
+  out->groups.resize(s.group);
+  std::vector<uint8_t> bt(K * Mg);
+  for (size_t g = 0; g < s.group; ++g) {
+    for (size_t n = 0; n < Mg; ++n)
+      for (size_t c = 0; c < Cg; ++c)
+        for (size_t t = 0; t < taps; ++t) bt[(t * Cg + c) * Mg + n] = w[((g * Mg + n) * Cg + c) * taps + t];
+    PackB(uk, bt.data(), w_signed, K, Mg, static_cast<ptrdiff_t>(Mg), 1, &out->groups[g]);
+  }
+}
+
+void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const ConvArgs& a, const ParallelFor& pfor) {
+  const size_t P = s.out_pixels(), rows = s.batch * P, osz = OutBytes(a.kind);
+  if (rows == 0 || s.M == 0) return;
+
+  if (w.depthwise) {
+    const DepthwiseFn fn = GetDepthwiseKernel(w.isa);
+    const size_t chunk = std::max<size_t>(1, std::min<size_t>(P, 16384 / std::max<size_t>(1, s.C * s.taps())));
+    const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
+    auto task = [&](size_t t) {
+      std::vector<int32_t> acc(s.C);
+      const size_t b = t / per_image, p0 = (t % per_image) * chunk;
+      fn(s, w.dw.data(), a, b, p0, std::min(P, p0 + chunk), acc.data());
+    };
+    if (tasks == 1) task(0);
+    else pfor(tasks, task);
+    return;
+  }
+
+  if (s.pointwise()) {
+    for (size_t g = 0; g < s.group; ++g) {
+      GemmArgs ga = GroupGemm(s, a, g);
+      const PackedB* pb = &w.groups[g];
+      ga.M = rows;
+      ga.a = a.x + g * s.Cg();
+      ga.lda = s.C;
+      ga.a_signed = a.x_signed;
+      ga.za = &a.x_zp;
+      ga.y = static_cast<char*>(a.y) + g * s.Mg() * osz;
+      ga.b = &pb;
+      Gemm(uk, ga, pfor);
+    }
+    return;
+  }
+
+  const size_t K = s.taps() * s.Cg(), kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
+  const size_t block = std::min(rows, std::max<size_t>(kGatherChunk, RoundUp(kIm2colBytes / kp, kGatherChunk)));
+  std::vector<uint8_t> buf(block * kp);
+  const uint8_t flip = a.x_signed ? 0x80 : 0;
+  const uint8_t pad_val = static_cast<uint8_t>(a.x_zp) ^ flip;
+  const int32_t za = a.x_zp + (a.x_signed ? 128 : 0);
+  for (size_t r0 = 0; r0 < rows; r0 += block) {
+    const size_t nrows = std::min(block, rows - r0);
+    for (size_t g = 0; g < s.group; ++g) {
+      const size_t chunks = (nrows + kGatherChunk - 1) / kGatherChunk;
+      auto gather = [&](size_t c) {
+        for (size_t r = c * kGatherChunk; r < std::min(nrows, (c + 1) * kGatherChunk); ++r)
+          GatherRow(s, a.x, g, r0 + r, flip, pad_val, kp, buf.data() + r * kp);
+      };
+      if (chunks == 1) gather(0);
+      else pfor(chunks, gather);
+      GemmArgs ga = GroupGemm(s, a, g);
+      const PackedB* pb = &w.groups[g];
+      ga.M = nrows;
+      ga.a = buf.data();
+      ga.lda = kp;
+      ga.a_rows_padded = true;
+      ga.a_signed = false;
+      ga.za = &za;
+      ga.y = static_cast<char*>(a.y) + (r0 * s.M + g * s.Mg()) * osz;
+      ga.b = &pb;
+      Gemm(uk, ga, pfor);
+    }
+  }
+}
+
+}  // namespace qie

@@ -1,0 +1,207 @@
+// Conv attributes, geometry and validation, weight prepacking and NCHW/NHWC layout for the
+// convolution adaptors (see conv_core.h). No arithmetic: the kernel layer computes.
+#include "ops/conv_core.h"
+
+#include <algorithm>
+
+namespace qie {
+namespace {
+
+std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const char* name) {
+  size_t n = 0;
+  OrtStatus* st = g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st) { g_ort->ReleaseStatus(st); return std::nullopt; }
+  std::vector<int64_t> v(n);
+  if (n) ThrowOnError(g_ort->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
+  return v;
+}
+
+std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& dflt) {
+  size_t n = 0;
+  OrtStatus* st = g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n);
+  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  std::string s(n, '\0');
+  ThrowOnError(g_ort->KernelInfoGetAttribute_string(info, name, s.data(), &n));
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+std::string Join(const std::vector<int64_t>& v) { return ShapeStr(v); }
+
+}  // namespace
+
+ConvAttrs ReadConvAttrs(const OrtKernelInfo* info) {
+  ConvAttrs at;
+  at.auto_pad = AttrString(info, "auto_pad", "NOTSET");
+  at.kernel_shape = AttrInts(info, "kernel_shape").value_or(std::vector<int64_t>{});
+  at.pads = AttrInts(info, "pads").value_or(std::vector<int64_t>{});
+  at.strides = AttrInts(info, "strides").value_or(std::vector<int64_t>{});
+  at.dilations = AttrInts(info, "dilations").value_or(std::vector<int64_t>{});
+  at.group = AttrInt(info, "group", 1);
+  return at;
+}
+
+std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C, const std::vector<int64_t>& w_shape) {
+  if (x_rank < 3 || x_rank > 5) Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got rank " + std::to_string(x_rank));
+  if (static_cast<int64_t>(w_shape.size()) != x_rank)
+    Fail("W must have the rank of X (" + std::to_string(x_rank) + "), got shape " + Join(w_shape));
+  if (at.group < 1) Fail("group must be >= 1, got " + std::to_string(at.group));
+  const std::vector<int64_t> k(w_shape.begin() + 2, w_shape.end());
+  if (!at.kernel_shape.empty() && at.kernel_shape != k)
+    Fail("kernel_shape " + Join(at.kernel_shape) + " does not match W's spatial dims " + Join(k));
+  for (int64_t d : k) if (d < 1) Fail("W's kernel dims must be >= 1, got W shape " + Join(w_shape));
+  if (w_shape[0] % at.group != 0)
+    Fail("W has " + std::to_string(w_shape[0]) + " output channels, not a multiple of group " + std::to_string(at.group));
+  if (C >= 0 && C != w_shape[1] * at.group)
+    Fail("X has " + std::to_string(C) + " channels but W " + Join(w_shape) + " with group " + std::to_string(at.group) +
+         " expects " + std::to_string(w_shape[1] * at.group));
+  return k;
+}
+
+void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std::vector<int64_t>& k,
+                  std::vector<int64_t>* out, std::vector<int64_t>* pad_begin) {
+  const size_t r = in.size();
+  auto per_dim = [&](const std::vector<int64_t>& v, const char* name) {
+    if (v.empty()) return std::vector<int64_t>(r, 1);
+    if (v.size() != r) Fail(std::string(name) + " must have " + std::to_string(r) + " values, got " + Join(v));
+    for (int64_t e : v) if (e < 1) Fail(std::string(name) + " must be >= 1, got " + Join(v));
+    return v;
+  };
+  const std::vector<int64_t> s = per_dim(at.strides, "strides"), d = per_dim(at.dilations, "dilations");
+  const bool same = at.auto_pad == "SAME_UPPER" || at.auto_pad == "SAME_LOWER";
+  if (!same && at.auto_pad != "NOTSET" && at.auto_pad != "VALID" && !at.auto_pad.empty())
+    Fail("auto_pad must be NOTSET, SAME_UPPER, SAME_LOWER or VALID, got '" + at.auto_pad + "'");
+  std::vector<int64_t> pads(2 * r, 0);
+  if (at.auto_pad == "NOTSET" || at.auto_pad.empty()) {
+    if (!at.pads.empty()) {
+      if (at.pads.size() != 2 * r) Fail("pads must have " + std::to_string(2 * r) + " values, got " + Join(at.pads));
+      for (int64_t p : at.pads) if (p < 0) Fail("pads must be >= 0, got " + Join(at.pads));
+      pads = at.pads;
+    }
+  }
+  out->assign(r, -1);
+  pad_begin->assign(r, 0);
+  for (size_t i = 0; i < r; ++i) {
+    const int64_t ext = d[i] * (k[i] - 1) + 1;
+    if (same) {
+      if (in[i] < 0) continue;
+      const int64_t o = (in[i] + s[i] - 1) / s[i];
+      const int64_t total = std::max<int64_t>(0, (o - 1) * s[i] + ext - in[i]);
+      (*pad_begin)[i] = at.auto_pad == "SAME_UPPER" ? total / 2 : total - total / 2;
+      (*out)[i] = o;
+      continue;
+    }
+    (*pad_begin)[i] = pads[i];
+    if (in[i] < 0) continue;
+    const int64_t padded = in[i] + pads[i] + pads[i + r];
+    if (padded < ext)
+      Fail("kernel extent " + std::to_string(ext) + " (kernel " + std::to_string(k[i]) + ", dilation " + std::to_string(d[i]) +
+           ") exceeds the padded input " + std::to_string(padded) + " in spatial dim " + std::to_string(i));
+    (*out)[i] = (padded - ext) / s[i] + 1;
+  }
+}
+
+void ConvCore::Init(const OrtKernelInfo* info, bool channels_last, size_t w_index, size_t wzp_index) {
+  at_ = ReadConvAttrs(info);
+  channels_last_ = channels_last;
+  auto w = ConstantInput(info, w_index);
+  if (!w || (!w->is_int8() && !w->is_uint8()) || w->shape.size() < 3 || at_.group < 1) return;
+  for (int64_t d : w->shape) if (d < 0) return;
+  const int64_t M = w->shape[0];
+  if (M % at_.group != 0) return;  // reported at run time
+  std::vector<int32_t> zp(static_cast<size_t>(M), 0);
+  if (wzp_index != SIZE_MAX) {
+    auto z = ConstantInput(info, wzp_index);
+    size_t n = 0;
+    ThrowOnError(g_ort->KernelInfo_GetInputCount(info, &n));
+    if (z) {
+      if (z->type != w->type || (z->size() != 1 && z->size() != M)) return;
+      zp = ZeroPoints(z, static_cast<size_t>(M), w->type, "w_zero_point");
+    } else if (wzp_index < n) {
+      return;  // a zero point that is not constant: pack per call
+    }
+  }
+  ConvShape s;
+  s.M = static_cast<size_t>(M);
+  s.group = static_cast<size_t>(at_.group);
+  s.C = static_cast<size_t>(w->shape[1]) * s.group;
+  const size_t r = w->shape.size() - 2;
+  for (size_t i = 0; i < r; ++i) s.k[3 - r + i] = static_cast<size_t>(w->shape[2 + i]);
+  PackConv(GetMicroKernel(ActiveIsa()), s, w->as<uint8_t>(), w->is_int8(), zp.data(), &pre_);
+  pre_shape_ = w->shape;
+  pre_zp_ = zp;
+  has_pre_ = true;
+}
+
+ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>* y_shape) const {
+  const int64_t rank = static_cast<int64_t>(x.shape.size());
+  if (rank < 3 || rank > 5) Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got shape " + ShapeStr(x.shape));
+  const int64_t C = channels_last_ ? x.shape.back() : x.shape[1];
+  const std::vector<int64_t> k = ConvKernelDims(at_, rank, C, w.shape);
+  std::vector<int64_t> in(channels_last_ ? x.shape.begin() + 1 : x.shape.begin() + 2, channels_last_ ? x.shape.end() - 1 : x.shape.end());
+  std::vector<int64_t> out, pad;
+  ConvGeometry(at_, in, k, &out, &pad);
+  const size_t r = in.size();
+  ConvShape s;
+  s.batch = static_cast<size_t>(x.shape[0]);
+  s.C = static_cast<size_t>(C);
+  s.M = static_cast<size_t>(w.shape[0]);
+  s.group = static_cast<size_t>(at_.group);
+  const auto dim = [&](const std::vector<int64_t>& v, size_t i) { return v.empty() ? 1 : static_cast<size_t>(v[i]); };
+  for (size_t i = 0; i < r; ++i) {
+    const size_t j = 3 - r + i;
+    s.in[j] = static_cast<size_t>(in[i]);
+    s.out[j] = static_cast<size_t>(out[i]);
+    s.k[j] = static_cast<size_t>(k[i]);
+    s.stride[j] = dim(at_.strides, i);
+    s.dil[j] = dim(at_.dilations, i);
+    s.pad[j] = static_cast<size_t>(pad[i]);
+  }
+  y_shape->assign({x.shape[0]});
+  if (!channels_last_) y_shape->push_back(w.shape[0]);
+  y_shape->insert(y_shape->end(), out.begin(), out.end());
+  if (channels_last_) y_shape->push_back(w.shape[0]);
+  return s;
+}
+
+Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w, const std::vector<int32_t>& w_zp,
+                  const ConvOutput& out) {
+  RequireInt8Type(x, "X");
+  RequireInt8Type(w, "W");
+  std::vector<int64_t> y_shape;
+  const ConvShape s = Plan(x, w, &y_shape);
+  void* y = Output(ctx, 0, y_shape);
+  const Isa isa = ActiveIsa();
+  if (s.batch * s.out_pixels() * s.M == 0) return isa;
+  const MicroKernel& uk = GetMicroKernel(isa);
+  PackedConv local;
+  const PackedConv* pw = &pre_;
+  if (!has_pre_ || pre_.isa != isa || pre_shape_ != w.shape || (pre_.depthwise && pre_zp_ != w_zp)) {
+    PackConv(uk, s, w.as<uint8_t>(), w.is_int8(), w_zp.data(), &local);
+    pw = &local;
+  }
+  const ParallelFor pfor = OrtParallelFor(ctx);
+  const size_t osz = out.kind == OutKind::kInt32 ? 4 : 1;
+  std::vector<uint8_t> x_nhwc, y_nhwc;
+  ConvArgs a;
+  a.x = x.as<uint8_t>();
+  if (!channels_last_) {
+    x_nhwc.resize(s.batch * s.C * s.in_pixels());
+    Transpose2D(x.data, x_nhwc.data(), s.batch, s.C, s.in_pixels(), 1);
+    a.x = x_nhwc.data();
+    y_nhwc.resize(s.batch * s.out_pixels() * s.M * osz);
+  }
+  a.x_signed = x.is_int8();
+  a.x_zp = x_zp;
+  a.w_zp = w_zp.data();
+  a.bias = out.bias;
+  a.kind = out.kind;
+  a.scale = out.scale.empty() ? nullptr : out.scale.data();
+  a.y_zp = out.y_zp;
+  a.y = channels_last_ ? y : y_nhwc.data();
+  Conv(uk, s, *pw, a, pfor);
+  if (!channels_last_) Transpose2D(y_nhwc.data(), y, s.batch, s.out_pixels(), s.M, osz);
+  return isa;
+}
+
+}  // namespace qie
