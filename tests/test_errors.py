@@ -47,7 +47,8 @@ def test_k_mismatch_names_node_and_shapes():
     expect_error(qlmm_model(), {"a": np.ones((3, 7), np.uint8)}, "qie QLinearMatMul", "mm0", "inner dimensions differ", "K=7")
 
 
-def test_k_mismatch_static_shapes_fails_at_load():
+def test_k_mismatch_static_shapes():
+    # ORT ignores a failing custom-op shape inference; the kernel reports the problem at run time.
     expect_error(qlmm_model(a_dim=[3, 7]), {"a": np.ones((3, 7), np.uint8)}, "QLinearMatMul", "inner dimensions differ")
 
 

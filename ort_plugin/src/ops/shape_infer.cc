@@ -1,7 +1,8 @@
 // Output dtype and shape inference for the registered ops (OrtCustomOp::InferOutputShapeFn).
 // ORT needs it to type the outputs whose dtype follows an input (QLinearMatMul, QGemm: y_zero_point's
 // dtype, or float when QGemm has none); the shapes let later nodes be planned. Unknown dimensions
-// stay symbolic; shapes that cannot multiply are reported here, at load time, with the node's op.
+// stay symbolic. Shapes that cannot multiply or convolve raise here too, but ORT 1.31 ignores a failing
+// InferOutputShapeFn (the session loads, the output shape unknown): the kernels report them at run time.
 #include <string>
 
 #include "ops/conv_core.h"
