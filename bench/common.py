@@ -22,6 +22,12 @@ def read_shapes(name: str) -> list[dict]:
         return [{k: (int(v) if k in "mnk" else v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def read_csv(name: str) -> list[dict]:
+    """bench/shapes/<name>.csv with integer columns converted."""
+    with open(Path(__file__).resolve().parent / "shapes" / f"{name}.csv") as f:
+        return [{k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def session(model_bytes: bytes, qie: bool, threads: int) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

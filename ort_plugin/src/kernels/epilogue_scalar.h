@@ -13,7 +13,7 @@ inline int32_t CompensatedAcc(int32_t raw, size_t r, size_t j, const Epilogue& e
   uint32_t acc = static_cast<uint32_t>(raw);
   if (ep.bias) acc += static_cast<uint32_t>(ep.bias[static_cast<ptrdiff_t>(r) * ep.bias_rs + static_cast<ptrdiff_t>(j) * ep.bias_cs]);
   if (ep.zb) acc -= static_cast<uint32_t>(ep.zb[j]) * static_cast<uint32_t>(ep.rs[r]);
-  acc -= static_cast<uint32_t>(ep.za[r]) * static_cast<uint32_t>(ep.csk[j]);
+  if (!ep.folded) acc -= static_cast<uint32_t>(ep.za[r]) * static_cast<uint32_t>(ep.csk[j]);
   return static_cast<int32_t>(acc);
 }
 

@@ -35,7 +35,8 @@ struct Epilogue {
   const int32_t* rs;     // [mr] row sums of shifted A (nullptr when zb is all zero)
   const int32_t* za;     // [mr] A zero points (shifted)
   const int32_t* zb;     // [nr] B zero points (shifted); nullptr when all zero
-  const int32_t* csk;    // [nr] cs[n] - K*zb[n]
+  const int32_t* csk;    // [nr] cs[n] - K*zb[n]; unused when folded
+  bool folded;           // bias holds bias[n] - za*csk[n] per column (one za for all rows): no za term
   const int32_t* bias;   // int32 bias at (m0, n0), or nullptr
   ptrdiff_t bias_rs;     // bias row stride (0 broadcasts rows)
   int bias_cs;           // 1: per column, 0: one value per row

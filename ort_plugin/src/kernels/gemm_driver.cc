@@ -11,6 +11,7 @@
 //     panel of the task's B block with the microkernel, whose epilogue writes the final output.
 #include <algorithm>
 #include <cstring>
+#include <unordered_map>
 
 #include "kernels/gemm.h"
 
@@ -130,6 +131,29 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
     else pfor(chunks, prep);
   }
 
+  // Column terms, once per call: csk[n] = cs[n] - K*zb[n] per batch matrix, and, when every row has
+  // the same zero point and the bias is per column (or absent) and shared by the batch, the folded
+  // bias[n] - za*csk[n] (wrapping, as the kernels' int32 arithmetic), so tiles skip the za term.
+  const bool fold = !g.za_per_row && (g.bias == nullptr || (g.bias_rs == 0 && g.bias_cs == 1)) &&
+                    (g.batch == 1 || g.bias_batch_stride == 0);
+  const int32_t za0 = (g.za ? g.za[0] : 0) + za_shift;
+  std::vector<const PackedB*> distinct;
+  std::unordered_map<const PackedB*, size_t> slot_of;
+  std::vector<size_t> b_slot(g.batch);
+  for (size_t bi = 0; bi < g.batch; ++bi) {
+    auto ins = slot_of.emplace(g.b[bi], distinct.size());
+    if (ins.second) distinct.push_back(g.b[bi]);
+    b_slot[bi] = ins.first->second;
+  }
+  std::vector<int32_t> csk_all(distinct.size() * N), folded_all(fold ? distinct.size() * N : 0);
+  for (size_t d = 0; d < distinct.size(); ++d)
+    for (size_t n = 0; n < N; ++n) {
+      const int32_t csk = distinct[d]->cs[n] - (any_zb ? static_cast<int32_t>(K) * zb_s[n] : 0);
+      csk_all[d * N + n] = csk;
+      if (fold)
+        folded_all[d * N + n] = static_cast<int32_t>(static_cast<uint32_t>(g.bias ? g.bias[n] : 0) -
+                                                     static_cast<uint32_t>(za0) * static_cast<uint32_t>(csk));
+    }
   auto task = [&](size_t t) {
     const size_t nbi = t % nblocks, mbi = (t / nblocks) % mblocks, bi = t / (nblocks * mblocks);
     const PackedB& pb = *g.b[bi];
@@ -141,20 +165,25 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
       const size_t lda = direct_a ? g.lda : kp;
       for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p) {
         const size_t n0 = p * nr, cols = std::min(nr, N - n0);
-        int32_t csk_local[64];
-        for (size_t j = 0; j < cols; ++j)
-          csk_local[j] = pb.cs[n0 + j] - (any_zb ? static_cast<int32_t>(K) * zb_s[n0 + j] : 0);
+        const size_t col0 = b_slot[bi] * N + n0;
         Epilogue ep;
         ep.kind = g.kind;
         ep.rs = any_zb ? rsum.data() + row0 : nullptr;
         ep.za = za;
         ep.zb = any_zb ? zb_s.data() + n0 : nullptr;
-        ep.csk = csk_local;
-        ep.bias = g.bias ? g.bias + static_cast<ptrdiff_t>(bi) * g.bias_batch_stride +
-                               static_cast<ptrdiff_t>(m0) * g.bias_rs + static_cast<ptrdiff_t>(n0) * g.bias_cs
-                         : nullptr;
-        ep.bias_rs = g.bias_rs;
-        ep.bias_cs = g.bias_cs;
+        ep.csk = csk_all.data() + col0;
+        ep.folded = fold;
+        if (fold) {
+          ep.bias = folded_all.data() + col0;
+          ep.bias_rs = 0;
+          ep.bias_cs = 1;
+        } else {
+          ep.bias = g.bias ? g.bias + static_cast<ptrdiff_t>(bi) * g.bias_batch_stride +
+                                 static_cast<ptrdiff_t>(m0) * g.bias_rs + static_cast<ptrdiff_t>(n0) * g.bias_cs
+                           : nullptr;
+          ep.bias_rs = g.bias_rs;
+          ep.bias_cs = g.bias_cs;
+        }
         ep.scale = g.scale ? g.scale + n0 : nullptr;
         ep.fbias = g.fbias ? g.fbias + n0 : nullptr;
         ep.y_zp = g.y_zp;

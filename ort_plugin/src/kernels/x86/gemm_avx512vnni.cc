@@ -1,8 +1,8 @@
-// AVX-512 VNNI microkernel: qie_gemm_u8s8_s32_8x32c4__avx512vnni. Compiled with this file's own flags.
+// AVX-512 VNNI microkernel: qie_gemm_u8s8_s32_8x48c4__avx512vnni. Compiled with this file's own flags.
 //
 // Tiling, in steps:
-//  1. A tile of up to 8 rows x 32 columns lives in 16 zmm accumulators (2 per row).
-//  2. Per K-group of 4: two zmm loads of packed B (32 columns x 4 bytes), and for each row one 32-bit
+//  1. A tile of up to 8 rows x 48 columns lives in 24 zmm accumulators (3 per row; 1-2 at a right edge).
+//  2. Per K-group of 4: three zmm loads of packed B (48 columns x 4 bytes), and for each row one 32-bit
 //     broadcast of its 4 A bytes folded into vpdpbusd; vpdpbusd sums u8*s8 products into int32
 //     without intermediate saturation, so the result is exact.
 //  3. The epilogue compensates zero points, adds bias and writes int32, float or requantized u8/s8
@@ -19,6 +19,8 @@ namespace {
 
 constexpr int kMr = 8, kNr = 48, kVecs = kNr / 16;  // the macros below hold up to 8 rows x 4 vectors
 static_assert(kMr <= 8 && kVecs <= 4, "tile larger than the named accumulators");
+// A panel's right edge (N not a multiple of 48) runs with V = 1 or 2 column vectors instead of 3, so
+// N = 16 or 64 does not pay for 48 or 96 columns.
 
 inline __m512i LoadOrZero(const int32_t* p, __mmask16 m) { return _mm512_maskz_loadu_epi32(m, p); }
 
@@ -28,7 +30,7 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
     acc = _mm512_add_epi32(acc, ep.bias_cs ? LoadOrZero(bp + c0, m) : _mm512_set1_epi32(bp[0]));
   }
   if (ep.zb) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.zb + c0, m), _mm512_set1_epi32(ep.rs[r])));
-  acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.csk + c0, m), _mm512_set1_epi32(ep.za[r])));
+  if (!ep.folded) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.csk + c0, m), _mm512_set1_epi32(ep.za[r])));
   const ptrdiff_t o = static_cast<ptrdiff_t>(r) * ep.ldy + static_cast<ptrdiff_t>(c0);
   switch (ep.kind) {
     case OutKind::kInt32: _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.y) + o, m, acc); return;
@@ -44,7 +46,8 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(m, ep.scale + c0));
       v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(ep.y_zp));
-      _mm512_mask_cvtepi32_storeu_epi8(static_cast<int8_t*>(ep.y) + o, m, q);
+      // Register-form vpmovdb, then a byte store: the memory form of vpmovdb is slow on Zen 4.
+      _mm_mask_storeu_epi8(static_cast<int8_t*>(ep.y) + o, m, _mm512_cvtepi32_epi8(q));
       return;
     }
   }
@@ -59,7 +62,7 @@ inline __m512i BroadcastA(const uint8_t* p) {
 // Named accumulators (p<row><vec>, p = c or d) rather than an array: GCC keeps them in registers
 // without the per-iteration register shuffling it emits for an array of __m512i.
 #define QIE_DOT(p, r, v, bb) \
-  if constexpr (kVecs > v) p##r##v = _mm512_dpbusd_epi32(p##r##v, av, bb##v);
+  if constexpr (V > v) p##r##v = _mm512_dpbusd_epi32(p##r##v, av, bb##v);
 #define QIE_ROW(p, r, k, bb)                                                              \
   if constexpr (R > r) {                                                                  \
     const __m512i av = BroadcastA(a + (r) * lda + (k) * 4);                               \
@@ -68,11 +71,11 @@ inline __m512i BroadcastA(const uint8_t* p) {
 #define QIE_LOADB(bb, k)                                                \
   const int8_t* bb##k_ = b + (k) * (kNr * 4);                           \
   const __m512i bb##0 = _mm512_load_si512(bb##k_);                      \
-  const __m512i bb##1 = kVecs > 1 ? _mm512_load_si512(bb##k_ + 64) : z; \
-  const __m512i bb##2 = kVecs > 2 ? _mm512_load_si512(bb##k_ + 128) : z; \
-  const __m512i bb##3 = kVecs > 3 ? _mm512_load_si512(bb##k_ + 192) : z;
+  const __m512i bb##1 = V > 1 ? _mm512_load_si512(bb##k_ + 64) : z;     \
+  const __m512i bb##2 = V > 2 ? _mm512_load_si512(bb##k_ + 128) : z;    \
+  const __m512i bb##3 = V > 3 ? _mm512_load_si512(bb##k_ + 192) : z;
 #define QIE_STORE1(r, v) \
-  if constexpr (kVecs > v) if (nr > 16 * v) StoreRow(c##r##v, r, 16 * v, Mask(nr, v), ep);
+  if constexpr (V > v) if (nr > 16 * v) StoreRow(c##r##v, r, 16 * v, Mask(nr, v), ep);
 #define QIE_STORE(r) \
   if constexpr (R > r) { QIE_STORE1(r, 0) QIE_STORE1(r, 1) QIE_STORE1(r, 2) QIE_STORE1(r, 3) }
 #define QIE_DECL(p, r) __m512i p##r##0 = z, p##r##1 = z, p##r##2 = z, p##r##3 = z;
@@ -82,7 +85,7 @@ inline __mmask16 Mask(size_t nr, int v) {
   return nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1);
 }
 
-template <int R>
+template <int R, int V>
 void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   const __m512i z = _mm512_setzero_si512();
   QIE_DECL(c, 0) QIE_DECL(c, 1) QIE_DECL(c, 2) QIE_DECL(c, 3) QIE_DECL(c, 4) QIE_DECL(c, 5) QIE_DECL(c, 6) QIE_DECL(c, 7)
@@ -96,7 +99,7 @@ void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* 
 }
 // 1-2 rows: too few independent accumulator chains to hide vpdpbusd's latency, so even and odd
 // K-groups go to two accumulator sets (c, d) summed before the epilogue.
-template <int R>
+template <int R, int V>
 void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   static_assert(R <= 2, "few rows");
   const __m512i z = _mm512_setzero_si512();
@@ -121,19 +124,26 @@ void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_
 #undef QIE_STORE
 #undef QIE_DECL
 
+template <int V>
+void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
+  switch (mr) {
+    case 1: TileFewRows<1, V>(nr, kp, a, lda, b, ep); break;
+    case 2: TileFewRows<2, V>(nr, kp, a, lda, b, ep); break;
+    case 3: TileRows<3, V>(nr, kp, a, lda, b, ep); break;
+    case 4: TileRows<4, V>(nr, kp, a, lda, b, ep); break;
+    case 5: TileRows<5, V>(nr, kp, a, lda, b, ep); break;
+    case 6: TileRows<6, V>(nr, kp, a, lda, b, ep); break;
+    case 7: TileRows<7, V>(nr, kp, a, lda, b, ep); break;
+    default: TileRows<8, V>(nr, kp, a, lda, b, ep); break;
+  }
+}
+
 void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
   const int8_t* b = static_cast<const int8_t*>(b_v);
-  switch (mr) {
-    case 1: TileFewRows<1>(nr, kp, a, lda, b, ep); break;
-    case 2: TileFewRows<2>(nr, kp, a, lda, b, ep); break;
-    case 3: TileRows<3>(nr, kp, a, lda, b, ep); break;
-    case 4: TileRows<4>(nr, kp, a, lda, b, ep); break;
-    case 5: TileRows<5>(nr, kp, a, lda, b, ep); break;
-    case 6: TileRows<6>(nr, kp, a, lda, b, ep); break;
-    case 7: TileRows<7>(nr, kp, a, lda, b, ep); break;
-    default: TileRows<8>(nr, kp, a, lda, b, ep); break;
-  }
+  if (nr > 32) TileV<kVecs>(mr, nr, kp, a, lda, b, ep);
+  else if (nr > 16) TileV<2>(mr, nr, kp, a, lda, b, ep);
+  else TileV<1>(mr, nr, kp, a, lda, b, ep);
 }
 
 }  // namespace

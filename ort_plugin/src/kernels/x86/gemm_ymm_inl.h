@@ -30,7 +30,7 @@ inline void YmmStoreRow(__m256i acc, size_t r, size_t c0, size_t n, const Epilog
     acc = _mm256_add_epi32(acc, ep.bias_cs ? _mm256_maskload_epi32(bp + c0, m) : _mm256_set1_epi32(bp[0]));
   }
   if (ep.zb) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.zb + c0, m), _mm256_set1_epi32(ep.rs[r])));
-  acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.csk + c0, m), _mm256_set1_epi32(ep.za[r])));
+  if (!ep.folded) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.csk + c0, m), _mm256_set1_epi32(ep.za[r])));
   const ptrdiff_t o = static_cast<ptrdiff_t>(r) * ep.ldy + static_cast<ptrdiff_t>(c0);
   if (ep.kind == OutKind::kInt32) {
     _mm256_maskstore_epi32(static_cast<int32_t*>(ep.y) + o, m, acc);
