@@ -53,6 +53,46 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
   }
 }
 
+// The common epilogue with its per-tile invariants hoisted: one zero point for all rows (bias
+// already folded with it), no B zero point, requantized or int32 output.
+struct FastEpilogue {
+  __m512i bias[4];
+  __m512 scale[4];
+  __mmask16 mask[4];
+  __m512 lo, hi;
+  __m512i zp;
+  bool quant;
+};
+
+template <int V>
+inline bool MakeFast(size_t nr, const Epilogue& ep, FastEpilogue* f) {
+  if (!ep.folded || ep.zb || !(ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8)) return false;
+  f->quant = ep.kind != OutKind::kInt32;
+  for (int v = 0; v < V; ++v) {
+    const size_t c0 = 16 * static_cast<size_t>(v);
+    f->mask[v] = nr > c0 ? (nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1)) : 0;
+    f->bias[v] = _mm512_maskz_loadu_epi32(f->mask[v], ep.bias + c0);
+    if (f->quant) f->scale[v] = _mm512_maskz_loadu_ps(f->mask[v], ep.scale + c0);
+  }
+  const bool u8 = ep.kind == OutKind::kU8;
+  f->lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - ep.y_zp));
+  f->hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - ep.y_zp));
+  f->zp = _mm512_set1_epi32(ep.y_zp);
+  return true;
+}
+
+inline void FastStore(__m512i acc, const FastEpilogue& f, int v, void* y, ptrdiff_t o) {
+  acc = _mm512_add_epi32(acc, f.bias[v]);
+  if (!f.quant) {
+    _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + o, f.mask[v], acc);
+    return;
+  }
+  __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), f.scale[v]);
+  x = _mm512_min_ps(_mm512_max_ps(x, f.lo), f.hi);
+  const __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(x), f.zp));
+  _mm_mask_storeu_epi8(static_cast<int8_t*>(y) + o, f.mask[v], q);
+}
+
 inline __m512i BroadcastA(const uint8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -79,6 +119,17 @@ inline __m512i BroadcastA(const uint8_t* p) {
 #define QIE_STORE(r) \
   if constexpr (R > r) { QIE_STORE1(r, 0) QIE_STORE1(r, 1) QIE_STORE1(r, 2) QIE_STORE1(r, 3) }
 #define QIE_DECL(p, r) __m512i p##r##0 = z, p##r##1 = z, p##r##2 = z, p##r##3 = z;
+#define QIE_FAST1(r, v) \
+  if constexpr (V > v) if (nr > 16 * v) FastStore(c##r##v, f, v, ep.y, static_cast<ptrdiff_t>(r) * ep.ldy + 16 * v);
+#define QIE_FAST(r) \
+  if constexpr (R > r) { QIE_FAST1(r, 0) QIE_FAST1(r, 1) QIE_FAST1(r, 2) QIE_FAST1(r, 3) }
+#define QIE_EPILOGUE(FAST_ROWS, STORE_ROWS) \
+  FastEpilogue f;                          \
+  if (MakeFast<V>(nr, ep, &f)) {           \
+    FAST_ROWS                              \
+  } else {                                 \
+    STORE_ROWS                             \
+  }
 
 inline __mmask16 Mask(size_t nr, int v) {
   const size_t c0 = 16 * static_cast<size_t>(v);
@@ -95,7 +146,8 @@ void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* 
     QIE_ROW(c, 0, kb, e) QIE_ROW(c, 1, kb, e) QIE_ROW(c, 2, kb, e) QIE_ROW(c, 3, kb, e)
     QIE_ROW(c, 4, kb, e) QIE_ROW(c, 5, kb, e) QIE_ROW(c, 6, kb, e) QIE_ROW(c, 7, kb, e)
   }
-  QIE_STORE(0) QIE_STORE(1) QIE_STORE(2) QIE_STORE(3) QIE_STORE(4) QIE_STORE(5) QIE_STORE(6) QIE_STORE(7)
+  QIE_EPILOGUE(QIE_FAST(0) QIE_FAST(1) QIE_FAST(2) QIE_FAST(3) QIE_FAST(4) QIE_FAST(5) QIE_FAST(6) QIE_FAST(7),
+               QIE_STORE(0) QIE_STORE(1) QIE_STORE(2) QIE_STORE(3) QIE_STORE(4) QIE_STORE(5) QIE_STORE(6) QIE_STORE(7))
 }
 // 1-2 rows: too few independent accumulator chains to hide vpdpbusd's latency, so even and odd
 // K-groups go to two accumulator sets (c, d) summed before the epilogue.
@@ -115,7 +167,7 @@ void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_
   c02 = _mm512_add_epi32(c02, d02); c03 = _mm512_add_epi32(c03, d03);
   c10 = _mm512_add_epi32(c10, d10); c11 = _mm512_add_epi32(c11, d11);
   c12 = _mm512_add_epi32(c12, d12); c13 = _mm512_add_epi32(c13, d13);
-  QIE_STORE(0) QIE_STORE(1)
+  QIE_EPILOGUE(QIE_FAST(0) QIE_FAST(1), QIE_STORE(0) QIE_STORE(1))
 }
 #undef QIE_DOT
 #undef QIE_ROW
@@ -123,6 +175,9 @@ void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_
 #undef QIE_STORE1
 #undef QIE_STORE
 #undef QIE_DECL
+#undef QIE_FAST1
+#undef QIE_FAST
+#undef QIE_EPILOGUE
 
 template <int V>
 void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
