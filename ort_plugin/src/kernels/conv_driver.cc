@@ -36,7 +36,7 @@ bool ConvShape::pointwise() const {
 
 namespace {
 
-constexpr size_t kIm2colBytes = 2 << 20;
+constexpr size_t kIm2colBytes = 512 << 10;  // about half of a Zen 4 L2
 constexpr size_t kGatherChunk = 32;
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
@@ -48,10 +48,22 @@ void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t row, uint8
   const ptrdiff_t od = ptrdiff_t(p / (s.out[1] * s.out[2])), oh = ptrdiff_t((p / s.out[2]) % s.out[1]),
                   ow = ptrdiff_t(p % s.out[2]);
   uint8_t* d = dst;
+  const bool whole_rows = s.group == 1 && s.dil[2] == 1;
   for (size_t kd = 0; kd < s.k[0]; ++kd) {
     const ptrdiff_t id = od * ptrdiff_t(s.stride[0]) + ptrdiff_t(kd * s.dil[0]) - ptrdiff_t(s.pad[0]);
     for (size_t kh = 0; kh < s.k[1]; ++kh) {
       const ptrdiff_t ih = oh * ptrdiff_t(s.stride[1]) + ptrdiff_t(kh * s.dil[1]) - ptrdiff_t(s.pad[1]);
+      const ptrdiff_t iw0 = ow * ptrdiff_t(s.stride[2]) - ptrdiff_t(s.pad[2]);
+      if (whole_rows && id >= 0 && id < ptrdiff_t(s.in[0]) && ih >= 0 && ih < ptrdiff_t(s.in[1]) && iw0 >= 0 &&
+          iw0 + ptrdiff_t(s.k[2]) <= ptrdiff_t(s.in[2])) {
+        // One group and no W dilation: the kernel row's taps are adjacent pixels, one contiguous run.
+        const size_t run = s.k[2] * Cg;
+        const uint8_t* __restrict src = x + (((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw0)) * s.C;
+        if (flip) for (size_t c = 0; c < run; ++c) d[c] = src[c] ^ flip;
+        else std::memcpy(d, src, run);
+        d += run;
+        continue;
+      }
       for (size_t kw = 0; kw < s.k[2]; ++kw, d += Cg) {
         const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
         if (id < 0 || id >= ptrdiff_t(s.in[0]) || ih < 0 || ih >= ptrdiff_t(s.in[1]) || iw < 0 || iw >= ptrdiff_t(s.in[2])) {
