@@ -33,7 +33,8 @@ struct ConvShape {
 };
 
 // Weights prepacked for one ISA: GEMM panels per group (K = taps x Cg in (tap, c) order, N = Mg), or
-// the depthwise form [taps][C] of int16 (w - w_zp).
+// the depthwise form: int16 (w - w_zp) in tap pairs, [ceil(taps/2)][C][2] (an odd last tap paired
+// with 0), so one vpmaddwd lane sums two taps of one channel.
 struct PackedConv {
   Isa isa = Isa::kScalar;
   bool depthwise = false;
@@ -60,9 +61,16 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
 // [batch][rows][cols] -> [batch][cols][rows] of `elem`-byte elements (1 or 4): NCHW <-> NHWC.
 void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem);
 
-// The per-ISA depthwise kernel: output pixels [p0, p1) of image b, all channels; acc: C int32 scratch.
+// The per-ISA depthwise kernel: output pixels [p0, p1) of image b, all channels. Scratch: acc (C
+// int32), zrow (C bytes equal to x_zp: padding taps read it and contribute nothing), ptrs ((taps + 1)
+// per pixel of the range).
+struct DepthwiseScratch {
+  int32_t* acc;
+  const uint8_t* zrow;
+  const uint8_t** ptrs;
+};
 using DepthwiseFn = void (*)(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
-                             int32_t* acc);
+                             const DepthwiseScratch& scratch);
 DepthwiseFn GetDepthwiseKernel(Isa isa);
 
 }  // namespace qie

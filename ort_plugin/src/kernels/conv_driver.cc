@@ -124,11 +124,11 @@ void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool 
   out->groups.clear();
   out->dw.clear();
   if (out->depthwise) {
-    out->dw.resize(taps * s.C);
+    out->dw.assign((taps + 1) / 2 * s.C * 2, 0);
     for (size_t c = 0; c < s.C; ++c)
       for (size_t t = 0; t < taps; ++t) {
         const int32_t v = w_signed ? int32_t(int8_t(w[c * taps + t])) : int32_t(w[c * taps + t]);
-        out->dw[t * s.C + c] = static_cast<int16_t>(v - (w_zp ? w_zp[c] : 0));
+        out->dw[((t / 2) * s.C + c) * 2 + t % 2] = static_cast<int16_t>(v - (w_zp ? w_zp[c] : 0));
       }
     return;
   }
@@ -150,10 +150,12 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     const DepthwiseFn fn = GetDepthwiseKernel(w.isa);
     const size_t chunk = std::max<size_t>(1, std::min<size_t>(P, 16384 / std::max<size_t>(1, s.C * s.taps())));
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
+    const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
-      std::vector<int32_t> acc(s.C);
+      std::vector<int32_t> acc(s.C + 16);
+      std::vector<const uint8_t*> ptrs((s.taps() + 1) * chunk);
       const size_t b = t / per_image, p0 = (t % per_image) * chunk;
-      fn(s, w.dw.data(), a, b, p0, std::min(P, p0 + chunk), acc.data());
+      fn(s, w.dw.data(), a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.data(), zrow.data(), ptrs.data()});
     };
     if (tasks == 1) task(0);
     else pfor(tasks, task);

@@ -3,11 +3,11 @@
 // No std templates here: their out-of-line copies would be shared across ISA files by the linker.
 //
 // Tiling, in steps:
-//  1. Weights were prepacked as int16 (w - w_zp) in [tap][C] order, so each tap is one contiguous
-//     channel vector.
-//  2. For each output pixel, the int32 accumulators of all C channels start at the bias; each tap
-//     whose input pixel lies inside the image adds (x - x_zp) * w' over the channels (padding taps
-//     contribute nothing and are skipped).
+//  1. Weights were prepacked as int16 (w - w_zp) in tap pairs, [pair][C][2]. For each output pixel an
+//     indirection list points each tap at its input row, or at a row of x_zp bytes for padding taps
+//     (which then contribute nothing): no bounds checks in the channel loops.
+//  2. The int32 accumulators of all C channels start at the bias; each tap pair adds
+//     (x0 - x_zp) * w0 + (x1 - x_zp) * w1 over the channels.
 //  3. The epilogue requantizes the channel vector: float32(acc) * scale[c], clamped to the output
 //     range, rounded half-to-even with the 1.5 * 2^23 trick (exact for |v| < 2^22, so identical to
 //     nearbyint after the clamp), plus the zero point.
@@ -19,12 +19,68 @@
 namespace qie {
 namespace {  // internal linkage: each ISA file gets its own copy, compiled with its own flags
 
-template <bool kXSigned>
-inline void Accumulate(const uint8_t* __restrict xp, const int16_t* __restrict wp, int32_t xzp, size_t C,
-                       int32_t* __restrict acc) {
-  for (size_t c = 0; c < C; ++c) {
-    const int32_t xv = kXSigned ? static_cast<int32_t>(static_cast<int8_t>(xp[c])) : static_cast<int32_t>(xp[c]);
-    acc[c] += (xv - xzp) * static_cast<int32_t>(wp[c]);
+// Step 1 of every ISA's kernel: the input row of each tap of output pixel p (the zero-point row for
+// taps in the padding); an odd tap count gets one more zero-point entry so taps come in pairs.
+// Output pixel coordinates walked without a division per pixel.
+struct PixelWalk {
+  ptrdiff_t od, oh, ow;
+  PixelWalk(const ConvShape& s, size_t p)
+      : od(ptrdiff_t(p / (s.out[1] * s.out[2]))), oh(ptrdiff_t((p / s.out[2]) % s.out[1])), ow(ptrdiff_t(p % s.out[2])) {}
+  void Next(const ConvShape& s) {
+    if (++ow < ptrdiff_t(s.out[2])) return;
+    ow = 0;
+    if (++oh < ptrdiff_t(s.out[1])) return;
+    oh = 0;
+    ++od;
+  }
+};
+
+inline void TapPointers(const ConvShape& s, const ConvArgs& a, const uint8_t* zrow, size_t b, const PixelWalk& w,
+                        const uint8_t** ptrs) {
+  const ptrdiff_t od = w.od, oh = w.oh, ow = w.ow;
+  size_t t = 0;
+  for (size_t kd = 0; kd < s.k[0]; ++kd) {
+    const ptrdiff_t id = od * ptrdiff_t(s.stride[0]) + ptrdiff_t(kd * s.dil[0]) - ptrdiff_t(s.pad[0]);
+    for (size_t kh = 0; kh < s.k[1]; ++kh) {
+      const ptrdiff_t ih = oh * ptrdiff_t(s.stride[1]) + ptrdiff_t(kh * s.dil[1]) - ptrdiff_t(s.pad[1]);
+      const bool row_in = id >= 0 && id < ptrdiff_t(s.in[0]) && ih >= 0 && ih < ptrdiff_t(s.in[1]);
+      const size_t base = row_in ? ((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] : 0;
+      for (size_t kw = 0; kw < s.k[2]; ++kw, ++t) {
+        const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
+        ptrs[t] = row_in && iw >= 0 && iw < ptrdiff_t(s.in[2]) ? a.x + (base + size_t(iw)) * s.C : zrow;
+      }
+    }
+  }
+  if (t % 2) ptrs[t] = zrow;
+}
+
+// The indirection lists of np consecutive pixels from p0 (row stride `stride` pointers). A pixel
+// whose whole window lies inside the image, following one that did too in the same output row, gets
+// its predecessor's list advanced by stride_w * C: the full computation runs only near borders.
+inline void BuildTable(const ConvShape& s, const ConvArgs& a, const uint8_t* zrow, size_t b, size_t p0, size_t np,
+                       const uint8_t** table, size_t stride) {
+  const size_t taps = s.taps();
+  const ptrdiff_t step = ptrdiff_t(s.stride[2] * s.C), last_w = ptrdiff_t((s.k[2] - 1) * s.dil[2]);
+  auto inside = [&](const PixelWalk& w) {
+    const ptrdiff_t id0 = w.od * ptrdiff_t(s.stride[0]) - ptrdiff_t(s.pad[0]);
+    const ptrdiff_t ih0 = w.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
+    const ptrdiff_t iw0 = w.ow * ptrdiff_t(s.stride[2]) - ptrdiff_t(s.pad[2]);
+    return id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
+           ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]) && iw0 >= 0 && iw0 + last_w < ptrdiff_t(s.in[2]);
+  };
+  PixelWalk walk(s, p0);
+  bool prev_inside = false;
+  for (size_t i = 0; i < np; ++i, walk.Next(s)) {
+    const uint8_t** cur = table + i * stride;
+    const bool in = inside(walk);
+    if (in && prev_inside && walk.ow > 0) {
+      const uint8_t* const* prev = cur - stride;
+      for (size_t t = 0; t < taps; ++t) cur[t] = prev[t] + step;
+      if (taps % 2) cur[taps] = zrow;
+    } else {
+      TapPointers(s, a, zrow, b, walk, cur);
+    }
+    prev_inside = in;
   }
 }
 
@@ -40,46 +96,49 @@ inline void Requantize(const int32_t* __restrict acc, const float* __restrict sc
   }
 }
 
-template <bool kXSigned>
-void Pixels(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1, int32_t* acc) {
-  const size_t C = s.C;
-  const size_t plane = s.out[1] * s.out[2];
-  for (size_t p = p0; p < p1; ++p) {
-    const ptrdiff_t od = static_cast<ptrdiff_t>(p / plane), oh = static_cast<ptrdiff_t>((p / s.out[2]) % s.out[1]),
-                    ow = static_cast<ptrdiff_t>(p % s.out[2]);
-    if (a.bias) std::memcpy(acc, a.bias, C * sizeof(int32_t));
-    else std::memset(acc, 0, C * sizeof(int32_t));
-    size_t tap = 0;
-    for (size_t kd = 0; kd < s.k[0]; ++kd) {
-      const ptrdiff_t id = od * ptrdiff_t(s.stride[0]) + ptrdiff_t(kd * s.dil[0]) - ptrdiff_t(s.pad[0]);
-      for (size_t kh = 0; kh < s.k[1]; ++kh) {
-        const ptrdiff_t ih = oh * ptrdiff_t(s.stride[1]) + ptrdiff_t(kh * s.dil[1]) - ptrdiff_t(s.pad[1]);
-        for (size_t kw = 0; kw < s.k[2]; ++kw, ++tap) {
-          const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
-          if (id < 0 || id >= ptrdiff_t(s.in[0]) || ih < 0 || ih >= ptrdiff_t(s.in[1]) || iw < 0 || iw >= ptrdiff_t(s.in[2]))
-            continue;
-          const size_t pix = ((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw);
-          Accumulate<kXSigned>(a.x + pix * C, dw + tap * C, a.x_zp, C, acc);
-        }
-      }
-    }
-    const size_t o = (b * s.out_pixels() + p) * C;
-    switch (a.kind) {
-      case OutKind::kU8:
-        Requantize(acc, a.scale, a.y_zp, float(0 - a.y_zp), float(255 - a.y_zp), C, static_cast<uint8_t*>(a.y) + o);
-        break;
-      case OutKind::kS8:
-        Requantize(acc, a.scale, a.y_zp, float(-128 - a.y_zp), float(127 - a.y_zp), C, static_cast<int8_t*>(a.y) + o);
-        break;
-      default:
-        std::memcpy(static_cast<int32_t*>(a.y) + o, acc, C * sizeof(int32_t));
-    }
+// Step 3: the epilogue of one pixel's C accumulators.
+inline void StorePixel(const int32_t* acc, const ConvArgs& a, size_t C, size_t o) {
+  switch (a.kind) {
+    case OutKind::kU8:
+      Requantize(acc, a.scale, a.y_zp, float(0 - a.y_zp), float(255 - a.y_zp), C, static_cast<uint8_t*>(a.y) + o);
+      break;
+    case OutKind::kS8:
+      Requantize(acc, a.scale, a.y_zp, float(-128 - a.y_zp), float(127 - a.y_zp), C, static_cast<int8_t*>(a.y) + o);
+      break;
+    default:
+      std::memcpy(static_cast<int32_t*>(a.y) + o, acc, C * sizeof(int32_t));
   }
 }
 
-void Depthwise(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1, int32_t* acc) {
-  if (a.x_signed) Pixels<true>(s, dw, a, b, p0, p1, acc);
-  else Pixels<false>(s, dw, a, b, p0, p1, acc);
+template <bool kXSigned>
+void Pixels(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+            const DepthwiseScratch& sc) {
+  const size_t C = s.C, pairs = (s.taps() + 1) / 2;
+  int32_t* __restrict acc = sc.acc;
+  PixelWalk walk(s, p0);
+  for (size_t p = p0; p < p1; ++p, walk.Next(s)) {
+    TapPointers(s, a, sc.zrow, b, walk, sc.ptrs);
+    if (a.bias) std::memcpy(acc, a.bias, C * sizeof(int32_t));
+    else std::memset(acc, 0, C * sizeof(int32_t));
+    // Step 2: each tap pair adds (x0 - zp) * w0 + (x1 - zp) * w1 per channel.
+    for (size_t tp = 0; tp < pairs; ++tp) {
+      const uint8_t* __restrict x0 = sc.ptrs[2 * tp];
+      const uint8_t* __restrict x1 = sc.ptrs[2 * tp + 1];
+      const int16_t* __restrict wp = dw + tp * C * 2;
+      for (size_t c = 0; c < C; ++c) {
+        const int32_t v0 = kXSigned ? int32_t(int8_t(x0[c])) : int32_t(x0[c]);
+        const int32_t v1 = kXSigned ? int32_t(int8_t(x1[c])) : int32_t(x1[c]);
+        acc[c] += (v0 - a.x_zp) * int32_t(wp[2 * c]) + (v1 - a.x_zp) * int32_t(wp[2 * c + 1]);
+      }
+    }
+    StorePixel(acc, a, C, (b * s.out_pixels() + p) * C);
+  }
+}
+
+void Depthwise(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+               const DepthwiseScratch& sc) {
+  if (a.x_signed) Pixels<true>(s, dw, a, b, p0, p1, sc);
+  else Pixels<false>(s, dw, a, b, p0, p1, sc);
 }
 
 }  // namespace

@@ -105,6 +105,11 @@ struct GemmArgs {
 };
 void Gemm(const MicroKernel& uk, const GemmArgs& args, const ParallelFor& pfor);
 
+// Keeps a vector in a register: stops GCC folding a down-convert into its memory-destination form
+// (vpmovdb m128, zmm), which is several times slower than the register form plus a store on Zen 4.
+template <class V>
+inline void KeepInRegister(V& v) { __asm__("" : "+v"(v)); }
+
 // DynamicQuantizeLinear semantics (as ORT computes them): scale and zero point from min/max of x
 // (range widened to include 0), then q = saturate(round_half_even(x / scale) + zp).
 void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp);

@@ -47,7 +47,9 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
       v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(ep.y_zp));
       // Register-form vpmovdb, then a byte store: the memory form of vpmovdb is slow on Zen 4.
-      _mm_mask_storeu_epi8(static_cast<int8_t*>(ep.y) + o, m, _mm512_cvtepi32_epi8(q));
+      __m128i b = _mm512_cvtepi32_epi8(q);
+      KeepInRegister(b);
+      _mm_mask_storeu_epi8(static_cast<int8_t*>(ep.y) + o, m, b);
       return;
     }
   }
@@ -89,7 +91,8 @@ inline void FastStore(__m512i acc, const FastEpilogue& f, int v, void* y, ptrdif
   }
   __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), f.scale[v]);
   x = _mm512_min_ps(_mm512_max_ps(x, f.lo), f.hi);
-  const __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(x), f.zp));
+  __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(x), f.zp));
+  KeepInRegister(q);
   _mm_mask_storeu_epi8(static_cast<int8_t*>(y) + o, f.mask[v], q);
 }
 
