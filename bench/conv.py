@@ -44,7 +44,55 @@ def conv_model(s: dict, op: str, seed: int = 0) -> tuple[bytes, dict]:
     return model.SerializeToString(), {"x": x}
 
 
+def real_layers(name: str) -> list[tuple[dict, bytes, dict]]:
+    """Each distinct QLinearConv of a real model (QOperator, batch 1) as a one-node NCHW model."""
+    import onnx
+    from onnx import shape_inference
+
+    from qie_ep import vision as V
+    from qie_ep.reference import conv_geometry
+
+    model = onnx.load(str(V.quantized(name, "qoperator")))
+    x, _ = V.dataset(name, 1, seed=5)
+    model.graph.input[0].type.tensor_type.shape.CopyFrom(
+        onnx.TensorShapeProto(dim=[onnx.TensorShapeProto.Dimension(dim_value=d) for d in x.shape]))
+    model = shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    inits = {t.name: t for t in model.graph.initializer}
+    out, seen = [], set()
+    rng = np.random.default_rng(0)
+    for node in model.graph.node:
+        if node.op_type != "QLinearConv" or node.input[0] not in shapes:
+            continue
+        xs = shapes[node.input[0]]
+        w = onnx.numpy_helper.to_array(inits[node.input[3]])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        key = (tuple(xs), w.shape, str(sorted(attrs.items())))
+        if key in seen or len(xs) != 4 or not all(xs):
+            continue
+        seen.add(key)
+        g = onnx.helper.make_graph(
+            [onnx.helper.make_node("QLinearConv", ["x"] + list(node.input[1:]), ["y"], **attrs)], "g",
+            [onnx.helper.make_tensor_value_info("x", TensorProto.UINT8, xs)],
+            [onnx.helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+            initializer=[inits[i] for i in node.input[1:] if i])
+        m = onnx.helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+        m.ir_version = 10
+        k = w.shape[2]
+        out_sp, _, _ = conv_geometry(xs[2:], list(w.shape[2:]), attrs.get("strides"), attrs.get("dilations"),
+                                     attrs.get("pads"), attrs.get("auto_pad", "NOTSET"))
+        n_macs = float(np.prod(out_sp)) * w.shape[0] * w.shape[1] * w.shape[2] * w.shape[3]
+        desc = dict(macs=n_macs, name=f"{'rec' if name == 'ppocr_rec' else 'lcnet'}_{xs[2]}x{xs[3]}_{xs[1]}-{w.shape[0]}_k{k}"
+                         f"{'_dw' if attrs.get('group', 1) > 1 else ''}{'_s2' if max(attrs.get('strides', [1])) > 1 else ''}",
+                    h=xs[2], w=xs[3], c=xs[1], m=w.shape[0], k=k, group=attrs.get("group", 1),
+                    stride=max(attrs.get("strides", [1])), pad=max(attrs.get("pads", [0])), source=name)
+        out.append((desc, m.SerializeToString(), {"x": rng.integers(0, 256, xs).astype(np.uint8)}))
+    return out
+
+
 def macs(s: dict) -> float:
+    if "macs" in s:
+        return s["macs"]
     oh = (s["h"] + 2 * s["pad"] - s["k"]) // s["stride"] + 1
     ow = (s["w"] + 2 * s["pad"] - s["k"]) // s["stride"] + 1
     return float(oh * ow * s["m"] * (s["c"] // s["group"]) * s["k"] * s["k"])
@@ -79,16 +127,18 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--ops", nargs="+", default=["QLinearConv", "ConvInteger"])
     ap.add_argument("--only", nargs="*", help="layer names to run")
+    ap.add_argument("--no-real", dest="real", action="store_false", help="skip the real models' conv layers")
     args = ap.parse_args(argv)
     env = environment()
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | ORT_ENABLE_ALL")
     layers = [s for s in read_csv("conv") if not args.only or s["name"] in args.only]
+    cases = [(s, op, *conv_model(s, op)) for op in args.ops for s in layers]
+    if args.real:
+        cases += [(d, "QLinearConv", m, f) for name in ("orientation", "ppocr_rec") for d, m, f in real_layers(name)]
     print(f"{'layer':>16} {'op':>12} {'thr':>3} {'ORT ms':>8} {'qie ms':>8} {'ORT GOPS':>9} {'qie GOPS':>9} {'ratio':>6}")
     rows = []
-    for op in args.ops:
-        for s in layers:
-            model, feeds = conv_model(s, op)
-            for threads in args.threads:
+    for s, op, model, feeds in cases:
+        for threads in args.threads:
                 ort_s, qie_s = session(model, False, threads), session(model, True, threads)
                 assert np.array_equal(ort_s.run(None, feeds)[0], qie_s.run(None, feeds)[0]), s["name"]
                 t_ort, t_qie = interleaved_median([ort_s, qie_s], feeds, runs=args.runs)
