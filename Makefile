@@ -36,6 +36,8 @@ demo: build
 
 bench: build
 	$(PY) -m bench.gemm
+	$(PY) -m bench.conv
+	$(PY) -m bench.models
 
 clean:
 	rm -rf build $(VENV) qie_ep/lib
