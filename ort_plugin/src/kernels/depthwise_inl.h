@@ -113,17 +113,17 @@ inline void StorePixel(const int32_t* acc, const ConvArgs& a, size_t C, size_t o
 template <bool kXSigned>
 void Pixels(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
             const DepthwiseScratch& sc) {
-  const size_t C = s.C, pairs = (s.taps() + 1) / 2;
+  const size_t C = s.C, pairs = (s.taps() + 1) / 2, stride = s.taps() + 1;
   int32_t* __restrict acc = sc.acc;
-  PixelWalk walk(s, p0);
-  for (size_t p = p0; p < p1; ++p, walk.Next(s)) {
-    TapPointers(s, a, sc.zrow, b, walk, sc.ptrs);
+  BuildTable(s, a, sc.zrow, b, p0, p1 - p0, sc.ptrs, stride);
+  for (size_t p = p0; p < p1; ++p) {
+    const uint8_t* const* ptrs = sc.ptrs + (p - p0) * stride;
     if (a.bias) std::memcpy(acc, a.bias, C * sizeof(int32_t));
     else std::memset(acc, 0, C * sizeof(int32_t));
     // Step 2: each tap pair adds (x0 - zp) * w0 + (x1 - zp) * w1 per channel.
     for (size_t tp = 0; tp < pairs; ++tp) {
-      const uint8_t* __restrict x0 = sc.ptrs[2 * tp];
-      const uint8_t* __restrict x1 = sc.ptrs[2 * tp + 1];
+      const uint8_t* __restrict x0 = ptrs[2 * tp];
+      const uint8_t* __restrict x1 = ptrs[2 * tp + 1];
       const int16_t* __restrict wp = dw + tp * C * 2;
       for (size_t c = 0; c < C; ++c) {
         const int32_t v0 = kXSigned ? int32_t(int8_t(x0[c])) : int32_t(x0[c]);

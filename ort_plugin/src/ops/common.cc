@@ -121,6 +121,25 @@ float AttrFloat(const OrtKernelInfo* info, const char* name, float dflt) {
   return v;
 }
 
+std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const char* name) {
+  size_t n = 0;
+  OrtStatus* st = g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
+  if (st) { g_ort->ReleaseStatus(st); return std::nullopt; }
+  std::vector<int64_t> v(n);
+  if (n) ThrowOnError(g_ort->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
+  return v;
+}
+
+std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& dflt) {
+  size_t n = 0;
+  OrtStatus* st = g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n);
+  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  std::string s(n, '\0');
+  ThrowOnError(g_ort->KernelInfoGetAttribute_string(info, name, s.data(), &n));
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
 std::string NodeName(const OrtKernelInfo* info) {
   size_t n = 0;
   OrtStatus* st = g_ort->KernelInfo_GetNodeName(info, nullptr, &n);

@@ -44,6 +44,8 @@ std::optional<Tensor> ConstantInput(const OrtKernelInfo* info, size_t i);
 
 int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t dflt);
 float AttrFloat(const OrtKernelInfo* info, const char* name, float dflt);
+std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const char* name);  // nullopt if absent
+std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& dflt);
 std::string NodeName(const OrtKernelInfo* info);
 
 ParallelFor OrtParallelFor(OrtKernelContext* ctx);

@@ -5,31 +5,6 @@
 #include <algorithm>
 
 namespace qie {
-namespace {
-
-std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const char* name) {
-  size_t n = 0;
-  OrtStatus* st = g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
-  if (st) { g_ort->ReleaseStatus(st); return std::nullopt; }
-  std::vector<int64_t> v(n);
-  if (n) ThrowOnError(g_ort->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
-  return v;
-}
-
-std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& dflt) {
-  size_t n = 0;
-  OrtStatus* st = g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n);
-  if (st) { g_ort->ReleaseStatus(st); return dflt; }
-  std::string s(n, '\0');
-  ThrowOnError(g_ort->KernelInfoGetAttribute_string(info, name, s.data(), &n));
-  while (!s.empty() && s.back() == '\0') s.pop_back();
-  return s;
-}
-
-std::string Join(const std::vector<int64_t>& v) { return ShapeStr(v); }
-
-}  // namespace
-
 ConvAttrs ReadConvAttrs(const OrtKernelInfo* info) {
   ConvAttrs at;
   at.auto_pad = AttrString(info, "auto_pad", "NOTSET");
@@ -44,16 +19,16 @@ ConvAttrs ReadConvAttrs(const OrtKernelInfo* info) {
 std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C, const std::vector<int64_t>& w_shape) {
   if (x_rank < 3 || x_rank > 5) Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got rank " + std::to_string(x_rank));
   if (static_cast<int64_t>(w_shape.size()) != x_rank)
-    Fail("W must have the rank of X (" + std::to_string(x_rank) + "), got shape " + Join(w_shape));
+    Fail("W must have the rank of X (" + std::to_string(x_rank) + "), got shape " + ShapeStr(w_shape));
   if (at.group < 1) Fail("group must be >= 1, got " + std::to_string(at.group));
   const std::vector<int64_t> k(w_shape.begin() + 2, w_shape.end());
   if (!at.kernel_shape.empty() && at.kernel_shape != k)
-    Fail("kernel_shape " + Join(at.kernel_shape) + " does not match W's spatial dims " + Join(k));
-  for (int64_t d : k) if (d < 1) Fail("W's kernel dims must be >= 1, got W shape " + Join(w_shape));
+    Fail("kernel_shape " + ShapeStr(at.kernel_shape) + " does not match W's spatial dims " + ShapeStr(k));
+  for (int64_t d : k) if (d < 1) Fail("W's kernel dims must be >= 1, got W shape " + ShapeStr(w_shape));
   if (w_shape[0] % at.group != 0)
     Fail("W has " + std::to_string(w_shape[0]) + " output channels, not a multiple of group " + std::to_string(at.group));
   if (C >= 0 && C != w_shape[1] * at.group)
-    Fail("X has " + std::to_string(C) + " channels but W " + Join(w_shape) + " with group " + std::to_string(at.group) +
+    Fail("X has " + std::to_string(C) + " channels but W " + ShapeStr(w_shape) + " with group " + std::to_string(at.group) +
          " expects " + std::to_string(w_shape[1] * at.group));
   return k;
 }
@@ -63,8 +38,8 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
   const size_t r = in.size();
   auto per_dim = [&](const std::vector<int64_t>& v, const char* name) {
     if (v.empty()) return std::vector<int64_t>(r, 1);
-    if (v.size() != r) Fail(std::string(name) + " must have " + std::to_string(r) + " values, got " + Join(v));
-    for (int64_t e : v) if (e < 1) Fail(std::string(name) + " must be >= 1, got " + Join(v));
+    if (v.size() != r) Fail(std::string(name) + " must have " + std::to_string(r) + " values, got " + ShapeStr(v));
+    for (int64_t e : v) if (e < 1) Fail(std::string(name) + " must be >= 1, got " + ShapeStr(v));
     return v;
   };
   const std::vector<int64_t> s = per_dim(at.strides, "strides"), d = per_dim(at.dilations, "dilations");
@@ -74,8 +49,8 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
   std::vector<int64_t> pads(2 * r, 0);
   if (at.auto_pad == "NOTSET" || at.auto_pad.empty()) {
     if (!at.pads.empty()) {
-      if (at.pads.size() != 2 * r) Fail("pads must have " + std::to_string(2 * r) + " values, got " + Join(at.pads));
-      for (int64_t p : at.pads) if (p < 0) Fail("pads must be >= 0, got " + Join(at.pads));
+      if (at.pads.size() != 2 * r) Fail("pads must have " + std::to_string(2 * r) + " values, got " + ShapeStr(at.pads));
+      for (int64_t p : at.pads) if (p < 0) Fail("pads must be >= 0, got " + ShapeStr(at.pads));
       pads = at.pads;
     }
   }
