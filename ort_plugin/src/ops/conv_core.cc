@@ -141,8 +141,6 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
 
 Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w, const std::vector<int32_t>& w_zp,
                   const ConvOutput& out) {
-  RequireInt8Type(x, "X");
-  RequireInt8Type(w, "W");
   std::vector<int64_t> y_shape;
   const ConvShape s = Plan(x, w, &y_shape);
   void* y = Output(ctx, 0, y_shape);

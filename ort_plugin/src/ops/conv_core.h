@@ -35,7 +35,8 @@ class ConvCore {
  public:
   // Reads the attributes; prepacks W (input w_index) when it and its zero point (wzp_index) are constant.
   void Init(const OrtKernelInfo* info, bool channels_last, size_t w_index, size_t wzp_index);
-  // Validates X and W, computes into output 0 (allocated here) and returns the ISA that ran.
+  // x, w: uint8/int8 (the adaptors check dtypes); validates their shapes against the attributes,
+  // computes into output 0 (allocated here) and returns the ISA that ran.
   Isa Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w, const std::vector<int32_t>& w_zp,
           const ConvOutput& out);
 

@@ -15,22 +15,38 @@ int32_t ScalarZeroPoint(const std::optional<Tensor>& t, ONNXTensorElementDataTyp
   return ZeroPoints(t, 0, like, what)[0];
 }
 
+// X, W and their zero points, as both ops take them: uint8/int8 tensors, x_zero_point per tensor,
+// w_zero_point per tensor or per output channel (M of them).
+struct ConvOperands {
+  Tensor x, w;
+  size_t M = 0;
+  int32_t x_zp = 0;
+  std::vector<int32_t> w_zp;
+};
+ConvOperands ReadOperands(OrtKernelContext* ctx, size_t x_idx, size_t w_idx, size_t xzp_idx, size_t wzp_idx) {
+  ConvOperands o;
+  o.x = RequiredInput(ctx, x_idx, "x");
+  o.w = RequiredInput(ctx, w_idx, "w");
+  RequireInt8Type(o.x, "x");
+  RequireInt8Type(o.w, "w");
+  if (o.w.shape.empty()) Fail("w must have rank 3 to 5, got a scalar");
+  o.M = static_cast<size_t>(o.w.shape[0]);
+  o.x_zp = ScalarZeroPoint(Input(ctx, xzp_idx), o.x.type, "x_zero_point");
+  o.w_zp = ZeroPoints(Input(ctx, wzp_idx), o.M, o.w.type, "w_zero_point");
+  return o;
+}
+
 class QLinearConvKernel : public Kernel {
  public:
   QLinearConvKernel(const OrtKernelInfo* info, bool nhwc_domain) {
     core_.Init(info, nhwc_domain && AttrInt(info, "channels_last", 0) != 0, 3, 5);
   }
   Isa Compute(OrtKernelContext* ctx) override {
-    const Tensor x = RequiredInput(ctx, 0, "x"), x_scale = RequiredInput(ctx, 1, "x_scale");
-    const Tensor w = RequiredInput(ctx, 3, "w"), w_scale = RequiredInput(ctx, 4, "w_scale");
+    const ConvOperands op = ReadOperands(ctx, 0, 3, 2, 5);
+    const size_t M = op.M;
+    const Tensor x_scale = RequiredInput(ctx, 1, "x_scale"), w_scale = RequiredInput(ctx, 4, "w_scale");
     const Tensor y_scale = RequiredInput(ctx, 6, "y_scale"), y_zp = RequiredInput(ctx, 7, "y_zero_point");
-    RequireInt8Type(x, "x");
-    RequireInt8Type(w, "w");
     RequireInt8Type(y_zp, "y_zero_point");
-    if (w.shape.empty()) Fail("w must have rank 3 to 5, got a scalar");
-    const size_t M = static_cast<size_t>(w.shape[0]);
-    const int32_t x_zp = ScalarZeroPoint(Input(ctx, 2), x.type, "x_zero_point");
-    const std::vector<int32_t> w_zp = ZeroPoints(Input(ctx, 5), M, w.type, "w_zero_point");
     const float sx = Scales(x_scale, 0, "x_scale")[0], sy = Scales(y_scale, 0, "y_scale")[0];
     const std::vector<float> sw = Scales(w_scale, M, "w_scale");
     ConvOutput out;
@@ -45,7 +61,7 @@ class QLinearConvKernel : public Kernel {
         Fail("B must have shape [" + std::to_string(M) + "] (one per output channel), got " + ShapeStr(bias->shape));
       out.bias = bias->as<int32_t>();
     }
-    return core_.Run(ctx, x, x_zp, w, w_zp, out);
+    return core_.Run(ctx, op.x, op.x_zp, op.w, op.w_zp, out);
   }
  private:
   ConvCore core_;
@@ -55,14 +71,8 @@ class ConvIntegerKernel : public Kernel {
  public:
   explicit ConvIntegerKernel(const OrtKernelInfo* info) { core_.Init(info, false, 1, 3); }
   Isa Compute(OrtKernelContext* ctx) override {
-    const Tensor x = RequiredInput(ctx, 0, "x"), w = RequiredInput(ctx, 1, "w");
-    RequireInt8Type(x, "x");
-    RequireInt8Type(w, "w");
-    if (w.shape.empty()) Fail("w must have rank 3 to 5, got a scalar");
-    const size_t M = static_cast<size_t>(w.shape[0]);
-    const int32_t x_zp = ScalarZeroPoint(Input(ctx, 2), x.type, "x_zero_point");
-    const std::vector<int32_t> w_zp = ZeroPoints(Input(ctx, 3), M, w.type, "w_zero_point");
-    return core_.Run(ctx, x, x_zp, w, w_zp, ConvOutput{});
+    const ConvOperands op = ReadOperands(ctx, 0, 1, 2, 3);
+    return core_.Run(ctx, op.x, op.x_zp, op.w, op.w_zp, ConvOutput{});
   }
  private:
   ConvCore core_;
