@@ -1,0 +1,169 @@
+"""Quantized 2-D convolution PrimFuncs (NCHW, as TVM's ONNX frontend produces it).
+
+    acc[b, oc, oh, ow] = sum_{c, kh, kw} (x[b, c, ih, iw] - zx) (w[oc, c, kh, kw] - zw[oc])
+    ih = oh * sh - ph + kh * dh,  iw = ow * sw - pw + kw * dw;  padding taps read zx (contribute 0)
+
+Two kernels:
+1. ``group == 1``: im2col GEMM. The activation rows of ``gemm`` are the patches
+   ``Ap[(b*OH + oh)*OW + ow, (c*KH + kh)*KW + kw]`` (shifted, padding taps = the shifted zero point),
+   the weights are ``w`` reshaped to [C*KH*KW, OC] and packed, and the epilogue writes NCHW directly.
+2. depthwise (``group == C == OC``): direct int32 loops, one (b, c) plane per task, taps unrolled.
+Other grouped convolutions are left to TVM's own lowering by the Relax pass (it logs the fallback).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from . import gemm, records
+from .gemm import Epilogue, Tile
+from .isa import Isa
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    x_dtype: str
+    w_dtype: str
+    channels: int               # C
+    out_channels: int           # OC
+    height: int
+    width: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]   # top, left, bottom, right
+    dilations: tuple[int, int]
+    group: int
+    epi: Epilogue
+
+    def __post_init__(self):
+        for name, dt in (("X", self.x_dtype), ("W", self.w_dtype)):
+            if dt not in ("uint8", "int8"):
+                raise ValueError(f"qie conv: {name} must be uint8 or int8, got {dt}")
+        if self.group != 1 and not self.depthwise:
+            raise ValueError(f"qie conv: group={self.group} is neither 1 nor depthwise")
+
+    @property
+    def depthwise(self) -> bool:
+        return self.group == self.channels == self.out_channels and self.group > 1
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
+        t, l, b, r = self.pads
+        return ((self.height + t + b - (dh * (kh - 1) + 1)) // sh + 1,
+                (self.width + l + r - (dw * (kw - 1) + 1)) // sw + 1)
+
+    @property
+    def k(self) -> int:
+        return self.channels // self.group * self.kernel[0] * self.kernel[1]
+
+    def kernel_name(self, isa: Isa, tile: Tile) -> str:
+        xw = ("u8" if self.x_dtype == "uint8" else "s8") + ("u8" if self.w_dtype == "uint8" else "s8")
+        out = {"int32": "s32", "uint8": "u8", "int8": "s8", "float32": "f32"}[self.epi.out]
+        kh, kw = self.kernel
+        geo = f"c{self.channels}o{self.out_channels}h{self.height}w{self.width}k{kh}x{kw}s{self.strides[0]}"
+        if self.depthwise:
+            return f"qie_dwconv_{xw}_{out}_{geo}__{isa.name}"
+        return f"qie_conv_{xw}_{out}_{tile.rows}x{tile.vecs * isa.lanes}c{isa.kpack}_{geo}__{isa.name}"
+
+
+def weights_as_gemm(w: np.ndarray) -> np.ndarray:
+    """[OC, C, KH, KW] -> the GEMM's [C*KH*KW, OC]."""
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+
+
+def tile_for(spec: ConvSpec, isa: Isa) -> Tile:
+    oh, ow = spec.out_hw
+    return (records.lookup(isa, "conv", (oh * ow, spec.out_channels, spec.k))
+            or records.default_tile(isa, spec.out_channels))
+
+
+def _shift(v, sa: int, dtype: str):
+    return v if sa == 0 else (v.astype("int32") + sa).astype(dtype)
+
+
+def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> tirx.PrimFunc:
+    """Unscheduled PrimFunc (X, Wp, colsum, za, [zb], epilogue operands..., O); ``batch=None``: symbolic."""
+    if spec.depthwise:
+        return _depthwise(spec, isa, batch)
+    bv = tirx.Var("batch", "int64") if batch is None else batch
+    c, h, w = spec.channels, spec.height, spec.width
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
+    pt, pl = spec.pads[0], spec.pads[1]
+    oh, ow = spec.out_hw
+    k = spec.k
+    kp = gemm._ceil(k, isa.kpack)
+    np_ = gemm._ceil(spec.out_channels, isa.lanes * tile.vecs)
+    sa, _ = gemm.shifts(isa, spec.x_dtype, spec.w_dtype)
+    x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
+    za = te.placeholder((1,), "int32", name="za")
+    rows = bv * (oh * ow)
+    mp = (rows + tile.rows - 1) // tile.rows * tile.rows
+
+    def patch(r, kk):
+        b, pix = r // (oh * ow), r % (oh * ow)
+        y, xx = pix // ow, pix % ow
+        ci, tap = kk // (kh * kw), kk % (kh * kw)
+        ih = y * sh - pt + (tap // kw) * dh
+        iw = xx * sw - pl + (tap % kw) * dw
+        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
+        pad = (za[0] + sa).astype(isa.a_dtype)
+        v = tirx.if_then_else(inside, _shift(x[b, ci, ih, iw], sa, isa.a_dtype), pad)
+        return tirx.if_then_else(tirx.all(r < rows, kk < k), v, tirx.const(0, isa.a_dtype))
+
+    ap = te.compute((mp, kp), patch, name="Ap")
+    wshape = (np_ // isa.lanes, kp // isa.kpack, isa.lanes, isa.kpack)
+    params, o = gemm.gemm_stages(ap, k, wshape, spec.epi, (bv, spec.out_channels, oh, ow),
+                                 lambda b, oc, y, xx: ((b * oh + y) * ow + xx, oc), isa, sa,
+                                 za=za)
+    return gemm.build_primfunc([x, *params, o], spec.kernel_name(isa, tile))
+
+
+def _depthwise(spec: ConvSpec, isa: Isa, batch) -> tirx.PrimFunc:
+    bv = tirx.Var("batch", "int64") if batch is None else batch
+    c, h, w = spec.channels, spec.height, spec.width
+    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
+    pt, pl = spec.pads[0], spec.pads[1]
+    oh, ow = spec.out_hw
+    x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
+    wt = te.placeholder((c, kh, kw), "int32", name="Wd")       # w - zw, widened once at compile time
+    za = te.placeholder((1,), "int32", name="za")
+    rh, rw = te.reduce_axis((0, kh), name="rh"), te.reduce_axis((0, kw), name="rw")
+
+    def tap(b, ch, y, xx):
+        ih, iw = y * sh - pt + rh * dh, xx * sw - pl + rw * dw
+        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
+        xv = tirx.if_then_else(inside, x[b, ch, ih, iw].astype("int32") - za[0], 0)
+        return te.sum(xv * wt[ch, rh, rw], axis=[rh, rw])
+
+    acc = te.compute((bv, c, oh, ow), tap, name="C")
+    params, o = gemm.epilogue_stage(lambda *ax: acc[ax], lambda b, ch, y, xx: ch, spec.epi, (bv, c, oh, ow), c)
+    return gemm.build_primfunc([x, wt, za, *params, o], spec.kernel_name(isa, Tile(1, 1)))
+
+
+def schedule_depthwise(s: Schedule) -> None:
+    """1. one task per (b, c) plane, parallel; 2. taps unrolled; 3. epilogue fused per output row."""
+    cb = s.get_sblock("C")
+    b, ch, y, xx, rh, rw = s.get_loops(cb)
+    bc = s.fuse(b, ch)
+    s.parallel(bc)
+    s.unroll(rh)
+    s.unroll(rw)
+    ob = s.get_sblock("O")
+    s.reverse_compute_at(ob, y)
+    s.decompose_reduction(cb, rh)
+
+
+def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | None = None) -> tirx.PrimFunc:
+    tile = tile or tile_for(spec, isa)
+    f = primfunc(spec, isa, tile, batch)
+    if spec.depthwise:
+        s = Schedule(f)
+        schedule_depthwise(s)
+        out = s.mod["main"].with_attr("tir.is_scheduled", True)
+        return out.with_attr("qie.kernel", f.attrs["global_symbol"])
+    return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False)

@@ -1,0 +1,71 @@
+"""Build one scheduled qie PrimFunc for a target and call it on numpy arrays (tests and bench).
+
+The Relax pass does the same wiring inside a graph; this module is the kernel layer's own harness:
+``Kernel(spec, isa, target)(x, packed, za, **epilogue_operands)`` returns the output as numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+
+from . import conv, gemm, matmul
+from .gemm import PackedWeights, Tile
+from .isa import Isa
+
+
+def epilogue_operands(epi: gemm.Epilogue, n: int, *, mult=None, scale=None, bias=None, fbias=None, zy=0) -> list:
+    """The epilogue's operands in PrimFunc order, as the arrays the kernel takes."""
+    nsc = n if epi.per_channel else 1
+    if epi.out == "int32":
+        return []
+    if epi.out == "float32":
+        out = [np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (nsc,)).copy()]
+        return out + ([np.asarray(fbias, np.float32).reshape(n)] if epi.bias else [])
+    out = [np.broadcast_to(np.asarray(mult, np.float32).reshape(-1), (nsc,)).copy()]
+    if epi.bias:
+        out.append(np.asarray(bias, np.int32).reshape(n))
+    return out + [np.asarray([zy], np.int32).reshape(1)]
+
+
+class Kernel:
+    """A compiled qie matmul or conv PrimFunc (symbolic rows / batch) for one target."""
+
+    def __init__(self, spec, isa: Isa, target, tile: Tile | None = None):
+        self.spec, self.isa = spec, isa
+        mod = conv if isinstance(spec, conv.ConvSpec) else matmul
+        self.tile = tile or mod.tile_for(spec, isa)
+        self.func = mod.scheduled(spec, isa, self.tile)
+        self.lib = tvm.tirx.build(tvm.IRModule({"main": self.func}), target=target)
+        kind = tvm.target.Target(target).kind.name
+        self.dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+
+    def pack(self, w: np.ndarray, zw) -> PackedWeights | np.ndarray:
+        """Weights in the kernel's layout: packed GEMM panels, or (depthwise) ``w - zw`` as int32."""
+        if isinstance(self.spec, conv.ConvSpec):
+            if self.spec.depthwise:
+                zw = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (w.shape[0],))
+                return (w.astype(np.int32) - zw.reshape(-1, 1, 1, 1)).reshape(w.shape[0], *w.shape[2:])
+            w = conv.weights_as_gemm(w)
+        return gemm.pack_weights(w, zw, self.isa, self.tile)
+
+    def out_shape(self, x: np.ndarray) -> tuple:
+        if isinstance(self.spec, conv.ConvSpec):
+            return (x.shape[0], self.spec.out_channels, *self.spec.out_hw)
+        return (x.shape[0], self.spec.n)
+
+    def args(self, x, packed, za, **epi) -> list:
+        n = self.spec.out_channels if isinstance(self.spec, conv.ConvSpec) else self.spec.n
+        za = np.asarray([za], np.int32).reshape(1)
+        if isinstance(packed, np.ndarray):       # depthwise
+            ops = [x, packed, za]
+        else:
+            ops = [x, packed.packed, packed.colsum, za] + ([packed.zb] if self.spec.epi.zb else [])
+        ops += epilogue_operands(self.spec.epi, n, **epi)
+        out = np.zeros(self.out_shape(x), self.spec.epi.out)
+        return [tvm.runtime.tensor(np.ascontiguousarray(o), self.dev) for o in ops + [out]]
+
+    def __call__(self, x, packed, za, **epi) -> np.ndarray:
+        args = self.args(x, packed, za, **epi)
+        self.lib["main"](*args)
+        return args[-1].numpy()
