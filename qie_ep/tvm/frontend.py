@@ -1,0 +1,182 @@
+"""ONNX import for the quantized ops TVM's Relax frontend lacks, as standard Relax.
+
+Each op becomes the dequantize -> op -> quantize (or widened integer) form that TVM already compiles,
+so a module imported here is correct under TVM's default pipeline too; ``qie_ep.tvm.pipeline`` then
+recognises those groups and sends them to qie's kernels.
+
+- QLinearMatMul:  quantize(matmul(dq(a), dq(b)), y_scale, y_zp)
+- QLinearConv (ONNX, and com.microsoft's NHWC form): quantize(conv2d(dq(x), dq(w)) + dq(bias), ...)
+- ConvInteger:    conv2d(int32(x) - x_zp, int32(w) - w_zp, out_dtype=int32) (as TVM imports MatMulInteger)
+- QGemm (com.microsoft): [quantize](alpha * matmul(dq(a'), dq(b')) + dq(c, a_scale * b_scale))
+- MatMulIntegerToFloat: matmul(dq(a), dq(b)) (+ bias)
+- DynamicQuantizeMatMul: DynamicQuantizeLinear(a), then MatMulIntegerToFloat
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import onnx
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as _F
+
+
+def _dtype(e) -> str:
+    return e.ty.dtype.dtype
+
+
+def _zp(zp, data):
+    return zp if zp is not None else relax.const(0, _dtype(data))
+
+
+def _opt(inputs, i):
+    return inputs[i] if len(inputs) > i else None
+
+
+def _dq(x, scale, zp, axis=-1):
+    return relax.op.dequantize(x, scale, _zp(zp, x), axis=axis, out_dtype="float32")
+
+
+def _q(x, scale, zp):
+    return relax.op.quantize(x, scale, zp, axis=-1, out_dtype=_dtype(zp))
+
+
+def _channel_axis(scale, axis: int) -> int:
+    """A per-channel scale's axis; per-tensor scales ignore it."""
+    return axis if scale.ty.ndim == 1 and _static_len(scale) > 1 else -1
+
+
+def _static_len(e) -> int:
+    try:
+        return int(e.ty.shape[0])
+    except (TypeError, IndexError, AttributeError):
+        return -1
+
+
+def _conv_nchw(bb, x, w, attr):
+    """TVM's own Conv converter on already-dequantized (or widened) operands."""
+    return _F.Conv._impl_v11(bb, [x, w, None], dict(attr), None)
+
+
+class QLinearMatMul(_F.OnnxOpConverter):
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        a, sa, za, b, sb, zb, sy, zy = inputs[:8]
+        mm = relax.op.matmul(_dq(a, sa, za), _dq(b, sb, zb, _channel_axis(sb, -1)))
+        return _q(mm, sy, zy)
+
+
+class QLinearConv(_F.OnnxOpConverter):
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
+        bias = _opt(inputs, 8)
+        attr = dict(attr)
+        channels_last = attr.pop("channels_last", 0)
+        if channels_last:
+            nd = x.ty.ndim
+            x = relax.op.permute_dims(x, [0, nd - 1] + list(range(1, nd - 1)))
+        out = bb.normalize(_conv_nchw(bb, _dq(x, sx, zx), _dq(w, sw, zw, _channel_axis(sw, 0)), attr))
+        if bias is not None:
+            nd = out.ty.ndim
+            bscale = relax.op.multiply(sx, sw)
+            b = _dq(bias, bscale, relax.const(0, "int32"), _channel_axis(sw, 0))
+            out = relax.op.add(out, relax.op.reshape(b, [1, -1] + [1] * (nd - 2)))
+        out = bb.normalize(_q(out, sy, zy))
+        if channels_last:
+            nd = out.ty.ndim
+            out = relax.op.permute_dims(out, [0] + list(range(2, nd)) + [1])
+        return out
+
+
+class ConvInteger(_F.OnnxOpConverter):
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x, w = inputs[0], inputs[1]
+        zx, zw = _opt(inputs, 2), _opt(inputs, 3)
+        xi = relax.op.astype(x, "int32")
+        wi = relax.op.astype(w, "int32")
+        if zx is not None:
+            xi = relax.op.subtract(xi, relax.op.astype(zx, "int32"))
+        if zw is not None:
+            zwi = bb.normalize(relax.op.astype(zw, "int32"))
+            if zwi.ty.ndim == 1:
+                zwi = relax.op.reshape(zwi, [-1, 1, 1, 1])
+            wi = relax.op.subtract(wi, zwi)
+        attr = dict(attr)
+        out = _conv_nchw(bb, bb.normalize(xi), bb.normalize(wi), attr)
+        return out
+
+
+class MatMulIntegerToFloat(_F.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        a, b, sa, sb = inputs[:4]
+        za, zb, bias = _opt(inputs, 4), _opt(inputs, 5), _opt(inputs, 6)
+        out = relax.op.matmul(_dq(a, sa, za), _dq(b, sb, zb, _channel_axis(sb, -1)))
+        return relax.op.add(out, bias) if bias is not None else out
+
+
+class DynamicQuantizeMatMul(_F.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        a, b, sb = inputs[:3]
+        zb, bias = _opt(inputs, 3), _opt(inputs, 4)
+        q = bb.normalize(_F.DynamicQuantizeLinear._impl_v11(bb, [a], {}, params))
+        qa, sa, za = (relax.TupleGetItem(q, i) for i in range(3))
+        return MatMulIntegerToFloat._impl_v1(bb, [qa, b, sa, sb, za, zb, bias], attr, params)
+
+
+class QGemm(_F.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        a, sa, za, b, sb, zb = inputs[:6]
+        c, sy, zy = _opt(inputs, 6), _opt(inputs, 7), _opt(inputs, 8)
+        if attr.get("transA", 0):
+            a = relax.op.permute_dims(a, [1, 0])
+        if attr.get("transB", 0):
+            b = relax.op.permute_dims(b, [1, 0])
+        out = relax.op.matmul(_dq(a, sa, za), _dq(b, sb, zb, _channel_axis(sb, -1)))
+        alpha = float(attr.get("alpha", 1.0))
+        if alpha != 1.0:
+            out = relax.op.multiply(out, relax.const(alpha, "float32"))
+        if c is not None:
+            out = relax.op.add(out, _dq(c, relax.op.multiply(sa, sb), relax.const(0, "int32"), _channel_axis(sb, -1)))
+        return _q(out, sy, zy) if sy is not None else out
+
+
+CONVERTERS = {
+    "QLinearMatMul": QLinearMatMul,
+    "QLinearConv": QLinearConv,
+    "ConvInteger": ConvInteger,
+    "MatMulIntegerToFloat": MatMulIntegerToFloat,
+    "DynamicQuantizeMatMul": DynamicQuantizeMatMul,
+    "QGemm": QGemm,
+}
+
+
+@contextlib.contextmanager
+def _with_converters():
+    original = _F._get_convert_map
+
+    def extended():
+        table = original()
+        table.update(CONVERTERS)
+        return table
+
+    _F._get_convert_map = extended
+    try:
+        yield
+    finally:
+        _F._get_convert_map = original
+
+
+def from_onnx(model, shape_dict=None, dtype_dict="float32", **kwargs):
+    """``tvm.relax.frontend.onnx.from_onnx`` plus qie's converters for the quantized ops TVM lacks.
+
+    ``model``: an ``onnx.ModelProto`` or a path. Other arguments are passed through.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    with _with_converters():
+        return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)

@@ -1,0 +1,339 @@
+"""The Relax pass that sends quantized matmul / conv2d groups to qie's scheduled PrimFuncs.
+
+Groups recognised (each operand resolved through its binding):
+1. ``quantize([add](OP(dequantize(x), dequantize(W)), dequantize(bias_int32)), y_scale, y_zp)``
+   -> requantized u8/s8 output (QLinearMatMul / QLinearConv / QGemm / QDQ groups);
+2. ``OP(dequantize(x), dequantize(W))`` left over -> float32 output (MatMulIntegerToFloat, DQ -> op);
+3. ``OP([sub](astype(x, int32), zx), [sub](astype(W, int32), zw))`` with int32 output
+   -> int32 output (MatMulInteger / ConvInteger).
+OP is ``relax.matmul`` (x [..., K], W constant [K, N]) or ``relax.nn.conv2d`` (NCHW / OIHW, group 1
+or depthwise, W constant). W and its zero point must be constants (they are packed at compile time);
+``x``'s zero point is one value (it may be computed at run time, as DynamicQuantizeLinear does).
+A group that does not fit is left to TVM's lowering and logged (logger ``qie_ep.tvm``), never guessed.
+Group 1 runs before group 2 so that a matmul feeding a quantize becomes one requantizing kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tvm_schedules import conv as tconv
+from tvm_schedules import gemm as tgemm
+from tvm_schedules import matmul as tmatmul
+from tvm_schedules.gemm import Epilogue
+from tvm_schedules.isa import Isa
+
+log = logging.getLogger("qie_ep.tvm")
+_QDTYPES = ("uint8", "int8")
+
+
+class Unsupported(Exception):
+    """A group qie leaves to TVM; the message says why."""
+
+
+@dataclass
+class _Operand:
+    data: relax.Expr
+    zp: relax.Expr | None
+    scale: relax.Expr | None = None
+    axis: int = -1
+
+
+def _op(name: str):
+    return tvm.ir.Op.get(name)
+
+
+def _dtype(e) -> str:
+    return e.ty.dtype.dtype
+
+
+def _shape(e):
+    sh = e.ty.shape
+    if sh is None or not hasattr(sh, "values"):
+        return None
+    return list(sh.values)
+
+
+def _static(v) -> int | None:
+    return int(v) if isinstance(v, tirx.IntImm) else None
+
+
+@mutator
+class _Rewriter(PyExprMutator):
+    def __init__(self, mod, isa: Isa, phase: str):
+        super().__init__(mod)
+        self.isa, self.phase = isa, phase
+        self.funcs: dict[str, relax.GlobalVar] = {}
+        self.rewritten = 0
+
+    # -- binding resolution ---------------------------------------------------------------------
+    def _resolve(self, e):
+        seen = 0
+        while isinstance(e, relax.Var) and seen < 64:
+            b = self.lookup_binding(e)
+            if b is None:
+                break
+            e, seen = b, seen + 1
+        return e
+
+    def _call(self, e, name: str):
+        r = self._resolve(e)
+        return r if isinstance(r, relax.Call) and r.op.same_as(_op(name)) else None
+
+    def _const(self, e) -> np.ndarray | None:
+        """The value of a constant, through astype / reshape / expand_dims / permute_dims chains."""
+        r = self._resolve(e)
+        if isinstance(r, tvm.ir.Constant):
+            return r.value.numpy()
+        if not isinstance(r, relax.Call) or not isinstance(r.op, tvm.ir.Op):
+            return None
+        name = r.op.name
+        if name not in ("relax.astype", "relax.reshape", "relax.expand_dims", "relax.permute_dims"):
+            return None
+        v = self._const(r.args[0])
+        if v is None:
+            return None
+        if name == "relax.astype":
+            return v.astype(str(r.attrs.dtype))
+        if name == "relax.permute_dims":
+            axes = None if r.attrs.axes is None else [int(a) for a in r.attrs.axes]
+            return np.transpose(v, axes)
+        sh = _shape(r)
+        return v.reshape([int(d) for d in sh]) if sh is not None and all(_static(d) is not None for d in sh) else None
+
+    def _dequant(self, e) -> _Operand | None:
+        c = self._call(e, "relax.dequantize")
+        if c is None:
+            return None
+        return _Operand(c.args[0], c.args[2], c.args[1], int(c.attrs.axis))
+
+    def _widened(self, e) -> _Operand | None:
+        """``[sub](astype(x, int32), zp)`` with x u8/s8."""
+        zp = None
+        sub = self._call(e, "relax.subtract")
+        if sub is not None:
+            e, zp = sub.args[0], sub.args[1]
+        cast = self._call(e, "relax.astype")
+        if cast is None or _dtype(cast.args[0]) not in _QDTYPES:
+            return None
+        if zp is not None:
+            inner = self._call(zp, "relax.astype")
+            zp = inner.args[0] if inner is not None else zp
+        return _Operand(cast.args[0], zp)
+
+    # -- helpers building Relax operands --------------------------------------------------------
+    def _scalar_i32(self, zp, what: str) -> relax.Expr:
+        if zp is None:
+            return relax.const(np.zeros(1, np.int32))
+        sh = _shape(zp)
+        if sh is None or any(_static(d) != 1 for d in sh):
+            raise Unsupported(f"{what} zero point must be one value, got shape {sh}")
+        return relax.op.reshape(relax.op.astype(zp, "int32"), [1])
+
+    def _fvec(self, e, n: int, per_channel: bool) -> relax.Expr:
+        return relax.op.reshape(relax.op.astype(e, "float32"), [n if per_channel else 1])
+
+    @staticmethod
+    def _per_channel(scale_w, n: int, what: str) -> bool:
+        sh = _shape(scale_w)
+        size = 1 if sh is None or len(sh) == 0 else int(np.prod([_static(d) or -1 for d in sh]))
+        if size not in (1, n):
+            raise Unsupported(f"{what} scale has {size} elements for {n} channels")
+        return size == n and n > 1
+
+    def _weights(self, w: _Operand, n_axis: int):
+        b = self._const(w.data)
+        if b is None or b.dtype not in (np.uint8, np.int8):
+            raise Unsupported("weights are not a uint8/int8 constant")
+        zb = np.zeros(1, b.dtype) if w.zp is None else self._const(w.zp)
+        if zb is None:
+            raise Unsupported("weight zero point is not a constant")
+        n = b.shape[n_axis]
+        zb = np.asarray(zb).reshape(-1)
+        if zb.size not in (1, n):
+            raise Unsupported(f"weight zero point has {zb.size} elements for {n} channels")
+        return b, zb
+
+    def _emit(self, func: tirx.PrimFunc, args, out_shape, dtype) -> relax.Expr:
+        name = str(func.attrs["global_symbol"])
+        gv = self.funcs.get(name)
+        if gv is None:
+            gv = self.builder_.add_func(func, name)
+            self.funcs[name] = gv
+        self.rewritten += 1
+        return relax.call_tir(gv, args, relax.TensorType(out_shape, dtype))
+
+    # -- the groups -----------------------------------------------------------------------------
+    def visit_call_(self, call):  # noqa: D401 - PyExprMutator hook
+        call = self.visit_expr_post_order(call)
+        new = None
+        try:
+            if self.phase == "requant" and call.op.same_as(_op("relax.quantize")):
+                new = self._quantize_group(call)
+            elif self.phase == "float" and (call.op.same_as(_op("relax.matmul"))
+                                            or call.op.same_as(_op("relax.nn.conv2d"))):
+                new = self._group(call, None)
+        except Unsupported as e:
+            log.info("qie: %s left to TVM: %s", call.op.name, e)
+        return call if new is None else new
+
+    def _quantize_group(self, q):
+        if int(q.attrs.axis) not in (-1,) and _shape(q.args[1]) not in (None, [], [1]):
+            raise Unsupported("per-channel output quantization")
+        out_dtype = str(q.attrs.out_dtype)
+        if out_dtype not in _QDTYPES:
+            raise Unsupported(f"output dtype {out_dtype}")
+        x = q.args[0]
+        bias = None
+        add = self._call(x, "relax.add")
+        if add is not None:
+            op_call = self._resolve(add.args[0])
+            bias = add.args[1]
+        else:
+            op_call = self._resolve(x)
+        if not isinstance(op_call, relax.Call) or not (
+                op_call.op.same_as(_op("relax.matmul")) or op_call.op.same_as(_op("relax.nn.conv2d"))):
+            return None
+        return self._group(op_call, (q.args[1], q.args[2], out_dtype, bias))
+
+    def _group(self, call, quant):
+        x, w = call.args[0], call.args[1]
+        xo, wo = self._dequant(x), self._dequant(w)
+        integer = False
+        if xo is None or wo is None:
+            if quant is not None:
+                return None
+            xo, wo = self._widened(x), self._widened(w)
+            if xo is None or wo is None or _dtype(call) != "int32":
+                return None
+            integer = True
+        is_conv = call.op.same_as(_op("relax.nn.conv2d"))
+        b, zb = self._weights(wo, 0 if is_conv else 1)
+        a = xo.data
+        if _dtype(a) not in _QDTYPES:
+            raise Unsupported(f"activation dtype {_dtype(a)}")
+        n = b.shape[0] if is_conv else b.shape[1]
+        za = self._scalar_i32(xo.zp, "activation")
+        if integer:
+            epi_ops, per_channel, out, ibias = [], False, "int32", None
+        else:
+            if _shape(xo.scale) not in ([], [1]):
+                raise Unsupported("activation scale must be one value")
+            per_channel = self._per_channel(wo.scale, n, "weight")
+            prod = relax.op.multiply(relax.op.astype(xo.scale, "float32"), relax.op.astype(wo.scale, "float32"))
+            ibias = None
+            if quant is None:
+                out = "float32"
+                epi_ops = [self._fvec(prod, n, per_channel)]
+            else:
+                sy, zy, out, bias = quant
+                if _shape(sy) not in ([], [1]):
+                    raise Unsupported("output scale must be one value")
+                ibias = self._int_bias(bias, n, xo.scale, wo.scale) if bias is not None else None
+                if bias is not None and ibias is None:
+                    return None     # the add stays a TVM op; the matmul itself becomes a float group
+                mult = relax.op.divide(prod, relax.op.astype(sy, "float32"))
+                epi_ops = [self._fvec(mult, n, per_channel)]
+                if ibias is not None:
+                    epi_ops.append(relax.const(ibias))
+                epi_ops.append(self._scalar_i32(zy, "output"))
+        sb_any = bool(np.any(np.asarray(zb, np.int32) + tgemm.shifts(self.isa, _dtype(a), str(b.dtype))[1]))
+        epi = Epilogue(out, per_channel=per_channel, bias=ibias is not None, zb=sb_any)
+        if is_conv:
+            return self._conv(call, a, b, zb, za, epi, epi_ops)
+        return self._matmul(a, b, zb, za, epi, epi_ops)
+
+    def _int_bias(self, bias, n, sa, sb) -> np.ndarray | None:
+        """The int32 bias of ``dequantize(bias, sa * sb)`` when its scale is exactly sa * sb[n]."""
+        r = self._call(bias, "relax.reshape")
+        dq = self._dequant(r.args[0] if r is not None else bias)
+        if dq is None:
+            return None
+        c = self._const(dq.data)
+        scale = self._const(dq.scale)
+        sa_v, sb_v = self._const(sa), self._const(sb)
+        if c is None or c.dtype != np.int32 or c.size != n or scale is None or sa_v is None or sb_v is None:
+            return None
+        if dq.zp is not None:
+            z = self._const(dq.zp)
+            if z is None or np.any(z != 0):
+                return None
+        want = (np.float32(np.asarray(sa_v, np.float32).reshape(-1)[0]) * np.asarray(sb_v, np.float32).reshape(-1))
+        if not np.array_equal(np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (n,)),
+                              np.broadcast_to(want.astype(np.float32), (n,))):
+            return None
+        return c.reshape(n).astype(np.int32)
+
+    def _matmul(self, a, b, zb, za, epi, epi_ops):
+        sh = _shape(a)
+        if sh is None or len(sh) < 2 or b.ndim != 2:
+            raise Unsupported("matmul needs A with a known rank >= 2 and 2-D constant weights")
+        k, n = b.shape
+        if _static(sh[-1]) != k:
+            raise Unsupported(f"A's last dimension {sh[-1]} is not K={k}")
+        spec = tmatmul.MatmulSpec(_dtype(a), str(b.dtype), k, n, epi)
+        tile = tmatmul.tile_for(spec, self.isa)
+        packed = tgemm.pack_weights(b, zb, self.isa, tile)
+        m = sh[0]
+        for d in sh[1:-1]:
+            m = m * d
+        a2 = relax.op.reshape(a, [m, k]) if len(sh) != 2 else a
+        args = [a2, relax.const(packed.packed), relax.const(packed.colsum), za]
+        if epi.zb:
+            args.append(relax.const(packed.zb))
+        out = self._emit(tmatmul.scheduled(spec, self.isa, tile), args + epi_ops, [m, n], epi.out)
+        return relax.op.reshape(out, sh[:-1] + [n]) if len(sh) != 2 else out
+
+    def _conv(self, call, x, w, zw, za, epi, epi_ops):
+        at = call.attrs
+        if (str(at.data_layout), str(at.kernel_layout), str(at.out_layout)) != ("NCHW", "OIHW", "NCHW"):
+            raise Unsupported("conv2d layout other than NCHW/OIHW")
+        sh = _shape(x)
+        if sh is None or len(sh) != 4 or any(_static(d) is None for d in sh[1:]):
+            raise Unsupported("conv2d input needs static C, H, W")
+        c, h, wd = (int(d) for d in sh[1:])
+        oc, cg, kh, kw = w.shape
+        pads = [int(p) for p in at.padding]
+        pads = pads * 2 if len(pads) == 2 else pads
+        spec = tconv.ConvSpec(_dtype(x), str(w.dtype), c, oc, h, wd, (kh, kw),
+                              tuple(int(s) for s in at.strides), tuple(pads),
+                              tuple(int(d) for d in at.dilation), int(at.groups), epi) \
+            if int(at.groups) == 1 or int(at.groups) == c == oc else None
+        if spec is None:
+            raise Unsupported(f"grouped conv2d (groups={int(at.groups)}) that is not depthwise")
+        oh, ow = spec.out_hw
+        if spec.depthwise:
+            zwv = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (oc,))
+            wd32 = (w.astype(np.int32) - zwv.reshape(-1, 1, 1, 1)).reshape(oc, kh, kw)
+            dw_epi = Epilogue(epi.out, epi.per_channel, epi.bias, False)
+            spec = tconv.ConvSpec(**{**spec.__dict__, "epi": dw_epi})
+            args = [x, relax.const(wd32), za]
+            func = tconv.scheduled(spec, self.isa)
+        else:
+            tile = tconv.tile_for(spec, self.isa)
+            packed = tgemm.pack_weights(tconv.weights_as_gemm(w), zw, self.isa, tile)
+            args = [x, relax.const(packed.packed), relax.const(packed.colsum), za]
+            if epi.zb:
+                args.append(relax.const(packed.zb))
+            func = tconv.scheduled(spec, self.isa, tile)
+        return self._emit(func, args + epi_ops, [sh[0], oc, oh, ow], epi.out)
+
+
+def rewrite(mod: tvm.IRModule, isa: Isa) -> tvm.IRModule:
+    """Apply the two phases (requantizing groups, then float / integer groups) to every Relax function."""
+    total = 0
+    for phase in ("requant", "float"):
+        rw = _Rewriter(mod, isa, phase)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(func))
+        mod = relax.transform.DeadCodeElimination()(rw.builder_.get())
+        total += rw.rewritten
+    log.info("qie: %d quantized groups sent to qie kernels (%s)", total, isa.name)
+    return mod
