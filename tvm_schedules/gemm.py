@@ -208,7 +208,7 @@ def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True) 
     ko, kk = s.split(k, [None, isa.kpack])
     s.reorder(io, jo, ko, ii, jv, jl, kk)
     s.parallel(io)
-    _epilogue(s, jo, isa.lanes, fuse_epilogue)
+    _epilogue(s, jo, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa))
     init = s.decompose_reduction(cb, ko)
     s.tensorize(jl, isa.intrin)
     s.unroll(ii)
@@ -217,7 +217,7 @@ def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True) 
     _parallel_rows(s, "Ap")
 
 
-def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool) -> None:
+def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool, out_cols: int, out_last: int) -> None:
     """O inside the column tile (accumulators hot) when its only producer is C and it is row-major
     (matmul); with the rowsum term (a second producer, computed first, which TVM cannot place there)
     or an NCHW output (conv), O runs as its own parallel pass over C."""
@@ -226,12 +226,29 @@ def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool) -> None:
         _parallel_rows(s, "rowsum")
         loops = s.get_loops(ob)
         s.parallel(loops[0])
+        _vectorize_exact(s, loops[-1], out_last, lanes)
     else:
         s.reverse_compute_at(ob, column_tile)
-        loops = s.get_loops(ob)[2:]
-    if loops:
-        _, vec = s.split(loops[-1], [None, lanes])
-        s.vectorize(vec)
+        _vectorize_exact(s, s.get_loops(ob)[-1], out_cols, lanes)
+
+
+def _vectorize_exact(s: Schedule, loop, extent: int, lanes: int) -> None:
+    """Vectorize only where no lane is masked: TVM 0.27's LLVM codegen stores a predicated vector
+    loop's narrow (u8/s8) results unmasked, past the end of the row (heap corruption, seen here)."""
+    for width in (lanes, 8, 4):
+        if extent % width == 0:
+            _, vec = s.split(loop, [None, width])
+            s.vectorize(vec)
+            return
+
+
+def _out_extents(s: Schedule, tile: Tile, isa: Isa) -> tuple[int, int]:
+    """(columns a fused tile's epilogue sweeps without a mask, the output's innermost extent)."""
+    f = s.mod["main"]
+    out = f.params[-1]          # buffers are the params themselves in TVM 0.27
+    last = int(out.shape[-1])
+    width = tile.vecs * isa.lanes if isa.kind == "x86" else isa.lanes
+    return (width if last % width == 0 else 1), last
 
 
 def _has_block(s: Schedule, name: str) -> bool:
@@ -259,7 +276,7 @@ def schedule_generic(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = Tr
     jo, jl = s.split(j, [None, isa.lanes])
     s.reorder(io, jo, k, ii, jl)
     s.parallel(io)
-    _epilogue(s, jo, isa.lanes, fuse_epilogue)
+    _epilogue(s, jo, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa))
     init = s.decompose_reduction(cb, k)
     s.unroll(ii)
     s.vectorize(s.get_loops(init)[-1])

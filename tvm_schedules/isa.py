@@ -75,3 +75,9 @@ def host_target() -> tvm.target.Target:
     from tvm.target import codegen
     return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
                               "num-cores": os.cpu_count() or 1})
+
+
+def host_isas() -> list[str]:
+    """The x86 kernel families this machine can execute (plus ``generic``), best last."""
+    t = host_target()
+    return ["generic"] + [i.name for i in (AVX2, AVXVNNI, AVX512VNNI) if has_features(t, i.features)]
