@@ -41,6 +41,20 @@ def _q(x, scale, zp):
     return relax.op.quantize(x, scale, zp, axis=-1, out_dtype=_dtype(zp))
 
 
+_Q = ("uint8", "int8")
+
+
+def _check(attr, op: str, **operands) -> None:
+    """A clear error naming the node for dtype combinations no host defines (ONNX type constraints)."""
+    name = attr.get("tvm_custom", {}).get("name", "?")
+    for what, (e, allowed) in operands.items():
+        if e is None:
+            continue
+        dt = _dtype(e)
+        if dt not in allowed:
+            raise ValueError(f"qie: node '{name}' ({op}): {what} has dtype {dt}, expected one of {list(allowed)}")
+
+
 def _channel_axis(scale, axis: int) -> int:
     """A per-channel scale's axis; per-tensor scales ignore it."""
     return axis if scale.ty.ndim == 1 and _static_len(scale) > 1 else -1
@@ -55,13 +69,15 @@ def _static_len(e) -> int:
 
 def _conv_nchw(bb, x, w, attr):
     """TVM's own Conv converter on already-dequantized (or widened) operands."""
-    return _F.Conv._impl_v11(bb, [x, w, None], dict(attr), None)
+    return _F.Conv._impl_v11(bb, [bb.normalize(x), bb.normalize(w), None], dict(attr), None)
 
 
 class QLinearMatMul(_F.OnnxOpConverter):
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
         a, sa, za, b, sb, zb, sy, zy = inputs[:8]
+        _check(attr, "QLinearMatMul", a=(a, _Q), b=(b, _Q), a_zero_point=(za, (_dtype(a),)),
+               b_zero_point=(zb, (_dtype(b),)), y_zero_point=(zy, _Q))
         mm = relax.op.matmul(_dq(a, sa, za), _dq(b, sb, zb, _channel_axis(sb, -1)))
         return _q(mm, sy, zy)
 
@@ -71,16 +87,18 @@ class QLinearConv(_F.OnnxOpConverter):
     def _impl_v10(cls, bb, inputs, attr, params):
         x, sx, zx, w, sw, zw, sy, zy = inputs[:8]
         bias = _opt(inputs, 8)
+        _check(attr, "QLinearConv", x=(x, _Q), w=(w, _Q), x_zero_point=(zx, (_dtype(x),)),
+               w_zero_point=(zw, (_dtype(w),)), y_zero_point=(zy, _Q), B=(bias, ("int32",)))
         attr = dict(attr)
         channels_last = attr.pop("channels_last", 0)
         if channels_last:
             nd = x.ty.ndim
-            x = relax.op.permute_dims(x, [0, nd - 1] + list(range(1, nd - 1)))
+            x = bb.normalize(relax.op.permute_dims(x, [0, nd - 1] + list(range(1, nd - 1))))
         out = bb.normalize(_conv_nchw(bb, _dq(x, sx, zx), _dq(w, sw, zw, _channel_axis(sw, 0)), attr))
         if bias is not None:
             nd = out.ty.ndim
             bscale = relax.op.multiply(sx, sw)
-            b = _dq(bias, bscale, relax.const(0, "int32"), _channel_axis(sw, 0))
+            b = bb.normalize(_dq(bias, bb.normalize(bscale), relax.const(0, "int32"), _channel_axis(sw, 0)))
             out = relax.op.add(out, relax.op.reshape(b, [1, -1] + [1] * (nd - 2)))
         out = bb.normalize(_q(out, sy, zy))
         if channels_last:
@@ -94,6 +112,8 @@ class ConvInteger(_F.OnnxOpConverter):
     def _impl_v10(cls, bb, inputs, attr, params):
         x, w = inputs[0], inputs[1]
         zx, zw = _opt(inputs, 2), _opt(inputs, 3)
+        _check(attr, "ConvInteger", x=(x, _Q), w=(w, _Q), x_zero_point=(zx, (_dtype(x),)),
+               w_zero_point=(zw, (_dtype(w),)))
         xi = relax.op.astype(x, "int32")
         wi = relax.op.astype(w, "int32")
         if zx is not None:
@@ -113,6 +133,8 @@ class MatMulIntegerToFloat(_F.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         a, b, sa, sb = inputs[:4]
         za, zb, bias = _opt(inputs, 4), _opt(inputs, 5), _opt(inputs, 6)
+        _check(attr, "MatMulIntegerToFloat", A=(a, _Q), B=(b, _Q), a_scale=(sa, ("float32",)),
+               b_scale=(sb, ("float32",)), bias=(bias, ("float32",)))
         out = relax.op.matmul(_dq(a, sa, za), _dq(b, sb, zb, _channel_axis(sb, -1)))
         return relax.op.add(out, bias) if bias is not None else out
 
@@ -122,6 +144,7 @@ class DynamicQuantizeMatMul(_F.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         a, b, sb = inputs[:3]
         zb, bias = _opt(inputs, 3), _opt(inputs, 4)
+        _check(attr, "DynamicQuantizeMatMul", A=(a, ("float32",)), B=(b, _Q))
         q = bb.normalize(_F.DynamicQuantizeLinear._impl_v11(bb, [a], {}, params))
         qa, sa, za = (relax.TupleGetItem(q, i) for i in range(3))
         return MatMulIntegerToFloat._impl_v1(bb, [qa, b, sa, sb, za, zb, bias], attr, params)
@@ -132,6 +155,7 @@ class QGemm(_F.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         a, sa, za, b, sb, zb = inputs[:6]
         c, sy, zy = _opt(inputs, 6), _opt(inputs, 7), _opt(inputs, 8)
+        _check(attr, "QGemm", A=(a, _Q), B=(b, _Q), C=(c, ("int32",)), y_zero_point=(zy, _Q))
         if attr.get("transA", 0):
             a = relax.op.permute_dims(a, [1, 0])
         if attr.get("transB", 0):

@@ -1,0 +1,255 @@
+"""TVM graphs: ONNX models compiled with ``qie_ep.tvm.pipeline`` against ORT's built-in kernels.
+
+Integer outputs must equal ORT's (atol=0) and the compiled module must call qie's kernels (counted);
+float outputs are bounded where the two runtimes round differently (each bound says why).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tvm_helpers import HOST, compile_model, qtvm, tvm, tvm_isa_params
+from helpers import run, single_node_model
+
+RNG = np.random.default_rng(2024)
+
+
+def q(dtype, shape, rng=RNG):
+    lo, hi = (0, 256) if dtype == np.uint8 else (-128, 128)
+    return rng.integers(lo, hi, shape).astype(dtype)
+
+
+def ort_ref(model, feeds):
+    return run(model, feeds, qie=False, level="disable")
+
+
+def both(model, feeds, expect_kernels):
+    fn, kernels = compile_model(model)
+    assert len(kernels) == expect_kernels, kernels
+    return fn(feeds), ort_ref(model, feeds), kernels
+
+
+def qlinear_matmul_model(adt, bdt, k, n, per_column, batch_dims=("batch", 5)):
+    b = q(bdt, (k, n))
+    sb = RNG.uniform(0.002, 0.01, n if per_column else ()).astype(np.float32)
+    zb = (q(bdt, (n,)) if per_column else q(bdt, ())) if bdt == np.uint8 else np.zeros(n if per_column else (), bdt)
+    inits = {"a_scale": np.float32(0.03), "a_zp": np.asarray(q(adt, ()), adt), "b": b, "b_scale": sb,
+             "b_zp": zb, "y_scale": np.float32(0.4), "y_zp": np.asarray(q(adt, ()), adt)}
+    a = np.zeros((1, k), adt)
+    m = single_node_model("QLinearMatMul", [("a", a), ("a_scale", 0), ("a_zp", 0), ("b", 0), ("b_scale", 0),
+                                            ("b_zp", 0), ("y_scale", 0), ("y_zp", 0)], inits, adt)
+    m.graph.input[0].type.tensor_type.shape.CopyFrom(helper.make_tensor_type_proto(
+        helper.np_dtype_to_tensor_dtype(np.dtype(adt)), [*batch_dims, k]).tensor_type.shape)
+    return m
+
+
+@pytest.mark.parametrize("adt,bdt", [(np.uint8, np.int8), (np.uint8, np.uint8), (np.int8, np.int8)],
+                         ids=["u8s8", "u8u8", "s8s8"])
+@pytest.mark.parametrize("per_column", [False, True])
+def test_qlinear_matmul(adt, bdt, per_column):
+    k, n = 96, 72
+    model = qlinear_matmul_model(adt, bdt, k, n, per_column)
+    fn, kernels = compile_model(model)
+    assert kernels and kernels[0].startswith("qie_matmul_")
+    for batch in (1, 3):   # one compiled module, symbolic batch
+        a = q(adt, (batch, 5, k))
+        got, = fn({"a": a})
+        want, = ort_ref(model, {"a": a})
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("isa", tvm_isa_params())
+def test_matmul_integer_every_isa(isa, monkeypatch):
+    monkeypatch.setenv("QIE_TVM_ISA", isa)
+    k, n = 40, 24
+    b, zb = q(np.uint8, (k, n)), q(np.uint8, (n,))
+    model = single_node_model("MatMulInteger", [("a", np.zeros((6, k), np.uint8)), ("b", 0), ("a_zp", 0), ("b_zp", 0)],
+                              {"b": b, "a_zp": np.uint8(9), "b_zp": zb}, np.int32, opset=13)
+    a = q(np.uint8, (6, k))
+    (got,), (want,), kernels = both(model, {"a": a}, 1)
+    assert kernels[0].endswith("__" + isa)
+    np.testing.assert_array_equal(got, want)
+
+
+def qlinear_conv_model(c, oc, hw, kernel, group, strides=(1, 1), pads=(1, 1, 1, 1), dil=(1, 1)):
+    w = q(np.int8, (oc, c // group, *kernel))
+    inits = {"x_scale": np.float32(0.02), "x_zp": np.uint8(120), "w": w,
+             "w_scale": RNG.uniform(0.002, 0.02, oc).astype(np.float32), "w_zp": np.zeros(oc, np.int8),
+             "y_scale": np.float32(0.05), "y_zp": np.uint8(100), "B": RNG.integers(-2000, 2000, oc).astype(np.int32)}
+    x = np.zeros((1, c, *hw), np.uint8)
+    return single_node_model("QLinearConv", [("x", x), ("x_scale", 0), ("x_zp", 0), ("w", 0), ("w_scale", 0),
+                                             ("w_zp", 0), ("y_scale", 0), ("y_zp", 0), ("B", 0)], inits, np.uint8,
+                             attrs=dict(group=group, strides=list(strides), pads=list(pads), dilations=list(dil),
+                                        kernel_shape=list(kernel)))
+
+
+@pytest.mark.parametrize("geo", [(3, 16, (17, 15), (3, 3), 1, (2, 2)), (16, 24, (9, 9), (1, 1), 1, (1, 1)),
+                                 (16, 16, (12, 10), (3, 3), 16, (1, 1)), (8, 8, (9, 9), (5, 5), 8, (2, 2))],
+                         ids=["stem3x3s2", "pointwise", "depthwise3x3", "depthwise5x5s2"])
+def test_qlinear_conv(geo):
+    c, oc, hw, kernel, group, strides = geo
+    pads = [kernel[0] // 2] * 4
+    model = qlinear_conv_model(c, oc, hw, kernel, group, strides, pads)
+    x = q(np.uint8, (1, c, *hw))
+    (got,), (want,), kernels = both(model, {"x": x}, 1)
+    assert kernels[0].startswith("qie_dwconv_" if group > 1 else "qie_conv_")
+    np.testing.assert_array_equal(got, want)
+
+
+def test_conv_integer():
+    w = q(np.uint8, (10, 4, 3, 3))
+    model = single_node_model("ConvInteger", [("x", np.zeros((2, 4, 8, 9), np.uint8)), ("w", 0), ("x_zp", 0),
+                                              ("w_zp", 0)], {"w": w, "x_zp": np.uint8(33), "w_zp": np.uint8(140)},
+                              np.int32, attrs=dict(pads=[1, 0, 1, 2], strides=[1, 2]), opset=13)
+    x = q(np.uint8, (2, 4, 8, 9))
+    (got,), (want,), _ = both(model, {"x": x}, 1)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("requant", [True, False])
+def test_qgemm(requant):
+    k, n = 64, 40
+    b = q(np.int8, (n, k))          # transB=1
+    inits = {"a_scale": np.float32(0.05), "a_zp": np.uint8(128), "b": b,
+             "b_scale": RNG.uniform(0.002, 0.01, n).astype(np.float32), "b_zp": np.zeros(n, np.int8),
+             "c": RNG.integers(-3000, 3000, n).astype(np.int32)}
+    names = [("a", np.zeros((7, k), np.uint8)), ("a_scale", 0), ("a_zp", 0), ("b", 0), ("b_scale", 0), ("b_zp", 0),
+             ("c", 0)]
+    if requant:
+        inits.update(y_scale=np.float32(0.5), y_zp=np.uint8(120))
+        names += [("y_scale", 0), ("y_zp", 0)]
+    model = single_node_model("QGemm", names, inits, np.uint8 if requant else np.float32, domain="com.microsoft",
+                              attrs=dict(transB=1), opset=13)
+    a = q(np.uint8, (7, k))
+    (got,), (want,), _ = both(model, {"a": a}, 1)
+    if requant:
+        np.testing.assert_array_equal(got, want)
+    else:
+        # float output: qie computes float32(acc) * (sa*sb) and TVM adds float32(c) * (sa*sb) as a
+        # separate op; ORT adds c to acc in int32 first: one float rounding apart.
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-5)
+
+
+def test_matmul_integer_to_float():
+    k, n = 48, 33
+    b = q(np.int8, (k, n))
+    inits = {"b": b, "a_scale": np.float32(0.02), "b_scale": RNG.uniform(0.001, 0.01, n).astype(np.float32),
+             "a_zp": np.uint8(100), "b_zp": np.zeros(n, np.int8)}
+    model = single_node_model("MatMulIntegerToFloat", [("a", np.zeros((2, 5, k), np.uint8)), ("b", 0), ("a_scale", 0),
+                                                       ("b_scale", 0), ("a_zp", 0), ("b_zp", 0)], inits, np.float32,
+                              domain="com.microsoft", opset=13)
+    a = q(np.uint8, (2, 5, k))
+    (got,), (want,), _ = both(model, {"a": a}, 1)
+    np.testing.assert_array_equal(got, want)   # same formula: float32(acc) * float32(sa * sb[n])
+
+
+def test_dynamic_quantize_matmul():
+    k, n = 64, 32
+    b = q(np.int8, (k, n))
+    inits = {"b": b, "b_scale": np.float32(0.01), "b_zp": np.int8(0)}
+    model = single_node_model("DynamicQuantizeMatMul", [("a", np.zeros((4, k), np.float32)), ("b", 0), ("b_scale", 0),
+                                                        ("b_zp", 0)], inits, np.float32, domain="com.microsoft",
+                              opset=13)
+    a = RNG.standard_normal((4, k)).astype(np.float32)
+    (got,), (want,), _ = both(model, {"a": a}, 1)
+    # TVM's DynamicQuantizeLinear rounds the zero point and the quantized values in its own way; a
+    # difference of one step in one element of A moves an output by at most a_scale * max|b'| * b_scale.
+    a_scale = (max(a.max(), 0) - min(a.min(), 0)) / 255
+    bound = 2 * a_scale * 128 * 0.01
+    np.testing.assert_allclose(got, want, atol=bound, rtol=0)
+
+
+def qdq_mlp(tmp_path, rng):
+    """A float MLP quantized by ORT's quantize_static (QDQ, per-channel)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    k, h, n = 64, 96, 40
+    w1 = rng.standard_normal((k, h)).astype(np.float32) * 0.2
+    w2 = rng.standard_normal((h, n)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    fp32 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    fp32.ir_version = 8
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "mlp.qdq.onnx"
+    onnx.save(fp32, src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{"x": rng.standard_normal((8, k)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return onnx.load(dst)
+
+
+def test_qdq_graph_matches_ort(tmp_path):
+    """quantize_static QDQ: both MatMuls become requantizing qie kernels; ORT (EXTENDED) fuses the same
+    groups into QLinearMatMul. Inputs and outputs are float, so Q/DQ at the edges run in each host."""
+    model = qdq_mlp(tmp_path, np.random.default_rng(1))
+    fn, kernels = compile_model(model)
+    assert len(kernels) == 2 and all(k.startswith("qie_matmul_u8s8_u8") for k in kernels), kernels
+    x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
+    got, = fn({"x": x})
+    want, = run(model, {"x": x}, qie=False, level="extended")
+    y_scale = float(numpy_helper.to_array([t for t in model.graph.initializer if "y_scale" in t.name][0]))
+    # Equal quantized outputs except where TVM's QuantizeLinear of the float input rounds a tie the
+    # other way (float32 x / scale computed as a multiply by 1/scale): at most one output step.
+    assert np.abs(got - want).max() <= y_scale * 1.0001
+    assert np.mean(got == want) > 0.95
+
+
+def test_float_graph_is_untouched():
+    w = RNG.standard_normal((16, 8)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "f",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+                          [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    mod = qtvm.from_onnx(model)
+    out = qtvm.rewrite_pass(HOST)(mod)
+    assert qtvm.kernel_calls(out) == []
+    tvm.ir.assert_structural_equal(mod["main"], out["main"])
+
+
+def test_non_constant_weights_fall_back(caplog):
+    """Both operands at run time: left to TVM's lowering with a logged reason, still correct."""
+    k, n = 16, 8
+    inits = {"a_scale": np.float32(0.1), "a_zp": np.uint8(128), "b_scale": np.float32(0.1), "b_zp": np.int8(0),
+             "y_scale": np.float32(1.0), "y_zp": np.uint8(128)}
+    model = single_node_model("QLinearMatMul", [("a", np.zeros((4, k), np.uint8)), ("a_scale", 0), ("a_zp", 0),
+                                                ("b", np.zeros((k, n), np.int8)), ("b_scale", 0), ("b_zp", 0),
+                                                ("y_scale", 0), ("y_zp", 0)], inits, np.uint8)
+    with caplog.at_level(logging.INFO, logger="qie_ep.tvm"):
+        fn, kernels = compile_model(model)
+    assert kernels == []
+    assert "not a uint8/int8 constant" in caplog.text
+    a, b = q(np.uint8, (4, k)), q(np.int8, (k, n))
+    got, = fn({"a": a, "b": b})
+    want, = ort_ref(model, {"a": a, "b": b})
+    assert np.abs(got.astype(int) - want).max() <= 1      # TVM's float lowering: ties may round apart
+
+
+def test_bad_dtype_names_the_node():
+    model = single_node_model("QLinearMatMul", [("a", np.zeros((2, 4), np.float32)), ("a_scale", 0), ("a_zp", 0),
+                                                ("b", 0), ("b_scale", 0), ("b_zp", 0), ("y_scale", 0), ("y_zp", 0)],
+                              {"a_scale": np.float32(1), "a_zp": np.uint8(0), "b": np.zeros((4, 2), np.int8),
+                               "b_scale": np.float32(1), "b_zp": np.int8(0), "y_scale": np.float32(1),
+                               "y_zp": np.uint8(0)}, np.uint8)
+    model.graph.node[0].name = "proj_q"
+    with pytest.raises(ValueError, match=r"node 'proj_q' \(QLinearMatMul\): a has dtype float32"):
+        qtvm.from_onnx(model)
+
+
+def test_isa_override_is_checked(monkeypatch):
+    monkeypatch.setenv("QIE_TVM_ISA", "avx9000")
+    with pytest.raises(ValueError, match="QIE_TVM_ISA"):
+        qtvm.isa_for(HOST)
