@@ -195,6 +195,35 @@ def _with_converters():
         _F._get_convert_map = original
 
 
+def _fold_constant_of_shape(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ConstantOfShape of a constant shape -> a Constant. TVM 0.27 fails on an empty shape (a scalar
+    result: "broadcast_to expects the input shape to have the number of ndim at least ..."), which
+    torch's exporter emits in BERT-style attention masks (MiniLM)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    consts.update({n.output[0]: n.attribute[0].t for n in model.graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    changed = False
+    nodes = []
+    for n in model.graph.node:
+        if n.op_type == "ConstantOfShape" and n.input and n.input[0] in consts:
+            shape = numpy_helper.to_array(consts[n.input[0]]).astype(np.int64)
+            fill = numpy_helper.to_array(n.attribute[0].t) if n.attribute else np.zeros(1, np.float32)
+            value = np.full(tuple(shape), fill.reshape(-1)[0], fill.dtype)
+            nodes.append(helper.make_node("Constant", [], [n.output[0]], name=n.name,
+                                          value=numpy_helper.from_array(value)))
+            changed = True
+        else:
+            nodes.append(n)
+    if changed:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+    return model
+
+
 def from_onnx(model, shape_dict=None, dtype_dict="float32", **kwargs):
     """``tvm.relax.frontend.onnx.from_onnx`` plus qie's converters for the quantized ops TVM lacks.
 
@@ -202,5 +231,6 @@ def from_onnx(model, shape_dict=None, dtype_dict="float32", **kwargs):
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
+    model = _fold_constant_of_shape(model)
     with _with_converters():
         return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)
