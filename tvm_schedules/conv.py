@@ -5,7 +5,7 @@
 
 Two kernels:
 1. ``group == 1``: im2col GEMM. The activation rows of ``gemm`` are the patches
-   ``Ap[(b*OH + oh)*OW + ow, (c*KH + kh)*KW + kw]`` (shifted, padding taps = the shifted zero point),
+   ``Ap[b*RPI + oh*OW + ow, (c*KH + kh)*KW + kw]`` (RPI: OH*OW padded to the row tile) (shifted, padding taps = the shifted zero point),
    the weights are ``w`` reshaped to [C*KH*KW, OC] and packed, and the epilogue writes NCHW directly.
 2. depthwise (``group == C == OC``): direct int32 loops, one (b, c) plane per task, taps unrolled.
 Other grouped convolutions are left to TVM's own lowering by the Relax pass (it logs the fallback).
@@ -101,11 +101,13 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
     sa, _ = gemm.shifts(isa, spec.x_dtype, spec.w_dtype)
     x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
     za = te.placeholder((1,), "int32", name="za")
-    rows = bv * (oh * ow)
-    mp = (rows + tile.rows - 1) // tile.rows * tile.rows
+    # Rows are padded per image (to the row tile), so the row count is a multiple of the batch that
+    # TVM can prove covers every output row; padded rows read nothing and are never written out.
+    rpi = gemm._ceil(oh * ow, tile.rows)
+    mp = bv * rpi
 
     def patch(r, kk):
-        b, pix = r // (oh * ow), r % (oh * ow)
+        b, pix = r // rpi, r % rpi
         y, xx = pix // ow, pix % ow
         ci, tap = kk // (kh * kw), kk % (kh * kw)
         ih = y * sh - pt + (tap // kw) * dh
@@ -113,12 +115,13 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
         inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
         pad = (za[0] + sa).astype(isa.a_dtype)
         v = tirx.if_then_else(inside, _shift(x[b, ci, ih, iw], sa, isa.a_dtype), pad)
-        return tirx.if_then_else(tirx.all(r < rows, kk < k), v, tirx.const(0, isa.a_dtype))
+        return tirx.if_then_else(tirx.all(pix < oh * ow, kk < k), v, tirx.const(0, isa.a_dtype))
 
     ap = te.compute((mp, kp), patch, name="Ap")
     wshape = (np_ // isa.lanes, kp // isa.kpack, isa.lanes, isa.kpack)
-    params, o = gemm.gemm_stages(ap, k, wshape, spec.epi, (bv, spec.out_channels, oh, ow),
-                                 lambda b, oc, y, xx: ((b * oh + y) * ow + xx, oc), isa, sa,
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - one index type keeps the row map affine
+    params, o = gemm.gemm_stages(ap, k, wshape, spec.epi, (bv, i64(spec.out_channels), i64(oh), i64(ow)),
+                                 lambda b, oc, y, xx: (b * rpi + y * ow + xx, oc), isa, sa,
                                  za=za)
     return gemm.build_primfunc([x, *params, o], spec.kernel_name(isa, tile))
 

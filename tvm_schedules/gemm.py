@@ -202,13 +202,14 @@ def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True) 
     """
     intrin.register()
     cb = s.get_sblock("C")
+    writeback = s.cache_write(cb, 0, "local")
     i, j, k = s.get_loops(cb)
     io, ii = s.split(i, [None, tile.rows])
     jo, jv, jl = s.split(j, [None, tile.vecs, isa.lanes])
     ko, kk = s.split(k, [None, isa.kpack])
     s.reorder(io, jo, ko, ii, jv, jl, kk)
     s.parallel(io)
-    _epilogue(s, jo, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa))
+    _epilogue(s, jo, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa), writeback=writeback)
     init = s.decompose_reduction(cb, ko)
     s.tensorize(jl, isa.intrin)
     s.unroll(ii)
@@ -217,17 +218,26 @@ def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True) 
     _parallel_rows(s, "Ap")
 
 
-def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool, out_cols: int, out_last: int) -> None:
-    """O inside the column tile (accumulators hot) when its only producer is C and it is row-major
-    (matmul); with the rowsum term (a second producer, computed first, which TVM cannot place there)
-    or an NCHW output (conv), O runs as its own parallel pass over C."""
+def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool, out_cols: int, out_last: int,
+              writeback=None) -> None:
+    """Where the accumulators go after the K loop.
+
+    Fused (matmul, only producer C): the register tile's write-back is inlined into O, which runs inside
+    the column tile: no int32 matrix is ever stored. Otherwise (the rowsum term is a second producer that
+    TVM cannot place inside the tile; conv writes NCHW): the tile is written back to C once, inside the
+    column tile, and O runs as its own parallel pass over C.
+    """
     ob = s.get_sblock("O")
     if _has_block(s, "rowsum") or not fuse:
+        if writeback is not None:
+            s.reverse_compute_at(writeback, column_tile)
         _parallel_rows(s, "rowsum")
         loops = s.get_loops(ob)
         s.parallel(loops[0])
         _vectorize_exact(s, loops[-1], out_last, lanes)
     else:
+        if writeback is not None:
+            s.compute_inline(writeback)
         s.reverse_compute_at(ob, column_tile)
         _vectorize_exact(s, s.get_loops(ob)[-1], out_cols, lanes)
 

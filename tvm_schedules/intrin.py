@@ -2,7 +2,8 @@
 
 Each intrinsic computes ``C[i] += sum_k int32(A[k]) * int32(B[i, k])`` for one vector of accumulators
 (``lanes`` columns) and one group of ``kpack`` consecutive k. A holds unsigned bytes (the x86 paths take
-activations shifted to u8), B signed bytes packed ``[lanes, kpack]`` so one vector load reads them.
+activations shifted to u8), B signed bytes packed ``[lanes, kpack]`` so one vector load reads them; C is
+a "local" (register) accumulator tile, written back once per tile by the schedule.
 
 - ``qie_dot_16x4_u8s8s32_vnni``: one ``vpdpbusd zmm`` (AVX-512 VNNI). TVM's stock ``dot_16x4_vnni``
   passes ``<16 x i32>`` where the bundled LLVM's intrinsic wants ``<64 x i8>`` and fails in codegen.
@@ -27,7 +28,7 @@ def _desc(lanes: int, kpack: int):
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((kpack,), "uint8", offset_factor=1),
              B: T.Buffer((lanes, kpack), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:kpack], B[0:lanes, 0:kpack])
             T.writes(C[0:lanes])
@@ -45,7 +46,7 @@ def _vpdpbusd(lanes: int, llvm_name: str):
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
              B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+             C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
@@ -62,7 +63,7 @@ def _vpdpbusd(lanes: int, llvm_name: str):
 @T.prim_func(s_tir=True)
 def _avx2_impl(A: T.Buffer((2,), "uint8", offset_factor=1),
                B: T.Buffer((8, 2), "int8", offset_factor=1),
-               C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+               C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
