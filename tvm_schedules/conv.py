@@ -7,7 +7,8 @@ Two kernels:
 1. ``group == 1``: im2col GEMM. The activation rows of ``gemm`` are the patches
    ``Ap[b*RPI + oh*OW + ow, (c*KH + kh)*KW + kw]`` (RPI: OH*OW padded to the row tile) (shifted, padding taps = the shifted zero point),
    the weights are ``w`` reshaped to [C*KH*KW, OC] and packed, and the epilogue writes NCHW directly.
-2. depthwise (``group == C == OC``): direct int32 loops, one (b, c) plane per task, taps unrolled.
+2. depthwise (``group == C == OC``): a zero-padded int32 plane per (b, c) task, then each output pixel
+   is one sum over the taps, vectorized along the row.
 Other grouped convolutions are left to TVM's own lowering by the Relax pass (it logs the fallback).
 """
 
@@ -127,38 +128,47 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
 
 
 def _depthwise(spec: ConvSpec, isa: Isa, batch) -> tirx.PrimFunc:
+    """Depthwise: ``Xp`` = the zero-point-subtracted input plane, zero padded (int32), then every output
+    pixel is one expression over the KH*KW taps (no reduction loop, so the pixel loop vectorizes)."""
     bv = tirx.Var("batch", "int64") if batch is None else batch
     c, h, w = spec.channels, spec.height, spec.width
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
-    pt, pl = spec.pads[0], spec.pads[1]
+    pt, pl, pb, pr = spec.pads
     oh, ow = spec.out_hw
     x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
     wt = te.placeholder((c, kh, kw), "int32", name="Wd")       # w - zw, widened once at compile time
     za = te.placeholder((1,), "int32", name="za")
-    rh, rw = te.reduce_axis((0, kh), name="rh"), te.reduce_axis((0, kw), name="rw")
 
-    def tap(b, ch, y, xx):
-        ih, iw = y * sh - pt + rh * dh, xx * sw - pl + rw * dw
-        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
-        xv = tirx.if_then_else(inside, x[b, ch, ih, iw].astype("int32") - za[0], 0)
-        return te.sum(xv * wt[ch, rh, rw], axis=[rh, rw])
+    def padded(b, ch, yy, xx):
+        inside = tirx.all(yy >= pt, yy < h + pt, xx >= pl, xx < w + pl)
+        return tirx.if_then_else(inside, x[b, ch, yy - pt, xx - pl].astype("int32") - za[0], 0)
 
-    acc = te.compute((bv, c, oh, ow), tap, name="C")
-    params, o = gemm.epilogue_stage(lambda *ax: acc[ax], lambda b, ch, y, xx: ch, spec.epi, (bv, c, oh, ow), c)
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - one index type (mixed int32/int64 indices
+    # under a fused batch x channel loop made TVM 0.27 emit a 4-byte store for a uint8 output element)
+    xp = te.compute((bv, i64(c), i64(h + pt + pb), i64(w + pl + pr)), padded, name="Xp")
+
+    def acc(b, ch, y, xx):
+        terms = [xp[b, ch, y * sh + i * dh, xx * sw + j * dw] * wt[ch, i, j] for i in range(kh) for j in range(kw)]
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+
+    params, o = gemm.epilogue_stage(acc, lambda b, ch, y, xx: ch, spec.epi, (bv, i64(c), i64(oh), i64(ow)), c)
     return gemm.build_primfunc([x, wt, za, *params, o], spec.kernel_name(isa, Tile(1, 1)))
 
 
-def schedule_depthwise(s: Schedule) -> None:
-    """1. one task per (b, c) plane, parallel; 2. taps unrolled; 3. epilogue fused per output row."""
-    cb = s.get_sblock("C")
-    b, ch, y, xx, rh, rw = s.get_loops(cb)
+def schedule_depthwise(s: Schedule, lanes: int) -> None:
+    """1. one task per (b, c) plane, parallel; 2. the padded plane Xp is built inside the task (it stays in
+    cache); 3. output pixels of a row are vectorized where no lane would be masked."""
+    ob = s.get_sblock("O")
+    b, ch, y, xx = s.get_loops(ob)
     bc = s.fuse(b, ch)
     s.parallel(bc)
-    s.unroll(rh)
-    s.unroll(rw)
-    ob = s.get_sblock("O")
-    s.reverse_compute_at(ob, y)
-    s.decompose_reduction(cb, rh)
+    xb = s.get_sblock("Xp")
+    s.compute_at(xb, bc)
+    gemm._vectorize_exact(s, s.get_loops(xb)[-1], int(s.get(s.get_loops(xb)[-1]).extent), lanes)
+    gemm._vectorize_exact(s, xx, int(s.get(xx).extent), lanes)
 
 
 def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | None = None) -> tirx.PrimFunc:
@@ -166,7 +176,7 @@ def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | N
     f = primfunc(spec, isa, tile, batch)
     if spec.depthwise:
         s = Schedule(f)
-        schedule_depthwise(s)
+        schedule_depthwise(s, max(isa.lanes, 8))
         out = s.mod["main"].with_attr("tir.is_scheduled", True)
         return out.with_attr("qie.kernel", f.attrs["global_symbol"])
     return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False)

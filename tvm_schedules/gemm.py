@@ -243,8 +243,8 @@ def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool, out_cols: int, o
 
 
 def _vectorize_exact(s: Schedule, loop, extent: int, lanes: int) -> None:
-    """Vectorize only where no lane is masked: TVM 0.27's LLVM codegen stores a predicated vector
-    loop's narrow (u8/s8) results unmasked, past the end of the row (heap corruption, seen here)."""
+    """Vectorize only where no lane is masked (a predicated vector loop of u8/s8 stores wrote past the
+    row here, like the LLVM remainder bug ``isa.kernel_target`` works around); other loops stay scalar."""
     for width in (lanes, 8, 4):
         if extent % width == 0:
             _, vec = s.split(loop, [None, width])

@@ -81,3 +81,23 @@ def host_isas() -> list[str]:
     """The x86 kernel families this machine can execute (plus ``generic``), best last."""
     t = host_target()
     return ["generic"] + [i.name for i in (AVX2, AVXVNNI, AVX512VNNI) if has_features(t, i.features)]
+
+
+def kernel_target(target) -> tvm.target.Target:
+    """The target qie's CPU kernels are compiled for: ``target`` with LLVM's loop vectorizer off.
+
+    qie's schedules vectorize explicitly. LLVM 22's loop vectorizer (bundled with TVM 0.27) miscompiles the
+    scalar remainder of an auto-vectorized loop that stores uint8/int8 on AVX-512 targets: it stores the
+    int32 lane (4 bytes) into the 1-byte element, 3 bytes past the end of a row (found by the guard-byte
+    check in tests/test_tvm_kernels.py; reproduced with a plain unscheduled depthwise PrimFunc).
+    """
+    t = _as_target(target)
+    if t.kind.name != "llvm":
+        return t
+    cfg = dict(t.export())
+    opts = list(cfg.get("cl-opt", []))
+    if "-vectorize-loops=false" not in opts:
+        opts.append("-vectorize-loops=false")
+    cfg["cl-opt"] = opts
+    cfg.pop("host", None)
+    return tvm.target.Target(cfg)

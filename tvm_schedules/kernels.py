@@ -11,6 +11,7 @@ import tvm
 
 from . import conv, gemm, matmul
 from .gemm import PackedWeights, Tile
+from . import isa as isa_mod
 from .isa import Isa
 
 
@@ -36,7 +37,7 @@ class Kernel:
         mod = conv if isinstance(spec, conv.ConvSpec) else matmul
         self.tile = tile or mod.tile_for(spec, isa)
         self.func = mod.scheduled(spec, isa, self.tile)
-        self.lib = tvm.tirx.build(tvm.IRModule({"main": self.func}), target=target)
+        self.lib = tvm.tirx.build(tvm.IRModule({"main": self.func}), target=isa_mod.kernel_target(target))
         kind = tvm.target.Target(target).kind.name
         self.dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
 
@@ -65,7 +66,18 @@ class Kernel:
         out = np.zeros(self.out_shape(x), self.spec.epi.out)
         return [tvm.runtime.tensor(np.ascontiguousarray(o), self.dev) for o in ops + [out]]
 
+    GUARD = 0x5A
+
     def __call__(self, x, packed, za, **epi) -> np.ndarray:
+        """Run once; the output lives in a larger buffer whose tail is checked afterwards, so a kernel
+        that writes past its output raises instead of corrupting the heap silently."""
         args = self.args(x, packed, za, **epi)
-        self.lib["main"](*args)
-        return args[-1].numpy()
+        shape = self.out_shape(x)
+        nbytes = int(np.prod(shape)) * np.dtype(self.spec.epi.out).itemsize
+        big = tvm.runtime.tensor(np.full(nbytes + 64, self.GUARD, np.uint8), self.dev)
+        out = big._create_view(shape, self.spec.epi.out)
+        self.lib["main"](*args[:-1], out)
+        raw = big.numpy()
+        if np.any(raw[nbytes:] != self.GUARD):
+            raise AssertionError(f"{self.func.attrs['global_symbol']} wrote past the end of its output")
+        return raw[:nbytes].view(self.spec.epi.out).reshape(shape).copy()

@@ -33,11 +33,13 @@ def isa_for(target) -> str:
 
 def rewrite_pass(target) -> tvm.transform.Pass:
     """qie's Relax pass alone: quantized groups -> calls to qie's scheduled PrimFuncs."""
-    isa = _isa.for_target(_target(target))
+    t = _target(target)
+    isa = _isa.for_target(t)
+    ktarget = _isa.kernel_target(t) if t.kind.name == "llvm" else None
 
     @tvm.transform.module_pass(opt_level=0, name="qie.RewriteQuantized")
     def _rewrite(mod, _ctx):
-        return rewrite(mod, isa)
+        return rewrite(mod, isa, ktarget)
 
     return _rewrite
 

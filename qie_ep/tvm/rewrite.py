@@ -66,9 +66,9 @@ def _static(v) -> int | None:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod, isa: Isa, phase: str):
+    def __init__(self, mod, isa: Isa, phase: str, kernel_target=None):
         super().__init__(mod)
-        self.isa, self.phase = isa, phase
+        self.isa, self.phase, self.kernel_target = isa, phase, kernel_target
         self.funcs: dict[str, relax.GlobalVar] = {}
         self.rewritten = 0
 
@@ -87,13 +87,16 @@ class _Rewriter(PyExprMutator):
         return r if isinstance(r, relax.Call) and r.op.same_as(_op(name)) else None
 
     def _const(self, e) -> np.ndarray | None:
-        """The value of a constant, through astype / reshape / expand_dims / permute_dims chains."""
+        """The value of a constant, through astype / reshape / expand_dims / permute_dims / multiply."""
         r = self._resolve(e)
         if isinstance(r, tvm.ir.Constant):
             return r.value.numpy()
         if not isinstance(r, relax.Call) or not isinstance(r.op, tvm.ir.Op):
             return None
         name = r.op.name
+        if name == "relax.multiply":
+            x, y = self._const(r.args[0]), self._const(r.args[1])
+            return None if x is None or y is None else np.multiply(x, y)
         if name not in ("relax.astype", "relax.reshape", "relax.expand_dims", "relax.permute_dims"):
             return None
         v = self._const(r.args[0])
@@ -162,6 +165,8 @@ class _Rewriter(PyExprMutator):
 
     def _emit(self, func: tirx.PrimFunc, args, out_shape, dtype) -> relax.Expr:
         name = str(func.attrs["global_symbol"])
+        if self.kernel_target is not None:
+            func = func.with_attr("target", self.kernel_target)
         gv = self.funcs.get(name)
         if gv is None:
             gv = self.builder_.add_func(func, name)
@@ -325,11 +330,14 @@ class _Rewriter(PyExprMutator):
         return self._emit(func, args + epi_ops, [sh[0], oc, oh, ow], epi.out)
 
 
-def rewrite(mod: tvm.IRModule, isa: Isa) -> tvm.IRModule:
-    """Apply the two phases (requantizing groups, then float / integer groups) to every Relax function."""
+def rewrite(mod: tvm.IRModule, isa: Isa, kernel_target=None) -> tvm.IRModule:
+    """Apply the two phases (requantizing groups, then float / integer groups) to every Relax function.
+
+    ``kernel_target``: compile qie's PrimFuncs for this target (``tvm_schedules.isa.kernel_target``).
+    """
     total = 0
     for phase in ("requant", "float"):
-        rw = _Rewriter(mod, isa, phase)
+        rw = _Rewriter(mod, isa, phase, kernel_target)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rw.builder_.update_func(gv, rw.visit_expr(func))
