@@ -23,6 +23,11 @@ from bench.conv import conv_model, macs
 from bench.gemm import qlinear_matmul
 
 
+# TVM's pool workers spin after each parallel region by default; in one process with ORT sessions
+# (which are set not to spin) a spinning idle worker steals the second core from the next runner.
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+
 def tvm_runner(model: onnx.ModelProto, qie: bool, target):
     import tvm
 

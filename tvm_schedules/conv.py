@@ -4,9 +4,11 @@
     ih = oh * sh - ph + kh * dh,  iw = ow * sw - pw + kw * dw;  padding taps read zx (contribute 0)
 
 Two kernels:
-1. ``group == 1``: im2col GEMM. The activation rows of ``gemm`` are the patches
-   ``Ap[b*RPI + oh*OW + ow, (c*KH + kh)*KW + kw]`` (RPI: OH*OW padded to the row tile) (shifted, padding taps = the shifted zero point),
-   the weights are ``w`` reshaped to [C*KH*KW, OC] and packed, and the epilogue writes NCHW directly.
+1. ``group == 1``: im2col GEMM. The input is first made a padded NHWC copy ``Xp`` (shifted, padding =
+   the shifted zero point, channels padded to the K pack with zeros); the activation rows of ``gemm`` are
+   the patches ``Ap[b*RPI + oh*OW + ow, (kh*KW + kw)*Cp + c]`` (RPI: OH*OW padded to the row tile), one
+   contiguous run of Xp per tap; the weights are packed in the same K order, and the epilogue writes
+   NCHW directly.
 2. depthwise (``group == C == OC``): a zero-padded int32 plane per (b, c) task, then each output pixel
    is one sum over the taps, vectorized along the row.
 Other grouped convolutions are left to TVM's own lowering by the Relax pass (it logs the fallback).
@@ -72,9 +74,20 @@ class ConvSpec:
         return f"qie_conv_{xw}_{out}_{tile.rows}x{tile.vecs * isa.lanes}c{isa.kpack}_{geo}__{isa.name}"
 
 
-def weights_as_gemm(w: np.ndarray) -> np.ndarray:
-    """[OC, C, KH, KW] -> the GEMM's [C*KH*KW, OC]."""
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+def cpad(channels: int, isa: Isa) -> int:
+    """Channels per tap in the GEMM's K: padded to the ISA's K pack so each tap is whole packs."""
+    return gemm._ceil(channels, isa.kpack)
+
+
+def weights_as_gemm(w: np.ndarray, isa: Isa) -> np.ndarray:
+    """[OC, C, KH, KW] -> the GEMM's [KH*KW*Cp, OC], K ordered (kh, kw, c) like the patches; the padded
+    channels hold the value that packing shifts to 0 (128 for uint8 weights), so they add nothing."""
+    oc, c, kh, kw = w.shape
+    cp = cpad(c, isa)
+    _, sb = gemm.shifts(isa, "uint8", str(w.dtype))
+    out = np.full((kh, kw, cp, oc), -sb, w.dtype)
+    out[:, :, :c, :] = w.transpose(2, 3, 1, 0)
+    return out.reshape(kh * kw * cp, oc)
 
 
 def tile_for(spec: ConvSpec, isa: Isa) -> Tile:
@@ -94,37 +107,54 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
     bv = tirx.Var("batch", "int64") if batch is None else batch
     c, h, w = spec.channels, spec.height, spec.width
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
-    pt, pl = spec.pads[0], spec.pads[1]
+    pt, pl, pb, pr = spec.pads
     oh, ow = spec.out_hw
-    k = spec.k
-    kp = gemm._ceil(k, isa.kpack)
+    cp = cpad(c, isa)
+    kp = kh * kw * cp
     np_ = gemm._ceil(spec.out_channels, isa.lanes * tile.vecs)
     sa, _ = gemm.shifts(isa, spec.x_dtype, spec.w_dtype)
     x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
     za = te.placeholder((1,), "int32", name="za")
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - one index type keeps the row map affine
+    zero = tirx.const(0, isa.a_dtype)
+
+    def padded(b, yy, xx, ci):
+        inside = tirx.all(yy >= pt, yy < h + pt, xx >= pl, xx < w + pl)
+        v = tirx.if_then_else(inside, _shift(x[b, ci, yy - pt, xx - pl], sa, isa.a_dtype),
+                              (za[0] + sa).astype(isa.a_dtype))
+        return tirx.if_then_else(ci < c, v, zero)
+
+    xp = te.compute((bv, i64(h + pt + pb), i64(w + pl + pr), i64(cp)), padded, name="Xp")
     # Rows are padded per image (to the row tile), so the row count is a multiple of the batch that
-    # TVM can prove covers every output row; padded rows read nothing and are never written out.
+    # TVM can prove covers every output row; padded rows are zero and never written out.
     rpi = gemm._ceil(oh * ow, tile.rows)
     mp = bv * rpi
 
     def patch(r, kk):
         b, pix = r // rpi, r % rpi
         y, xx = pix // ow, pix % ow
-        ci, tap = kk // (kh * kw), kk % (kh * kw)
-        ih = y * sh - pt + (tap // kw) * dh
-        iw = xx * sw - pl + (tap % kw) * dw
-        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
-        pad = (za[0] + sa).astype(isa.a_dtype)
-        v = tirx.if_then_else(inside, _shift(x[b, ci, ih, iw], sa, isa.a_dtype), pad)
-        return tirx.if_then_else(tirx.all(pix < oh * ow, kk < k), v, tirx.const(0, isa.a_dtype))
+        tap, ci = kk // cp, kk % cp
+        v = xp[b, y * sh + (tap // kw) * dh, xx * sw + (tap % kw) * dw, ci]
+        return tirx.if_then_else(pix < oh * ow, v, zero)
 
-    ap = te.compute((mp, kp), patch, name="Ap")
+    ap = te.compute((mp, i64(kp)), patch, name="Ap")
     wshape = (np_ // isa.lanes, kp // isa.kpack, isa.lanes, isa.kpack)
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - one index type keeps the row map affine
-    params, o = gemm.gemm_stages(ap, k, wshape, spec.epi, (bv, i64(spec.out_channels), i64(oh), i64(ow)),
+    params, o = gemm.gemm_stages(ap, spec.k, wshape, spec.epi, (bv, i64(spec.out_channels), i64(oh), i64(ow)),
                                  lambda b, oc, y, xx: (b * rpi + y * ow + xx, oc), isa, sa,
                                  za=za)
     return gemm.build_primfunc([x, *params, o], spec.kernel_name(isa, tile))
+
+
+def schedule_im2col(s: Schedule, cp: int, lanes: int) -> None:
+    """1. Xp (NCHW -> padded NHWC, shifted) parallel over image rows; 2. Ap's K loop split into taps x
+    channels so each tap is one contiguous run of Xp, copied with exact vectors."""
+    xb = s.get_sblock("Xp")
+    b, yy, xx, ci = s.get_loops(xb)
+    s.parallel(s.fuse(b, yy))
+    ab = s.get_sblock("Ap")
+    r, kk = s.get_loops(ab)
+    _, cin = s.split(kk, [None, cp])
+    gemm._vectorize_exact(s, cin, cp, lanes)
 
 
 def _depthwise(spec: ConvSpec, isa: Isa, batch) -> tirx.PrimFunc:
@@ -179,4 +209,5 @@ def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | N
         schedule_depthwise(s, max(isa.lanes, 8))
         out = s.mod["main"].with_attr("tir.is_scheduled", True)
         return out.with_attr("qie.kernel", f.attrs["global_symbol"])
-    return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False)
+    return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False,
+                                  then=lambda s: schedule_im2col(s, cpad(spec.channels, isa), isa.lanes))

@@ -117,7 +117,7 @@ def gemm_stages(ap: te.Tensor, k_real: int, wshape, epi: Epilogue, out_shape, ou
     if epi.zb:
         zb = te.placeholder((np_,), "int32", name="zb")
         params.append(zb)
-        kr = te.reduce_axis((0, k_real), name="kr")
+        kr = te.reduce_axis((0, kp), name="kr")     # padded K entries of A are zero
         rowsum = te.compute((mp,), lambda i: te.sum(ap[i, kr].astype("int32"), axis=kr), name="rowsum")
 
     def acc(*ax):
@@ -298,8 +298,10 @@ def build_primfunc(args, name: str) -> tirx.PrimFunc:
     return f.with_attr("global_symbol", name)
 
 
-def schedule_primfunc(f: tirx.PrimFunc, isa: Isa, tile: Tile, fuse_epilogue: bool = True) -> tirx.PrimFunc:
-    """Apply ``isa``'s schedule; the result is marked scheduled so TVM's pipelines leave it alone."""
+def schedule_primfunc(f: tirx.PrimFunc, isa: Isa, tile: Tile, fuse_epilogue: bool = True,
+                      then: Callable | None = None) -> tirx.PrimFunc:
+    """Apply ``isa``'s schedule (and ``then(schedule)`` for the caller's own stages); the result is
+    marked scheduled so TVM's pipelines leave it alone."""
     s = Schedule(tvm.IRModule({"main": f}))
     if isa.kind == "x86":
         schedule_x86(s, isa, tile, fuse_epilogue)
@@ -308,5 +310,7 @@ def schedule_primfunc(f: tirx.PrimFunc, isa: Isa, tile: Tile, fuse_epilogue: boo
         cuda.schedule(s, isa, tile)
     else:
         schedule_generic(s, isa, tile, fuse_epilogue)
+    if then is not None and isa.kind != "cuda":
+        then(s)
     out = s.mod["main"].with_attr("tir.is_scheduled", True)
     return out.with_attr("qie.kernel", f.attrs["global_symbol"])

@@ -322,7 +322,7 @@ class _Rewriter(PyExprMutator):
             func = tconv.scheduled(spec, self.isa)
         else:
             tile = tconv.tile_for(spec, self.isa)
-            packed = tgemm.pack_weights(tconv.weights_as_gemm(w), zw, self.isa, tile)
+            packed = tgemm.pack_weights(tconv.weights_as_gemm(w, self.isa), zw, self.isa, tile)
             args = [x, relax.const(packed.packed), relax.const(packed.colsum), za]
             if epi.zb:
                 args.append(relax.const(packed.zb))
@@ -343,5 +343,8 @@ def rewrite(mod: tvm.IRModule, isa: Isa, kernel_target=None) -> tvm.IRModule:
                 rw.builder_.update_func(gv, rw.visit_expr(func))
         mod = relax.transform.DeadCodeElimination()(rw.builder_.get())
         total += rw.rewritten
+    # Scales, multipliers and zero points of static quantization are constants: fold them once here
+    # rather than recompute them on every call.
+    mod = relax.transform.FoldConstant()(mod)
     log.info("qie: %d quantized groups sent to qie kernels (%s)", total, isa.name)
     return mod
