@@ -138,7 +138,8 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
         return tirx.if_then_else(pix < oh * ow, v, zero)
 
     ap = te.compute((mp, i64(kp)), patch, name="Ap")
-    wshape = (np_ // isa.lanes, kp // isa.kpack, isa.lanes, isa.kpack)
+    width = isa.lanes * tile.vecs
+    wshape = (np_ // width, kp // isa.kpack, width, isa.kpack)
     params, o = gemm.gemm_stages(ap, spec.k, wshape, spec.epi, (bv, i64(spec.out_channels), i64(oh), i64(ow)),
                                  lambda b, oc, y, xx: (b * rpi + y * ow + xx, oc), isa, sa,
                                  za=za)

@@ -11,7 +11,8 @@ are shifted into them, ``a' = a + sa``, ``b' = b + sb`` (sa, sb in {0, +-128}), 
     acc = sum_k a' b'  -  za' colsum(b')[n]  -  zb'[n] rowsum(a')[m]  +  K za' zb'[n]
 
 with ``za' = za + sa``, ``zb' = zb + sb``. ``b'`` is packed once (numpy, at compile time) as
-``[N/lanes, K/kpack, lanes, kpack]`` so that one vector load feeds one dot-product instruction;
+``[N/W, K/kpack, W, kpack]`` (W = the register tile's columns) so that the tile's weights for one k
+group are one contiguous run and each vector load feeds one dot-product instruction;
 ``colsum(b')`` and ``zb'`` ship beside it. ``rowsum(a')`` is computed only when some ``zb' != 0``.
 Outputs: int32 ``acc`` (MatMulInteger / ConvInteger); requantized u8/s8
 ``saturate(round_half_even(float32(acc + bias[n]) * mult[n]) + zy)`` (QLinearMatMul / QLinearConv /
@@ -59,7 +60,7 @@ class Epilogue:
 @dataclass(frozen=True)
 class PackedWeights:
     """Constant weights in the ISA's layout, plus the column terms the epilogue needs."""
-    packed: np.ndarray      # int8 [Np/lanes, Kp/kpack, lanes, kpack]
+    packed: np.ndarray      # int8 [Np/W, Kp/kpack, W, kpack], W = tile columns
     colsum: np.ndarray      # int32 [Np]: sum over the real K of b'
     zb: np.ndarray          # int32 [Np]: zb + sb
     k: int
@@ -86,7 +87,8 @@ def pack_weights(b: np.ndarray, zb, isa: Isa, tile: Tile) -> PackedWeights:
     kp, np_ = _ceil(max(k, 1), isa.kpack), _ceil(max(n, 1), isa.lanes * tile.vecs)
     bs = np.zeros((kp, np_), np.int8)
     bs[:k, :n] = (b.astype(np.int32) + sb).astype(np.int8)
-    packed = bs.reshape(kp // isa.kpack, isa.kpack, np_ // isa.lanes, isa.lanes).transpose(2, 0, 3, 1)
+    width = isa.lanes * tile.vecs
+    packed = bs.reshape(kp // isa.kpack, isa.kpack, np_ // width, width).transpose(2, 0, 3, 1)
     zbs = np.zeros(np_, np.int32)
     zbs[:n] = np.broadcast_to(np.asarray(zb, np.int32).reshape(-1), (n,)) + sb
     colsum = bs[:k].astype(np.int32).sum(axis=0, dtype=np.int32)
@@ -104,14 +106,14 @@ def gemm_stages(ap: te.Tensor, k_real: int, wshape, epi: Epilogue, out_shape, ou
     """
     mp, kp = ap.shape
     np_ = wshape[0] * wshape[2]
-    lanes, kpack = isa.lanes, isa.kpack
+    width, kpack = wshape[2], isa.kpack
     bp = te.placeholder(wshape, "int8", name="Bp")
     colsum = te.placeholder((np_,), "int32", name="colsum")
     za = te.placeholder((1,), "int32", name="za") if za is None else za
     params = [bp, colsum, za]
     k = te.reduce_axis((0, kp), name="k")
     c = te.compute((mp, np_), lambda i, j: te.sum(
-        ap[i, k].astype("int32") * bp[j // lanes, k // kpack, j % lanes, k % kpack].astype("int32"), axis=k),
+        ap[i, k].astype("int32") * bp[j // width, k // kpack, j % width, k % kpack].astype("int32"), axis=k),
         name="C")
     zap = za[0] + sa
     if epi.zb:

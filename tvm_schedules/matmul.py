@@ -56,7 +56,8 @@ def primfunc(spec: MatmulSpec, isa: Isa, tile: Tile, m: int | None = None) -> ti
         return tirx.if_then_else(tirx.all(i < mv, kk < k), v, zero)
 
     ap = te.compute((mp, kp), shifted, name="Ap")
-    wshape = (np_ // isa.lanes, kp // isa.kpack, isa.lanes, isa.kpack)
+    width = isa.lanes * tile.vecs
+    wshape = (np_ // width, kp // isa.kpack, width, isa.kpack)
     params, o = gemm.gemm_stages(ap, k, wshape, spec.epi, (mv, n), lambda i, j: (i, j), isa, sa)
     return gemm.build_primfunc([a, *params, o], spec.kernel_name(isa, tile))
 
