@@ -39,7 +39,7 @@ def rewrite_pass(target) -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="qie.RewriteQuantized")
     def _rewrite(mod, _ctx):
-        return rewrite(mod, isa, ktarget)
+        return rewrite(mod, isa, ktarget, t)
 
     return _rewrite
 

@@ -66,9 +66,9 @@ def _static(v) -> int | None:
 
 @mutator
 class _Rewriter(PyExprMutator):
-    def __init__(self, mod, isa: Isa, phase: str, kernel_target=None):
+    def __init__(self, mod, isa: Isa, phase: str, kernel_target=None, target=None):
         super().__init__(mod)
-        self.isa, self.phase, self.kernel_target = isa, phase, kernel_target
+        self.isa, self.phase, self.kernel_target, self.target = isa, phase, kernel_target, target
         self.funcs: dict[str, relax.GlobalVar] = {}
         self.rewritten = 0
 
@@ -165,13 +165,15 @@ class _Rewriter(PyExprMutator):
 
     def _emit(self, func: tirx.PrimFunc, args, out_shape, dtype) -> relax.Expr:
         name = str(func.attrs["global_symbol"])
+        # Opaque to Relax's operator fusion: each qie PrimFunc stays its own call (FuseOps would otherwise
+        # merge an unscheduled prep / epilogue into its neighbour and re-derive the buffers).
+        func = func.with_attr("op_pattern", 8)
         if self.kernel_target is not None:
             func = func.with_attr("target", self.kernel_target)
         gv = self.funcs.get(name)
         if gv is None:
             gv = self.builder_.add_func(func, name)
             self.funcs[name] = gv
-        self.rewritten += 1
         return relax.call_tir(gv, args, relax.TensorType(out_shape, dtype))
 
     # -- the groups -----------------------------------------------------------------------------
@@ -186,7 +188,10 @@ class _Rewriter(PyExprMutator):
                 new = self._group(call, None)
         except Unsupported as e:
             log.info("qie: %s left to TVM: %s", call.op.name, e)
-        return call if new is None else new
+        if new is None:
+            return call
+        self.rewritten += 1
+        return new
 
     def _quantize_group(self, q):
         if int(q.attrs.axis) not in (-1,) and _shape(q.args[1]) not in (None, [], [1]):
@@ -283,6 +288,8 @@ class _Rewriter(PyExprMutator):
         if _static(sh[-1]) != k:
             raise Unsupported(f"A's last dimension {sh[-1]} is not K={k}")
         spec = tmatmul.MatmulSpec(_dtype(a), str(b.dtype), k, n, epi)
+        if self.isa.kind == "cuda":
+            return self._matmul_cuda(a, sh, b, zb, za, spec, epi_ops)
         tile = tmatmul.tile_for(spec, self.isa)
         packed = tgemm.pack_weights(b, zb, self.isa, tile)
         m = sh[0]
@@ -295,7 +302,38 @@ class _Rewriter(PyExprMutator):
         out = self._emit(tmatmul.scheduled(spec, self.isa, tile), args + epi_ops, [m, n], epi.out)
         return relax.op.reshape(out, sh[:-1] + [n]) if len(sh) != 2 else out
 
+    def _matmul_cuda(self, a, sh, b, zb, za, spec, epi_ops):
+        """prep (shift to s8, pad; dp4a: pack 4 to a word) -> qie's core -> [rowsum] -> epilogue."""
+        from tvm_schedules import cuda as tcuda
+
+        k, n, epi = spec.k, spec.n, spec.epi
+        packed, colsum, zbs, kp, np_ = tcuda.pack_weights(b, zb, self.isa)
+        sa, _ = tgemm.shifts(self.isa, spec.a_dtype, spec.b_dtype)
+        m = sh[0]
+        for d in sh[1:-1]:
+            m = m * d
+        a2 = relax.op.reshape(a, [m, k]) if len(sh) != 2 else a
+        core = tcuda.scheduled_core(kp, np_, self.isa, self.target)
+        prep = tcuda.prep_primfunc(spec.a_dtype, k, kp, self.isa)
+        if self.isa.name == "cuda_dp4a":
+            mt = (m + 63) // 64
+            ap = self.builder_.emit(self._emit(prep, [a2, relax.prim_value(mt)], [mt * 64, kp // 4], "int32"))
+            acc = self.builder_.emit(self._emit(core, [ap, relax.const(packed), relax.prim_value(mt)],
+                                                [mt * 64, np_], "int32"))
+        else:
+            ap = self.builder_.emit(self._emit(prep, [a2], [m, kp], "int8"))
+            acc = self.builder_.emit(self._emit(core, [ap, relax.const(packed)], [m, np_], "int32"))
+        args = [acc, relax.const(colsum), za]
+        if epi.zb:
+            rowsum = self._emit(tcuda.rowsum_primfunc(spec.a_dtype, k, sa), [a2], [m], "int32")
+            args += [relax.const(zbs), self.builder_.emit(rowsum)]
+        name = spec.kernel_name(self.isa, tgemm.Tile(64, 1)).replace("qie_matmul_", "qie_epilogue_")
+        out = self._emit(tcuda.epilogue_primfunc(k, n, np_, epi, sa, name), args + epi_ops, [m, n], epi.out)
+        return relax.op.reshape(out, sh[:-1] + [n]) if len(sh) != 2 else out
+
     def _conv(self, call, x, w, zw, za, epi, epi_ops):
+        if self.isa.kind == "cuda":
+            raise Unsupported("conv2d on CUDA has no qie kernel yet")
         at = call.attrs
         if (str(at.data_layout), str(at.kernel_layout), str(at.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             raise Unsupported("conv2d layout other than NCHW/OIHW")
@@ -330,14 +368,14 @@ class _Rewriter(PyExprMutator):
         return self._emit(func, args + epi_ops, [sh[0], oc, oh, ow], epi.out)
 
 
-def rewrite(mod: tvm.IRModule, isa: Isa, kernel_target=None) -> tvm.IRModule:
+def rewrite(mod: tvm.IRModule, isa: Isa, kernel_target=None, target=None) -> tvm.IRModule:
     """Apply the two phases (requantizing groups, then float / integer groups) to every Relax function.
 
     ``kernel_target``: compile qie's PrimFuncs for this target (``tvm_schedules.isa.kernel_target``).
     """
     total = 0
     for phase in ("requant", "float"):
-        rw = _Rewriter(mod, isa, phase, kernel_target)
+        rw = _Rewriter(mod, isa, phase, kernel_target, target)
         for gv, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 rw.builder_.update_func(gv, rw.visit_expr(func))

@@ -1,0 +1,119 @@
+"""CUDA paths: qie's dp4a and tensor-core (IMMA) kernels compile for sm_80 and sm_90, and the generated
+code contains the instructions (CUDA source; PTX through nvcc where it is installed). These machines have
+no GPU: numerics of the CUDA group (shift to s8, packing, zero-point terms, epilogue) are checked by
+running the same PrimFuncs with the unscheduled core on the CPU; the run on a GPU is skipped unless
+one is present.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from tvm_helpers import HOST, qtvm, tvm
+from qie_ep import reference as ref
+from tvm_schedules import cuda, gemm, isa as tisa
+from tvm_schedules.gemm import Epilogue
+
+ARCHS = ["sm_80", "sm_90"]
+NVCC = shutil.which("nvcc")
+
+
+def target(arch):
+    return tvm.target.Target({"kind": "cuda", "arch": arch})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dp4a_core_compiles_to_dp4a(arch, tmp_path):
+    f = cuda.scheduled_core(768, 768, tisa.CUDA_DP4A, target(arch))
+    src = cuda.source(f, target(arch))
+    body = src[src.index("extern \"C\" __global__"):]
+    assert len(re.findall(r"__dp4a\(", body)) >= 16          # 4 x 4 outputs per thread, unrolled
+    if NVCC:
+        ptx = _ptx(src, arch, tmp_path)
+        assert re.search(r"dp4a\.s32\.s32", ptx), "no dp4a instruction in the PTX"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_imma_core_compiles_to_tensor_core_s8(arch, tmp_path):
+    f = cuda.scheduled_core(768, 768, tisa.CUDA_IMMA, target(arch))
+    src = cuda.source(f, target(arch))
+    assert "wmma::mma_sync" in src
+    assert re.search(r"wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, signed char", src)
+    if NVCC:
+        ptx = _ptx(src, arch, tmp_path)
+        assert re.search(r"mma\.sync\.aligned\.\S*s8", ptx) or re.search(r"wmma\.mma\.sync\S*s8", ptx), \
+            "no s8 tensor-core mma in the PTX"
+
+
+def _ptx(src: str, arch: str, tmp_path) -> str:
+    cu = tmp_path / "k.cu"
+    cu.write_text(src)
+    out = tmp_path / "k.ptx"
+    subprocess.run([NVCC, "-ptx", f"-arch={arch}", "-o", str(out), str(cu)], check=True, capture_output=True)
+    return out.read_text()
+
+
+@pytest.mark.parametrize("isa", ["cuda_dp4a", "cuda_imma"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_compiles_for_cuda(isa, arch, monkeypatch):
+    from test_tvm_graphs import qlinear_matmul_model
+    monkeypatch.setenv("QIE_TVM_ISA", isa)
+    model = qlinear_matmul_model(np.uint8, np.uint8, 96, 72, per_column=True)
+    mod = qtvm.from_onnx(model)
+    assert qtvm.kernel_calls(qtvm.rewrite_pass(target(arch))(mod)) == [f"qie_gemm_s8s8_s32_k96n128__{isa}"]
+    tvm.compile(mod, target(arch), relax_pipeline=qtvm.pipeline(target(arch)))
+
+
+def test_default_isa_by_arch():
+    assert qtvm.isa_for(target("sm_80")) == "cuda_imma"
+    assert qtvm.isa_for(tvm.target.Target({"kind": "cuda", "arch": "sm_75"})) == "cuda_dp4a"
+
+
+@pytest.mark.parametrize("adt,bdt", [("uint8", "int8"), ("uint8", "uint8"), ("int8", "int8")])
+def test_cuda_group_numerics_on_cpu(adt, bdt):
+    """prep -> core (unscheduled, on the CPU) -> rowsum -> epilogue equals the reference."""
+    rng = np.random.default_rng(4)
+    m, k, n = 13, 70, 50
+    lo = {"uint8": 0, "int8": -128}
+    a = rng.integers(lo[adt], lo[adt] + 256, (m, k)).astype(adt)
+    b = rng.integers(lo[bdt], lo[bdt] + 256, (k, n)).astype(bdt)
+    za, zb = np.asarray(7, adt), rng.integers(lo[bdt], lo[bdt] + 256, n).astype(bdt)
+    isa = tisa.CUDA_IMMA
+    packed, colsum, zbs, kp, np_ = cuda.pack_weights(b, zb, isa)
+    sa, _ = gemm.shifts(isa, adt, bdt)
+    epi = Epilogue("int32", zb=bool(np.any(zbs)))
+    funcs = [cuda.prep_primfunc(adt, k, kp, isa), cuda.core_primfunc(kp, np_, "core", False),
+             cuda.rowsum_primfunc(adt, k, sa), cuda.epilogue_primfunc(k, n, np_, epi, sa, "epi")]
+    libs = [tvm.tirx.build(tvm.IRModule({"main": f}), target=HOST) for f in funcs]
+    t = lambda x: tvm.runtime.tensor(np.ascontiguousarray(x))  # noqa: E731
+    ap = t(np.zeros((m, kp), np.int8))
+    libs[0]["main"](t(a), ap)
+    acc = t(np.zeros((m, np_), np.int32))
+    libs[1]["main"](ap, t(packed), acc)
+    rows = t(np.zeros(m, np.int32))
+    libs[2]["main"](t(a), rows)
+    out = t(np.zeros((m, n), np.int32))
+    extra = [t(zbs), rows] if epi.zb else []
+    libs[3]["main"](acc, t(colsum), t(np.asarray([za], np.int32)), *extra, out)
+    np.testing.assert_array_equal(out.numpy(), ref.matmul_integer(a, b, za, zb))
+
+
+@pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("isa", ["cuda_dp4a", "cuda_imma"])
+def test_cuda_graph_matches_ort_on_gpu(isa, monkeypatch):
+    from helpers import run
+    from test_tvm_graphs import qlinear_matmul_model
+    monkeypatch.setenv("QIE_TVM_ISA", isa)
+    model = qlinear_matmul_model(np.uint8, np.int8, 256, 192, per_column=True)
+    dev = tvm.cuda(0)
+    tgt = tvm.target.Target.from_device(dev) if hasattr(tvm.target.Target, "from_device") else target("sm_80")
+    ex = tvm.compile(qtvm.from_onnx(model), tgt, relax_pipeline=qtvm.pipeline(tgt))
+    vm = tvm.relax.VirtualMachine(ex, dev)
+    a = np.random.default_rng(0).integers(0, 256, (2, 5, 256)).astype(np.uint8)
+    got = vm["main"](tvm.runtime.tensor(a, dev)).numpy()
+    want, = run(model, {"a": a}, qie=False, level="disable")
+    np.testing.assert_array_equal(got, want)
