@@ -290,11 +290,12 @@ class _Rewriter(PyExprMutator):
         spec = tmatmul.MatmulSpec(_dtype(a), str(b.dtype), k, n, epi)
         if self.isa.kind == "cuda":
             return self._matmul_cuda(a, sh, b, zb, za, spec, epi_ops)
-        tile = tmatmul.tile_for(spec, self.isa)
-        packed = tgemm.pack_weights(b, zb, self.isa, tile)
         m = sh[0]
         for d in sh[1:-1]:
             m = m * d
+        m_static = _static(tvm.arith.Analyzer().simplify(m)) if isinstance(m, tirx.PrimExpr) else None
+        tile = tmatmul.tile_for(spec, self.isa, m_static)
+        packed = tgemm.pack_weights(b, zb, self.isa, tile)
         a2 = relax.op.reshape(a, [m, k]) if len(sh) != 2 else a
         args = [a2, relax.const(packed.packed), relax.const(packed.colsum), za]
         if epi.zb:
