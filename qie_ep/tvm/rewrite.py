@@ -293,7 +293,8 @@ class _Rewriter(PyExprMutator):
         m = sh[0]
         for d in sh[1:-1]:
             m = m * d
-        m_static = _static(tvm.arith.Analyzer().simplify(m)) if isinstance(m, tirx.PrimExpr) else None
+        dims = [_static(d) for d in sh[:-1]]
+        m_static = int(np.prod(dims)) if all(d is not None for d in dims) else None
         tile = tmatmul.tile_for(spec, self.isa, m_static)
         packed = tgemm.pack_weights(b, zb, self.isa, tile)
         a2 = relax.op.reshape(a, [m, k]) if len(sh) != 2 else a
