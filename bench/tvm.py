@@ -92,7 +92,8 @@ def cases(args):
         import qie_ep
         from qie_ep import models
         from qie_ep import vision as V
-        yield "model", "minilm-dynamic", onnx.load(str(models.minilm_int8_dynamic("int8"))), models.minilm_feeds(), 0.0
+        minilm = qie_ep.with_contrib_opset(onnx.load(str(models.minilm_int8_dynamic("int8"))))
+        yield "model", "minilm-dynamic", minilm, models.minilm_feeds(), 0.0
         x, _ = V.dataset("orientation", 1, seed=5)
         yield ("model", "orientation-qdq", qie_ep.with_contrib_opset(onnx.load(str(V.quantized("orientation", "qdq")))),
                {"x": x}, 0.0)
