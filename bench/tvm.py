@@ -5,10 +5,11 @@ bench/shapes/conv.csv (one QLinearConv, per-channel), and two real models (MiniL
 sequence batch of the demo sentences; PP-LCNet orientation quantize_static QDQ, batch 1). TVM imports
 each model with ``qie_ep.tvm.from_onnx`` (TVM's own importer cannot read QLinearMatMul / QLinearConv);
 "TVM default" is ``tvm.compile(..., relax_pipeline="default")``, "TVM + qie" is
-``relax_pipeline=qie_ep.tvm.pipeline(target)``. All four run in one process, interleaved, warm, median of
->= 20 runs; TVM's default lowering is so slow that it gets fewer runs (the table says how many).
-Threads: ORT intra-op and TVM's pool both set to ``--threads``. TVM is timed on tvm Tensors made once
-(its output stays a tvm Tensor); ORT's run() takes and returns numpy arrays. Writes bench/out/tvm.jsonl, tvm.md, tvm.png.
+``relax_pipeline=qie_ep.tvm.pipeline(target)``. All four run in one process, warm, median of >= 20 runs,
+each host's pair interleaved (TVM's pool workers spin between runs, ORT's do not); TVM's default
+lowering is so slow that it gets fewer runs (the table says how many). Threads: ORT intra-op and TVM's
+pool both set to ``--threads``. TVM is timed on tvm Tensors made once (its output stays a tvm Tensor);
+ORT's run() takes and returns numpy arrays. Writes bench/out/tvm.jsonl, tvm.md and tvm.png.
 """
 from __future__ import annotations
 

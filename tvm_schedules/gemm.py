@@ -305,14 +305,13 @@ def schedule_primfunc(f: tirx.PrimFunc, isa: Isa, tile: Tile, fuse_epilogue: boo
     """Apply ``isa``'s schedule (and ``then(schedule)`` for the caller's own stages); the result is
     marked scheduled so TVM's pipelines leave it alone."""
     s = Schedule(tvm.IRModule({"main": f}))
+    if isa.kind == "cuda":
+        raise ValueError("qie GEMM: CUDA groups are built by tvm_schedules.cuda (prep / core / epilogue)")
     if isa.kind == "x86":
         schedule_x86(s, isa, tile, fuse_epilogue)
-    elif isa.kind == "cuda":
-        from . import cuda
-        cuda.schedule(s, isa, tile)
     else:
         schedule_generic(s, isa, tile, fuse_epilogue)
-    if then is not None and isa.kind != "cuda":
+    if then is not None:
         then(s)
     out = s.mod["main"].with_attr("tir.is_scheduled", True)
     return out.with_attr("qie.kernel", f.attrs["global_symbol"])

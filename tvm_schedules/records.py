@@ -23,8 +23,6 @@ _DEFAULTS = {
     "avxvnni": [Tile(4, 3), Tile(6, 2), Tile(12, 1)],
     "avx2": [Tile(4, 3), Tile(6, 2), Tile(12, 1)],
     "generic": [Tile(4, 1)],
-    "cuda_dp4a": [Tile(64, 64)],
-    "cuda_imma": [Tile(64, 64)],
 }
 
 
