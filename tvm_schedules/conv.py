@@ -210,5 +210,5 @@ def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | N
         schedule_depthwise(s, max(isa.lanes, 8))
         out = s.mod["main"].with_attr("tir.is_scheduled", True)
         return out.with_attr("qie.kernel", f.attrs["global_symbol"])
-    return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False,
+    return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False, cols_outer=False,
                                   then=lambda s: schedule_im2col(s, cpad(spec.channels, isa), isa.lanes))

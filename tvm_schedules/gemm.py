@@ -192,11 +192,13 @@ def epilogue_stage(acc: Callable, col: Callable, epi: Epilogue, out_shape, n: in
     return params, te.compute(out_shape, body, name="O")
 
 
-def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True) -> None:
+def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True, cols_outer: bool = True) -> None:
     """Schedule the C / rowsum / O / Ap blocks of a GEMM PrimFunc for an x86 dot-product ISA.
 
     1. C's rows split by ``tile.rows``, columns by ``tile.vecs * lanes``, K by ``kpack``;
-    2. loop order (row tile || parallel) > column tile > k > rows > vectors > [lanes x kpack];
+    2. loop order column tile (parallel) > row tile > k > rows > vectors > [lanes x kpack]: each task owns
+       a weight panel (K x W bytes, kept in L2 across all row tiles) and small M still has N/W tasks;
+       ``cols_outer=False`` (conv: many rows, few output channels) swaps the two outer loops;
     3. the epilogue block O is computed inside the column tile, right after its K loop, while the
        accumulators are hot; rowsum and Ap are parallel over rows;
     4. the [lanes x kpack] body is tensorized with qie's intrinsic; rows and vectors are unrolled so
@@ -209,9 +211,14 @@ def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True) 
     io, ii = s.split(i, [None, tile.rows])
     jo, jv, jl = s.split(j, [None, tile.vecs, isa.lanes])
     ko, kk = s.split(k, [None, isa.kpack])
-    s.reorder(io, jo, ko, ii, jv, jl, kk)
-    s.parallel(io)
-    _epilogue(s, jo, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa), writeback=writeback)
+    if cols_outer:
+        s.reorder(jo, io, ko, ii, jv, jl, kk)
+        s.parallel(jo)
+        _epilogue(s, io, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa), writeback=writeback)
+    else:
+        s.reorder(io, jo, ko, ii, jv, jl, kk)
+        s.parallel(io)
+        _epilogue(s, jo, isa.lanes, fuse_epilogue, *_out_extents(s, tile, isa), writeback=writeback)
     init = s.decompose_reduction(cb, ko)
     s.tensorize(jl, isa.intrin)
     s.unroll(ii)
@@ -301,14 +308,14 @@ def build_primfunc(args, name: str) -> tirx.PrimFunc:
 
 
 def schedule_primfunc(f: tirx.PrimFunc, isa: Isa, tile: Tile, fuse_epilogue: bool = True,
-                      then: Callable | None = None) -> tirx.PrimFunc:
+                      then: Callable | None = None, cols_outer: bool = True) -> tirx.PrimFunc:
     """Apply ``isa``'s schedule (and ``then(schedule)`` for the caller's own stages); the result is
     marked scheduled so TVM's pipelines leave it alone."""
     s = Schedule(tvm.IRModule({"main": f}))
     if isa.kind == "cuda":
         raise ValueError("qie GEMM: CUDA groups are built by tvm_schedules.cuda (prep / core / epilogue)")
     if isa.kind == "x86":
-        schedule_x86(s, isa, tile, fuse_epilogue)
+        schedule_x86(s, isa, tile, fuse_epilogue, cols_outer)
     else:
         schedule_generic(s, isa, tile, fuse_epilogue)
     if then is not None:
