@@ -43,9 +43,7 @@ class ConvSpec:
     epi: Epilogue
 
     def __post_init__(self):
-        for name, dt in (("X", self.x_dtype), ("W", self.w_dtype)):
-            if dt not in ("uint8", "int8"):
-                raise ValueError(f"qie conv: {name} must be uint8 or int8, got {dt}")
+        gemm.check_qdtypes("conv", X=self.x_dtype, W=self.w_dtype)
         if self.group != 1 and not self.depthwise:
             raise ValueError(f"qie conv: group={self.group} is neither 1 nor depthwise")
 

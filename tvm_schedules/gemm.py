@@ -67,6 +67,13 @@ class PackedWeights:
     n: int
 
 
+def check_qdtypes(op: str, **operands: str) -> None:
+    """ValueError unless every operand dtype is uint8 or int8."""
+    for name, dt in operands.items():
+        if dt not in ("uint8", "int8"):
+            raise ValueError(f"qie {op}: {name} must be uint8 or int8, got {dt}")
+
+
 def _ceil(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 

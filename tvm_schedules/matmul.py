@@ -24,9 +24,7 @@ class MatmulSpec:
     epi: Epilogue
 
     def __post_init__(self):
-        for name, dt in (("A", self.a_dtype), ("B", self.b_dtype)):
-            if dt not in ("uint8", "int8"):
-                raise ValueError(f"qie matmul: {name} must be uint8 or int8, got {dt}")
+        gemm.check_qdtypes("matmul", A=self.a_dtype, B=self.b_dtype)
 
     def kernel_name(self, isa: Isa, tile: Tile) -> str:
         ab = ("u8" if self.a_dtype == "uint8" else "s8") + ("u8" if self.b_dtype == "uint8" else "s8")

@@ -31,34 +31,30 @@ def _time(kernel: kernels.Kernel, args) -> float:
     return float(ev(*args).median)
 
 
-def tune_matmul(isa, target, m: int, k: int, n: int, candidates) -> tuple[Tile, dict]:
-    rng = np.random.default_rng(0)
-    a = rng.integers(0, 256, (m, k)).astype(np.uint8)
-    b = rng.integers(-128, 128, (k, n)).astype(np.int8)
-    spec = matmul.MatmulSpec("uint8", "int8", k, n, Epilogue("uint8"))
-    times = {}
-    for tile in candidates:
-        kk = kernels.Kernel(spec, isa, target, tile)
-        times[f"{tile.rows}x{tile.vecs}"] = _time(kk, kk.args(a, kk.pack(b, 0), 5, mult=np.float32(1e-4), zy=3))
-    best = min(times, key=times.get)
-    r, v = (int(x) for x in best.split("x"))
-    return Tile(r, v), times
-
-
-def tune_conv(isa, target, s: dict, candidates) -> tuple[Tile, dict]:
-    rng = np.random.default_rng(0)
-    pads = (s["pad"],) * 4
-    spec = conv.ConvSpec("uint8", "int8", s["c"], s["m"], s["h"], s["w"], (s["k"], s["k"]), (s["stride"],) * 2, pads,
-                         (1, 1), s["group"], Epilogue("uint8"))
-    x = rng.integers(0, 256, (1, s["c"], s["h"], s["w"])).astype(np.uint8)
-    w = rng.integers(-128, 128, (s["m"], s["c"] // s["group"], s["k"], s["k"])).astype(np.int8)
+def _best(spec, isa, target, candidates, x, w) -> tuple[Tile, dict]:
+    """Time every candidate tile on one input; the fastest tile and all the timings (seconds)."""
     times = {}
     for tile in candidates:
         kk = kernels.Kernel(spec, isa, target, tile)
         times[f"{tile.rows}x{tile.vecs}"] = _time(kk, kk.args(x, kk.pack(w, 0), 5, mult=np.float32(1e-4), zy=3))
     best = min(times, key=times.get)
-    r, v = (int(x) for x in best.split("x"))
+    r, v = (int(t) for t in best.split("x"))
     return Tile(r, v), times
+
+
+def tune_matmul(isa, target, m: int, k: int, n: int, candidates) -> tuple[Tile, dict]:
+    rng = np.random.default_rng(0)
+    spec = matmul.MatmulSpec("uint8", "int8", k, n, Epilogue("uint8"))
+    return _best(spec, isa, target, candidates, rng.integers(0, 256, (m, k)).astype(np.uint8),
+                 rng.integers(-128, 128, (k, n)).astype(np.int8))
+
+
+def tune_conv(isa, target, s: dict, candidates) -> tuple[Tile, dict]:
+    rng = np.random.default_rng(0)
+    spec = conv.ConvSpec("uint8", "int8", s["c"], s["m"], s["h"], s["w"], (s["k"], s["k"]), (s["stride"],) * 2,
+                         (s["pad"],) * 4, (1, 1), s["group"], Epilogue("uint8"))
+    return _best(spec, isa, target, candidates, rng.integers(0, 256, (1, s["c"], s["h"], s["w"])).astype(np.uint8),
+                 rng.integers(-128, 128, (s["m"], s["c"] // s["group"], s["k"], s["k"])).astype(np.int8))
 
 
 def main(argv=None) -> None:
