@@ -253,3 +253,28 @@ def test_isa_override_is_checked(monkeypatch):
     monkeypatch.setenv("QIE_TVM_ISA", "avx9000")
     with pytest.raises(ValueError, match="QIE_TVM_ISA"):
         qtvm.isa_for(HOST)
+
+
+def test_weight_scale_on_the_wrong_axis_falls_back(caplog):
+    """DequantizeLinear(W [K, N], scale [K], axis=0) scales rows of K, not output channels: with K == N
+    the shapes alone cannot tell; qie must read the axis and leave the group to TVM."""
+    k = n = 16
+    w = q(np.int8, (k, n))
+    sw = RNG.uniform(0.01, 0.02, k).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=0),
+             helper.make_node("MatMul", ["af", "wf"], ["y"])]
+    inits = [numpy_helper.from_array(v, name) for name, v in [
+        ("sa", np.float32(0.05)), ("za", np.uint8(128)), ("w", w), ("sw", sw), ("zw", np.zeros(k, np.int8))]]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, [3, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with caplog.at_level(logging.INFO, logger="qie_ep.tvm"):
+        fn, kernels = compile_model(model)
+    assert kernels == []
+    assert "not per output channel" in caplog.text
+    a = q(np.uint8, (3, k))
+    got, = fn({"a": a})
+    want = ((a.astype(np.float32) - 128) * 0.05) @ (w.astype(np.float32) * sw[:, None])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -18,7 +18,6 @@ import os
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 
 from tvm_helpers import compile_model
 

@@ -194,8 +194,6 @@ class _Rewriter(PyExprMutator):
         return new
 
     def _quantize_group(self, q):
-        if int(q.attrs.axis) not in (-1,) and _shape(q.args[1]) not in (None, [], [1]):
-            raise Unsupported("per-channel output quantization")
         out_dtype = str(q.attrs.out_dtype)
         if out_dtype not in _QDTYPES:
             raise Unsupported(f"output dtype {out_dtype}")
@@ -236,6 +234,9 @@ class _Rewriter(PyExprMutator):
             if _shape(xo.scale) not in ([], [1]):
                 raise Unsupported("activation scale must be one value")
             per_channel = self._per_channel(wo.scale, n, "weight")
+            want_axis = 0 if is_conv else 1          # output channels: W's axis 0 (OIHW) or 1 ([K, N])
+            if per_channel and wo.axis % b.ndim != want_axis:
+                raise Unsupported(f"weight scale is per axis {wo.axis}, not per output channel (axis {want_axis})")
             prod = relax.op.multiply(relax.op.astype(xo.scale, "float32"), relax.op.astype(wo.scale, "float32"))
             ibias = None
             if quant is None:
