@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from qie_ep._lib import library_path, lib
 
-__all__ = ["register", "with_contrib_opset", "library_path", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
+__all__ = ["register", "with_contrib_opset", "library_path", "ops", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
 __version__ = "0.1.0"
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
@@ -42,17 +42,28 @@ def with_contrib_opset(model):
     return model
 
 
+def _read_lines(fn) -> list[str]:
+    need = fn(None, 0)
+    buf = __import__("ctypes").create_string_buffer(need + 1)
+    fn(buf, need + 1)
+    return buf.value.decode().splitlines()
+
+
+def ops() -> list[tuple[str, str]]:
+    """Every (domain, op) qie registers with ONNX Runtime, from the library's own table.
+
+    A node of such a (domain, op) in a session made with ``register(so)`` runs on qie.
+    """
+    return [tuple(line.split("\t")) for line in _read_lines(lib().qie_ops)]
+
+
 def stats() -> dict[tuple[str, str], dict[str, int]]:
     """Kernel invocations since load or the last ``reset_stats()``: {(domain, op): {isa: count}}.
 
     The domain of standard ONNX ops is "" (as in the graph); contrib ops have "com.microsoft".
     """
-    h = lib()
-    need = h.qie_stats_snapshot(None, 0)
-    buf = __import__("ctypes").create_string_buffer(need + 1)
-    h.qie_stats_snapshot(buf, need + 1)
     out: dict[tuple[str, str], dict[str, int]] = {}
-    for line in buf.value.decode().splitlines():
+    for line in _read_lines(lib().qie_stats_snapshot):
         domain, op, isa, count = line.split("\t")
         out.setdefault((domain, op), {})[isa] = int(count)
     return out

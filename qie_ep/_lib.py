@@ -51,6 +51,8 @@ def lib() -> ctypes.CDLL:
     h.qie_stats_snapshot.restype = c.c_size_t
     h.qie_stats_reset.argtypes = []
     h.qie_stats_reset.restype = None
+    h.qie_ops.argtypes = [c.c_char_p, c.c_size_t]
+    h.qie_ops.restype = c.c_size_t
     h.qie_active_isa.argtypes = []
     h.qie_active_isa.restype = c.c_char_p
     h.qie_isa_supported.argtypes = [c.c_char_p]

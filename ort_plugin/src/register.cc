@@ -7,9 +7,11 @@
 // to load. The adaptors check dtypes themselves and say what is wrong. Output dtypes and shapes come
 // from each op's InferOutputShapeFn (shape_infer.cc), which ORT requires for outputs typed by an input.
 #include <atomic>
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <mutex>
+#include <string>
 #include <thread>
 
 #include "kernels/conv.h"
@@ -207,6 +209,22 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (OrtStatus* st = api->AddCustomOpDomain(options, ms)) return st;
   // The domains must outlive every session made from these options; they are kept for the process.
   return nullptr;
+}
+
+// Writes "domain\top\n" for every (domain, op) the library registers (NUL-terminated, truncated to
+// cap); returns the length the full text needs, without the NUL. qie_ep.ops() reads it.
+__attribute__((visibility("default"))) size_t qie_ops(char* buf, size_t cap) {
+  std::string out;
+  for (const qie::OpDef& d : qie::Table()) {
+    const std::string line = std::string(d.domain) + "\t" + d.name + "\n";
+    if (out.find(line) == std::string::npos) out += line;  // one line per (domain, op), not per opset range
+  }
+  if (buf && cap) {
+    const size_t n = std::min(cap - 1, out.size());
+    std::memcpy(buf, out.data(), n);
+    buf[n] = '\0';
+  }
+  return out.size();
 }
 
 __attribute__((visibility("default"))) const char* qie_active_isa() { return qie::IsaName(qie::ActiveIsa()); }

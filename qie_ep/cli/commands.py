@@ -1,0 +1,255 @@
+"""The three subcommands behind `qie`: argument checking, the work, what is printed and written."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qie_ep.cli import data as D
+from qie_ep.cli.common import UserError, agreement, atomic_output, check_writable, float_outputs, load_model
+from qie_ep.cli.quantize import QuantizeConfig, quantize_file
+
+
+def _image_options(args) -> D.ImageOptions:
+    return D.ImageOptions(mean=args.mean, std=args.std, bgr=args.bgr)
+
+
+def _config(args) -> QuantizeConfig:
+    ops = () if [o.lower() for o in args.op_types] == ["all"] else tuple(args.op_types)
+    return QuantizeConfig(dynamic=args.dynamic, per_channel=args.per_channel, fmt=args.format, op_types=ops,
+                          activation_type=args.activation_type, weight_type=args.weight_type,
+                          exclude=tuple(args.exclude), calibration=args.calibration)
+
+
+def _out_dir(path: str) -> Path:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{p}: exists and is not a folder")
+    check_writable(p / "report.md") if p.is_dir() else check_writable(p)
+    p.mkdir(exist_ok=True)
+    return p
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def _mb(path) -> float:
+    p = Path(path)
+    return sum(f.stat().st_size for f in [p, *p.parent.glob(p.name + ".data")] if f.exists()) / 2**20
+
+
+def quantize(args) -> int:
+    model = load_model(args.model, load_external_data=False)
+    check_writable(args.output)
+    if args.report:
+        check_writable(args.report)
+    cfg = _config(args)
+    feeds = D.load_feeds(args.calib, model, args.tokenizer, _image_options(args)) if args.calib else []
+    if args.calib:
+        print(f"{len(feeds)} calibration samples from {args.calib}")
+    t0 = time.perf_counter()
+    res = quantize_file(args.model, args.output, feeds, cfg, args.accuracy_budget, progress=True, log=print)
+    kind = "dynamic" if cfg.dynamic else f"static {cfg.fmt.upper()}, {cfg.calibration} calibration"
+    print(f"wrote {args.output}: {kind}, {'per-channel' if cfg.per_channel else 'per-tensor'} "
+          f"{cfg.weight_type} weights, {res['layers'] - len(res['kept_float'])} of {res['layers']} layers quantized "
+          f"({time.perf_counter() - t0:.1f} s)")
+    print(f"size: {_mb(args.model):.1f} MB -> {_mb(args.output):.1f} MB")
+    if "agreement" in res:
+        a = res["agreement"]
+        print(f"output agreement with FP32 on the calibration data: cosine {a['cos_mean']:.4f} (min {a['cos_min']:.4f}), "
+              f"SQNR {a['sqnr_db']:.1f} dB")
+    if args.accuracy_budget is not None:
+        if res["kept_float"]:
+            print(f"kept in float to meet the budget (cosine >= {1 - args.accuracy_budget:.4f}): "
+                  + ", ".join(res["kept_float"]))
+        else:
+            print(f"no layer needed to stay in float (cosine >= {1 - args.accuracy_budget:.4f})")
+        if not res.get("met", True):
+            print("note: the budget is met only with every layer in float")
+    if args.report:
+        _write_text(Path(args.report), json.dumps(res, indent=1, default=float) + "\n")
+    return 0
+
+
+def sensitivity(args) -> int:
+    from qie_ep.cli import report as R
+    from qie_ep.cli.quantize import Quantizer, run_outputs
+    from qie_ep.cli.sensitivity import layer_sensitivity
+
+    model = load_model(args.model, load_external_data=False)
+    out = _out_dir(args.out)
+    cfg = _config(args)
+    feeds = D.load_feeds(args.calib, model, args.tokenizer, _image_options(args))
+    q = Quantizer(Path(args.model), cfg, feeds)
+    try:
+        if not q.layers():
+            raise UserError(f"{args.model}: no layer of type {' '.join(cfg.op_types) or 'any'} to quantize")
+        print(f"{len(q.layers())} layers, {len(feeds)} samples: quantizing one layer at a time")
+        rows = layer_sensitivity(q, run_outputs(q.source, feeds, qie=False))
+    finally:
+        q.close()
+    table = R.sensitivity_table(rows)
+    print(R.sensitivity_table(rows[: args.top]))
+    if len(rows) > args.top:
+        print(f"({len(rows) - args.top} more in {out / 'sensitivity.md'})")
+    plotted = R.plot_layers([(r["node"], r["loss"]) for r in rows], out / "sensitivity.png",
+                            "output loss when only this layer is quantized (1 - cosine to FP32)",
+                            f"{Path(args.model).name}: per-layer sensitivity")
+    md = [f"# Per-layer sensitivity: {Path(args.model).name}", "",
+          f"Each layer quantized alone ({'dynamic' if cfg.dynamic else 'static ' + cfg.fmt.upper()}, "
+          f"{'per-channel' if cfg.per_channel else 'per-tensor'}), the model run on {len(feeds)} samples from "
+          f"`{args.calib}`, outputs compared with FP32. Most harmful first.", ""]
+    if plotted:
+        md += ["![sensitivity](sensitivity.png)", ""]
+    _write_text(out / "sensitivity.md", "\n".join(md + [table, ""]))
+    _write_text(out / "sensitivity.json", json.dumps(rows, indent=1) + "\n")
+    print(f"report: {out / 'sensitivity.md'}")
+    return 0
+
+
+def _random_feeds(model, n: int = 8) -> list[dict]:
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(n):
+        f = {}
+        for s in D.input_specs(model):
+            shape = [1 if d is None else d for d in s.shape]
+            if np.issubdtype(s.dtype, np.floating):
+                f[s.name] = rng.standard_normal(shape).astype(s.dtype)
+            else:
+                f[s.name] = np.ones(shape, s.dtype)
+        feeds.append(f)
+    return feeds
+
+
+def task_accuracy(outputs: list[list[np.ndarray]], labels: list, model) -> float:
+    """Top-1 of output 0 for integer labels; greedy-CTC exact line match for string labels."""
+    if all(isinstance(lb, (int, np.integer)) for lb in labels):
+        pred = [int(np.asarray(o[0]).reshape(-1, np.asarray(o[0]).shape[-1]).argmax(-1)[0]) for o in outputs]
+        return float(np.mean([p == lb for p, lb in zip(pred, labels)]))
+    from qie_ep import vision
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "character" not in meta:
+        raise UserError("string labels need a CTC text recogniser whose metadata has 'character' (PaddleOCR's)")
+    chars = ["blank"] + meta["character"].splitlines() + [" "]
+    pred = [vision.ctc_decode(np.asarray(o[0]), chars)[0] for o in outputs]
+    return float(np.mean([p == str(lb) for p, lb in zip(pred, labels)]))
+
+
+def compare(args) -> int:
+    import qie_ep
+    from qie_ep.cli import hosts as H
+    from qie_ep.cli import report as R
+    from qie_ep.cli.sensitivity import activation_sqnr
+
+    fp32 = load_model(args.model, load_external_data=False)
+    int8 = load_model(args.int8, load_external_data=False)
+    in_fp32 = [s.name for s in D.input_specs(fp32)]
+    in_int8 = [s.name for s in D.input_specs(int8)]
+    if sorted(in_fp32) != sorted(in_int8):
+        raise UserError(f"{args.int8}: inputs {in_int8} differ from {args.model}'s {in_fp32}: not the same model")
+    out = _out_dir(args.out)
+    if args.data:
+        feeds = D.load_feeds(args.data, fp32, args.tokenizer, _image_options(args))
+        source = f"{len(feeds)} samples from `{args.data}`"
+    else:
+        feeds = _random_feeds(fp32)
+        source = f"{len(feeds)} random inputs (no --data: agreement figures are on random data)"
+    labels = D.load_labels(args.labels, len(feeds)) if args.labels else None
+    if args.runs < 1:
+        raise UserError("--runs must be >= 1")
+    threads = args.threads or os.cpu_count() or 1
+    print(f"{Path(args.model).name} vs {Path(args.int8).name}: {source}, {threads} threads, {args.runs} timed passes")
+    hosts = H.run_hosts(args.hosts, str(args.model), str(args.int8), feeds, threads, args.runs, args.target)
+    by_key = {h.key: h for h in hosts}
+    ref_host = by_key.get("fp32")
+    if ref_host and not ref_host.failed:
+        ref = [float_outputs(o) for o in ref_host.outputs]
+    else:
+        from qie_ep.cli.quantize import run_outputs
+        ref = run_outputs(Path(args.model), feeds, qie=False)
+    base = None
+    rows = []
+    qie_ops = {op for _, op in qie_ep.ops()}
+    for h in hosts:
+        row = {"host": h.label, "key": h.key}
+        if h.failed:
+            row["failed"] = h.failed
+            rows.append(row)
+            continue
+        row.update(R.latency_stats(h.times))
+        row.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
+        row["size_mb"] = _mb(h.model_path)
+        row["mem_mb"] = h.memory.get("peak_mb", 0) - h.memory.get("base_mb", 0)
+        row["accuracy"] = task_accuracy(h.outputs, labels, int8 if h.key != "fp32" else fp32) if labels else None
+        if h.key == "ort+qie" and h.profile:
+            st = h.profile["stats"]
+            n = len(feeds)  # the profile pass runs every sample once: counts per inference
+            row["kernels"] = ", ".join(f"{op} x{sum(v.values()) / n:g} ({'/'.join(v)})" for op, v in sorted(st.items())) or "none"
+        elif h.key == "tvm+qie":
+            row["kernels"] = f"{h.info['qie_kernels']} TIR calls ({h.info['isa']})"
+        row["info"] = h.info
+        if h.key == "fp32":
+            base = row["throughput"]
+        rows.append(row)
+    first = next((r for r in rows if not r.get("failed")), None)
+    for r in rows:
+        if not r.get("failed"):
+            r["speedup"] = r["throughput"] / (base or first["throughput"])
+    print()
+    print(R.summary_table(rows))
+    sqnr = activation_sqnr(Path(args.model), Path(args.int8), feeds[:16])
+    qh, oh = by_key.get("ort+qie"), by_key.get("ort")
+    krows = R.kernel_rows(oh.profile if oh and not oh.failed else None, qh.profile if qh and not qh.failed else None,
+                          qie_ops, qh.info.get("isa", "?") if qh and not qh.failed else "?")
+    plots = {"latency": R.plot_latency(rows, out / "latency.png", f"{Path(args.int8).name}: latency per sample"),
+             "sqnr": R.plot_layers([(r["node"], r["sqnr_db"]) for r in sqnr], out / "sqnr.png",
+                                   "SQNR of the layer's INT8 output vs FP32 (dB)", "per-layer SQNR")}
+    md = [f"# qie compare: {Path(args.model).name} vs {Path(args.int8).name}", "",
+          f"{time.strftime('%Y-%m-%d %H:%M')}, {_cpu()}, {threads} threads, ONNX Runtime {_ort_version()}, "
+          f"qie {qie_ep.__version__} (ISA {qie_ep.active_isa()}). Data: {source}. Latency: every sample of "
+          f"{args.runs} passes, hosts interleaved pass by pass, each in its own process; speed-up is throughput "
+          "over FP32's; peak memory is the host process's high-water mark less what it held before loading "
+          "the model.", "", R.summary_table(rows), ""]
+    for r in rows:
+        if r.get("failed"):
+            md += [f"{r['host']} failed: {r['failed']}", ""]
+        elif r["key"] == "tvm+qie":
+            md += [f"TVM + qie: target `{r['info']['target']}`, compiled in {r['info']['compile_s']:.1f} s; "
+                   f"qie kernels: {', '.join(r['info']['kernel_names']) or 'none'}.", ""]
+    if plots["latency"]:
+        md += ["![latency](latency.png)", ""]
+    if krows:
+        md += ["## Which kernel ran, per node (ORT's profiler; qie's counters agree)", "",
+               R.kernel_table(krows), "", "Time of the other nodes (ORT + qie):", "",
+               R.other_ops_table(qh.profile, qie_ops), ""]
+    if sqnr:
+        md += ["## Per-layer SQNR (each quantized layer's output vs the FP32 model's)", ""]
+        md += (["![sqnr](sqnr.png)", ""] if plots["sqnr"] else []) + [R.sqnr_table(sqnr), ""]
+    _write_text(out / "report.md", "\n".join(md))
+    _write_text(out / "results.json", json.dumps({"rows": rows, "kernels": krows, "sqnr": sqnr}, indent=1,
+                                                 default=float) + "\n")
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def _ort_version() -> str:
+    import onnxruntime
+    return onnxruntime.__version__

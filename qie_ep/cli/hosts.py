@@ -1,0 +1,279 @@
+"""The hosts `qie compare` runs a model on, each in its own worker process.
+
+Hosts: ``fp32`` (the FP32 model on ORT), ``ort`` (the INT8 model on ORT's built-in kernels),
+``ort+qie`` (the INT8 model on ORT with qie registered) and ``tvm+qie`` (the INT8 model imported into
+TVM with ``qie_ep.tvm.from_onnx`` and compiled with ``qie_ep.tvm.pipeline``).
+
+Why processes: each host's peak memory is its own process's high-water mark (``VmHWM``) less what
+the process held before the model was loaded, and TVM's spinning thread pool cannot steal cores from
+an ORT session in the middle of a timed run. The parent drives the workers over pipes and times them
+in rounds -- one pass over the data on each host in turn -- so slow drifts of a shared machine hit
+every host alike. ORT sessions never spin (``session.intra_op.allow_spinning=0``).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+HOSTS = {"fp32": "FP32, ORT", "ort": "INT8, ORT built-in", "ort+qie": "INT8, ORT + qie", "tvm+qie": "INT8, TVM + qie"}
+
+
+def _status_kb(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _ort_session(model_path: str, host: str, threads: int, profile_dir: str | None = None):
+    import onnx
+    import onnxruntime as ort
+
+    import qie_ep
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_dir:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(profile_dir, "profile")
+    model = onnx.load(model_path)
+    if host != "fp32":
+        model = qie_ep.with_contrib_opset(model)  # same graph for ORT and ORT + qie (see README)
+    if host == "ort+qie":
+        qie_ep.register(so)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(model_path: str, host: str, threads: int):
+    sess = _ort_session(model_path, host, threads)
+    return (lambda feed: sess.run(None, feed)), {}
+
+
+def _fixed_shapes(feeds: list[dict]) -> dict:
+    """Input shapes identical in every feed (TVM then compiles static shapes); others stay symbolic."""
+    out = {}
+    for name in feeds[0]:
+        shapes = {tuple(f[name].shape) for f in feeds}
+        if len(shapes) == 1:
+            out[name] = list(shapes.pop())
+    return out
+
+
+def _tvm_runner(model_path: str, threads: int, target_json: str | None, feeds: list[dict]):
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import onnx
+    import tvm
+
+    import qie_ep.tvm as qtvm
+    from tvm_schedules import isa as tisa
+
+    target = tvm.target.Target(json.loads(target_json)) if target_json else tisa.host_target()
+    model = onnx.load(model_path)
+    t0 = time.perf_counter()
+    shapes = _fixed_shapes(feeds)
+    mod = qtvm.from_onnx(model, shape_dict=shapes if len(shapes) == len(feeds[0]) else None)
+    mod = qtvm.rewrite_pass(target)(mod)
+    calls = qtvm.kernel_calls(mod)
+    ex = tvm.compile(mod, target, relax_pipeline=qtvm.pipeline(target))
+    dev = tvm.cpu() if target.kind.name == "llvm" else tvm.device(target.kind.name, 0)
+    vm = tvm.relax.VirtualMachine(ex, dev)
+    fn = vm["main"]
+    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    tensors = {}
+
+    def run(feed):
+        # Inputs become device tensors once per feed (a deployment keeps its tensors).
+        key = id(feed)
+        if key not in tensors:
+            tensors[key] = [tvm.runtime.tensor(np.ascontiguousarray(feed[n]), dev) for n in names]
+        out = fn(*tensors[key])
+        return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+    info = {"compile_s": time.perf_counter() - t0, "target": str(target), "isa": qtvm.isa_for(target),
+            "qie_kernels": len(calls), "kernel_names": sorted(set(calls))}
+    return run, info
+
+
+def _profile(model_path: str, host: str, threads: int, feeds: list[dict]) -> dict:
+    """Per-node mean time (us) and op from ORT's profiler, plus qie's counters over that run."""
+    import qie_ep
+
+    with tempfile.TemporaryDirectory(prefix="qie-profile-") as d:
+        sess = _ort_session(model_path, host, threads, profile_dir=d)
+        qie_ep.reset_stats()
+        for f in feeds:
+            sess.run(None, f)
+        stats = qie_ep.stats() if host == "ort+qie" else {}
+        with open(sess.end_profiling()) as fh:
+            events = json.load(fh)
+    nodes: dict[str, dict] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        row = nodes.setdefault(name, {"node": name, "op": e["args"].get("op_name", "?"),
+                                      "provider": e["args"].get("provider", "?"), "us": 0.0, "calls": 0})
+        row["us"] += float(e.get("dur", 0))
+        row["calls"] += 1
+    for row in nodes.values():
+        row["us"] /= max(1, len(feeds))
+    return {"nodes": list(nodes.values()), "stats": {f"{d}:{o}" if d else o: v for (d, o), v in stats.items()}}
+
+
+def _silence_native_stderr() -> None:
+    """Send the worker's file descriptor 2 to /dev/null: TVM and ORT log from C++ straight to it (e.g.
+    TVM's "Fast mode segfaults when there are out-of-bounds indices" for every Gather). Python-level
+    failures still reach the parent through the pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
+def _worker(conn, host: str, model_path: str, threads: int, target_json: str | None) -> None:
+    """Child process: build the host's runner, then answer the parent's commands until "quit"."""
+    if not os.environ.get("QIE_VERBOSE"):
+        _silence_native_stderr()
+    try:
+        feeds = conn.recv()
+        base_kb = _status_kb("VmRSS")
+        t0 = time.perf_counter()
+        if host == "tvm+qie":
+            run, info = _tvm_runner(model_path, threads, target_json, feeds)
+        else:
+            run, info = _ort_runner(model_path, host, threads)
+        info.setdefault("load_s", time.perf_counter() - t0)
+        if host == "ort+qie":
+            import qie_ep
+            info["isa"] = qie_ep.active_isa()
+        outputs = [run(f) for f in feeds]
+        conn.send(("ready", {"info": info, "outputs": outputs}))
+    except Exception as e:  # reported as the host's failure in the report, not a crash of `qie compare`
+        conn.send(("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                   traceback.format_exc()))
+        return
+    while True:
+        cmd = conn.recv()
+        if cmd == "time":
+            times = []
+            for f in feeds:
+                t = time.perf_counter()
+                run(f)
+                times.append(time.perf_counter() - t)
+            conn.send(times)
+        elif cmd == "memory":
+            conn.send({"peak_mb": _status_kb("VmHWM") / 1024, "base_mb": base_kb / 1024})
+        elif cmd == "profile":
+            conn.send(_profile(model_path, host, threads, feeds) if host != "tvm+qie" else None)
+        else:
+            conn.send(None)
+            return
+
+
+@dataclass
+class Host:
+    """A running worker for one host; ``failed`` holds the reason when it could not start."""
+    key: str
+    model_path: str
+    info: dict = field(default_factory=dict)
+    outputs: list = field(default_factory=list)
+    times: list = field(default_factory=list)   # one list of per-feed seconds per timed pass
+    memory: dict = field(default_factory=dict)
+    profile: dict | None = None
+    failed: str | None = None
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        return HOSTS[self.key]
+
+
+def start(key: str, model_path: str, feeds: list[dict], threads: int, target_json: str | None = None) -> tuple:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker, args=(child, key, model_path, threads, target_json), daemon=True)
+    proc.start()
+    child.close()
+    parent.send(feeds)
+    return proc, parent
+
+
+def run_hosts(keys: list[str], fp32_path: str, int8_path: str, feeds: list[dict], threads: int, runs: int,
+              target_json: str | None = None, profile: bool = True, log=print) -> list[Host]:
+    """Start every host, collect outputs, time ``runs`` interleaved passes, read memory and profiles."""
+    hosts, procs = [], {}
+    for key in keys:
+        path = fp32_path if key == "fp32" else int8_path
+        h = Host(key, path)
+        if key == "tvm+qie" and not _has_tvm():
+            h.failed = "apache-tvm is not installed (pip install 'qie[tvm]')"
+            hosts.append(h)
+            continue
+        log(f"  starting {h.label} ...")
+        proc, conn = start(key, path, feeds, threads, target_json)
+        msg = _ask(conn, proc, None)
+        if msg[0] == "error":
+            h.failed, h.detail = msg[1], msg[2]
+            proc.join(5)
+        else:
+            h.info, h.outputs = msg[1]["info"], msg[1]["outputs"]
+            procs[key] = (proc, conn)
+        hosts.append(h)
+    live = [h for h in hosts if h.key in procs]
+    from tqdm import tqdm
+
+    for _ in tqdm(range(runs), desc="timing", leave=False, disable=None):
+        for h in live:
+            if not h.failed:
+                h.times.append(_reply(h, *procs[h.key], "time"))
+    for h in live:
+        proc, conn = procs[h.key]
+        h.memory = _reply(h, proc, conn, "memory") or {}
+        if profile:
+            h.profile = _reply(h, proc, conn, "profile")
+        _reply(h, proc, conn, "quit")
+        proc.join(10)
+    for h in live:
+        if h.failed:
+            h.times = []
+    return hosts
+
+
+def _ask(conn, proc, cmd):
+    """Send ``cmd`` (unless None) and return the reply, or ("error", why, "") if the worker died."""
+    try:
+        if cmd is not None:
+            conn.send(cmd)
+        return conn.recv()
+    except (EOFError, OSError, BrokenPipeError):
+        proc.join(5)
+        return ("error", f"the worker process died (exit code {proc.exitcode})", "")
+
+
+def _reply(h: Host, proc, conn, cmd):
+    if h.failed:
+        return None
+    r = _ask(conn, proc, cmd)
+    if isinstance(r, tuple) and r and r[0] == "error":
+        h.failed = r[1]
+        return None
+    return r
+
+
+def _has_tvm() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tvm") is not None

@@ -1,0 +1,196 @@
+"""`qie quantize`: an FP32 ONNX model -> an INT8 model, through ``onnxruntime.quantization``.
+
+qie does not re-implement calibration or graph rewriting: static models come from
+``quantize_static`` (MinMax calibration over the user's data, QDQ or QOperator format, per-tensor or
+per-channel weights) and dynamic ones from ``quantize_dynamic``. What qie adds:
+
+1. The defaults that suit its kernels: the op types qie has kernels for (MatMul, Conv, Gemm; ORT's
+   default set also wraps Add, Softmax, pooling ... in Q/DQ pairs, which costs accuracy and buys
+   nothing on CPU), uint8 activations and int8 weights (the u8 x s8 form VNNI multiplies natively).
+2. Calibration data from a folder (``data.load_feeds``), with a progress bar; calibration runs once and
+   its ranges are cached (ORT's ``calibration_cache_path``), so the accuracy-budget search below
+   re-quantizes without re-calibrating.
+3. ``--accuracy-budget`` (mixed precision, ``sensitivity.search_budget``): layers are kept in float,
+   most sensitive first, until the INT8 model's outputs are within the budget of FP32's.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from qie_ep.cli.common import UserError, atomic_output
+
+DEFAULT_OP_TYPES = ("MatMul", "Conv", "Gemm")
+QTYPES = {"u8": "QUInt8", "s8": "QInt8"}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """How to quantize. ``op_types=()`` means ORT's full default set."""
+    dynamic: bool = False
+    per_channel: bool = False
+    fmt: str = "qdq"                       # "qdq" or "qoperator" (static only)
+    op_types: tuple = DEFAULT_OP_TYPES
+    activation_type: str = "u8"            # static only; dynamic activations are always u8
+    weight_type: str = "s8"
+    exclude: tuple = ()                    # node names kept in float
+    calibration: str = "minmax"            # minmax | entropy | percentile
+
+
+@dataclass
+class Quantizer:
+    """One FP32 model and its calibration, ready to be quantized with different exclusions.
+
+    ``source`` is the model as quantized (unnamed nodes get names, so every layer can be addressed).
+    """
+    model_path: Path
+    config: QuantizeConfig
+    feeds: list = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self):
+        import onnx
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="qie-quantize-")
+        model = onnx.load(str(self.model_path))
+        names = set()
+        for i, n in enumerate(model.graph.node):
+            if not n.name or n.name in names:
+                n.name = f"{n.op_type}_{i}"
+            names.add(n.name)
+        self.source = Path(self._tmp.name) / "source.onnx"
+        onnx.save(model, str(self.source))
+        self.model = model
+        self.cache = Path(self._tmp.name) / "calibration.json"
+        unknown = [n for n in self.config.exclude if n not in names]
+        if unknown:
+            raise UserError(f"--exclude: no node named {unknown[0]!r} in {self.model_path}")
+        if self.config.fmt not in ("qdq", "qoperator"):
+            raise UserError(f"--format must be qdq or qoperator, not {self.config.fmt!r}")
+        if not self.config.dynamic and not self.feeds:
+            raise UserError("static quantization needs calibration data: --calib DIR (or --dynamic)")
+
+    def layers(self) -> list[tuple[str, str]]:
+        """(node name, op type) of every node this configuration quantizes, in graph order."""
+        ops = set(self.config.op_types) if self.config.op_types else None
+        skip = set(self.config.exclude)
+        out = []
+        for n in self.model.graph.node:
+            if n.name in skip or (ops is not None and n.op_type not in ops):
+                continue
+            if ops is None and n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+                continue
+            out.append((n.name, n.op_type))
+        return out
+
+    def write(self, out: Path, exclude=(), only=None) -> Path:
+        """Quantize into ``out`` (a path written as is), keeping ``exclude`` nodes in float, or
+        quantizing ``only`` those nodes. The first static call calibrates (progress bar)."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        c = self.config
+        excluded = sorted(set(c.exclude) | set(exclude))
+        op_types = list(c.op_types) or None
+        wtype = getattr(QuantType, QTYPES[c.weight_type])
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" warnings, every call
+        try:
+            if c.dynamic:
+                quantize_dynamic(self.source, out, op_types_to_quantize=op_types, per_channel=c.per_channel,
+                                 weight_type=wtype, nodes_to_quantize=list(only or []), nodes_to_exclude=excluded)
+            else:
+                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[c.calibration]
+                reader = None if self.cache.exists() else _Reader(self.feeds, self.progress)
+                quantize_static(self.source, out, reader, quant_format=QuantFormat.QDQ if c.fmt == "qdq" else QuantFormat.QOperator,
+                                op_types_to_quantize=op_types, per_channel=c.per_channel,
+                                activation_type=getattr(QuantType, QTYPES[c.activation_type]), weight_type=wtype,
+                                nodes_to_quantize=list(only or []), nodes_to_exclude=excluded, calibrate_method=method,
+                                calibration_cache_path=self.cache)
+        finally:
+            logging.getLogger().setLevel(quiet)
+        return out
+
+    def tmp_path(self, name: str) -> Path:
+        return Path(self._tmp.name) / name
+
+    def close(self):
+        self._tmp.cleanup()
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over a list of feeds, with a bar."""
+
+    def __init__(self, feeds, progress: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=len(feeds), desc="calibrating", unit="sample", disable=None if progress else True,
+                         leave=False)
+        self._it = iter(feeds)
+
+    def get_next(self):
+        feed = next(self._it, None)
+        if feed is None:
+            self._bar.close()
+        else:
+            self._bar.update(1)
+        return feed
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+
+def run_outputs(model_path: Path, feeds: list[dict], qie: bool = True) -> list[list[np.ndarray]]:
+    """Every feed's float outputs from an ORT session (ORT_ENABLE_ALL; with qie registered)."""
+    import onnx
+    import onnxruntime as ort
+
+    import qie_ep
+    from qie_ep.cli.common import float_outputs
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if qie:
+        qie_ep.register(so)
+    model = qie_ep.with_contrib_opset(onnx.load(str(model_path)))
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [float_outputs(sess.run(None, f)) for f in feeds]
+
+
+def quantize_file(model_path: str, output: str, feeds: list[dict], config: QuantizeConfig,
+                  budget: float | None = None, progress: bool = True, log=print) -> dict:
+    """The whole `qie quantize`: write ``output`` (atomically) and return what was done.
+
+    With ``budget`` (maximum loss of mean output cosine to FP32 on ``feeds``), layers are kept in
+    float, most sensitive first, until the budget is met; the result lists them.
+    """
+    from qie_ep.cli import sensitivity
+
+    if budget is not None and not feeds:
+        raise UserError("--accuracy-budget needs data to measure accuracy on: --calib DIR")
+    if budget is not None and not 0 < budget < 1:
+        raise UserError(f"--accuracy-budget is a loss of cosine similarity in (0, 1), e.g. 0.01; got {budget}")
+    q = Quantizer(Path(model_path), config, feeds, progress)
+    try:
+        with atomic_output(output) as tmp:
+            if budget is None:
+                q.write(tmp)
+                result = {"kept_float": [], "layers": len(q.layers())}
+            else:
+                result = sensitivity.search_budget(q, budget, tmp, log=log, progress=progress)
+        result["output"] = str(output)
+        if feeds:
+            ref = run_outputs(q.source, feeds, qie=False)
+            from qie_ep.cli.common import agreement
+            result["agreement"] = agreement(ref, run_outputs(Path(output), feeds))
+        return result
+    finally:
+        q.close()
+
+
+def with_exclusions(config: QuantizeConfig, names) -> QuantizeConfig:
+    return replace(config, exclude=tuple(sorted(set(config.exclude) | set(names))))
