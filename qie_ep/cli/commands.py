@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from qie_ep.cli import data as D
-from qie_ep.cli.common import UserError, agreement, atomic_output, check_writable, float_outputs, load_model
+from qie_ep.cli.common import (UserError, agreement, atomic_output, check_loadable, check_writable, float_outputs,
+                               load_model)
 from qie_ep.cli.quantize import QuantizeConfig, quantize_file
 
 
@@ -45,6 +46,7 @@ def _mb(path) -> float:
 
 def quantize(args) -> int:
     model = load_model(args.model, load_external_data=False)
+    check_loadable(args.model)
     check_writable(args.output)
     if args.report:
         check_writable(args.report)
@@ -82,6 +84,7 @@ def sensitivity(args) -> int:
     from qie_ep.cli.sensitivity import layer_sensitivity
 
     model = load_model(args.model, load_external_data=False)
+    check_loadable(args.model)
     out = _out_dir(args.out)
     cfg = _config(args)
     feeds = D.load_feeds(args.calib, model, args.tokenizer, _image_options(args))
@@ -150,6 +153,8 @@ def compare(args) -> int:
 
     fp32 = load_model(args.model, load_external_data=False)
     int8 = load_model(args.int8, load_external_data=False)
+    check_loadable(args.model)
+    check_loadable(args.int8)
     in_fp32 = [s.name for s in D.input_specs(fp32)]
     in_int8 = [s.name for s in D.input_specs(int8)]
     if sorted(in_fp32) != sorted(in_int8):
@@ -198,10 +203,9 @@ def compare(args) -> int:
         if h.key == "fp32":
             base = row["throughput"]
         rows.append(row)
-    first = next((r for r in rows if not r.get("failed")), None)
     for r in rows:
-        if not r.get("failed"):
-            r["speedup"] = r["throughput"] / (base or first["throughput"])
+        if not r.get("failed") and base:
+            r["speedup"] = r["throughput"] / base
     print()
     print(R.summary_table(rows))
     sqnr = activation_sqnr(Path(args.model), Path(args.int8), feeds[:16])

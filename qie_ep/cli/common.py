@@ -40,6 +40,20 @@ def load_model(path: str | os.PathLike, load_external_data: bool = True):
     return model
 
 
+def check_loadable(path: str | os.PathLike) -> None:
+    """A UserError unless ONNX Runtime can build a session from the model (types, opsets, shapes)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own Fail / InvalidGraph / ... types, all "cannot load"
+        msg = str(e).split(" : ")[-1].strip().splitlines()[0][:300]
+        raise UserError(f"{path}: ONNX Runtime cannot load this model: {msg}") from None
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """The output ``path`` as a Path, after checking its folder exists and can be written."""
     p = Path(path)

@@ -187,11 +187,10 @@ def load_feeds(folder: str | Path, model, tokenizer: str | None = None,
         except (ValueError, OSError) as e:  # corrupt .npy/.npz, pickled objects
             raise UserError(f"{f}: cannot read ({str(e)[:200]})") from None
         for r in raw:
-            if set(r) <= set(by_name):
-                for part in _split(r, by_name):
-                    feeds.append(check_feed(part, specs, str(f)))
-            else:
-                feeds.append(check_feed(r, specs, str(f)))
+            parts = _split(r, by_name) if set(r) <= set(by_name) else [r]
+            for i, part in enumerate(parts):
+                where = f"{f} (sample {i + 1} of {len(parts)})" if len(parts) > 1 else str(f)
+                feeds.append(check_feed(part, specs, where))
     return feeds
 
 

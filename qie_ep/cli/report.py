@@ -32,9 +32,13 @@ def summary_table(rows: list[dict]) -> str:
             continue
         acc = "-" if r.get("accuracy") is None else f"{100 * r['accuracy']:.1f}%"
         out.append([r["host"], f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['throughput']:.1f}",
-                    f"{r['speedup']:.2f}x", f"{r['size_mb']:.1f}", f"{r['mem_mb']:.0f}",
+                    f"{r['speedup']:.2f}x" if "speedup" in r else "-", _mb(r["size_mb"]), f"{r['mem_mb']:.0f}",
                     f"{r['cos_mean']:.4f} / {r['cos_min']:.4f}", fmt_db(r["sqnr_db"]), acc, r.get("kernels", "-")])
     return markdown_table(SUMMARY_HEADER, out)
+
+
+def _mb(v: float) -> str:
+    return f"{v:.1f}" if v >= 1 else f"{v:.3f}"
 
 
 def kernel_rows(ort_profile: dict | None, qie_profile: dict | None, qie_ops: set[str], isa: str) -> list[dict]:
