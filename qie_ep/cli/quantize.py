@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +54,15 @@ class Quantizer:
 
     def __post_init__(self):
         import onnx
+        import onnx.version_converter
 
         self._tmp = tempfile.TemporaryDirectory(prefix="qie-quantize-")
         model = onnx.load(str(self.model_path))
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if opset < 13 and self.config.per_channel and not self.config.dynamic:
+            # Per-channel QuantizeLinear/DequantizeLinear (the axis attribute) needs opset 13.
+            logging.getLogger("qie").info("converting %s from opset %d to 13 for per-channel weights", self.model_path, opset)
+            model = onnx.version_converter.convert_version(model, 13)
         names = set()
         for i, n in enumerate(model.graph.node):
             if not n.name or n.name in names:
@@ -191,6 +197,3 @@ def quantize_file(model_path: str, output: str, feeds: list[dict], config: Quant
     finally:
         q.close()
 
-
-def with_exclusions(config: QuantizeConfig, names) -> QuantizeConfig:
-    return replace(config, exclude=tuple(sorted(set(config.exclude) | set(names))))

@@ -224,13 +224,50 @@ def _fold_constant_of_shape(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def from_onnx(model, shape_dict=None, dtype_dict="float32", **kwargs):
+def fold_static_shapes(model: onnx.ModelProto, shape_dict: dict) -> onnx.ModelProto:
+    """The model with its inputs fixed to ``shape_dict`` and shape arithmetic folded away.
+
+    TVM 0.27's importer cannot follow some shape-computing subgraphs ("Node Identity.148 cannot handle
+    ShapeExpr inputs" on PP-OCRv6's recogniser). With every input shape fixed, ONNX Runtime's basic
+    optimizer (constant folding, Identity / redundant-node elimination; semantics-preserving, standard
+    ONNX ops only, DequantizeLinear kept) turns those subgraphs into constants.
+    """
+    import onnxruntime as ort
+    import tempfile
+    from pathlib import Path
+
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for vi in m.graph.input:
+        if vi.name in shape_dict:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) != len(shape_dict[vi.name]):
+                raise ValueError(f"input {vi.name!r} has rank {len(dims)}, shape_dict gives {shape_dict[vi.name]}")
+            for d, v in zip(dims, shape_dict[vi.name]):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+    with tempfile.TemporaryDirectory(prefix="qie-tvm-") as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+def from_onnx(model, shape_dict=None, dtype_dict="float32", fold_shapes: bool = False, **kwargs):
     """``tvm.relax.frontend.onnx.from_onnx`` plus qie's converters for the quantized ops TVM lacks.
 
-    ``model``: an ``onnx.ModelProto`` or a path. Other arguments are passed through.
+    ``model``: an ``onnx.ModelProto`` or a path. ``fold_shapes``: with a ``shape_dict`` that fixes every
+    input, fold the graph's shape arithmetic first (``fold_static_shapes``). Other arguments are passed
+    through.
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
+    if fold_shapes:
+        inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
+        if not shape_dict or set(shape_dict) != inputs:
+            raise ValueError(f"fold_shapes needs a shape_dict fixing every input ({sorted(inputs)})")
+        model = fold_static_shapes(model, shape_dict)
     model = _fold_constant_of_shape(model)
     with _with_converters():
         return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)
