@@ -41,6 +41,7 @@ class Case:
     accuracy: object        # outputs (per feed, per output) -> task accuracy
     metric: str
     note: str = ""
+    vectors: object = None  # outputs -> one unit vector per sample (MiniLM: the sentence embeddings)
 
 
 def _say(msg: str) -> None:
@@ -89,8 +90,11 @@ def minilm_cases() -> list[Case]:
     feeds = D.load_feeds(evalf, model, tokenizer=tok)
     n = len(models.PARAPHRASES)
 
+    def vectors(outputs):
+        return np.concatenate([models.sentence_embeddings(o[0], f["attention_mask"]) for o, f in zip(outputs, feeds)])
+
     def accuracy(outputs):
-        emb = np.concatenate([models.sentence_embeddings(o[0], f["attention_mask"]) for o, f in zip(outputs, feeds)])
+        emb = vectors(outputs)
         return models.retrieval_accuracy(emb[:n], emb[n:])
 
     dyn = models.minilm_int8_dynamic("int8")
@@ -98,10 +102,11 @@ def minilm_cases() -> list[Case]:
     mixed, res = _quantized("minilm-static-qdq-budget", fp32, calib, QuantizeConfig(), budget=0.01)
     kept = res["kept_float"]
     metric = f"paraphrase retrieval top-1 ({n} pairs)"
-    return [Case("MiniLM-L6", "dynamic (quantize_dynamic, s8 weights)", fp32, dyn, feeds, accuracy, metric),
-            Case("MiniLM-L6", f"static QDQ, all {res['layers']} MatMuls", fp32, plain, feeds, accuracy, metric),
+    return [Case("MiniLM-L6", "dynamic (quantize_dynamic, s8 weights)", fp32, dyn, feeds, accuracy, metric, vectors=vectors),
+            Case("MiniLM-L6", f"static QDQ, all {res['layers']} MatMuls", fp32, plain, feeds, accuracy, metric,
+                 vectors=vectors),
             Case("MiniLM-L6", f"static QDQ, --accuracy-budget 0.01 ({len(kept)} kept float)", fp32, mixed, feeds, accuracy,
-                 metric, note="kept in float: " + ", ".join(k.replace("/bert/encoder/", "") for k in kept))]
+                 metric, note="kept in float: " + ", ".join(k.replace("/bert/encoder/", "") for k in kept), vectors=vectors)]
 
 
 def vision_case(name: str, n_eval: int) -> Case:
@@ -152,6 +157,9 @@ def measure(case: Case, threads: int, runs: int, timed: int, hosts: list[str]) -
         r = latency_stats(h.times)
         r["accuracy"] = case.accuracy(h.outputs)
         r.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
+        if case.vectors is not None:  # the cosine users care about: of the task's vectors, not raw outputs
+            cos = (case.vectors(h.outputs) * case.vectors(by["fp32"].outputs)).sum(1)
+            r["cos_mean"], r["cos_min"] = float(cos.mean()), float(cos.min())
         if h.key == "ort+qie" and h.profile:
             r["kernels"] = sum(sum(v.values()) for v in h.profile["stats"].values()) / len(case.feeds)
         if h.key == "tvm+qie":
@@ -180,13 +188,44 @@ def table(rows: list[dict]) -> str:
                            "ORT+qie ms", "TVM+qie ms", "ORT+qie vs FP32", "ORT+qie vs ORT INT8", "size MB"], body)
 
 
+def write_data(folder: Path) -> None:
+    """The demo's models and data as files, for trying the `qie` command line on them (README)."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(models.minilm_onnx(), folder / "minilm.onnx")
+    tok = folder / "minilm-tokenizer"
+    tok.mkdir(exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json"):
+        shutil.copyfile(models.minilm_dir() / f, tok / f)
+    (folder / "minilm-calib").mkdir(exist_ok=True)
+    (folder / "minilm-calib" / "sentences.txt").write_text("\n".join(models.SENTENCES) + "\n")
+    (folder / "minilm-eval").mkdir(exist_ok=True)
+    (folder / "minilm-eval" / "sentences.txt").write_text(
+        "\n".join([a for a, _ in models.PARAPHRASES] + [b for _, b in models.PARAPHRASES]) + "\n")
+    for name, n in (("ppocr_rec", 100), ("orientation", 64)):
+        shutil.copyfile(V.model_path(name), folder / f"{name}.onnx")
+        _write_npy(folder / f"{name}-calib", V.dataset(name, 32, seed=1000)[0])
+        x, labels = V.dataset(name, n, seed=7)
+        ev = _write_npy(folder / f"{name}-eval", x)
+        if name == "ppocr_rec":
+            (ev / "labels.txt").write_text("\n".join(labels) + "\n")
+        else:
+            np.save(ev / "labels.npy", np.asarray(labels, np.int64))
+    _say(f"wrote models and data to {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="timed passes (default 5)")
     ap.add_argument("--timed", type=int, default=16, help="samples per timed pass (default 16)")
     ap.add_argument("--models", nargs="+", default=["minilm", "ppocr_rec", "orientation"])
     ap.add_argument("--no-tvm", action="store_true", help="skip the TVM + qie column")
+    ap.add_argument("--write-data", metavar="DIR", help="only write the models and data into DIR (for the CLI)")
     args = ap.parse_args(argv)
+    if args.write_data:
+        write_data(Path(args.write_data))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     threads = os.cpu_count() or 1
     from qie_ep.cli.commands import _cpu
@@ -212,7 +251,9 @@ def main(argv=None) -> None:
     _say("")
     for row in rows:
         c = row["case"]
-        _say(f"* {c.model}, {c.scheme}: accuracy = {c.metric}." + (f" {c.note}." if c.note else ""))
+        cos = "sentence-embedding cosine" if c.vectors is not None else "cosine of the outputs"
+        _say(f"* {c.model}, {c.scheme}: accuracy = {c.metric}; {cos} to FP32 (mean over samples)."
+             + (f" {c.note}." if c.note else ""))
         if not row.get("identical", True):
             _say("  note: ORT INT8 and ORT + qie outputs differ on this model (see tests for the bounds)")
         for k in ("ort+qie", "tvm+qie"):

@@ -219,8 +219,8 @@ def compare(args) -> int:
           f"{time.strftime('%Y-%m-%d %H:%M')}, {_cpu()}, {threads} threads, ONNX Runtime {_ort_version()}, "
           f"qie {qie_ep.__version__} (ISA {qie_ep.active_isa()}). Data: {source}. Latency: every sample of "
           f"{args.runs} passes, hosts interleaved pass by pass, each in its own process; speed-up is throughput "
-          "over FP32's; peak memory is the host process's high-water mark less what it held before loading "
-          "the model.", "", R.summary_table(rows), ""]
+          "over FP32's; peak memory is the host process's high-water mark while running inference less what it "
+          "held before loading the model.", "", R.summary_table(rows), ""]
     for r in rows:
         if r.get("failed"):
             md += [f"{r['host']} failed: {r['failed']}", ""]

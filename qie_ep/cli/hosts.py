@@ -4,14 +4,16 @@ Hosts: ``fp32`` (the FP32 model on ORT), ``ort`` (the INT8 model on ORT's built-
 ``ort+qie`` (the INT8 model on ORT with qie registered) and ``tvm+qie`` (the INT8 model imported into
 TVM with ``qie_ep.tvm.from_onnx`` and compiled with ``qie_ep.tvm.pipeline``).
 
-Why processes: each host's peak memory is its own process's high-water mark (``VmHWM``) less what
-the process held before the model was loaded, and TVM's spinning thread pool cannot steal cores from
+Why processes: each host's peak memory is its own process's high-water mark (``VmHWM``) while it
+runs inference (reset after loading / compiling), less what the process held before the model was
+loaded, and TVM's spinning thread pool cannot steal cores from
 an ORT session in the middle of a timed run. The parent drives the workers over pipes and times them
 in rounds -- one pass over the data on each host in turn -- so slow drifts of a shared machine hit
 every host alike. ORT sessions never spin (``session.intra_op.allow_spinning=0``).
 """
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -35,6 +37,17 @@ def _status_kb(key: str) -> int:
         pass
     import resource
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _reset_peak() -> bool:
+    """Restart the process's VmHWM from its current RSS (Linux >= 4.0), so that loading / compiling
+    peaks and the outputs already sent do not count; False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _ort_session(model_path: str, host: str, threads: int, profile_dir: str | None = None):
@@ -163,6 +176,9 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
             info["isa"] = qie_ep.active_isa()
         outputs = [run(f) for f in feeds]
         conn.send(("ready", {"info": info, "outputs": outputs}))
+        del outputs  # the memory figure is the steady state of inference, not of holding every output
+        gc.collect()
+        info["peak_reset"] = _reset_peak()
     except Exception as e:  # reported as the host's failure in the report, not a crash of `qie compare`
         conn.send(("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                    traceback.format_exc()))
