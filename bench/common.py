@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 import qie_ep
+from qie_ep.cli.common import cpu_model
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -58,16 +59,6 @@ def interleaved_median(sessions: list, feeds: dict, runs: int = 25, min_time: fl
         if i >= 2000:
             break
     return [float(np.median(t)) for t in times]
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def commit() -> str:

@@ -138,33 +138,25 @@ def vision_case(name: str, n_eval: int) -> Case:
 
 
 def measure(case: Case, threads: int, runs: int, timed: int, hosts: list[str]) -> dict:
-    from qie_ep.cli.common import agreement, float_outputs
+    """`qie compare`'s hosts and rows for one case; the cosine is of the task's vectors when it has them."""
+    from qie_ep.cli.commands import host_rows
+    from qie_ep.cli.common import float_outputs
     from qie_ep.cli.hosts import run_hosts
-    from qie_ep.cli.report import latency_stats
 
-    res = run_hosts(hosts, str(case.fp32), str(case.int8), case.feeds, threads, runs, profile=True,
+    res = run_hosts(hosts, str(case.fp32), str(case.int8), case.feeds, threads, runs, profile=False,
                     log=lambda m: None, timed=timed)
     by = {h.key: h for h in res}
-    row = {"case": case}
-    ref = [float_outputs(o) for o in by["fp32"].outputs]
+    rows = host_rows(res, [float_outputs(o) for o in by["fp32"].outputs], lambda outs, h: case.accuracy(outs))
+    row = {"case": case, **{r["key"]: r for r in rows}}
     if not by["ort"].failed and not by["ort+qie"].failed:
         row["identical"] = all(np.array_equal(a, b) for x, y in zip(by["ort"].outputs, by["ort+qie"].outputs)
                                for a, b in zip(x, y))
-    for h in res:
-        if h.failed:
-            row[h.key] = {"failed": h.failed}
-            continue
-        r = latency_stats(h.times)
-        r["accuracy"] = case.accuracy(h.outputs)
-        r.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
-        if case.vectors is not None:  # the cosine users care about: of the task's vectors, not raw outputs
-            cos = (case.vectors(h.outputs) * case.vectors(by["fp32"].outputs)).sum(1)
-            r["cos_mean"], r["cos_min"] = float(cos.mean()), float(cos.min())
-        if h.key == "ort+qie" and h.profile:
-            r["kernels"] = sum(sum(v.values()) for v in h.profile["stats"].values()) / len(case.feeds)
-        if h.key == "tvm+qie":
-            r["kernels"] = h.info["qie_kernels"]
-        row[h.key] = r
+    if case.vectors is not None:  # the cosine users care about: of the task's vectors, not raw outputs
+        ref = case.vectors(by["fp32"].outputs)
+        for h in res:
+            if not h.failed:
+                cos = (case.vectors(h.outputs) * ref).sum(1)
+                row[h.key]["cos_mean"], row[h.key]["cos_min"] = float(cos.mean()), float(cos.min())
     return row
 
 
@@ -217,7 +209,7 @@ def write_data(folder: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5, help="timed passes (default 5)")
+    ap.add_argument("--runs", type=int, default=10, help="timed passes (default 10)")
     ap.add_argument("--timed", type=int, default=16, help="samples per timed pass (default 16)")
     ap.add_argument("--models", nargs="+", default=["minilm", "ppocr_rec", "orientation"])
     ap.add_argument("--no-tvm", action="store_true", help="skip the TVM + qie column")
@@ -228,9 +220,9 @@ def main(argv=None) -> None:
         return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     threads = os.cpu_count() or 1
-    from qie_ep.cli.commands import _cpu
+    from qie_ep.cli.common import cpu_model
 
-    _say(f"qie {qie_ep.__version__} | ONNX Runtime {ort.__version__} | {_cpu()} | qie ISA {qie_ep.active_isa()} | "
+    _say(f"qie {qie_ep.__version__} | ONNX Runtime {ort.__version__} | {cpu_model()} | qie ISA {qie_ep.active_isa()} | "
          f"{threads} threads")
     hosts = ["fp32", "ort", "ort+qie"] + ([] if args.no_tvm else ["tvm+qie"])
     t0 = time.perf_counter()

@@ -90,10 +90,14 @@ def rec_input(img: np.ndarray) -> np.ndarray:
     return out
 
 
-def charset(model_file: Path) -> list[str]:
+def charset(model) -> list[str]:
+    """A PaddleOCR recogniser's CTC classes from its metadata 'character' (``model``: path or ModelProto);
+    KeyError when the model has none."""
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(model_file), load_external_data=False).metadata_props}
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
     return ["blank"] + meta["character"].splitlines() + [" "]
 
 

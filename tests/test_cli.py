@@ -178,6 +178,7 @@ def test_compare_every_host(work, capsys):
     assert [r["node"] for r in res["sqnr"]] == ["fc1", "fc2", "fc3"] and all(r["sqnr_db"] > 20 for r in res["sqnr"])
     if "tvm+qie" in rows:
         assert rows["tvm+qie"]["info"]["qie_kernels"] == 3 and rows["tvm+qie"]["cos_mean"] > 0.999
+    assert "qie's counters (`qie_ep.stats()`) agree: 3 qie kernel calls per inference" in (out / "report.md").read_text()
     for f in ("report.md", "latency.png", "sqnr.png"):
         assert (out / f).stat().st_size > 500
     assert "INT8, ORT + qie" in capsys.readouterr().out

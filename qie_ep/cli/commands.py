@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from qie_ep.cli import data as D
-from qie_ep.cli.common import (UserError, agreement, atomic_output, check_loadable, check_writable, float_outputs,
-                               load_model)
+from qie_ep.cli.common import (UserError, agreement, atomic_output, check_loadable, check_writable, cpu_model,
+                               float_outputs, load_model)
 from qie_ep.cli.quantize import QuantizeConfig, quantize_file
 
 
@@ -137,12 +137,43 @@ def task_accuracy(outputs: list[list[np.ndarray]], labels: list, model) -> float
         return float(np.mean([p == lb for p, lb in zip(pred, labels)]))
     from qie_ep import vision
 
-    meta = {p.key: p.value for p in model.metadata_props}
-    if "character" not in meta:
-        raise UserError("string labels need a CTC text recogniser whose metadata has 'character' (PaddleOCR's)")
-    chars = ["blank"] + meta["character"].splitlines() + [" "]
+    try:
+        chars = vision.charset(model)
+    except KeyError:
+        raise UserError("string labels need a CTC text recogniser whose metadata has 'character' (PaddleOCR's)") from None
     pred = [vision.ctc_decode(np.asarray(o[0]), chars)[0] for o in outputs]
     return float(np.mean([p == str(lb) for p, lb in zip(pred, labels)]))
+
+
+def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
+    """One summary row per host (``hosts.run_hosts``' result): latency, agreement with ``ref`` (FP32's
+    float outputs per feed), size, memory, ``accuracy(outputs, host)`` when given, kernels, and the
+    speed-up in throughput over the FP32 host when it ran."""
+    from qie_ep.cli import report as R
+
+    rows = []
+    for h in hosts:
+        row = {"host": h.label, "key": h.key}
+        if h.failed:
+            rows.append({**row, "failed": h.failed})
+            continue
+        row.update(R.latency_stats(h.times))
+        row.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
+        row["size_mb"] = _mb(h.model_path)
+        row["mem_mb"] = h.memory.get("peak_mb", 0) - h.memory.get("base_mb", 0)
+        row["accuracy"] = accuracy(h.outputs, h) if accuracy else None
+        if h.key == "ort+qie":
+            row["kernels"] = ", ".join(f"{op} x{sum(v.values()):g} ({'/'.join(v)})"
+                                       for op, v in sorted(h.info["qie_stats"].items())) or "none"
+        elif h.key == "tvm+qie":
+            row["kernels"] = f"{h.info['qie_kernels']} TIR calls ({h.info['isa']})"
+        row["info"] = h.info
+        rows.append(row)
+    base = next((r["throughput"] for r in rows if r["key"] == "fp32" and not r.get("failed")), None)
+    for r in rows:
+        if not r.get("failed") and base:
+            r["speedup"] = r["throughput"] / base
+    return rows
 
 
 def compare(args) -> int:
@@ -179,33 +210,9 @@ def compare(args) -> int:
     else:
         from qie_ep.cli.quantize import run_outputs
         ref = run_outputs(Path(args.model), feeds, qie=False)
-    base = None
-    rows = []
     qie_ops = {op for _, op in qie_ep.ops()}
-    for h in hosts:
-        row = {"host": h.label, "key": h.key}
-        if h.failed:
-            row["failed"] = h.failed
-            rows.append(row)
-            continue
-        row.update(R.latency_stats(h.times))
-        row.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
-        row["size_mb"] = _mb(h.model_path)
-        row["mem_mb"] = h.memory.get("peak_mb", 0) - h.memory.get("base_mb", 0)
-        row["accuracy"] = task_accuracy(h.outputs, labels, int8 if h.key != "fp32" else fp32) if labels else None
-        if h.key == "ort+qie" and h.profile:
-            st = h.profile["stats"]
-            n = len(feeds)  # the profile pass runs every sample once: counts per inference
-            row["kernels"] = ", ".join(f"{op} x{sum(v.values()) / n:g} ({'/'.join(v)})" for op, v in sorted(st.items())) or "none"
-        elif h.key == "tvm+qie":
-            row["kernels"] = f"{h.info['qie_kernels']} TIR calls ({h.info['isa']})"
-        row["info"] = h.info
-        if h.key == "fp32":
-            base = row["throughput"]
-        rows.append(row)
-    for r in rows:
-        if not r.get("failed") and base:
-            r["speedup"] = r["throughput"] / base
+    rows = host_rows(hosts, ref,
+                     (lambda outs, h: task_accuracy(outs, labels, int8 if h.key != "fp32" else fp32)) if labels else None)
     print()
     print(R.summary_table(rows))
     sqnr = activation_sqnr(Path(args.model), Path(args.int8), feeds[:16])
@@ -216,7 +223,7 @@ def compare(args) -> int:
              "sqnr": R.plot_layers([(r["node"], r["sqnr_db"]) for r in sqnr], out / "sqnr.png",
                                    "SQNR of the layer's INT8 output vs FP32 (dB)", "per-layer SQNR")}
     md = [f"# qie compare: {Path(args.model).name} vs {Path(args.int8).name}", "",
-          f"{time.strftime('%Y-%m-%d %H:%M')}, {_cpu()}, {threads} threads, ONNX Runtime {_ort_version()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu_model()}, {threads} threads, ONNX Runtime {_ort_version()}, "
           f"qie {qie_ep.__version__} (ISA {qie_ep.active_isa()}). Data: {source}. Latency: every sample of "
           f"{args.runs} passes, hosts interleaved pass by pass, each in its own process; speed-up is throughput "
           "over FP32's; peak memory is the host process's high-water mark while running inference less what it "
@@ -230,7 +237,7 @@ def compare(args) -> int:
     if plots["latency"]:
         md += ["![latency](latency.png)", ""]
     if krows:
-        md += ["## Which kernel ran, per node (ORT's profiler; qie's counters agree)", "",
+        md += ["## Which kernel ran, per node (ORT's profiler)", "", R.counters_check(krows, qh.info["qie_stats"]), "",
                R.kernel_table(krows), "", "Time of the other nodes (ORT + qie):", "",
                R.other_ops_table(qh.profile, qie_ops), ""]
     if sqnr:
@@ -241,17 +248,6 @@ def compare(args) -> int:
                                                  default=float) + "\n")
     print(f"\nreport: {out / 'report.md'}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
 
 
 def _ort_version() -> str:

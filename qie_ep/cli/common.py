@@ -132,6 +132,18 @@ def fmt_db(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.1f}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (reports and benchmarks say which machine measured)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     """A GitHub markdown table (every cell through ``str``)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

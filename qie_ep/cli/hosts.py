@@ -5,8 +5,8 @@ Hosts: ``fp32`` (the FP32 model on ORT), ``ort`` (the INT8 model on ORT's built-
 TVM with ``qie_ep.tvm.from_onnx`` and compiled with ``qie_ep.tvm.pipeline``).
 
 Why processes: each host's peak memory is its own process's high-water mark (``VmHWM``) while it
-runs inference (reset after loading / compiling), less what the process held before the model was
-loaded, and TVM's spinning thread pool cannot steal cores from
+runs inference (reset after loading / compiling), less what the process held with the runtime imported
+and the data received, before the model was loaded, and TVM's spinning thread pool cannot steal cores from
 an ORT session in the middle of a timed run. The parent drives the workers over pipes and times them
 in rounds -- one pass over the data on each host in turn -- so slow drifts of a shared machine hit
 every host alike. ORT sessions never spin (``session.intra_op.allow_spinning=0``).
@@ -124,15 +124,11 @@ def _tvm_runner(model_path: str, threads: int, target_json: str | None, feeds: l
 
 
 def _profile(model_path: str, host: str, threads: int, feeds: list[dict]) -> dict:
-    """Per-node mean time (us) and op from ORT's profiler, plus qie's counters over that run."""
-    import qie_ep
-
+    """Per-node mean time (us) and op from ORT's profiler."""
     with tempfile.TemporaryDirectory(prefix="qie-profile-") as d:
         sess = _ort_session(model_path, host, threads, profile_dir=d)
-        qie_ep.reset_stats()
         for f in feeds:
             sess.run(None, f)
-        stats = qie_ep.stats() if host == "ort+qie" else {}
         with open(sess.end_profiling()) as fh:
             events = json.load(fh)
     nodes: dict[str, dict] = {}
@@ -146,7 +142,7 @@ def _profile(model_path: str, host: str, threads: int, feeds: list[dict]) -> dic
         row["calls"] += 1
     for row in nodes.values():
         row["us"] /= max(1, len(feeds))
-    return {"nodes": list(nodes.values()), "stats": {f"{d}:{o}" if d else o: v for (d, o), v in stats.items()}}
+    return {"nodes": list(nodes.values())}
 
 
 def _silence_native_stderr() -> None:
@@ -158,13 +154,25 @@ def _silence_native_stderr() -> None:
     os.close(devnull)
 
 
+def _import_runtime(host: str) -> None:
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import qie_ep  # noqa: F401
+    if host == "tvm+qie":
+        import tvm  # noqa: F401
+
+        import qie_ep.tvm  # noqa: F401
+
+
 def _worker(conn, host: str, model_path: str, threads: int, target_json: str | None) -> None:
     """Child process: build the host's runner, then answer the parent's commands until "quit"."""
     if not os.environ.get("QIE_VERBOSE"):
         _silence_native_stderr()
     try:
         feeds = conn.recv()
-        base_kb = _status_kb("VmRSS")
+        _import_runtime(host)
+        base_kb = _status_kb("VmRSS")  # the runtime's libraries and the data: not the model's memory
         t0 = time.perf_counter()
         if host == "tvm+qie":
             run, info = _tvm_runner(model_path, threads, target_json, feeds)
@@ -174,7 +182,11 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
         if host == "ort+qie":
             import qie_ep
             info["isa"] = qie_ep.active_isa()
+            qie_ep.reset_stats()
         outputs = [run(f) for f in feeds]
+        if host == "ort+qie":  # qie's own counters, per inference: which ops ran on which ISA path
+            info["qie_stats"] = {f"{d}:{o}" if d else o: {isa: n / len(feeds) for isa, n in v.items()}
+                                 for (d, o), v in qie_ep.stats().items()}
         conn.send(("ready", {"info": info, "outputs": outputs}))
         del outputs  # the memory figure is the steady state of inference, not of holding every output
         gc.collect()

@@ -57,6 +57,20 @@ def kernel_rows(ort_profile: dict | None, qie_profile: dict | None, qie_ops: set
     return rows
 
 
+def counters_check(rows: list[dict], qie_stats: dict) -> str:
+    """Whether the profiler's qie nodes per op match qie's own counters (per inference)."""
+    from collections import Counter
+
+    profiled = Counter(r["op"] for r in rows)
+    counted: Counter = Counter()
+    for key, per_isa in qie_stats.items():
+        counted[key.split(":")[-1]] += sum(per_isa.values())
+    if all(profiled[op] == counted[op] for op in set(profiled) | set(counted)):
+        return f"qie's counters (`qie_ep.stats()`) agree: {sum(profiled.values())} qie kernel calls per inference."
+    return ("qie's counters (`qie_ep.stats()`) differ from the profile: "
+            + ", ".join(f"{op} profiled {profiled[op]}, counted {counted[op]:g}" for op in sorted(set(profiled) | set(counted))))
+
+
 def kernel_table(rows: list[dict]) -> str:
     body = []
     for r in rows:
