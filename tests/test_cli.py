@@ -250,6 +250,22 @@ def test_error_missing_file_and_not_onnx(work, tmp_path):
     assert not (tmp_path / "o.onnx").exists()
 
 
+def test_error_model_ort_cannot_load(tmp_path):
+    bad = onnx.load(str(_mlp(tmp_path / "m.onnx")))
+    w = next(t for t in bad.graph.initializer if t.name == "w1")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w).astype(np.float64), "w1"))  # MatMul float x double
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    _assert_user_error(_cli("quantize", tmp_path / "bad.onnx", "-o", tmp_path / "o.onnx", "--dynamic"),
+                       "ONNX Runtime cannot load this model", "fc1")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_sensitivity_dynamic(work, tmp_path):
+    assert main(["sensitivity", str(work["sensitive"]), "--calib", str(work["calib"]), "--dynamic", "-o", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert sorted(r["node"] for r in rows) == ["fc1", "fc2", "fc3"] and all(0 <= r["loss"] < 1 for r in rows)
+
+
 def test_error_calibration_data_does_not_fit(work, tmp_path):
     wrong = tmp_path / "names"
     wrong.mkdir()
