@@ -2,7 +2,8 @@
 code contains the instructions (CUDA source; PTX through nvcc where it is installed). These machines have
 no GPU: numerics of the CUDA group (shift to s8, packing, zero-point terms, epilogue) are checked by
 running the same PrimFuncs with the unscheduled core on the CPU; the run on a GPU is skipped unless
-one is present.
+one is present. ``tests/gpu/`` runs the compiled graphs on a lent GPU without installing TVM there
+(measured on an H100, 2026-11-26: dp4a and IMMA bit-exact with ORT on three shapes).
 """
 from __future__ import annotations
 
@@ -35,6 +36,22 @@ def test_dp4a_core_compiles_to_dp4a(arch, tmp_path):
     if NVCC:
         ptx = _ptx(src, arch, tmp_path)
         assert re.search(r"dp4a\.s32\.s32", ptx), "no dp4a instruction in the PTX"
+
+
+def test_dp4a_core_stages_the_whole_block_tile():
+    """Each shared-memory stage holds the block's 64 rows x 4 words of A and of B, fetched once by all
+    256 threads with no predicate. The first dp4a schedule staged only one thread's rows (its block and
+    thread loops were bound after compute_at), so the other threads read shared memory no one wrote:
+    wrong results on an H100 (2026-11-26), invisible to the CPU checks; fixed by binding first."""
+    f = cuda.scheduled_core(768, 768, tisa.CUDA_DP4A, target("sm_90"))
+    script = f.script()
+    for buf in ("A_shared", "B_shared"):
+        block = script[script.index(f'T.sblock("{buf}")'):]
+        block = block[:block.index(f"{buf}[v0, v1] = ")]
+        assert "T.where" not in block, f"{buf}: a predicated (partial) fetch\n{block}"
+    src = cuda.source(f, target("sm_90"))
+    stores = re.findall(r"([AB])_shared_ptr\[\(\(\(\(int64_t\)threadIdx\.y\) \* \(int64_t\)16\) \+ \(\(int64_t\)threadIdx\.x\)\)\] =", src)
+    assert sorted(stores) == ["A", "B"], "shared tiles must be written at threadIdx.y * 16 + threadIdx.x by every thread"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

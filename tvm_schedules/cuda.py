@@ -14,7 +14,8 @@ reduction PrimFuncs that TVM's CUDA pipeline schedules itself (dlight); only the
    shared-memory staging) without its software-pipeline annotations, whose injection fails in TVM 0.27
    ("GetWmmaFragmentSize ... fragment_info_"), so loads are not overlapped with math yet.
 The development and CI machines have no GPU: these kernels are compiled and their CUDA source checked
-(tests/test_tvm_cuda.py); correctness and speed on a GPU are measured when one is lent.
+(tests/test_tvm_cuda.py); ``tests/gpu/`` runs them on a lent GPU (H100, 2026-11-26: both bit-exact with
+ORT after the dp4a staging fix in ``schedule_dp4a``).
 """
 
 from __future__ import annotations
@@ -75,6 +76,14 @@ def schedule_dp4a(f: tirx.PrimFunc) -> tirx.PrimFunc:
     s.reorder(by, bx, ty, tx, qo, qi, ii, jj)
     local = s.cache_write(cb, 0, "local")
     s.reverse_compute_at(local, tx)
+    # Bind the block and thread loops before staging: compute_at then relaxes the shared tiles over the
+    # thread axes (the whole block's 64 x 4 words of A and of B, fetched by all 256 threads). Bound
+    # after, each tile would cover one thread's rows only, and the other threads would read shared
+    # memory no one wrote (wrong results on a GPU; caught on an H100, not by CPU emulation).
+    s.bind(by, "blockIdx.y")
+    s.bind(bx, "blockIdx.x")
+    s.bind(ty, "threadIdx.y")
+    s.bind(tx, "threadIdx.x")
     for idx in (0, 1):
         sh = s.cache_read(cb, idx, "shared")
         s.compute_at(sh, qo)
@@ -82,10 +91,6 @@ def schedule_dp4a(f: tirx.PrimFunc) -> tirx.PrimFunc:
         _, fty, ftx = s.split(fused, [None, 16, 16])
         s.bind(fty, "threadIdx.y")
         s.bind(ftx, "threadIdx.x")
-    s.bind(by, "blockIdx.y")
-    s.bind(bx, "blockIdx.x")
-    s.bind(ty, "threadIdx.y")
-    s.bind(tx, "threadIdx.x")
     s.decompose_reduction(cb, qo)
     s.unroll(ii)
     s.unroll(jj)
