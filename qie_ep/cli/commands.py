@@ -80,7 +80,7 @@ def quantize(args) -> int:
 
 def sensitivity(args) -> int:
     from qie_ep.cli import report as R
-    from qie_ep.cli.quantize import Quantizer, run_outputs
+    from qie_ep.cli.quantize import Quantizer
     from qie_ep.cli.sensitivity import layer_sensitivity
 
     model = load_model(args.model, load_external_data=False)
@@ -93,7 +93,7 @@ def sensitivity(args) -> int:
         if not q.layers():
             raise UserError(f"{args.model}: no layer of type {' '.join(cfg.op_types) or 'any'} to quantize")
         print(f"{len(q.layers())} layers, {len(feeds)} samples: quantizing one layer at a time")
-        rows = layer_sensitivity(q, run_outputs(q.source, feeds, qie=False))
+        rows = layer_sensitivity(q)
     finally:
         q.close()
     table = R.sensitivity_table(rows)

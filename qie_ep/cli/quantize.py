@@ -121,6 +121,12 @@ class Quantizer:
             logging.getLogger().setLevel(quiet)
         return out
 
+    def reference(self) -> list:
+        """FP32's float outputs for every feed (ORT's own kernels), computed once."""
+        if not hasattr(self, "_ref"):
+            self._ref = run_outputs(self.source, self.feeds, qie=False)
+        return self._ref
+
     def tmp_path(self, name: str) -> Path:
         return Path(self._tmp.name) / name
 
@@ -190,9 +196,8 @@ def quantize_file(model_path: str, output: str, feeds: list[dict], config: Quant
                 result = sensitivity.search_budget(q, budget, tmp, log=log, progress=progress)
         result["output"] = str(output)
         if feeds:
-            ref = run_outputs(q.source, feeds, qie=False)
             from qie_ep.cli.common import agreement
-            result["agreement"] = agreement(ref, run_outputs(Path(output), feeds))
+            result["agreement"] = agreement(q.reference(), run_outputs(Path(output), feeds))
         return result
     finally:
         q.close()

@@ -30,11 +30,12 @@ def _progress(iterable, desc: str, progress: bool, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if progress else True)
 
 
-def layer_sensitivity(q, ref: list, progress: bool = True) -> list[dict]:
+def layer_sensitivity(q, progress: bool = True) -> list[dict]:
     """One row per quantizable layer of ``q`` (a ``quantize.Quantizer``): the agreement with FP32
-    (``ref``: per-feed float outputs) when only that layer is quantized; most harmful first."""
+    when only that layer is quantized; most harmful first."""
     from qie_ep.cli.quantize import run_outputs
 
+    ref = q.reference()
     rows = []
     path = q.tmp_path("one-layer.onnx")
     for name, op in _progress(q.layers(), "sensitivity", progress):
@@ -50,7 +51,7 @@ def search_budget(q, budget: float, out: Path, log=print, progress: bool = True)
     ``q.feeds`` is >= 1 - ``budget``, keeping layers in float in order of sensitivity."""
     from qie_ep.cli.quantize import run_outputs
 
-    ref = run_outputs(q.source, q.feeds, qie=False)
+    ref = q.reference()
     trial = q.tmp_path("trial.onnx")
     q.write(trial)
     first = agreement(ref, run_outputs(trial, q.feeds))
@@ -61,7 +62,7 @@ def search_budget(q, budget: float, out: Path, log=print, progress: bool = True)
     if 1.0 - first["cos_mean"] <= budget:
         shutil.copyfile(trial, out)
         return {"kept_float": [], "layers": n_layers, "history": history, "sensitivity": []}
-    sens = layer_sensitivity(q, ref, progress)
+    sens = layer_sensitivity(q, progress)
     kept = []
     met = False
     for row in sens:
