@@ -72,6 +72,17 @@ def _write_npy(folder: Path, xs: np.ndarray) -> Path:
     return folder
 
 
+def _minilm_text(folder: Path) -> tuple[Path, Path]:
+    """minilm-calib/sentences.txt (models.SENTENCES) and minilm-eval/sentences.txt (the paraphrase
+    pairs: first sentences, then their paraphrases) under ``folder``."""
+    calib, ev = folder / "minilm-calib", folder / "minilm-eval"
+    for d, lines in ((calib, models.SENTENCES),
+                     (ev, [a for a, _ in models.PARAPHRASES] + [b for _, b in models.PARAPHRASES])):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "sentences.txt").write_text("\n".join(lines) + "\n")
+    return calib, ev
+
+
 def minilm_cases() -> list[Case]:
     from qie_ep.cli import data as D
     from qie_ep.cli.common import load_model
@@ -80,14 +91,9 @@ def minilm_cases() -> list[Case]:
     fp32 = models.minilm_onnx()
     model = load_model(fp32, load_external_data=False)
     tok = str(models.minilm_dir())
-    folder = fetch.cache_dir() / "demo" / "minilm-calib"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sentences.txt").write_text("\n".join(models.SENTENCES) + "\n")
-    calib = D.load_feeds(folder, model, tokenizer=tok)  # the CLI's text adapter
-    evalf = folder.parent / "minilm-eval"
-    evalf.mkdir(exist_ok=True)
-    (evalf / "sentences.txt").write_text("\n".join([a for a, _ in models.PARAPHRASES] + [b for _, b in models.PARAPHRASES]) + "\n")
-    feeds = D.load_feeds(evalf, model, tokenizer=tok)
+    calib_dir, eval_dir = _minilm_text(fetch.cache_dir() / "demo")
+    calib = D.load_feeds(calib_dir, model, tokenizer=tok)  # the CLI's text adapter
+    feeds = D.load_feeds(eval_dir, model, tokenizer=tok)
     n = len(models.PARAPHRASES)
 
     def vectors(outputs):
@@ -146,6 +152,8 @@ def measure(case: Case, threads: int, runs: int, timed: int, hosts: list[str]) -
     res = run_hosts(hosts, str(case.fp32), str(case.int8), case.feeds, threads, runs, profile=False,
                     log=lambda m: None, timed=timed)
     by = {h.key: h for h in res}
+    if by["fp32"].failed:
+        raise RuntimeError(f"{case.model}: the FP32 model failed on ORT: {by['fp32'].failed}")
     rows = host_rows(res, [float_outputs(o) for o in by["fp32"].outputs], lambda outs, h: case.accuracy(outs))
     row = {"case": case, **{r["key"]: r for r in rows}}
     if not by["ort"].failed and not by["ort+qie"].failed:
@@ -164,18 +172,23 @@ def _ms(r: dict) -> str:
     return "failed" if "failed" in r else f"{r['p50_ms']:.2f}"
 
 
+def _ratio(base: dict, r: dict) -> str:
+    return "-" if "failed" in base or "failed" in r else f"{base['p50_ms'] / r['p50_ms']:.2f}x"
+
+
 def table(rows: list[dict]) -> str:
     from qie_ep.cli.common import markdown_table
 
     body = []
     for row in rows:
-        c, f, o, q, t = row["case"], row["fp32"], row["ort"], row["ort+qie"], row.get("tvm+qie", {"failed": "not run"})
+        c, f, o, q, t = (row["case"], *(row.get(k, {"failed": "not run"}) for k in ("fp32", "ort", "ort+qie", "tvm+qie")))
         size = f"{c.fp32.stat().st_size / 2**20:.1f} -> {c.int8.stat().st_size / 2**20:.1f}"
-        acc = f"{100 * f['accuracy']:.1f}% -> {100 * q['accuracy']:.1f}%"
-        if "failed" not in t and abs(t["accuracy"] - q["accuracy"]) > 1e-9:
+        int8 = q if "failed" not in q else o  # ORT + qie's figures; ORT INT8's if qie failed
+        acc = "-" if "failed" in f or "failed" in int8 else f"{100 * f['accuracy']:.1f}% -> {100 * int8['accuracy']:.1f}%"
+        if "failed" not in t and "failed" not in int8 and abs(t["accuracy"] - int8["accuracy"]) > 1e-9:
             acc += f" (TVM: {100 * t['accuracy']:.1f}%)"
-        body.append([c.model, c.scheme, acc, f"{q['cos_mean']:.4f}", _ms(f), _ms(o), _ms(q), _ms(t),
-                     f"{f['p50_ms'] / q['p50_ms']:.2f}x", f"{o['p50_ms'] / q['p50_ms']:.2f}x", size])
+        body.append([c.model, c.scheme, acc, "-" if "failed" in int8 else f"{int8['cos_mean']:.4f}", _ms(f), _ms(o),
+                     _ms(q), _ms(t), _ratio(f, q), _ratio(o, q), size])
     return markdown_table(["model", "INT8 model", "accuracy FP32 -> INT8", "cosine to FP32", "FP32 ms", "ORT INT8 ms",
                            "ORT+qie ms", "TVM+qie ms", "ORT+qie vs FP32", "ORT+qie vs ORT INT8", "size MB"], body)
 
@@ -190,11 +203,7 @@ def write_data(folder: Path) -> None:
     tok.mkdir(exist_ok=True)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "config.json"):
         shutil.copyfile(models.minilm_dir() / f, tok / f)
-    (folder / "minilm-calib").mkdir(exist_ok=True)
-    (folder / "minilm-calib" / "sentences.txt").write_text("\n".join(models.SENTENCES) + "\n")
-    (folder / "minilm-eval").mkdir(exist_ok=True)
-    (folder / "minilm-eval" / "sentences.txt").write_text(
-        "\n".join([a for a, _ in models.PARAPHRASES] + [b for _, b in models.PARAPHRASES]) + "\n")
+    _minilm_text(folder)
     for name, n in (("ppocr_rec", 100), ("orientation", 64)):
         shutil.copyfile(V.model_path(name), folder / f"{name}.onnx")
         _write_npy(folder / f"{name}-calib", V.dataset(name, 32, seed=1000)[0])
