@@ -169,6 +169,7 @@ def test_compare_every_host(work, capsys):
     res = json.loads((out / "results.json").read_text())
     rows = {r["key"]: r for r in res["rows"]}
     assert set(rows) == set(hosts) and not any(r.get("failed") for r in rows.values())
+    assert all(r["mem_steady_state"] and r["mem_mb"] > 0 for r in rows.values())
     assert rows["fp32"]["accuracy"] == 1.0 and rows["fp32"]["sqnr_db"] == float("inf")
     # ORT and ORT + qie compute the same integers: the same agreement figures, to the bit
     assert rows["ort"]["sqnr_db"] == rows["ort+qie"]["sqnr_db"] and rows["ort"]["cos_min"] == rows["ort+qie"]["cos_min"]

@@ -161,6 +161,7 @@ def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
         row.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
         row["size_mb"] = _mb(h.model_path)
         row["mem_mb"] = h.memory.get("peak_mb", 0) - h.memory.get("base_mb", 0)
+        row["mem_steady_state"] = bool(h.memory.get("peak_reset"))  # False: the peak includes loading
         row["accuracy"] = accuracy(h.outputs, h) if accuracy else None
         if h.key == "ort+qie":
             row["kernels"] = ", ".join(f"{op} x{sum(v.values()):g} ({'/'.join(v)})"

@@ -200,7 +200,7 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
         conn.send(("ready", {"info": info, "outputs": outputs}))
         del outputs  # the memory figure is the steady state of inference, not of holding every output
         gc.collect()
-        info["peak_reset"] = _reset_peak()
+        peak_reset = _reset_peak()
     except Exception as e:  # reported as the host's failure in the report, not a crash of `qie compare`
         conn.send(("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                    traceback.format_exc()))
@@ -215,7 +215,7 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
                 times.append(time.perf_counter() - t)
             conn.send(times)
         elif cmd == "memory":
-            conn.send({"peak_mb": _status_kb("VmHWM") / 1024, "base_mb": base_kb / 1024})
+            conn.send({"peak_mb": _status_kb("VmHWM") / 1024, "base_mb": base_kb / 1024, "peak_reset": peak_reset})
         elif cmd == "profile":
             conn.send(_profile(model_path, host, threads, feeds) if host != "tvm+qie" else None)
         else:
