@@ -2,10 +2,10 @@
 // small exported C API the Python side reads. C++ exceptions become OrtStatus errors that name the
 // op and the node.
 //
-// Input dtypes are declared UNDEFINED (any tensor type): a custom op registered under an ONNX op
-// name replaces that op's schema for type checking, so fixed dtypes would make valid int8 models fail
-// to load. The adaptors check dtypes themselves and say what is wrong. Output dtypes and shapes come
-// from each op's InferOutputShapeFn (shape_infer.cc), which ORT requires for outputs typed by an input.
+// Input dtypes are declared UNDEFINED (any tensor type) except where a variant fixes one to select its
+// output dtype (see OpDef): a custom op registered under an ONNX op name replaces that op's schema for
+// type checking, so fixed dtypes would make valid int8 models fail to load. The adaptors check dtypes
+// themselves and say what is wrong. Output shapes come from each op's InferOutputShapeFn (shape_infer.cc).
 #include <atomic>
 #include <algorithm>
 #include <climits>
@@ -27,9 +27,18 @@ namespace {
 constexpr auto U = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto I32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+constexpr auto U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr auto I8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 
 using Factory = std::unique_ptr<Kernel> (*)(const OrtKernelInfo*);
 
+// One registered variant of an op. Every output dtype is declared here, never left for ORT to guess:
+// ORT types an UNDEFINED custom-op output from the last input present (b_zero_point, C, ...) and ignores
+// the shape-inference function's verdict, so a guessed dtype made qie write int32/float into a uint8
+// or int8 buffer. Ops whose output dtype follows y_zero_point are registered once per dtype, with
+// y_zero_point's slot fixed to it; QGemm's float variant comes first and fixes that slot to float, a
+// dtype no zero point has, so it matches exactly the nodes without y_zero_point. The variants share
+// the adaptor; ORT picks the one whose fixed dtypes the node's inputs have.
 struct OpDef {
   const char* domain;
   const char* name;
@@ -45,14 +54,19 @@ void InferMatMulFloat(OrtShapeInferContext* c) { InferMatMulShape(c, 0, 1, F32);
 
 const std::vector<OpDef>& Table() {
   static const std::vector<OpDef> table = {
-      {"", "QLinearMatMul", {U, U, U, U, U, U, U, U}, 8, U, MakeQLinearMatMul, InferQLinearMatMul},
-      {"", "MatMulInteger", {U, U, U, U}, 2, U, MakeMatMulInteger, InferMatMulInt32},
-      {"com.microsoft", "MatMulIntegerToFloat", {U, U, U, U, U, U, U}, 4, U, MakeMatMulIntegerToFloat, InferMatMulFloat},
-      {"com.microsoft", "DynamicQuantizeMatMul", {U, U, U, U, U}, 3, U, MakeDynamicQuantizeMatMul, InferMatMulFloat},
-      {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, U}, 6, U, MakeQGemm, InferQGemm},
-      {"", "QLinearConv", {U, U, U, U, U, U, U, U, U}, 8, U, MakeQLinearConv, InferQLinearConv},
-      {"", "ConvInteger", {U, U, U, U}, 2, U, MakeConvInteger, InferConvInteger},
-      {"com.microsoft", "QLinearConv", {U, U, U, U, U, U, U, U, U}, 8, U, MakeQLinearConvNhwc, InferQLinearConvNhwc},
+      {"", "QLinearMatMul", {U, U, U, U, U, U, U, U8}, 8, U8, MakeQLinearMatMul, InferQLinearMatMul},
+      {"", "QLinearMatMul", {U, U, U, U, U, U, U, I8}, 8, I8, MakeQLinearMatMul, InferQLinearMatMul},
+      {"", "MatMulInteger", {U, U, U, U}, 2, I32, MakeMatMulInteger, InferMatMulInt32},
+      {"com.microsoft", "MatMulIntegerToFloat", {U, U, U, U, U, U, U}, 4, F32, MakeMatMulIntegerToFloat, InferMatMulFloat},
+      {"com.microsoft", "DynamicQuantizeMatMul", {U, U, U, U, U}, 3, F32, MakeDynamicQuantizeMatMul, InferMatMulFloat},
+      {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, F32}, 6, F32, MakeQGemm, InferQGemm},
+      {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, U8}, 6, U8, MakeQGemm, InferQGemm},
+      {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, I8}, 6, I8, MakeQGemm, InferQGemm},
+      {"", "QLinearConv", {U, U, U, U, U, U, U, U8, U}, 8, U8, MakeQLinearConv, InferQLinearConv},
+      {"", "QLinearConv", {U, U, U, U, U, U, U, I8, U}, 8, I8, MakeQLinearConv, InferQLinearConv},
+      {"", "ConvInteger", {U, U, U, U}, 2, I32, MakeConvInteger, InferConvInteger},
+      {"com.microsoft", "QLinearConv", {U, U, U, U, U, U, U, U8, U}, 8, U8, MakeQLinearConvNhwc, InferQLinearConvNhwc},
+      {"com.microsoft", "QLinearConv", {U, U, U, U, U, U, U, I8, U}, 8, I8, MakeQLinearConvNhwc, InferQLinearConvNhwc},
   };
   return table;
 }
@@ -124,9 +138,14 @@ OrtStatus* ORT_API_CALL KernelComputeV2(void* kernel, OrtKernelContext* ctx) {
   return Guarded(h->what, [&] { StatsCount(h->stats_id, h->kernel->Compute(ctx)); });
 }
 
+// ORT ignores (and leaks) a status returned here, so none is: a shape that cannot be inferred is left
+// unset and the kernel reports the problem at run time (shape_infer.cc, rule 1).
 OrtStatus* ORT_API_CALL InferShape(const OrtCustomOp* op, OrtShapeInferContext* ctx) {
-  const QieOp& q = Op(op);
-  return Guarded(std::string("qie ") + q.def->name + " (shape inference)", [&] { q.def->infer(ctx); });
+  try {
+    Op(op).def->infer(ctx);
+  } catch (...) {  // NOLINT: every failure means "no shape", see above
+  }
+  return nullptr;
 }
 
 void ORT_API_CALL KernelDestroy(void* kernel) { delete static_cast<KernelHolder*>(kernel); }
@@ -184,31 +203,67 @@ std::vector<QieOp>& Ops() {
   return ops;
 }
 
+// The two custom-op domains, made once per load of the library and shared by every SessionOptions it
+// is registered with (ORT only reads them), released when the library is unloaded: registering many
+// times costs nothing and leaks nothing.
+struct Domains {
+  std::mutex mu;
+  OrtCustomOpDomain* onnx = nullptr;
+  OrtCustomOpDomain* ms = nullptr;
+  ~Domains() {
+    if (!g_ort) return;
+    if (onnx) g_ort->ReleaseCustomOpDomain(onnx);
+    if (ms) g_ort->ReleaseCustomOpDomain(ms);
+  }
+  OrtStatus* Make(const OrtApi* api) {  // under mu
+    if (onnx && ms) return nullptr;
+    OrtCustomOpDomain* d[2] = {nullptr, nullptr};
+    OrtStatus* st = api->CreateCustomOpDomain("", &d[0]);
+    if (!st) st = api->CreateCustomOpDomain("com.microsoft", &d[1]);
+    for (auto& op : Ops()) {
+      if (st) break;
+      st = api->CustomOpDomain_Add(std::strcmp(op.def->domain, "") == 0 ? d[0] : d[1], &op);
+    }
+    if (st) {
+      for (OrtCustomOpDomain* x : d) if (x) api->ReleaseCustomOpDomain(x);
+      return st;
+    }
+    onnx = d[0];
+    ms = d[1];
+    return nullptr;
+  }
+};
+Domains g_domains;
+// Set in a SessionOptions once qie's ops are in it: a second registration (which ORT would turn into
+// "Domain already set in registry" at every session creation) is then a no-op.
+constexpr const char* kRegisteredKey = "qie.custom_ops_registered";
 }  // namespace
 }  // namespace qie
 
 extern "C" {
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  // Negotiate down to the API version of the headers we were built with (ORT >= 1.21 serves it).
+  // Negotiate the API version of the headers we were built with. An older runtime returns no API for
+  // it; API 1's CreateStatus (the first entry of every OrtApi) still reports why, instead of qie being
+  // silently absent.
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (!api) return nullptr;  // cannot even create a status: ORT older than our headers
+  if (!api) {
+    const OrtApi* api1 = api_base->GetApi(1);
+    const std::string msg = std::string("qie needs ONNX Runtime API version >= ") + std::to_string(ORT_API_VERSION) +
+                            " (ONNX Runtime 1." + std::to_string(ORT_API_VERSION) + "); this runtime is " +
+                            api_base->GetVersionString();
+    return api1 ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
   qie::g_ort = api;
   if (const char* err = qie::IsaEnvError()) return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("qie: ") + err).c_str());
-  static std::mutex mu;
-  std::lock_guard<std::mutex> lock(mu);
-  OrtCustomOpDomain* onnx = nullptr;
-  OrtCustomOpDomain* ms = nullptr;
-  if (OrtStatus* st = api->CreateCustomOpDomain("", &onnx)) return st;
-  if (OrtStatus* st = api->CreateCustomOpDomain("com.microsoft", &ms)) return st;
-  for (auto& op : qie::Ops()) {
-    OrtCustomOpDomain* d = std::strcmp(op.def->domain, "") == 0 ? onnx : ms;
-    if (OrtStatus* st = api->CustomOpDomain_Add(d, &op)) return st;
-  }
-  if (OrtStatus* st = api->AddCustomOpDomain(options, onnx)) return st;
-  if (OrtStatus* st = api->AddCustomOpDomain(options, ms)) return st;
-  // The domains must outlive every session made from these options; they are kept for the process.
-  return nullptr;
+  std::lock_guard<std::mutex> lock(qie::g_domains.mu);
+  int registered = 0;
+  if (OrtStatus* st = api->HasSessionConfigEntry(options, qie::kRegisteredKey, &registered)) return st;
+  if (registered) return nullptr;
+  if (OrtStatus* st = qie::g_domains.Make(api)) return st;
+  if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.onnx)) return st;
+  if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.ms)) return st;
+  return api->AddSessionConfigEntry(options, qie::kRegisteredKey, "1");
 }
 
 // Writes "domain\top\n" for every (domain, op) the library registers (NUL-terminated, truncated to

@@ -84,12 +84,24 @@ Tensor RequiredInput(OrtKernelContext* ctx, size_t i, const char* name) {
   return *t;
 }
 
-void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape) {
+void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape, OutKind kind) {
+  ONNXTensorElementDataType want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  switch (kind) {
+    case OutKind::kInt32: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32; break;
+    case OutKind::kFloat: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; break;
+    case OutKind::kU8: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8; break;
+    case OutKind::kS8: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; break;
+  }
   OrtValue* v = nullptr;
   ThrowOnError(g_ort->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));
-  void* data = nullptr;
-  ThrowOnError(g_ort->GetTensorMutableData(v, &data));
-  return data;
+  if (!v) Fail("ONNX Runtime gave no buffer for output " + std::to_string(i));
+  const Tensor t = TensorOf(v);
+  // The last line of defence against writing past a buffer: ORT sizes it by the dtype it inferred.
+  if (t.type != want)
+    Fail("output " + std::to_string(i) + " was typed " + DtypeName(t.type) + " by the graph but this op computes " +
+         DtypeName(want) + "; the model's type information for this node is inconsistent");
+  if (t.shape != shape) Fail("output " + std::to_string(i) + " has shape " + ShapeStr(t.shape) + ", expected " + ShapeStr(shape));
+  return const_cast<void*>(t.data);
 }
 
 std::optional<Tensor> ConstantInput(const OrtKernelInfo* info, size_t i) {
@@ -107,24 +119,53 @@ std::optional<Tensor> ConstantInput(const OrtKernelInfo* info, size_t i) {
   return TensorOf(v);
 }
 
+namespace {
+// Attribute kinds as the kernel-info API can read them; used to tell "absent" (take the default) from
+// "present with another type" (an error, as ORT's own schemas make it).
+bool StatusOk(OrtStatus* st) {
+  if (!st) return true;
+  g_ort->ReleaseStatus(st);
+  return false;
+}
+const char* PresentKindOtherThan(const OrtKernelInfo* info, const char* name, const char* want) {
+  int64_t i = 0;
+  float f = 0;
+  size_t n = 0;
+  if (std::strcmp(want, "an int") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_int64(info, name, &i))) return "an int";
+  if (std::strcmp(want, "a float") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_float(info, name, &f))) return "a float";
+  if (std::strcmp(want, "a string") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "a string";
+  if (std::strcmp(want, "a list of ints") != 0 && StatusOk(g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)))
+    return "a list of ints";
+  if (StatusOk(g_ort->KernelInfoGetAttributeArray_float(info, name, nullptr, &n))) return "a list of floats";
+  return nullptr;
+}
+// Called when reading `name` as `want` failed: absent is fine, any other type is the user's error.
+void RequireAbsent(const OrtKernelInfo* info, const char* name, const char* want) {
+  if (const char* got = PresentKindOtherThan(info, name, want))
+    Fail(std::string("attribute '") + name + "' must be " + want + ", got " + got);
+}
+}  // namespace
+
 int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t dflt) {
   int64_t v = dflt;
-  OrtStatus* st = g_ort->KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) { g_ort->ReleaseStatus(st); return dflt; }
-  return v;
+  if (StatusOk(g_ort->KernelInfoGetAttribute_int64(info, name, &v))) return v;
+  RequireAbsent(info, name, "an int");
+  return dflt;
 }
 
 float AttrFloat(const OrtKernelInfo* info, const char* name, float dflt) {
   float v = dflt;
-  OrtStatus* st = g_ort->KernelInfoGetAttribute_float(info, name, &v);
-  if (st) { g_ort->ReleaseStatus(st); return dflt; }
-  return v;
+  if (StatusOk(g_ort->KernelInfoGetAttribute_float(info, name, &v))) return v;
+  RequireAbsent(info, name, "a float");
+  return dflt;
 }
 
 std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const char* name) {
   size_t n = 0;
-  OrtStatus* st = g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n);
-  if (st) { g_ort->ReleaseStatus(st); return std::nullopt; }
+  if (!StatusOk(g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n))) {
+    RequireAbsent(info, name, "a list of ints");
+    return std::nullopt;
+  }
   std::vector<int64_t> v(n);
   if (n) ThrowOnError(g_ort->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
   return v;
@@ -132,8 +173,10 @@ std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const ch
 
 std::string AttrString(const OrtKernelInfo* info, const char* name, const std::string& dflt) {
   size_t n = 0;
-  OrtStatus* st = g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n);
-  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  if (!StatusOk(g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n))) {
+    RequireAbsent(info, name, "a string");
+    return dflt;
+  }
   std::string s(n, '\0');
   ThrowOnError(g_ort->KernelInfoGetAttribute_string(info, name, s.data(), &n));
   while (!s.empty() && s.back() == '\0') s.pop_back();

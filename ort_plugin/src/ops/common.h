@@ -39,7 +39,8 @@ struct Tensor {
 Tensor TensorOf(const OrtValue* v);
 std::optional<Tensor> Input(OrtKernelContext* ctx, size_t i);  // nullopt when absent
 Tensor RequiredInput(OrtKernelContext* ctx, size_t i, const char* name);
-void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape);
+// Output i allocated with `shape`; fails (never writes) unless ORT typed it as the kernel will write it.
+void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape, OutKind kind);
 std::optional<Tensor> ConstantInput(const OrtKernelInfo* info, size_t i);
 
 int64_t AttrInt(const OrtKernelInfo* info, const char* name, int64_t dflt);

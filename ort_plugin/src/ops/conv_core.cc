@@ -16,11 +16,24 @@ ConvAttrs ReadConvAttrs(const OrtKernelInfo* info) {
   return at;
 }
 
+namespace {
+// Every per-dimension quantity of a convolution (dims, kernel extent, pads, strides, dilations, the
+// padded extent) must fit in 31 bits: int64 attribute values whose sums or products overflow were once
+// accepted and produced out-of-range geometry. 2^31 along one spatial axis is beyond any tensor ORT
+// could allocate for a real model; the limit is stated in the error.
+constexpr int64_t kDimLimit = (int64_t{1} << 31) - 1;
+int64_t Bounded(int64_t v, const std::string& what) {
+  if (v < 0 || v > kDimLimit) Fail(what + " is " + std::to_string(v) + ", outside 0.." + std::to_string(kDimLimit));
+  return v;
+}
+}  // namespace
+
 std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C, const std::vector<int64_t>& w_shape) {
   if (x_rank < 3 || x_rank > 5) Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got rank " + std::to_string(x_rank));
   if (static_cast<int64_t>(w_shape.size()) != x_rank)
     Fail("W must have the rank of X (" + std::to_string(x_rank) + "), got shape " + ShapeStr(w_shape));
-  if (at.group < 1) Fail("group must be >= 1, got " + std::to_string(at.group));
+  if (at.group < 1 || at.group > kDimLimit) Fail("group must be in 1.." + std::to_string(kDimLimit) + ", got " + std::to_string(at.group));
+  for (int64_t d : w_shape) if (d < 0 || d > kDimLimit) Fail("W has an unsupported dimension in shape " + ShapeStr(w_shape));
   const std::vector<int64_t> k(w_shape.begin() + 2, w_shape.end());
   if (!at.kernel_shape.empty() && at.kernel_shape != k)
     Fail("kernel_shape " + ShapeStr(at.kernel_shape) + " does not match W's spatial dims " + ShapeStr(k));
@@ -39,7 +52,7 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
   auto per_dim = [&](const std::vector<int64_t>& v, const char* name) {
     if (v.empty()) return std::vector<int64_t>(r, 1);
     if (v.size() != r) Fail(std::string(name) + " must have " + std::to_string(r) + " values, got " + ShapeStr(v));
-    for (int64_t e : v) if (e < 1) Fail(std::string(name) + " must be >= 1, got " + ShapeStr(v));
+    for (int64_t e : v) if (e < 1 || e > kDimLimit) Fail(std::string(name) + " must be in 1.." + std::to_string(kDimLimit) + ", got " + ShapeStr(v));
     return v;
   };
   const std::vector<int64_t> s = per_dim(at.strides, "strides"), d = per_dim(at.dilations, "dilations");
@@ -50,28 +63,32 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
   if (at.auto_pad == "NOTSET" || at.auto_pad.empty()) {
     if (!at.pads.empty()) {
       if (at.pads.size() != 2 * r) Fail("pads must have " + std::to_string(2 * r) + " values, got " + ShapeStr(at.pads));
-      for (int64_t p : at.pads) if (p < 0) Fail("pads must be >= 0, got " + ShapeStr(at.pads));
+      for (int64_t p : at.pads) if (p < 0 || p > kDimLimit) Fail("pads must be in 0.." + std::to_string(kDimLimit) + ", got " + ShapeStr(at.pads));
       pads = at.pads;
     }
   }
   out->assign(r, -1);
   pad_begin->assign(r, 0);
   for (size_t i = 0; i < r; ++i) {
-    const int64_t ext = d[i] * (k[i] - 1) + 1;
+    const std::string dim = " in spatial dim " + std::to_string(i);
+    Bounded(k[i], "the kernel size" + dim);
+    // All operands < 2^31, so these int64 products and sums cannot overflow; Bounded keeps them < 2^31.
+    const int64_t ext = Bounded(d[i] * (k[i] - 1) + 1, "the kernel extent (dilation x (kernel - 1) + 1)" + dim);
+    if (in[i] < 0) { (*pad_begin)[i] = same ? 0 : pads[i]; continue; }
+    Bounded(in[i], "the input size" + dim);
     if (same) {
-      if (in[i] < 0) continue;
       const int64_t o = (in[i] + s[i] - 1) / s[i];
       const int64_t total = std::max<int64_t>(0, (o - 1) * s[i] + ext - in[i]);
+      Bounded(in[i] + total, "the padded input" + dim);
       (*pad_begin)[i] = at.auto_pad == "SAME_UPPER" ? total / 2 : total - total / 2;
       (*out)[i] = o;
       continue;
     }
     (*pad_begin)[i] = pads[i];
-    if (in[i] < 0) continue;
-    const int64_t padded = in[i] + pads[i] + pads[i + r];
+    const int64_t padded = Bounded(in[i] + pads[i] + pads[i + r], "the padded input" + dim);
     if (padded < ext)
       Fail("kernel extent " + std::to_string(ext) + " (kernel " + std::to_string(k[i]) + ", dilation " + std::to_string(d[i]) +
-           ") exceeds the padded input " + std::to_string(padded) + " in spatial dim " + std::to_string(i));
+           ") exceeds the padded input " + std::to_string(padded) + dim);
     (*out)[i] = (padded - ext) / s[i] + 1;
   }
 }
@@ -80,6 +97,11 @@ void ConvCore::Init(const OrtKernelInfo* info, bool channels_last, size_t w_inde
   at_ = ReadConvAttrs(info);
   channels_last_ = channels_last;
   auto w = ConstantInput(info, w_index);
+  if (w && w->shape.size() >= 3 && w->shape.size() <= 5) {  // attributes checked against W now, as ORT's schemas do
+    const std::vector<int64_t> k = ConvKernelDims(at_, static_cast<int64_t>(w->shape.size()), -1, w->shape);
+    std::vector<int64_t> out, pad;
+    ConvGeometry(at_, std::vector<int64_t>(k.size(), -1), k, &out, &pad);
+  }
   if (!w || (!w->is_int8() && !w->is_uint8()) || w->shape.size() < 3 || at_.group < 1) return;
   for (int64_t d : w->shape) if (d < 0) return;
   const int64_t M = w->shape[0];
@@ -143,7 +165,7 @@ Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Te
                   const ConvOutput& out) {
   std::vector<int64_t> y_shape;
   const ConvShape s = Plan(x, w, &y_shape);
-  void* y = Output(ctx, 0, y_shape);
+  void* y = Output(ctx, 0, y_shape, out.kind);
   const Isa isa = ActiveIsa();
   if (s.batch * s.out_pixels() * s.M == 0) return isa;
   const MicroKernel& uk = GetMicroKernel(isa);

@@ -71,7 +71,7 @@ class QGemmKernel : public Kernel {
       else Fail("C of shape " + ShapeStr(cs) + " does not broadcast to (M, N) = (" + std::to_string(M) + ", " + std::to_string(N) + ")");
       g.bias = c->as<int32_t>();
     }
-    void* y = Output(ctx, 0, {static_cast<int64_t>(M), static_cast<int64_t>(N)});
+    void* y = Output(ctx, 0, {static_cast<int64_t>(M), static_cast<int64_t>(N)}, ep.kind);
     const Isa isa = ActiveIsa();
     if (M == 0 || N == 0) return isa;
     const MicroKernel& uk = GetMicroKernel(isa);

@@ -37,7 +37,7 @@ class QLinearMatMulKernel : public Kernel {
     ep.kind = QuantKind(y_zp);
     ep.scale.resize(plan.N);
     for (size_t n = 0; n < plan.N; ++n) ep.scale[n] = sa * sb[n] / sy;
-    void* y = Output(ctx, 0, plan.out_shape);
+    void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
  private:
@@ -56,7 +56,7 @@ class MatMulIntegerKernel : public Kernel {
     ep.kind = OutKind::kInt32;
     ep.za = ZeroPoints(Input(ctx, 2), plan.M, a.type, "a_zero_point");
     ep.zb = ZeroPoints(Input(ctx, 3), plan.N, b.type, "b_zero_point");
-    void* y = Output(ctx, 0, plan.out_shape);
+    void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
  private:
@@ -94,7 +94,7 @@ class MatMulIntegerToFloatKernel : public Kernel {
     ep.zb = ZeroPoints(Input(ctx, 5), plan.N, b.type, "b_zero_point");
     std::optional<Tensor> bias;
     FloatEpilogue(ctx, plan, sa, b_scale, 6, &ep, &bias);
-    void* y = Output(ctx, 0, plan.out_shape);
+    void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
  private:
@@ -122,7 +122,7 @@ class DynamicQuantizeMatMulKernel : public Kernel {
     ep.zb = ZeroPoints(Input(ctx, 3), plan.N, b.type, "b_zero_point");
     std::optional<Tensor> bias;
     FloatEpilogue(ctx, plan, sa, b_scale, 4, &ep, &bias);
-    void* y = Output(ctx, 0, plan.out_shape);
+    void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, qa.data(), false, b, ep, y);
   }
  private:

@@ -1,8 +1,14 @@
-// Output dtype and shape inference for the registered ops (OrtCustomOp::InferOutputShapeFn).
-// ORT needs it to type the outputs whose dtype follows an input (QLinearMatMul, QGemm: y_zero_point's
-// dtype, or float when QGemm has none); the shapes let later nodes be planned. Unknown dimensions
-// stay symbolic. Shapes that cannot multiply or convolve raise here too, but ORT 1.31 ignores a failing
-// InferOutputShapeFn (the session loads, the output shape unknown): the kernels report them at run time.
+// Output shape inference for the registered ops (OrtCustomOp::InferOutputShapeFn); the output dtypes
+// are declared in the op table (register.cc). Three rules keep ORT's planner and type checker right:
+// 1. Never fail on a legal graph. ORT ignores a failing InferOutputShapeFn, so a shape that cannot be
+//    inferred (unknown rank, shapes that do not multiply) leaves the output shape unset and the kernel
+//    reports real problems at run time, naming the node.
+// 2. An unknown rank stays unknown. The C API shows an input of unknown rank as rank 0, and every
+//    input these ops read for shapes has rank >= 1 (conv X >= 3), so rank 0 means "unknown here".
+// 3. An unknown dimension gets a symbol of its own. ORT's planner treats equal symbols as equal sizes
+//    and reuses buffers on that basis; a symbol is shared only when it is the input's own symbol
+//    passed through (M of a matmul, N of a conv), never invented twice.
+#include <atomic>
 #include <string>
 
 #include "ops/conv_core.h"
@@ -18,6 +24,7 @@ struct Dim {
 };
 struct TypeShape {
   bool present = false;
+  bool ranked = false;  // rank known (and >= 1)
   ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   std::vector<Dim> dims;
 };
@@ -42,6 +49,7 @@ TypeShape InputTS(OrtShapeInferContext* ctx, size_t i) {
   if (!st && rank) st = g_ort->GetSymbolicDimensions(info, s.data(), rank);
   ThrowOnError(st);
   ts.present = ts.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  ts.ranked = rank > 0;
   for (size_t d = 0; d < rank; ++d) ts.dims.push_back({v[d], s[d] ? s[d] : ""});
   return ts;
 }
@@ -52,8 +60,7 @@ int64_t AttrIntCtx(OrtShapeInferContext* ctx, const char* name, int64_t dflt) {
   if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return dflt; }
   int64_t v = dflt;
   size_t out = 0;
-  st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof(v), &out);
-  if (st) { g_ort->ReleaseStatus(st); return dflt; }
+  ThrowOnError(g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof(v), &out));  // wrong type: no inference
   return v;
 }
 
@@ -87,12 +94,13 @@ void SetOutput(OrtShapeInferContext* ctx, ONNXTensorElementDataType type, const 
   OrtTensorTypeAndShapeInfo* info = nullptr;
   ThrowOnError(g_ort->CreateTensorTypeAndShapeInfo(&info));
   // ORT writes a dimension as its symbol when it has one, else as its value: unknown dimensions
-  // without a symbol get a fresh one so they are not written as -1.
+  // without a symbol get a fresh one (rule 3) so they are not written as -1.
+  static std::atomic<uint64_t> fresh{0};
   std::vector<int64_t> v;
   std::vector<std::string> names;
   for (size_t i = 0; i < dims.size(); ++i) {
     v.push_back(dims[i].v);
-    names.push_back(dims[i].known() ? "" : dims[i].sym.empty() ? "qie_unk_" + std::to_string(i) : dims[i].sym);
+    names.push_back(dims[i].known() ? "" : dims[i].sym.empty() ? "qie_unk_" + std::to_string(fresh.fetch_add(1)) : dims[i].sym);
   }
   std::vector<const char*> s;
   for (const auto& n : names) s.push_back(n.c_str());
@@ -137,21 +145,23 @@ std::vector<Dim> MatMulDims(const TypeShape& a, const TypeShape& b) {
   return out;
 }
 
+ONNXTensorElementDataType QuantizedOutputType(const TypeShape& y_zp) {
+  return y_zp.present ? y_zp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+}
+
 }  // namespace
 
 void InferMatMulShape(OrtShapeInferContext* ctx, size_t a_idx, size_t b_idx, ONNXTensorElementDataType type) {
   const TypeShape a = InputTS(ctx, a_idx), b = InputTS(ctx, b_idx);
+  if (!a.ranked || !b.ranked) return;  // rule 2
   SetOutput(ctx, type, MatMulDims(a, b));
 }
 
-void InferQLinearMatMul(OrtShapeInferContext* ctx) {
-  const TypeShape yzp = InputTS(ctx, 7);
-  InferMatMulShape(ctx, 0, 3, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8);
-}
+void InferQLinearMatMul(OrtShapeInferContext* ctx) { InferMatMulShape(ctx, 0, 3, QuantizedOutputType(InputTS(ctx, 7))); }
 
 void InferQGemm(OrtShapeInferContext* ctx) {
   const TypeShape a = InputTS(ctx, 0), b = InputTS(ctx, 3), yzp = InputTS(ctx, 8);
-  if (a.dims.size() != 2 || b.dims.size() != 2) Fail("A and B must be 2-D, got A " + DimsStr(a.dims) + " and B " + DimsStr(b.dims));
+  if (a.dims.size() != 2 || b.dims.size() != 2) return;  // unknown rank, or the kernel reports it
   const bool ta = AttrIntCtx(ctx, "transA", 0) != 0, tb = AttrIntCtx(ctx, "transB", 0) != 0;
   const Dim& m = a.dims[ta ? 1 : 0];
   const Dim& ka = a.dims[ta ? 0 : 1];
@@ -165,6 +175,7 @@ void InferQGemm(OrtShapeInferContext* ctx) {
 // Conv: [N, M, out...] (NCHW) or [N, out..., M] (channels_last); unknown spatial dims stay unknown.
 void InferConv(OrtShapeInferContext* ctx, size_t w_idx, ONNXTensorElementDataType type, bool nhwc_domain) {
   const TypeShape x = InputTS(ctx, 0), w = InputTS(ctx, w_idx);
+  if (!x.ranked || x.dims.size() < 3) return;  // rule 2 (rank 1-2 is the kernel's error to report)
   const bool nhwc = nhwc_domain && AttrIntCtx(ctx, "channels_last", 0) != 0;
   ConvAttrs at;
   at.auto_pad = AttrStringCtx(ctx, "auto_pad", "NOTSET");
@@ -173,39 +184,30 @@ void InferConv(OrtShapeInferContext* ctx, size_t w_idx, ONNXTensorElementDataTyp
   at.strides = AttrIntsCtx(ctx, "strides");
   at.dilations = AttrIntsCtx(ctx, "dilations");
   at.group = AttrIntCtx(ctx, "group", 1);
-  const int64_t rank = static_cast<int64_t>(x.dims.size());
-  std::vector<Dim> out_dims;
-  bool w_known = !w.dims.empty();
+  const size_t rank = x.dims.size(), r = rank - 2;
+  bool w_known = w.dims.size() == rank;
   std::vector<int64_t> ws;
   for (const Dim& d : w.dims) { ws.push_back(d.v); w_known = w_known && d.known(); }
-  if (rank == 0 || !w_known) {  // shapes not known yet: dtype only
-    if (rank == 0) { SetOutput(ctx, type, {}); return; }
-    out_dims.assign(static_cast<size_t>(rank), Dim{});
-    out_dims[0] = x.dims[0];
-    SetOutput(ctx, type, out_dims);
-    return;
+  const Dim m = w.dims.size() == rank ? w.dims[0] : Dim{};
+  std::vector<Dim> spatial(r, Dim{});
+  if (w_known) {
+    const Dim& c = nhwc ? x.dims.back() : x.dims[1];
+    const std::vector<int64_t> k = ConvKernelDims(at, static_cast<int64_t>(rank), c.known() ? c.v : -1, ws);
+    std::vector<int64_t> in;
+    for (size_t i = 0; i < r; ++i) in.push_back(x.dims[nhwc ? i + 1 : i + 2].v);
+    std::vector<int64_t> out, pad;
+    ConvGeometry(at, in, k, &out, &pad);
+    for (size_t i = 0; i < r; ++i) if (out[i] >= 0) spatial[i] = Dim{out[i], ""};
   }
-  const Dim& c = nhwc ? x.dims.back() : x.dims.size() > 1 ? x.dims[1] : Dim{};
-  const std::vector<int64_t> k = ConvKernelDims(at, rank, c.known() ? c.v : -1, ws);
-  std::vector<int64_t> in;
-  for (size_t i = 0; i + 2 < x.dims.size(); ++i) in.push_back(x.dims[nhwc ? i + 1 : i + 2].v);
-  std::vector<int64_t> out, pad;
-  ConvGeometry(at, in, k, &out, &pad);
-  out_dims.push_back(x.dims[0]);
-  if (!nhwc) out_dims.push_back({ws[0], ""});
-  for (int64_t o : out) out_dims.push_back({o, ""});
-  if (nhwc) out_dims.push_back({ws[0], ""});
+  std::vector<Dim> out_dims{x.dims[0]};
+  if (!nhwc) out_dims.push_back(m);
+  out_dims.insert(out_dims.end(), spatial.begin(), spatial.end());
+  if (nhwc) out_dims.push_back(m);
   SetOutput(ctx, type, out_dims);
 }
 
-void InferQLinearConv(OrtShapeInferContext* ctx) {
-  const TypeShape yzp = InputTS(ctx, 7);
-  InferConv(ctx, 3, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, false);
-}
-void InferQLinearConvNhwc(OrtShapeInferContext* ctx) {
-  const TypeShape yzp = InputTS(ctx, 7);
-  InferConv(ctx, 3, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, true);
-}
+void InferQLinearConv(OrtShapeInferContext* ctx) { InferConv(ctx, 3, QuantizedOutputType(InputTS(ctx, 7)), false); }
+void InferQLinearConvNhwc(OrtShapeInferContext* ctx) { InferConv(ctx, 3, QuantizedOutputType(InputTS(ctx, 7)), true); }
 void InferConvInteger(OrtShapeInferContext* ctx) { InferConv(ctx, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, false); }
 
 }  // namespace qie
