@@ -19,9 +19,10 @@ ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
 def register(sess_options) -> None:
     """Register qie's custom-op library with an ``onnxruntime.SessionOptions``.
 
-    Same as ``sess_options.register_custom_ops_library(qie_ep.library_path())``. Sessions created with
-    these options run QLinearMatMul, MatMulInteger, QGemm, MatMulIntegerToFloat and
-    DynamicQuantizeMatMul nodes on qie, at every graph optimization level.
+    Sessions created with these options run QLinearMatMul, MatMulInteger, QLinearConv, ConvInteger and
+    the com.microsoft QGemm, QLinearConv (NHWC), MatMulIntegerToFloat and DynamicQuantizeMatMul nodes
+    on qie, at every graph optimization level (``ops()`` lists them). Registering twice on the same
+    options is a no-op.
     """
     sess_options.register_custom_ops_library(library_path())
 
@@ -43,10 +44,20 @@ def with_contrib_opset(model):
 
 
 def _read_lines(fn) -> list[str]:
-    need = fn(None, 0)
-    buf = __import__("ctypes").create_string_buffer(need + 1)
-    fn(buf, need + 1)
-    return buf.value.decode().splitlines()
+    """Read a text the library writes into a caller's buffer (returning the length it needs).
+
+    The text can grow between the sizing call and the copy (counters advancing while sessions run):
+    a copy that did not fit whole is retried with the larger size, so no line is ever cut.
+    """
+    import ctypes
+
+    cap = 4096
+    while True:
+        buf = ctypes.create_string_buffer(cap)
+        need = fn(buf, cap)
+        if need < cap:
+            return buf.raw[:need].decode().splitlines()
+        cap = need + 1024
 
 
 def ops() -> list[tuple[str, str]]:

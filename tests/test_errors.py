@@ -91,12 +91,13 @@ def test_qgemm_bias_shape_and_missing_pair():
     b = np.ones((8, 5), np.int8)
     inits = [numpy_helper.from_array(x, n) for x, n in [
         (np.array(0.1, np.float32), "sa"), (np.array(0, np.uint8), "za"), (b, "b"), (np.array(0.1, np.float32), "sb"),
-        (np.array(0, np.int8), "zb"), (np.zeros(3, np.int32), "c"), (np.array(0.1, np.float32), "sy")]]
+        (np.array(0, np.int8), "zb"), (np.zeros(3, np.int32), "c"), (np.array(4, np.uint8), "zy")]]
     for ins, frag in [(["a", "sa", "za", "b", "sb", "zb", "c"], "C of shape [3] does not broadcast"),
-                      (["a", "sa", "za", "b", "sb", "zb", "", "sy"], "y_scale and y_zero_point must be given together")]:
+                      (["a", "sa", "za", "b", "sb", "zb", "", "", "zy"], "y_zero_point is given without y_scale")]:
         node = helper.make_node("QGemm", ins, ["y"], domain="com.microsoft", name="g0")
         g = helper.make_graph([node], "g", [helper.make_tensor_value_info("a", TensorProto.UINT8, ["m", "k"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT if "C" in frag else TensorProto.UINT8, None)],
+                              initializer=inits)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
         m.ir_version = 10
         expect_error(m, {"a": a}, "qie QGemm", "g0", frag)

@@ -134,9 +134,12 @@ const char* PresentKindOtherThan(const OrtKernelInfo* info, const char* name, co
   if (std::strcmp(want, "an int") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_int64(info, name, &i))) return "an int";
   if (std::strcmp(want, "a float") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_float(info, name, &f))) return "a float";
   if (std::strcmp(want, "a string") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "a string";
-  if (std::strcmp(want, "a list of ints") != 0 && StatusOk(g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)))
+  // ORT's list getters do not check the attribute's type (any attribute reads as an empty list), so a
+  // list counts as present only when it has elements.
+  if (std::strcmp(want, "a list of ints") != 0 && StatusOk(g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) && n)
     return "a list of ints";
-  if (StatusOk(g_ort->KernelInfoGetAttributeArray_float(info, name, nullptr, &n))) return "a list of floats";
+  n = 0;
+  if (StatusOk(g_ort->KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) && n) return "a list of floats";
   return nullptr;
 }
 // Called when reading `name` as `want` failed: absent is fine, any other type is the user's error.
@@ -166,6 +169,7 @@ std::optional<std::vector<int64_t>> AttrInts(const OrtKernelInfo* info, const ch
     RequireAbsent(info, name, "a list of ints");
     return std::nullopt;
   }
+  if (n == 0) RequireAbsent(info, name, "a list of ints");  // an empty list, or another type read as one
   std::vector<int64_t> v(n);
   if (n) ThrowOnError(g_ort->KernelInfoGetAttributeArray_int64(info, name, v.data(), &n));
   return v;

@@ -1,7 +1,8 @@
 // Adaptor for com.microsoft QGemm: Y = alpha * (A' - za)(B' - zb) + C, with A' = transA ? A^T : A and
 // B' = transB ? B^T : B (2-D), C an optional int32 bias broadcast to (M, N) and added to the int32
 // accumulator; the multiplier is (alpha * a_scale * b_scale[n]) / y_scale as ORT evaluates it. With
-// y_scale and y_zero_point the output is requantized to their dtype, without them it is float.
+// y_zero_point the output is requantized to its dtype; without it the output is float (divided by y_scale
+// when that alone is given, as ORT's kernel does).
 #include <cstring>
 
 #include "ops/matmul_core.h"
@@ -43,11 +44,11 @@ class QGemmKernel : public Kernel {
     ep.za = ZeroPoints(Input(ctx, 2), 0, a.type, "a_zero_point");
     ep.zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point");
     const auto c = Input(ctx, 6), y_scale = Input(ctx, 7), y_zp = Input(ctx, 8);
-    if (y_scale.has_value() != y_zp.has_value()) Fail("y_scale and y_zero_point must be given together");
+    if (y_zp && !y_scale) Fail("y_zero_point is given without y_scale");
     ep.scale.resize(N);
     float sy = 1.0f;
-    if (y_scale) {
-      sy = Scales(*y_scale, 0, "y_scale")[0];
+    if (y_scale) sy = Scales(*y_scale, 0, "y_scale")[0];  // without y_zero_point: float output divided by it, as ORT
+    if (y_zp) {
       RequireInt8Type(*y_zp, "y_zero_point");
       if (y_zp->size() != 1) Fail("y_zero_point must have 1 element, got shape " + ShapeStr(y_zp->shape));
       ep.kind = y_zp->is_int8() ? OutKind::kS8 : OutKind::kU8;

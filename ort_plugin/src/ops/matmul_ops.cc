@@ -111,10 +111,14 @@ class DynamicQuantizeMatMulKernel : public Kernel {
     RequireInt8Type(b, "B");
     const MatMulPlan plan = PlanMatMul(a.shape, b.shape);
     const size_t n = static_cast<size_t>(a.size());
+    // A NaN or infinity has no quantized value: ORT maps a NaN to the zero point (or to an all-NaN
+    // output when it comes first) and an infinity to an all-NaN output; qie says so instead.
+    const float* af = a.as<float>();
+    for (size_t i = 0; i < n; ++i)
+      if (!std::isfinite(af[i])) Fail("A contains a non-finite value (" + std::to_string(af[i]) + ") at flat index " + std::to_string(i) + "; it cannot be quantized");
     float sa = 1.0f;
     uint8_t za = 0;
-    DynamicQuantizeParams(a.as<float>(), n, &sa, &za);
-    if (!std::isfinite(sa)) Fail("A contains non-finite values; its dynamic quantization scale is " + std::to_string(sa));
+    DynamicQuantizeParams(af, n, &sa, &za);
     std::vector<uint8_t> qa(std::max<size_t>(n, 1));  // per call: sessions may run concurrently
     QuantizeLinearU8(a.as<float>(), n, sa, za, qa.data());
     MatMulEpilogue ep;
