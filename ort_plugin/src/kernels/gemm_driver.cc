@@ -200,4 +200,9 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   else pfor(total, task);
 }
 
+void ScaleColumns(float* y, size_t rows, size_t n, const float* scale, const float* bias) {
+  for (size_t r = 0; r < rows; ++r, y += n)
+    for (size_t c = 0; c < n; ++c) y[c] = bias ? y[c] * scale[c] + bias[c] : y[c] * scale[c];
+}
+
 }  // namespace qie

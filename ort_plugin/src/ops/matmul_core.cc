@@ -129,6 +129,7 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
   g.batch = batch;
   g.b = bptrs.data();
   Gemm(uk, g, OrtParallelFor(ctx));
+  if (!ep.post_scale.empty()) ScaleColumns(static_cast<float*>(y), rows * batch, plan.N, ep.post_scale.data(), ep.post_bias);
   return isa;
 }
 

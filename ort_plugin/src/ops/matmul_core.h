@@ -24,6 +24,10 @@ struct MatMulEpilogue {
   std::vector<float> scale; // N multipliers (float/quantized outputs)
   const float* fbias = nullptr;  // N float bias or nullptr
   int32_t y_zp = 0;
+  // Float outputs ORT rounds twice, (float(acc) * a_scale) * b_scale[n] (+ bias[n]): after the GEMM
+  // (whose scale is then a_scale alone and fbias null) every column is multiplied again (kernel layer).
+  std::vector<float> post_scale;
+  const float* post_bias = nullptr;
 };
 
 class MatMulCore {

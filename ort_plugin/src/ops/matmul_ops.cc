@@ -63,19 +63,23 @@ class MatMulIntegerKernel : public Kernel {
   MatMulCore core_;
 };
 
-// Float output: y = float(acc) * (a_scale * b_scale[n]) + bias[n].
-void FloatEpilogue(OrtKernelContext* ctx, const MatMulPlan& plan, float a_scale, const Tensor& b_scale,
+// Float output: y = float(acc) * (a_scale * b_scale[n]) + bias[n], as ORT computes it, except that
+// ORT rounds twice, (float(acc) * a_scale) * b_scale[n] + bias[n], when B is batched (rank >= 3) and
+// b_scale is per column (measured on ORT 1.31.1; tests/test_fuzz_graphs.py reaches both).
+void FloatEpilogue(OrtKernelContext* ctx, const MatMulPlan& plan, float a_scale, const Tensor& b_scale, size_t b_rank,
                    size_t bias_index, MatMulEpilogue* ep, std::optional<Tensor>* bias) {
   const std::vector<float> sb = Scales(b_scale, plan.N, "b_scale");
+  const bool twice = b_rank >= 3 && b_scale.size() > 1;
   ep->kind = OutKind::kFloat;
   ep->scale.resize(plan.N);
-  for (size_t n = 0; n < plan.N; ++n) ep->scale[n] = a_scale * sb[n];
+  for (size_t n = 0; n < plan.N; ++n) ep->scale[n] = twice ? a_scale : a_scale * sb[n];
+  if (twice) ep->post_scale = sb;
   *bias = Input(ctx, bias_index);
   if (*bias) {
     RequireType(**bias, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "bias");
     if ((*bias)->size() != static_cast<int64_t>(plan.N))
       Fail("bias must have N=" + std::to_string(plan.N) + " elements, got shape " + ShapeStr((*bias)->shape));
-    ep->fbias = (*bias)->as<float>();
+    (twice ? ep->post_bias : ep->fbias) = (*bias)->as<float>();
   }
 }
 
@@ -93,7 +97,7 @@ class MatMulIntegerToFloatKernel : public Kernel {
     ep.za = ZeroPoints(Input(ctx, 4), 0, a.type, "a_zero_point");
     ep.zb = ZeroPoints(Input(ctx, 5), plan.N, b.type, "b_zero_point");
     std::optional<Tensor> bias;
-    FloatEpilogue(ctx, plan, sa, b_scale, 6, &ep, &bias);
+    FloatEpilogue(ctx, plan, sa, b_scale, b.shape.size(), 6, &ep, &bias);
     void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
@@ -125,7 +129,7 @@ class DynamicQuantizeMatMulKernel : public Kernel {
     ep.za = {za};
     ep.zb = ZeroPoints(Input(ctx, 3), plan.N, b.type, "b_zero_point");
     std::optional<Tensor> bias;
-    FloatEpilogue(ctx, plan, sa, b_scale, 4, &ep, &bias);
+    FloatEpilogue(ctx, plan, sa, b_scale, b.shape.size(), 4, &ep, &bias);
     void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, qa.data(), false, b, ep, y);
   }
