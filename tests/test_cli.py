@@ -4,6 +4,7 @@ errors a user can cause (one line, exit status 2, no traceback, no partial outpu
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -333,3 +334,44 @@ def test_check_feed_names_the_input():
 def _has_tvm() -> bool:
     import importlib.util
     return importlib.util.find_spec("tvm") is not None
+
+
+def test_error_output_onto_input_or_report_onto_output(work, tmp_path):
+    """`-o` equal to the input once replaced the user's FP32 model (exit 0); `--report` onto `-o` left JSON."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(work["mlp"].read_bytes())
+    before = model.read_bytes()
+    _assert_user_error(_cli("quantize", model, "-o", model, "--dynamic"), "would overwrite the input model")
+    _assert_user_error(_cli("quantize", model, "-o", tmp_path / "sub" / ".." / "m.onnx", "--dynamic"), "would overwrite")
+    assert model.read_bytes() == before
+    out = tmp_path / "o.onnx"
+    _assert_user_error(_cli("quantize", model, "-o", out, "--dynamic", "--report", out), "would overwrite the output model")
+    assert not out.exists()
+
+
+def test_error_corrupt_npz_and_nothing_to_quantize(work, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    out = tmp_path / "o.onnx"
+    _assert_user_error(_cli("quantize", work["mlp"], "-o", out, "--calib", bad), "a.npz", "cannot read")
+    _assert_user_error(_cli("quantize", work["mlp"], "-o", out, "--dynamic", "--op-types", "Foo"), "no layer of type Foo")
+    assert not out.exists() and not list(tmp_path.glob(".o.onnx.*"))
+
+
+def test_outputs_are_world_readable(work, tmp_path):
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main(["quantize", str(work["mlp"]), "-o", str(out), "--dynamic", "--report", str(report)]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (out, report):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, oct(f.stat().st_mode)
+
+
+def test_report_folders_not_created_before_inputs_are_checked(work, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for cmd in (["sensitivity", work["mlp"], "--calib", empty], ["compare", work["mlp"], work["mlp"], "--data", empty]):
+        folder = tmp_path / f"report-{cmd[0]}"
+        _assert_user_error(_cli(*cmd, "-o", folder), "no inputs found")
+        assert not folder.exists()

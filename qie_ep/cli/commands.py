@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qie_ep.cli import data as D
-from qie_ep.cli.common import (UserError, agreement, atomic_output, check_loadable, check_writable, cpu_model,
+from qie_ep.cli.common import (UserError, agreement, atomic_output, check_distinct, check_loadable, check_writable, cpu_model,
                                float_outputs, load_model)
 from qie_ep.cli.quantize import QuantizeConfig, quantize_file
 
@@ -26,10 +26,15 @@ def _config(args) -> QuantizeConfig:
 
 
 def _out_dir(path: str) -> Path:
+    """The report folder, checked but not created: ``_make_dir`` creates it once the inputs are valid."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UserError(f"{p}: exists and is not a folder")
     check_writable(p / "report.md") if p.is_dir() else check_writable(p)
+    return p
+
+
+def _make_dir(p: Path) -> Path:
     p.mkdir(exist_ok=True)
     return p
 
@@ -45,6 +50,7 @@ def _mb(path) -> float:
 
 
 def quantize(args) -> int:
+    check_distinct(input_model=args.model, output_model=args.output, report=args.report)
     model = load_model(args.model, load_external_data=False)
     check_loadable(args.model)
     check_writable(args.output)
@@ -98,6 +104,7 @@ def sensitivity(args) -> int:
         q.close()
     table = R.sensitivity_table(rows)
     print(R.sensitivity_table(rows[: args.top]))
+    _make_dir(out)
     if len(rows) > args.top:
         print(f"({len(rows) - args.top} more in {out / 'sensitivity.md'})")
     plotted = R.plot_layers([(r["node"], r["loss"]) for r in rows], out / "sensitivity.png",
@@ -202,6 +209,7 @@ def compare(args) -> int:
     if args.runs < 1:
         raise UserError("--runs must be >= 1")
     threads = args.threads or os.cpu_count() or 1
+    _make_dir(out)
     print(f"{Path(args.model).name} vs {Path(args.int8).name}: {source}, {threads} threads, {args.runs} timed passes")
     hosts = H.run_hosts(args.hosts, str(args.model), str(args.int8), feeds, threads, args.runs, args.target)
     by_key = {h.key: h for h in hosts}

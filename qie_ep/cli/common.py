@@ -54,6 +54,18 @@ def check_loadable(path: str | os.PathLike) -> None:
         raise UserError(f"{path}: ONNX Runtime cannot load this model: {msg}") from None
 
 
+def check_distinct(**paths) -> None:
+    """Refuse two of the named paths being one file (``-o`` onto the input model, ``--report`` onto ``-o``)."""
+    seen: dict[Path, str] = {}
+    for flag, p in paths.items():
+        if p is None:
+            continue
+        key = Path(p).resolve()
+        if key in seen:
+            raise UserError(f"{p}: {flag} would overwrite the {seen[key]}; choose another path")
+        seen[key] = flag.replace("_", " ")
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """The output ``path`` as a Path, after checking its folder exists and can be written."""
     p = Path(path)
@@ -74,11 +86,21 @@ def atomic_output(path: str | os.PathLike):
     On any exception the temporary file is removed and ``path`` is left as it was.
     """
     final = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent if str(final.parent) else ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent if str(final.parent) else ".")
+    except OSError as e:
+        raise UserError(f"{final}: cannot write ({e.strerror})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes the file 0600; outputs get the usual 0666 less the umask (a model server running
+        # as another user must be able to read them)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+        for extra in tmp_path.parent.glob(tmp_path.name + ".data"):
+            os.chmod(extra, 0o666 & ~umask)
         os.replace(tmp_path, final)
     finally:
         tmp_path.unlink(missing_ok=True)

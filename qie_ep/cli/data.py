@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import zipfile
+
 import numpy as np
 
 from qie_ep.cli.common import UserError
@@ -184,7 +186,7 @@ def load_feeds(folder: str | Path, model, tokenizer: str | None = None,
                 if len(specs) != 1:
                     raise UserError(f"{f}: images need a model with one input; it has {[s.name for s in specs]}")
                 raw = [{specs[0].name: _load_image(f, specs[0], image)}]
-        except (ValueError, OSError) as e:  # corrupt .npy/.npz, pickled objects
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:  # corrupt .npy/.npz, pickled objects
             raise UserError(f"{f}: cannot read ({str(e)[:200]})") from None
         for r in raw:
             parts = _split(r, by_name) if set(r) <= set(by_name) else [r]

@@ -188,6 +188,8 @@ def quantize_file(model_path: str, output: str, feeds: list[dict], config: Quant
         raise UserError(f"--accuracy-budget is a loss of cosine similarity in (0, 1), e.g. 0.01; got {budget}")
     q = Quantizer(Path(model_path), config, feeds, progress)
     try:
+        if not q.layers():  # an "INT8" copy that is the FP32 model is not a result
+            raise UserError(f"{model_path}: no layer of type {' '.join(config.op_types) or 'any'} to quantize")
         with atomic_output(output) as tmp:
             if budget is None:
                 q.write(tmp)
