@@ -276,13 +276,14 @@ class _ApiBase(ctypes.Structure):
 def test_register_reports_a_runtime_too_old():
     """An ORT without qie's API version gets an error status, not a silent success."""
     messages = []
-    create_status_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+    create_status_t = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p)
     create_status = create_status_t(lambda code, msg: messages.append((code, msg.decode())) or 0xBAD)
     api1 = (ctypes.c_void_p * 8)(ctypes.cast(create_status, ctypes.c_void_p).value)
-    get_api_t = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_uint32)
-    get_api = get_api_t(lambda v: ctypes.addressof(api1) if v == 1 else None)
-    version_t = ctypes.CFUNCTYPE(ctypes.c_char_p)
-    version = version_t(lambda: b"1.16.0")
+    get_api_t = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_uint32)  # integer returns: ctypes keeps no objects alive
+    get_api = get_api_t(lambda v: ctypes.addressof(api1) if v == 1 else 0)
+    version_text = ctypes.create_string_buffer(b"1.16.0")
+    version_t = ctypes.CFUNCTYPE(ctypes.c_size_t)
+    version = version_t(lambda: ctypes.addressof(version_text))
     base = _ApiBase(ctypes.cast(get_api, ctypes.c_void_p).value, ctypes.cast(version, ctypes.c_void_p).value)
     lib = ctypes.CDLL(qie_ep.library_path())
     lib.RegisterCustomOps.restype = ctypes.c_void_p
