@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-import qie_ep
-from helpers import OPT_LEVELS
+from helpers import OPT_LEVELS, session
 
 EXAMPLES = 400
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -54,6 +51,10 @@ class Case:
     def feed(self, name, value, decl, alt=None):
         self.slots.append(name)
         self.runtime[name] = (np.asarray(value), decl, alt)
+
+    def weight(self, name, value, constant):
+        """B or W: an initializer, or a runtime input with symbolic dims."""
+        self.const(name, value) if constant else self.feed(name, value, "symbolic")
 
     def absent(self):
         self.slots.append("")
@@ -98,14 +99,7 @@ class Case:
 
 
 def run(model_bytes, feeds_list, qie, level):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = OPT_LEVELS[level]
-    so.enable_cpu_mem_arena = False
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 4
-    if qie:
-        qie_ep.register(so)
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    sess = session(model_bytes, qie, level, arena=False, quiet=True)
     return [sess.run(None, f) for f in feeds_list]
 
 
@@ -150,13 +144,7 @@ def matmul_shapes(draw):
     return a_shape, b_shape, draw(st.integers(1, 3))  # alt M for the second run
 
 
-def alt_shape(shape, new_m):
-    if len(shape) < 2:
-        return None
-    return np.array(shape[:-2] + [new_m, shape[-1]])
-
-
-def matmul_operands(draw, rng, case_add_a, a_dtype=None):
+def matmul_operands(draw, rng, a_dtype=None):
     a_shape, b_shape, alt_m = draw(matmul_shapes())
     a_dt = a_dtype or draw(qtypes)
     b_dt = draw(qtypes)
@@ -174,8 +162,7 @@ def matmul_operands(draw, rng, case_add_a, a_dtype=None):
 
 
 def zp(rng, dtype, count):
-    v = rand_q(rng, dtype, (count,)) if count > 1 else rand_q(rng, dtype, ())
-    return v
+    return rand_q(rng, dtype, (count,) if count > 1 else ())
 
 
 def scale(rng, count=0):
@@ -185,13 +172,13 @@ def scale(rng, count=0):
 @st.composite
 def qlinear_matmul(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng, None)
+    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng)
     c = Case("QLinearMatMul")
     c.k_zero = k0
     c.feed("a", a, decl, alt)
     c.const("sa", scale(rng))
     c.const("za", zp(rng, a.dtype.type, 1))
-    (c.const if b_const else lambda nm, v: c.feed(nm, v, "symbolic"))("b", b)
+    c.weight("b", b, b_const)
     c.const("sb", scale(rng, n if per_col else 0))
     c.const("zb", zp(rng, b.dtype.type, n if per_col else 1))
     c.const("sy", np.float32(rng.uniform(0.05, 2.0)))
@@ -202,11 +189,11 @@ def qlinear_matmul(draw):
 @st.composite
 def matmul_integer(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng, None)
+    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng)
     c = Case("MatMulInteger")
     c.k_zero = k0
     c.feed("a", a, decl, alt)
-    (c.const if b_const else lambda nm, v: c.feed(nm, v, "symbolic"))("b", b)
+    c.weight("b", b, b_const)
     which = draw(st.sampled_from(["none", "a", "b", "both"]))
     if which == "none":
         return c
@@ -222,11 +209,11 @@ def matmul_integer(draw):
 @st.composite
 def matmul_integer_to_float(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng, None)
+    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng)
     c = Case("MatMulIntegerToFloat", "com.microsoft")
     c.k_zero = k0
     c.feed("a", a, decl, alt)
-    (c.const if b_const else lambda nm, v: c.feed(nm, v, "symbolic"))("b", b)
+    c.weight("b", b, b_const)
     c.const("sa", scale(rng))
     c.const("sb", scale(rng, n if per_col else 0))
     opt = draw(st.sampled_from(["none", "zps", "all"]))
@@ -241,11 +228,11 @@ def matmul_integer_to_float(draw):
 @st.composite
 def dynamic_quantize_matmul(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng, None, a_dtype=np.float32)
+    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng, a_dtype=np.float32)
     c = Case("DynamicQuantizeMatMul", "com.microsoft")
     c.k_zero = k0
     c.feed("a", a, decl, alt)
-    (c.const if b_const else lambda nm, v: c.feed(nm, v, "symbolic"))("b", b)
+    c.weight("b", b, b_const)
     c.const("sb", scale(rng, n if per_col else 0))
     opt = draw(st.sampled_from(["none", "zp", "bias", "all"]))
     if opt in ("zp", "all"):
@@ -281,7 +268,7 @@ def qgemm(draw):
     c.feed("a", a, decl, alt if c_kind != "full" else None)
     c.const("sa", scale(rng))
     c.const("za", zp(rng, a_dt, 1))
-    (c.const if draw(st.booleans()) else lambda nm, v: c.feed(nm, v, "symbolic"))("b", b)
+    c.weight("b", b, draw(st.booleans()))
     per_col = draw(st.booleans())
     c.const("sb", scale(rng, n if per_col else 0))
     c.const("zb", zp(rng, b_dt, n if per_col else 1) if b_dt == np.uint8 else np.zeros(n if per_col else (), np.int8))
@@ -334,7 +321,7 @@ def conv(draw, op):
     c = Case(op, "", attrs)
     c.feed("x", x, decl, alt)
     if op == "ConvInteger":
-        c.const("w", w) if draw(st.booleans()) else c.feed("w", w, "symbolic")
+        c.weight("w", w, draw(st.booleans()))
         opt = draw(st.sampled_from(["none", "x", "both"]))
         if opt != "none":
             c.const("zx", zp(rng, x_dt, 1))
@@ -343,7 +330,7 @@ def conv(draw, op):
         return c
     c.const("sx", scale(rng))
     c.const("zx", zp(rng, x_dt, 1))
-    c.const("w", w) if draw(st.booleans()) else c.feed("w", w, "symbolic")
+    c.weight("w", w, draw(st.booleans()))
     c.const("sw", scale(rng, mout if per_ch else 0))
     c.const("zw", zp(rng, w_dt, mout if per_ch else 1) if w_dt == np.uint8 else np.zeros(mout if per_ch else (), np.int8))
     c.const("sy", np.float32(rng.uniform(0.05, 2.0)))

@@ -20,19 +20,14 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import qie_ep
+import helpers
 from helpers import OPT_LEVELS, assert_exact
 
 INT64_MAX = np.iinfo(np.int64).max
 
 
-def session(model, qie, level="all", arena=False):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = OPT_LEVELS[level]
-    so.enable_cpu_mem_arena = arena
-    so.intra_op_num_threads = 1
-    if qie:
-        qie_ep.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+def session(model, qie, level="all"):
+    return helpers.session(model, qie, level, arena=False)
 
 
 def make_model(nodes, inputs, outputs, inits=(), ms=False, opset=21):
