@@ -375,3 +375,35 @@ def test_report_folders_not_created_before_inputs_are_checked(work, tmp_path):
         folder = tmp_path / f"report-{cmd[0]}"
         _assert_user_error(_cli(*cmd, "-o", folder), "no inputs found")
         assert not folder.exists()
+
+
+def test_error_compare_models_with_other_outputs(work, tmp_path):
+    """An INT8 model whose outputs differ from the FP32 model's (name, fixed dim, element type) is one line,
+    before any host runs or the report folder exists."""
+    base = onnx.load(str(work["mlp"]))
+    narrow = onnx.load(str(work["mlp"]))  # fc3 keeps 5 of its 10 columns: y [N, 5]
+    w3 = next(t for t in narrow.graph.initializer if t.name == "w3")
+    w3.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w3)[:, :5].copy(), "w3"))
+    narrow.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    renamed = onnx.load(str(work["mlp"]))
+    renamed.graph.output[0].name = renamed.graph.node[-1].output[0] = "z"
+    double = onnx.load(str(work["mlp"]))  # y cast to double
+    double.graph.node[-1].output[0] = "y32"
+    double.graph.node.append(helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.DOUBLE))
+    double.graph.output[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    for name, m, words in (("narrow", narrow, ["'y'", "float[None, 5]", "float[None, 10]"]),
+                           ("renamed", renamed, ["outputs ['z']"]), ("double", double, ["double"])):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(m, str(path))
+        folder = tmp_path / f"report-{name}"
+        _assert_user_error(_cli("compare", work["mlp"], path, "-o", folder, "--runs", "1"), "not the same model", *words)
+        assert not folder.exists()
+    assert len(base.graph.output) == 1
+
+
+def test_agreement_refuses_other_shapes():
+    from qie_ep.cli.common import agreement
+    ref = [[np.ones((1, 10), np.float32)]]
+    with pytest.raises(UserError, match=r"sample 0: .*\(1, 5\).*\(1, 10\)"):
+        agreement(ref, [[np.ones((1, 5), np.float32)]])
+    assert agreement(ref, ref)["cos_min"] == pytest.approx(1.0)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from qie_ep.cli import data as D
 from qie_ep.cli.common import (UserError, agreement, atomic_output, check_distinct, check_loadable, check_writable, cpu_model,
@@ -184,6 +185,31 @@ def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
     return rows
 
 
+def _output_types(model) -> dict:
+    """{output name: (element type, dims with None where not a fixed number, or None when rank unknown)}."""
+    out = {}
+    for o in model.graph.output:
+        t = o.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] if t.HasField("shape") else None
+        out[o.name] = (t.elem_type, dims)
+    return out
+
+
+def _check_same_outputs(fp32, int8, fp32_path, int8_path) -> None:
+    """The INT8 model must declare the FP32 model's outputs: same names, element types and every fixed dim."""
+    a, b = _output_types(fp32), _output_types(int8)
+    if sorted(a) != sorted(b):
+        raise UserError(f"{int8_path}: outputs {sorted(b)} differ from {fp32_path}'s {sorted(a)}: not the same model")
+    for name, (ta, da) in a.items():
+        tb, db = b[name]
+        clash = (ta != tb or (da is not None and db is not None and
+                              (len(da) != len(db) or any(x is not None and y is not None and x != y for x, y in zip(da, db)))))
+        if clash:
+            fmt = lambda t, d: f"{onnx.TensorProto.DataType.Name(t).lower()}{d if d is not None else '[?]'}"  # noqa: E731
+            raise UserError(f"{int8_path}: output '{name}' is {fmt(tb, db)} but {fp32_path}'s is {fmt(ta, da)}: "
+                            "not the same model")
+
+
 def compare(args) -> int:
     import qie_ep
     from qie_ep.cli import hosts as H
@@ -198,6 +224,7 @@ def compare(args) -> int:
     in_int8 = [s.name for s in D.input_specs(int8)]
     if sorted(in_fp32) != sorted(in_int8):
         raise UserError(f"{args.int8}: inputs {in_int8} differ from {args.model}'s {in_fp32}: not the same model")
+    _check_same_outputs(fp32, int8, args.model, args.int8)
     out = _out_dir(args.out)
     if args.data:
         feeds = D.load_feeds(args.data, fp32, args.tokenizer, _image_options(args))

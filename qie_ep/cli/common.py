@@ -145,6 +145,11 @@ def agreement(ref: list[list[np.ndarray]], got: list[list[np.ndarray]]) -> dict:
     """
     if len(ref) != len(got):
         raise ValueError(f"{len(ref)} reference samples but {len(got)} to compare")
+    for i, (r, g) in enumerate(zip(ref, got)):
+        shapes_r, shapes_g = [x.shape for x in r], [x.shape for x in g]
+        if shapes_r != shapes_g:
+            raise UserError(f"sample {i}: float outputs of shapes {shapes_g} where the reference has {shapes_r}: "
+                            "not the same model")
     cos = [cosine(_flat(r), _flat(g)) for r, g in zip(ref, got)]
     return {"cos_mean": float(np.mean(cos)), "cos_min": float(np.min(cos)),
             "sqnr_db": sqnr_db(np.concatenate([_flat(r) for r in ref]), np.concatenate([_flat(g) for g in got]))}
