@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import isa_params
-from helpers import kernel_gemm
+from helpers import check_guards, guarded_output, kernel_gemm
 from qie_ep import reference as R
 
 MS = [1, 2, 5, 6, 7, 8, 9, 13, 16, 17]
@@ -131,10 +131,11 @@ def test_dynamic_quantize_linear_matches_reference(isa, restore_isa):
     ties = (np.arange(-300, 300, dtype=np.float32) + 0.5) * np.float32(2.0 / 255)  # x / scale lands on .5
     cases += [ties, np.full(33, 2.5, np.float32), np.zeros(7, np.float32), -np.abs(cases[-1])]
     for x in cases:
-        q = np.empty(x.size, np.uint8)
+        q, raw = guarded_output((x.size,), np.uint8, 0)
         scale, zp = ctypes.c_float(), ctypes.c_uint8()
         lib().qie_test_quantize_dynamic(x.ctypes.data_as(ctypes.c_void_p), x.size, ctypes.byref(scale),
                                         ctypes.byref(zp), q.ctypes.data_as(ctypes.c_void_p))
+        check_guards(raw, f"dynamic quantization of {x.size} values on {isa}")
         want_q, want_s, want_zp = R.dynamic_quantize_linear(x)
         assert scale.value == want_s and zp.value == want_zp, (isa, x.size, scale.value, want_s, zp.value, want_zp)
         check(q, want_q, isa=isa, n=x.size)

@@ -15,7 +15,7 @@ import onnxruntime as ort
 import pytest
 
 import qie_ep
-from helpers import OPT_LEVELS, assert_exact, run, single_node_model
+from helpers import COMPARE_BUILTIN, OPT_LEVELS, assert_exact, run, single_node_model
 from qie_ep import reference as R
 
 LEVELS = list(OPT_LEVELS)
@@ -33,7 +33,7 @@ def check_op(model, feeds, want, key, levels=LEVELS, builtin=True, threads=1):
         got = run(model, feeds, qie=True, level=level, threads=threads)[0]
         assert_exact(got, want, f"(qie, level={level})")
         assert key in qie_ep.stats(), f"{key} did not run on qie at level {level}: {qie_ep.stats()}"
-        if builtin:
+        if builtin and COMPARE_BUILTIN:
             ref = run(model, feeds, qie=False, level=level, threads=threads)[0]
             assert_exact(ref, want, f"(ORT built-in, level={level})")
 
@@ -113,6 +113,16 @@ def test_matmul_integer_per_row_a_zero_point_and_batched_b():
     a3, b3 = rand(rng, np.uint8, (4, 5, 33)), rand(rng, np.int8, (4, 33, 21))
     model = single_node_model("MatMulInteger", [("a", a3), ("b", b3)], {}, np.int32)
     check_op(model, {"a": a3, "b": b3}, R.matmul_integer(a3, b3), ("", "MatMulInteger"), levels=["all"])
+    # A 3-D A with a per-row zero point: the M zero points repeat in every batch, both when the batches are
+    # folded into one GEMM (constant 2-D B) and when each batch has its own B.
+    za5 = rand(rng, np.uint8, (5,))
+    for bb, const_b in ((b, True), (b3, False)):
+        inputs = [("a", a3), ("b", bb), ("za", za5)]
+        model = single_node_model("MatMulInteger", inputs, {"za": za5, **({"b": bb} if const_b else {})}, np.int32)
+        want = R.matmul_integer(a3, bb, za5)
+        assert not np.array_equal(want, R.matmul_integer(a3, bb, np.tile(za5, 4)[:5][::-1])), "zero points must matter"
+        check_op(model, {"a": a3, **({} if const_b else {"b": bb})}, want, ("", "MatMulInteger"), levels=["all"],
+                 builtin=False)
 
 
 def qgemm_model(rng, adt, bdt, m, k, n, trans_a, trans_b, alpha, c_shape, quant_out, per_column):
@@ -120,7 +130,7 @@ def qgemm_model(rng, adt, bdt, m, k, n, trans_a, trans_b, alpha, c_shape, quant_
     b = rand(rng, bdt, (n, k) if trans_b else (k, n))
     sa, za = np.array(0.03, np.float32), np.array(rand(rng, adt, ()))
     sb = rng.uniform(0.002, 0.02, (n,) if per_column else ()).astype(np.float32)
-    zb = np.zeros(sb.shape, bdt)
+    zb = rand(rng, bdt, sb.shape)  # non-zero B zero points (one per column when per_column)
     inputs = [("a", a), ("sa", sa), ("za", za), ("b", b), ("sb", sb), ("zb", zb)]
     inits = {"sa": sa, "za": za, "b": b, "sb": sb, "zb": zb}
     c = None
@@ -159,12 +169,14 @@ def test_qgemm_forms(c_shape, trans):
     check_op(model, feeds, want, ("com.microsoft", "QGemm"), levels=["all"])
 
 
+@pytest.mark.parametrize("per_column", [False, True], ids=["per-tensor", "per-column"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_matmul_integer_to_float(with_bias):
+def test_matmul_integer_to_float(with_bias, per_column):
     rng = np.random.default_rng(17)
     a, b = rand(rng, np.uint8, (3, 7, 64)), rand(rng, np.int8, (64, 48))
-    sa, sb = np.array(0.02, np.float32), np.array(0.007, np.float32)
-    za, zb = np.array(7, np.uint8), np.array(0, np.int8)
+    sa = np.array(0.02, np.float32)
+    sb = rng.uniform(0.002, 0.02, 48).astype(np.float32) if per_column else np.array(0.007, np.float32)
+    za, zb = np.array(7, np.uint8), (rand(rng, np.int8, (48,)) if per_column else np.array(0, np.int8))
     bias = rng.normal(size=48).astype(np.float32)
     inputs = [("a", a), ("b", b), ("sa", sa), ("sb", sb), ("za", za), ("zb", zb)]
     inits = {"b": b, "sa": sa, "sb": sb, "za": za, "zb": zb}
@@ -176,16 +188,25 @@ def test_matmul_integer_to_float(with_bias):
     check_op(model, {"a": a}, want, ("com.microsoft", "MatMulIntegerToFloat"))
 
 
+@pytest.mark.parametrize("form", ["per-tensor", "per-column", "bare"])
 @pytest.mark.parametrize("bdt", [np.int8, np.uint8], ids=["s8", "u8"])
-def test_dynamic_quantize_matmul(bdt):
+def test_dynamic_quantize_matmul(bdt, form):
+    """Per-tensor scale and zero point with bias; per-column scales and zero points with bias; no zero point
+    and no bias (both optional inputs absent)."""
     rng = np.random.default_rng(18)
     a = rng.normal(size=(2, 9, 64)).astype(np.float32)
     b = rand(rng, bdt, (64, 40))
-    sb, zb = np.array(0.01, np.float32), np.array(3 if bdt == np.uint8 else 0, bdt)
+    if form == "per-column":
+        sb, zb = rng.uniform(0.002, 0.02, 40).astype(np.float32), rand(rng, bdt, (40,))
+    else:
+        sb, zb = np.array(0.01, np.float32), np.array(3 if bdt == np.uint8 else 0, bdt)
     bias = rng.normal(size=40).astype(np.float32)
     inputs = [("a", a), ("b", b), ("sb", sb), ("zb", zb), ("bias", bias)]
-    model = single_node_model("DynamicQuantizeMatMul", inputs, {"b": b, "sb": sb, "zb": zb, "bias": bias}, np.float32,
-                              domain="com.microsoft")
+    inits = {"b": b, "sb": sb, "zb": zb, "bias": bias}
+    if form == "bare":
+        inputs, zb, bias = inputs[:3], None, None
+        inits = {"b": b, "sb": sb}
+    model = single_node_model("DynamicQuantizeMatMul", inputs, inits, np.float32, domain="com.microsoft")
     want = R.dynamic_quantize_matmul(a, b, sb, zb, bias)
     check_op(model, {"a": a}, want, ("com.microsoft", "DynamicQuantizeMatMul"))
 

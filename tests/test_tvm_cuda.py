@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tvm_helpers import HOST, qtvm, tvm
+from tvm_helpers import HOST, assert_within_fma, qtvm, tvm
 from qie_ep import reference as ref
 from tvm_schedules import cuda, gemm, isa as tisa
 from tvm_schedules.gemm import Epilogue
@@ -90,33 +90,79 @@ def test_default_isa_by_arch():
     assert qtvm.isa_for(tvm.target.Target({"kind": "cuda", "arch": "sm_75"})) == "cuda_dp4a"
 
 
-@pytest.mark.parametrize("adt,bdt", [("uint8", "int8"), ("uint8", "uint8"), ("int8", "int8")])
-def test_cuda_group_numerics_on_cpu(adt, bdt):
-    """prep -> core (unscheduled, on the CPU) -> rowsum -> epilogue equals the reference."""
+def _epilogue_operands(rng, out, n):
+    """(Epilogue, operands after the zero-point ones, reference kwargs) for output dtype ``out``. The
+    requantize multiplier 0.5 makes every odd accumulator an exact tie (x.5), so half-to-even rounding is
+    checked, with a bias that moves some outputs past both saturation ends."""
+    if out == "int32":
+        return Epilogue("int32"), [], {}
+    if out == "float32":
+        scale = rng.uniform(1e-4, 1e-2, n).astype(np.float32)
+        fbias = rng.normal(size=n).astype(np.float32)
+        return Epilogue("float32", per_channel=True, bias=True), [scale, fbias], {"out": "float", "scale": scale,
+                                                                                 "fbias": fbias}
+    mult = np.full(n, 0.5, np.float32)
+    mult[::3] = rng.uniform(1e-3, 0.05, len(mult[::3])).astype(np.float32)
+    bias = rng.integers(-400, 400, n).astype(np.int32)
+    zy = 100 if out == "uint8" else -3
+    return (Epilogue(out, per_channel=True, bias=True), [mult, bias, np.asarray([zy], np.int32)],
+            {"out": out, "scale": mult, "bias": bias, "y_zero_point": zy})
+
+
+@pytest.mark.parametrize("isa", ["cuda_dp4a", "cuda_imma"])
+@pytest.mark.parametrize("out", ["int32", "uint8", "int8", "float32"])
+@pytest.mark.parametrize("adt,bdt", [("uint8", "int8"), ("uint8", "uint8"), ("int8", "int8"), ("int8", "uint8")])
+def test_cuda_group_numerics_on_cpu(isa, out, adt, bdt):
+    """prep -> core -> rowsum -> epilogue, the CUDA group's PrimFuncs, built for the CPU, equal the
+    reference: the shift to s8, dp4a's packing into int32 words (its ``__dp4a`` emulated in TIR), row
+    padding to the 64-row tile, the zero-point terms, and every epilogue (int32, requantized u8/s8 with
+    exact ties and saturation, float with per-column scale and bias within one FMA rounding, as on x86).
+    The scheduling is not exercised
+    here (the GPU check in tests/gpu/ runs it)."""
     rng = np.random.default_rng(4)
     m, k, n = 13, 70, 50
     lo = {"uint8": 0, "int8": -128}
     a = rng.integers(lo[adt], lo[adt] + 256, (m, k)).astype(adt)
     b = rng.integers(lo[bdt], lo[bdt] + 256, (k, n)).astype(bdt)
     za, zb = np.asarray(7, adt), rng.integers(lo[bdt], lo[bdt] + 256, n).astype(bdt)
-    isa = tisa.CUDA_IMMA
-    packed, colsum, zbs, kp, np_ = cuda.pack_weights(b, zb, isa)
-    sa, _ = gemm.shifts(isa, adt, bdt)
-    epi = Epilogue("int32", zb=bool(np.any(zbs)))
-    funcs = [cuda.prep_primfunc(adt, k, kp, isa), cuda.core_primfunc(kp, np_, "core", False),
+    tiles = {"cuda_dp4a": tisa.CUDA_DP4A, "cuda_imma": tisa.CUDA_IMMA}[isa]
+    dp4a = isa == "cuda_dp4a"
+    packed, colsum, zbs, kp, np_ = cuda.pack_weights(b, zb, tiles)
+    sa, _ = gemm.shifts(tiles, adt, bdt)
+    acc_ref = ref.gemm_u8s8(a, b, int(za), zb.astype(np.int32))
+    epi, operands, kw = _epilogue_operands(rng, out, n)
+    epi = Epilogue(epi.out, per_channel=epi.per_channel, bias=epi.bias, zb=bool(np.any(zbs)))
+    funcs = [cuda.prep_primfunc(adt, k, kp, tiles), cuda.core_primfunc(kp, np_, "core", dp4a, emulate=True),
              cuda.rowsum_primfunc(adt, k, sa), cuda.epilogue_primfunc(k, n, np_, epi, sa, "epi")]
     libs = [tvm.tirx.build(tvm.IRModule({"main": f}), target=HOST) for f in funcs]
     t = lambda x: tvm.runtime.tensor(np.ascontiguousarray(x))  # noqa: E731
-    ap = t(np.zeros((m, kp), np.int8))
-    libs[0]["main"](t(a), ap)
-    acc = t(np.zeros((m, np_), np.int32))
-    libs[1]["main"](ap, t(packed), acc)
+    if dp4a:  # rows padded to the 64-row block tile, four bytes to a word
+        mt = (m + 63) // 64
+        ap = t(np.zeros((mt * 64, kp // 4), np.int32))
+        libs[0]["main"](t(a), mt, ap)
+        acc = t(np.zeros((mt * 64, np_), np.int32))
+        libs[1]["main"](ap, t(packed), mt, acc)
+    else:
+        ap = t(np.zeros((m, kp), np.int8))
+        libs[0]["main"](t(a), ap)
+        acc = t(np.zeros((m, np_), np.int32))
+        libs[1]["main"](ap, t(packed), acc)
     rows = t(np.zeros(m, np.int32))
     libs[2]["main"](t(a), rows)
-    out = t(np.zeros((m, n), np.int32))
+    ydt = {"int32": np.int32, "uint8": np.uint8, "int8": np.int8, "float32": np.float32}[out]
+    y = t(np.zeros((m, n), ydt))
     extra = [t(zbs), rows] if epi.zb else []
-    libs[3]["main"](acc, t(colsum), t(np.asarray([za], np.int32)), *extra, out)
-    np.testing.assert_array_equal(out.numpy(), ref.matmul_integer(a, b, za, zb))
+    libs[3]["main"](acc, t(colsum), t(np.asarray([za], np.int32)), *extra, *map(t, operands), y)
+    want = ref.gemm_u8s8(a, b, int(za), zb.astype(np.int32), **kw)
+    if out == "float32":
+        assert_within_fma(y.numpy(), want, kw["fbias"])
+        return
+    np.testing.assert_array_equal(y.numpy(), want)
+    if out in ("uint8", "int8"):
+        qlo, qhi = ref.QRANGE[np.dtype(out)]
+        exact = (acc_ref + kw["bias"]) * 0.5 + kw["y_zero_point"]
+        assert (want == qlo).any() and (want == qhi).any(), "test did not saturate both ends"
+        assert (np.abs(exact - np.round(exact)) == 0.5)[:, kw["scale"] == 0.5].any(), "test has no exact tie"
 
 
 @pytest.mark.skipif(not tvm.cuda(0).exist, reason="no CUDA GPU on this machine")

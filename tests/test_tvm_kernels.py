@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tvm_helpers import HOST, tvm_isa_params  # noqa: F401  (imports TVM or skips)
+from tvm_helpers import HOST, assert_within_fma, tvm_isa_params  # noqa: F401  (imports TVM or skips)
 from qie_ep import reference as ref
 from tvm_schedules import conv, isa as tisa, kernels, matmul
 from tvm_schedules.gemm import Epilogue, Tile
@@ -90,11 +90,7 @@ def test_matmul_float_output(isa):
     kk = kernel(spec, isa)
     got = kk(a, kk.pack(b, zb), za, scale=(sa * sb).astype(np.float32), fbias=fbias)
     want = ref.matmul_integer_to_float(a, b, sa, sb, np.uint8(za), zb, fbias)
-    # LLVM contracts float32(acc) * scale + bias into one FMA (the product is not rounded): the difference
-    # is at most one rounding of the product plus one of the sum: <= ulp(|acc * scale|) + ulp(|y|).
-    prod = np.abs(want - fbias).astype(np.float32)
-    bound = np.spacing(prod) + np.spacing(np.abs(want))
-    assert np.all(np.abs(got - want) <= bound), "beyond one rounding of the product and of the sum"
+    assert_within_fma(got, want, fbias)
     nobias = kernel(matmul.MatmulSpec("uint8", "uint8", k, n, Epilogue("float32", per_channel=True, zb=True)), isa)
     got = nobias(a, nobias.pack(b, zb), za, scale=(sa * sb).astype(np.float32))
     np.testing.assert_array_equal(got, ref.matmul_integer_to_float(a, b, sa, sb, np.uint8(za), zb))

@@ -35,3 +35,13 @@ def compile_model(model, qie=True, target=None, shape_dict=None):
         return [o.numpy() for o in outs]
 
     return run, kernels
+
+
+def assert_within_fma(got, want, fbias):
+    """Float epilogue ``float32(acc) * scale + bias``: LLVM (and nvcc, by default) contract it into one FMA,
+    so the product is not rounded: the difference from the reference's two roundings is at most one
+    rounding of the product plus one of the sum, ``ulp(|acc * scale|) + ulp(|y|)``."""
+    import numpy as np
+    prod = np.abs(want - fbias).astype(np.float32)
+    bound = np.spacing(prod) + np.spacing(np.abs(want))
+    assert np.all(np.abs(got - want) <= bound), "beyond one rounding of the product and of the sum"

@@ -38,11 +38,20 @@ def _i64(v: int):
     return tirx.IntImm("int64", v)
 
 
-def core_primfunc(kp: int, np_: int, name: str, dp4a: bool) -> tirx.PrimFunc:
+def _dp4a_emulated(a, b):
+    """``__dp4a(a, b, 0)`` in plain TIR: the four sign-extended byte products of two int32 words summed
+    (bytes little-endian, as ``prep`` and ``pack_weights`` pack them). For running the dp4a core on a CPU."""
+    def byte(w, j):
+        return (w << (24 - 8 * j)) >> 24  # arithmetic shift: sign-extends byte j
+    return sum(byte(a, j) * byte(b, j) for j in range(4))
+
+
+def core_primfunc(kp: int, np_: int, name: str, dp4a: bool, emulate: bool = False) -> tirx.PrimFunc:
     """Unscheduled s8 x s8 -> s32 core with symbolic rows (``kp`` % 16 == 0, ``np_`` % 64 == 0).
 
     dp4a: A and B arrive as int32 words of 4 packed int8 (``[m, kp/4]``, ``[np_, kp/4]``) and each
-    reduction step is ``__dp4a(a, b, 0)``; IMMA: plain int8 ``[m, kp]`` and ``[np_, kp]``.
+    reduction step is ``__dp4a(a, b, 0)`` (``emulate``: the same in plain TIR, so that the core with its
+    packing runs on a CPU); IMMA: plain int8 ``[m, kp]`` and ``[np_, kp]``.
     """
     if dp4a:
         # Rows are a multiple of the 64-row block tile (``prep`` pads them), passed as ``mt`` blocks (a
@@ -53,8 +62,11 @@ def core_primfunc(kp: int, np_: int, name: str, dp4a: bool) -> tirx.PrimFunc:
         a = te.placeholder((mt * 64, _i64(kp // 4)), "int32", name="A")
         b = te.placeholder((_i64(np_), _i64(kp // 4)), "int32", name="B")
         q = te.reduce_axis((_i64(0), _i64(kp // 4)), name="q")
-        c = te.compute((mt * 64, _i64(np_)), lambda i, j: te.sum(
-            tirx.call_pure_extern("int32", "__dp4a", a[i, q], b[j, q], tirx.const(0, "int32")), axis=q), name="C")
+        def step(i, j):
+            if emulate:
+                return _dp4a_emulated(a[i, q], b[j, q])
+            return tirx.call_pure_extern("int32", "__dp4a", a[i, q], b[j, q], tirx.const(0, "int32"))
+        c = te.compute((mt * 64, _i64(np_)), lambda i, j: te.sum(step(i, j), axis=q), name="C")
         return te.create_prim_func([a, b, mt, c]).with_attr("global_symbol", name)
     else:
         m = tirx.Var("m", "int64")
