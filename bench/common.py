@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import onnxruntime as ort
 
 import qie_ep
-from qie_ep.cli.common import cpu_model
+from qie_ep.hosts import cpu_model
+from qie_ep.session import session as qie_session
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -29,16 +29,9 @@ def read_csv(name: str) -> list[dict]:
 
 
 def session(model_bytes: bytes, qie: bool, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Both sessions live in one process and are run alternately: a spinning idle worker of one would
     # steal the second core from the other, so neither spins.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if qie:
-        qie_ep.register(so)
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return qie_session(model_bytes, qie=qie, threads=threads, spinning=False)
 
 
 def interleaved_median(sessions: list, feeds: dict, runs: int = 25, min_time: float = 0.2) -> list[float]:

@@ -49,7 +49,7 @@ def real_layers(name: str) -> list[tuple[dict, bytes, dict]]:
     import onnx
     from onnx import shape_inference
 
-    from qie_ep import vision as V
+    from qie_ep.demo import vision as V
     from qie_ep.reference import conv_geometry
 
     model = onnx.load(str(V.quantized(name, "qoperator")))

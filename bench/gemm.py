@@ -8,14 +8,13 @@ ORT and the % of the measured per-core vpdpbusd peak.
 from __future__ import annotations
 
 import argparse
-import ctypes
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import qie_ep
 from bench.common import OUT, environment, interleaved_median, read_shapes, session, write_jsonl
-from qie_ep._lib import lib
+from qie_ep._lib import testing_lib
 
 COMBOS = {"u8s8": (np.uint8, np.int8), "u8u8": (np.uint8, np.uint8), "s8s8": (np.int8, np.int8)}
 
@@ -40,7 +39,7 @@ def qlinear_matmul(m: int, n: int, k: int, adt, bdt, seed: int = 0) -> tuple[byt
 
 def vnni_peak_gops() -> float:
     """Measured single-core vpdpbusd (zmm) throughput, 2 ops per multiply-add; 0 without AVX-512 VNNI."""
-    return float(lib().qie_bench_vnni_peak_gops()) if "avx512vnni" in qie_ep.supported_isas() else 0.0
+    return float(testing_lib().qie_bench_vnni_peak_gops()) if "avx512vnni" in qie_ep.supported_isas() else 0.0
 
 
 def plot(rows: list[dict], path) -> None:

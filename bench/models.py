@@ -14,7 +14,7 @@ import onnx
 
 import qie_ep
 from bench.common import OUT, environment, interleaved_median, session, write_jsonl
-from qie_ep import vision as V
+from qie_ep.demo import vision as V
 
 
 def main(argv=None) -> None:

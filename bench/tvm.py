@@ -26,26 +26,13 @@ from bench.gemm import qlinear_matmul
 
 
 def tvm_runner(model: onnx.ModelProto, qie: bool, target):
-    import tvm
-
-    import qie_ep.tvm as qtvm
-    mod = qtvm.from_onnx(model)
-    ex = tvm.compile(mod, target, relax_pipeline=qtvm.pipeline(target) if qie else "default")
-    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
-    names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    fn = vm["main"]
-    cache = {}
+    """``run(feeds, to_numpy=False)``: inputs become TVM tensors once per feed dict (a deployment keeps
+    its tensors; converting a numpy array costs ~0.03 ms, as much as a whole 1x768x768 GEMM)."""
+    from qie_ep.tvm.runner import compile_onnx
+    c = compile_onnx(model, target, qie=qie, cache_inputs=True)
 
     def run(feeds, to_numpy=False):
-        # Inputs become tvm Tensors once per feed dict (a deployment keeps its tensors); converting a
-        # numpy array costs ~0.03 ms here, as much as a whole 1x768x768 GEMM.
-        key = id(feeds)
-        if key not in cache:
-            cache[key] = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n])) for n in names]
-        out = fn(*cache[key])
-        if not to_numpy:
-            return out
-        return out[0].numpy() if hasattr(out, "__getitem__") and not hasattr(out, "numpy") else out.numpy()
+        return c.run(feeds)[0] if to_numpy else c.call(feeds)
 
     return run
 
@@ -91,8 +78,8 @@ def cases(args):
     if args.models:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import qie_ep
-        from qie_ep import models
-        from qie_ep import vision as V
+        from qie_ep.demo import models
+        from qie_ep.demo import vision as V
         minilm = qie_ep.with_contrib_opset(onnx.load(str(models.minilm_int8_dynamic("int8"))))
         yield "model", "minilm-dynamic", minilm, models.minilm_feeds(), 0.0
         x, _ = V.dataset("orientation", 1, seed=5)
@@ -131,7 +118,7 @@ def main(argv=None) -> None:
     import tvm
 
     import qie_ep.tvm as qtvm
-    from tvm_schedules.isa import host_target
+    from qie_ep.tvm.schedules.isa import host_target
     target = host_target()
     env = environment()
     env.update(tvm=tvm.__version__, tvm_isa=qtvm.isa_for(target), target=str(target.attrs.get("mcpu", "")))

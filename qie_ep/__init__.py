@@ -13,7 +13,16 @@ from qie_ep._lib import library_path, lib
 __all__ = ["register", "with_contrib_opset", "library_path", "ops", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
 __version__ = "0.1.0"
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni")
+
+
+def __getattr__(name: str):
+    if name == "ISAS":  # the library's ISA table, slowest to fastest (read on first use)
+        return _isas()
+    raise AttributeError(f"module 'qie_ep' has no attribute {name!r}")
+
+
+def _isas() -> tuple:
+    return tuple(lib().qie_isas().decode().split())
 
 
 def register(sess_options) -> None:
@@ -92,7 +101,7 @@ def active_isa() -> str:
 
 def supported_isas() -> list[str]:
     """ISA paths this CPU can run, from slowest to fastest."""
-    return [i for i in ISAS if lib().qie_isa_supported(i.encode())]
+    return [i for i in _isas() if lib().qie_isa_supported(i.encode())]
 
 
 def force_isa(name: str) -> None:
@@ -100,7 +109,7 @@ def force_isa(name: str) -> None:
 
     Raises ``ValueError`` if the name is unknown or the CPU lacks that ISA.
     """
-    if name not in ISAS:
-        raise ValueError(f"unknown ISA {name!r}; expected one of {ISAS}")
+    if name not in _isas():
+        raise ValueError(f"unknown ISA {name!r}; expected one of {_isas()}")
     if lib().qie_force_isa(name.encode()) != 0:
         raise ValueError(f"ISA {name!r} is not supported by this CPU (supported: {supported_isas()})")

@@ -1,7 +1,8 @@
 """Locating and loading the compiled custom-op library (libqie_ort.so) through ctypes.
 
 Python never calls the library for compute: it registers the library with ONNX Runtime and reads the
-small C API it exports (stats, ISA selection, and kernel-level entry points used by the tests).
+small C API it exports (ops, stats, ISA selection). The kernel-level entry points the tests and
+benchmarks call are in a separate library, libqie_testing.so, built beside it in development builds.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def library_path() -> str:
         f"{LIB_NAME} not found: build it with `pip install .` (or `make build`), or set QIE_LIBRARY")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lib() -> ctypes.CDLL:
     """The loaded library with argument types declared for every exported C function."""
     h = ctypes.CDLL(library_path())
@@ -59,6 +60,24 @@ def lib() -> ctypes.CDLL:
     h.qie_isa_supported.restype = c.c_int
     h.qie_force_isa.argtypes = [c.c_char_p]
     h.qie_force_isa.restype = c.c_int
+    h.qie_isas.argtypes = []
+    h.qie_isas.restype = c.c_char_p
+    return h
+
+
+TESTING_LIB_NAME = "libqie_testing.so"
+
+
+@functools.cache
+def testing_lib() -> ctypes.CDLL:
+    """libqie_testing.so, beside libqie_ort.so: the same kernels behind kernel-level entry points (tests,
+    benchmarks). Development builds only (CMake option QIE_BUILD_TESTING; `make build` sets it)."""
+    path = Path(library_path()).with_name(TESTING_LIB_NAME)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the kernel-level tests need a development build "
+                                "(`make build`, or cmake with -DQIE_BUILD_TESTING=ON)")
+    h = ctypes.CDLL(str(path))
+    c = ctypes
     p = c.c_void_p
     h.qie_test_gemm.argtypes = [c.c_char_p, c.c_size_t, c.c_size_t, c.c_size_t, p, c.c_int, p, c.c_int, p, c.c_int,
                                 p, p, c.c_ssize_t, c.c_int, c.c_int, p, p, c.c_int32, p, c.c_int]
@@ -66,8 +85,10 @@ def lib() -> ctypes.CDLL:
     h.qie_test_conv.argtypes = [c.c_char_p, c.c_size_t, c.c_size_t, c.c_size_t, c.c_size_t, p, p, c.c_int, c.c_int32,
                                 p, c.c_int, p, p, c.c_int, p, c.c_int32, p, c.c_int]
     h.qie_test_conv.restype = c.c_int
-    h.qie_test_quantize_dynamic.argtypes = [p, c.c_size_t, p, p, p]
-    h.qie_test_quantize_dynamic.restype = None
+    h.qie_test_quantize_dynamic.argtypes = [c.c_char_p, p, c.c_size_t, p, p, p]
+    h.qie_test_quantize_dynamic.restype = c.c_int
+    h.qie_test_microkernel.argtypes = [c.c_char_p, p, p, p]
+    h.qie_test_microkernel.restype = c.c_int
     h.qie_bench_vnni_peak_gops.argtypes = []
     h.qie_bench_vnni_peak_gops.restype = c.c_double
     return h

@@ -5,12 +5,11 @@ import ctypes
 import os
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-import qie_ep
-from qie_ep._lib import lib
+from qie_ep._lib import testing_lib
+from qie_ep.session import session as qie_session
 
 # Memory-safety jobs (`make memcheck`, `make valgrind`) set QIE_TEST_NO_ARENA=1: every ORT buffer is its own
 # allocation, so a write past one lands in a redzone instead of the arena's slack.
@@ -69,11 +68,29 @@ def kernel_gemm(isa, a, b, za, zb, bias=None, bias_rs=0, bias_cs=0, out="int32",
     bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.int32))
     ydt = {"int32": np.int32, "float": np.float32, "uint8": np.uint8, "int8": np.int8}[out]
     y, raw = guarded_output((m, n), ydt, 0x5A if ydt in (np.uint8, np.int8) else 12345)
-    rc = lib().qie_test_gemm(isa.encode(), m, n, k, _ptr(a), int(a.dtype == np.int8), _ptr(b), int(b.dtype == np.int8),
+    rc = testing_lib().qie_test_gemm(isa.encode(), m, n, k, _ptr(a), int(a.dtype == np.int8), _ptr(b), int(b.dtype == np.int8),
                              _ptr(za), int(za.size > 1), _ptr(zb), _ptr(bias), bias_rs, bias_cs, OUT_KINDS[out],
                              _ptr(scale), _ptr(fbias), int(y_zp), _ptr(y), threads)
     check_guards(raw, f"GEMM m={m} n={n} k={k} on {isa}")
     return None if rc != 0 else y
+
+
+def kernel_quantize_dynamic(isa, x):
+    """DynamicQuantizeMatMul's quantization of ``x`` on ISA path ``isa``: (q, scale, zero point), or None
+    when the CPU lacks the ISA. The output is guarded."""
+    x = np.ascontiguousarray(x, np.float32)
+    q, raw = guarded_output((x.size,), np.uint8, 0)
+    scale, zp = np.zeros(1, np.float32), np.zeros(1, np.uint8)
+    rc = testing_lib().qie_test_quantize_dynamic(isa.encode(), _ptr(x), x.size, _ptr(scale), _ptr(zp), _ptr(q))
+    check_guards(raw, f"dynamic quantization of {x.size} values on {isa}")
+    return None if rc != 0 else (q, scale[0], zp[0])
+
+
+def microkernel_tile(isa) -> tuple[int, int, int]:
+    """(MR, NR, K-group) of ISA path ``isa``'s GEMM microkernel, as the library declares it."""
+    mr, nr, kg = (ctypes.c_int() for _ in range(3))
+    assert testing_lib().qie_test_microkernel(isa.encode(), ctypes.byref(mr), ctypes.byref(nr), ctypes.byref(kg)) == 0
+    return mr.value, nr.value, kg.value
 
 
 def tensor_type(dtype) -> int:
@@ -101,17 +118,8 @@ def single_node_model(op, inputs, initializers, out_dtype, domain="", attrs=None
 def session(model, qie=True, level="all", threads=1, arena=True, quiet=False):
     """An InferenceSession on the CPU EP; ``arena=False`` puts every buffer in its own allocation, so a
     write past one is not hidden in the arena's slack (reliability and fuzz tests, ASan)."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = OPT_LEVELS[level]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.enable_cpu_mem_arena = arena and not NO_ARENA
-    if quiet:
-        so.log_severity_level = 4
-    if qie:
-        qie_ep.register(so)
-    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
-    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return qie_session(model, qie=qie, level=level, threads=threads, arena=arena and not NO_ARENA,
+                       log_level=4 if quiet else None)
 
 
 def run(model, feeds, qie=True, level="all", threads=1):
@@ -152,7 +160,7 @@ def kernel_conv(isa, x, w, x_zp, w_zp, *, group=1, strides=None, dilations=None,
     bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.int32))
     ydt = {"int32": np.int32, "uint8": np.uint8, "int8": np.int8}[out]
     y, raw = guarded_output([n] + o + [m], ydt, 0x5A if ydt != np.int32 else 12345)
-    rc = lib().qie_test_conv(isa.encode(), n, c, m, group, _ptr(geom), _ptr(x), int(x.dtype == np.int8), int(x_zp),
+    rc = testing_lib().qie_test_conv(isa.encode(), n, c, m, group, _ptr(geom), _ptr(x), int(x.dtype == np.int8), int(x_zp),
                              _ptr(w), int(w.dtype == np.int8), _ptr(w_zp), _ptr(bias), OUT_KINDS[out], _ptr(scale),
                              int(y_zp), _ptr(y), threads)
     check_guards(raw, f"conv x{list(x.shape)} w{list(w.shape)} group={group} on {isa}")

@@ -1,6 +1,7 @@
-// The one registration table of (domain, op) -> adaptor, the OrtCustomOp glue around it, and the
-// small exported C API the Python side reads. C++ exceptions become OrtStatus errors that name the
-// op and the node.
+// The one registration table of (domain, op) -> adaptor, the OrtCustomOp glue around it, and
+// RegisterCustomOps (ORT's entry point). C++ exceptions become OrtStatus errors that name the op and the
+// node. What Python reads is in c_api.cc; the kernel-level test entries are in testing.cc (a separate
+// library, not part of the shipped one).
 //
 // Input dtypes are declared UNDEFINED (any tensor type) except where a variant fixes one to select its
 // output dtype (see OpDef): a custom op registered under an ONNX op name replaces that op's schema for
@@ -12,15 +13,12 @@
 #include <cstring>
 #include <mutex>
 #include <string>
-#include <thread>
 
 #include "kernels/conv.h"
 #include "ops/ops.h"
 
 namespace qie {
 const char* IsaEnvError();
-double MeasureVnniPeakGops();
-ParallelFor ThreadPoolFor(int threads);
 
 namespace {
 
@@ -57,7 +55,13 @@ const std::vector<OpDef>& Table() {
       {"", "QLinearMatMul", {U, U, U, U, U, U, U, U8}, 8, U8, MakeQLinearMatMul, InferQLinearMatMul},
       {"", "QLinearMatMul", {U, U, U, U, U, U, U, I8}, 8, I8, MakeQLinearMatMul, InferQLinearMatMul},
       {"", "MatMulInteger", {U, U, U, U}, 2, I32, MakeMatMulInteger, InferMatMulInt32},
-      {"com.microsoft", "MatMulIntegerToFloat", {U, U, U, U, U, U, U}, 4, F32, MakeMatMulIntegerToFloat, InferMatMulFloat},
+      {"com.microsoft",
+       "MatMulIntegerToFloat",
+       {U, U, U, U, U, U, U},
+       4,
+       F32,
+       MakeMatMulIntegerToFloat,
+       InferMatMulFloat},
       {"com.microsoft", "DynamicQuantizeMatMul", {U, U, U, U, U}, 3, F32, MakeDynamicQuantizeMatMul, InferMatMulFloat},
       {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, F32}, 6, F32, MakeQGemm, InferQGemm},
       {"com.microsoft", "QGemm", {U, U, U, U, U, U, U, U, U8}, 6, U8, MakeQGemm, InferQGemm},
@@ -84,16 +88,14 @@ struct KernelHolder {
 
 }  // namespace
 
-// For the kernel-level test entries: `threads` std::threads sharing a ParallelFor's tasks.
-ParallelFor ThreadPoolFor(int threads) {
-  return [threads](size_t total, const std::function<void(size_t)>& fn) {
-    std::atomic<size_t> next{0};
-    auto worker = [&] { for (size_t i; (i = next.fetch_add(1)) < total;) fn(i); };
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-  };
+// The (domain, op) lines qie_ops() reports, one per op (not per variant).
+std::string RegisteredOps() {
+  std::string out;
+  for (const OpDef& d : Table()) {
+    const std::string line = std::string(d.domain) + "\t" + d.name + "\n";
+    if (out.find(line) == std::string::npos) out += line;
+  }
+  return out;
 }
 
 namespace {
@@ -114,9 +116,7 @@ OrtStatus* Guarded(const std::string& what, F&& body) {
     return ErrorStatus(ORT_INVALID_ARGUMENT, what, e.what());
   } catch (const std::bad_alloc&) {
     return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, "out of memory");
-  } catch (const std::exception& e) {
-    return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, e.what());
-  } catch (...) {
+  } catch (const std::exception& e) { return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, e.what()); } catch (...) {
     return ErrorStatus(ORT_RUNTIME_EXCEPTION, what, "unknown error");
   }
 }
@@ -225,7 +225,8 @@ struct Domains {
       st = api->CustomOpDomain_Add(std::strcmp(op.def->domain, "") == 0 ? d[0] : d[1], &op);
     }
     if (st) {
-      for (OrtCustomOpDomain* x : d) if (x) api->ReleaseCustomOpDomain(x);
+      for (OrtCustomOpDomain* x : d)
+        if (x) api->ReleaseCustomOpDomain(x);
       return st;
     }
     onnx = d[0];
@@ -242,7 +243,8 @@ constexpr const char* kRegisteredKey = "qie.custom_ops_registered";
 
 extern "C" {
 
-__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                 const OrtApiBase* api_base) {
   // Negotiate the API version of the headers we were built with. An older runtime returns no API for
   // it; API 1's CreateStatus (the first entry of every OrtApi) still reports why, instead of qie being
   // silently absent.
@@ -255,7 +257,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     return api1 ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
   }
   qie::g_ort = api;
-  if (const char* err = qie::IsaEnvError()) return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("qie: ") + err).c_str());
+  if (const char* err = qie::IsaEnvError())
+    return api->CreateStatus(ORT_INVALID_ARGUMENT, (std::string("qie: ") + err).c_str());
   std::lock_guard<std::mutex> lock(qie::g_domains.mu);
   int registered = 0;
   if (OrtStatus* st = api->HasSessionConfigEntry(options, qie::kRegisteredKey, &registered)) return st;
@@ -264,100 +267,6 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.onnx)) return st;
   if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.ms)) return st;
   return api->AddSessionConfigEntry(options, qie::kRegisteredKey, "1");
-}
-
-// Writes "domain\top\n" for every (domain, op) the library registers (NUL-terminated, truncated to
-// cap); returns the length the full text needs, without the NUL. qie_ep.ops() reads it.
-__attribute__((visibility("default"))) size_t qie_ops(char* buf, size_t cap) {
-  std::string out;
-  for (const qie::OpDef& d : qie::Table()) {
-    const std::string line = std::string(d.domain) + "\t" + d.name + "\n";
-    if (out.find(line) == std::string::npos) out += line;  // one line per (domain, op), not per opset range
-  }
-  if (buf && cap) {
-    const size_t n = std::min(cap - 1, out.size());
-    std::memcpy(buf, out.data(), n);
-    buf[n] = '\0';
-  }
-  return out.size();
-}
-
-__attribute__((visibility("default"))) const char* qie_active_isa() { return qie::IsaName(qie::ActiveIsa()); }
-
-__attribute__((visibility("default"))) int qie_isa_supported(const char* name) {
-  qie::Isa isa;
-  return qie::IsaFromName(name, &isa) && qie::IsaSupported(isa) ? 1 : 0;
-}
-
-// Forces the ISA used by kernels from now on (tests, benchmarks). 0 on success, -1 if unknown or
-// not supported by this CPU.
-__attribute__((visibility("default"))) int qie_force_isa(const char* name) {
-  qie::Isa isa;
-  if (!qie::IsaFromName(name, &isa) || !qie::ForceIsa(isa)) return -1;
-  return 0;
-}
-
-// Kernel-level entry for the exhaustive kernel tests: one GEMM on a named ISA path, with `threads`
-// std::threads sharing its tasks. Returns 0, or -1 when the ISA is unknown or unsupported here.
-__attribute__((visibility("default"))) int qie_test_gemm(
-    const char* isa_name, size_t M, size_t N, size_t K, const uint8_t* a, int a_signed, const uint8_t* b,
-    int b_signed, const int32_t* za, int za_per_row, const int32_t* zb, const int32_t* bias, ptrdiff_t bias_rs,
-    int bias_cs, int out_kind, const float* scale, const float* fbias, int32_t y_zp, void* y, int threads) {
-  qie::Isa isa;
-  if (!qie::IsaFromName(isa_name, &isa) || !qie::IsaSupported(isa)) return -1;
-  const qie::MicroKernel& uk = qie::GetMicroKernel(isa);
-  qie::PackedB pb;
-  qie::PackB(uk, b, b_signed != 0, K, N, static_cast<ptrdiff_t>(N), 1, &pb);
-  const qie::PackedB* bp = &pb;
-  qie::GemmArgs g;
-  g.M = M; g.N = N; g.K = K;
-  g.a = a; g.lda = K; g.a_signed = a_signed != 0;
-  g.za = za; g.za_per_row = za_per_row;
-  g.zb = zb;
-  g.bias = bias; g.bias_rs = bias_rs; g.bias_cs = bias_cs;
-  g.kind = static_cast<qie::OutKind>(out_kind);
-  g.scale = scale; g.fbias = fbias; g.y_zp = y_zp;
-  g.y = y; g.ldy = N;
-  g.batch = 1; g.b = &bp;
-  qie::Gemm(uk, g, qie::ThreadPoolFor(threads));
-  return 0;
-}
-
-// Kernel-level entry for the convolution kernel tests: one NHWC convolution on a named ISA path.
-// geom: 3 spatial dims each of in, out, k, stride, dil, pad (leading pads), D/H/W order.
-__attribute__((visibility("default"))) int qie_test_conv(
-    const char* isa_name, size_t batch, size_t C, size_t M, size_t group, const size_t* geom, const uint8_t* x,
-    int x_signed, int32_t x_zp, const uint8_t* w, int w_signed, const int32_t* w_zp, const int32_t* bias, int out_kind,
-    const float* scale, int32_t y_zp, void* y, int threads) {
-  qie::Isa isa;
-  if (!qie::IsaFromName(isa_name, &isa) || !qie::IsaSupported(isa)) return -1;
-  const qie::MicroKernel& uk = qie::GetMicroKernel(isa);
-  qie::ConvShape s;
-  s.batch = batch; s.C = C; s.M = M; s.group = group;
-  for (int d = 0; d < 3; ++d) {
-    s.in[d] = geom[d]; s.out[d] = geom[3 + d]; s.k[d] = geom[6 + d];
-    s.stride[d] = geom[9 + d]; s.dil[d] = geom[12 + d]; s.pad[d] = geom[15 + d];
-  }
-  qie::PackedConv pw;
-  qie::PackConv(uk, s, w, w_signed != 0, w_zp, &pw);
-  qie::ConvArgs a;
-  a.x = x; a.x_signed = x_signed != 0; a.x_zp = x_zp;
-  a.w_zp = w_zp; a.bias = bias;
-  a.kind = static_cast<qie::OutKind>(out_kind);
-  a.scale = scale; a.y_zp = y_zp; a.y = y;
-  qie::Conv(uk, s, pw, a, qie::ThreadPoolFor(threads));
-  return 0;
-}
-
-// Measured single-core vpdpbusd peak (benchmarks); 0 when the CPU lacks AVX-512 VNNI.
-__attribute__((visibility("default"))) double qie_bench_vnni_peak_gops() {
-  return qie::IsaSupported(qie::Isa::kAvx512Vnni) ? qie::MeasureVnniPeakGops() : 0.0;
-}
-
-// DynamicQuantizeLinear as the DynamicQuantizeMatMul kernel applies it (for the reference tests).
-__attribute__((visibility("default"))) void qie_test_quantize_dynamic(const float* x, size_t n, float* scale, uint8_t* zp, uint8_t* q) {
-  qie::DynamicQuantizeParams(x, n, scale, zp);
-  qie::QuantizeLinearU8(x, n, *scale, *zp, q);
 }
 
 }  // extern "C"

@@ -12,7 +12,9 @@
 namespace qie {
 namespace {
 constexpr int kMaxOps = 32;
-struct OpName { std::string domain, op; };
+struct OpName {
+  std::string domain, op;
+};
 std::mutex g_mu;
 std::vector<OpName> g_names;
 std::atomic<uint64_t> g_counts[kMaxOps][kIsaCount];
@@ -45,8 +47,8 @@ __attribute__((visibility("default"))) size_t qie_stats_snapshot(char* buf, size
       for (int isa = 0; isa < qie::kIsaCount; ++isa) {
         const uint64_t n = qie::g_counts[i][isa].load();
         if (!n) continue;
-        out += qie::g_names[i].domain + "\t" + qie::g_names[i].op + "\t" + qie::IsaName(static_cast<qie::Isa>(isa)) + "\t" +
-               std::to_string(n) + "\n";
+        out += qie::g_names[i].domain + "\t" + qie::g_names[i].op + "\t" + qie::IsaName(static_cast<qie::Isa>(isa)) +
+               "\t" + std::to_string(n) + "\n";
       }
   }
   if (buf && cap) {

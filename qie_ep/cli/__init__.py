@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from qie_ep.cli.common import UserError
+from qie_ep.errors import UserError
 
 EXIT_USER_ERROR = 2
 
@@ -38,7 +38,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
-    from qie_ep.cli.quantize import DEFAULT_OP_TYPES
+    from qie_ep.quantization.config import DEFAULT_OP_TYPES
 
     p.add_argument("--dynamic", action="store_true", help="dynamic quantization (activations quantized at run time)")
     p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")

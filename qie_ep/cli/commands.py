@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from qie_ep.cli import data as D
-from qie_ep.cli.common import (UserError, agreement, atomic_output, check_distinct, check_loadable, check_writable, cpu_model,
-                               float_outputs, load_model)
-from qie_ep.cli.quantize import QuantizeConfig, quantize_file
+from qie_ep.quantization import data as D
+from qie_ep.errors import UserError
+from qie_ep.files import atomic_output, check_distinct, check_loadable, check_writable, load_model
+from qie_ep.hosts import cpu_model, host_rows
+from qie_ep.quantization.config import QuantizeConfig
+from qie_ep.quantization.metrics import task_accuracy
+from qie_ep.quantization.quantizer import quantize_file
+from qie_ep.session import float_outputs
 
 
 def _image_options(args) -> D.ImageOptions:
@@ -87,8 +91,8 @@ def quantize(args) -> int:
 
 def sensitivity(args) -> int:
     from qie_ep.cli import report as R
-    from qie_ep.cli.quantize import Quantizer
-    from qie_ep.cli.sensitivity import layer_sensitivity
+    from qie_ep.quantization.quantizer import Quantizer
+    from qie_ep.quantization.sensitivity import layer_sensitivity
 
     model = load_model(args.model, load_external_data=False)
     check_loadable(args.model)
@@ -138,53 +142,6 @@ def _random_feeds(model, n: int = 8) -> list[dict]:
     return feeds
 
 
-def task_accuracy(outputs: list[list[np.ndarray]], labels: list, model) -> float:
-    """Top-1 of output 0 for integer labels; greedy-CTC exact line match for string labels."""
-    if all(isinstance(lb, (int, np.integer)) for lb in labels):
-        pred = [int(np.asarray(o[0]).reshape(-1, np.asarray(o[0]).shape[-1]).argmax(-1)[0]) for o in outputs]
-        return float(np.mean([p == lb for p, lb in zip(pred, labels)]))
-    from qie_ep import vision
-
-    try:
-        chars = vision.charset(model)
-    except KeyError:
-        raise UserError("string labels need a CTC text recogniser whose metadata has 'character' (PaddleOCR's)") from None
-    pred = [vision.ctc_decode(np.asarray(o[0]), chars)[0] for o in outputs]
-    return float(np.mean([p == str(lb) for p, lb in zip(pred, labels)]))
-
-
-def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
-    """One summary row per host (``hosts.run_hosts``' result): latency, agreement with ``ref`` (FP32's
-    float outputs per feed), size, memory, ``accuracy(outputs, host)`` when given, kernels, and the
-    speed-up in throughput over the FP32 host when it ran."""
-    from qie_ep.cli import report as R
-
-    rows = []
-    for h in hosts:
-        row = {"host": h.label, "key": h.key}
-        if h.failed:
-            rows.append({**row, "failed": h.failed})
-            continue
-        row.update(R.latency_stats(h.times))
-        row.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
-        row["size_mb"] = _mb(h.model_path)
-        row["mem_mb"] = h.memory.get("peak_mb", 0) - h.memory.get("base_mb", 0)
-        row["mem_steady_state"] = bool(h.memory.get("peak_reset"))  # False: the peak includes loading
-        row["accuracy"] = accuracy(h.outputs, h) if accuracy else None
-        if h.key == "ort+qie":
-            row["kernels"] = ", ".join(f"{op} x{sum(v.values()):g} ({'/'.join(v)})"
-                                       for op, v in sorted(h.info["qie_stats"].items())) or "none"
-        elif h.key == "tvm+qie":
-            row["kernels"] = f"{h.info['qie_kernels']} TIR calls ({h.info['isa']})"
-        row["info"] = h.info
-        rows.append(row)
-    base = next((r["throughput"] for r in rows if r["key"] == "fp32" and not r.get("failed")), None)
-    for r in rows:
-        if not r.get("failed") and base:
-            r["speedup"] = r["throughput"] / base
-    return rows
-
-
 def _output_types(model) -> dict:
     """{output name: (element type, dims with None where not a fixed number, or None when rank unknown)}."""
     out = {}
@@ -212,9 +169,9 @@ def _check_same_outputs(fp32, int8, fp32_path, int8_path) -> None:
 
 def compare(args) -> int:
     import qie_ep
-    from qie_ep.cli import hosts as H
+    from qie_ep import hosts as H
     from qie_ep.cli import report as R
-    from qie_ep.cli.sensitivity import activation_sqnr
+    from qie_ep.quantization.sensitivity import activation_sqnr
 
     fp32 = load_model(args.model, load_external_data=False)
     int8 = load_model(args.int8, load_external_data=False)
@@ -244,7 +201,7 @@ def compare(args) -> int:
     if ref_host and not ref_host.failed:
         ref = [float_outputs(o) for o in ref_host.outputs]
     else:
-        from qie_ep.cli.quantize import run_outputs
+        from qie_ep.session import run_outputs
         ref = run_outputs(Path(args.model), feeds, qie=False)
     qie_ops = {op for _, op in qie_ep.ops()}
     rows = host_rows(hosts, ref,

@@ -8,16 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qie_ep.cli.common import fmt_db, markdown_table
-
-
-def latency_stats(times: list[list[float]]) -> dict:
-    """p50 / p90 per-sample latency (ms) and throughput (samples/s, from the median pass time)."""
-    flat = np.asarray([t for p in times for t in p]) * 1e3
-    passes = np.asarray([sum(p) for p in times])
-    n = len(times[0]) if times else 0
-    return {"p50_ms": float(np.percentile(flat, 50)), "p90_ms": float(np.percentile(flat, 90)),
-            "throughput": n / float(np.median(passes)) if n else 0.0}
 
 
 SUMMARY_HEADER = ["host", "p50 ms", "p90 ms", "samples/s", "speed-up vs FP32", "model MB", "peak memory MB",
@@ -152,3 +142,14 @@ def sensitivity_table(rows: list[dict]) -> str:
     return markdown_table(["rank", "node", "op", "cosine to FP32 (mean / min)", "SQNR dB", "loss (1 - cosine)"],
                           [[i + 1, r["node"], r["op_type"], f"{r['cos_mean']:.5f} / {r['cos_min']:.5f}",
                             fmt_db(r["sqnr_db"]), f"{r['loss']:.5f}"] for i, r in enumerate(rows)])
+
+
+def fmt_db(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A GitHub markdown table (every cell through ``str``)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from tvm_schedules import isa as _isa
+from .schedules import isa as _isa
 
 from .frontend import from_onnx
 from .rewrite import Unsupported, rewrite

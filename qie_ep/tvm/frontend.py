@@ -232,9 +232,10 @@ def fold_static_shapes(model: onnx.ModelProto, shape_dict: dict) -> onnx.ModelPr
     optimizer (constant folding, Identity / redundant-node elimination; semantics-preserving, standard
     ONNX ops only, DequantizeLinear kept) turns those subgraphs into constants.
     """
-    import onnxruntime as ort
     import tempfile
     from pathlib import Path
+
+    from qie_ep.session import options, session
 
     m = onnx.ModelProto.FromString(model.SerializeToString())
     for vi in m.graph.input:
@@ -246,11 +247,9 @@ def fold_static_shapes(model: onnx.ModelProto, shape_dict: dict) -> onnx.ModelPr
                 d.ClearField("dim_param")
                 d.dim_value = int(v)
     with tempfile.TemporaryDirectory(prefix="qie-tvm-") as tmp:
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so = options(level="basic", log_level=3)
         so.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
-        so.log_severity_level = 3
-        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        session(m, so)
         return onnx.load(so.optimized_model_filepath)
 
 

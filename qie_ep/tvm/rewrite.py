@@ -23,11 +23,11 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_schedules import conv as tconv
-from tvm_schedules import gemm as tgemm
-from tvm_schedules import matmul as tmatmul
-from tvm_schedules.gemm import Epilogue
-from tvm_schedules.isa import Isa
+from .schedules import conv as tconv
+from .schedules import gemm as tgemm
+from .schedules import matmul as tmatmul
+from .schedules.gemm import Epilogue
+from .schedules.isa import Isa
 
 log = logging.getLogger("qie_ep.tvm")
 _QDTYPES = ("uint8", "int8")
@@ -307,7 +307,7 @@ class _Rewriter(PyExprMutator):
 
     def _matmul_cuda(self, a, sh, b, zb, za, spec, epi_ops):
         """prep (shift to s8, pad; dp4a: pack 4 to a word) -> qie's core -> [rowsum] -> epilogue."""
-        from tvm_schedules import cuda as tcuda
+        from .schedules import cuda as tcuda
 
         k, n, epi = spec.k, spec.n, spec.epi
         packed, colsum, zbs, kp, np_ = tcuda.pack_weights(b, zb, self.isa)
@@ -374,7 +374,7 @@ class _Rewriter(PyExprMutator):
 def rewrite(mod: tvm.IRModule, isa: Isa, kernel_target=None, target=None) -> tvm.IRModule:
     """Apply the two phases (requantizing groups, then float / integer groups) to every Relax function.
 
-    ``kernel_target``: compile qie's PrimFuncs for this target (``tvm_schedules.isa.kernel_target``).
+    ``kernel_target``: compile qie's PrimFuncs for this target (``qie_ep.tvm.schedules.isa.kernel_target``).
     """
     total = 0
     for phase in ("requant", "float"):

@@ -49,8 +49,8 @@ struct ConvArgs {
   const uint8_t* x = nullptr;  // NHWC [batch, in..., C]
   bool x_signed = false;
   int32_t x_zp = 0;
-  const int32_t* w_zp = nullptr;  // [M] unshifted; nullptr = all zero
-  const int32_t* bias = nullptr;  // [M] or nullptr
+  const int32_t* w_zp = nullptr;   // [M] unshifted; nullptr = all zero
+  const int32_t* bias = nullptr;   // [M] or nullptr
   OutKind kind = OutKind::kInt32;  // kInt32, kU8 or kS8
   const float* scale = nullptr;    // [M]
   int32_t y_zp = 0;

@@ -17,17 +17,6 @@
 
 namespace qie {
 
-extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
-
-DepthwiseFn GetDepthwiseKernel(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx2:
-    case Isa::kAvxVnni: return kDepthwiseAvx2;
-    case Isa::kAvx512Vnni: return kDepthwiseAvx512;
-    default: return kDepthwiseScalar;
-  }
-}
-
 bool ConvShape::pointwise() const {
   for (int d = 0; d < 3; ++d)
     if (k[d] != 1 || stride[d] != 1 || pad[d] != 0 || out[d] != in[d]) return false;
@@ -58,21 +47,28 @@ void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t row, uint8
           iw0 + ptrdiff_t(s.k[2]) <= ptrdiff_t(s.in[2])) {
         // One group and no W dilation: the kernel row's taps are adjacent pixels, one contiguous run.
         const size_t run = s.k[2] * Cg;
-        const uint8_t* __restrict src = x + (((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw0)) * s.C;
-        if (flip) for (size_t c = 0; c < run; ++c) d[c] = src[c] ^ flip;
-        else std::memcpy(d, src, run);
+        const uint8_t* __restrict src =
+            x + (((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw0)) * s.C;
+        if (flip)
+          for (size_t c = 0; c < run; ++c) d[c] = src[c] ^ flip;
+        else
+          std::memcpy(d, src, run);
         d += run;
         continue;
       }
       for (size_t kw = 0; kw < s.k[2]; ++kw, d += Cg) {
         const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
-        if (id < 0 || id >= ptrdiff_t(s.in[0]) || ih < 0 || ih >= ptrdiff_t(s.in[1]) || iw < 0 || iw >= ptrdiff_t(s.in[2])) {
+        if (id < 0 || id >= ptrdiff_t(s.in[0]) || ih < 0 || ih >= ptrdiff_t(s.in[1]) || iw < 0 ||
+            iw >= ptrdiff_t(s.in[2])) {
           std::memset(d, pad_val, Cg);
           continue;
         }
-        const uint8_t* __restrict src = x + (((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw)) * s.C + g * Cg;
-        if (flip) for (size_t c = 0; c < Cg; ++c) d[c] = src[c] ^ flip;
-        else std::memcpy(d, src, Cg);
+        const uint8_t* __restrict src =
+            x + (((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] + size_t(iw)) * s.C + g * Cg;
+        if (flip)
+          for (size_t c = 0; c < Cg; ++c) d[c] = src[c] ^ flip;
+        else
+          std::memcpy(d, src, Cg);
       }
     }
   }
@@ -112,8 +108,10 @@ void TransposeT(const T* src, T* dst, size_t batch, size_t rows, size_t cols) {
 }  // namespace
 
 void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem) {
-  if (elem == 4) TransposeT(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), batch, rows, cols);
-  else TransposeT(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), batch, rows, cols);
+  if (elem == 4)
+    TransposeT(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), batch, rows, cols);
+  else
+    TransposeT(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), batch, rows, cols);
 }
 
 void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool w_signed, const int32_t* w_zp,
@@ -157,8 +155,10 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       const size_t b = t / per_image, p0 = (t % per_image) * chunk;
       fn(s, w.dw.data(), a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.data(), zrow.data(), ptrs.data()});
     };
-    if (tasks == 1) task(0);
-    else pfor(tasks, task);
+    if (tasks == 1)
+      task(0);
+    else
+      pfor(tasks, task);
     return;
   }
 
@@ -192,8 +192,10 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
         for (size_t r = c * kGatherChunk; r < std::min(nrows, (c + 1) * kGatherChunk); ++r)
           GatherRow(s, a.x, g, r0 + r, flip, pad_val, kp, buf.data() + r * kp);
       };
-      if (chunks == 1) gather(0);
-      else pfor(chunks, gather);
+      if (chunks == 1)
+        gather(0);
+      else
+        pfor(chunks, gather);
       GemmArgs ga = GroupGemm(s, a, g);
       const PackedB* pb = &w.groups[g];
       ga.M = nrows;

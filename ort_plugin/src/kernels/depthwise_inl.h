@@ -25,7 +25,9 @@ namespace {  // internal linkage: each ISA file gets its own copy, compiled with
 struct PixelWalk {
   ptrdiff_t od, oh, ow;
   PixelWalk(const ConvShape& s, size_t p)
-      : od(ptrdiff_t(p / (s.out[1] * s.out[2]))), oh(ptrdiff_t((p / s.out[2]) % s.out[1])), ow(ptrdiff_t(p % s.out[2])) {}
+      : od(ptrdiff_t(p / (s.out[1] * s.out[2]))),
+        oh(ptrdiff_t((p / s.out[2]) % s.out[1])),
+        ow(ptrdiff_t(p % s.out[2])) {}
   void Next(const ConvShape& s) {
     if (++ow < ptrdiff_t(s.out[2])) return;
     ow = 0;
@@ -66,7 +68,8 @@ inline void BuildTable(const ConvShape& s, const ConvArgs& a, const uint8_t* zro
     const ptrdiff_t ih0 = w.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
     const ptrdiff_t iw0 = w.ow * ptrdiff_t(s.stride[2]) - ptrdiff_t(s.pad[2]);
     return id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
-           ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]) && iw0 >= 0 && iw0 + last_w < ptrdiff_t(s.in[2]);
+           ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]) && iw0 >= 0 &&
+           iw0 + last_w < ptrdiff_t(s.in[2]);
   };
   PixelWalk walk(s, p0);
   bool prev_inside = false;
@@ -118,8 +121,10 @@ void Pixels(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, 
   BuildTable(s, a, sc.zrow, b, p0, p1 - p0, sc.ptrs, stride);
   for (size_t p = p0; p < p1; ++p) {
     const uint8_t* const* ptrs = sc.ptrs + (p - p0) * stride;
-    if (a.bias) std::memcpy(acc, a.bias, C * sizeof(int32_t));
-    else std::memset(acc, 0, C * sizeof(int32_t));
+    if (a.bias)
+      std::memcpy(acc, a.bias, C * sizeof(int32_t));
+    else
+      std::memset(acc, 0, C * sizeof(int32_t));
     // Step 2: each tap pair adds (x0 - zp) * w0 + (x1 - zp) * w1 per channel.
     for (size_t tp = 0; tp < pairs; ++tp) {
       const uint8_t* __restrict x0 = ptrs[2 * tp];
@@ -137,8 +142,10 @@ void Pixels(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, 
 
 void Depthwise(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
                const DepthwiseScratch& sc) {
-  if (a.x_signed) Pixels<true>(s, dw, a, b, p0, p1, sc);
-  else Pixels<false>(s, dw, a, b, p0, p1, sc);
+  if (a.x_signed)
+    Pixels<true>(s, dw, a, b, p0, p1, sc);
+  else
+    Pixels<false>(s, dw, a, b, p0, p1, sc);
 }
 
 }  // namespace

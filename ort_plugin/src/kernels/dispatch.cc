@@ -1,58 +1,80 @@
-// ISA dispatch: one table of microkernels, the active entry chosen once from cpuid (best available)
-// unless the QIE_ISA environment variable names another path this CPU supports.
+// ISA dispatch: the one table of ISA paths and their kernels (isa.h), the active entry chosen once from
+// cpuid (best available) unless the QIE_ISA environment variable names another path this CPU supports.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
-#include "kernels/gemm.h"
+#include "kernels/isa.h"
 
 namespace qie {
 
 extern const MicroKernel kGemmScalar, kGemmAvx2, kGemmAvxVnni, kGemmAvx512Vnni;
+extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
+void MinMaxAvx512(const float* x, size_t n, float* lo, float* hi);
+void QuantizeLinearU8Avx512(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
 
 namespace {
-const char* const kNames[kIsaCount] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+bool CpuScalar() { return true; }
+bool CpuAvx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+bool CpuAvxVnni() { return CpuAvx2() && __builtin_cpu_supports("avxvnni"); }
+bool CpuAvx512Vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+
+// Indexed by Isa; best path last. AVX-VNNI keeps AVX2's depthwise kernel (VNNI has no 16-bit form that
+// helps it) and the scalar dynamic quantization (its AVX-512 form is the only vector one).
+const IsaKernels kTable[kIsaCount] = {
+    {Isa::kScalar, "scalar", CpuScalar, &kGemmScalar, kDepthwiseScalar, nullptr, nullptr},
+    {Isa::kAvx2, "avx2", CpuAvx2, &kGemmAvx2, kDepthwiseAvx2, nullptr, nullptr},
+    {Isa::kAvxVnni, "avxvnni", CpuAvxVnni, &kGemmAvxVnni, kDepthwiseAvx2, nullptr, nullptr},
+    {Isa::kAvx512Vnni, "avx512vnni", CpuAvx512Vnni, &kGemmAvx512Vnni, kDepthwiseAvx512, MinMaxAvx512,
+     QuantizeLinearU8Avx512},
+};
+
 std::string g_env_error;
 
 Isa ChooseAtLoad() {
   Isa best = Isa::kScalar;
   for (int i = kIsaCount - 1; i >= 0; --i)
-    if (IsaSupported(static_cast<Isa>(i))) { best = static_cast<Isa>(i); break; }
+    if (IsaSupported(static_cast<Isa>(i))) {
+      best = static_cast<Isa>(i);
+      break;
+    }
   const char* env = std::getenv("QIE_ISA");
   if (env && *env) {
     Isa want;
-    if (!IsaFromName(env, &want)) g_env_error = std::string("QIE_ISA='") + env + "' is not one of scalar, avx2, avxvnni, avx512vnni";
-    else if (!IsaSupported(want)) g_env_error = std::string("QIE_ISA='") + env + "' is not supported by this CPU";
-    else best = want;
+    if (!IsaFromName(env, &want))
+      g_env_error = std::string("QIE_ISA='") + env + "' is not one of scalar, avx2, avxvnni, avx512vnni";
+    else if (!IsaSupported(want))
+      g_env_error = std::string("QIE_ISA='") + env + "' is not supported by this CPU";
+    else
+      best = want;
   }
   return best;
 }
-std::atomic<int> g_active{ -1 };
+std::atomic<int> g_active{-1};
 }  // namespace
 
-const char* IsaName(Isa isa) { return kNames[static_cast<int>(isa)]; }
+const IsaKernels& KernelsFor(Isa isa) { return kTable[static_cast<int>(isa)]; }
+const char* IsaName(Isa isa) { return KernelsFor(isa).name; }
 
 bool IsaFromName(const char* name, Isa* out) {
-  for (int i = 0; i < kIsaCount; ++i)
-    if (std::strcmp(name, kNames[i]) == 0) { *out = static_cast<Isa>(i); return true; }
+  for (const IsaKernels& k : kTable)
+    if (std::strcmp(name, k.name) == 0) {
+      *out = k.isa;
+      return true;
+    }
   return false;
 }
 
-bool IsaSupported(Isa isa) {
-  __builtin_cpu_init();
-  switch (isa) {
-    case Isa::kScalar: return true;
-    // Each path needs every extension its files are compiled with (CMakeLists.txt).
-    case Isa::kAvx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    case Isa::kAvxVnni:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni");
-    case Isa::kAvx512Vnni:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni");
-  }
-  return false;
-}
+bool IsaSupported(Isa isa) { return KernelsFor(isa).cpu_has(); }
 
 Isa ActiveIsa() {
   int v = g_active.load();
@@ -77,13 +99,7 @@ bool ForceIsa(Isa isa) {
   return true;
 }
 
-const MicroKernel& GetMicroKernel(Isa isa) {
-  switch (isa) {
-    case Isa::kAvx2: return kGemmAvx2;
-    case Isa::kAvxVnni: return kGemmAvxVnni;
-    case Isa::kAvx512Vnni: return kGemmAvx512Vnni;
-    default: return kGemmScalar;
-  }
-}
+const MicroKernel& GetMicroKernel(Isa isa) { return *KernelsFor(isa).gemm; }
+DepthwiseFn GetDepthwiseKernel(Isa isa) { return KernelsFor(isa).depthwise; }
 
 }  // namespace qie

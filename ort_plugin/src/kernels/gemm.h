@@ -24,27 +24,27 @@ constexpr int kIsaCount = 4;
 const char* IsaName(Isa isa);
 bool IsaFromName(const char* name, Isa* out);
 bool IsaSupported(Isa isa);  // by this CPU (cpuid + OS state)
-Isa ActiveIsa();              // best supported, or QIE_ISA's choice; fixed after first use
-bool ForceIsa(Isa isa);       // for tests and benchmarks; false if the CPU lacks it
+Isa ActiveIsa();             // best supported, or QIE_ISA's choice; fixed after first use
+bool ForceIsa(Isa isa);      // for tests and benchmarks; false if the CPU lacks it
 
 enum class OutKind : int { kInt32 = 0, kFloat = 1, kU8 = 2, kS8 = 3 };
 
 // What the epilogue needs, for one tile (rows m0.., columns n0..).
 struct Epilogue {
   OutKind kind;
-  const int32_t* rs;     // [mr] row sums of shifted A (nullptr when zb is all zero)
-  const int32_t* za;     // [mr] A zero points (shifted)
-  const int32_t* zb;     // [nr] B zero points (shifted); nullptr when all zero
-  const int32_t* csk;    // [nr] cs[n] - K*zb[n]; unused when folded
-  bool folded;           // bias holds bias[n] - za*csk[n] per column (one za for all rows): no za term
-  const int32_t* bias;   // int32 bias at (m0, n0), or nullptr
-  ptrdiff_t bias_rs;     // bias row stride (0 broadcasts rows)
-  int bias_cs;           // 1: per column, 0: one value per row
-  const float* scale;    // [nr] output multipliers (float/quantized outputs)
-  const float* fbias;    // [nr] float bias added after scaling, or nullptr
+  const int32_t* rs;    // [mr] row sums of shifted A (nullptr when zb is all zero)
+  const int32_t* za;    // [mr] A zero points (shifted)
+  const int32_t* zb;    // [nr] B zero points (shifted); nullptr when all zero
+  const int32_t* csk;   // [nr] cs[n] - K*zb[n]; unused when folded
+  bool folded;          // bias holds bias[n] - za*csk[n] per column (one za for all rows): no za term
+  const int32_t* bias;  // int32 bias at (m0, n0), or nullptr
+  ptrdiff_t bias_rs;    // bias row stride (0 broadcasts rows)
+  int bias_cs;          // 1: per column, 0: one value per row
+  const float* scale;   // [nr] output multipliers (float/quantized outputs)
+  const float* fbias;   // [nr] float bias added after scaling, or nullptr
   int32_t y_zp;
-  void* y;               // output at (m0, n0)
-  ptrdiff_t ldy;         // in elements
+  void* y;        // output at (m0, n0)
+  ptrdiff_t ldy;  // in elements
 };
 
 // One tile: rows [0, mr) of A (row stride lda bytes, or int16 elements for wide kernels), one packed
@@ -56,7 +56,7 @@ struct MicroKernel {
   Isa isa;
   const char* name;  // e.g. qie_gemm_u8s8_s32_8x32c4__avx512vnni
   int mr, nr, kgroup;
-  bool wide;         // operands widened to int16 (AVX2's exact vpmaddwd path)
+  bool wide;  // operands widened to int16 (AVX2's exact vpmaddwd path)
   TileFn tile;
 };
 const MicroKernel& GetMicroKernel(Isa isa);
@@ -65,16 +65,16 @@ const MicroKernel& GetMicroKernel(Isa isa);
 struct PackedB {
   Isa isa = Isa::kScalar;
   size_t K = 0, N = 0, kp = 0;
-  bool shifted = false;        // B was u8 and is stored as b ^ 0x80
-  std::vector<int32_t> cs;     // [N] column sums of stored (shifted) values
-  std::vector<int8_t> data;    // panels, 64-byte aligned start via offset below
+  bool shifted = false;      // B was u8 and is stored as b ^ 0x80
+  std::vector<int32_t> cs;   // [N] column sums of stored (shifted) values
+  std::vector<int8_t> data;  // panels, 64-byte aligned start via offset below
   size_t offset = 0;
   size_t panel_bytes = 0;
   const void* panel(size_t p) const { return data.data() + offset + p * panel_bytes; }
 };
 // b: K x N with element (k, n) at b[k*ldb_k + n*ldb_n]; b_signed says int8 (else uint8).
-void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k,
-           ptrdiff_t ldb_n, PackedB* out);
+void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
+           PackedB* out);
 
 using ParallelFor = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
 
@@ -83,7 +83,7 @@ struct GemmArgs {
   size_t M = 0, N = 0, K = 0;
   const uint8_t* a = nullptr;  // A for batch 0; rows of lda bytes
   size_t lda = 0;
-  bool a_rows_padded = false;  // rows hold kp bytes, zero from K on: used in place whatever K is
+  bool a_rows_padded = false;         // rows hold kp bytes, zero from K on: used in place whatever K is
   const size_t* a_offsets = nullptr;  // [batch] byte offsets of each A (nullptr: all 0)
   bool a_signed = false;
   const int32_t* za = nullptr;  // A zero point(s), unshifted
@@ -108,7 +108,9 @@ void Gemm(const MicroKernel& uk, const GemmArgs& args, const ParallelFor& pfor);
 // Keeps a vector in a register: stops GCC folding a down-convert into its memory-destination form
 // (vpmovdb m128, zmm), which is several times slower than the register form plus a store on Zen 4.
 template <class V>
-inline void KeepInRegister(V& v) { __asm__("" : "+v"(v)); }
+inline void KeepInRegister(V& v) {
+  __asm__("" : "+v"(v));
+}
 
 // DynamicQuantizeLinear semantics (as ORT computes them): scale and zero point from min/max of x
 // (range widened to include 0), then q = saturate(round_half_even(x / scale) + zp).

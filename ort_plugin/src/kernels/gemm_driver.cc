@@ -45,8 +45,8 @@ int32_t RowSum(const uint8_t* __restrict src, size_t K, uint8_t flip) {
 
 }  // namespace
 
-void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k,
-           ptrdiff_t ldb_n, PackedB* out) {
+void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
+           PackedB* out) {
   const size_t nr = uk.nr, kg = uk.kgroup;
   out->isa = uk.isa;
   out->K = K;
@@ -67,10 +67,14 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
       const size_t n = p * nr + j;
       int32_t sum = 0;
       for (size_t k = 0; k < K; ++k) {
-        const int8_t v = static_cast<int8_t>(b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(n) * ldb_n] ^ flip);
+        const int8_t v =
+            static_cast<int8_t>(b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(n) * ldb_n] ^ flip);
         sum += v;
         const size_t idx = ((k / kg) * nr + j) * kg + k % kg;
-        if (uk.wide) dst16[idx] = v; else dst[idx] = v;
+        if (uk.wide)
+          dst16[idx] = v;
+        else
+          dst[idx] = v;
       }
       out->cs[n] = sum;
     }
@@ -84,7 +88,8 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
 
   // Per-column terms, shared by all tasks.
   const int32_t zb_shift = g.b[0]->shifted ? 128 : 0;
-  const bool any_zb = zb_shift != 0 || (g.zb != nullptr && std::any_of(g.zb, g.zb + N, [](int32_t z) { return z != 0; }));
+  const bool any_zb =
+      zb_shift != 0 || (g.zb != nullptr && std::any_of(g.zb, g.zb + N, [](int32_t z) { return z != 0; }));
   std::vector<int32_t> zb_s;
   if (any_zb) {
     zb_s.resize(N);
@@ -101,7 +106,10 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   auto count = [&] { return g.batch * ((mtiles + mb - 1) / mb) * ((panels + nb - 1) / nb); };
   if (macs > 262144.0) {
     while (count() < 8 && (mb > 1 || nb > 1)) {
-      if (mb > 1) mb = (mb + 1) / 2; else nb = (nb + 1) / 2;
+      if (mb > 1)
+        mb = (mb + 1) / 2;
+      else
+        nb = (nb + 1) / 2;
     }
   } else {
     mb = mtiles;
@@ -127,8 +135,10 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
       }
     };
     const size_t chunks = (rows_total + kChunk - 1) / kChunk;
-    if (chunks == 1 || macs <= 262144.0) for (size_t c = 0; c < chunks; ++c) prep(c);
-    else pfor(chunks, prep);
+    if (chunks == 1 || macs <= 262144.0)
+      for (size_t c = 0; c < chunks; ++c) prep(c);
+    else
+      pfor(chunks, prep);
   }
 
   // Column terms, once per call: csk[n] = cs[n] - K*zb[n] per batch matrix, and, when every row has
@@ -188,16 +198,18 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
         ep.fbias = g.fbias ? g.fbias + n0 : nullptr;
         ep.y_zp = g.y_zp;
         const size_t osz = g.kind == OutKind::kU8 || g.kind == OutKind::kS8 ? 1 : 4;
-        ep.y = static_cast<char*>(g.y) + (static_cast<ptrdiff_t>(bi) * g.y_batch_stride +
-                                          static_cast<ptrdiff_t>(m0 * g.ldy + n0)) * osz;
+        ep.y = static_cast<char*>(g.y) +
+               (static_cast<ptrdiff_t>(bi) * g.y_batch_stride + static_cast<ptrdiff_t>(m0 * g.ldy + n0)) * osz;
         ep.ldy = static_cast<ptrdiff_t>(g.ldy);
         uk.tile(rows, cols, kp, a_tile, lda, pb.panel(p), ep);
       }
     }
   };
   const size_t total = g.batch * mblocks * nblocks;
-  if (total == 1) task(0);
-  else pfor(total, task);
+  if (total == 1)
+    task(0);
+  else
+    pfor(total, task);
 }
 
 void ScaleColumns(float* y, size_t rows, size_t n, const float* scale, const float* bias) {

@@ -27,6 +27,7 @@ void TileScalar(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, co
 
 }  // namespace
 
-extern const MicroKernel kGemmScalar = {Isa::kScalar, "qie_gemm_u8s8_s32_4x16c4__scalar", kMr, kNr, 4, false, TileScalar};
+extern const MicroKernel kGemmScalar = {Isa::kScalar, "qie_gemm_u8s8_s32_4x16c4__scalar", kMr, kNr, 4, false,
+                                        TileScalar};
 
 }  // namespace qie

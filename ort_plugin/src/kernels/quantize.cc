@@ -5,24 +5,21 @@
 #include <algorithm>
 #include <cmath>
 
-#include "kernels/gemm.h"
+#include "kernels/isa.h"
 
 namespace qie {
 
-void MinMaxAvx512(const float* x, size_t n, float* lo, float* hi);
-void QuantizeLinearU8Avx512(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
-
-namespace {
-bool UseAvx512() { return ActiveIsa() == Isa::kAvx512Vnni; }
-}  // namespace
-
 void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp) {
   float lo = 0.0f, hi = 0.0f;
-  if (n > 0 && UseAvx512()) {
-    MinMaxAvx512(x, n, &lo, &hi);
+  const MinMaxFn minmax = KernelsFor(ActiveIsa()).minmax;
+  if (n > 0 && minmax) {
+    minmax(x, n, &lo, &hi);
   } else if (n > 0) {
     lo = hi = x[0];
-    for (size_t i = 1; i < n; ++i) { lo = std::min(lo, x[i]); hi = std::max(hi, x[i]); }
+    for (size_t i = 1; i < n; ++i) {
+      lo = std::min(lo, x[i]);
+      hi = std::max(hi, x[i]);
+    }
   }
   lo = std::min(lo, 0.0f);
   hi = std::max(hi, 0.0f);
@@ -33,7 +30,7 @@ void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp) 
 }
 
 void QuantizeLinearU8(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q) {
-  if (UseAvx512()) return QuantizeLinearU8Avx512(x, n, scale, zp, q);
+  if (const QuantizeU8Fn vec = KernelsFor(ActiveIsa()).quantize_u8) return vec(x, n, scale, zp, q);
   const float lo = 0.0f - zp, hi = 255.0f - zp;
   for (size_t i = 0; i < n; ++i) {
     float v = x[i] / scale;

@@ -21,17 +21,28 @@ void ThrowOnError(OrtStatus* st) {
 
 std::string DtypeName(ONNXTensorElementDataType t) {
   switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
-    default: return "dtype#" + std::to_string(static_cast<int>(t));
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+      return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
+      return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
+      return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+      return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+      return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
+      return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
+      return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
+      return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16:
+      return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
+      return "int16";
+    default:
+      return "dtype#" + std::to_string(static_cast<int>(t));
   }
 }
 
@@ -87,10 +98,18 @@ Tensor RequiredInput(OrtKernelContext* ctx, size_t i, const char* name) {
 void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape, OutKind kind) {
   ONNXTensorElementDataType want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
   switch (kind) {
-    case OutKind::kInt32: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32; break;
-    case OutKind::kFloat: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; break;
-    case OutKind::kU8: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8; break;
-    case OutKind::kS8: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; break;
+    case OutKind::kInt32:
+      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      break;
+    case OutKind::kFloat:
+      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      break;
+    case OutKind::kU8:
+      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      break;
+    case OutKind::kS8:
+      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      break;
   }
   OrtValue* v = nullptr;
   ThrowOnError(g_ort->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));
@@ -100,7 +119,8 @@ void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape,
   if (t.type != want)
     Fail("output " + std::to_string(i) + " was typed " + DtypeName(t.type) + " by the graph but this op computes " +
          DtypeName(want) + "; the model's type information for this node is inconsistent");
-  if (t.shape != shape) Fail("output " + std::to_string(i) + " has shape " + ShapeStr(t.shape) + ", expected " + ShapeStr(shape));
+  if (t.shape != shape)
+    Fail("output " + std::to_string(i) + " has shape " + ShapeStr(t.shape) + ", expected " + ShapeStr(shape));
   return const_cast<void*>(t.data);
 }
 
@@ -131,12 +151,16 @@ const char* PresentKindOtherThan(const OrtKernelInfo* info, const char* name, co
   int64_t i = 0;
   float f = 0;
   size_t n = 0;
-  if (std::strcmp(want, "an int") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_int64(info, name, &i))) return "an int";
-  if (std::strcmp(want, "a float") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_float(info, name, &f))) return "a float";
-  if (std::strcmp(want, "a string") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n))) return "a string";
+  if (std::strcmp(want, "an int") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_int64(info, name, &i)))
+    return "an int";
+  if (std::strcmp(want, "a float") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_float(info, name, &f)))
+    return "a float";
+  if (std::strcmp(want, "a string") != 0 && StatusOk(g_ort->KernelInfoGetAttribute_string(info, name, nullptr, &n)))
+    return "a string";
   // ORT's list getters do not check the attribute's type (any attribute reads as an empty list), so a
   // list counts as present only when it has elements.
-  if (std::strcmp(want, "a list of ints") != 0 && StatusOk(g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) && n)
+  if (std::strcmp(want, "a list of ints") != 0 &&
+      StatusOk(g_ort->KernelInfoGetAttributeArray_int64(info, name, nullptr, &n)) && n)
     return "a list of ints";
   n = 0;
   if (StatusOk(g_ort->KernelInfoGetAttributeArray_float(info, name, nullptr, &n)) && n) return "a list of floats";
@@ -190,10 +214,16 @@ std::string AttrString(const OrtKernelInfo* info, const char* name, const std::s
 std::string NodeName(const OrtKernelInfo* info) {
   size_t n = 0;
   OrtStatus* st = g_ort->KernelInfo_GetNodeName(info, nullptr, &n);
-  if (st) { g_ort->ReleaseStatus(st); return ""; }
+  if (st) {
+    g_ort->ReleaseStatus(st);
+    return "";
+  }
   std::string s(n, '\0');
   st = g_ort->KernelInfo_GetNodeName(info, s.data(), &n);
-  if (st) { g_ort->ReleaseStatus(st); return ""; }
+  if (st) {
+    g_ort->ReleaseStatus(st);
+    return "";
+  }
   while (!s.empty() && s.back() == '\0') s.pop_back();
   return s;
 }
@@ -225,20 +255,28 @@ namespace {
 int64_t RequireCount(const Tensor& t, size_t n, const char* what) {
   const int64_t sz = t.size();
   if (sz == 1 || (n > 0 && sz == static_cast<int64_t>(n))) return sz;
-  if (n == 0) Fail(std::string(what) + " must have 1 element (per-row quantization of this input is not supported), got shape " + ShapeStr(t.shape));
+  if (n == 0)
+    Fail(std::string(what) + " must have 1 element (per-row quantization of this input is not supported), got shape " +
+         ShapeStr(t.shape));
   Fail(std::string(what) + " must have 1 or " + std::to_string(n) + " elements, got shape " + ShapeStr(t.shape));
 }
 
 float HalfToFloat(uint16_t h) {  // IEEE binary16 -> binary32, exact
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
   uint32_t bits;
-  if (exp == 0x1F) bits = sign | 0x7F800000u | (man << 13);
-  else if (exp != 0) bits = sign | ((exp + 112) << 23) | (man << 13);
-  else if (man == 0) bits = sign;
+  if (exp == 0x1F)
+    bits = sign | 0x7F800000u | (man << 13);
+  else if (exp != 0)
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  else if (man == 0)
+    bits = sign;
   else {  // subnormal half: normalise
     int e = -1;
     uint32_t m = man;
-    do { m <<= 1; ++e; } while (!(m & 0x400));
+    do {
+      m <<= 1;
+      ++e;
+    } while (!(m & 0x400));
     bits = sign | ((112 - e) << 23) | ((m & 0x3FF) << 13);
   }
   float f;
@@ -274,10 +312,12 @@ std::vector<float> Scales(const Tensor& t, size_t n, const char* what) {
   return out;
 }
 
-std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTensorElementDataType like, const char* what) {
+std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTensorElementDataType like,
+                                const char* what) {
   std::vector<int32_t> out(n ? n : 1, 0);
   if (!t) return out;
-  if (t->type != like) Fail(std::string(what) + " must have the dtype of its tensor (" + DtypeName(like) + "), got " + DtypeName(t->type));
+  if (t->type != like)
+    Fail(std::string(what) + " must have the dtype of its tensor (" + DtypeName(like) + "), got " + DtypeName(t->type));
   const int64_t sz = RequireCount(*t, n, what);
   for (size_t i = 0; i < out.size(); ++i) {
     const size_t j = sz == 1 ? 0 : i;

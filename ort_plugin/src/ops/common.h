@@ -34,7 +34,10 @@ struct Tensor {
   int64_t size() const;
   bool is_int8() const { return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; }
   bool is_uint8() const { return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8; }
-  template <class T> const T* as() const { return static_cast<const T*>(data); }
+  template <class T>
+  const T* as() const {
+    return static_cast<const T*>(data);
+  }
 };
 Tensor TensorOf(const OrtValue* v);
 std::optional<Tensor> Input(OrtKernelContext* ctx, size_t i);  // nullopt when absent
@@ -52,12 +55,13 @@ std::string NodeName(const OrtKernelInfo* info);
 ParallelFor OrtParallelFor(OrtKernelContext* ctx);
 
 // Validation helpers; `what` names the input in the error.
-void RequireInt8Type(const Tensor& t, const char* what);         // uint8 or int8
+void RequireInt8Type(const Tensor& t, const char* what);  // uint8 or int8
 void RequireType(const Tensor& t, ONNXTensorElementDataType want, const char* what);
 // A scale tensor of 1 or n elements (n = 0 allows only 1), each finite and > 0; returned as n floats.
 std::vector<float> Scales(const Tensor& t, size_t n, const char* what);
 // A zero point of 1 or n elements, matching dtype `like`; returned as n int32 values.
-std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTensorElementDataType like, const char* what);
+std::vector<int32_t> ZeroPoints(const std::optional<Tensor>& t, size_t n, ONNXTensorElementDataType like,
+                                const char* what);
 
 // A constant B, prepacked once at kernel creation for the ISA active then.
 struct PrepackedB {

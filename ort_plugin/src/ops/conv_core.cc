@@ -28,21 +28,27 @@ int64_t Bounded(int64_t v, const std::string& what) {
 }
 }  // namespace
 
-std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C, const std::vector<int64_t>& w_shape) {
-  if (x_rank < 3 || x_rank > 5) Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got rank " + std::to_string(x_rank));
+std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C,
+                                    const std::vector<int64_t>& w_shape) {
+  if (x_rank < 3 || x_rank > 5)
+    Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got rank " + std::to_string(x_rank));
   if (static_cast<int64_t>(w_shape.size()) != x_rank)
     Fail("W must have the rank of X (" + std::to_string(x_rank) + "), got shape " + ShapeStr(w_shape));
-  if (at.group < 1 || at.group > kDimLimit) Fail("group must be in 1.." + std::to_string(kDimLimit) + ", got " + std::to_string(at.group));
-  for (int64_t d : w_shape) if (d < 0 || d > kDimLimit) Fail("W has an unsupported dimension in shape " + ShapeStr(w_shape));
+  if (at.group < 1 || at.group > kDimLimit)
+    Fail("group must be in 1.." + std::to_string(kDimLimit) + ", got " + std::to_string(at.group));
+  for (int64_t d : w_shape)
+    if (d < 0 || d > kDimLimit) Fail("W has an unsupported dimension in shape " + ShapeStr(w_shape));
   const std::vector<int64_t> k(w_shape.begin() + 2, w_shape.end());
   if (!at.kernel_shape.empty() && at.kernel_shape != k)
     Fail("kernel_shape " + ShapeStr(at.kernel_shape) + " does not match W's spatial dims " + ShapeStr(k));
-  for (int64_t d : k) if (d < 1) Fail("W's kernel dims must be >= 1, got W shape " + ShapeStr(w_shape));
+  for (int64_t d : k)
+    if (d < 1) Fail("W's kernel dims must be >= 1, got W shape " + ShapeStr(w_shape));
   if (w_shape[0] % at.group != 0)
-    Fail("W has " + std::to_string(w_shape[0]) + " output channels, not a multiple of group " + std::to_string(at.group));
+    Fail("W has " + std::to_string(w_shape[0]) + " output channels, not a multiple of group " +
+         std::to_string(at.group));
   if (C >= 0 && C != w_shape[1] * at.group)
-    Fail("X has " + std::to_string(C) + " channels but W " + ShapeStr(w_shape) + " with group " + std::to_string(at.group) +
-         " expects " + std::to_string(w_shape[1] * at.group));
+    Fail("X has " + std::to_string(C) + " channels but W " + ShapeStr(w_shape) + " with group " +
+         std::to_string(at.group) + " expects " + std::to_string(w_shape[1] * at.group));
   return k;
 }
 
@@ -52,7 +58,9 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
   auto per_dim = [&](const std::vector<int64_t>& v, const char* name) {
     if (v.empty()) return std::vector<int64_t>(r, 1);
     if (v.size() != r) Fail(std::string(name) + " must have " + std::to_string(r) + " values, got " + ShapeStr(v));
-    for (int64_t e : v) if (e < 1 || e > kDimLimit) Fail(std::string(name) + " must be in 1.." + std::to_string(kDimLimit) + ", got " + ShapeStr(v));
+    for (int64_t e : v)
+      if (e < 1 || e > kDimLimit)
+        Fail(std::string(name) + " must be in 1.." + std::to_string(kDimLimit) + ", got " + ShapeStr(v));
     return v;
   };
   const std::vector<int64_t> s = per_dim(at.strides, "strides"), d = per_dim(at.dilations, "dilations");
@@ -62,8 +70,11 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
   std::vector<int64_t> pads(2 * r, 0);
   if (at.auto_pad == "NOTSET" || at.auto_pad.empty()) {
     if (!at.pads.empty()) {
-      if (at.pads.size() != 2 * r) Fail("pads must have " + std::to_string(2 * r) + " values, got " + ShapeStr(at.pads));
-      for (int64_t p : at.pads) if (p < 0 || p > kDimLimit) Fail("pads must be in 0.." + std::to_string(kDimLimit) + ", got " + ShapeStr(at.pads));
+      if (at.pads.size() != 2 * r)
+        Fail("pads must have " + std::to_string(2 * r) + " values, got " + ShapeStr(at.pads));
+      for (int64_t p : at.pads)
+        if (p < 0 || p > kDimLimit)
+          Fail("pads must be in 0.." + std::to_string(kDimLimit) + ", got " + ShapeStr(at.pads));
       pads = at.pads;
     }
   }
@@ -74,7 +85,10 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
     Bounded(k[i], "the kernel size" + dim);
     // All operands < 2^31, so these int64 products and sums cannot overflow; Bounded keeps them < 2^31.
     const int64_t ext = Bounded(d[i] * (k[i] - 1) + 1, "the kernel extent (dilation x (kernel - 1) + 1)" + dim);
-    if (in[i] < 0) { (*pad_begin)[i] = same ? 0 : pads[i]; continue; }
+    if (in[i] < 0) {
+      (*pad_begin)[i] = same ? 0 : pads[i];
+      continue;
+    }
     Bounded(in[i], "the input size" + dim);
     if (same) {
       const int64_t o = (in[i] + s[i] - 1) / s[i];
@@ -87,8 +101,8 @@ void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std
     (*pad_begin)[i] = pads[i];
     const int64_t padded = Bounded(in[i] + pads[i] + pads[i + r], "the padded input" + dim);
     if (padded < ext)
-      Fail("kernel extent " + std::to_string(ext) + " (kernel " + std::to_string(k[i]) + ", dilation " + std::to_string(d[i]) +
-           ") exceeds the padded input " + std::to_string(padded) + dim);
+      Fail("kernel extent " + std::to_string(ext) + " (kernel " + std::to_string(k[i]) + ", dilation " +
+           std::to_string(d[i]) + ") exceeds the padded input " + std::to_string(padded) + dim);
     (*out)[i] = (padded - ext) / s[i] + 1;
   }
 }
@@ -103,7 +117,8 @@ void ConvCore::Init(const OrtKernelInfo* info, bool channels_last, size_t w_inde
     ConvGeometry(at_, std::vector<int64_t>(k.size(), -1), k, &out, &pad);
   }
   if (!w || (!w->is_int8() && !w->is_uint8()) || w->shape.size() < 3 || at_.group < 1) return;
-  for (int64_t d : w->shape) if (d < 0) return;
+  for (int64_t d : w->shape)
+    if (d < 0) return;
   const int64_t M = w->shape[0];
   if (M % at_.group != 0) return;  // reported at run time
   std::vector<int32_t> zp(static_cast<size_t>(M), 0);
@@ -135,7 +150,8 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
   if (rank < 3 || rank > 5) Fail("X must have rank 3 to 5 (1-D to 3-D convolution), got shape " + ShapeStr(x.shape));
   const int64_t C = channels_last_ ? x.shape.back() : x.shape[1];
   const std::vector<int64_t> k = ConvKernelDims(at_, rank, C, w.shape);
-  std::vector<int64_t> in(channels_last_ ? x.shape.begin() + 1 : x.shape.begin() + 2, channels_last_ ? x.shape.end() - 1 : x.shape.end());
+  std::vector<int64_t> in(channels_last_ ? x.shape.begin() + 1 : x.shape.begin() + 2,
+                          channels_last_ ? x.shape.end() - 1 : x.shape.end());
   std::vector<int64_t> out, pad;
   ConvGeometry(at_, in, k, &out, &pad);
   const size_t r = in.size();
@@ -161,8 +177,8 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
   return s;
 }
 
-Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w, const std::vector<int32_t>& w_zp,
-                  const ConvOutput& out) {
+Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w,
+                  const std::vector<int32_t>& w_zp, const ConvOutput& out) {
   std::vector<int64_t> y_shape;
   const ConvShape s = Plan(x, w, &y_shape);
   void* y = Output(ctx, 0, y_shape, out.kind);

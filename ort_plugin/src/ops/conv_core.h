@@ -21,7 +21,8 @@ ConvAttrs ReadConvAttrs(const OrtKernelInfo* info);
 void ConvGeometry(const ConvAttrs& at, const std::vector<int64_t>& in, const std::vector<int64_t>& k,
                   std::vector<int64_t>* out, std::vector<int64_t>* pad_begin);
 // Checks W's rank and channels against X's (C = -1 when unknown) and the attributes; returns the kernel dims.
-std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C, const std::vector<int64_t>& w_shape);
+std::vector<int64_t> ConvKernelDims(const ConvAttrs& at, int64_t x_rank, int64_t C,
+                                    const std::vector<int64_t>& w_shape);
 
 struct ConvOutput {
   OutKind kind = OutKind::kInt32;

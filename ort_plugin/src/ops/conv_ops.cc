@@ -63,6 +63,7 @@ class QLinearConvKernel : public Kernel {
     }
     return core_.Run(ctx, op.x, op.x_zp, op.w, op.w_zp, out);
   }
+
  private:
   ConvCore core_;
 };
@@ -74,14 +75,19 @@ class ConvIntegerKernel : public Kernel {
     const ConvOperands op = ReadOperands(ctx, 0, 1, 2, 3);
     return core_.Run(ctx, op.x, op.x_zp, op.w, op.w_zp, ConvOutput{});
   }
+
  private:
   ConvCore core_;
 };
 
 }  // namespace
 
-std::unique_ptr<Kernel> MakeQLinearConv(const OrtKernelInfo* info) { return std::make_unique<QLinearConvKernel>(info, false); }
-std::unique_ptr<Kernel> MakeQLinearConvNhwc(const OrtKernelInfo* info) { return std::make_unique<QLinearConvKernel>(info, true); }
+std::unique_ptr<Kernel> MakeQLinearConv(const OrtKernelInfo* info) {
+  return std::make_unique<QLinearConvKernel>(info, false);
+}
+std::unique_ptr<Kernel> MakeQLinearConvNhwc(const OrtKernelInfo* info) {
+  return std::make_unique<QLinearConvKernel>(info, true);
+}
 std::unique_ptr<Kernel> MakeConvInteger(const OrtKernelInfo* info) { return std::make_unique<ConvIntegerKernel>(info); }
 
 }  // namespace qie

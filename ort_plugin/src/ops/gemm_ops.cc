@@ -14,7 +14,8 @@ namespace {
 class QGemmKernel : public Kernel {
  public:
   explicit QGemmKernel(const OrtKernelInfo* info)
-      : alpha_(AttrFloat(info, "alpha", 1.0f)), trans_a_(AttrInt(info, "transA", 0) != 0),
+      : alpha_(AttrFloat(info, "alpha", 1.0f)),
+        trans_a_(AttrInt(info, "transA", 0) != 0),
         trans_b_(AttrInt(info, "transB", 0) != 0) {
     auto b = ConstantInput(info, 3);
     if (b && (b->is_int8() || b->is_uint8()) && b->shape.size() == 2 && b->shape[0] >= 0 && b->shape[1] >= 0) {
@@ -30,14 +31,16 @@ class QGemmKernel : public Kernel {
     RequireInt8Type(b, "B");
     if (a.shape.size() != 2 || b.shape.size() != 2)
       Fail("A and B must be 2-D, got A " + ShapeStr(a.shape) + " and B " + ShapeStr(b.shape));
-    for (int64_t d : a.shape) if (d < 0) Fail("negative dimension in A " + ShapeStr(a.shape));
+    for (int64_t d : a.shape)
+      if (d < 0) Fail("negative dimension in A " + ShapeStr(a.shape));
     const size_t M = static_cast<size_t>(trans_a_ ? a.shape[1] : a.shape[0]);
     const size_t K = static_cast<size_t>(trans_a_ ? a.shape[0] : a.shape[1]);
     const size_t Kb = static_cast<size_t>(trans_b_ ? b.shape[1] : b.shape[0]);
     const size_t N = static_cast<size_t>(trans_b_ ? b.shape[0] : b.shape[1]);
     if (K != Kb)
-      Fail("inner dimensions differ: A " + ShapeStr(a.shape) + (trans_a_ ? " (transA)" : "") + " has K=" + std::to_string(K) +
-           ", B " + ShapeStr(b.shape) + (trans_b_ ? " (transB)" : "") + " has K=" + std::to_string(Kb));
+      Fail("inner dimensions differ: A " + ShapeStr(a.shape) + (trans_a_ ? " (transA)" : "") +
+           " has K=" + std::to_string(K) + ", B " + ShapeStr(b.shape) + (trans_b_ ? " (transB)" : "") +
+           " has K=" + std::to_string(Kb));
     const float sa = Scales(a_scale, 0, "a_scale")[0];
     const std::vector<float> sb = Scales(b_scale, N, "b_scale");
     MatMulEpilogue ep;
@@ -65,11 +68,21 @@ class QGemmKernel : public Kernel {
       RequireType(*c, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, "C");
       const auto& cs = c->shape;
       const int64_t m = static_cast<int64_t>(M), n = static_cast<int64_t>(N);
-      if (c->size() == 1) { g.bias_rs = 0; g.bias_cs = 0; }
-      else if ((cs.size() == 1 && cs[0] == n) || (cs.size() == 2 && cs[0] == 1 && cs[1] == n)) { g.bias_rs = 0; g.bias_cs = 1; }
-      else if (cs.size() == 2 && cs[0] == m && cs[1] == 1) { g.bias_rs = 1; g.bias_cs = 0; }
-      else if (cs.size() == 2 && cs[0] == m && cs[1] == n) { g.bias_rs = n; g.bias_cs = 1; }
-      else Fail("C of shape " + ShapeStr(cs) + " does not broadcast to (M, N) = (" + std::to_string(M) + ", " + std::to_string(N) + ")");
+      if (c->size() == 1) {
+        g.bias_rs = 0;
+        g.bias_cs = 0;
+      } else if ((cs.size() == 1 && cs[0] == n) || (cs.size() == 2 && cs[0] == 1 && cs[1] == n)) {
+        g.bias_rs = 0;
+        g.bias_cs = 1;
+      } else if (cs.size() == 2 && cs[0] == m && cs[1] == 1) {
+        g.bias_rs = 1;
+        g.bias_cs = 0;
+      } else if (cs.size() == 2 && cs[0] == m && cs[1] == n) {
+        g.bias_rs = n;
+        g.bias_cs = 1;
+      } else
+        Fail("C of shape " + ShapeStr(cs) + " does not broadcast to (M, N) = (" + std::to_string(M) + ", " +
+             std::to_string(N) + ")");
       g.bias = c->as<int32_t>();
     }
     void* y = Output(ctx, 0, {static_cast<int64_t>(M), static_cast<int64_t>(N)}, ep.kind);
@@ -91,15 +104,21 @@ class QGemmKernel : public Kernel {
       a_data = at.data();
     }
     const PackedB* bp = pb->mats[0].get();
-    g.M = M; g.N = N; g.K = K;
-    g.a = a_data; g.lda = K; g.a_signed = a.is_int8();
+    g.M = M;
+    g.N = N;
+    g.K = K;
+    g.a = a_data;
+    g.lda = K;
+    g.a_signed = a.is_int8();
     g.za = ep.za.data();
     g.zb = ep.zb.data();
     g.kind = ep.kind;
     g.scale = ep.scale.data();
     g.y_zp = ep.y_zp;
-    g.y = y; g.ldy = N;
-    g.batch = 1; g.b = &bp;
+    g.y = y;
+    g.ldy = N;
+    g.batch = 1;
+    g.b = &bp;
     Gemm(uk, g, OrtParallelFor(ctx));
     return isa;
   }
@@ -112,8 +131,10 @@ class QGemmKernel : public Kernel {
     out->mats.clear();
     const size_t r = static_cast<size_t>(b.shape[0]), c = static_cast<size_t>(b.shape[1]);
     auto pb = std::make_unique<PackedB>();
-    if (trans_b_) PackB(uk, b.as<uint8_t>(), b.is_int8(), c, r, 1, static_cast<ptrdiff_t>(c), pb.get());
-    else PackB(uk, b.as<uint8_t>(), b.is_int8(), r, c, static_cast<ptrdiff_t>(c), 1, pb.get());
+    if (trans_b_)
+      PackB(uk, b.as<uint8_t>(), b.is_int8(), c, r, 1, static_cast<ptrdiff_t>(c), pb.get());
+    else
+      PackB(uk, b.as<uint8_t>(), b.is_int8(), r, c, static_cast<ptrdiff_t>(c), 1, pb.get());
     out->mats.push_back(std::move(pb));
   }
 

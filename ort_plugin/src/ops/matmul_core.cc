@@ -8,8 +8,10 @@ namespace qie {
 MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int64_t>& b_shape) {
   if (a_shape.empty() || b_shape.empty())
     Fail("A and B must have rank >= 1, got A " + ShapeStr(a_shape) + " and B " + ShapeStr(b_shape));
-  for (int64_t d : a_shape) if (d < 0) Fail("A has a negative dimension " + ShapeStr(a_shape));
-  for (int64_t d : b_shape) if (d < 0) Fail("B has a negative dimension " + ShapeStr(b_shape));
+  for (int64_t d : a_shape)
+    if (d < 0) Fail("A has a negative dimension " + ShapeStr(a_shape));
+  for (int64_t d : b_shape)
+    if (d < 0) Fail("B has a negative dimension " + ShapeStr(b_shape));
   const bool a1 = a_shape.size() == 1, b1 = b_shape.size() == 1;
   std::vector<int64_t> as = a1 ? std::vector<int64_t>{1, a_shape[0]} : a_shape;
   std::vector<int64_t> bs = b1 ? std::vector<int64_t>{b_shape[0], 1} : b_shape;
@@ -27,15 +29,22 @@ MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int
   bb.insert(bb.begin(), r - bb.size(), 1);
   std::vector<int64_t> ob(r);
   for (size_t d = 0; d < r; ++d) {
-    if (ab[d] == bb[d] || bb[d] == 1) ob[d] = ab[d];
-    else if (ab[d] == 1) ob[d] = bb[d];
-    else Fail("batch dimensions do not broadcast: A " + ShapeStr(a_shape) + ", B " + ShapeStr(b_shape));
+    if (ab[d] == bb[d] || bb[d] == 1)
+      ob[d] = ab[d];
+    else if (ab[d] == 1)
+      ob[d] = bb[d];
+    else
+      Fail("batch dimensions do not broadcast: A " + ShapeStr(a_shape) + ", B " + ShapeStr(b_shape));
   }
   p.out_shape = ob;
   if (!a1) p.out_shape.push_back(static_cast<int64_t>(p.M));
   if (!b1) p.out_shape.push_back(static_cast<int64_t>(p.N));
   size_t total = 1, b_count = 1, a_count = 1;
-  for (size_t d = 0; d < r; ++d) { total *= ob[d]; b_count *= bb[d]; a_count *= ab[d]; }
+  for (size_t d = 0; d < r; ++d) {
+    total *= ob[d];
+    b_count *= bb[d];
+    a_count *= ab[d];
+  }
   if (b_count == 1) {
     p.folded = true;
     p.rows = a_count * p.M;
@@ -80,7 +89,8 @@ void PackAllB(const MicroKernel& uk, const Tensor& b, PrepackedB* out) {
 void MatMulCore::Init(const OrtKernelInfo* info, size_t b_index) {
   auto b = ConstantInput(info, b_index);
   if (!b || (!b->is_int8() && !b->is_uint8()) || b->shape.empty()) return;
-  for (int64_t d : b->shape) if (d < 0) return;
+  for (int64_t d : b->shape)
+    if (d < 0) return;
   PackAllB(GetMicroKernel(ActiveIsa()), *b, &pre_);
   has_pre_ = true;
 }
@@ -129,7 +139,8 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
   g.batch = batch;
   g.b = bptrs.data();
   Gemm(uk, g, OrtParallelFor(ctx));
-  if (!ep.post_scale.empty()) ScaleColumns(static_cast<float*>(y), rows * batch, plan.N, ep.post_scale.data(), ep.post_bias);
+  if (!ep.post_scale.empty())
+    ScaleColumns(static_cast<float*>(y), rows * batch, plan.N, ep.post_scale.data(), ep.post_bias);
   return isa;
 }
 

@@ -19,9 +19,9 @@ MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int
 // Output epilogue of one matmul call, already validated and expanded.
 struct MatMulEpilogue {
   OutKind kind = OutKind::kInt32;
-  std::vector<int32_t> za;  // 1 or M (per row) A zero points
-  std::vector<int32_t> zb;  // N B zero points
-  std::vector<float> scale; // N multipliers (float/quantized outputs)
+  std::vector<int32_t> za;       // 1 or M (per row) A zero points
+  std::vector<int32_t> zb;       // N B zero points
+  std::vector<float> scale;      // N multipliers (float/quantized outputs)
   const float* fbias = nullptr;  // N float bias or nullptr
   int32_t y_zp = 0;
   // Float outputs ORT rounds twice, (float(acc) * a_scale) * b_scale[n] (+ bias[n]): after the GEMM

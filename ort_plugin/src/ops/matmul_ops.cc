@@ -40,6 +40,7 @@ class QLinearMatMulKernel : public Kernel {
     void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
+
  private:
   MatMulCore core_;
 };
@@ -59,6 +60,7 @@ class MatMulIntegerKernel : public Kernel {
     void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
+
  private:
   MatMulCore core_;
 };
@@ -101,6 +103,7 @@ class MatMulIntegerToFloatKernel : public Kernel {
     void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, a.as<uint8_t>(), a.is_int8(), b, ep, y);
   }
+
  private:
   MatMulCore core_;
 };
@@ -119,7 +122,9 @@ class DynamicQuantizeMatMulKernel : public Kernel {
     // output when it comes first) and an infinity to an all-NaN output; qie says so instead.
     const float* af = a.as<float>();
     for (size_t i = 0; i < n; ++i)
-      if (!std::isfinite(af[i])) Fail("A contains a non-finite value (" + std::to_string(af[i]) + ") at flat index " + std::to_string(i) + "; it cannot be quantized");
+      if (!std::isfinite(af[i]))
+        Fail("A contains a non-finite value (" + std::to_string(af[i]) + ") at flat index " + std::to_string(i) +
+             "; it cannot be quantized");
     float sa = 1.0f;
     uint8_t za = 0;
     DynamicQuantizeParams(af, n, &sa, &za);
@@ -133,15 +138,24 @@ class DynamicQuantizeMatMulKernel : public Kernel {
     void* y = Output(ctx, 0, plan.out_shape, ep.kind);
     return core_.Run(ctx, plan, qa.data(), false, b, ep, y);
   }
+
  private:
   MatMulCore core_;
 };
 
 }  // namespace
 
-std::unique_ptr<Kernel> MakeQLinearMatMul(const OrtKernelInfo* info) { return std::make_unique<QLinearMatMulKernel>(info); }
-std::unique_ptr<Kernel> MakeMatMulInteger(const OrtKernelInfo* info) { return std::make_unique<MatMulIntegerKernel>(info); }
-std::unique_ptr<Kernel> MakeMatMulIntegerToFloat(const OrtKernelInfo* info) { return std::make_unique<MatMulIntegerToFloatKernel>(info); }
-std::unique_ptr<Kernel> MakeDynamicQuantizeMatMul(const OrtKernelInfo* info) { return std::make_unique<DynamicQuantizeMatMulKernel>(info); }
+std::unique_ptr<Kernel> MakeQLinearMatMul(const OrtKernelInfo* info) {
+  return std::make_unique<QLinearMatMulKernel>(info);
+}
+std::unique_ptr<Kernel> MakeMatMulInteger(const OrtKernelInfo* info) {
+  return std::make_unique<MatMulIntegerKernel>(info);
+}
+std::unique_ptr<Kernel> MakeMatMulIntegerToFloat(const OrtKernelInfo* info) {
+  return std::make_unique<MatMulIntegerToFloatKernel>(info);
+}
+std::unique_ptr<Kernel> MakeDynamicQuantizeMatMul(const OrtKernelInfo* info) {
+  return std::make_unique<DynamicQuantizeMatMulKernel>(info);
+}
 
 }  // namespace qie

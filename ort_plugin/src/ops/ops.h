@@ -1,6 +1,7 @@
 // The adaptor kernels: one factory per (domain, op); register.cc holds the table that uses them.
 #pragma once
 #include <memory>
+#include <string>
 
 #include "ops/common.h"
 
@@ -29,5 +30,8 @@ void InferQGemm(OrtShapeInferContext* ctx);
 void InferQLinearConv(OrtShapeInferContext* ctx);
 void InferQLinearConvNhwc(OrtShapeInferContext* ctx);
 void InferConvInteger(OrtShapeInferContext* ctx);
+
+// "domain\top\n" for every (domain, op) in register.cc's table (qie_ops()).
+std::string RegisteredOps();
 
 }  // namespace qie

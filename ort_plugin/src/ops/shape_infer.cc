@@ -57,7 +57,10 @@ TypeShape InputTS(OrtShapeInferContext* ctx, size_t i) {
 int64_t AttrIntCtx(OrtShapeInferContext* ctx, const char* name, int64_t dflt) {
   const OrtOpAttr* attr = nullptr;
   OrtStatus* st = g_ort->ShapeInferContext_GetAttribute(ctx, name, &attr);
-  if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return dflt; }
+  if (st || !attr) {
+    if (st) g_ort->ReleaseStatus(st);
+    return dflt;
+  }
   int64_t v = dflt;
   size_t out = 0;
   ThrowOnError(g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INT, &v, sizeof(v), &out));  // wrong type: no inference
@@ -67,7 +70,10 @@ int64_t AttrIntCtx(OrtShapeInferContext* ctx, const char* name, int64_t dflt) {
 std::vector<int64_t> AttrIntsCtx(OrtShapeInferContext* ctx, const char* name) {
   const OrtOpAttr* attr = nullptr;
   OrtStatus* st = g_ort->ShapeInferContext_GetAttribute(ctx, name, &attr);
-  if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return {}; }
+  if (st || !attr) {
+    if (st) g_ort->ReleaseStatus(st);
+    return {};
+  }
   size_t bytes = 0;
   st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_INTS, nullptr, 0, &bytes);
   if (st) g_ort->ReleaseStatus(st);  // expected: reports the size needed
@@ -80,7 +86,10 @@ std::vector<int64_t> AttrIntsCtx(OrtShapeInferContext* ctx, const char* name) {
 std::string AttrStringCtx(OrtShapeInferContext* ctx, const char* name, const char* dflt) {
   const OrtOpAttr* attr = nullptr;
   OrtStatus* st = g_ort->ShapeInferContext_GetAttribute(ctx, name, &attr);
-  if (st || !attr) { if (st) g_ort->ReleaseStatus(st); return dflt; }
+  if (st || !attr) {
+    if (st) g_ort->ReleaseStatus(st);
+    return dflt;
+  }
   size_t bytes = 0;
   st = g_ort->ReadOpAttr(attr, ORT_OP_ATTR_STRING, nullptr, 0, &bytes);
   if (st) g_ort->ReleaseStatus(st);
@@ -100,7 +109,9 @@ void SetOutput(OrtShapeInferContext* ctx, ONNXTensorElementDataType type, const 
   std::vector<std::string> names;
   for (size_t i = 0; i < dims.size(); ++i) {
     v.push_back(dims[i].v);
-    names.push_back(dims[i].known() ? "" : dims[i].sym.empty() ? "qie_unk_" + std::to_string(fresh.fetch_add(1)) : dims[i].sym);
+    names.push_back(dims[i].known()       ? ""
+                    : dims[i].sym.empty() ? "qie_unk_" + std::to_string(fresh.fetch_add(1))
+                                          : dims[i].sym);
   }
   std::vector<const char*> s;
   for (const auto& n : names) s.push_back(n.c_str());
@@ -112,33 +123,42 @@ void SetOutput(OrtShapeInferContext* ctx, ONNXTensorElementDataType type, const 
   ThrowOnError(st);
 }
 
-bool SameDim(const Dim& a, const Dim& b) { return a.known() ? b.known() && a.v == b.v : !b.known() && !a.sym.empty() && a.sym == b.sym; }
+bool SameDim(const Dim& a, const Dim& b) {
+  return a.known() ? b.known() && a.v == b.v : !b.known() && !a.sym.empty() && a.sym == b.sym;
+}
 
 std::string DimsStr(const std::vector<Dim>& d) {
   std::string s = "[";
-  for (size_t i = 0; i < d.size(); ++i) s += (i ? "," : "") + (d[i].known() ? std::to_string(d[i].v) : (d[i].sym.empty() ? "?" : d[i].sym));
+  for (size_t i = 0; i < d.size(); ++i)
+    s += (i ? "," : "") + (d[i].known() ? std::to_string(d[i].v) : (d[i].sym.empty() ? "?" : d[i].sym));
   return s + "]";
 }
 
 std::vector<Dim> MatMulDims(const TypeShape& a, const TypeShape& b) {
-  if (a.dims.empty() || b.dims.empty()) Fail("A and B must have rank >= 1, got A " + DimsStr(a.dims) + " and B " + DimsStr(b.dims));
+  if (a.dims.empty() || b.dims.empty())
+    Fail("A and B must have rank >= 1, got A " + DimsStr(a.dims) + " and B " + DimsStr(b.dims));
   const bool a1 = a.dims.size() == 1, b1 = b.dims.size() == 1;
   std::vector<Dim> as = a1 ? std::vector<Dim>{{1, ""}, a.dims[0]} : a.dims;
   std::vector<Dim> bs = b1 ? std::vector<Dim>{b.dims[0], {1, ""}} : b.dims;
   const Dim& ka = as.back();
   const Dim& kb = bs[bs.size() - 2];
   if (ka.known() && kb.known() && ka.v != kb.v)
-    Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) + " has K=" + std::to_string(kb.v));
+    Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) +
+         " has K=" + std::to_string(kb.v));
   std::vector<Dim> ab(as.begin(), as.end() - 2), bb(bs.begin(), bs.end() - 2);
   const size_t r = std::max(ab.size(), bb.size());
   ab.insert(ab.begin(), r - ab.size(), Dim{1, ""});
   bb.insert(bb.begin(), r - bb.size(), Dim{1, ""});
   std::vector<Dim> out;
   for (size_t d = 0; d < r; ++d) {
-    if (SameDim(ab[d], bb[d]) || (bb[d].known() && bb[d].v == 1)) out.push_back(ab[d]);
-    else if (ab[d].known() && ab[d].v == 1) out.push_back(bb[d]);
-    else if (ab[d].known() && bb[d].known()) Fail("batch dimensions do not broadcast: A " + DimsStr(a.dims) + ", B " + DimsStr(b.dims));
-    else out.push_back(ab[d].known() ? ab[d] : bb[d].known() ? bb[d] : Dim{});
+    if (SameDim(ab[d], bb[d]) || (bb[d].known() && bb[d].v == 1))
+      out.push_back(ab[d]);
+    else if (ab[d].known() && ab[d].v == 1)
+      out.push_back(bb[d]);
+    else if (ab[d].known() && bb[d].known())
+      Fail("batch dimensions do not broadcast: A " + DimsStr(a.dims) + ", B " + DimsStr(b.dims));
+    else
+      out.push_back(ab[d].known() ? ab[d] : bb[d].known() ? bb[d] : Dim{});
   }
   if (!a1) out.push_back(as[as.size() - 2]);
   if (!b1) out.push_back(bs.back());
@@ -157,7 +177,9 @@ void InferMatMulShape(OrtShapeInferContext* ctx, size_t a_idx, size_t b_idx, ONN
   SetOutput(ctx, type, MatMulDims(a, b));
 }
 
-void InferQLinearMatMul(OrtShapeInferContext* ctx) { InferMatMulShape(ctx, 0, 3, QuantizedOutputType(InputTS(ctx, 7))); }
+void InferQLinearMatMul(OrtShapeInferContext* ctx) {
+  InferMatMulShape(ctx, 0, 3, QuantizedOutputType(InputTS(ctx, 7)));
+}
 
 void InferQGemm(OrtShapeInferContext* ctx) {
   const TypeShape a = InputTS(ctx, 0), b = InputTS(ctx, 3), yzp = InputTS(ctx, 8);
@@ -168,7 +190,8 @@ void InferQGemm(OrtShapeInferContext* ctx) {
   const Dim& kb = b.dims[tb ? 1 : 0];
   const Dim& n = b.dims[tb ? 0 : 1];
   if (ka.known() && kb.known() && ka.v != kb.v)
-    Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) + " has K=" + std::to_string(kb.v));
+    Fail("inner dimensions differ: A " + DimsStr(a.dims) + " has K=" + std::to_string(ka.v) + ", B " + DimsStr(b.dims) +
+         " has K=" + std::to_string(kb.v));
   SetOutput(ctx, yzp.present ? yzp.type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {m, n});
 }
 
@@ -187,7 +210,10 @@ void InferConv(OrtShapeInferContext* ctx, size_t w_idx, ONNXTensorElementDataTyp
   const size_t rank = x.dims.size(), r = rank - 2;
   bool w_known = w.dims.size() == rank;
   std::vector<int64_t> ws;
-  for (const Dim& d : w.dims) { ws.push_back(d.v); w_known = w_known && d.known(); }
+  for (const Dim& d : w.dims) {
+    ws.push_back(d.v);
+    w_known = w_known && d.known();
+  }
   const Dim m = w.dims.size() == rank ? w.dims[0] : Dim{};
   std::vector<Dim> spatial(r, Dim{});
   if (w_known) {
@@ -197,7 +223,8 @@ void InferConv(OrtShapeInferContext* ctx, size_t w_idx, ONNXTensorElementDataTyp
     for (size_t i = 0; i < r; ++i) in.push_back(x.dims[nhwc ? i + 1 : i + 2].v);
     std::vector<int64_t> out, pad;
     ConvGeometry(at, in, k, &out, &pad);
-    for (size_t i = 0; i < r; ++i) if (out[i] >= 0) spatial[i] = Dim{out[i], ""};
+    for (size_t i = 0; i < r; ++i)
+      if (out[i] >= 0) spatial[i] = Dim{out[i], ""};
   }
   std::vector<Dim> out_dims{x.dims[0]};
   if (!nhwc) out_dims.push_back(m);

@@ -78,8 +78,10 @@ void DepthwiseAvx512(const ConvShape& s, const int16_t* dw, const ConvArgs& a, s
   BuildTable(s, a, sc.zrow, b, p0, np, sc.ptrs, stride);
   const size_t o0 = (b * s.out_pixels() + p0) * s.C;
   for (size_t c = 0; c < s.C; c += 16) {
-    if (a.x_signed) Block<true>(s, dw, a, o0, np, c, sc.ptrs, stride);
-    else Block<false>(s, dw, a, o0, np, c, sc.ptrs, stride);
+    if (a.x_signed)
+      Block<true>(s, dw, a, o0, np, c, sc.ptrs, stride);
+    else
+      Block<false>(s, dw, a, o0, np, c, sc.ptrs, stride);
   }
 }
 

@@ -11,6 +11,7 @@ struct Avx2Dot {
 };
 }  // namespace
 
-extern const MicroKernel kGemmAvx2 = {Isa::kAvx2, "qie_gemm_u8s8_s32_6x16c2__avx2", kYmmMr, kYmmNr, 2, true, YmmTile<Avx2Dot>};
+extern const MicroKernel kGemmAvx2 = {Isa::kAvx2,      "qie_gemm_u8s8_s32_6x16c2__avx2", kYmmMr, kYmmNr, 2, true,
+                                      YmmTile<Avx2Dot>};
 
 }  // namespace qie

@@ -30,10 +30,13 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
     acc = _mm512_add_epi32(acc, ep.bias_cs ? LoadOrZero(bp + c0, m) : _mm512_set1_epi32(bp[0]));
   }
   if (ep.zb) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.zb + c0, m), _mm512_set1_epi32(ep.rs[r])));
-  if (!ep.folded) acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.csk + c0, m), _mm512_set1_epi32(ep.za[r])));
+  if (!ep.folded)
+    acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.csk + c0, m), _mm512_set1_epi32(ep.za[r])));
   const ptrdiff_t o = static_cast<ptrdiff_t>(r) * ep.ldy + static_cast<ptrdiff_t>(c0);
   switch (ep.kind) {
-    case OutKind::kInt32: _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.y) + o, m, acc); return;
+    case OutKind::kInt32:
+      _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.y) + o, m, acc);
+      return;
     case OutKind::kFloat: {
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(m, ep.scale + c0));
       if (ep.fbias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, ep.fbias + c0));
@@ -42,7 +45,8 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
     }
     default: {
       const bool u8 = ep.kind == OutKind::kU8;
-      const float lo = static_cast<float>((u8 ? 0 : -128) - ep.y_zp), hi = static_cast<float>((u8 ? 255 : 127) - ep.y_zp);
+      const float lo = static_cast<float>((u8 ? 0 : -128) - ep.y_zp),
+                  hi = static_cast<float>((u8 ? 255 : 127) - ep.y_zp);
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(m, ep.scale + c0));
       v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
       const __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(v), _mm512_set1_epi32(ep.y_zp));
@@ -68,11 +72,13 @@ struct FastEpilogue {
 
 template <int V>
 inline bool MakeFast(size_t nr, const Epilogue& ep, FastEpilogue* f) {
-  if (!ep.folded || ep.zb || !(ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8)) return false;
+  if (!ep.folded || ep.zb || !(ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8))
+    return false;
   f->quant = ep.kind != OutKind::kInt32;
   for (int v = 0; v < V; ++v) {
     const size_t c0 = 16 * static_cast<size_t>(v);
-    f->mask[v] = nr > c0 ? (nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1)) : 0;
+    f->mask[v] =
+        nr > c0 ? (nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1)) : 0;
     f->bias[v] = _mm512_maskz_loadu_epi32(f->mask[v], ep.bias + c0);
     if (f->quant) f->scale[v] = _mm512_maskz_loadu_ps(f->mask[v], ep.scale + c0);
   }
@@ -104,6 +110,7 @@ inline __m512i BroadcastA(const uint8_t* p) {
 
 // Named accumulators (p<row><vec>, p = c or d) rather than an array: GCC keeps them in registers
 // without the per-iteration register shuffling it emits for an array of __m512i.
+// clang-format off: the register tiles are written as rows of macros, one row of the tile per line.
 #define QIE_DOT(p, r, v, bb) \
   if constexpr (V > v) p##r##v = _mm512_dpbusd_epi32(p##r##v, av, bb##v);
 #define QIE_ROW(p, r, k, bb)                                                              \
@@ -181,32 +188,53 @@ void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_
 #undef QIE_FAST1
 #undef QIE_FAST
 #undef QIE_EPILOGUE
+// clang-format on
 
 template <int V>
 void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   switch (mr) {
-    case 1: TileFewRows<1, V>(nr, kp, a, lda, b, ep); break;
-    case 2: TileFewRows<2, V>(nr, kp, a, lda, b, ep); break;
-    case 3: TileRows<3, V>(nr, kp, a, lda, b, ep); break;
-    case 4: TileRows<4, V>(nr, kp, a, lda, b, ep); break;
-    case 5: TileRows<5, V>(nr, kp, a, lda, b, ep); break;
-    case 6: TileRows<6, V>(nr, kp, a, lda, b, ep); break;
-    case 7: TileRows<7, V>(nr, kp, a, lda, b, ep); break;
-    default: TileRows<8, V>(nr, kp, a, lda, b, ep); break;
+    case 1:
+      TileFewRows<1, V>(nr, kp, a, lda, b, ep);
+      break;
+    case 2:
+      TileFewRows<2, V>(nr, kp, a, lda, b, ep);
+      break;
+    case 3:
+      TileRows<3, V>(nr, kp, a, lda, b, ep);
+      break;
+    case 4:
+      TileRows<4, V>(nr, kp, a, lda, b, ep);
+      break;
+    case 5:
+      TileRows<5, V>(nr, kp, a, lda, b, ep);
+      break;
+    case 6:
+      TileRows<6, V>(nr, kp, a, lda, b, ep);
+      break;
+    case 7:
+      TileRows<7, V>(nr, kp, a, lda, b, ep);
+      break;
+    default:
+      TileRows<8, V>(nr, kp, a, lda, b, ep);
+      break;
   }
 }
 
 void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
   const int8_t* b = static_cast<const int8_t*>(b_v);
-  if (nr > 32) TileV<kVecs>(mr, nr, kp, a, lda, b, ep);
-  else if (nr > 16) TileV<2>(mr, nr, kp, a, lda, b, ep);
-  else TileV<1>(mr, nr, kp, a, lda, b, ep);
+  if (nr > 32)
+    TileV<kVecs>(mr, nr, kp, a, lda, b, ep);
+  else if (nr > 16)
+    TileV<2>(mr, nr, kp, a, lda, b, ep);
+  else
+    TileV<1>(mr, nr, kp, a, lda, b, ep);
 }
 
 }  // namespace
 
-extern const MicroKernel kGemmAvx512Vnni = {Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_8x48c4__avx512vnni", kMr, kNr, 4, false, Tile};
+extern const MicroKernel kGemmAvx512Vnni = {
+    Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_8x48c4__avx512vnni", kMr, kNr, 4, false, Tile};
 
 }  // namespace qie
 

@@ -10,6 +10,7 @@ struct AvxVnniDot {
 };
 }  // namespace
 
-extern const MicroKernel kGemmAvxVnni = {Isa::kAvxVnni, "qie_gemm_u8s8_s32_6x16c4__avxvnni", kYmmMr, kYmmNr, 4, false, YmmTile<AvxVnniDot>};
+extern const MicroKernel kGemmAvxVnni = {
+    Isa::kAvxVnni, "qie_gemm_u8s8_s32_6x16c4__avxvnni", kYmmMr, kYmmNr, 4, false, YmmTile<AvxVnniDot>};
 
 }  // namespace qie

@@ -29,8 +29,10 @@ inline void YmmStoreRow(__m256i acc, size_t r, size_t c0, size_t n, const Epilog
     const int32_t* bp = ep.bias + static_cast<ptrdiff_t>(r) * ep.bias_rs;
     acc = _mm256_add_epi32(acc, ep.bias_cs ? _mm256_maskload_epi32(bp + c0, m) : _mm256_set1_epi32(bp[0]));
   }
-  if (ep.zb) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.zb + c0, m), _mm256_set1_epi32(ep.rs[r])));
-  if (!ep.folded) acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.csk + c0, m), _mm256_set1_epi32(ep.za[r])));
+  if (ep.zb)
+    acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.zb + c0, m), _mm256_set1_epi32(ep.rs[r])));
+  if (!ep.folded)
+    acc = _mm256_sub_epi32(acc, _mm256_mullo_epi32(_mm256_maskload_epi32(ep.csk + c0, m), _mm256_set1_epi32(ep.za[r])));
   const ptrdiff_t o = static_cast<ptrdiff_t>(r) * ep.ldy + static_cast<ptrdiff_t>(c0);
   if (ep.kind == OutKind::kInt32) {
     _mm256_maskstore_epi32(static_cast<int32_t*>(ep.y) + o, m, acc);
@@ -49,7 +51,8 @@ inline void YmmStoreRow(__m256i acc, size_t r, size_t c0, size_t n, const Epilog
   const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
   const __m128i bytes = u8 ? _mm_packus_epi16(w, w) : _mm_packs_epi16(w, w);
   int8_t* dst = static_cast<int8_t*>(ep.y) + o;
-  if (n >= 8) _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), bytes);
+  if (n >= 8)
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), bytes);
   else {
     alignas(16) int8_t tmp[16];
     _mm_store_si128(reinterpret_cast<__m128i*>(tmp), bytes);
@@ -88,12 +91,24 @@ void YmmTile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const
   const int8_t* b = static_cast<const int8_t*>(b_v);
   const size_t ldb = lda * Policy::kElem;
   switch (mr) {
-    case 1: YmmTileRows<Policy, 1>(nr, kp, a, ldb, b, ep); break;
-    case 2: YmmTileRows<Policy, 2>(nr, kp, a, ldb, b, ep); break;
-    case 3: YmmTileRows<Policy, 3>(nr, kp, a, ldb, b, ep); break;
-    case 4: YmmTileRows<Policy, 4>(nr, kp, a, ldb, b, ep); break;
-    case 5: YmmTileRows<Policy, 5>(nr, kp, a, ldb, b, ep); break;
-    default: YmmTileRows<Policy, 6>(nr, kp, a, ldb, b, ep); break;
+    case 1:
+      YmmTileRows<Policy, 1>(nr, kp, a, ldb, b, ep);
+      break;
+    case 2:
+      YmmTileRows<Policy, 2>(nr, kp, a, ldb, b, ep);
+      break;
+    case 3:
+      YmmTileRows<Policy, 3>(nr, kp, a, ldb, b, ep);
+      break;
+    case 4:
+      YmmTileRows<Policy, 4>(nr, kp, a, ldb, b, ep);
+      break;
+    case 5:
+      YmmTileRows<Policy, 5>(nr, kp, a, ldb, b, ep);
+      break;
+    default:
+      YmmTileRows<Policy, 6>(nr, kp, a, ldb, b, ep);
+      break;
   }
 }
 

@@ -22,7 +22,10 @@ void MinMaxAvx512(const float* x, size_t n, float* lo_out, float* hi_out) {
     lo = _mm512_reduce_min_ps(vlo);
     hi = _mm512_reduce_max_ps(vhi);
   }
-  for (; i < n; ++i) { lo = std::min(lo, x[i]); hi = std::max(hi, x[i]); }
+  for (; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
   *lo_out = lo;
   *hi_out = hi;
 }

@@ -1,0 +1,24 @@
+// The one ISA table: for each instruction-set path, its name, what the CPU must have, and every kernel
+// it provides. Adding an ISA = one row in dispatch.cc, its kernel files, and their compile flags in
+// CMakeLists.txt; nothing else chooses kernels by ISA.
+#pragma once
+#include "kernels/conv.h"
+
+namespace qie {
+
+using MinMaxFn = void (*)(const float* x, size_t n, float* lo, float* hi);
+using QuantizeU8Fn = void (*)(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
+
+struct IsaKernels {
+  Isa isa;
+  const char* name;          // "scalar", "avx2", ... (QIE_ISA, qie_ep.force_isa, stats)
+  bool (*cpu_has)();         // every extension the path's files are compiled with (cpuid + OS state)
+  const MicroKernel* gemm;   // GEMM microkernel (tile MR x NR, K-group)
+  DepthwiseFn depthwise;     // depthwise convolution over channels
+  MinMaxFn minmax;           // dynamic quantization's range; nullptr: the scalar loop
+  QuantizeU8Fn quantize_u8;  // dynamic quantization's q = saturate(round(x / scale) + zp); nullptr: scalar
+};
+
+const IsaKernels& KernelsFor(Isa isa);
+
+}  // namespace qie

@@ -1,0 +1,173 @@
+"""`qie quantize`: an FP32 ONNX model -> an INT8 model, through ``onnxruntime.quantization``.
+
+qie does not re-implement calibration or graph rewriting: static models come from
+``quantize_static`` (MinMax calibration over the user's data, QDQ or QOperator format, per-tensor or
+per-channel weights) and dynamic ones from ``quantize_dynamic``. What qie adds:
+
+1. The defaults that suit its kernels: the op types qie has kernels for (MatMul, Conv, Gemm; ORT's
+   default set also wraps Add, Softmax, pooling ... in Q/DQ pairs, which costs accuracy and buys
+   nothing on CPU), uint8 activations and int8 weights (the u8 x s8 form VNNI multiplies natively).
+2. Calibration data from a folder (``data.load_feeds``), with a progress bar; calibration runs once and
+   its ranges are cached (ORT's ``calibration_cache_path``), so the accuracy-budget search below
+   re-quantizes without re-calibrating.
+3. ``--accuracy-budget`` (mixed precision, ``sensitivity.search_budget``): layers are kept in float,
+   most sensitive first, until the INT8 model's outputs are within the budget of FP32's.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qie_ep.errors import UserError
+from qie_ep.files import atomic_output
+from qie_ep.quantization import sensitivity
+from qie_ep.quantization.config import QTYPES, QuantizeConfig
+from qie_ep.quantization.metrics import agreement
+from qie_ep.session import run_outputs
+
+
+@dataclass
+class Quantizer:
+    """One FP32 model and its calibration, ready to be quantized with different exclusions.
+
+    ``source`` is the model as quantized (unnamed nodes get names, so every layer can be addressed).
+    """
+    model_path: Path
+    config: QuantizeConfig
+    feeds: list = field(default_factory=list)
+    progress: bool = True
+
+    def __post_init__(self):
+        import onnx
+        import onnx.version_converter
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="qie-quantize-")
+        model = onnx.load(str(self.model_path))
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        if opset < 13 and self.config.per_channel and not self.config.dynamic:
+            # Per-channel QuantizeLinear/DequantizeLinear (the axis attribute) needs opset 13.
+            logging.getLogger("qie").info("converting %s from opset %d to 13 for per-channel weights", self.model_path, opset)
+            model = onnx.version_converter.convert_version(model, 13)
+        names = set()
+        for i, n in enumerate(model.graph.node):
+            if not n.name or n.name in names:
+                n.name = f"{n.op_type}_{i}"
+            names.add(n.name)
+        self.source = Path(self._tmp.name) / "source.onnx"
+        onnx.save(model, str(self.source))
+        self.model = model
+        self.cache = Path(self._tmp.name) / "calibration.json"
+        unknown = [n for n in self.config.exclude if n not in names]
+        if unknown:
+            raise UserError(f"--exclude: no node named {unknown[0]!r} in {self.model_path}")
+        if self.config.fmt not in ("qdq", "qoperator"):
+            raise UserError(f"--format must be qdq or qoperator, not {self.config.fmt!r}")
+        if not self.config.dynamic and not self.feeds:
+            raise UserError("static quantization needs calibration data: --calib DIR (or --dynamic)")
+
+    def layers(self) -> list[tuple[str, str]]:
+        """(node name, op type) of every node this configuration quantizes, in graph order."""
+        ops = set(self.config.op_types) if self.config.op_types else None
+        skip = set(self.config.exclude)
+        out = []
+        for n in self.model.graph.node:
+            if n.name in skip or (ops is not None and n.op_type not in ops):
+                continue
+            if ops is None and n.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+                continue
+            out.append((n.name, n.op_type))
+        return out
+
+    def write(self, out: Path, exclude=(), only=None) -> Path:
+        """Quantize into ``out`` (a path written as is), keeping ``exclude`` nodes in float, or
+        quantizing ``only`` those nodes. The first static call calibrates (progress bar)."""
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        c = self.config
+        excluded = sorted(set(c.exclude) | set(exclude))
+        op_types = list(c.op_types) or None
+        wtype = getattr(QuantType, QTYPES[c.weight_type])
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # ORT's "consider pre-processing" warnings, every call
+        try:
+            if c.dynamic:
+                quantize_dynamic(self.source, out, op_types_to_quantize=op_types, per_channel=c.per_channel,
+                                 weight_type=wtype, nodes_to_quantize=list(only or []), nodes_to_exclude=excluded)
+            else:
+                method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                          "percentile": CalibrationMethod.Percentile}[c.calibration]
+                reader = None if self.cache.exists() else _Reader(self.feeds, self.progress)
+                quantize_static(self.source, out, reader, quant_format=QuantFormat.QDQ if c.fmt == "qdq" else QuantFormat.QOperator,
+                                op_types_to_quantize=op_types, per_channel=c.per_channel,
+                                activation_type=getattr(QuantType, QTYPES[c.activation_type]), weight_type=wtype,
+                                nodes_to_quantize=list(only or []), nodes_to_exclude=excluded, calibrate_method=method,
+                                calibration_cache_path=self.cache)
+        finally:
+            logging.getLogger().setLevel(quiet)
+        return out
+
+    def reference(self) -> list:
+        """FP32's float outputs for every feed (ORT's own kernels), computed once."""
+        if not hasattr(self, "_ref"):
+            self._ref = run_outputs(self.source, self.feeds, qie=False)
+        return self._ref
+
+    def tmp_path(self, name: str) -> Path:
+        return Path(self._tmp.name) / name
+
+    def close(self):
+        self._tmp.cleanup()
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over a list of feeds, with a bar."""
+
+    def __init__(self, feeds, progress: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=len(feeds), desc="calibrating", unit="sample", disable=None if progress else True,
+                         leave=False)
+        self._it = iter(feeds)
+
+    def get_next(self):
+        feed = next(self._it, None)
+        if feed is None:
+            self._bar.close()
+        else:
+            self._bar.update(1)
+        return feed
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+
+def quantize_file(model_path: str, output: str, feeds: list[dict], config: QuantizeConfig,
+                  budget: float | None = None, progress: bool = True, log=print) -> dict:
+    """The whole `qie quantize`: write ``output`` (atomically) and return what was done.
+
+    With ``budget`` (maximum loss of mean output cosine to FP32 on ``feeds``), layers are kept in
+    float, most sensitive first, until the budget is met; the result lists them.
+    """
+    if budget is not None and not feeds:
+        raise UserError("--accuracy-budget needs data to measure accuracy on: --calib DIR")
+    if budget is not None and not 0 < budget < 1:
+        raise UserError(f"--accuracy-budget is a loss of cosine similarity in (0, 1), e.g. 0.01; got {budget}")
+    q = Quantizer(Path(model_path), config, feeds, progress)
+    try:
+        if not q.layers():  # an "INT8" copy that is the FP32 model is not a result
+            raise UserError(f"{model_path}: no layer of type {' '.join(config.op_types) or 'any'} to quantize")
+        with atomic_output(output) as tmp:
+            if budget is None:
+                q.write(tmp)
+                result = {"kept_float": [], "layers": len(q.layers())}
+            else:
+                result = sensitivity.search_budget(q, budget, tmp, log=log, progress=progress)
+        result["output"] = str(output)
+        if feeds:
+            result["agreement"] = agreement(q.reference(), run_outputs(Path(output), feeds))
+        return result
+    finally:
+        q.close()
+

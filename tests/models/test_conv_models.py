@@ -1,0 +1,52 @@
+"""Real convolution models, quantized with onnxruntime.quantization.quantize_static (per-channel, QDQ and
+QOperator) on rendered calibration data: the PP-OCRv6 text recogniser and the PP-LCNet orientation
+classifier. With qie every quantized convolution runs on qie, the outputs equal ORT's built-in run
+(bound: 0, bit-identical: the integer convolutions are exact and requantize identically), and task
+accuracy on labelled rendered data is reported against FP32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import qie_ep
+from qie_ep.demo import vision as V
+from qie_ep.session import session as qie_session
+
+N_EVAL = 16
+
+
+def session(model, qie: bool, level: str):
+    return qie_session(model, qie=qie, level=level, threads=2)
+
+
+@pytest.fixture(scope="module")
+def evaluation():
+    return {name: V.dataset(name, N_EVAL, seed=1) for name in ("ppocr_rec", "orientation")}
+
+
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+@pytest.mark.parametrize("name", ["orientation", "ppocr_rec"])
+def test_real_model(name, fmt, level, evaluation):
+    if fmt == "qdq" and level == "disable":
+        pytest.skip("a QDQ graph stays float below ORT_ENABLE_EXTENDED: nothing quantized runs")
+    x, labels = evaluation[name]
+    fp32 = onnx.load(str(V.model_path(name)))
+    convs = sum(n.op_type == "Conv" for n in fp32.graph.node)
+    model = qie_ep.with_contrib_opset(onnx.load(str(V.quantized(name, fmt))))
+    if fmt == "qoperator":
+        assert sum(n.op_type == "QLinearConv" for n in model.graph.node) == convs
+    qie_ep.reset_stats()
+    got = session(model, True, level).run(None, {"x": x})[0]
+    ran = sum(sum(v.values()) for (_, op), v in qie_ep.stats().items() if op in ("QLinearConv", "ConvInteger"))
+    assert ran == convs, f"{ran} of {convs} convolutions ran on qie: {qie_ep.stats()}"
+    want = session(model, False, level).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)  # bound 0
+    chars = V.charset(V.model_path(name)) if name == "ppocr_rec" else None
+    ref = session(fp32, False, "all").run(None, {"x": x})[0]
+    acc_fp32, acc_int8 = V.accuracy(name, ref, labels, chars), V.accuracy(name, got, labels, chars)
+    print(f"{name} {fmt} {level}: accuracy FP32 {acc_fp32:.3f}, INT8 with qie {acc_int8:.3f} ({N_EVAL} samples)")
+    assert acc_fp32 >= 0.75, "the rendered evaluation data no longer suit the FP32 model"
+    assert acc_int8 >= acc_fp32 - 0.2, (acc_fp32, acc_int8)

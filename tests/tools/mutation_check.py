@@ -1,0 +1,164 @@
+"""Mutation check: does the suite catch small, plausible bugs in the kernels and adaptors?
+
+Each mutation below edits one line of a copy of ``ort_plugin`` (the source tree is never touched), the
+library is rebuilt incrementally, and the fast numeric tests run against it with ``-x``. A mutation that
+no test catches *survives* and is a hole in the suite: name survivors in your issue note and close them.
+Run before resolving kernel work (about a minute per mutation on 2 cores)::
+
+    make mutation            # or: .venv/bin/python tests/tools/mutation_check.py [-k NAME] [--keep DIR]
+
+Exit status: 0 when every mutation is caught (or skipped because this CPU lacks its ISA), 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.py", "tests/kernels/test_rounding_ties.py",
+         "tests/ort/test_gemm_ops.py",
+         "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # under ort_plugin/src
+    old: str   # must occur exactly once in the file
+    new: str
+    isa: str = ""  # only meaningful where this CPU runs that path ("" = every CPU)
+
+
+MUTATIONS = [
+    # rounding: half-away-from-zero or truncation instead of round-half-to-even
+    Mutation("scalar requantize rounds half away", "kernels/epilogue_scalar.h",
+             "std::nearbyint(v)) + zp", "std::round(v)) + zp"),
+    Mutation("ymm requantize truncates", "kernels/x86/gemm_ymm_inl.h",
+             "_mm256_cvtps_epi32(v), _mm256_set1_epi32(ep.y_zp)", "_mm256_cvttps_epi32(v), _mm256_set1_epi32(ep.y_zp)",
+             "avx2"),
+    Mutation("zmm general requantize truncates", "kernels/x86/gemm_avx512vnni.cc",
+             "_mm512_cvtps_epi32(v), _mm512_set1_epi32(ep.y_zp)", "_mm512_cvttps_epi32(v), _mm512_set1_epi32(ep.y_zp)",
+             "avx512vnni"),
+    Mutation("zmm fast requantize truncates", "kernels/x86/gemm_avx512vnni.cc",
+             "_mm512_cvtps_epi32(x), f.zp", "_mm512_cvttps_epi32(x), f.zp", "avx512vnni"),
+    Mutation("depthwise zmm requantize truncates", "kernels/x86/dwconv_avx512.cc",
+             "_mm512_cvtps_epi32(v), yzp", "_mm512_cvttps_epi32(v), yzp", "avx512vnni"),
+    Mutation("dynamic quantization rounds half away", "kernels/quantize.cc",
+             "static_cast<int32_t>(std::nearbyint(v)) + zp", "static_cast<int32_t>(std::round(v)) + zp"),
+    Mutation("dynamic quantization zmm truncates", "kernels/x86/quantize_avx512.cc",
+             "_mm512_cvtps_epi32(v), vzp", "_mm512_cvttps_epi32(v), vzp", "avx512vnni"),
+    # zero points
+    Mutation("zmm fast epilogue adds y_zero_point twice", "kernels/x86/gemm_avx512vnni.cc",
+             "f->zp = _mm512_set1_epi32(ep.y_zp);", "f->zp = _mm512_set1_epi32(2 * ep.y_zp);", "avx512vnni"),
+    Mutation("per-row a_zero_point not repeated across batches", "ops/matmul_core.cc",
+             "ep.za[r % plan.M]", "ep.za[r < plan.M ? r : plan.M - 1]"),
+    Mutation("QGemm ignores b_zero_point", "ops/gemm_ops.cc",
+             'ep.zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point");',
+             'ep.zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point"); std::fill(ep.zb.begin(), ep.zb.end(), 0);'),
+    Mutation("column term uses K-1 zero-point rows", "kernels/gemm_driver.cc",
+             "static_cast<int32_t>(K) * zb_s[n]", "static_cast<int32_t>(K - 1) * zb_s[n]"),
+    # scales
+    Mutation("float output uses b_scale[0] for every column", "ops/matmul_ops.cc",
+             "twice ? a_scale : a_scale * sb[n];", "twice ? a_scale : a_scale * sb[0];"),
+    Mutation("QGemm multiplier uses b_scale[0]", "ops/gemm_ops.cc",
+             "ep.scale[n] = alpha_ * sa * sb[n];", "ep.scale[n] = alpha_ * sa * sb[0];"),
+    # tile edges
+    Mutation("row tiles lose their last row", "kernels/gemm_driver.cc",
+             "rows = std::min(mr, M - m0), row0", "rows = std::min(mr, M - m0) - (M - m0 < mr && M - m0 > 1), row0"),
+    Mutation("column tiles write one column past the right edge", "kernels/gemm_driver.cc",
+             "cols = std::min(nr, N - n0);", "cols = std::min(nr, N - n0 + 1);"),
+    # dispatch
+    Mutation("AVX-512 VNNI never detected", "kernels/dispatch.cc",
+             '__builtin_cpu_supports("avx512vnni");', '__builtin_cpu_supports("avx512vnni") && false;'),
+]
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def runs_here(isa: str, flags: set[str]) -> bool:
+    need = {"": set(), "avx2": {"avx2", "fma"}, "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}}
+    return need[isa] <= flags
+
+
+def sh(cmd, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-k", default="", help="only mutations whose name contains this")
+    ap.add_argument("--keep", help="build folder to keep (default: a temporary one)")
+    args = ap.parse_args(argv)
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}"}
+    inc = sh(["bash", str(ROOT / "ort_plugin/cmake/fetch_ort_headers.sh"), str(Path.home() / ".cache/qie")], env=env)
+    if inc.returncode:
+        sys.exit(f"cannot fetch ORT headers: {inc.stderr}")
+    work = Path(args.keep or tempfile.mkdtemp(prefix="qie-mutation-"))
+    src, build = work / "ort_plugin", work / "build"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(ROOT / "ort_plugin", src)
+    cfg = sh(["cmake", "-S", str(src), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+              f"-DORT_INCLUDE_DIR={inc.stdout.strip()}"], env=env)
+    if cfg.returncode:
+        sys.exit(cfg.stdout + cfg.stderr)
+    test_env = {**env, "QIE_LIBRARY": str(build / "libqie_ort.so"), "PYTHONPATH": str(ROOT)}
+    pytest = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS]
+
+    def build_and_test() -> tuple[bool, str]:
+        b = sh(["cmake", "--build", str(build)], env=env)
+        if b.returncode:
+            return True, "BROKEN: does not compile (update MUTATIONS): " + (b.stdout + b.stderr)[-300:]
+        t = sh(pytest, env=test_env, cwd=ROOT)
+        tail = (t.stdout.strip().splitlines() or [""])[-1]
+        return t.returncode == 0, tail
+
+    ok, tail = build_and_test()
+    if not ok:
+        sys.exit(f"the unmutated library fails the tests: {tail}")
+    flags, survivors, rows = cpu_flags(), [], []
+    for m in MUTATIONS:
+        if args.k not in m.name:
+            continue
+        f = src / "src" / m.path
+        text = f.read_text()
+        if text.count(m.old) != 1:
+            sys.exit(f"{m.name}: {m.path} holds {m.old!r} {text.count(m.old)} times (update MUTATIONS)")
+        if not runs_here(m.isa, flags):
+            rows.append((m.name, f"skipped (CPU lacks {m.isa})", 0.0))
+            continue
+        t0 = time.time()
+        f.write_text(text.replace(m.old, m.new))
+        try:
+            passed, tail = build_and_test()
+        finally:
+            f.write_text(text)
+        verdict = (tail if tail.startswith("BROKEN") else "SURVIVED") if passed else ("caught: " + tail)
+        if passed:
+            survivors.append(m.name)
+        rows.append((m.name, verdict, time.time() - t0))
+        print(f"{m.name:55s} {verdict[:90]} ({rows[-1][2]:.0f} s)", flush=True)
+    sh(["cmake", "--build", str(build)], env=env)  # leave the kept folder's library unmutated
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{len(rows)} mutations, {len(survivors)} survived" + (": " + "; ".join(survivors) if survivors else ""))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The suite's own tools stay usable: the valgrind report filter and the mutation check's mutations."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import mutation_check
+import valgrind_report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _report(path: Path, errors: list[tuple[str, str]]) -> Path:
+    """A valgrind XML report with one error per (kind, obj of its only frame)."""
+    body = "".join(f"<error><kind>{k}</kind><what>bad</what><stack><frame><ip>0x1</ip><obj>{o}</obj><fn>f</fn>"
+                   f"</frame></stack></error>" for k, o in errors)
+    path.write_text(f"<?xml version='1.0'?><valgrindoutput>{body}</valgrindoutput>")
+    return path
+
+
+def test_valgrind_report_counts_only_errors_in_qie(tmp_path, capsys):
+    others = _report(tmp_path / "a.xml", [("UninitValue", "/usr/lib/libpython3.11.so"), ("InvalidRead", "/lib/ld.so")])
+    assert valgrind_report.main([str(others)]) == 0
+    ours = _report(tmp_path / "b.xml", [("InvalidWrite", "/x/build/valgrind/libqie_ort.so")])
+    assert valgrind_report.main([str(others), str(ours)]) == 1
+    assert "1 error(s) in qie; 2 elsewhere" in capsys.readouterr().out
+    cut = tmp_path / "c.xml"
+    cut.write_text("<?xml version='1.0'?><valgrindoutput><error>")  # the run died mid-report
+    assert valgrind_report.main([str(cut)]) == 1
+
+
+@pytest.mark.parametrize("m", mutation_check.MUTATIONS, ids=lambda m: m.name)
+def test_each_mutation_applies_to_the_sources(m):
+    """Every mutation names a line that exists exactly once (else `make mutation` stops on it)."""
+    text = (ROOT / "ort_plugin/src" / m.path).read_text()
+    assert text.count(m.old) == 1, f"{m.path}: {m.old!r} occurs {text.count(m.old)} times"
+    assert m.new != m.old
