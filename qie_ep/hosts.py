@@ -78,11 +78,10 @@ def _ort_runner(model_path: str, host: str, threads: int):
 def _tvm_runner(model_path: str, threads: int, target_json: str | None, feeds: list[dict]):
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's pool starts
     import onnx
-    import tvm
 
     from qie_ep.tvm import runner
 
-    target = tvm.target.Target(json.loads(target_json)) if target_json else None
+    target = json.loads(target_json) if target_json else None  # a target's JSON form (``--target``)
     shapes = runner.fixed_shapes(feeds)
     static = len(shapes) == len(feeds[0])
     c = runner.compile_onnx(onnx.load(model_path), target, shape_dict=shapes if static else None, cache_inputs=True)
@@ -126,8 +125,6 @@ def _import_runtime(host: str) -> None:
 
     import qie_ep  # noqa: F401
     if host == "tvm+qie":
-        import tvm  # noqa: F401
-
         import qie_ep.tvm  # noqa: F401
 
 

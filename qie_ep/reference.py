@@ -1,6 +1,6 @@
 """The numpy reference: the single definition of every qie operator's numerics.
 
-The contract (see DESIGN.md) that every ISA path and every host keeps:
+The contract (docs/numerics.md) that every ISA path and every host keeps:
 
 * accumulate exactly in int32: ``acc = sum_k (a - a_zp) * (b - b_zp) (+ int32 bias)``;
 * requantize in float32: ``y = saturate(round_half_to_even(float32(acc) * M) + y_zp)`` with the

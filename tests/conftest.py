@@ -41,6 +41,14 @@ def pytest_configure(config):
     if reasons:
         pytest.exit("qie under test is stale (run `make build`, or `make test`):\n  " + "\n  ".join(reasons[:5]), returncode=4)
 
+def pytest_collection_modifyitems(config, items):
+    """Each test is marked with its folder (kernels, ort, tvm, cli, models, tools): ``pytest -m "not models"``."""
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(ROOT / "tests")
+        if len(rel.parts) > 1:
+            item.add_marker(getattr(pytest.mark, rel.parts[0]))
+
+
 SUPPORTED = set(qie_ep.supported_isas())
 
 

@@ -145,7 +145,7 @@ def vision_case(name: str, n_eval: int) -> Case:
 
 def measure(case: Case, threads: int, runs: int, timed: int, hosts: list[str]) -> dict:
     """`qie compare`'s hosts and rows for one case; the cosine is of the task's vectors when it has them."""
-    from qie_ep.cli.commands import host_rows
+    from qie_ep.hosts import host_rows
     from qie_ep.session import float_outputs
     from qie_ep.hosts import run_hosts
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from qie_ep.errors import UserError
 from qie_ep.files import atomic_output
-from qie_ep.quantization import sensitivity
+from qie_ep.quantization.sensitivity import search_budget
 from qie_ep.quantization.config import QTYPES, QuantizeConfig
 from qie_ep.quantization.metrics import agreement
 from qie_ep.session import run_outputs
@@ -163,7 +163,7 @@ def quantize_file(model_path: str, output: str, feeds: list[dict], config: Quant
                 q.write(tmp)
                 result = {"kept_float": [], "layers": len(q.layers())}
             else:
-                result = sensitivity.search_budget(q, budget, tmp, log=log, progress=progress)
+                result = search_budget(q, budget, tmp, log=log, progress=progress)
         result["output"] = str(output)
         if feeds:
             result["agreement"] = agreement(q.reference(), run_outputs(Path(output), feeds))

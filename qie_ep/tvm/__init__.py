@@ -6,7 +6,7 @@
 ``pipeline(target)`` = qie's rewrite (quantized matmul / conv2d groups -> qie's scheduled PrimFuncs)
 followed by the pipeline ``tvm.compile`` would use by default for that target. Relay and
 ``relay.build`` were removed from TVM in 0.20; ``tvm.compile`` is their successor.
-This module (and ``tvm_schedules``) is the only place qie imports TVM.
+This package (with its ``schedules``) is the only place qie imports TVM.
 """
 
 from __future__ import annotations

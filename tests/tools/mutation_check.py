@@ -60,15 +60,15 @@ MUTATIONS = [
     Mutation("per-row a_zero_point not repeated across batches", "ops/matmul_core.cc",
              "ep.za[r % plan.M]", "ep.za[r < plan.M ? r : plan.M - 1]"),
     Mutation("QGemm ignores b_zero_point", "ops/gemm_ops.cc",
-             'ep.zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point");',
-             'ep.zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point"); std::fill(ep.zb.begin(), ep.zb.end(), 0);'),
+             'ep->zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point");',
+             'ep->zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point"); std::fill(ep->zb.begin(), ep->zb.end(), 0);'),
     Mutation("column term uses K-1 zero-point rows", "kernels/gemm_driver.cc",
              "static_cast<int32_t>(K) * zb_s[n]", "static_cast<int32_t>(K - 1) * zb_s[n]"),
     # scales
     Mutation("float output uses b_scale[0] for every column", "ops/matmul_ops.cc",
              "twice ? a_scale : a_scale * sb[n];", "twice ? a_scale : a_scale * sb[0];"),
     Mutation("QGemm multiplier uses b_scale[0]", "ops/gemm_ops.cc",
-             "ep.scale[n] = alpha_ * sa * sb[n];", "ep.scale[n] = alpha_ * sa * sb[0];"),
+             "ep->scale[n] = alpha_ * sa * sb[n];", "ep->scale[n] = alpha_ * sa * sb[0];"),
     # tile edges
     Mutation("row tiles lose their last row", "kernels/gemm_driver.cc",
              "rows = std::min(mr, M - m0), row0", "rows = std::min(mr, M - m0) - (M - m0 < mr && M - m0 > 1), row0"),

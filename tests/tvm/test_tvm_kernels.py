@@ -1,4 +1,4 @@
-"""qie's TIR kernels (tvm_schedules) against the numpy reference, atol=0, on every ISA path this CPU has.
+"""qie's TIR kernels (qie_ep.tvm.schedules) against the numpy reference, atol=0, on every ISA path this CPU has.
 
 Shapes straddle the tiles: rows below / at / above the row tile, K not a multiple of the K pack,
 N below / above the column tile, primes, and K = 1. Output scales are set from the observed

@@ -69,10 +69,17 @@ MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int
   return p;
 }
 
-void PackAllB(const MicroKernel& uk, const Tensor& b, PrepackedB* out) {
+void PackAllB(const MicroKernel& uk, const Tensor& b, bool trans_b, PrepackedB* out) {
   out->isa = uk.isa;
   out->shape = b.shape;
   out->mats.clear();
+  if (trans_b) {  // 2-D [N, K]: element (k, n) at n * K + k
+    const size_t N = static_cast<size_t>(b.shape[0]), K = static_cast<size_t>(b.shape[1]);
+    auto pb = std::make_unique<PackedB>();
+    PackB(uk, b.as<uint8_t>(), b.is_int8(), K, N, 1, static_cast<ptrdiff_t>(K), pb.get());
+    out->mats.push_back(std::move(pb));
+    return;
+  }
   const bool b1 = b.shape.size() == 1;
   const size_t K = static_cast<size_t>(b1 ? b.shape[0] : b.shape[b.shape.size() - 2]);
   const size_t N = b1 ? 1 : static_cast<size_t>(b.shape.back());
@@ -86,12 +93,13 @@ void PackAllB(const MicroKernel& uk, const Tensor& b, PrepackedB* out) {
   }
 }
 
-void MatMulCore::Init(const OrtKernelInfo* info, size_t b_index) {
+void MatMulCore::Init(const OrtKernelInfo* info, size_t b_index, bool trans_b) {
+  trans_b_ = trans_b;
   auto b = ConstantInput(info, b_index);
-  if (!b || (!b->is_int8() && !b->is_uint8()) || b->shape.empty()) return;
+  if (!b || (!b->is_int8() && !b->is_uint8()) || b->shape.empty() || (trans_b && b->shape.size() != 2)) return;
   for (int64_t d : b->shape)
     if (d < 0) return;
-  PackAllB(GetMicroKernel(ActiveIsa()), *b, &pre_);
+  PackAllB(GetMicroKernel(ActiveIsa()), *b, trans_b_, &pre_);
   has_pre_ = true;
 }
 
@@ -105,7 +113,7 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
   PrepackedB local;
   const PrepackedB* pb = &pre_;
   if (!has_pre_ || pre_.isa != isa || pre_.shape != b.shape) {
-    PackAllB(uk, b, &local);
+    PackAllB(uk, b, trans_b_, &local);
     pb = &local;
   }
   std::vector<const PackedB*> bptrs(batch);
@@ -129,6 +137,9 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
     g.za = ep.za.data();
   }
   g.zb = ep.zb.empty() ? nullptr : ep.zb.data();
+  g.bias = ep.bias;
+  g.bias_rs = ep.bias_rs;
+  g.bias_cs = ep.bias_cs;
   g.kind = ep.kind;
   g.scale = ep.scale.empty() ? nullptr : ep.scale.data();
   g.fbias = ep.fbias;

@@ -28,12 +28,17 @@ struct MatMulEpilogue {
   // (whose scale is then a_scale alone and fbias null) every column is multiplied again (kernel layer).
   std::vector<float> post_scale;
   const float* post_bias = nullptr;
+  // int32 bias added to the accumulator (QGemm's C): element (m, n) at bias[m * bias_rs + n * bias_cs].
+  // Only for a plan without B batches (one GEMM).
+  const int32_t* bias = nullptr;
+  ptrdiff_t bias_rs = 0;
+  int bias_cs = 0;
 };
 
 class MatMulCore {
  public:
-  // Prepacks input `b_index` when ORT reports it constant.
-  void Init(const OrtKernelInfo* info, size_t b_index);
+  // Prepacks input `b_index` when ORT reports it constant. `trans_b`: B is a 2-D [N, K] (QGemm's transB).
+  void Init(const OrtKernelInfo* info, size_t b_index, bool trans_b = false);
   // a: uint8/int8 data of a_shape, b: the B input (its data is used unless prepacked for this ISA).
   // Returns the ISA that ran.
   Isa Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t* a, bool a_signed, const Tensor& b,
@@ -42,8 +47,10 @@ class MatMulCore {
  private:
   PrepackedB pre_;
   bool has_pre_ = false;
+  bool trans_b_ = false;
 };
 
-void PackAllB(const MicroKernel& uk, const Tensor& b, PrepackedB* out);
+// Packs every batch matrix of B (`trans_b`: a 2-D B stored [N, K]).
+void PackAllB(const MicroKernel& uk, const Tensor& b, bool trans_b, PrepackedB* out);
 
 }  // namespace qie

@@ -240,7 +240,7 @@ extern const MicroKernel kGemmAvx512Vnni = {
 
 namespace qie {
 // Single-core vpdpbusd (zmm) throughput in GOPS (2 ops per u8 x s8 multiply-add), for the benchmark's
-// "% of peak": 16 independent accumulator chains, so latency never limits it.
+// "% of peak": 12 independent accumulator chains, so latency never limits it.
 double MeasureVnniPeakGops() {
   // 12 independent vpdpbusd chains on fixed registers (written in asm so nothing spills).
   const long iters = 50000000;
