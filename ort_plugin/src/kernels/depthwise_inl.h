@@ -108,8 +108,7 @@ inline void StorePixel(const int32_t* acc, const ConvArgs& a, size_t C, size_t o
     case OutKind::kS8:
       Requantize(acc, a.scale, a.y_zp, float(-128 - a.y_zp), float(127 - a.y_zp), C, static_cast<int8_t*>(a.y) + o);
       break;
-    default:
-      std::memcpy(static_cast<int32_t*>(a.y) + o, acc, C * sizeof(int32_t));
+    default: std::memcpy(static_cast<int32_t*>(a.y) + o, acc, C * sizeof(int32_t));
   }
 }
 

@@ -32,9 +32,7 @@ inline void EpilogueScalar(const int32_t* raw, size_t ldr, size_t mr, size_t nr,
       const int32_t acc = CompensatedAcc(raw[r * ldr + j], r, j, ep);
       const ptrdiff_t o = static_cast<ptrdiff_t>(r) * ep.ldy + static_cast<ptrdiff_t>(j);
       switch (ep.kind) {
-        case OutKind::kInt32:
-          static_cast<int32_t*>(ep.y)[o] = acc;
-          break;
+        case OutKind::kInt32: static_cast<int32_t*>(ep.y)[o] = acc; break;
         case OutKind::kFloat: {
           float v = static_cast<float>(acc) * ep.scale[j];
           if (ep.fbias) v = v + ep.fbias[j];

@@ -21,28 +21,17 @@ void ThrowOnError(OrtStatus* st) {
 
 std::string DtypeName(ONNXTensorElementDataType t) {
   switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-      return "float";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
-      return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
-      return "int8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
-      return "int32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
-      return "int64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-      return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16:
-      return "bfloat16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
-      return "double";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16:
-      return "uint16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
-      return "int16";
-    default:
-      return "dtype#" + std::to_string(static_cast<int>(t));
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    default: return "dtype#" + std::to_string(static_cast<int>(t));
   }
 }
 
@@ -98,18 +87,10 @@ Tensor RequiredInput(OrtKernelContext* ctx, size_t i, const char* name) {
 void* Output(OrtKernelContext* ctx, size_t i, const std::vector<int64_t>& shape, OutKind kind) {
   ONNXTensorElementDataType want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
   switch (kind) {
-    case OutKind::kInt32:
-      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-      break;
-    case OutKind::kFloat:
-      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-      break;
-    case OutKind::kU8:
-      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-      break;
-    case OutKind::kS8:
-      want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-      break;
+    case OutKind::kInt32: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32; break;
+    case OutKind::kFloat: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; break;
+    case OutKind::kU8: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8; break;
+    case OutKind::kS8: want = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8; break;
   }
   OrtValue* v = nullptr;
   ThrowOnError(g_ort->KernelContext_GetOutput(ctx, i, shape.data(), shape.size(), &v));

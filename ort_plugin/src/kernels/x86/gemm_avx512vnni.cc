@@ -34,9 +34,7 @@ inline void StoreRow(__m512i acc, size_t r, size_t c0, __mmask16 m, const Epilog
     acc = _mm512_sub_epi32(acc, _mm512_mullo_epi32(LoadOrZero(ep.csk + c0, m), _mm512_set1_epi32(ep.za[r])));
   const ptrdiff_t o = static_cast<ptrdiff_t>(r) * ep.ldy + static_cast<ptrdiff_t>(c0);
   switch (ep.kind) {
-    case OutKind::kInt32:
-      _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.y) + o, m, acc);
-      return;
+    case OutKind::kInt32: _mm512_mask_storeu_epi32(static_cast<int32_t*>(ep.y) + o, m, acc); return;
     case OutKind::kFloat: {
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), _mm512_maskz_loadu_ps(m, ep.scale + c0));
       if (ep.fbias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, ep.fbias + c0));
@@ -193,30 +191,14 @@ void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_
 template <int V>
 void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   switch (mr) {
-    case 1:
-      TileFewRows<1, V>(nr, kp, a, lda, b, ep);
-      break;
-    case 2:
-      TileFewRows<2, V>(nr, kp, a, lda, b, ep);
-      break;
-    case 3:
-      TileRows<3, V>(nr, kp, a, lda, b, ep);
-      break;
-    case 4:
-      TileRows<4, V>(nr, kp, a, lda, b, ep);
-      break;
-    case 5:
-      TileRows<5, V>(nr, kp, a, lda, b, ep);
-      break;
-    case 6:
-      TileRows<6, V>(nr, kp, a, lda, b, ep);
-      break;
-    case 7:
-      TileRows<7, V>(nr, kp, a, lda, b, ep);
-      break;
-    default:
-      TileRows<8, V>(nr, kp, a, lda, b, ep);
-      break;
+    case 1: TileFewRows<1, V>(nr, kp, a, lda, b, ep); break;
+    case 2: TileFewRows<2, V>(nr, kp, a, lda, b, ep); break;
+    case 3: TileRows<3, V>(nr, kp, a, lda, b, ep); break;
+    case 4: TileRows<4, V>(nr, kp, a, lda, b, ep); break;
+    case 5: TileRows<5, V>(nr, kp, a, lda, b, ep); break;
+    case 6: TileRows<6, V>(nr, kp, a, lda, b, ep); break;
+    case 7: TileRows<7, V>(nr, kp, a, lda, b, ep); break;
+    default: TileRows<8, V>(nr, kp, a, lda, b, ep); break;
   }
 }
 

@@ -91,24 +91,12 @@ void YmmTile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const
   const int8_t* b = static_cast<const int8_t*>(b_v);
   const size_t ldb = lda * Policy::kElem;
   switch (mr) {
-    case 1:
-      YmmTileRows<Policy, 1>(nr, kp, a, ldb, b, ep);
-      break;
-    case 2:
-      YmmTileRows<Policy, 2>(nr, kp, a, ldb, b, ep);
-      break;
-    case 3:
-      YmmTileRows<Policy, 3>(nr, kp, a, ldb, b, ep);
-      break;
-    case 4:
-      YmmTileRows<Policy, 4>(nr, kp, a, ldb, b, ep);
-      break;
-    case 5:
-      YmmTileRows<Policy, 5>(nr, kp, a, ldb, b, ep);
-      break;
-    default:
-      YmmTileRows<Policy, 6>(nr, kp, a, ldb, b, ep);
-      break;
+    case 1: YmmTileRows<Policy, 1>(nr, kp, a, ldb, b, ep); break;
+    case 2: YmmTileRows<Policy, 2>(nr, kp, a, ldb, b, ep); break;
+    case 3: YmmTileRows<Policy, 3>(nr, kp, a, ldb, b, ep); break;
+    case 4: YmmTileRows<Policy, 4>(nr, kp, a, ldb, b, ep); break;
+    case 5: YmmTileRows<Policy, 5>(nr, kp, a, ldb, b, ep); break;
+    default: YmmTileRows<Policy, 6>(nr, kp, a, ldb, b, ep); break;
   }
 }
 
