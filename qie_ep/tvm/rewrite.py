@@ -23,18 +23,13 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .schedules import conv as tconv
+from .lowering import LOWERINGS, Group, Unsupported, _dtype, _shape, _static
 from .schedules import gemm as tgemm
-from .schedules import matmul as tmatmul
 from .schedules.gemm import Epilogue
 from .schedules.isa import Isa
 
 log = logging.getLogger("qie_ep.tvm")
 _QDTYPES = ("uint8", "int8")
-
-
-class Unsupported(Exception):
-    """A group qie leaves to TVM; the message says why."""
 
 
 @dataclass
@@ -47,21 +42,6 @@ class _Operand:
 
 def _op(name: str):
     return tvm.ir.Op.get(name)
-
-
-def _dtype(e) -> str:
-    return e.ty.dtype.dtype
-
-
-def _shape(e):
-    sh = e.ty.shape
-    if sh is None or not hasattr(sh, "values"):
-        return None
-    return list(sh.values)
-
-
-def _static(v) -> int | None:
-    return int(v) if isinstance(v, tirx.IntImm) else None
 
 
 @mutator
@@ -256,9 +236,12 @@ class _Rewriter(PyExprMutator):
                 epi_ops.append(self._scalar_i32(zy, "output"))
         sb_any = bool(np.any(np.asarray(zb, np.int32) + tgemm.shifts(self.isa, _dtype(a), str(b.dtype))[1]))
         epi = Epilogue(out, per_channel=per_channel, bias=ibias is not None, zb=sb_any)
-        if is_conv:
-            return self._conv(call, a, b, zb, za, epi, epi_ops)
-        return self._matmul(a, b, zb, za, epi, epi_ops)
+        group = Group("conv2d" if is_conv else "matmul", call, a, b, zb, za, epi, epi_ops)
+        for lowering in LOWERINGS:
+            out = lowering.lower(self, group)
+            if out is not None:
+                return out
+        raise Unsupported(f"{group.op} has no qie kernel family for ISA {self.isa.name}")
 
     def _int_bias(self, bias, n, sa, sb) -> np.ndarray | None:
         """The int32 bias of ``dequantize(bias, sa * sb)`` when its scale is exactly sa * sb[n]."""
@@ -280,96 +263,6 @@ class _Rewriter(PyExprMutator):
                               np.broadcast_to(want.astype(np.float32), (n,))):
             return None
         return c.reshape(n).astype(np.int32)
-
-    def _matmul(self, a, b, zb, za, epi, epi_ops):
-        sh = _shape(a)
-        if sh is None or len(sh) < 2 or b.ndim != 2:
-            raise Unsupported("matmul needs A with a known rank >= 2 and 2-D constant weights")
-        k, n = b.shape
-        if _static(sh[-1]) != k:
-            raise Unsupported(f"A's last dimension {sh[-1]} is not K={k}")
-        spec = tmatmul.MatmulSpec(_dtype(a), str(b.dtype), k, n, epi)
-        if self.isa.kind == "cuda":
-            return self._matmul_cuda(a, sh, b, zb, za, spec, epi_ops)
-        m = sh[0]
-        for d in sh[1:-1]:
-            m = m * d
-        dims = [_static(d) for d in sh[:-1]]
-        m_static = int(np.prod(dims)) if all(d is not None for d in dims) else None
-        tile = tmatmul.tile_for(spec, self.isa, m_static)
-        packed = tgemm.pack_weights(b, zb, self.isa, tile)
-        a2 = relax.op.reshape(a, [m, k]) if len(sh) != 2 else a
-        args = [a2, relax.const(packed.packed), relax.const(packed.colsum), za]
-        if epi.zb:
-            args.append(relax.const(packed.zb))
-        out = self._emit(tmatmul.scheduled(spec, self.isa, tile), args + epi_ops, [m, n], epi.out)
-        return relax.op.reshape(out, sh[:-1] + [n]) if len(sh) != 2 else out
-
-    def _matmul_cuda(self, a, sh, b, zb, za, spec, epi_ops):
-        """prep (shift to s8, pad; dp4a: pack 4 to a word) -> qie's core -> [rowsum] -> epilogue."""
-        from .schedules import cuda as tcuda
-
-        k, n, epi = spec.k, spec.n, spec.epi
-        packed, colsum, zbs, kp, np_ = tcuda.pack_weights(b, zb, self.isa)
-        sa, _ = tgemm.shifts(self.isa, spec.a_dtype, spec.b_dtype)
-        m = sh[0]
-        for d in sh[1:-1]:
-            m = m * d
-        a2 = relax.op.reshape(a, [m, k]) if len(sh) != 2 else a
-        core = tcuda.scheduled_core(kp, np_, self.isa, self.target)
-        prep = tcuda.prep_primfunc(spec.a_dtype, k, kp, self.isa)
-        if self.isa.name == "cuda_dp4a":
-            mt = (m + 63) // 64
-            ap = self.builder_.emit(self._emit(prep, [a2, relax.prim_value(mt)], [mt * 64, kp // 4], "int32"))
-            acc = self.builder_.emit(self._emit(core, [ap, relax.const(packed), relax.prim_value(mt)],
-                                                [mt * 64, np_], "int32"))
-        else:
-            ap = self.builder_.emit(self._emit(prep, [a2], [m, kp], "int8"))
-            acc = self.builder_.emit(self._emit(core, [ap, relax.const(packed)], [m, np_], "int32"))
-        args = [acc, relax.const(colsum), za]
-        if epi.zb:
-            rowsum = self._emit(tcuda.rowsum_primfunc(spec.a_dtype, k, sa), [a2], [m], "int32")
-            args += [relax.const(zbs), self.builder_.emit(rowsum)]
-        name = spec.kernel_name(self.isa, tgemm.Tile(64, 1)).replace("qie_matmul_", "qie_epilogue_")
-        out = self._emit(tcuda.epilogue_primfunc(k, n, np_, epi, sa, name), args + epi_ops, [m, n], epi.out)
-        return relax.op.reshape(out, sh[:-1] + [n]) if len(sh) != 2 else out
-
-    def _conv(self, call, x, w, zw, za, epi, epi_ops):
-        if self.isa.kind == "cuda":
-            raise Unsupported("conv2d on CUDA has no qie kernel yet")
-        at = call.attrs
-        if (str(at.data_layout), str(at.kernel_layout), str(at.out_layout)) != ("NCHW", "OIHW", "NCHW"):
-            raise Unsupported("conv2d layout other than NCHW/OIHW")
-        sh = _shape(x)
-        if sh is None or len(sh) != 4 or any(_static(d) is None for d in sh[1:]):
-            raise Unsupported("conv2d input needs static C, H, W")
-        c, h, wd = (int(d) for d in sh[1:])
-        oc, cg, kh, kw = w.shape
-        pads = [int(p) for p in at.padding]
-        pads = pads * 2 if len(pads) == 2 else pads
-        spec = tconv.ConvSpec(_dtype(x), str(w.dtype), c, oc, h, wd, (kh, kw),
-                              tuple(int(s) for s in at.strides), tuple(pads),
-                              tuple(int(d) for d in at.dilation), int(at.groups), epi) \
-            if int(at.groups) == 1 or int(at.groups) == c == oc else None
-        if spec is None:
-            raise Unsupported(f"grouped conv2d (groups={int(at.groups)}) that is not depthwise")
-        oh, ow = spec.out_hw
-        if spec.depthwise:
-            zwv = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (oc,))
-            wd32 = (w.astype(np.int32) - zwv.reshape(-1, 1, 1, 1)).reshape(oc, kh, kw)
-            dw_epi = Epilogue(epi.out, epi.per_channel, epi.bias, False)
-            spec = tconv.ConvSpec(**{**spec.__dict__, "epi": dw_epi})
-            args = [x, relax.const(wd32), za]
-            func = tconv.scheduled(spec, self.isa)
-        else:
-            tile = tconv.tile_for(spec, self.isa)
-            packed = tgemm.pack_weights(tconv.weights_as_gemm(w, self.isa), zw, self.isa, tile)
-            args = [x, relax.const(packed.packed), relax.const(packed.colsum), za]
-            if epi.zb:
-                args.append(relax.const(packed.zb))
-            func = tconv.scheduled(spec, self.isa, tile)
-        return self._emit(func, args + epi_ops, [sh[0], oc, oh, ow], epi.out)
-
 
 def rewrite(mod: tvm.IRModule, isa: Isa, kernel_target=None, target=None) -> tvm.IRModule:
     """Apply the two phases (requantizing groups, then float / integer groups) to every Relax function.
