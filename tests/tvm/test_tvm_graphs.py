@@ -278,3 +278,40 @@ def test_weight_scale_on_the_wrong_axis_falls_back(caplog):
     got, = fn({"a": a})
     want = ((a.astype(np.float32) - 128) * 0.05) @ (w.astype(np.float32) * sw[:, None])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def _transcendental_model(n=4096):
+    """y = softmax(x) + erf(x) + tanh(x) + exp(-x^2): every op FastMathTransform replaces."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, n // 4])
+    nodes = [helper.make_node("Softmax", ["x"], ["s"], axis=-1), helper.make_node("Erf", ["x"], ["e"]),
+             helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("Mul", ["x", "x"], ["x2"]),
+             helper.make_node("Neg", ["x2"], ["nx2"]), helper.make_node("Exp", ["nx2"], ["g"]),
+             helper.make_node("Sum", ["s", "e", "t", "g"], ["y"])]
+    g = helper.make_graph(nodes, "tf", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n // 4])])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_fast_math_stays_within_its_bound():
+    """pipeline(target) replaces erf / exp / tanh / softmax by TVM's fast approximations (fast_math=True, the
+    default): every output within 2e-6 relative (+1e-6 absolute) of ORT's, and of TVM's exact lowering."""
+    model = _transcendental_model()
+    x = {"x": np.linspace(-6, 6, 4096, dtype=np.float32).reshape(4, 1024)}
+    want = ort_ref(model, x)[0]
+    fast, _ = compile_model(model)
+    exact_mod = qtvm.from_onnx(model)
+    ex = tvm.compile(exact_mod, HOST, relax_pipeline=qtvm.pipeline(HOST, fast_math=False))
+    exact = tvm.relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x["x"])).numpy()
+    got = fast(x)[0]
+    np.testing.assert_allclose(exact, want, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+    assert not np.array_equal(got, exact), "fast math did not apply"
+
+
+def test_qie_kernels_are_marked_scheduled():
+    """TVM 0.27 reads ``tirx.is_scheduled`` (dlight, MetaSchedule's task extraction): qie's PrimFuncs carry it,
+    so they are never re-scheduled or offered as tuning tasks."""
+    from tvm.s_tir.dlight.base.transform import _is_scheduled
+    model = qlinear_matmul_model(np.uint8, np.int8, 64, 48, per_column=True)
+    mod = qtvm.rewrite_pass(HOST)(qtvm.from_onnx(model))
+    kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "qie.kernel" in f.attrs]
+    assert kernels and all(_is_scheduled(f) for f in kernels)

@@ -206,7 +206,7 @@ def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | N
     if spec.depthwise:
         s = Schedule(f)
         schedule_depthwise(s, max(isa.lanes, 8))
-        out = s.mod["main"].with_attr("tir.is_scheduled", True)
+        out = s.mod["main"].with_attr("tirx.is_scheduled", True)
         return out.with_attr("qie.kernel", f.attrs["global_symbol"])
     return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False, cols_outer=False,
                                   then=lambda s: schedule_im2col(s, cpad(spec.channels, isa), isa.lanes))

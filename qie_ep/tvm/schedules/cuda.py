@@ -136,7 +136,7 @@ def scheduled_core(kp: int, np_: int, isa: Isa, target) -> tirx.PrimFunc:
     name = f"qie_gemm_s8s8_s32_k{kp}n{np_}__{isa.name}"
     f = core_primfunc(kp, np_, name, isa.name == "cuda_dp4a")
     f = schedule_dp4a(f) if isa.name == "cuda_dp4a" else schedule_imma(f, target)
-    return f.with_attr("tir.is_scheduled", True).with_attr("qie.kernel", name).with_attr("global_symbol", name)
+    return f.with_attr("tirx.is_scheduled", True).with_attr("qie.kernel", name).with_attr("global_symbol", name)
 
 
 def source(func: tirx.PrimFunc, target) -> str:

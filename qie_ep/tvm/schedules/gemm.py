@@ -327,5 +327,5 @@ def schedule_primfunc(f: tirx.PrimFunc, isa: Isa, tile: Tile, fuse_epilogue: boo
         schedule_generic(s, isa, tile, fuse_epilogue)
     if then is not None:
         then(s)
-    out = s.mod["main"].with_attr("tir.is_scheduled", True)
+    out = s.mod["main"].with_attr("tirx.is_scheduled", True)
     return out.with_attr("qie.kernel", f.attrs["global_symbol"])
