@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from qie_ep._lib import library_path, lib
 
-__all__ = ["register", "with_contrib_opset", "library_path", "ops", "stats", "reset_stats", "active_isa", "supported_isas", "force_isa", "ISAS"]
+__all__ = ["register", "ep_available", "ep_stats", "with_contrib_opset", "library_path", "ops", "stats", "reset_stats",
+           "active_isa", "supported_isas", "force_isa", "ISAS", "EP_NAME"]
 __version__ = "0.1.0"
 
 
@@ -25,15 +26,79 @@ def _isas() -> tuple:
     return tuple(lib().qie_isas().decode().split())
 
 
-def register(sess_options) -> None:
-    """Register qie's custom-op library with an ``onnxruntime.SessionOptions``.
+_EP_REGISTERED_KEY = "qie.ep_added"
 
-    Sessions created with these options run QLinearMatMul, MatMulInteger, QLinearConv, ConvInteger and
-    the com.microsoft QGemm, QLinearConv (NHWC), MatMulIntegerToFloat and DynamicQuantizeMatMul nodes
-    on qie, at every graph optimization level (``ops()`` lists them). Registering twice on the same
-    options is a no-op.
+
+def register(sess_options, ep: bool | None = None) -> None:
+    """Register qie with an ``onnxruntime.SessionOptions``.
+
+    The custom-op library: sessions created with these options run QLinearMatMul, MatMulInteger,
+    QLinearConv, ConvInteger and the com.microsoft QGemm, QLinearConv (NHWC), MatMulIntegerToFloat and
+    DynamicQuantizeMatMul nodes on qie, at every graph optimization level (``ops()`` lists them).
+
+    ``ep`` (default: wherever ``ep_available()``) also adds qie's plugin execution provider ahead of the CPU
+    EP: it claims whole QDQ units (DequantizeLinear -> MatMul -> QuantizeLinear with constant weights) and
+    runs them in the integer domain, before ORT's own QDQ fusions (``ep_stats()`` counts what it took;
+    ``stats()`` lists its runs under (EP_NAME, "QDQ MatMul")). ``ep=True`` where it is not available is an
+    error; ``ep=False`` keeps to the custom ops. Registering twice on the same options is a no-op.
     """
     sess_options.register_custom_ops_library(library_path())
+    if ep is None:
+        ep = ep_available()
+    if ep:
+        devices = _ep_devices()
+        if _has_config(sess_options):
+            return
+        sess_options.add_provider_for_devices(devices, {})
+        sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
+
+
+def _has_config(so) -> bool:
+    try:
+        return bool(so.get_session_config_entry(_EP_REGISTERED_KEY))
+    except Exception:  # noqa: BLE001 - ORT raises when the entry is absent
+        return False
+
+
+def ep_available() -> bool:
+    """Whether qie's plugin EP can be used here: this ONNX Runtime has the EP API (>= 1.27) and the build
+    has libqie_ep.so."""
+    import onnxruntime as ort
+
+    from qie_ep._lib import ep_library_path
+    return hasattr(ort, "register_execution_provider_library") and ep_library_path() is not None
+
+
+def _ep_devices():
+    """qie's EP devices, registering its library with ONNX Runtime once per process."""
+    import onnxruntime as ort
+
+    from qie_ep._lib import ep_library_path
+    path = ep_library_path()
+    if path is None or not hasattr(ort, "register_execution_provider_library"):
+        raise RuntimeError("qie's execution provider is not available: "
+                           + ("this build has no libqie_ep.so" if path is None
+                              else f"ONNX Runtime {ort.__version__} has no plugin EP API (needs >= 1.27)"))
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    if not devices:
+        ort.register_execution_provider_library("qie", path)
+        devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    return devices
+
+
+EP_NAME = "QIE"
+
+
+def ep_stats() -> dict:
+    """qie EP counters since the library was loaded: units claimed by GetCapability, fused-node runs."""
+    from qie_ep._lib import ep_lib
+    h = ep_lib()
+    if h is None:
+        return {"claimed": 0, "runs": 0}
+    import ctypes
+    claimed, runs = ctypes.c_long(), ctypes.c_long()
+    h.qie_ep_counters(ctypes.byref(claimed), ctypes.byref(runs))
+    return {"claimed": claimed.value, "runs": runs.value}
 
 
 def with_contrib_opset(model):
@@ -80,18 +145,26 @@ def ops() -> list[tuple[str, str]]:
 def stats() -> dict[tuple[str, str], dict[str, int]]:
     """Kernel invocations since load or the last ``reset_stats()``: {(domain, op): {isa: count}}.
 
-    The domain of standard ONNX ops is "" (as in the graph); contrib ops have "com.microsoft".
+    The domain of standard ONNX ops is "" (as in the graph); contrib ops have "com.microsoft". Units run by
+    qie's execution provider are counted under (EP_NAME, "QDQ MatMul").
     """
     out: dict[tuple[str, str], dict[str, int]] = {}
     for line in _read_lines(lib().qie_stats_snapshot):
         domain, op, isa, count = line.split("\t")
         out.setdefault((domain, op), {})[isa] = int(count)
+    runs = ep_stats()["runs"]
+    if runs:
+        from qie_ep._lib import ep_lib
+        out[(EP_NAME, "QDQ MatMul")] = {ep_lib().qie_ep_active_isa().decode(): runs}
     return out
 
 
 def reset_stats() -> None:
     """Zero every counter reported by ``stats()``."""
     lib().qie_stats_reset()
+    from qie_ep._lib import ep_lib
+    if ep_lib() is not None:
+        ep_lib().qie_ep_reset()
 
 
 def active_isa() -> str:

@@ -65,6 +65,31 @@ def lib() -> ctypes.CDLL:
     return h
 
 
+EP_LIB_NAME = "libqie_ep.so"
+
+
+def ep_library_path() -> str | None:
+    """libqie_ep.so (the plugin execution provider) beside libqie_ort.so, or None when not built."""
+    path = Path(library_path()).with_name(EP_LIB_NAME)
+    return str(path) if path.is_file() else None
+
+
+@functools.cache
+def ep_lib() -> ctypes.CDLL | None:
+    """The EP library as loaded by ONNX Runtime (dlopen returns the same instance), for its counters."""
+    path = ep_library_path()
+    if path is None:
+        return None
+    h = ctypes.CDLL(path)
+    h.qie_ep_counters.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    h.qie_ep_counters.restype = None
+    h.qie_ep_reset.argtypes = []
+    h.qie_ep_reset.restype = None
+    h.qie_ep_active_isa.argtypes = []
+    h.qie_ep_active_isa.restype = ctypes.c_char_p
+    return h
+
+
 TESTING_LIB_NAME = "libqie_testing.so"
 
 

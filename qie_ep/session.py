@@ -52,6 +52,8 @@ def session(model, so=None, **kw):
     if isinstance(model, Path):
         model = str(model)
     data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    if getattr(so, "has_providers", lambda: False)():  # qie's EP added (register(so, ep=True)): ORT appends the CPU EP
+        return ort.InferenceSession(data, so)
     return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 

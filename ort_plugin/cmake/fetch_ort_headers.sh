@@ -2,11 +2,19 @@
 # Fetches the official ONNX Runtime C API headers (they are not in the onnxruntime wheel) from Debian's
 # libonnxruntime-dev package, using a temporary sources list built from this machine's configured Debian
 # mirror. The .deb is sha256-pinned; the headers are extracted to a cache and never committed.
-# Usage: fetch_ort_headers.sh CACHE_DIR   -> prints the include directory on success.
+# Usage: fetch_ort_headers.sh CACHE_DIR [ep]   -> prints the include directory on success.
+#   default: 1.21 (API 21, trixie): the custom-op library, which then loads in any ONNX Runtime >= 1.21;
+#   ep:      1.27.1 (API 27, experimental): the plugin execution provider (the EP API needs >= 1.23).
 set -euo pipefail
-PKG_VERSION="1.21.0+dfsg-1"
-PKG_SUITE="trixie"
-PKG_SHA256="14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
+if [ "${2:-}" = "ep" ]; then
+  PKG_VERSION="1.27.1+dfsg-1"
+  PKG_SUITE="experimental"
+  PKG_SHA256="521b439b4674dbd71da1d0bc3016f29075c6ad572f4a1c13beb011dee893f8f3"
+else
+  PKG_VERSION="1.21.0+dfsg-1"
+  PKG_SUITE="trixie"
+  PKG_SHA256="14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
+fi
 cache="${1:?cache dir}"
 inc="$cache/ort-headers-$PKG_VERSION/usr/include/onnxruntime"
 if [ -f "$inc/onnxruntime_c_api.h" ]; then echo "$inc"; exit 0; fi

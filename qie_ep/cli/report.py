@@ -35,9 +35,15 @@ def kernel_rows(ort_profile: dict | None, qie_profile: dict | None, qie_ops: set
     """Nodes of the INT8 model that qie can run, with the kernel and time on ORT and on ORT + qie."""
     if not qie_profile:
         return []
+    from qie_ep import EP_NAME
+
     base = {r["node"]: r for r in (ort_profile or {}).get("nodes", [])}
     rows = []
     for r in qie_profile["nodes"]:
+        if r.get("provider") == EP_NAME:  # a QDQ unit fused by qie's execution provider
+            rows.append({"node": r["node"], "op": "QDQ MatMul", "kernel": f"qie EP ({isa})", "ort_us": None,
+                         "qie_us": r["us"], "ort_op": None})
+            continue
         if r["op"] not in qie_ops:
             continue
         b = base.get(r["node"])
@@ -74,9 +80,11 @@ def other_ops_table(profile: dict | None, qie_ops: set[str]) -> str:
     """Time of the nodes qie does not run, by op type (so the report says where the rest goes)."""
     if not profile:
         return ""
+    from qie_ep import EP_NAME
+
     by_op: dict[str, list] = {}
     for r in profile["nodes"]:
-        if r["op"] not in qie_ops:
+        if r["op"] not in qie_ops and r.get("provider") != EP_NAME:
             e = by_op.setdefault(r["op"], [0, 0.0])
             e[0] += 1
             e[1] += r["us"]

@@ -97,7 +97,11 @@ def test_quantize_static_qdq_runs_on_qie(work, capsys):
     x = np.abs(np.random.default_rng(9).standard_normal((4, FEAT))).astype(np.float32)
     qie_ep.reset_stats()
     y = _run(out, x)
-    assert qie_ep.stats()[("", "QLinearMatMul")][qie_ep.active_isa()] == 3  # fused by ORT, run by qie
+    st = qie_ep.stats()
+    if qie_ep.ep_available():  # the three DQ -> MatMul -> Q units claimed by qie's EP
+        assert sum(st[(qie_ep.EP_NAME, "QDQ MatMul")].values()) == 3, st
+    else:  # fused by ORT into QLinearMatMul, run by qie's custom op
+        assert st[("", "QLinearMatMul")][qie_ep.active_isa()] == 3, st
     assert np.array_equal(y, _run(out, x, qie=False))  # bit-exact with ORT's own kernels
     ref = _run(work["mlp"], x, qie=False)
     assert np.corrcoef(ref.ravel(), y.ravel())[0, 1] > 0.99
@@ -170,9 +174,13 @@ def test_compare_every_host(work, capsys):
     assert rows["fp32"]["accuracy"] == 1.0 and rows["fp32"]["sqnr_db"] == float("inf")
     # ORT and ORT + qie compute the same integers: the same agreement figures, to the bit
     assert rows["ort"]["sqnr_db"] == rows["ort+qie"]["sqnr_db"] and rows["ort"]["cos_min"] == rows["ort+qie"]["cos_min"]
-    assert rows["ort+qie"]["kernels"] == f"QLinearMatMul x3 ({qie_ep.active_isa()})"
+    if qie_ep.ep_available():  # the three QDQ units, fused and run by qie's EP
+        assert rows["ort+qie"]["kernels"] == f"{qie_ep.EP_NAME}:QDQ MatMul x3 ({qie_ep.active_isa()})"
+        assert len(res["kernels"]) == 3 and all(k["kernel"].startswith("qie EP") for k in res["kernels"])
+    else:
+        assert rows["ort+qie"]["kernels"] == f"QLinearMatMul x3 ({qie_ep.active_isa()})"
+        assert [k["node"] for k in res["kernels"]] == ["fc1", "fc2", "fc3"] and all(k["kernel"].startswith("qie") for k in res["kernels"])
     assert "kernels" not in rows["ort"]
-    assert [k["node"] for k in res["kernels"]] == ["fc1", "fc2", "fc3"] and all(k["kernel"].startswith("qie") for k in res["kernels"])
     assert [r["node"] for r in res["sqnr"]] == ["fc1", "fc2", "fc3"] and all(r["sqnr_db"] > 20 for r in res["sqnr"])
     if "tvm+qie" in rows:
         assert rows["tvm+qie"]["info"]["qie_kernels"] == 3 and rows["tvm+qie"]["cos_mean"] > 0.999

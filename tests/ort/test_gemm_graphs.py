@@ -43,13 +43,27 @@ def run_both(model, feeds, level):
 
 @pytest.mark.parametrize("level", list(OPT_LEVELS))
 def test_qdq_matmul_graph(level):
+    """With qie's EP (the default where ORT has the EP API) the DQ -> MatMul -> Q unit is claimed at every level
+    and computed in the integer domain: equal to ORT's fused QLinearMatMul (EXTENDED and ALL), within one output
+    step of ORT's float QDQ semantics below that. Without the EP, ORT fuses the unit into QLinearMatMul at
+    EXTENDED and above, which qie's custom op takes; below, nothing quantized runs anywhere."""
     rng = np.random.default_rng(30)
     model = qdq_matmul_model(rng)
-    st = run_both(model, {"x": rng.normal(size=(2, 9, 64)).astype(np.float32)}, level)
-    if level in ("extended", "all"):  # ORT fuses DQ->MatMul->Q into QLinearMatMul, which qie takes
-        assert ("", "QLinearMatMul") in st, st
-    else:  # below EXTENDED a QDQ graph stays float: nothing quantized runs anywhere
-        assert st == {}, st
+    feeds = {"x": rng.normal(size=(2, 9, 64)).astype(np.float32)}
+    if not qie_ep.ep_available():
+        st = run_both(model, feeds, level)
+        assert (("", "QLinearMatMul") in st) if level in ("extended", "all") else st == {}, st
+        return
+    qie_ep.reset_stats()
+    got = run(model, feeds, qie=True, level=level)[0]
+    st = qie_ep.stats()
+    assert list(st) == [(qie_ep.EP_NAME, "QDQ MatMul")], st
+    want = run(model, feeds, qie=False, level=level)[0]
+    if level in ("extended", "all"):
+        assert_exact(got, want, f"level={level}")
+    else:
+        step = float(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "ys")))
+        assert np.abs(got - want).max() <= step * 1.0001, (np.abs(got - want).max(), step)
 
 
 def float_mlp(rng, path, k=96, h=160, n=40):

@@ -1,0 +1,520 @@
+// qie as an ONNX Runtime plugin execution provider (libqie_ep.so, built against the API-27 headers; ORT >= 1.27).
+//
+// First level (issue 13): every QDQ unit DequantizeLinear(x) -> MatMul(., DequantizeLinear(W)) -> QuantizeLinear
+// with W a constant 2-D initializer is claimed as one fused node and computed in the integer domain by qie's
+// GEMM kernels: W packed once at Compile, y = saturate(round_half_even(float(acc) * (sx * sw[n] / sy)) + zy),
+// exactly what ORT's QLinearMatMul computes for the same unit (and within one step of the float DQ -> MatMul -> Q
+// semantics, which round the float product instead). A unit qie cannot prove it computes exactly (other dtypes,
+// non-constant scales or zero points, blocked quantization, shared intermediate values, graph outputs in the
+// middle) is left to ORT; GetCapability never guesses.
+#include <onnxruntime_c_api.h>  // includes onnxruntime_ep_c_api.h
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/gemm.h"
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+const OrtEpApi* g_ep = nullptr;
+std::atomic<long> g_claimed{0}, g_runs{0};
+constexpr const char* kEpName = "QIE";
+
+struct Failure {
+  std::string what;
+};
+void Check(OrtStatus* st) {
+  if (!st) return;
+  std::string msg = g_api->GetErrorMessage(st);
+  g_api->ReleaseStatus(st);
+  throw Failure{msg};
+}
+template <class F>
+OrtStatus* Guard(const char* where, F&& body) {
+  try {
+    body();
+    return nullptr;
+  } catch (const Failure& f) {
+    return g_api->CreateStatus(ORT_FAIL, (std::string("qie EP ") + where + ": " + f.what).c_str());
+  } catch (const std::exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, (std::string("qie EP ") + where + ": " + e.what()).c_str());
+  }
+}
+
+// ---- graph reading ----------------------------------------------------------------------------------------
+
+std::string OpType(const OrtNode* n) {
+  const char* s = nullptr;
+  Check(g_api->Node_GetOperatorType(n, &s));
+  return s ? s : "";
+}
+std::string Domain(const OrtNode* n) {
+  const char* s = nullptr;
+  Check(g_api->Node_GetDomain(n, &s));
+  return s ? s : "";
+}
+std::vector<const OrtValueInfo*> Inputs(const OrtNode* n) {
+  size_t k = 0;
+  Check(g_api->Node_GetNumInputs(n, &k));
+  std::vector<const OrtValueInfo*> v(k);
+  if (k) Check(g_api->Node_GetInputs(n, v.data(), k));
+  return v;
+}
+std::vector<const OrtValueInfo*> Outputs(const OrtNode* n) {
+  size_t k = 0;
+  Check(g_api->Node_GetNumOutputs(n, &k));
+  std::vector<const OrtValueInfo*> v(k);
+  if (k) Check(g_api->Node_GetOutputs(n, v.data(), k));
+  return v;
+}
+const OrtNode* Producer(const OrtValueInfo* vi) {
+  const OrtNode* n = nullptr;
+  size_t idx = 0;
+  Check(g_api->ValueInfo_GetValueProducer(vi, &n, &idx));
+  return n;
+}
+size_t Consumers(const OrtValueInfo* vi) {
+  size_t k = 0;
+  Check(g_api->ValueInfo_GetValueNumConsumers(vi, &k));
+  return k;
+}
+bool IsGraphOutput(const OrtValueInfo* vi) {
+  bool b = false;
+  Check(g_api->ValueInfo_IsGraphOutput(vi, &b));
+  return b;
+}
+std::string Name(const OrtValueInfo* vi) {
+  const char* s = nullptr;
+  Check(g_api->GetValueInfoName(vi, &s));
+  return s ? s : "";
+}
+// Optional node input i (absent, or the empty name of an omitted optional input) -> nullptr.
+const OrtValueInfo* Input(const std::vector<const OrtValueInfo*>& in, size_t i) {
+  return i < in.size() && in[i] && !Name(in[i]).empty() ? in[i] : nullptr;
+}
+
+// A constant initializer's element type, shape and data (nullptr when `vi` is not a constant initializer).
+struct Constant {
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  size_t count() const {
+    size_t c = 1;
+    for (int64_t d : shape) c *= static_cast<size_t>(d);
+    return c;
+  }
+};
+bool ReadConstant(const OrtValueInfo* vi, Constant* out) {
+  if (!vi) return false;
+  bool is_const = false;
+  Check(g_api->ValueInfo_IsConstantInitializer(vi, &is_const));
+  if (!is_const) return false;
+  const OrtValue* v = nullptr;
+  Check(g_api->ValueInfo_GetInitializerValue(vi, &v));
+  if (!v) return false;
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  Check(g_api->GetTensorTypeAndShape(v, &info));
+  size_t rank = 0;
+  OrtStatus* st = g_api->GetTensorElementType(info, &out->type);
+  if (!st) st = g_api->GetDimensionsCount(info, &rank);
+  out->shape.assign(rank, 0);
+  if (!st && rank) st = g_api->GetDimensions(info, out->shape.data(), rank);
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  Check(st);
+  for (int64_t d : out->shape)
+    if (d < 0) return false;
+  Check(g_api->GetTensorData(v, &out->data));
+  return true;
+}
+ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
+  const OrtTypeInfo* ti = nullptr;
+  Check(g_api->GetValueInfoTypeInfo(vi, &ti));
+  const OrtTensorTypeAndShapeInfo* tsi = nullptr;
+  Check(g_api->CastTypeInfoToTensorInfo(ti, &tsi));
+  if (!tsi) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  Check(g_api->GetTensorElementType(tsi, &t));
+  return t;
+}
+// Integer attribute `name` of node `n`, or `dflt` when absent.
+int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) {
+  const OrtOpAttr* a = nullptr;
+  OrtStatus* st = g_api->Node_GetAttributeByName(n, name, &a);
+  if (st) {  // not found
+    g_api->ReleaseStatus(st);
+    return dflt;
+  }
+  if (!a) return dflt;
+  int64_t v = dflt;
+  size_t size = 0;
+  Check(g_api->ReadOpAttr(a, ORT_OP_ATTR_INT, &v, sizeof(v), &size));
+  return v;
+}
+
+bool IsQ8(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+}
+int32_t Zp(const Constant& c, size_t i) {
+  return c.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? static_cast<const int8_t*>(c.data)[i]
+                                                      : static_cast<const uint8_t*>(c.data)[i];
+}
+
+// ---- the QDQ MatMul unit ----------------------------------------------------------------------------------
+
+// A matched unit: the four nodes, and what Compile needs (read again from the fused graph there).
+struct MatMulUnit {
+  const OrtNode *dq_x = nullptr, *dq_w = nullptr, *matmul = nullptr, *q = nullptr;
+};
+
+// DequantizeLinear node producing `vi` with a per-tensor (or, when `per_column_n` > 0, per-column along axis
+// 1 of a 2-D input) float32 scale and a matching zero point, all constant except the data when `data_runtime`.
+bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n, Constant* data, Constant* scale,
+                Constant* zp, ONNXTensorElementDataType* data_type) {
+  if (!dq || OpType(dq) != "DequantizeLinear" || !Domain(dq).empty()) return false;
+  if (AttrInt(dq, "block_size", 0) != 0) return false;
+  const auto in = Inputs(dq);
+  if (in.size() < 2 || !in[0]) return false;
+  *data_type = ValueType(in[0]);
+  if (!IsQ8(*data_type)) return false;
+  if (data_runtime) {
+    Constant c;
+    if (ReadConstant(in[0], &c)) return false;  // a constant activation: leave it to ORT's constant folding
+  } else if (!ReadConstant(in[0], data)) {
+    return false;
+  }
+  if (!ReadConstant(in[1], scale) || scale->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return false;
+  const size_t ns = scale->count();
+  if (ns != 1 && !(per_column_n && ns == per_column_n)) return false;
+  if (ns > 1) {
+    const int64_t axis = AttrInt(dq, "axis", 1);
+    if (axis != 1 && axis != -1) return false;
+  }
+  if (const OrtValueInfo* z = Input(in, 2)) {
+    if (!ReadConstant(z, zp) || zp->type != *data_type || zp->count() != ns) return false;
+  } else {
+    zp->type = *data_type;
+    zp->data = nullptr;
+  }
+  return true;
+}
+
+bool MatchMatMulUnit(const OrtNode* mm, MatMulUnit* u) {
+  if (OpType(mm) != "MatMul" || !Domain(mm).empty()) return false;
+  const auto in = Inputs(mm);
+  const auto out = Outputs(mm);
+  if (in.size() != 2 || out.size() != 1 || !in[0] || !in[1]) return false;
+  if (IsGraphOutput(out[0]) || Consumers(out[0]) != 1) return false;
+  const OrtNode* dq_x = Producer(in[0]);
+  const OrtNode* dq_w = Producer(in[1]);
+  if (!dq_x || !dq_w || Consumers(in[0]) != 1 || Consumers(in[1]) != 1 || IsGraphOutput(in[0]) || IsGraphOutput(in[1]))
+    return false;
+  // The consumer: one QuantizeLinear.
+  size_t nc = 1;
+  std::vector<const OrtNode*> consumers(nc);
+  std::vector<int64_t> idx(nc);
+  Check(g_api->ValueInfo_GetValueConsumers(out[0], consumers.data(), idx.data(), nc));
+  const OrtNode* q = consumers[0];
+  if (!q || OpType(q) != "QuantizeLinear" || !Domain(q).empty() || idx[0] != 0) return false;
+  if (AttrInt(q, "block_size", 0) != 0 || AttrInt(q, "saturate", 1) != 1) return false;
+  Constant w, sw, zw, sx, zx, unused;
+  ONNXTensorElementDataType wt, xt;
+  const auto win = Inputs(dq_w);
+  if (win.empty() || !ReadConstant(win[0], &w) || w.shape.size() != 2) return false;
+  if (!DqOperands(dq_w, false, static_cast<size_t>(w.shape[1]), &w, &sw, &zw, &wt)) return false;
+  if (!DqOperands(dq_x, true, 0, &unused, &sx, &zx, &xt)) return false;
+  const auto qin = Inputs(q);
+  Constant sy, zy;
+  if (qin.size() < 3 || !ReadConstant(qin[1], &sy) || sy.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+      sy.count() != 1 || !ReadConstant(Input(qin, 2), &zy) || !IsQ8(zy.type) || zy.count() != 1)
+    return false;
+  if (!(std::isfinite(static_cast<const float*>(sy.data)[0]) && static_cast<const float*>(sy.data)[0] != 0.0f))
+    return false;
+  u->dq_x = dq_x;
+  u->dq_w = dq_w;
+  u->matmul = mm;
+  u->q = q;
+  return true;
+}
+
+// ---- the compiled unit ------------------------------------------------------------------------------------
+
+struct CompiledMatMul {
+  qie::PackedB packed;
+  const qie::MicroKernel* uk = nullptr;
+  size_t K = 0, N = 0;
+  bool x_signed = false;
+  int32_t zx = 0;
+  std::vector<int32_t> zw;
+  std::vector<float> mult;  // (sx * sw[n]) / sy, in float32 as ORT evaluates it
+  qie::OutKind kind = qie::OutKind::kU8;
+  int32_t zy = 0;
+  std::string x_name;
+};
+
+void ParallelTrampoline(void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); }
+
+OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
+  return Guard("MatMul", [&] {
+    const OrtValue* x = nullptr;
+    Check(g_api->KernelContext_GetInput(ctx, 0, &x));
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    Check(g_api->GetTensorTypeAndShape(x, &info));
+    size_t rank = 0;
+    OrtStatus* st = g_api->GetDimensionsCount(info, &rank);
+    std::vector<int64_t> shape(rank);
+    if (!st && rank) st = g_api->GetDimensions(info, shape.data(), rank);
+    g_api->ReleaseTensorTypeAndShapeInfo(info);
+    Check(st);
+    if (rank == 0 || shape.back() != static_cast<int64_t>(c.K))
+      throw Failure{"input '" + c.x_name + "' must end in K=" + std::to_string(c.K)};
+    size_t rows = 1;
+    for (size_t d = 0; d + 1 < rank; ++d) rows *= static_cast<size_t>(shape[d]);
+    std::vector<int64_t> out_shape = shape;
+    if (rank == 1)
+      out_shape = {static_cast<int64_t>(c.N)};
+    else
+      out_shape.back() = static_cast<int64_t>(c.N);
+    OrtValue* y = nullptr;
+    Check(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &y));
+    void* ydata = nullptr;
+    Check(g_api->GetTensorMutableData(y, &ydata));
+    const void* xdata = nullptr;
+    Check(g_api->GetTensorData(x, &xdata));
+    if (rows == 0 || c.N == 0) return;
+    const qie::PackedB* bp = &c.packed;
+    qie::GemmArgs g;
+    g.M = rows;
+    g.N = c.N;
+    g.K = c.K;
+    g.a = static_cast<const uint8_t*>(xdata);
+    g.lda = c.K;
+    g.a_signed = c.x_signed;
+    g.za = &c.zx;
+    g.zb = c.zw.data();
+    g.kind = c.kind;
+    g.scale = c.mult.data();
+    g.y_zp = c.zy;
+    g.y = ydata;
+    g.ldy = c.N;
+    g.batch = 1;
+    g.b = &bp;
+    qie::Gemm(*c.uk, g, [ctx](size_t total, const std::function<void(size_t)>& fn) {
+      if (total == 1) return fn(0);
+      Check(g_api->KernelContext_ParallelFor(ctx, ParallelTrampoline, total, 0,
+                                             const_cast<std::function<void(size_t)>*>(&fn)));
+    });
+    g_runs.fetch_add(1);
+  });
+}
+
+// Builds the compiled unit from the fused graph (its DequantizeLinear(W) initializers and scales).
+void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* c) {
+  size_t n = 0;
+  Check(g_api->Graph_GetNumNodes(graph, &n));
+  std::vector<const OrtNode*> nodes(n);
+  Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
+  const OrtNode* mm = nullptr;
+  for (const OrtNode* node : nodes)
+    if (OpType(node) == "MatMul") mm = node;
+  if (!mm) throw Failure{"fused graph has no MatMul"};
+  MatMulUnit u;
+  if (!MatchMatMulUnit(mm, &u)) throw Failure{"fused graph is not the unit GetCapability claimed"};
+  Constant w, sw, zw, sx, zx, unused, sy, zy;
+  ONNXTensorElementDataType wt, xt;
+  const auto win = Inputs(u.dq_w);
+  if (!ReadConstant(win[0], &w) || w.shape.size() != 2) throw Failure{"weights are not a 2-D constant"};
+  if (!DqOperands(u.dq_w, false, static_cast<size_t>(w.shape[1]), &w, &sw, &zw, &wt) ||
+      !DqOperands(u.dq_x, true, 0, &unused, &sx, &zx, &xt))
+    throw Failure{"operands changed since GetCapability"};
+  const auto qin = Inputs(u.q);
+  ReadConstant(qin[1], &sy);
+  ReadConstant(qin[2], &zy);
+  c->K = static_cast<size_t>(w.shape[0]);
+  c->N = static_cast<size_t>(w.shape[1]);
+  c->uk = &qie::GetMicroKernel(qie::ActiveIsa());
+  qie::PackB(*c->uk, static_cast<const uint8_t*>(w.data), wt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, c->K, c->N,
+             static_cast<ptrdiff_t>(c->N), 1, &c->packed);
+  c->x_signed = xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  c->zx = zx.data ? Zp(zx, 0) : 0;
+  c->zw.resize(c->N);
+  c->mult.resize(c->N);
+  const float fsx = static_cast<const float*>(sx.data)[0], fsy = static_cast<const float*>(sy.data)[0];
+  for (size_t j = 0; j < c->N; ++j) {
+    const size_t i = sw.count() == 1 ? 0 : j;
+    c->zw[j] = zw.data ? Zp(zw, i) : 0;
+    c->mult[j] = (fsx * static_cast<const float*>(sw.data)[i]) / fsy;
+  }
+  c->kind = zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
+  c->zy = Zp(zy, 0);
+  const auto fin = Inputs(fused);
+  if (fin.empty()) throw Failure{"fused node has no input"};
+  c->x_name = Name(fin[0]);
+}
+
+struct ComputeInfo : OrtNodeComputeInfo {
+  CompiledMatMul unit;
+  ComputeInfo() : OrtNodeComputeInfo{} {
+    ort_version_supported = ORT_API_VERSION;
+    CreateState = [](OrtNodeComputeInfo* self, OrtNodeComputeContext*, void** state) noexcept -> OrtStatus* {
+      *state = self;
+      return nullptr;
+    };
+    Compute = [](OrtNodeComputeInfo*, void* state, OrtKernelContext* ctx) noexcept -> OrtStatus* {
+      return ComputeMatMul(static_cast<ComputeInfo*>(state)->unit, ctx);
+    };
+    ReleaseState = [](OrtNodeComputeInfo*, void*) noexcept {};
+  }
+};
+
+// ---- the EP -----------------------------------------------------------------------------------------------
+
+struct QieEp : OrtEp {
+  QieEp() : OrtEp{} {
+    ort_version_supported = ORT_API_VERSION;
+    GetName = [](const OrtEp*) noexcept -> const char* { return kEpName; };
+    GetCapability = [](OrtEp*, const OrtGraph* graph, OrtEpGraphSupportInfo* support) noexcept -> OrtStatus* {
+      return Guard("GetCapability", [&] {
+        size_t n = 0;
+        Check(g_api->Graph_GetNumNodes(graph, &n));
+        std::vector<const OrtNode*> nodes(n);
+        if (n) Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
+        for (const OrtNode* node : nodes) {
+          // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
+          // creation never is.
+          MatMulUnit u;
+          bool taken = false;
+          try {
+            if (!MatchMatMulUnit(node, &u)) continue;
+            for (const OrtNode* m : {u.dq_x, u.dq_w, u.matmul, u.q}) {
+              const char* e = nullptr;
+              Check(g_api->Node_GetEpName(m, &e));
+              taken = taken || (e && *e);  // already assigned (GetCapability may run again)
+            }
+          } catch (const Failure&) { continue; }
+          if (taken) continue;
+          const OrtNode* group[] = {u.dq_x, u.dq_w, u.matmul, u.q};
+          OrtNodeFusionOptions opts{};
+          opts.ort_version_supported = ORT_API_VERSION;
+          opts.drop_constant_initializers = true;  // weights and scales are read at Compile
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group, 4, &opts));
+          g_claimed.fetch_add(1);
+        }
+      });
+    };
+    Compile = [](OrtEp*, const OrtGraph** graphs, const OrtNode** fused, size_t count, OrtNodeComputeInfo** infos,
+                 OrtNode** ep_context_nodes) noexcept -> OrtStatus* {
+      return Guard("Compile", [&] {
+        for (size_t i = 0; i < count; ++i) {
+          infos[i] = nullptr;
+          if (ep_context_nodes) ep_context_nodes[i] = nullptr;
+        }
+        for (size_t i = 0; i < count; ++i) {
+          auto info = std::make_unique<ComputeInfo>();
+          CompileMatMul(graphs[i], fused[i], &info->unit);
+          infos[i] = info.release();
+        }
+      });
+    };
+    ReleaseNodeComputeInfos = [](OrtEp*, OrtNodeComputeInfo** infos, size_t count) noexcept {
+      for (size_t i = 0; i < count; ++i) delete static_cast<ComputeInfo*>(infos[i]);
+    };
+  }
+};
+
+// ---- the factory ------------------------------------------------------------------------------------------
+
+struct QieFactory : OrtEpFactory {
+  QieFactory() : OrtEpFactory{} {
+    ort_version_supported = ORT_API_VERSION;
+    GetName = [](const OrtEpFactory*) noexcept -> const char* { return kEpName; };
+    GetVendor = [](const OrtEpFactory*) noexcept -> const char* { return "qie"; };
+    GetVendorId = [](const OrtEpFactory*) noexcept -> uint32_t { return 0; };
+    GetVersion = [](const OrtEpFactory*) noexcept -> const char* { return "0.1.0"; };
+    GetSupportedDevices = [](OrtEpFactory* self, const OrtHardwareDevice* const* devices, size_t num_devices,
+                             OrtEpDevice** ep_devices, size_t max_ep_devices,
+                             size_t* num_ep_devices) noexcept -> OrtStatus* {
+      *num_ep_devices = 0;
+      for (size_t i = 0; i < num_devices && *num_ep_devices < max_ep_devices; ++i) {
+        if (g_api->HardwareDevice_Type(devices[i]) != OrtHardwareDeviceType_CPU) continue;
+        OrtEpDevice* d = nullptr;
+        if (OrtStatus* st = g_ep->CreateEpDevice(self, devices[i], nullptr, nullptr, &d)) return st;
+        ep_devices[(*num_ep_devices)++] = d;
+        break;  // one CPU device
+      }
+      return nullptr;
+    };
+    CreateEp = [](OrtEpFactory*, const OrtHardwareDevice* const*, const OrtKeyValuePairs* const*, size_t,
+                  const OrtSessionOptions*, const OrtLogger*, OrtEp** ep) noexcept -> OrtStatus* {
+      *ep = new QieEp();
+      return nullptr;
+    };
+    ReleaseEp = [](OrtEpFactory*, OrtEp* ep) noexcept { delete static_cast<QieEp*>(ep); };
+    ValidateCompiledModelCompatibilityInfo = [](OrtEpFactory*, const OrtHardwareDevice* const*, size_t, const char*,
+                                                OrtCompiledModelCompatibility* c) noexcept -> OrtStatus* {
+      *c = OrtCompiledModelCompatibility_EP_NOT_APPLICABLE;
+      return nullptr;
+    };
+    CreateAllocator = [](OrtEpFactory*, const OrtMemoryInfo*, const OrtKeyValuePairs*,
+                         OrtAllocator** a) noexcept -> OrtStatus* {
+      *a = nullptr;  // ORT's CPU allocator
+      return nullptr;
+    };
+    ReleaseAllocator = [](OrtEpFactory*, OrtAllocator*) noexcept {};
+    CreateDataTransfer = [](OrtEpFactory*, OrtDataTransferImpl** t) noexcept -> OrtStatus* {
+      *t = nullptr;  // CPU memory: nothing to copy (ORT 1.31 crashes if this entry is NULL)
+      return nullptr;
+    };
+    IsStreamAware = [](const OrtEpFactory*) noexcept -> bool { return false; };
+    CreateSyncStreamForDevice = [](OrtEpFactory*, const OrtMemoryDevice*, const OrtKeyValuePairs*,
+                                   OrtSyncStreamImpl** s) noexcept -> OrtStatus* {
+      *s = nullptr;
+      return nullptr;
+    };
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* CreateEpFactories(const char* /*registered_name*/,
+                                                                    const OrtApiBase* base,
+                                                                    const OrtLogger* /*default_logger*/,
+                                                                    OrtEpFactory** factories, size_t max_factories,
+                                                                    size_t* num_factories) {
+  *num_factories = 0;
+  const OrtApi* api = base->GetApi(ORT_API_VERSION);
+  if (!api) {
+    const OrtApi* api1 = base->GetApi(1);
+    const std::string msg = std::string("qie EP needs ONNX Runtime API version >= ") + std::to_string(ORT_API_VERSION) +
+                            "; this runtime is " + base->GetVersionString();
+    return api1 ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
+  }
+  g_api = api;
+  g_ep = api->GetEpApi();
+  if (max_factories < 1) return api->CreateStatus(ORT_INVALID_ARGUMENT, "qie EP: no room for its factory");
+  factories[0] = new QieFactory();
+  *num_factories = 1;
+  return nullptr;
+}
+
+__attribute__((visibility("default"))) OrtStatus* ReleaseEpFactory(OrtEpFactory* factory) {
+  delete static_cast<QieFactory*>(factory);
+  return nullptr;
+}
+
+// Units claimed by GetCapability and fused-node runs since load or qie_ep_reset (qie_ep.stats()).
+__attribute__((visibility("default"))) void qie_ep_counters(long* claimed, long* runs) {
+  *claimed = g_claimed.load();
+  *runs = g_runs.load();
+}
+__attribute__((visibility("default"))) void qie_ep_reset() { g_runs.store(0); }
+// The ISA path the EP's kernels use (its library has its own dispatch state; QIE_ISA applies to it too).
+__attribute__((visibility("default"))) const char* qie_ep_active_isa() { return qie::IsaName(qie::ActiveIsa()); }
+
+}  // extern "C"

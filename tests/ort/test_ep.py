@@ -1,0 +1,194 @@
+"""qie's plugin execution provider (``qie_ep.register(so, ep=True)``): which QDQ units it claims, and their results.
+
+A claimed unit DequantizeLinear(x) -> MatMul(., DequantizeLinear(W)) -> QuantizeLinear is computed in the integer
+domain: it must equal the integer reference (``reference.qlinear_matmul``) exactly, and so ORT's own fused
+QLinearMatMul (ORT_ENABLE_EXTENDED / ALL); at ORT_DISABLE_ALL / BASIC ORT computes the float QDQ semantics
+(float product, then rounding), which may differ by one quantization step where the float sum lands within
+rounding of a .5 tie: bounded to 1, and counted. What the EP must leave to ORT (non-constant weights, a
+weight value used twice, float outputs, blocked quantization) stays on the CPU EP with plain ORT's results.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qie_ep
+from helpers import OPT_LEVELS, assert_exact
+from qie_ep import reference as R
+from qie_ep.session import options, session
+
+needs_ep = pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here (ORT < 1.27 or no libqie_ep.so)")
+
+T = {np.uint8: TensorProto.UINT8, np.int8: TensorProto.INT8}
+
+
+def rand(rng, dtype, shape):
+    ii = np.iinfo(dtype)
+    return rng.integers(ii.min, ii.max + 1, shape).astype(dtype)
+
+
+def qdq_matmul(rng, xdt, wdt, ydt, k, n, per_column, x_shape=("B", 5), w_const=True, extra_w_use=False,
+               quantize_output=True, opset=21):
+    """The QDQ unit with random operands; returns (model, operands for the reference)."""
+    w = rand(rng, wdt, (k, n))
+    sx, zx = np.array(0.03, np.float32), np.array(rand(rng, xdt, ()))
+    sw = rng.uniform(0.002, 0.02, n if per_column else ()).astype(np.float32)
+    zw = rand(rng, wdt, sw.shape) if wdt == np.uint8 else np.zeros(sw.shape, wdt)
+    sy, zy = np.array(rng.uniform(0.3, 1.5), np.float32), np.array(rand(rng, ydt, ()))
+    inits = [numpy_helper.from_array(v, name) for v, name in ((sx, "sx"), (zx, "zx"), (sw, "sw"), (zw, "zw"),
+                                                              (sy, "sy"), (zy, "zy"))]
+    inputs = [helper.make_tensor_value_info("x", T[xdt], [*x_shape, k])]
+    if w_const:
+        inits.append(numpy_helper.from_array(w, "w"))
+    else:
+        inputs.append(helper.make_tensor_value_info("w", T[wdt], [k, n]))
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=1),
+             helper.make_node("MatMul", ["xf", "wf"], ["yf"])]
+    outputs = []
+    if quantize_output:
+        nodes.append(helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"]))
+        outputs.append(helper.make_tensor_value_info("y", T[ydt], [*x_shape, n]))
+    else:
+        outputs.append(helper.make_tensor_value_info("yf", TensorProto.FLOAT, [*x_shape, n]))
+    if extra_w_use:  # the dequantized weights also leave the unit
+        outputs.append(helper.make_tensor_value_info("wf", TensorProto.FLOAT, [k, n]))
+    g = helper.make_graph(nodes, "qdq_matmul", inputs, outputs, inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    return model, dict(w=w, sx=sx, zx=zx, sw=sw, zw=zw, sy=sy, zy=zy)
+
+
+def ep_session(model, level="all", threads=1):
+    so = options(level=level, threads=threads)
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    qie_ep.register(so, ep=True)
+    return session(model, so)
+
+
+def assigned_to_qie(sess) -> int:
+    """How many nodes ORT assigned to qie's EP."""
+    return sum(len(a.get_nodes()) for a in sess.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME)
+
+
+def reference(x, ops):
+    return R.qlinear_matmul(x, ops["sx"], ops["zx"], ops["w"], ops["sw"], ops["zw"], ops["sy"], ops["zy"])
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("xdt,wdt,ydt", [(np.uint8, np.int8, np.uint8), (np.uint8, np.uint8, np.uint8),
+                                         (np.int8, np.int8, np.int8), (np.int8, np.uint8, np.uint8)],
+                         ids=["u8s8u8", "u8u8u8", "s8s8s8", "s8u8u8"])
+@pytest.mark.parametrize("per_column", [False, True], ids=["per-tensor", "per-column"])
+def test_qdq_matmul_unit_is_claimed_and_exact(level, xdt, wdt, ydt, per_column):
+    rng = np.random.default_rng(31)
+    model, ops = qdq_matmul(rng, xdt, wdt, ydt, 67, 50, per_column)
+    before = qie_ep.ep_stats()["runs"]
+    sess = ep_session(model, level)
+    assert assigned_to_qie(sess) == 4, sess.get_provider_graph_assignment_info()
+    plain = session(model, level=level)
+    for batch in (1, 3):  # the batch dimension changes between runs
+        x = rand(rng, xdt, (batch, 5, 67))
+        got = sess.run(None, {"x": x})[0]
+        assert_exact(got, reference(x, ops), f"(qie EP, level={level}, batch={batch})")
+        want = plain.run(None, {"x": x})[0]
+        diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+        if level in ("extended", "all"):  # ORT's own QLinearMatMul: the same integer arithmetic
+            assert_exact(got, want, f"(plain ORT, level={level})")
+        else:  # ORT's float QDQ semantics: at most one step, only near rounding ties
+            assert diff.max(initial=0) <= 1 and diff.mean() < 0.01, (level, diff.max(), diff.mean())
+    assert qie_ep.ep_stats()["runs"] >= before + 2
+
+
+@needs_ep
+@pytest.mark.parametrize("x_shape,feed", [((), ()), (("M",), (7,)), (("B", 3, 4), (2, 3, 4))], ids=["1-D", "2-D", "4-D"])
+def test_ranks_and_zero_rows(x_shape, feed):
+    rng = np.random.default_rng(32)
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 33, 17, True, x_shape=x_shape)
+    sess = ep_session(model)
+    assert assigned_to_qie(sess) == 4
+    x = rand(rng, np.uint8, (*feed, 33))
+    assert_exact(sess.run(None, {"x": x})[0], reference(x, ops), f"x{list(x.shape)}")
+    if feed:
+        got = sess.run(None, {"x": rand(rng, np.uint8, (0, *feed[1:], 33))})[0]
+        assert got.shape == (0, *feed[1:], 17)
+
+
+@needs_ep
+@pytest.mark.parametrize("case", ["runtime weights", "float output"])
+def test_units_it_cannot_prove_stay_on_ort(case):
+    rng = np.random.default_rng(33)
+    kw = {"runtime weights": dict(w_const=False), "float output": dict(quantize_output=False)}[case]
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True, **kw)
+    feeds = {"x": rand(rng, np.uint8, (2, 5, 40))}
+    if not kw.get("w_const", True):
+        feeds["w"] = ops["w"]
+    for level in ("disable", "all"):
+        sess = ep_session(model, level)
+        assert assigned_to_qie(sess) == 0, case
+        for got, want in zip(sess.run(None, feeds), session(model, level=level).run(None, feeds)):
+            assert_exact(got, want, f"({case}, level={level})")
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_dequantized_weights_also_a_graph_output(level):
+    """ORT gives each QDQ unit its own DequantizeLinear (its EnsureUniqueDQForNodeUnit step runs before any EP
+    sees the graph): the unit is still claimed, and the float graph output comes from ORT's copy of the DQ."""
+    rng = np.random.default_rng(35)
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True, extra_w_use=True)
+    x = {"x": rand(rng, np.uint8, (2, 5, 40))}
+    sess = ep_session(model, level)
+    assert assigned_to_qie(sess) == 4
+    y, wf = sess.run(None, x)
+    assert_exact(y, reference(x["x"], ops), "y")
+    assert_exact(wf, session(model, level=level).run(None, x)[1], "wf")
+
+
+@needs_ep
+def test_register_twice_and_two_units_in_a_chain():
+    """Two claimed units hand each other uint8 directly (the Q -> DQ pair between them is inside the units);
+    register(so, ep=True) twice adds the EP once."""
+    rng = np.random.default_rng(34)
+    m1, o1 = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 32, 32, True)
+    g = m1.graph
+    w2 = rand(rng, np.int8, (32, 16))
+    g.initializer.extend([numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(np.array(0.01, np.float32), "sw2"),
+                          numpy_helper.from_array(np.array(0.4, np.float32), "sy2"),
+                          numpy_helper.from_array(np.array(128, np.uint8), "zy2")])
+    g.node.extend([helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["y_f"]),
+                   helper.make_node("DequantizeLinear", ["w2", "sw2"], ["w2f"]),
+                   helper.make_node("MatMul", ["y_f", "w2f"], ["y2f"]),
+                   helper.make_node("QuantizeLinear", ["y2f", "sy2", "zy2"], ["y2"])])
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("y2", TensorProto.UINT8, ["B", 5, 16]))
+    so = options(level="all")
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    qie_ep.register(so, ep=True)
+    qie_ep.register(so, ep=True)
+    sess = session(m1, so)
+    assert assigned_to_qie(sess) == 8
+    x = rand(rng, np.uint8, (2, 5, 32))
+    y1 = reference(x, o1)
+    want = R.qlinear_matmul(y1, o1["sy"], o1["zy"], w2, np.float32(0.01), np.int8(0), np.float32(0.4), np.uint8(128))
+    assert_exact(sess.run(None, {"x": x})[0], want, "chain")
+
+
+def test_without_the_ep_register_keeps_to_the_custom_ops(monkeypatch):
+    """An ORT without the EP API (or a build without libqie_ep.so): register(so) registers the custom-op library
+    alone and the QDQ unit runs as ORT fuses it (QLinearMatMul on qie's custom op at ALL); asking for the EP
+    is a clear error."""
+    monkeypatch.setattr("qie_ep._lib.ep_library_path", lambda: None)
+    assert not qie_ep.ep_available()
+    rng = np.random.default_rng(36)
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True)
+    so = options(level="all")
+    qie_ep.register(so)
+    assert not so.has_providers()
+    qie_ep.reset_stats()
+    x = rand(rng, np.uint8, (2, 5, 40))
+    assert_exact(session(model, so).run(None, {"x": x})[0], reference(x, ops), "custom ops only")
+    assert ("", "QLinearMatMul") in qie_ep.stats()
+    with pytest.raises(RuntimeError, match="no libqie_ep.so"):
+        qie_ep.register(options(), ep=True)
