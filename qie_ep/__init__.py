@@ -37,9 +37,9 @@ def register(sess_options, ep: bool | None = None) -> None:
     DynamicQuantizeMatMul nodes on qie, at every graph optimization level (``ops()`` lists them).
 
     ``ep`` (default: wherever ``ep_available()``) also adds qie's plugin execution provider ahead of the CPU
-    EP: it claims whole QDQ units (DequantizeLinear -> MatMul -> QuantizeLinear with constant weights) and
+    EP: it claims whole QDQ units (DequantizeLinear -> MatMul or Gemm -> QuantizeLinear, constant weights) and
     runs them in the integer domain, before ORT's own QDQ fusions (``ep_stats()`` counts what it took;
-    ``stats()`` lists its runs under (EP_NAME, "QDQ MatMul")). ``ep=True`` where it is not available is an
+    ``stats()`` lists its runs under (EP_NAME, "QDQ GEMM")). ``ep=True`` where it is not available is an
     error; ``ep=False`` keeps to the custom ops. Registering twice on the same options is a no-op.
     """
     sess_options.register_custom_ops_library(library_path())
@@ -146,7 +146,7 @@ def stats() -> dict[tuple[str, str], dict[str, int]]:
     """Kernel invocations since load or the last ``reset_stats()``: {(domain, op): {isa: count}}.
 
     The domain of standard ONNX ops is "" (as in the graph); contrib ops have "com.microsoft". Units run by
-    qie's execution provider are counted under (EP_NAME, "QDQ MatMul").
+    qie's execution provider are counted under (EP_NAME, "QDQ GEMM").
     """
     out: dict[tuple[str, str], dict[str, int]] = {}
     for line in _read_lines(lib().qie_stats_snapshot):
@@ -155,7 +155,7 @@ def stats() -> dict[tuple[str, str], dict[str, int]]:
     runs = ep_stats()["runs"]
     if runs:
         from qie_ep._lib import ep_lib
-        out[(EP_NAME, "QDQ MatMul")] = {ep_lib().qie_ep_active_isa().decode(): runs}
+        out[(EP_NAME, "QDQ GEMM")] = {ep_lib().qie_ep_active_isa().decode(): runs}
     return out
 
 

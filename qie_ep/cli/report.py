@@ -41,7 +41,7 @@ def kernel_rows(ort_profile: dict | None, qie_profile: dict | None, qie_ops: set
     rows = []
     for r in qie_profile["nodes"]:
         if r.get("provider") == EP_NAME:  # a QDQ unit fused by qie's execution provider
-            rows.append({"node": r["node"], "op": "QDQ MatMul", "kernel": f"qie EP ({isa})", "ort_us": None,
+            rows.append({"node": r["node"], "op": "QDQ GEMM", "kernel": f"qie EP ({isa})", "ort_us": None,
                          "qie_us": r["us"], "ort_op": None})
             continue
         if r["op"] not in qie_ops:

@@ -99,7 +99,7 @@ def test_quantize_static_qdq_runs_on_qie(work, capsys):
     y = _run(out, x)
     st = qie_ep.stats()
     if qie_ep.ep_available():  # the three DQ -> MatMul -> Q units claimed by qie's EP
-        assert sum(st[(qie_ep.EP_NAME, "QDQ MatMul")].values()) == 3, st
+        assert sum(st[(qie_ep.EP_NAME, "QDQ GEMM")].values()) == 3, st
     else:  # fused by ORT into QLinearMatMul, run by qie's custom op
         assert st[("", "QLinearMatMul")][qie_ep.active_isa()] == 3, st
     assert np.array_equal(y, _run(out, x, qie=False))  # bit-exact with ORT's own kernels
@@ -175,7 +175,7 @@ def test_compare_every_host(work, capsys):
     # ORT and ORT + qie compute the same integers: the same agreement figures, to the bit
     assert rows["ort"]["sqnr_db"] == rows["ort+qie"]["sqnr_db"] and rows["ort"]["cos_min"] == rows["ort+qie"]["cos_min"]
     if qie_ep.ep_available():  # the three QDQ units, fused and run by qie's EP
-        assert rows["ort+qie"]["kernels"] == f"{qie_ep.EP_NAME}:QDQ MatMul x3 ({qie_ep.active_isa()})"
+        assert rows["ort+qie"]["kernels"] == f"{qie_ep.EP_NAME}:QDQ GEMM x3 ({qie_ep.active_isa()})"
         assert len(res["kernels"]) == 3 and all(k["kernel"].startswith("qie EP") for k in res["kernels"])
     else:
         assert rows["ort+qie"]["kernels"] == f"QLinearMatMul x3 ({qie_ep.active_isa()})"

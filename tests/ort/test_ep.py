@@ -192,3 +192,59 @@ def test_without_the_ep_register_keeps_to_the_custom_ops(monkeypatch):
     assert ("", "QLinearMatMul") in qie_ep.stats()
     with pytest.raises(RuntimeError, match="no libqie_ep.so"):
         qie_ep.register(options(), ep=True)
+
+
+def qdq_gemm(rng, trans_b, with_bias, per_column, bias_scale_matches=True, m=6, k=45, n=29):
+    """DQ(x) -> Gemm(., DQ(W), [DQ(int32 bias, scale sx*sw)]) -> Q, as ORT's quantizer writes a quantized Gemm."""
+    w = rand(rng, np.int8, (n, k) if trans_b else (k, n))
+    sx, zx = np.array(0.04, np.float32), np.array(rand(rng, np.uint8, ()))
+    sw = rng.uniform(0.002, 0.02, n if per_column else ()).astype(np.float32)
+    zw = np.zeros(sw.shape, np.int8)
+    sy, zy = np.array(0.7, np.float32), np.array(rand(rng, np.uint8, ()))
+    bias = rng.integers(-30000, 30000, n).astype(np.int32)
+    sb = (sx * sw).astype(np.float32) * (np.float32(1) if bias_scale_matches else np.float32(1.0001))
+    inits = [numpy_helper.from_array(v, name) for v, name in ((sx, "sx"), (zx, "zx"), (w, "w"), (sw, "sw"), (zw, "zw"),
+                                                              (sy, "sy"), (zy, "zy"), (bias, "b"), (sb, "sb"))]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=0 if trans_b else 1),
+             helper.make_node("Gemm", ["xf", "wf"] + (["bf"] if with_bias else []), ["yf"], transB=int(trans_b)),
+             helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
+    if with_bias:
+        nodes.insert(2, helper.make_node("DequantizeLinear", ["b", "sb"], ["bf"], axis=0))
+    g = helper.make_graph(nodes, "qdq_gemm", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["M", k])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, ["M", n])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    want = lambda x: R.qgemm(x, sx, zx, w, sw, zw, bias if with_bias else None, sy, zy,  # noqa: E731
+                             trans_b=int(trans_b))
+    return model, want
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["B", "B^T"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "int32-bias"])
+@pytest.mark.parametrize("per_column", [False, True], ids=["per-tensor", "per-column"])
+def test_qdq_gemm_unit(level, trans_b, with_bias, per_column):
+    """Gemm units (alpha = beta = 1, no transA): transB packed as such, the DequantizeLinear'd int32 bias added to
+    the integer accumulator (its scale is sx * sw[n], as the quantizer writes it)."""
+    rng = np.random.default_rng(40)
+    model, want = qdq_gemm(rng, trans_b, with_bias, per_column)
+    sess = ep_session(model, level)
+    assert assigned_to_qie(sess) == (5 if with_bias else 4)
+    plain = session(model, level=level)
+    for m in (1, 6):
+        x = rand(rng, np.uint8, (m, 45))
+        got = sess.run(None, {"x": x})[0]
+        assert_exact(got, want(x), f"(qie EP, level={level}, m={m})")
+        diff = np.abs(got.astype(np.int32) - plain.run(None, {"x": x})[0].astype(np.int32))
+        assert diff.max(initial=0) <= (0 if level == "all" else 1), (level, diff.max())
+
+
+@needs_ep
+def test_gemm_with_a_bias_of_another_scale_stays_on_ort():
+    rng = np.random.default_rng(41)
+    model, _ = qdq_gemm(rng, True, True, True, bias_scale_matches=False)
+    sess = ep_session(model, "all")
+    assert assigned_to_qie(sess) == 0
+    x = {"x": rand(rng, np.uint8, (6, 45))}
+    assert_exact(sess.run(None, x)[0], session(model, level="all").run(None, x)[0], "bias of another scale")

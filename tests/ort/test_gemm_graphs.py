@@ -57,7 +57,7 @@ def test_qdq_matmul_graph(level):
     qie_ep.reset_stats()
     got = run(model, feeds, qie=True, level=level)[0]
     st = qie_ep.stats()
-    assert list(st) == [(qie_ep.EP_NAME, "QDQ MatMul")], st
+    assert list(st) == [(qie_ep.EP_NAME, "QDQ GEMM")], st
     want = run(model, feeds, qie=False, level=level)[0]
     if level in ("extended", "all"):
         assert_exact(got, want, f"level={level}")

@@ -1,10 +1,12 @@
 // qie as an ONNX Runtime plugin execution provider (libqie_ep.so, built against the API-27 headers; ORT >= 1.27).
 //
 // First level (issue 13): every QDQ unit DequantizeLinear(x) -> MatMul(., DequantizeLinear(W)) -> QuantizeLinear
-// with W a constant 2-D initializer is claimed as one fused node and computed in the integer domain by qie's
-// GEMM kernels: W packed once at Compile, y = saturate(round_half_even(float(acc) * (sx * sw[n] / sy)) + zy),
-// exactly what ORT's QLinearMatMul computes for the same unit (and within one step of the float DQ -> MatMul -> Q
-// semantics, which round the float product instead). A unit qie cannot prove it computes exactly (other dtypes,
+// with W a constant 2-D initializer, and every Gemm unit of the same shape (alpha = beta = 1, no transA, transB
+// packed as such, C a DequantizeLinear'd int32 bias of scale sx * sw[n]), is claimed as one fused node and
+// computed in the integer domain by qie's GEMM kernels: W packed once at Compile,
+// y = saturate(round_half_even(float(acc + bias[n]) * (sx * sw[n] / sy)) + zy), exactly what ORT's
+// QLinearMatMul / QGemm compute for the same unit (and within one step of the float DQ -> op -> Q semantics,
+// which round the float product instead). A unit qie cannot prove it computes exactly (other dtypes,
 // non-constant scales or zero points, blocked quantization, shared intermediate values, graph outputs in the
 // middle) is left to ORT; GetCapability never guesses.
 #include <onnxruntime_c_api.h>  // includes onnxruntime_ep_c_api.h
@@ -156,6 +158,21 @@ int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) {
   return v;
 }
 
+// Float attribute `name` of node `n`, or `dflt` when absent.
+float AttrFloat(const OrtNode* n, const char* name, float dflt) {
+  const OrtOpAttr* a = nullptr;
+  OrtStatus* st = g_api->Node_GetAttributeByName(n, name, &a);
+  if (st) {
+    g_api->ReleaseStatus(st);
+    return dflt;
+  }
+  if (!a) return dflt;
+  float v = dflt;
+  size_t size = 0;
+  Check(g_api->ReadOpAttr(a, ORT_OP_ATTR_FLOAT, &v, sizeof(v), &size));
+  return v;
+}
+
 bool IsQ8(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
 }
@@ -166,15 +183,24 @@ int32_t Zp(const Constant& c, size_t i) {
 
 // ---- the QDQ MatMul unit ----------------------------------------------------------------------------------
 
-// A matched unit: the four nodes, and what Compile needs (read again from the fused graph there).
+// A matched unit: its nodes (the op is MatMul, or Gemm with an optional DequantizeLinear'd int32 bias).
 struct MatMulUnit {
-  const OrtNode *dq_x = nullptr, *dq_w = nullptr, *matmul = nullptr, *q = nullptr;
+  const OrtNode *dq_x = nullptr, *dq_w = nullptr, *matmul = nullptr, *q = nullptr, *dq_bias = nullptr;
+  bool trans_b = false;
+  std::vector<const OrtNode*> Nodes() const {
+    std::vector<const OrtNode*> v = {dq_x, dq_w};
+    if (dq_bias) v.push_back(dq_bias);
+    v.push_back(matmul);
+    v.push_back(q);
+    return v;
+  }
 };
 
-// DequantizeLinear node producing `vi` with a per-tensor (or, when `per_column_n` > 0, per-column along axis
-// 1 of a 2-D input) float32 scale and a matching zero point, all constant except the data when `data_runtime`.
+// DequantizeLinear node producing `vi` with a per-tensor (or, when `per_column_n` > 0, per-channel along
+// `channel_axis` of a 2-D input) float32 scale and a matching zero point, all constant except the data when
+// `data_runtime`.
 bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n, Constant* data, Constant* scale,
-                Constant* zp, ONNXTensorElementDataType* data_type) {
+                Constant* zp, ONNXTensorElementDataType* data_type, int64_t channel_axis = 1) {
   if (!dq || OpType(dq) != "DequantizeLinear" || !Domain(dq).empty()) return false;
   if (AttrInt(dq, "block_size", 0) != 0) return false;
   const auto in = Inputs(dq);
@@ -192,7 +218,7 @@ bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n, Const
   if (ns != 1 && !(per_column_n && ns == per_column_n)) return false;
   if (ns > 1) {
     const int64_t axis = AttrInt(dq, "axis", 1);
-    if (axis != 1 && axis != -1) return false;
+    if (axis != channel_axis && axis != channel_axis - 2) return false;
   }
   if (const OrtValueInfo* z = Input(in, 2)) {
     if (!ReadConstant(z, zp) || zp->type != *data_type || zp->count() != ns) return false;
@@ -203,16 +229,58 @@ bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n, Const
   return true;
 }
 
-bool MatchMatMulUnit(const OrtNode* mm, MatMulUnit* u) {
-  if (OpType(mm) != "MatMul" || !Domain(mm).empty()) return false;
-  const auto in = Inputs(mm);
-  const auto out = Outputs(mm);
-  if (in.size() != 2 || out.size() != 1 || !in[0] || !in[1]) return false;
+// Gemm's C as DequantizeLinear(int32 bias [N], scale == sx * sw[n] in float32, zero point 0): the int32 bias the
+// integer accumulator takes (what ORT's QGemm does with it). Fills `bias`; false for any other C.
+bool GemmBias(const OrtNode* dq_b, size_t n, const Constant& sx, const Constant& sw, std::vector<int32_t>* bias) {
+  if (!dq_b || OpType(dq_b) != "DequantizeLinear" || !Domain(dq_b).empty()) return false;
+  const auto in = Inputs(dq_b);
+  Constant b, sb, zb;
+  if (in.size() < 2 || !ReadConstant(in[0], &b) || b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || b.count() != n)
+    return false;
+  if (!ReadConstant(in[1], &sb) || sb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+      (sb.count() != 1 && sb.count() != n))
+    return false;
+  if (const OrtValueInfo* z = Input(in, 2)) {
+    if (!ReadConstant(z, &zb) || zb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) return false;
+    for (size_t i = 0; i < zb.count(); ++i)
+      if (static_cast<const int32_t*>(zb.data)[i] != 0) return false;
+  }
+  const float fsx = static_cast<const float*>(sx.data)[0];
+  for (size_t j = 0; j < n; ++j) {
+    const float want = fsx * static_cast<const float*>(sw.data)[sw.count() == 1 ? 0 : j];
+    if (static_cast<const float*>(sb.data)[sb.count() == 1 ? 0 : j] != want) return false;
+  }
+  bias->assign(static_cast<const int32_t*>(b.data), static_cast<const int32_t*>(b.data) + n);
+  return true;
+}
+
+// The unit's operands, read from the graph (GetCapability) or from the fused graph (Compile).
+struct UnitOperands {
+  Constant w, sw, zw, sx, zx, sy, zy;
+  ONNXTensorElementDataType wt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, xt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  size_t K = 0, N = 0;
+  std::vector<int32_t> bias;
+};
+
+bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
+  const std::string type = OpType(op);
+  const bool gemm = type == "Gemm";
+  if ((type != "MatMul" && !gemm) || !Domain(op).empty()) return false;
+  const auto in = Inputs(op);
+  const auto out = Outputs(op);
+  if (out.size() != 1 || in.size() < 2 || in.size() > (gemm ? 3u : 2u) || !in[0] || !in[1]) return false;
+  const bool has_c = gemm && Input(in, 2) != nullptr;
+  if (gemm && (AttrInt(op, "transA", 0) != 0 || AttrFloat(op, "alpha", 1.0f) != 1.0f ||
+               (has_c && AttrFloat(op, "beta", 1.0f) != 1.0f)))
+    return false;
+  const bool trans_b = gemm && AttrInt(op, "transB", 0) != 0;
   if (IsGraphOutput(out[0]) || Consumers(out[0]) != 1) return false;
   const OrtNode* dq_x = Producer(in[0]);
   const OrtNode* dq_w = Producer(in[1]);
+  const OrtNode* dq_b = has_c ? Producer(in[2]) : nullptr;
   if (!dq_x || !dq_w || Consumers(in[0]) != 1 || Consumers(in[1]) != 1 || IsGraphOutput(in[0]) || IsGraphOutput(in[1]))
     return false;
+  if (has_c && (!dq_b || Consumers(in[2]) != 1 || IsGraphOutput(in[2]))) return false;
   // The consumer: one QuantizeLinear.
   size_t nc = 1;
   std::vector<const OrtNode*> consumers(nc);
@@ -221,23 +289,26 @@ bool MatchMatMulUnit(const OrtNode* mm, MatMulUnit* u) {
   const OrtNode* q = consumers[0];
   if (!q || OpType(q) != "QuantizeLinear" || !Domain(q).empty() || idx[0] != 0) return false;
   if (AttrInt(q, "block_size", 0) != 0 || AttrInt(q, "saturate", 1) != 1) return false;
-  Constant w, sw, zw, sx, zx, unused;
-  ONNXTensorElementDataType wt, xt;
+  Constant unused;
   const auto win = Inputs(dq_w);
-  if (win.empty() || !ReadConstant(win[0], &w) || w.shape.size() != 2) return false;
-  if (!DqOperands(dq_w, false, static_cast<size_t>(w.shape[1]), &w, &sw, &zw, &wt)) return false;
-  if (!DqOperands(dq_x, true, 0, &unused, &sx, &zx, &xt)) return false;
+  if (win.empty() || !ReadConstant(win[0], &o->w) || o->w.shape.size() != 2) return false;
+  o->K = static_cast<size_t>(o->w.shape[trans_b ? 1 : 0]);
+  o->N = static_cast<size_t>(o->w.shape[trans_b ? 0 : 1]);
+  if (!DqOperands(dq_w, false, o->N, &o->w, &o->sw, &o->zw, &o->wt, trans_b ? 0 : 1)) return false;
+  if (!DqOperands(dq_x, true, 0, &unused, &o->sx, &o->zx, &o->xt)) return false;
+  if (has_c && !GemmBias(dq_b, o->N, o->sx, o->sw, &o->bias)) return false;
   const auto qin = Inputs(q);
-  Constant sy, zy;
-  if (qin.size() < 3 || !ReadConstant(qin[1], &sy) || sy.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
-      sy.count() != 1 || !ReadConstant(Input(qin, 2), &zy) || !IsQ8(zy.type) || zy.count() != 1)
+  if (qin.size() < 3 || !ReadConstant(qin[1], &o->sy) || o->sy.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+      o->sy.count() != 1 || !ReadConstant(Input(qin, 2), &o->zy) || !IsQ8(o->zy.type) || o->zy.count() != 1)
     return false;
-  if (!(std::isfinite(static_cast<const float*>(sy.data)[0]) && static_cast<const float*>(sy.data)[0] != 0.0f))
-    return false;
+  const float sy = static_cast<const float*>(o->sy.data)[0];
+  if (!(std::isfinite(sy) && sy != 0.0f)) return false;
   u->dq_x = dq_x;
   u->dq_w = dq_w;
-  u->matmul = mm;
+  u->dq_bias = dq_b;
+  u->matmul = op;
   u->q = q;
+  u->trans_b = trans_b;
   return true;
 }
 
@@ -253,6 +324,8 @@ struct CompiledMatMul {
   std::vector<float> mult;  // (sx * sw[n]) / sy, in float32 as ORT evaluates it
   qie::OutKind kind = qie::OutKind::kU8;
   int32_t zy = 0;
+  std::vector<int32_t> bias;  // Gemm's C, per column (empty: none)
+  bool gemm = false;          // Gemm: x must be 2-D
   std::string x_name;
 };
 
@@ -270,8 +343,9 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     if (!st && rank) st = g_api->GetDimensions(info, shape.data(), rank);
     g_api->ReleaseTensorTypeAndShapeInfo(info);
     Check(st);
-    if (rank == 0 || shape.back() != static_cast<int64_t>(c.K))
-      throw Failure{"input '" + c.x_name + "' must end in K=" + std::to_string(c.K)};
+    if (rank == 0 || shape.back() != static_cast<int64_t>(c.K) || (c.gemm && rank != 2))
+      throw Failure{"input '" + c.x_name + "' must be " + (c.gemm ? "2-D " : "") +
+                    "with last dimension K=" + std::to_string(c.K)};
     size_t rows = 1;
     for (size_t d = 0; d + 1 < rank; ++d) rows *= static_cast<size_t>(shape[d]);
     std::vector<int64_t> out_shape = shape;
@@ -296,6 +370,11 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.a_signed = c.x_signed;
     g.za = &c.zx;
     g.zb = c.zw.data();
+    if (!c.bias.empty()) {
+      g.bias = c.bias.data();
+      g.bias_rs = 0;
+      g.bias_cs = 1;
+    }
     g.kind = c.kind;
     g.scale = c.mult.data();
     g.y_zp = c.zy;
@@ -318,39 +397,33 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   Check(g_api->Graph_GetNumNodes(graph, &n));
   std::vector<const OrtNode*> nodes(n);
   Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
-  const OrtNode* mm = nullptr;
+  const OrtNode* op = nullptr;
   for (const OrtNode* node : nodes)
-    if (OpType(node) == "MatMul") mm = node;
-  if (!mm) throw Failure{"fused graph has no MatMul"};
+    if (OpType(node) == "MatMul" || OpType(node) == "Gemm") op = node;
+  if (!op) throw Failure{"fused graph has no MatMul or Gemm"};
   MatMulUnit u;
-  if (!MatchMatMulUnit(mm, &u)) throw Failure{"fused graph is not the unit GetCapability claimed"};
-  Constant w, sw, zw, sx, zx, unused, sy, zy;
-  ONNXTensorElementDataType wt, xt;
-  const auto win = Inputs(u.dq_w);
-  if (!ReadConstant(win[0], &w) || w.shape.size() != 2) throw Failure{"weights are not a 2-D constant"};
-  if (!DqOperands(u.dq_w, false, static_cast<size_t>(w.shape[1]), &w, &sw, &zw, &wt) ||
-      !DqOperands(u.dq_x, true, 0, &unused, &sx, &zx, &xt))
-    throw Failure{"operands changed since GetCapability"};
-  const auto qin = Inputs(u.q);
-  ReadConstant(qin[1], &sy);
-  ReadConstant(qin[2], &zy);
-  c->K = static_cast<size_t>(w.shape[0]);
-  c->N = static_cast<size_t>(w.shape[1]);
+  UnitOperands o;
+  if (!MatchUnit(op, &u, &o)) throw Failure{"fused graph is not the unit GetCapability claimed"};
+  c->K = o.K;
+  c->N = o.N;
+  c->gemm = OpType(op) == "Gemm";
   c->uk = &qie::GetMicroKernel(qie::ActiveIsa());
-  qie::PackB(*c->uk, static_cast<const uint8_t*>(w.data), wt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, c->K, c->N,
-             static_cast<ptrdiff_t>(c->N), 1, &c->packed);
-  c->x_signed = xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  c->zx = zx.data ? Zp(zx, 0) : 0;
+  const auto ld = static_cast<ptrdiff_t>(u.trans_b ? c->K : c->N);
+  qie::PackB(*c->uk, static_cast<const uint8_t*>(o.w.data), o.wt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, c->K, c->N,
+             u.trans_b ? 1 : ld, u.trans_b ? ld : 1, &c->packed);
+  c->x_signed = o.xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  c->zx = o.zx.data ? Zp(o.zx, 0) : 0;
   c->zw.resize(c->N);
   c->mult.resize(c->N);
-  const float fsx = static_cast<const float*>(sx.data)[0], fsy = static_cast<const float*>(sy.data)[0];
+  const float fsx = static_cast<const float*>(o.sx.data)[0], fsy = static_cast<const float*>(o.sy.data)[0];
   for (size_t j = 0; j < c->N; ++j) {
-    const size_t i = sw.count() == 1 ? 0 : j;
-    c->zw[j] = zw.data ? Zp(zw, i) : 0;
-    c->mult[j] = (fsx * static_cast<const float*>(sw.data)[i]) / fsy;
+    const size_t i = o.sw.count() == 1 ? 0 : j;
+    c->zw[j] = o.zw.data ? Zp(o.zw, i) : 0;
+    c->mult[j] = (fsx * static_cast<const float*>(o.sw.data)[i]) / fsy;
   }
-  c->kind = zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
-  c->zy = Zp(zy, 0);
+  c->bias = o.bias;
+  c->kind = o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
+  c->zy = Zp(o.zy, 0);
   const auto fin = Inputs(fused);
   if (fin.empty()) throw Failure{"fused node has no input"};
   c->x_name = Name(fin[0]);
@@ -387,21 +460,22 @@ struct QieEp : OrtEp {
           // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
           // creation never is.
           MatMulUnit u;
+          UnitOperands o;
           bool taken = false;
           try {
-            if (!MatchMatMulUnit(node, &u)) continue;
-            for (const OrtNode* m : {u.dq_x, u.dq_w, u.matmul, u.q}) {
+            if (!MatchUnit(node, &u, &o)) continue;
+            for (const OrtNode* m : u.Nodes()) {
               const char* e = nullptr;
               Check(g_api->Node_GetEpName(m, &e));
               taken = taken || (e && *e);  // already assigned (GetCapability may run again)
             }
           } catch (const Failure&) { continue; }
           if (taken) continue;
-          const OrtNode* group[] = {u.dq_x, u.dq_w, u.matmul, u.q};
+          const std::vector<const OrtNode*> group = u.Nodes();
           OrtNodeFusionOptions opts{};
           opts.ort_version_supported = ORT_API_VERSION;
           opts.drop_constant_initializers = true;  // weights and scales are read at Compile
-          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group, 4, &opts));
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_claimed.fetch_add(1);
         }
       });
