@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.py", "tests/kernels/test_rounding_ties.py",
          "tests/ort/test_gemm_ops.py",
-         "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py"]
+         "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
+         "tests/ort/test_ep.py"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ MUTATIONS = [
              "rows = std::min(mr, M - m0), row0", "rows = std::min(mr, M - m0) - (M - m0 < mr && M - m0 > 1), row0"),
     Mutation("column tiles write one column past the right edge", "kernels/gemm_driver.cc",
              "cols = std::min(nr, N - n0);", "cols = std::min(nr, N - n0 + 1);"),
+    # the execution provider's units
+    Mutation("EP multiplier uses the first weight scale", "ep/qie_ep.cc",
+             "(fsx * static_cast<const float*>(o.sw.data)[i]) / fsy", "(fsx * static_cast<const float*>(o.sw.data)[0]) / fsy"),
+    Mutation("EP drops the Gemm bias", "ep/qie_ep.cc", "g.bias = c.bias.data();", "g.bias = nullptr;"),
     # dispatch
     Mutation("AVX-512 VNNI never detected", "kernels/dispatch.cc",
              '__builtin_cpu_supports("avx512vnni");', '__builtin_cpu_supports("avx512vnni") && false;'),
