@@ -169,13 +169,19 @@ def scale(rng, count=0):
     return np.asarray(rng.uniform(0.001, 0.05, (count,)) if count else rng.uniform(0.001, 0.05), np.float32)
 
 
-@st.composite
-def qlinear_matmul(draw):
+def matmul_case(draw, op, domain=""):
+    """(rng, the Case with A fed, B, whether B is constant, N, per-column) for a matmul-shaped op."""
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
     a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng)
-    c = Case("QLinearMatMul")
+    c = Case(op, domain)
     c.k_zero = k0
     c.feed("a", a, decl, alt)
+    return rng, c, a, b, b_const, n, per_col
+
+
+@st.composite
+def qlinear_matmul(draw):
+    rng, c, a, b, b_const, n, per_col = matmul_case(draw, "QLinearMatMul")
     c.const("sa", scale(rng))
     c.const("za", zp(rng, a.dtype.type, 1))
     c.weight("b", b, b_const)
@@ -188,11 +194,7 @@ def qlinear_matmul(draw):
 
 @st.composite
 def matmul_integer(draw):
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng)
-    c = Case("MatMulInteger")
-    c.k_zero = k0
-    c.feed("a", a, decl, alt)
+    rng, c, a, b, b_const, n, per_col = matmul_case(draw, "MatMulInteger")
     c.weight("b", b, b_const)
     which = draw(st.sampled_from(["none", "a", "b", "both"]))
     if which == "none":
@@ -208,11 +210,7 @@ def matmul_integer(draw):
 
 @st.composite
 def matmul_integer_to_float(draw):
-    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
-    a, alt, decl, b, b_const, n, per_col, k0 = matmul_operands(draw, rng)
-    c = Case("MatMulIntegerToFloat", "com.microsoft")
-    c.k_zero = k0
-    c.feed("a", a, decl, alt)
+    rng, c, a, b, b_const, n, per_col = matmul_case(draw, "MatMulIntegerToFloat", "com.microsoft")
     c.weight("b", b, b_const)
     c.const("sa", scale(rng))
     c.const("sb", scale(rng, n if per_col else 0))

@@ -60,19 +60,20 @@ std::string Domain(const OrtNode* n) {
   Check(g_api->Node_GetDomain(n, &s));
   return s ? s : "";
 }
-std::vector<const OrtValueInfo*> Inputs(const OrtNode* n) {
+// A node's inputs or outputs through the API's count / fill pair.
+template <class Count, class Fill>
+std::vector<const OrtValueInfo*> ValueInfos(const OrtNode* n, Count count, Fill fill) {
   size_t k = 0;
-  Check(g_api->Node_GetNumInputs(n, &k));
+  Check(count(n, &k));
   std::vector<const OrtValueInfo*> v(k);
-  if (k) Check(g_api->Node_GetInputs(n, v.data(), k));
+  if (k) Check(fill(n, v.data(), k));
   return v;
 }
+std::vector<const OrtValueInfo*> Inputs(const OrtNode* n) {
+  return ValueInfos(n, g_api->Node_GetNumInputs, g_api->Node_GetInputs);
+}
 std::vector<const OrtValueInfo*> Outputs(const OrtNode* n) {
-  size_t k = 0;
-  Check(g_api->Node_GetNumOutputs(n, &k));
-  std::vector<const OrtValueInfo*> v(k);
-  if (k) Check(g_api->Node_GetOutputs(n, v.data(), k));
-  return v;
+  return ValueInfos(n, g_api->Node_GetNumOutputs, g_api->Node_GetOutputs);
 }
 const OrtNode* Producer(const OrtValueInfo* vi) {
   const OrtNode* n = nullptr;
@@ -143,35 +144,23 @@ ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
   Check(g_api->GetTensorElementType(tsi, &t));
   return t;
 }
-// Integer attribute `name` of node `n`, or `dflt` when absent.
-int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) {
+// Attribute `name` of node `n` read as `type` (ORT_OP_ATTR_INT into int64_t, ORT_OP_ATTR_FLOAT into float), or
+// `dflt` when the node has no such attribute. A wrong type is an error (the unit is then left to ORT).
+template <class T>
+T Attr(const OrtNode* n, const char* name, OrtOpAttrType type, T dflt) {
   const OrtOpAttr* a = nullptr;
-  OrtStatus* st = g_api->Node_GetAttributeByName(n, name, &a);
-  if (st) {  // not found
+  if (OrtStatus* st = g_api->Node_GetAttributeByName(n, name, &a)) {  // not found
     g_api->ReleaseStatus(st);
     return dflt;
   }
   if (!a) return dflt;
-  int64_t v = dflt;
+  T v = dflt;
   size_t size = 0;
-  Check(g_api->ReadOpAttr(a, ORT_OP_ATTR_INT, &v, sizeof(v), &size));
+  Check(g_api->ReadOpAttr(a, type, &v, sizeof(v), &size));
   return v;
 }
-
-// Float attribute `name` of node `n`, or `dflt` when absent.
-float AttrFloat(const OrtNode* n, const char* name, float dflt) {
-  const OrtOpAttr* a = nullptr;
-  OrtStatus* st = g_api->Node_GetAttributeByName(n, name, &a);
-  if (st) {
-    g_api->ReleaseStatus(st);
-    return dflt;
-  }
-  if (!a) return dflt;
-  float v = dflt;
-  size_t size = 0;
-  Check(g_api->ReadOpAttr(a, ORT_OP_ATTR_FLOAT, &v, sizeof(v), &size));
-  return v;
-}
+int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) { return Attr(n, name, ORT_OP_ATTR_INT, dflt); }
+float AttrFloat(const OrtNode* n, const char* name, float dflt) { return Attr(n, name, ORT_OP_ATTR_FLOAT, dflt); }
 
 bool IsQ8(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
