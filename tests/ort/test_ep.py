@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import qie_ep
-from helpers import OPT_LEVELS, assert_exact
+from helpers import COMPARE_BUILTIN, OPT_LEVELS, assert_exact
 from qie_ep import reference as R
 from qie_ep.session import options, session
 
@@ -92,6 +92,8 @@ def test_qdq_matmul_unit_is_claimed_and_exact(level, xdt, wdt, ydt, per_column):
         x = rand(rng, xdt, (batch, 5, 67))
         got = sess.run(None, {"x": x})[0]
         assert_exact(got, reference(x, ops), f"(qie EP, level={level}, batch={batch})")
+        if not COMPARE_BUILTIN:  # under valgrind ORT's own u8s8 kernels saturate (see helpers.py)
+            continue
         want = plain.run(None, {"x": x})[0]
         diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
         if level in ("extended", "all"):  # ORT's own QLinearMatMul: the same integer arithmetic
@@ -236,6 +238,8 @@ def test_qdq_gemm_unit(level, trans_b, with_bias, per_column):
         x = rand(rng, np.uint8, (m, 45))
         got = sess.run(None, {"x": x})[0]
         assert_exact(got, want(x), f"(qie EP, level={level}, m={m})")
+        if not COMPARE_BUILTIN:
+            continue
         diff = np.abs(got.astype(np.int32) - plain.run(None, {"x": x})[0].astype(np.int32))
         assert diff.max(initial=0) <= (0 if level == "all" else 1), (level, diff.max())
 
