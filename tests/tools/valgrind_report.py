@@ -2,7 +2,8 @@
 
 Python, numpy and ORT raise thousands of reports of their own under memcheck (CPython's allocator
 tricks, MLAS's vector loads past the end of aligned buffers, ...); none of them is qie's to fix, so only
-errors whose stack passes through ``libqie_ort.so`` count. Each is printed with its stack.
+errors whose stack passes through one of qie's libraries (``libqie_ort.so``, ``libqie_ep.so``,
+``libqie_testing.so``) count. Each is printed with its stack.
 
     python tests/tools/valgrind_report.py build/valgrind/vg-*.xml
 """
@@ -12,7 +13,7 @@ import collections
 import sys
 import xml.etree.ElementTree as ET
 
-LIB = "libqie_ort"
+LIB = "libqie_"  # libqie_ort.so, libqie_ep.so, libqie_testing.so
 
 
 def frames(err) -> list[str]:
