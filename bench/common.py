@@ -28,10 +28,11 @@ def read_csv(name: str) -> list[dict]:
         return [{k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def session(model_bytes: bytes, qie: bool, threads: int) -> ort.InferenceSession:
+def session(model_bytes: bytes, qie: bool, threads: int, ep: bool | None = None) -> ort.InferenceSession:
+    """``qie``: with ``qie_ep.register`` (``ep``: its execution provider too; None = wherever available)."""
     # Both sessions live in one process and are run alternately: a spinning idle worker of one would
     # steal the second core from the other, so neither spins.
-    return qie_session(model_bytes, qie=qie, threads=threads, spinning=False)
+    return qie_session(model_bytes, qie=qie, threads=threads, spinning=False, ep=ep)
 
 
 def interleaved_median(sessions: list, feeds: dict, runs: int = 25, min_time: float = 0.2) -> list[float]:

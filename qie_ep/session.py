@@ -12,12 +12,13 @@ LEVELS = ("disable", "basic", "extended", "all")
 
 
 def options(*, qie: bool = False, level: str = "all", threads: int | None = None, arena: bool = True,
-            log_level: int | None = None, spinning: bool | None = None, profile_dir: str | None = None):
+            log_level: int | None = None, spinning: bool | None = None, profile_dir: str | None = None,
+            ep: bool | None = None):
     """``onnxruntime.SessionOptions``: optimization ``level`` (one of LEVELS), ``threads`` intra-op threads
     (None: ORT's default) and one inter-op thread, ``arena=False`` for one allocation per buffer (memory
     checks), ``log_level`` ORT's ``log_severity_level`` (3: errors only, 4: fatal only), ``spinning=False`` so idle
     pool threads sleep (timed runs beside other runtimes), ORT's profiler writing into ``profile_dir``,
-    and qie registered when ``qie``."""
+    and qie registered when ``qie`` (``ep`` as ``qie_ep.register`` takes it: None = wherever available)."""
     import onnxruntime as ort
 
     import qie_ep
@@ -39,7 +40,7 @@ def options(*, qie: bool = False, level: str = "all", threads: int | None = None
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(profile_dir, "profile")
     if qie:
-        qie_ep.register(so)
+        qie_ep.register(so, ep=ep)
     return so
 
 
