@@ -45,11 +45,8 @@ def register(sess_options, ep: bool | None = None) -> None:
     sess_options.register_custom_ops_library(library_path())
     if ep is None:
         ep = ep_available()
-    if ep:
-        devices = _ep_devices()
-        if _has_config(sess_options):
-            return
-        sess_options.add_provider_for_devices(devices, {})
+    if ep and not _has_config(sess_options):
+        sess_options.add_provider_for_devices(_ep_devices(), {})
         sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
 
 

@@ -94,3 +94,9 @@ def atomic_output(path: str | os.PathLike):
         # ORT's quantizer may write external data next to its output; a failed run leaves none.
         for extra in tmp_path.parent.glob(tmp_path.name + ".data"):
             extra.unlink(missing_ok=True)
+
+
+def model_size_mb(path: str | os.PathLike) -> float:
+    """Size of an ONNX model file in MB, with the external-data file ORT's quantizer may write beside it."""
+    p = Path(path)
+    return sum(f.stat().st_size for f in [p, *p.parent.glob(p.name + ".data")] if f.exists()) / 2**20

@@ -21,7 +21,6 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -296,16 +295,13 @@ def latency_stats(times: list[list[float]]) -> dict:
             "throughput": n / float(np.median(passes)) if n else 0.0}
 
 
-def _mb(path) -> float:
-    p = Path(path)
-    return sum(f.stat().st_size for f in [p, *p.parent.glob(p.name + ".data")] if f.exists()) / 2**20
-
 
 def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
     """One summary row per host (``hosts.run_hosts``' result): latency, agreement with ``ref`` (FP32's
     float outputs per feed), size, memory, ``accuracy(outputs, host)`` when given, kernels, and the
     speed-up in throughput over the FP32 host when it ran."""
     from qie_ep.quantization.metrics import agreement
+    from qie_ep.files import model_size_mb
     from qie_ep.session import float_outputs
 
     rows = []
@@ -316,7 +312,7 @@ def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
             continue
         row.update(latency_stats(h.times))
         row.update(agreement(ref, [float_outputs(o) for o in h.outputs]))
-        row["size_mb"] = _mb(h.model_path)
+        row["size_mb"] = model_size_mb(h.model_path)
         row["mem_mb"] = h.memory.get("peak_mb", 0) - h.memory.get("base_mb", 0)
         row["mem_steady_state"] = bool(h.memory.get("peak_reset"))  # False: the peak includes loading
         row["accuracy"] = accuracy(h.outputs, h) if accuracy else None

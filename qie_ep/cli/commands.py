@@ -11,7 +11,7 @@ import onnx
 
 from qie_ep.quantization import data as D
 from qie_ep.errors import UserError
-from qie_ep.files import atomic_output, check_distinct, check_loadable, check_writable, load_model
+from qie_ep.files import atomic_output, check_distinct, check_loadable, check_writable, load_model, model_size_mb
 from qie_ep.hosts import cpu_model, host_rows
 from qie_ep.quantization.config import QuantizeConfig
 from qie_ep.quantization.metrics import task_accuracy
@@ -49,10 +49,6 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def _mb(path) -> float:
-    p = Path(path)
-    return sum(f.stat().st_size for f in [p, *p.parent.glob(p.name + ".data")] if f.exists()) / 2**20
-
 
 def quantize(args) -> int:
     check_distinct(input_model=args.model, output_model=args.output, report=args.report)
@@ -71,7 +67,7 @@ def quantize(args) -> int:
     print(f"wrote {args.output}: {kind}, {'per-channel' if cfg.per_channel else 'per-tensor'} "
           f"{cfg.weight_type} weights, {res['layers'] - len(res['kept_float'])} of {res['layers']} layers quantized "
           f"({time.perf_counter() - t0:.1f} s)")
-    print(f"size: {_mb(args.model):.1f} MB -> {_mb(args.output):.1f} MB")
+    print(f"size: {model_size_mb(args.model):.1f} MB -> {model_size_mb(args.output):.1f} MB")
     if "agreement" in res:
         a = res["agreement"]
         print(f"output agreement with FP32 on the calibration data: cosine {a['cos_mean']:.4f} (min {a['cos_min']:.4f}), "
