@@ -32,27 +32,36 @@ _EP_REGISTERED_KEY = "qie.ep_added"
 def register(sess_options, ep: bool | None = None) -> None:
     """Register qie with an ``onnxruntime.SessionOptions``.
 
-    The custom-op library: sessions created with these options run QLinearMatMul, MatMulInteger,
-    QLinearConv, ConvInteger and the com.microsoft QGemm, QLinearConv (NHWC), MatMulIntegerToFloat and
-    DynamicQuantizeMatMul nodes on qie, at every graph optimization level (``ops()`` lists them).
+    ``ep`` (default: wherever ``ep_available()``) adds qie's plugin execution provider ahead of the CPU EP:
+    it claims whole QDQ units and regions (DequantizeLinear -> MatMul / Gemm / Conv -> QuantizeLinear, and
+    chains of convolutions and activations joined by QuantizeLinear -> DequantizeLinear pairs) and runs them
+    in the integer domain before ORT's own QDQ fusions (``ep_stats()`` counts what it took; ``stats()`` lists
+    its runs under (EP_NAME, ...)). ``ep=True`` where it is not available is an error.
 
-    ``ep`` (default: wherever ``ep_available()``) also adds qie's plugin execution provider ahead of the CPU
-    EP: it claims whole QDQ units (DequantizeLinear -> MatMul or Gemm -> QuantizeLinear, constant weights) and
-    runs them in the integer domain, before ORT's own QDQ fusions (``ep_stats()`` counts what it took;
-    ``stats()`` lists its runs under (EP_NAME, "QDQ GEMM")). ``ep=True`` where it is not available is an
-    error; ``ep=False`` keeps to the custom ops. Registering twice on the same options is a no-op.
+    The custom-op library is registered too: sessions run the ONNX-domain QLinearMatMul, MatMulInteger,
+    QLinearConv and ConvInteger nodes the EP does not take on qie, at every graph optimization level. Without
+    the EP (``ep=False``, or ONNX Runtime < 1.27) it also registers the com.microsoft QGemm, QLinearConv (NHWC),
+    MatMulIntegerToFloat and DynamicQuantizeMatMul; with the EP it does not, because a custom com.microsoft
+    domain breaks ORT's own contrib fusions in models that do not import it (see ``with_contrib_opset``).
+    Registering twice on the same options is a no-op.
     """
-    sess_options.register_custom_ops_library(library_path())
     if ep is None:
         ep = ep_available()
-    if ep and not _has_config(sess_options):
+    if not _has_config(sess_options, _CUSTOM_OPS_KEY):
+        sess_options.add_session_config_entry(_CONTRIB_KEY, "0" if ep else "1")
+    sess_options.register_custom_ops_library(library_path())
+    if ep and not _has_config(sess_options, _EP_REGISTERED_KEY):
         sess_options.add_provider_for_devices(_ep_devices(), {})
         sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
 
 
-def _has_config(so) -> bool:
+_CUSTOM_OPS_KEY = "qie.custom_ops_registered"  # set by the library (register.cc)
+_CONTRIB_KEY = "qie.contrib_ops"
+
+
+def _has_config(so, key: str) -> bool:
     try:
-        return bool(so.get_session_config_entry(_EP_REGISTERED_KEY))
+        return bool(so.get_session_config_entry(key))
     except Exception:  # noqa: BLE001 - ORT raises when the entry is absent
         return False
 
@@ -101,11 +110,13 @@ def ep_stats() -> dict:
 def with_contrib_opset(model):
     """Return ``model`` (an ``onnx.ModelProto``) importing the ``com.microsoft`` opset (version 1).
 
-    Needed at ORT_ENABLE_EXTENDED / ORT_ENABLE_ALL for models that do not import that opset and in
-    which ORT's optimizer creates other com.microsoft nodes (e.g. Gelu, FastGelu in transformers):
-    once a library registers com.microsoft kernels, ORT 1.31 resolves those fused nodes only when the
-    model imports the domain ("com.microsoft:Gelu(-1) is not a registered function/op" otherwise).
-    A model that already imports the domain is returned unchanged.
+    Needed only without qie's execution provider (``register(so, ep=False)`` or ONNX Runtime < 1.27), at
+    ORT_ENABLE_EXTENDED / ORT_ENABLE_ALL, for models that do not import that opset and in which ORT's
+    optimizer creates com.microsoft nodes (e.g. Gelu, QLinearSoftmax): once a library registers
+    com.microsoft kernels, ORT 1.31 resolves those fused nodes only when the model imports the domain
+    ("com.microsoft:Gelu(-1) is not a registered function/op" otherwise). With the EP, ``register`` adds no
+    com.microsoft kernels and no model needs this. A model that already imports the domain is returned
+    unchanged.
     """
     import onnx.helper
 

@@ -126,15 +126,17 @@ def single_node_model(op, inputs, initializers, out_dtype, domain="", attrs=None
     return model
 
 
-def session(model, qie=True, level="all", threads=1, arena=True, quiet=False):
+def session(model, qie=True, level="all", threads=1, arena=True, quiet=False, ep=False):
     """An InferenceSession on the CPU EP; ``arena=False`` puts every buffer in its own allocation, so a
-    write past one is not hidden in the arena's slack (reliability and fuzz tests, ASan)."""
+    write past one is not hidden in the arena's slack (reliability and fuzz tests, ASan). With ``qie``, the
+    custom-op library alone by default (every op it registers, com.microsoft's too, as on ORT builds without
+    the EP API); ``ep=None`` is what ``qie_ep.register(so)`` does (the EP wherever available)."""
     return qie_session(model, qie=qie, level=level, threads=threads, arena=arena and not NO_ARENA,
-                       log_level=4 if quiet else None)
+                       log_level=4 if quiet else None, ep=ep)
 
 
-def run(model, feeds, qie=True, level="all", threads=1):
-    return session(model, qie, level, threads).run(None, feeds)
+def run(model, feeds, qie=True, level="all", threads=1, ep=False):
+    return session(model, qie, level, threads, ep=ep).run(None, feeds)
 
 
 def assert_exact(got, want, context=""):

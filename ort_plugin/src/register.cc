@@ -238,6 +238,11 @@ Domains g_domains;
 // Set in a SessionOptions once qie's ops are in it: a second registration (which ORT would turn into
 // "Domain already set in registry" at every session creation) is then a no-op.
 constexpr const char* kRegisteredKey = "qie.custom_ops_registered";
+// Set to "0" by qie_ep.register when qie's execution provider is added: the library then registers no
+// com.microsoft domain. ORT registers a custom domain at opset 1000, and a model that does not import
+// com.microsoft then fails to resolve the com.microsoft nodes ORT's own fusions create (Gelu,
+// QLinearSoftmax, ...): with the EP taking the QDQ units, only the ONNX-domain ops stay custom.
+constexpr const char* kContribKey = "qie.contrib_ops";
 }  // namespace
 }  // namespace qie
 
@@ -265,7 +270,18 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (registered) return nullptr;
   if (OrtStatus* st = qie::g_domains.Make(api)) return st;
   if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.onnx)) return st;
-  if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.ms)) return st;
+  char contrib[8] = {0};
+  size_t contrib_len = sizeof(contrib);
+  int has_contrib = 0;
+  if (OrtStatus* st = api->HasSessionConfigEntry(options, qie::kContribKey, &has_contrib)) return st;
+  if (has_contrib) {
+    if (OrtStatus* st = api->GetSessionConfigEntry(options, qie::kContribKey, contrib, &contrib_len)) {
+      api->ReleaseStatus(st);  // a value longer than "0"/"1": keep the default
+      contrib[0] = '1';
+    }
+  }
+  if (!has_contrib || std::strcmp(contrib, "0") != 0)
+    if (OrtStatus* st = api->AddCustomOpDomain(options, qie::g_domains.ms)) return st;
   return api->AddSessionConfigEntry(options, qie::kRegisteredKey, "1");
 }
 

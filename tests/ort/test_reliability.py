@@ -255,8 +255,8 @@ def test_qgemm_transB_int_is_honoured():
 
 def test_register_twice_on_one_options():
     model = qgemm_model()
-    so = options(qie=True)
-    qie_ep.register(so)
+    so = options(qie=True, ep=False)
+    qie_ep.register(so, ep=False)
     qie_ep.reset_stats()
     for _ in range(2):  # two sessions from the same options
         qie_session(model, so).run(None, {"a": u8(3, 4)})
@@ -370,19 +370,19 @@ def _erf_gelu_model():
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
-def test_known_limitation_contrib_domain_breaks_contrib_fusions():
+def test_contrib_fusions_load_with_the_one_line():
     """ORT registers a custom com.microsoft domain at opset 1000 (onnxruntime's CreateCustomRegistry), and a
     model that does not import com.microsoft then gets com.microsoft:1000, at which the nodes ORT's own
-    fusions create (Gelu, QLinearSoftmax, ...) no longer resolve: even this FP32 model fails to load with qie
-    registered at ORT_ENABLE_EXTENDED and above. qie_ep.with_contrib_opset (the import, at version 1) avoids
-    it; the plugin EP (issue 13), which registers no custom domain, removes it. When this test starts to fail
-    because the plain call works, drop the limitation from README and docs."""
+    fusions create (Gelu, QLinearSoftmax, ...) no longer resolve. ``qie_ep.register(so)`` with the EP adds no
+    com.microsoft custom op, so this FP32 model loads and runs at every level, with ORT's results. Without the
+    EP (custom-op library alone, ORT < 1.27) the limitation stays: asserted, with the with_contrib_opset fix."""
     model = _erf_gelu_model()
     x = {"x": np.linspace(-3, 3, 16, dtype=np.float32).reshape(2, 8)}
+    for level in ("disable", "basic", "extended", "all"):
+        want = helpers.session(model, qie=False, level=level).run(None, x)[0]
+        if qie_ep.ep_available():
+            assert_exact(helpers.session(model, qie=True, level=level, ep=None).run(None, x)[0], want, level)
     want = helpers.session(model, qie=False).run(None, x)[0]
     with pytest.raises(Exception, match=r"com.microsoft:Gelu\(-1\) is not a registered function/op"):
-        helpers.session(model, qie=True, quiet=True)
-    for level in ("disable", "basic"):
-        assert_exact(helpers.session(model, qie=True, level=level).run(None, x)[0],
-                     helpers.session(model, qie=False, level=level).run(None, x)[0], level)
+        helpers.session(model, qie=True, quiet=True, ep=False)
     assert_exact(helpers.session(qie_ep.with_contrib_opset(model), qie=True).run(None, x)[0], want, "with_contrib_opset")
