@@ -96,15 +96,18 @@ EP_NAME = "QIE"
 
 
 def ep_stats() -> dict:
-    """qie EP counters since the library was loaded: units claimed by GetCapability, fused-node runs."""
+    """qie EP counters since the library was loaded: MatMul/Gemm units claimed by GetCapability and their runs,
+    regions (chains of conv and table units) claimed and their runs. Runs restart at ``reset_stats()``."""
     from qie_ep._lib import ep_lib
     h = ep_lib()
     if h is None:
-        return {"claimed": 0, "runs": 0}
+        return {"claimed": 0, "runs": 0, "regions": 0, "region_runs": 0}
     import ctypes
     claimed, runs = ctypes.c_long(), ctypes.c_long()
     h.qie_ep_counters(ctypes.byref(claimed), ctypes.byref(runs))
-    return {"claimed": claimed.value, "runs": runs.value}
+    regions, region_runs = ctypes.c_long(), ctypes.c_long()
+    h.qie_ep_region_counters(ctypes.byref(regions), ctypes.byref(region_runs))
+    return {"claimed": claimed.value, "runs": runs.value, "regions": regions.value, "region_runs": region_runs.value}
 
 
 def with_contrib_opset(model):
@@ -160,10 +163,11 @@ def stats() -> dict[tuple[str, str], dict[str, int]]:
     for line in _read_lines(lib().qie_stats_snapshot):
         domain, op, isa, count = line.split("\t")
         out.setdefault((domain, op), {})[isa] = int(count)
-    runs = ep_stats()["runs"]
-    if runs:
-        from qie_ep._lib import ep_lib
-        out[(EP_NAME, "QDQ GEMM")] = {ep_lib().qie_ep_active_isa().decode(): runs}
+    eps = ep_stats()
+    for key, name in (("runs", "QDQ GEMM"), ("region_runs", "QDQ region")):
+        if eps[key]:
+            from qie_ep._lib import ep_lib
+            out[(EP_NAME, name)] = {ep_lib().qie_ep_active_isa().decode(): eps[key]}
     return out
 
 

@@ -83,6 +83,8 @@ def ep_lib() -> ctypes.CDLL | None:
     h = ctypes.CDLL(path)
     h.qie_ep_counters.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     h.qie_ep_counters.restype = None
+    h.qie_ep_region_counters.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    h.qie_ep_region_counters.restype = None
     h.qie_ep_reset.argtypes = []
     h.qie_ep_reset.restype = None
     h.qie_ep_active_isa.argtypes = []

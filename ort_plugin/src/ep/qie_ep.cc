@@ -18,157 +18,17 @@
 #include <string>
 #include <vector>
 
+#include "ep/graph.h"
+#include "ep/region.h"
 #include "kernels/gemm.h"
+#include "ops/common.h"
 
 namespace {
 
-const OrtApi* g_api = nullptr;
-const OrtEpApi* g_ep = nullptr;
-std::atomic<long> g_claimed{0}, g_runs{0};
+using namespace qie_ep;  // NOLINT: the EP's own graph helpers
+
+std::atomic<long> g_claimed{0}, g_runs{0}, g_regions{0}, g_region_runs{0};
 constexpr const char* kEpName = "QIE";
-
-struct Failure {
-  std::string what;
-};
-void Check(OrtStatus* st) {
-  if (!st) return;
-  std::string msg = g_api->GetErrorMessage(st);
-  g_api->ReleaseStatus(st);
-  throw Failure{msg};
-}
-template <class F>
-OrtStatus* Guard(const char* where, F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const Failure& f) {
-    return g_api->CreateStatus(ORT_FAIL, (std::string("qie EP ") + where + ": " + f.what).c_str());
-  } catch (const std::exception& e) {
-    return g_api->CreateStatus(ORT_FAIL, (std::string("qie EP ") + where + ": " + e.what()).c_str());
-  }
-}
-
-// ---- graph reading ----------------------------------------------------------------------------------------
-
-std::string OpType(const OrtNode* n) {
-  const char* s = nullptr;
-  Check(g_api->Node_GetOperatorType(n, &s));
-  return s ? s : "";
-}
-std::string Domain(const OrtNode* n) {
-  const char* s = nullptr;
-  Check(g_api->Node_GetDomain(n, &s));
-  return s ? s : "";
-}
-// A node's inputs or outputs through the API's count / fill pair.
-template <class Count, class Fill>
-std::vector<const OrtValueInfo*> ValueInfos(const OrtNode* n, Count count, Fill fill) {
-  size_t k = 0;
-  Check(count(n, &k));
-  std::vector<const OrtValueInfo*> v(k);
-  if (k) Check(fill(n, v.data(), k));
-  return v;
-}
-std::vector<const OrtValueInfo*> Inputs(const OrtNode* n) {
-  return ValueInfos(n, g_api->Node_GetNumInputs, g_api->Node_GetInputs);
-}
-std::vector<const OrtValueInfo*> Outputs(const OrtNode* n) {
-  return ValueInfos(n, g_api->Node_GetNumOutputs, g_api->Node_GetOutputs);
-}
-const OrtNode* Producer(const OrtValueInfo* vi) {
-  const OrtNode* n = nullptr;
-  size_t idx = 0;
-  Check(g_api->ValueInfo_GetValueProducer(vi, &n, &idx));
-  return n;
-}
-size_t Consumers(const OrtValueInfo* vi) {
-  size_t k = 0;
-  Check(g_api->ValueInfo_GetValueNumConsumers(vi, &k));
-  return k;
-}
-bool IsGraphOutput(const OrtValueInfo* vi) {
-  bool b = false;
-  Check(g_api->ValueInfo_IsGraphOutput(vi, &b));
-  return b;
-}
-std::string Name(const OrtValueInfo* vi) {
-  const char* s = nullptr;
-  Check(g_api->GetValueInfoName(vi, &s));
-  return s ? s : "";
-}
-// Optional node input i (absent, or the empty name of an omitted optional input) -> nullptr.
-const OrtValueInfo* Input(const std::vector<const OrtValueInfo*>& in, size_t i) {
-  return i < in.size() && in[i] && !Name(in[i]).empty() ? in[i] : nullptr;
-}
-
-// A constant initializer's element type, shape and data (nullptr when `vi` is not a constant initializer).
-struct Constant {
-  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int64_t> shape;
-  const void* data = nullptr;
-  size_t count() const {
-    size_t c = 1;
-    for (int64_t d : shape) c *= static_cast<size_t>(d);
-    return c;
-  }
-};
-bool ReadConstant(const OrtValueInfo* vi, Constant* out) {
-  if (!vi) return false;
-  bool is_const = false;
-  Check(g_api->ValueInfo_IsConstantInitializer(vi, &is_const));
-  if (!is_const) return false;
-  const OrtValue* v = nullptr;
-  Check(g_api->ValueInfo_GetInitializerValue(vi, &v));
-  if (!v) return false;
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  Check(g_api->GetTensorTypeAndShape(v, &info));
-  size_t rank = 0;
-  OrtStatus* st = g_api->GetTensorElementType(info, &out->type);
-  if (!st) st = g_api->GetDimensionsCount(info, &rank);
-  out->shape.assign(rank, 0);
-  if (!st && rank) st = g_api->GetDimensions(info, out->shape.data(), rank);
-  g_api->ReleaseTensorTypeAndShapeInfo(info);
-  Check(st);
-  for (int64_t d : out->shape)
-    if (d < 0) return false;
-  Check(g_api->GetTensorData(v, &out->data));
-  return true;
-}
-ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
-  const OrtTypeInfo* ti = nullptr;
-  Check(g_api->GetValueInfoTypeInfo(vi, &ti));
-  const OrtTensorTypeAndShapeInfo* tsi = nullptr;
-  Check(g_api->CastTypeInfoToTensorInfo(ti, &tsi));
-  if (!tsi) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  Check(g_api->GetTensorElementType(tsi, &t));
-  return t;
-}
-// Attribute `name` of node `n` read as `type` (ORT_OP_ATTR_INT into int64_t, ORT_OP_ATTR_FLOAT into float), or
-// `dflt` when the node has no such attribute. A wrong type is an error (the unit is then left to ORT).
-template <class T>
-T Attr(const OrtNode* n, const char* name, OrtOpAttrType type, T dflt) {
-  const OrtOpAttr* a = nullptr;
-  if (OrtStatus* st = g_api->Node_GetAttributeByName(n, name, &a)) {  // not found
-    g_api->ReleaseStatus(st);
-    return dflt;
-  }
-  if (!a) return dflt;
-  T v = dflt;
-  size_t size = 0;
-  Check(g_api->ReadOpAttr(a, type, &v, sizeof(v), &size));
-  return v;
-}
-int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) { return Attr(n, name, ORT_OP_ATTR_INT, dflt); }
-float AttrFloat(const OrtNode* n, const char* name, float dflt) { return Attr(n, name, ORT_OP_ATTR_FLOAT, dflt); }
-
-bool IsQ8(ONNXTensorElementDataType t) {
-  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-}
-int32_t Zp(const Constant& c, size_t i) {
-  return c.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? static_cast<const int8_t*>(c.data)[i]
-                                                      : static_cast<const uint8_t*>(c.data)[i];
-}
 
 // ---- the QDQ MatMul unit ----------------------------------------------------------------------------------
 
@@ -184,64 +44,6 @@ struct MatMulUnit {
     return v;
   }
 };
-
-// DequantizeLinear node producing `vi` with a per-tensor (or, when `per_column_n` > 0, per-channel along
-// `channel_axis` of a 2-D input) float32 scale and a matching zero point, all constant except the data when
-// `data_runtime`.
-bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n, Constant* data, Constant* scale,
-                Constant* zp, ONNXTensorElementDataType* data_type, int64_t channel_axis = 1) {
-  if (!dq || OpType(dq) != "DequantizeLinear" || !Domain(dq).empty()) return false;
-  if (AttrInt(dq, "block_size", 0) != 0) return false;
-  const auto in = Inputs(dq);
-  if (in.size() < 2 || !in[0]) return false;
-  *data_type = ValueType(in[0]);
-  if (!IsQ8(*data_type)) return false;
-  if (data_runtime) {
-    Constant c;
-    if (ReadConstant(in[0], &c)) return false;  // a constant activation: leave it to ORT's constant folding
-  } else if (!ReadConstant(in[0], data)) {
-    return false;
-  }
-  if (!ReadConstant(in[1], scale) || scale->type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return false;
-  const size_t ns = scale->count();
-  if (ns != 1 && !(per_column_n && ns == per_column_n)) return false;
-  if (ns > 1) {
-    const int64_t axis = AttrInt(dq, "axis", 1);
-    if (axis != channel_axis && axis != channel_axis - 2) return false;
-  }
-  if (const OrtValueInfo* z = Input(in, 2)) {
-    if (!ReadConstant(z, zp) || zp->type != *data_type || zp->count() != ns) return false;
-  } else {
-    zp->type = *data_type;
-    zp->data = nullptr;
-  }
-  return true;
-}
-
-// Gemm's C as DequantizeLinear(int32 bias [N], scale == sx * sw[n] in float32, zero point 0): the int32 bias the
-// integer accumulator takes (what ORT's QGemm does with it). Fills `bias`; false for any other C.
-bool GemmBias(const OrtNode* dq_b, size_t n, const Constant& sx, const Constant& sw, std::vector<int32_t>* bias) {
-  if (!dq_b || OpType(dq_b) != "DequantizeLinear" || !Domain(dq_b).empty()) return false;
-  const auto in = Inputs(dq_b);
-  Constant b, sb, zb;
-  if (in.size() < 2 || !ReadConstant(in[0], &b) || b.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 || b.count() != n)
-    return false;
-  if (!ReadConstant(in[1], &sb) || sb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
-      (sb.count() != 1 && sb.count() != n))
-    return false;
-  if (const OrtValueInfo* z = Input(in, 2)) {
-    if (!ReadConstant(z, &zb) || zb.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) return false;
-    for (size_t i = 0; i < zb.count(); ++i)
-      if (static_cast<const int32_t*>(zb.data)[i] != 0) return false;
-  }
-  const float fsx = static_cast<const float*>(sx.data)[0];
-  for (size_t j = 0; j < n; ++j) {
-    const float want = fsx * static_cast<const float*>(sw.data)[sw.count() == 1 ? 0 : j];
-    if (static_cast<const float*>(sb.data)[sb.count() == 1 ? 0 : j] != want) return false;
-  }
-  bias->assign(static_cast<const int32_t*>(b.data), static_cast<const int32_t*>(b.data) + n);
-  return true;
-}
 
 // The unit's operands, read from the graph (GetCapability) or from the fused graph (Compile).
 struct UnitOperands {
@@ -285,7 +87,7 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   o->N = static_cast<size_t>(o->w.shape[trans_b ? 0 : 1]);
   if (!DqOperands(dq_w, false, o->N, &o->w, &o->sw, &o->zw, &o->wt, trans_b ? 0 : 1)) return false;
   if (!DqOperands(dq_x, true, 0, &unused, &o->sx, &o->zx, &o->xt)) return false;
-  if (has_c && !GemmBias(dq_b, o->N, o->sx, o->sw, &o->bias)) return false;
+  if (has_c && !Int32Bias(dq_b, o->N, o->sx, o->sw, &o->bias)) return false;
   const auto qin = Inputs(q);
   if (qin.size() < 3 || !ReadConstant(qin[1], &o->sy) || o->sy.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
       o->sy.count() != 1 || !ReadConstant(Input(qin, 2), &o->zy) || !IsQ8(o->zy.type) || o->zy.count() != 1)
@@ -318,7 +120,6 @@ struct CompiledMatMul {
   std::string x_name;
 };
 
-void ParallelTrampoline(void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); }
 
 OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
   return Guard("MatMul", [&] {
@@ -371,21 +172,22 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.ldy = c.N;
     g.batch = 1;
     g.b = &bp;
-    qie::Gemm(*c.uk, g, [ctx](size_t total, const std::function<void(size_t)>& fn) {
-      if (total == 1) return fn(0);
-      Check(g_api->KernelContext_ParallelFor(ctx, ParallelTrampoline, total, 0,
-                                             const_cast<std::function<void(size_t)>*>(&fn)));
-    });
+    qie::Gemm(*c.uk, g, CtxParallelFor(ctx));
     g_runs.fetch_add(1);
   });
 }
 
 // Builds the compiled unit from the fused graph (its DequantizeLinear(W) initializers and scales).
-void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* c) {
+std::vector<const OrtNode*> GraphNodes(const OrtGraph* graph) {
   size_t n = 0;
   Check(g_api->Graph_GetNumNodes(graph, &n));
   std::vector<const OrtNode*> nodes(n);
-  Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
+  if (n) Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
+  return nodes;
+}
+
+void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* c) {
+  const std::vector<const OrtNode*> nodes = GraphNodes(graph);
   const OrtNode* op = nullptr;
   for (const OrtNode* node : nodes)
     if (OpType(node) == "MatMul" || OpType(node) == "Gemm") op = node;
@@ -418,8 +220,10 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->x_name = Name(fin[0]);
 }
 
+// One fused node: a MatMul/Gemm unit or a region.
 struct ComputeInfo : OrtNodeComputeInfo {
   CompiledMatMul unit;
+  std::unique_ptr<RegionPlan, void (*)(RegionPlan*)> region{nullptr, ReleaseRegion};
   ComputeInfo() : OrtNodeComputeInfo{} {
     ort_version_supported = ORT_API_VERSION;
     CreateState = [](OrtNodeComputeInfo* self, OrtNodeComputeContext*, void** state) noexcept -> OrtStatus* {
@@ -427,7 +231,11 @@ struct ComputeInfo : OrtNodeComputeInfo {
       return nullptr;
     };
     Compute = [](OrtNodeComputeInfo*, void* state, OrtKernelContext* ctx) noexcept -> OrtStatus* {
-      return ComputeMatMul(static_cast<ComputeInfo*>(state)->unit, ctx);
+      auto* self = static_cast<ComputeInfo*>(state);
+      if (!self->region) return ComputeMatMul(self->unit, ctx);
+      OrtStatus* st = RunRegion(*self->region, ctx);
+      if (!st) g_region_runs.fetch_add(1);
+      return st;
     };
     ReleaseState = [](OrtNodeComputeInfo*, void*) noexcept {};
   }
@@ -436,15 +244,18 @@ struct ComputeInfo : OrtNodeComputeInfo {
 // ---- the EP -----------------------------------------------------------------------------------------------
 
 struct QieEp : OrtEp {
+  bool regions_on = true;
+  RegionOptions region_opts;
   QieEp() : OrtEp{} {
     ort_version_supported = ORT_API_VERSION;
     GetName = [](const OrtEp*) noexcept -> const char* { return kEpName; };
-    GetCapability = [](OrtEp*, const OrtGraph* graph, OrtEpGraphSupportInfo* support) noexcept -> OrtStatus* {
+    GetCapability = [](OrtEp* ep, const OrtGraph* graph, OrtEpGraphSupportInfo* support) noexcept -> OrtStatus* {
       return Guard("GetCapability", [&] {
-        size_t n = 0;
-        Check(g_api->Graph_GetNumNodes(graph, &n));
-        std::vector<const OrtNode*> nodes(n);
-        if (n) Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
+        const QieEp* self = static_cast<const QieEp*>(ep);
+        const std::vector<const OrtNode*> nodes = GraphNodes(graph);
+        OrtNodeFusionOptions opts{};
+        opts.ort_version_supported = ORT_API_VERSION;
+        opts.drop_constant_initializers = true;  // weights and scales are read (and packed) at Compile
         for (const OrtNode* node : nodes) {
           // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
           // creation never is.
@@ -461,11 +272,13 @@ struct QieEp : OrtEp {
           } catch (const Failure&) { continue; }
           if (taken) continue;
           const std::vector<const OrtNode*> group = u.Nodes();
-          OrtNodeFusionOptions opts{};
-          opts.ort_version_supported = ORT_API_VERSION;
-          opts.drop_constant_initializers = true;  // weights and scales are read at Compile
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_claimed.fetch_add(1);
+        }
+        if (!self->regions_on) return;
+        for (const auto& group : MatchRegions(nodes, self->region_opts)) {
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+          g_regions.fetch_add(1);
         }
       });
     };
@@ -478,7 +291,15 @@ struct QieEp : OrtEp {
         }
         for (size_t i = 0; i < count; ++i) {
           auto info = std::make_unique<ComputeInfo>();
-          CompileMatMul(graphs[i], fused[i], &info->unit);
+          const std::vector<const OrtNode*> nodes = GraphNodes(graphs[i]);
+          bool matmul = false;
+          for (const OrtNode* n : nodes) matmul = matmul || OpType(n) == "MatMul" || OpType(n) == "Gemm";
+          if (matmul) {
+            CompileMatMul(graphs[i], fused[i], &info->unit);
+          } else {
+            const auto fin = Inputs(fused[i]);
+            info->region.reset(CompileRegion(nodes, fin.empty() ? "" : Name(fin[0])));
+          }
           infos[i] = info.release();
         }
       });
@@ -560,6 +381,7 @@ __attribute__((visibility("default"))) OrtStatus* CreateEpFactories(const char* 
   }
   g_api = api;
   g_ep = api->GetEpApi();
+  qie::g_ort = api;  // the shared conv geometry code (ops/) reports through it
   if (max_factories < 1) return api->CreateStatus(ORT_INVALID_ARGUMENT, "qie EP: no room for its factory");
   factories[0] = new QieFactory();
   *num_factories = 1;
@@ -576,7 +398,15 @@ __attribute__((visibility("default"))) void qie_ep_counters(long* claimed, long*
   *claimed = g_claimed.load();
   *runs = g_runs.load();
 }
-__attribute__((visibility("default"))) void qie_ep_reset() { g_runs.store(0); }
+__attribute__((visibility("default"))) void qie_ep_reset() {
+  g_runs.store(0);
+  g_region_runs.store(0);
+}
+// Regions claimed by GetCapability and their runs.
+__attribute__((visibility("default"))) void qie_ep_region_counters(long* claimed, long* runs) {
+  *claimed = g_regions.load();
+  *runs = g_region_runs.load();
+}
 // The ISA path the EP's kernels use (its library has its own dispatch state; QIE_ISA applies to it too).
 __attribute__((visibility("default"))) const char* qie_ep_active_isa() { return qie::IsaName(qie::ActiveIsa()); }
 
