@@ -24,13 +24,14 @@
 
 #include "ep/graph.h"
 #include "kernels/conv.h"
+#include "kernels/isa.h"
 #include "ops/conv_core.h"
 
 namespace qie_ep {
 
 namespace {
 
-enum class UnitKind { kConv, kTable };
+enum class UnitKind { kConv, kTable, kChannelTable };
 
 struct Unit {
   UnitKind kind = UnitKind::kTable;
@@ -133,6 +134,85 @@ bool MatchTable(const OrtNode* dq, Unit* u) {
   return true;
 }
 
+// A 1-D float constant: an initializer, or DequantizeLinear of a constant (per-tensor or along axis 0, as ORT's
+// quantizer writes BatchNormalization's scale and bias) evaluated as ORT does, (q - zp) * scale in float32.
+// `dq` receives that DequantizeLinear (nullptr for a plain initializer).
+bool FloatVector(const OrtValueInfo* vi, std::vector<float>* v, const OrtNode** dq) {
+  Constant c;
+  *dq = nullptr;
+  if (ReadConstant(vi, &c)) {
+    if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.shape.size() != 1) return false;
+    v->assign(static_cast<const float*>(c.data), static_cast<const float*>(c.data) + c.count());
+    return true;
+  }
+  const OrtNode* p = Producer(vi);
+  if (!IsOp(p, "DequantizeLinear") || AttrInt(p, "block_size", 0) != 0) return false;
+  const auto in = Inputs(p);
+  Constant q, s, z;
+  if (in.size() < 2 || !ReadConstant(in[0], &q) || q.shape.size() != 1 || !ReadConstant(in[1], &s) ||
+      s.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || (s.count() != 1 && s.count() != q.count()))
+    return false;
+  const bool has_z = Input(in, 2) && ReadConstant(Input(in, 2), &z);
+  if (Input(in, 2) && (!has_z || z.type != q.type || z.count() != s.count())) return false;
+  v->resize(q.count());
+  for (size_t i = 0; i < q.count(); ++i) {
+    int64_t qi = 0, zi = 0;
+    const size_t j = s.count() == 1 ? 0 : i;
+    switch (q.type) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: qi = static_cast<const int8_t*>(q.data)[i]; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: qi = static_cast<const uint8_t*>(q.data)[i]; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: qi = static_cast<const int32_t*>(q.data)[i]; break;
+      default: return false;
+    }
+    if (has_z) {
+      switch (z.type) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: zi = static_cast<const int8_t*>(z.data)[j]; break;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: zi = static_cast<const uint8_t*>(z.data)[j]; break;
+        default: zi = static_cast<const int32_t*>(z.data)[j]; break;
+      }
+    }
+    (*v)[i] = static_cast<float>(static_cast<int32_t>(qi - zi)) * static_cast<const float*>(s.data)[j];
+  }
+  *dq = p;
+  return true;
+}
+
+// DQ(x) -> BatchNormalization(., constant scale, B, mean, var) -> Q (inference mode): a per-channel table.
+bool MatchBatchNorm(const OrtNode* dq, Unit* u) {
+  Constant sx, zx, sy, zy;
+  ONNXTensorElementDataType xt;
+  if (!InputDq(dq, &sx, &zx, &xt)) return false;
+  const OrtNode* bn = SoleConsumer(Outputs(dq)[0]);
+  if (!IsOp(bn, "BatchNormalization") || AttrInt(bn, "training_mode", 0) != 0) return false;
+  const auto in = Inputs(bn);
+  const auto out = Outputs(bn);
+  if (in.size() != 5 || out.empty() || !out[0]) return false;
+  for (size_t i = 1; i < out.size(); ++i)
+    if (out[i] && !Name(out[i]).empty()) return false;
+  size_t C = 0;
+  std::vector<const OrtNode*> param_dqs;
+  for (size_t i = 1; i < 5; ++i) {
+    std::vector<float> v;
+    const OrtNode* pdq = nullptr;
+    if (!in[i] || !FloatVector(in[i], &v, &pdq) || (i > 1 && v.size() != C)) return false;
+    if (pdq) {
+      if (SoleConsumer(in[i]) != bn) return false;
+      param_dqs.push_back(pdq);
+    }
+    C = v.size();
+  }
+  const OrtNode* q = SoleConsumer(out[0]);
+  if (C == 0 || !QOperands(q, &sy, &zy)) return false;
+  u->kind = UnitKind::kChannelTable;
+  u->dq_x = dq;
+  u->q = q;
+  u->nodes = {dq};
+  u->nodes.insert(u->nodes.end(), param_dqs.begin(), param_dqs.end());
+  u->nodes.push_back(bn);
+  u->nodes.push_back(q);
+  return true;
+}
+
 // The operands of a conv unit, read from the graph.
 struct ConvOperands {
   Constant sx, zx, w, sw, zw, sy, zy;
@@ -201,7 +281,8 @@ Chains FindChains(const std::vector<const OrtNode*>& nodes) {
     try {
       Unit u;
       ConvOperands o;
-      if (MatchConv(n, &u, &o) || (IsOp(n, "DequantizeLinear") && MatchTable(n, &u))) {
+      if (MatchConv(n, &u, &o) ||
+          (IsOp(n, "DequantizeLinear") && (MatchBatchNorm(n, &u) || MatchTable(n, &u)))) {
         bool free = true;
         for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);
         if (!free) continue;
@@ -317,12 +398,45 @@ void EvalTable(const Unit& u, uint8_t table[256], bool* out_signed) {
   *out_signed = ys;
 }
 
+// BatchNormalization's table per channel: y = x * (scale / sqrt(var + eps)) + (B - mean * that), in ORT's order.
+std::vector<uint8_t> EvalChannelTable(const Unit& u, bool* out_signed) {
+  Constant sx, zx, sy, zy;
+  std::vector<float> p[4];
+  ONNXTensorElementDataType xt;
+  if (!InputDq(u.dq_x, &sx, &zx, &xt) || !QOperands(u.q, &sy, &zy)) throw Failure{"channel table unit changed"};
+  const OrtNode* bn = u.nodes[u.nodes.size() - 2];
+  const auto in = Inputs(bn);
+  for (int i = 0; i < 4; ++i) {
+    const OrtNode* unused = nullptr;
+    if (!FloatVector(in[1 + i], &p[i], &unused)) throw Failure{"BatchNormalization operand changed"};
+  }
+  const float eps = AttrFloat(bn, "epsilon", 1e-5f);
+  const size_t C = p[0].size();
+  const bool xs = xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ys = zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  const float fsx = static_cast<const float*>(sx.data)[0], fsy = static_cast<const float*>(sy.data)[0];
+  const int32_t izx = zx.data ? Zp(zx, 0) : 0, izy = Zp(zy, 0);
+  auto at = [&](int i, size_t c) { return p[i][c]; };
+  std::vector<uint8_t> t(C * 256);
+  for (size_t c = 0; c < C; ++c) {
+    const float inv_std = 1.0f / std::sqrt(at(3, c) + eps);
+    const float scale = inv_std * at(0, c), bias = at(1, c) - at(2, c) * scale;
+    for (int code = 0; code < 256; ++code) {
+      const int32_t q = xs ? static_cast<int8_t>(code) : code;
+      const float x = static_cast<float>(q - izx) * fsx;
+      t[c * 256 + code] = QuantizeOne(x * scale + bias, fsy, izy, ys);
+    }
+  }
+  *out_signed = ys;
+  return t;
+}
+
 }  // namespace
 
 struct RegionPlan {
   struct Step {
     UnitKind kind = UnitKind::kTable;
-    uint8_t table[256] = {};  // composed tables
+    uint8_t table[256 + 3] = {};  // composed tables (3 bytes of padding: the vector lookup reads dwords)
+    std::vector<uint8_t> ctable;  // per channel [C][256] when any composed table is per channel
     // conv
     qie::ConvAttrs at;
     std::vector<int64_t> k;
@@ -365,19 +479,36 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::s
   const qie::MicroKernel& uk = qie::GetMicroKernel(qie::ActiveIsa());
   for (size_t i : c.chains[0]) {
     const Unit& u = c.units[i];
-    if (u.kind == UnitKind::kTable) {
+    if (u.kind != UnitKind::kConv) {
       uint8_t t[256];
+      std::vector<uint8_t> ct;  // per channel, or empty
       bool ys = false;
-      EvalTable(u, t, &ys);
+      if (u.kind == UnitKind::kTable)
+        EvalTable(u, t, &ys);
+      else
+        ct = EvalChannelTable(u, &ys);
       plan->y_signed = ys;
-      if (!plan->steps.empty() && plan->steps.back().kind == UnitKind::kTable) {
-        uint8_t* prev = plan->steps.back().table;  // compose: t after prev
-        for (int k = 0; k < 256; ++k) prev[k] = t[prev[k]];
-      } else {
+      if (plan->steps.empty() || plan->steps.back().kind != UnitKind::kTable) {
         RegionPlan::Step s;
-        std::memcpy(s.table, t, 256);
+        for (int k = 0; k < 256; ++k) s.table[k] = static_cast<uint8_t>(k);  // identity, composed below
         plan->steps.push_back(std::move(s));
       }
+      RegionPlan::Step& st = plan->steps.back();  // compose: this table after the step's
+      const size_t C = std::max(st.ctable.size(), ct.size()) / 256;  // (padding < 256)
+      if (C == 0) {
+        for (int k = 0; k < 256; ++k) st.table[k] = t[st.table[k]];
+        continue;
+      }
+      if ((!st.ctable.empty() && st.ctable.size() != C * 256 + 3) || (!ct.empty() && ct.size() != C * 256))
+        throw Failure{"BatchNormalization channel counts differ inside one region"};
+      std::vector<uint8_t> out(C * 256);
+      for (size_t c = 0; c < C; ++c)
+        for (int k = 0; k < 256; ++k) {
+          const uint8_t first = st.ctable.empty() ? st.table[k] : st.ctable[c * 256 + k];
+          out[c * 256 + k] = ct.empty() ? t[first] : ct[c * 256 + first];
+        }
+      out.resize(C * 256 + 3);  // padding for the vector lookup
+      st.ctable = std::move(out);
       continue;
     }
     const OrtNode* conv = nullptr;
@@ -436,13 +567,36 @@ uint8_t* Sized(int which, size_t n) {
   return b.data();
 }
 
-void ApplyTable(const uint8_t* t, const uint8_t* x, uint8_t* y, size_t n, const qie::ParallelFor& pfor) {
-  constexpr size_t kChunk = 1 << 15;
-  const size_t chunks = (n + kChunk - 1) / kChunk;
-  if (chunks == 0) return;
-  pfor(chunks, [&](size_t c) {
-    const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-    for (size_t i = b; i < e; ++i) y[i] = t[x[i]];
+// y = t[c][x] over `outer` blocks of [C][inner] (NHWC: outer = pixels, inner = 1; NCHW: inner = H*W; one table:
+// C = 1). `t` holds C * 256 bytes and 3 more (the vector kernel reads dwords). Blocks of ~32 KiB, in parallel.
+void ApplyLut(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t outer, size_t inner,
+              const qie::ParallelFor& pfor) {
+  const qie::ChannelLutFn lut = qie::KernelsFor(qie::ActiveIsa()).channel_lut;
+  if (inner != 1) {  // NCHW: each [inner] row has one channel's table
+    const size_t rows = outer * C, per = std::max<size_t>(1, (size_t{1} << 15) / inner);
+    if (rows == 0 || inner == 0) return;
+    pfor((rows + per - 1) / per, [&](size_t b) {
+      for (size_t r = b * per; r < std::min(rows, (b + 1) * per); ++r) {
+        const uint8_t* tc = t + (r % C) * 256;
+        if (lut) {
+          lut(tc, 1, x + r * inner, y + r * inner, inner);
+        } else {
+          for (size_t i = r * inner; i < (r + 1) * inner; ++i) y[i] = tc[x[i]];
+        }
+      }
+    });
+    return;
+  }
+  if (outer == 0 || C == 0) return;
+  const size_t per = std::max<size_t>(1, (size_t{1} << 15) / C);
+  pfor((outer + per - 1) / per, [&](size_t b) {
+    const size_t p0 = b * per, p1 = std::min(outer, p0 + per);
+    if (lut) {
+      lut(t, C, x + p0 * C, y + p0 * C, p1 - p0);
+      return;
+    }
+    for (size_t p = p0; p < p1; ++p)
+      for (size_t c = 0; c < C; ++c) y[p * C + c] = t[c * 256 + x[p * C + c]];
   });
 }
 
@@ -483,8 +637,15 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       Check(g_api->GetTensorMutableData(y, &yd));
       size_t n = 1;
       for (int64_t d : shape) n *= static_cast<size_t>(d);
-      ApplyTable(p.steps[0].table, static_cast<const uint8_t*>(xd), static_cast<uint8_t*>(yd), n, pfor);
-      return;
+      const auto* xb = static_cast<const uint8_t*>(xd);
+      auto* yb = static_cast<uint8_t*>(yd);
+      if (p.steps[0].ctable.empty()) return ApplyLut(p.steps[0].table, 1, xb, yb, n, 1, pfor);
+      const size_t C = p.steps[0].ctable.size() / 256;
+      if (shape.size() < 2 || static_cast<size_t>(shape[1]) != C)
+        throw Failure{"input '" + p.input_name + "' must have " + std::to_string(C) +
+                      " channels (dim 1) for BatchNormalization, got " + Dims(shape)};
+      const size_t outer = static_cast<size_t>(shape[0]);
+      return ApplyLut(p.steps[0].ctable.data(), C, xb, yb, outer, outer ? n / outer / C : 0, pfor);
     }
     if (shape.size() != 4)
       throw Failure{"input '" + p.input_name + "' must be 4-D (N, C, H, W) for a 2-D convolution, got " + Dims(shape)};
@@ -502,11 +663,17 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
     int cur = 0;
     uint8_t* a = Sized(cur, N * C * H * W);
     qie::Transpose2D(xd, a, N, C, H * W, 1);
-    const qie::MicroKernel& uk = qie::GetMicroKernel(p.steps.front().packed.isa);
     for (auto& s : p.steps) {
       const size_t n = N * H * W * ch;
       if (s.kind == UnitKind::kTable) {
-        ApplyTable(s.table, a, a, n, pfor);
+        if (s.ctable.empty()) {
+          ApplyLut(s.table, 1, a, a, n, 1, pfor);
+        } else {
+          if (ch != s.ctable.size() / 256)
+            throw Failure{"a BatchNormalization of " + std::to_string(s.ctable.size() / 256) + " channels meets " +
+                          std::to_string(ch) + " channels"};
+          ApplyLut(s.ctable.data(), ch, a, a, N * H * W, 1, pfor);
+        }
         continue;
       }
       std::vector<int64_t> out, pad;
@@ -541,7 +708,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
         ca.scale = s.scale.data();
         ca.y_zp = s.yzp;
         ca.y = b;
-        qie::Conv(uk, cs, s.packed, ca, pfor);
+        qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA it was packed for
       }
       cur = 1 - cur;
       a = b;

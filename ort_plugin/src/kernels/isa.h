@@ -8,6 +8,8 @@ namespace qie {
 
 using MinMaxFn = void (*)(const float* x, size_t n, float* lo, float* hi);
 using QuantizeU8Fn = void (*)(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
+// y[p * C + c] = t[c * 256 + x[p * C + c]] for p < pixels (t padded by 3 readable bytes); C = 1: one table.
+using ChannelLutFn = void (*)(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels);
 
 struct IsaKernels {
   Isa isa;
@@ -17,6 +19,7 @@ struct IsaKernels {
   DepthwiseFn depthwise;     // depthwise convolution over channels
   MinMaxFn minmax;           // dynamic quantization's range; nullptr: the scalar loop
   QuantizeU8Fn quantize_u8;  // dynamic quantization's q = saturate(round(x / scale) + zp); nullptr: scalar
+  ChannelLutFn channel_lut;  // the EP's (per-channel) byte tables; nullptr: the scalar loop
 };
 
 const IsaKernels& KernelsFor(Isa isa);
