@@ -276,17 +276,7 @@ struct QieEp : OrtEp {
           g_claimed.fetch_add(1);
         }
         if (!self->regions_on) return;
-        long ri = -1;
-        const char* dbg = getenv("QIE_DBG_REGIONS");
         for (const auto& group : MatchRegions(nodes, self->region_opts)) {
-          ++ri;
-          if (dbg) {
-            long lo = 0, hi = 0;
-            sscanf(dbg, "%ld-%ld", &lo, &hi);
-            if (ri < lo || ri > hi) continue;
-            fprintf(stderr, "region %ld: %zu nodes, first %s\n", ri, group.size(), OpType(group[0]).c_str());
-            for (auto* n : group) { const char* nm = nullptr; g_api->Node_GetName(n, &nm); fprintf(stderr, "   %s %s\n", OpType(n).c_str(), nm); }
-          }
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_regions.fetch_add(1);
         }

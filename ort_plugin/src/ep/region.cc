@@ -461,7 +461,7 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
   for (const auto& chain : c.chains) {
     size_t convs = 0;
     for (size_t i : chain) convs += c.units[i].kind == UnitKind::kConv;
-    if (convs > 0 && chain.size() < opts.min_conv_units) continue;
+    if (convs == 0 ? !opts.table_regions : convs < opts.min_conv_units) continue;
     std::vector<const OrtNode*> group;
     for (size_t i : chain) group.insert(group.end(), c.units[i].nodes.begin(), c.units[i].nodes.end());
     out.push_back(group);

@@ -22,7 +22,10 @@ namespace qie_ep {
 struct RegionPlan;  // compiled form (region.cc)
 
 struct RegionOptions {
-  size_t min_conv_units = 2;  // a chain with convolutions needs this many units (a lone conv gains nothing on MLAS)
+  size_t min_conv_units = 2;  // a chain with convolutions needs this many of them (a lone conv gains nothing on MLAS)
+  // Regions of tables alone (no convolution). Off: measured on PP-OCRv6 rec, claiming DQ -> Div -> Erf -> Q
+  // and Sigmoid islands stopped ORT's own Gelu / QDQ fusions around them and made the model 2.3x slower.
+  bool table_regions = false;
 };
 
 // Every region of `nodes` (a whole graph at GetCapability, or one fused subgraph at Compile): the node groups
