@@ -45,7 +45,8 @@ test: build
 # after libasan so ASan can intercept the C++ exceptions qie's adaptors throw for bad input.
 ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
-              tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py
+              tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
+              tests/ort/test_ep_regions.py
 ORT_INC = $$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie)
 # cmake_lib FOLDER BUILD_TYPE EXTRA_FLAGS: configure and build the library out of the package.
 define cmake_lib

@@ -148,8 +148,12 @@ inline T Attr(const OrtNode* n, const char* name, OrtOpAttrType type, T dflt) {
   Check(g_api->ReadOpAttr(a, type, &v, sizeof(v), &size));
   return v;
 }
-inline int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) { return Attr(n, name, ORT_OP_ATTR_INT, dflt); }
-inline float AttrFloat(const OrtNode* n, const char* name, float dflt) { return Attr(n, name, ORT_OP_ATTR_FLOAT, dflt); }
+inline int64_t AttrInt(const OrtNode* n, const char* name, int64_t dflt) {
+  return Attr(n, name, ORT_OP_ATTR_INT, dflt);
+}
+inline float AttrFloat(const OrtNode* n, const char* name, float dflt) {
+  return Attr(n, name, ORT_OP_ATTR_FLOAT, dflt);
+}
 
 inline bool IsQ8(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
@@ -229,7 +233,7 @@ inline bool QOperands(const OrtNode* q, Constant* sy, Constant* zy) {
 // `channel_axis` of a 2-D input) float32 scale and a matching zero point, all constant except the data when
 // `data_runtime`.
 inline bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n, Constant* data, Constant* scale,
-                Constant* zp, ONNXTensorElementDataType* data_type, int64_t channel_axis = 1) {
+                       Constant* zp, ONNXTensorElementDataType* data_type, int64_t channel_axis = 1) {
   if (!dq || OpType(dq) != "DequantizeLinear" || !Domain(dq).empty()) return false;
   if (AttrInt(dq, "block_size", 0) != 0) return false;
   const auto in = Inputs(dq);
@@ -259,8 +263,10 @@ inline bool DqOperands(const OrtNode* dq, bool data_runtime, size_t per_column_n
 }
 
 // A bias (Gemm's C, Conv's B) as DequantizeLinear(int32 [N], scale == sx * sw[n] in float32, zero point 0): the
-// int32 bias the integer accumulator takes (what ORT's QGemm / QLinearConv do with it). Fills `bias`; false for any other C.
-inline bool Int32Bias(const OrtNode* dq_b, size_t n, const Constant& sx, const Constant& sw, std::vector<int32_t>* bias) {
+// int32 bias the integer accumulator takes (what ORT's QGemm / QLinearConv do with it). Fills `bias`; false for any
+// other C.
+inline bool Int32Bias(const OrtNode* dq_b, size_t n, const Constant& sx, const Constant& sw,
+                      std::vector<int32_t>* bias) {
   if (!dq_b || OpType(dq_b) != "DequantizeLinear" || !Domain(dq_b).empty()) return false;
   const auto in = Inputs(dq_b);
   Constant b, sb, zb;

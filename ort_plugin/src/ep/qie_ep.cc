@@ -120,7 +120,6 @@ struct CompiledMatMul {
   std::string x_name;
 };
 
-
 OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
   return Guard("MatMul", [&] {
     const OrtValue* x = nullptr;

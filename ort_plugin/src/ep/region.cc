@@ -43,9 +43,9 @@ struct Unit {
 // ---- matching -----------------------------------------------------------------------------------------------
 
 const std::set<std::string>& TableOps() {
-  static const std::set<std::string> ops = {"Relu", "Clip",  "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid",
-                                            "Tanh", "Erf",   "Add",       "Sub",         "Mul",       "Div",
-                                            "Neg",  "Abs",   "Identity"};
+  static const std::set<std::string> ops = {"Relu",    "Clip", "LeakyRelu", "HardSigmoid", "HardSwish",
+                                            "Sigmoid", "Tanh", "Erf",       "Add",         "Sub",
+                                            "Mul",     "Div",  "Neg",       "Abs",         "Identity"};
   return ops;
 }
 bool IsTableOp(const OrtNode* n) { return n && Domain(n).empty() && TableOps().count(OpType(n)) > 0; }
@@ -71,7 +71,7 @@ bool MatchTable(const OrtNode* dq, Unit* u) {
   if (!InputDq(dq, &sx, &zx, &xt)) return false;
   const OrtValueInfo* v0 = Outputs(dq)[0];
   if (IsGraphOutput(v0) || Consumers(v0) == 0) return false;
-  std::vector<const OrtNode*> body;   // f's nodes, discovery order
+  std::vector<const OrtNode*> body;  // f's nodes, discovery order
   std::set<const OrtValueInfo*> values = {v0};
   std::vector<const OrtValueInfo*> frontier = {v0};
   const OrtNode* q = nullptr;
@@ -254,9 +254,7 @@ bool MatchConv(const OrtNode* conv, Unit* u, ConvOperands* o) {
     const auto k = qie::ConvKernelDims(o->at, 4, -1, o->w.shape);
     std::vector<int64_t> oshape, pad;
     qie::ConvGeometry(o->at, {-1, -1}, k, &oshape, &pad);
-  } catch (const std::exception&) {
-    return false;
-  }
+  } catch (const std::exception&) { return false; }
   u->kind = UnitKind::kConv;
   u->dq_x = dq_x;
   u->q = q;
@@ -281,17 +279,14 @@ Chains FindChains(const std::vector<const OrtNode*>& nodes) {
     try {
       Unit u;
       ConvOperands o;
-      if (MatchConv(n, &u, &o) ||
-          (IsOp(n, "DequantizeLinear") && (MatchBatchNorm(n, &u) || MatchTable(n, &u)))) {
+      if (MatchConv(n, &u, &o) || (IsOp(n, "DequantizeLinear") && (MatchBatchNorm(n, &u) || MatchTable(n, &u)))) {
         bool free = true;
         for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);
         if (!free) continue;
         used.insert(u.nodes.begin(), u.nodes.end());
         r.units.push_back(u);
       }
-    } catch (const Failure&) {
-      continue;
-    }
+    } catch (const Failure&) { continue; }
   }
   std::map<const OrtNode*, size_t> by_dq;
   for (size_t i = 0; i < r.units.size(); ++i) by_dq[r.units[i].dq_x] = i;
@@ -377,16 +372,26 @@ void EvalTable(const Unit& u, uint8_t table[256], bool* out_signed) {
       const float beta = AttrFloat(n, "beta", 0.5f);
       for (int i = 0; i < 256; ++i) {
         const float x = a[i];
-        if (op == "Relu") y[i] = std::max(x, 0.0f);
-        else if (op == "LeakyRelu") y[i] = x >= 0 ? x : alpha * x;
-        else if (op == "HardSigmoid") y[i] = std::max(0.0f, std::min(1.0f, alpha * x + beta));
-        else if (op == "HardSwish") y[i] = x * std::max(0.0f, std::min(1.0f, (1.0f / 6.0f) * x + 0.5f));
-        else if (op == "Sigmoid") y[i] = 1.0f / (1.0f + std::exp(-x));
-        else if (op == "Tanh") y[i] = std::tanh(x);
-        else if (op == "Erf") y[i] = std::erf(x);
-        else if (op == "Neg") y[i] = -x;
-        else if (op == "Abs") y[i] = std::fabs(x);
-        else y[i] = x;  // Identity
+        if (op == "Relu")
+          y[i] = std::max(x, 0.0f);
+        else if (op == "LeakyRelu")
+          y[i] = x >= 0 ? x : alpha * x;
+        else if (op == "HardSigmoid")
+          y[i] = std::max(0.0f, std::min(1.0f, alpha * x + beta));
+        else if (op == "HardSwish")
+          y[i] = x * std::max(0.0f, std::min(1.0f, (1.0f / 6.0f) * x + 0.5f));
+        else if (op == "Sigmoid")
+          y[i] = 1.0f / (1.0f + std::exp(-x));
+        else if (op == "Tanh")
+          y[i] = std::tanh(x);
+        else if (op == "Erf")
+          y[i] = std::erf(x);
+        else if (op == "Neg")
+          y[i] = -x;
+        else if (op == "Abs")
+          y[i] = std::fabs(x);
+        else
+          y[i] = x;  // Identity
       }
     }
     vals[Outputs(n)[0]] = std::move(y);
@@ -473,7 +478,8 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::s
   const Chains c = FindChains(nodes);
   size_t covered = 0;
   for (const Unit& u : c.units) covered += u.nodes.size();
-  if (c.chains.size() != 1 || covered != nodes.size()) throw Failure{"fused graph is not the region GetCapability claimed"};
+  if (c.chains.size() != 1 || covered != nodes.size())
+    throw Failure{"fused graph is not the region GetCapability claimed"};
   auto plan = std::make_unique<RegionPlan>();
   plan->input_name = input_name;
   const qie::MicroKernel& uk = qie::GetMicroKernel(qie::ActiveIsa());
@@ -493,7 +499,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::s
         for (int k = 0; k < 256; ++k) s.table[k] = static_cast<uint8_t>(k);  // identity, composed below
         plan->steps.push_back(std::move(s));
       }
-      RegionPlan::Step& st = plan->steps.back();  // compose: this table after the step's
+      RegionPlan::Step& st = plan->steps.back();                     // compose: this table after the step's
       const size_t C = std::max(st.ctable.size(), ct.size()) / 256;  // (padding < 256)
       if (C == 0) {
         for (int k = 0; k < 256; ++k) st.table[k] = t[st.table[k]];

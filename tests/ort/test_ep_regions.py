@@ -1,0 +1,176 @@
+"""qie's EP regions: chains of QDQ conv, BatchNormalization and activation units claimed as one fused node.
+
+A small CNN (strided conv, depthwise conv, pointwise conv, BatchNormalization, Relu / HardSwish / SiLU / LeakyRelu
+/ Clip) is quantized by ``onnxruntime.quantization.quantize_static`` as a user would (QDQ, per-channel or per-tensor,
+u8 / s8 activations). SiLU as Sigmoid and Mul is not claimed: the quantizer puts a QuantizeLinear between the
+conv and the Mul's two inputs (a binary unit, not built yet).
+With ``qie_ep.register(so)`` its regions must run on qie and give ORT's own results: conv units
+are QLinearConv's arithmetic (ORT's fused kernels at EXTENDED / ALL), tables are the float ops of the QDQ graph
+evaluated once per input code. Sigmoid uses libm's exp where ORT uses MLAS's approximation: a table entry may then
+differ by one step; the bound is asserted and the count printed. Regions must stop at forks and graph outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import qie_ep
+from helpers import OPT_LEVELS
+from qie_ep.session import options, session
+
+needs_ep = pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here (ORT < 1.27 or no libqie_ep.so)")
+
+
+def cnn(rng, act="HardSwish", c=8, extra_output=False):
+    """Float CNN: conv s2 -> BN -> act -> depthwise -> BN -> act -> pointwise -> act -> conv -> act."""
+    inits, nodes = [], []
+
+    def conv(x, cin, cout, k, name, stride=1, group=1):
+        w = (rng.normal(size=(cout, cin // group, k, k)) * 0.3).astype(np.float32)
+        b = (rng.normal(size=cout) * 0.1).astype(np.float32)
+        inits.extend([nh.from_array(w, name + "_w"), nh.from_array(b, name + "_b")])
+        nodes.append(h.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[k // 2] * 4,
+                                 strides=[stride] * 2, group=group))
+        return name
+
+    def bn(x, ch, name):
+        vals = [rng.uniform(0.5, 1.5, ch), rng.normal(size=ch) * 0.1, rng.normal(size=ch) * 0.1, rng.uniform(0.5, 2, ch)]
+        names = [f"{name}_{p}" for p in ("s", "b", "m", "v")]
+        inits.extend(nh.from_array(v.astype(np.float32), n) for v, n in zip(vals, names))
+        nodes.append(h.make_node("BatchNormalization", [x, *names], [name], epsilon=1e-5))
+        return name
+
+    def activation(x, name):
+        if act == "SiLU":
+            nodes.append(h.make_node("Sigmoid", [x], [name + "_s"]))
+            nodes.append(h.make_node("Mul", [x, name + "_s"], [name]))
+        elif act == "Clip":
+            inits.extend([nh.from_array(np.array(0, np.float32), name + "_lo"),
+                          nh.from_array(np.array(6, np.float32), name + "_hi")])
+            nodes.append(h.make_node("Clip", [x, name + "_lo", name + "_hi"], [name]))
+        elif act == "LeakyRelu":
+            nodes.append(h.make_node("LeakyRelu", [x], [name], alpha=0.1))
+        else:
+            nodes.append(h.make_node(act, [x], [name]))
+        return name
+
+    x = activation(bn(conv("x", 3, c, 3, "c1", 2), c, "bn1"), "a1")
+    x = activation(bn(conv(x, c, c, 3, "c2", 1, group=c), c, "bn2"), "a2")
+    x = activation(conv(x, c, 2 * c, 1, "c3"), "a3")
+    x = activation(conv(x, 2 * c, c, 3, "c4"), "y")
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, None)]
+    if extra_output:
+        outputs.append(h.make_tensor_value_info("a2", T.FLOAT, None))
+    g = h.make_graph(nodes, "cnn", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])], outputs, inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def quantize(model, rng, per_channel, activation_signed, tmp_path, shape=(1, 3, 16, 16)):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(6)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8 if activation_signed else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return onnx.load(dst)
+
+
+def run(model, feeds, level, qie, threads=1):
+    so = options(qie=qie, level=level, threads=threads)
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    s = session(model, so)
+    qie_nodes = sum(len(a.get_nodes()) for a in s.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME)
+    return s.run(None, feeds), qie_nodes
+
+
+def steps(model):
+    """The output quantization step of the model's last QuantizeLinear (its float outputs are multiples of it)."""
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"][-1]
+    return float(nh.to_array(next(i for i in model.graph.initializer if i.name == q.input[1])))
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("act", ["HardSwish", "Relu", "Clip", "LeakyRelu", "Sigmoid"])
+@pytest.mark.parametrize("per_channel,signed", [(True, False), (False, True)])
+def test_cnn_region_equals_ort(tmp_path, level, act, per_channel, signed):
+    rng = np.random.default_rng(7)
+    model = quantize(cnn(rng, act), rng, per_channel, signed, tmp_path)
+    qie_ep.reset_stats()
+    for shape in ((1, 3, 16, 16), (2, 3, 9, 13), (1, 3, 1, 1)):  # changing batch and spatial dims
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), claimed = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        # Every conv, BN and activation unit of the chain is claimed: the input's QuantizeLinear, the output's
+        # DequantizeLinear and the last activation stay with ORT.
+        assert claimed >= len(model.graph.node) - 3, (claimed, len(model.graph.node))
+        diff = np.abs(got - want)
+        if act == "Sigmoid":  # libm exp vs MLAS's logistic: one step at most
+            assert diff.max() <= steps(model) * 1.0001, (diff.max(), steps(model))
+            print(f"{act} {level}: {int((diff > 0).sum())} of {diff.size} elements one step apart")
+        else:
+            assert diff.max() == 0, (diff.max(), int((diff > 0).sum()), level)
+    assert qie_ep.stats()[(qie_ep.EP_NAME, "QDQ region")], qie_ep.stats()
+
+
+@needs_ep
+def test_region_two_threads_and_reruns(tmp_path):
+    rng = np.random.default_rng(8)
+    model = quantize(cnn(rng), rng, True, False, tmp_path)
+    feeds = {"x": rng.normal(size=(3, 3, 40, 33)).astype(np.float32)}
+    want = run(model, feeds, "all", qie=False)[0][0]
+    so = options(qie=True, threads=2)
+    s = session(model, so)
+    for _ in range(3):  # per-thread buffers reused between runs
+        np.testing.assert_array_equal(s.run(None, feeds)[0], want)
+
+
+@needs_ep
+def test_region_stops_at_a_graph_output(tmp_path):
+    """An intermediate value that is also a graph output ends the chain there; both outputs equal ORT's."""
+    rng = np.random.default_rng(9)
+    model = quantize(cnn(rng, extra_output=True), rng, True, False, tmp_path)
+    feeds = {"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)}
+    got, claimed = run(model, feeds, "all", qie=True)
+    want, _ = run(model, feeds, "all", qie=False)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@needs_ep
+def test_wrong_channel_count_is_an_error(tmp_path):
+    """A run-time input whose channels differ from the first convolution's is a clear error naming the input."""
+    rng = np.random.default_rng(10)
+    model = quantize(cnn(rng), rng, True, False, tmp_path)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"  # let ORT accept 4 channels
+    s = session(model, options(qie=True, log_level=4))
+    with pytest.raises(Exception, match=r"channels|expects|X has"):
+        s.run(None, {"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)})
+
+
+@needs_ep
+def test_one_conv_is_not_a_region(tmp_path):
+    """A chain with a single convolution stays with ORT (no gain over MLAS's QLinearConv, transposes to pay)."""
+    rng = np.random.default_rng(11)
+    w = (rng.normal(size=(4, 3, 3, 3)) * 0.3).astype(np.float32)
+    g = h.make_graph([h.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4), h.make_node("Relu", ["c"], ["y"])], "one",
+                     [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], [h.make_tensor_value_info("y", T.FLOAT, None)],
+                     [nh.from_array(w, "w")])
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False, tmp_path,
+                     shape=(1, 3, 8, 8))
+    feeds = {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    (got,), claimed = run(model, feeds, "all", qie=True)
+    assert claimed == 0
+    np.testing.assert_array_equal(got, run(model, feeds, "all", qie=False)[0][0])
