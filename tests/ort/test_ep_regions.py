@@ -174,3 +174,116 @@ def test_one_conv_is_not_a_region(tmp_path):
     (got,), claimed = run(model, feeds, "all", qie=True)
     assert claimed == 0
     np.testing.assert_array_equal(got, run(model, feeds, "all", qie=False)[0][0])
+
+
+def resnet_like(rng, c=8):
+    """Float CNN with every region unit kind and a fork: conv s2 -> Relu -> MaxPool -> residual block (two convs,
+    Add of the block input, Relu) -> squeeze-excitation (GlobalAveragePool, two 1x1 convs, HardSigmoid, Mul
+    broadcast over H, W) -> two branches (1x1 conv; 3x3 conv without bias + Add of a [1,C,1,1] constant) ->
+    Concat on channels -> 1x1 conv."""
+    inits, nodes = [], []
+
+    def conv(x, cin, cout, k, name, stride=1, bias=True):
+        w = (rng.normal(size=(cout, cin, k, k)) * (1.5 / np.sqrt(cin * k * k))).astype(np.float32)
+        inits.append(nh.from_array(w, name + "_w"))
+        ins = [x, name + "_w"]
+        if bias:
+            inits.append(nh.from_array((rng.normal(size=cout) * 0.1).astype(np.float32), name + "_b"))
+            ins.append(name + "_b")
+        nodes.append(h.make_node("Conv", ins, [name], pads=[k // 2] * 4, strides=[stride] * 2))
+        return name
+
+    def op(kind, ins, name, **attrs):
+        nodes.append(h.make_node(kind, ins, [name], **attrs))
+        return name
+
+    x = op("Relu", [conv("x", 3, c, 3, "stem", 2)], "stem_r")
+    x = op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    b = op("Relu", [conv(x, c, c, 3, "b1")], "b1_r")
+    x = op("Relu", [op("Add", [conv(b, c, c, 3, "b2"), x], "res")], "res_r")
+    g = op("GlobalAveragePool", [x], "gap")
+    e = op("Relu", [conv(g, c, c // 2, 1, "se1")], "se1_r")
+    x = op("Mul", [x, op("HardSigmoid", [conv(e, c // 2, c, 1, "se2")], "se_hs")], "se_mul")
+    inits.append(nh.from_array((rng.normal(size=(1, c, 1, 1)) * 0.2).astype(np.float32), "k2_bias"))
+    k1 = conv(x, c, c, 1, "k1")
+    k2 = op("Add", [conv(x, c, c, 3, "k2", bias=False), "k2_bias"], "k2_add")
+    y = conv(op("Concat", [k1, k2], "cat", axis=1), 2 * c, c, 1, "y")
+    g = h.make_graph(nodes, "resnet_like", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def claimed_ops(model, level="all"):
+    so = options(qie=True, level=level, threads=1)
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    s = session(model, so)
+    ours = [n.op_type for a in s.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME
+            for n in a.get_nodes()]
+    theirs = [n.op_type for a in s.get_provider_graph_assignment_info() if a.ep_name != qie_ep.EP_NAME
+              for n in a.get_nodes()]
+    return ours, theirs
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("per_channel,signed", [(True, False), (False, True), (True, True)])
+def test_resnet_like_region_equals_ort(tmp_path, level, per_channel, signed):
+    """The whole quantized network is one region (MaxPool, residual Add with a fork, SE's GlobalAveragePool and
+    broadcast Mul, a per-channel constant Add, Concat): only the input's QuantizeLinear and the output's
+    DequantizeLinear stay with ORT. Results equal ORT's at every level (measured: no element apart; the binary and
+    pooling units compute what ORT's float nodes and its QLinearAdd / QLinearMul / QLinearGlobalAveragePool give
+    on these values)."""
+    rng = np.random.default_rng(3)
+    model = quantize(resnet_like(rng), rng, per_channel, signed, tmp_path, shape=(1, 3, 32, 32))
+    ours, theirs = claimed_ops(model, level)
+    assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
+    assert {"Conv", "MaxPool", "GlobalAveragePool", "Mul", "Concat", "Add"} <= set(ours)
+    qie_ep.reset_stats()
+    for shape in ((1, 3, 32, 32), (2, 3, 17, 23), (1, 3, 1, 1)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        np.testing.assert_array_equal(got, want)
+    assert qie_ep.ep_stats()["region_runs"] >= 3, qie_ep.ep_stats()
+
+
+@needs_ep
+def test_region_value_read_outside_is_an_output(tmp_path):
+    """A value inside the region that a graph output (and a float node outside) also reads: the region gives it
+    as a second output, both equal ORT's."""
+    rng = np.random.default_rng(4)
+    model = resnet_like(rng)
+    model.graph.output.append(h.make_tensor_value_info("res_r", T.FLOAT, None))
+    model = quantize(model, rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    feeds = {"x": rng.normal(size=(2, 3, 20, 20)).astype(np.float32)}
+    got, claimed = run(model, feeds, "all", qie=True)
+    want, _ = run(model, feeds, "all", qie=False)
+    assert claimed > 40
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_region_that_a_path_leaves_and_reenters_is_cut(tmp_path, level):
+    """conv1's result goes through a float op qie does not claim (Floor) and comes back into the region through
+    conv3 and the Add: fusing all of it would make a cycle. The region is cut where the path re-enters (conv3 and
+    the Add stay with ORT); the session builds and equals ORT."""
+    rng = np.random.default_rng(5)
+    c = 4
+    ws = {f"w{i}": (rng.normal(size=(c, 3 if i == 1 else c, 3, 3)) * 0.3).astype(np.float32) for i in (1, 2, 3, 4)}
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4),
+             h.make_node("Conv", ["a", "w2"], ["b"], pads=[1] * 4),
+             h.make_node("Floor", ["a"], ["f"]),
+             h.make_node("Conv", ["f", "w3"], ["d"], pads=[1] * 4),
+             h.make_node("Add", ["b", "d"], ["s"]),
+             h.make_node("Conv", ["s", "w4"], ["y"], pads=[1] * 4)]
+    g = h.make_graph(nodes, "reenter", [h.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(v, k) for k, v in ws.items()])
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
+                     tmp_path, shape=(1, 3, 8, 8))
+    feeds = {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    ours, theirs = claimed_ops(model, level)
+    assert ours.count("Conv") == 2 and "Floor" in theirs, (ours, theirs)
+    (got,), _ = run(model, feeds, level, qie=True)
+    np.testing.assert_array_equal(got, run(model, feeds, level, qie=False)[0][0])

@@ -49,6 +49,11 @@ inline std::string Domain(const OrtNode* n) {
   Check(g_api->Node_GetDomain(n, &s));
   return s ? s : "";
 }
+inline std::string NodeName(const OrtNode* n) {
+  const char* s = nullptr;
+  Check(g_api->Node_GetName(n, &s));
+  return s ? s : "";
+}
 // A node's inputs or outputs through the API's count / fill pair.
 template <class Count, class Fill>
 inline std::vector<const OrtValueInfo*> ValueInfos(const OrtNode* n, Count count, Fill fill) {
@@ -132,6 +137,32 @@ inline ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
   ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   Check(g_api->GetTensorElementType(tsi, &t));
   return t;
+}
+// The rank of a tensor value from its type info, or -1 when the shape is unknown.
+inline int64_t ValueRank(const OrtValueInfo* vi) {
+  const OrtTypeInfo* ti = nullptr;
+  Check(g_api->GetValueInfoTypeInfo(vi, &ti));
+  const OrtTensorTypeAndShapeInfo* tsi = nullptr;
+  Check(g_api->CastTypeInfoToTensorInfo(ti, &tsi));
+  if (!tsi) return -1;
+  size_t rank = 0;
+  if (OrtStatus* st = g_api->GetDimensionsCount(tsi, &rank)) {
+    g_api->ReleaseStatus(st);
+    return -1;
+  }
+  return static_cast<int64_t>(rank);
+}
+// A run-time tensor's shape.
+inline std::vector<int64_t> TensorShape(const OrtValue* v) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  Check(g_api->GetTensorTypeAndShape(v, &info));
+  size_t rank = 0;
+  OrtStatus* st = g_api->GetDimensionsCount(info, &rank);
+  std::vector<int64_t> shape(rank);
+  if (!st && rank) st = g_api->GetDimensions(info, shape.data(), rank);
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  Check(st);
+  return shape;
 }
 // Attribute `name` of node `n` read as `type` (ORT_OP_ATTR_INT into int64_t, ORT_OP_ATTR_FLOAT into float), or
 // `dflt` when the node has no such attribute. A wrong type is an error (the unit is then left to ORT).

@@ -124,14 +124,8 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
   return Guard("MatMul", [&] {
     const OrtValue* x = nullptr;
     Check(g_api->KernelContext_GetInput(ctx, 0, &x));
-    OrtTensorTypeAndShapeInfo* info = nullptr;
-    Check(g_api->GetTensorTypeAndShape(x, &info));
-    size_t rank = 0;
-    OrtStatus* st = g_api->GetDimensionsCount(info, &rank);
-    std::vector<int64_t> shape(rank);
-    if (!st && rank) st = g_api->GetDimensions(info, shape.data(), rank);
-    g_api->ReleaseTensorTypeAndShapeInfo(info);
-    Check(st);
+    const std::vector<int64_t> shape = TensorShape(x);
+    const size_t rank = shape.size();
     if (rank == 0 || shape.back() != static_cast<int64_t>(c.K) || (c.gemm && rank != 2))
       throw Failure{"input '" + c.x_name + "' must be " + (c.gemm ? "2-D " : "") +
                     "with last dimension K=" + std::to_string(c.K)};
@@ -296,8 +290,10 @@ struct QieEp : OrtEp {
           if (matmul) {
             CompileMatMul(graphs[i], fused[i], &info->unit);
           } else {
-            const auto fin = Inputs(fused[i]);
-            info->region.reset(CompileRegion(nodes, fin.empty() ? "" : Name(fin[0])));
+            std::vector<std::string> in_names, out_names;
+            for (const OrtValueInfo* v : Inputs(fused[i])) in_names.push_back(v ? Name(v) : "");
+            for (const OrtValueInfo* v : Outputs(fused[i])) out_names.push_back(v ? Name(v) : "");
+            info->region.reset(CompileRegion(nodes, in_names, out_names));
           }
           infos[i] = info.release();
         }

@@ -1,28 +1,29 @@
-// Quantized regions of the plugin EP (see region.h): matching, planning and execution.
+// Quantized regions of the plugin EP (see region.h): forming, planning and execution.
 //
-// Numerics: a conv unit computes acc = sum (x - zx)(w - zw[m]) + bias[m] exactly and
-// y = saturate(round_half_even(float(acc) * (sx * sw[m] / sy)) + zy), QLinearConv's arithmetic (what ORT runs
-// at ORT_ENABLE_EXTENDED and above; within one step of the float DQ -> Conv -> Q below that). A table unit maps
-// every input code q to Q(f(DQ(q))) with f evaluated in float32 by the same operations ORT's float kernels apply,
-// so it equals the QDQ graph wherever f is plain float32 arithmetic (Relu, Clip, LeakyRelu, HardSigmoid,
-// HardSwish, Add/Sub/Mul/Div); Sigmoid, Tanh and Erf use libm where ORT uses MLAS's approximations, which may
-// move a value across a rounding boundary: within one step (tests/ort/test_ep_regions.py bounds and counts it).
+// Numerics per unit (units.h): a conv computes acc = sum (x - zx)(w - zw[m]) + bias[m] exactly and
+// y = saturate(round_half_even(float(acc) * (sx * sw[m] / sy)) + zy), QLinearConv's arithmetic (what ORT runs at
+// ORT_ENABLE_EXTENDED and above; within one step of the float DQ -> Conv -> Q below that). Tables are exact
+// (units.cc). A binary unit computes the float QDQ graph per element, Q(DQ(a) op DQ(b)): equal to ORT's float
+// nodes, within one step of its QLinearAdd / QLinearMul. A global average pool sums the codes exactly and
+// quantizes float(sum - HW * zx) * sx / HW (ORT's float kernel sums floats: within one step). Concat and
+// MaxPool move codes (max of codes = code of the max: DequantizeLinear is increasing) and requantize them by
+// table where the output's scale or zero point differs, exactly as the QDQ graph.
 //
-// Execution of a region with convolutions:
-//   1. the NCHW input is transposed once to NHWC (bytes);
-//   2. each conv runs on qie's NHWC kernels (prepacked weights) into the other of two per-thread buffers;
-//   3. consecutive tables are composed at Compile into one 256-entry table and applied in place;
-//   4. the result is transposed once back to NCHW into the fused node's output.
-// A region of tables only is layout-free: one composed table from input to output.
+// Execution: each region input is transposed once from NCHW to NHWC into a buffer slot; units run in
+// topological order on slots (per-thread, planned at Compile by liveness, grown and never shrunk: no steady-state
+// allocation); consecutive tables are composed at Compile and applied in place; each region output is
+// transposed back to NCHW into the fused node's output as soon as it is produced.
 #include "ep/region.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <set>
 
 #include "ep/graph.h"
+#include "ep/units.h"
 #include "kernels/conv.h"
 #include "kernels/isa.h"
 #include "ops/conv_core.h"
@@ -31,417 +32,145 @@ namespace qie_ep {
 
 namespace {
 
-enum class UnitKind { kConv, kTable, kChannelTable };
+// ---- forming ------------------------------------------------------------------------------------------------
 
-struct Unit {
-  UnitKind kind = UnitKind::kTable;
-  const OrtNode* dq_x = nullptr;  // the unit's input DequantizeLinear
-  const OrtNode* q = nullptr;     // its output QuantizeLinear
-  std::vector<const OrtNode*> nodes;
+struct UnionFind {
+  std::vector<size_t> p;
+  explicit UnionFind(size_t n) : p(n) { std::iota(p.begin(), p.end(), size_t{0}); }
+  size_t Find(size_t x) {
+    while (p[x] != x) x = p[x] = p[p[x]];
+    return x;
+  }
+  void Unite(size_t a, size_t b) { p[Find(a)] = Find(b); }
 };
 
-// ---- matching -----------------------------------------------------------------------------------------------
-
-const std::set<std::string>& TableOps() {
-  static const std::set<std::string> ops = {"Relu",    "Clip", "LeakyRelu", "HardSigmoid", "HardSwish",
-                                            "Sigmoid", "Tanh", "Erf",       "Add",         "Sub",
-                                            "Mul",     "Div",  "Neg",       "Abs",         "Identity"};
-  return ops;
-}
-bool IsTableOp(const OrtNode* n) { return n && Domain(n).empty() && TableOps().count(OpType(n)) > 0; }
-
-bool ScalarFloat(const OrtValueInfo* vi, float* v) {
-  Constant c;
-  if (!ReadConstant(vi, &c) || c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.count() != 1) return false;
-  *v = static_cast<const float*>(c.data)[0];
-  return true;
-}
-
-// The input DequantizeLinear of a unit: a runtime u8/s8 tensor, per-tensor constant scale and zero point.
-bool InputDq(const OrtNode* dq, Constant* sx, Constant* zx, ONNXTensorElementDataType* xt) {
-  Constant unused;
-  return DqOperands(dq, true, 0, &unused, sx, zx, xt);
-}
-
-// DQ(x) -> f -> Q with f an elementwise subgraph of the DQ's output and scalar constants. Fills the unit's nodes
-// (DQ first, then f's nodes in topological order, then Q).
-bool MatchTable(const OrtNode* dq, Unit* u) {
-  Constant sx, zx;
-  ONNXTensorElementDataType xt;
-  if (!InputDq(dq, &sx, &zx, &xt)) return false;
-  const OrtValueInfo* v0 = Outputs(dq)[0];
-  if (IsGraphOutput(v0) || Consumers(v0) == 0) return false;
-  std::vector<const OrtNode*> body;  // f's nodes, discovery order
-  std::set<const OrtValueInfo*> values = {v0};
-  std::vector<const OrtValueInfo*> frontier = {v0};
-  const OrtNode* q = nullptr;
-  while (!frontier.empty()) {
-    const OrtValueInfo* v = frontier.back();
-    frontier.pop_back();
-    if (IsGraphOutput(v)) return false;
-    const auto cons = AllConsumers(v);
-    if (cons.empty()) return false;
-    for (const OrtNode* c : cons) {
-      if (v != v0 && cons.size() == 1 && IsOp(c, "QuantizeLinear")) {
-        if (q && q != c) return false;
-        q = c;
-        continue;
-      }
-      if (!IsTableOp(c)) return false;
-      if (std::find(body.begin(), body.end(), c) != body.end()) continue;
-      if (body.size() >= 16) return false;
-      const auto out = Outputs(c);
-      if (out.size() != 1 || !out[0]) return false;
-      body.push_back(c);
-      values.insert(out[0]);
-      frontier.push_back(out[0]);
-    }
-  }
-  if (!q || body.empty()) return false;
-  // Every input of f's nodes: a value of the unit or a scalar float constant; the Q reads f's one result.
-  for (const OrtNode* n : body) {
-    for (const OrtValueInfo* in : Inputs(n)) {
-      float unused;
-      if (!in || Name(in).empty() || values.count(in)) continue;
-      if (!ScalarFloat(in, &unused)) return false;
-    }
-  }
-  Constant sy, zy;
-  if (!QOperands(q, &sy, &zy) || !values.count(Inputs(q)[0])) return false;
-  // Topological order of f's nodes.
-  std::vector<const OrtNode*> order;
-  std::set<const OrtValueInfo*> ready = {v0};
-  while (order.size() < body.size()) {
-    bool progress = false;
-    for (const OrtNode* n : body) {
-      if (std::find(order.begin(), order.end(), n) != order.end()) continue;
-      bool ok = true;
-      for (const OrtValueInfo* in : Inputs(n))
-        if (in && values.count(in) && !ready.count(in)) ok = false;
-      if (!ok) continue;
-      order.push_back(n);
-      ready.insert(Outputs(n)[0]);
-      progress = true;
-    }
-    if (!progress) return false;  // a cycle cannot happen in a valid graph; refuse rather than loop
-  }
-  u->kind = UnitKind::kTable;
-  u->dq_x = dq;
-  u->q = q;
-  u->nodes = {dq};
-  u->nodes.insert(u->nodes.end(), order.begin(), order.end());
-  u->nodes.push_back(q);
-  return true;
-}
-
-// A 1-D float constant: an initializer, or DequantizeLinear of a constant (per-tensor or along axis 0, as ORT's
-// quantizer writes BatchNormalization's scale and bias) evaluated as ORT does, (q - zp) * scale in float32.
-// `dq` receives that DequantizeLinear (nullptr for a plain initializer).
-bool FloatVector(const OrtValueInfo* vi, std::vector<float>* v, const OrtNode** dq) {
-  Constant c;
-  *dq = nullptr;
-  if (ReadConstant(vi, &c)) {
-    if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.shape.size() != 1) return false;
-    v->assign(static_cast<const float*>(c.data), static_cast<const float*>(c.data) + c.count());
-    return true;
-  }
-  const OrtNode* p = Producer(vi);
-  if (!IsOp(p, "DequantizeLinear") || AttrInt(p, "block_size", 0) != 0) return false;
-  const auto in = Inputs(p);
-  Constant q, s, z;
-  if (in.size() < 2 || !ReadConstant(in[0], &q) || q.shape.size() != 1 || !ReadConstant(in[1], &s) ||
-      s.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || (s.count() != 1 && s.count() != q.count()))
-    return false;
-  const bool has_z = Input(in, 2) && ReadConstant(Input(in, 2), &z);
-  if (Input(in, 2) && (!has_z || z.type != q.type || z.count() != s.count())) return false;
-  v->resize(q.count());
-  for (size_t i = 0; i < q.count(); ++i) {
-    int64_t qi = 0, zi = 0;
-    const size_t j = s.count() == 1 ? 0 : i;
-    switch (q.type) {
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: qi = static_cast<const int8_t*>(q.data)[i]; break;
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: qi = static_cast<const uint8_t*>(q.data)[i]; break;
-      case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: qi = static_cast<const int32_t*>(q.data)[i]; break;
-      default: return false;
-    }
-    if (has_z) {
-      switch (z.type) {
-        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: zi = static_cast<const int8_t*>(z.data)[j]; break;
-        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: zi = static_cast<const uint8_t*>(z.data)[j]; break;
-        default: zi = static_cast<const int32_t*>(z.data)[j]; break;
-      }
-    }
-    (*v)[i] = static_cast<float>(static_cast<int32_t>(qi - zi)) * static_cast<const float*>(s.data)[j];
-  }
-  *dq = p;
-  return true;
-}
-
-// DQ(x) -> BatchNormalization(., constant scale, B, mean, var) -> Q (inference mode): a per-channel table.
-bool MatchBatchNorm(const OrtNode* dq, Unit* u) {
-  Constant sx, zx, sy, zy;
-  ONNXTensorElementDataType xt;
-  if (!InputDq(dq, &sx, &zx, &xt)) return false;
-  const OrtNode* bn = SoleConsumer(Outputs(dq)[0]);
-  if (!IsOp(bn, "BatchNormalization") || AttrInt(bn, "training_mode", 0) != 0) return false;
-  const auto in = Inputs(bn);
-  const auto out = Outputs(bn);
-  if (in.size() != 5 || out.empty() || !out[0]) return false;
-  for (size_t i = 1; i < out.size(); ++i)
-    if (out[i] && !Name(out[i]).empty()) return false;
-  size_t C = 0;
-  std::vector<const OrtNode*> param_dqs;
-  for (size_t i = 1; i < 5; ++i) {
-    std::vector<float> v;
-    const OrtNode* pdq = nullptr;
-    if (!in[i] || !FloatVector(in[i], &v, &pdq) || (i > 1 && v.size() != C)) return false;
-    if (pdq) {
-      if (SoleConsumer(in[i]) != bn) return false;
-      param_dqs.push_back(pdq);
-    }
-    C = v.size();
-  }
-  const OrtNode* q = SoleConsumer(out[0]);
-  if (C == 0 || !QOperands(q, &sy, &zy)) return false;
-  u->kind = UnitKind::kChannelTable;
-  u->dq_x = dq;
-  u->q = q;
-  u->nodes = {dq};
-  u->nodes.insert(u->nodes.end(), param_dqs.begin(), param_dqs.end());
-  u->nodes.push_back(bn);
-  u->nodes.push_back(q);
-  return true;
-}
-
-// The operands of a conv unit, read from the graph.
-struct ConvOperands {
-  Constant sx, zx, w, sw, zw, sy, zy;
-  ONNXTensorElementDataType xt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, wt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  std::vector<int32_t> bias;
-  qie::ConvAttrs at;
-};
-
-bool MatchConv(const OrtNode* conv, Unit* u, ConvOperands* o) {
-  if (!IsOp(conv, "Conv")) return false;
-  const auto in = Inputs(conv);
-  const auto out = Outputs(conv);
-  if (out.size() != 1 || in.size() < 2 || in.size() > 3 || !in[0] || !in[1]) return false;
-  const OrtNode* dq_x = Producer(in[0]);
-  const OrtNode* dq_w = Producer(in[1]);
-  const OrtValueInfo* b = Input(in, 2);
-  const OrtNode* dq_b = b ? Producer(b) : nullptr;
-  if (!dq_x || !dq_w || SoleConsumer(in[0]) != conv || SoleConsumer(in[1]) != conv) return false;
-  if (b && (!dq_b || SoleConsumer(b) != conv)) return false;
-  const OrtNode* q = SoleConsumer(out[0]);
-  if (!QOperands(q, &o->sy, &o->zy)) return false;
-  if (!InputDq(dq_x, &o->sx, &o->zx, &o->xt)) return false;
-  const auto win = Inputs(dq_w);
-  if (win.empty() || !ReadConstant(win[0], &o->w) || o->w.shape.size() != 4) return false;
-  const size_t M = static_cast<size_t>(o->w.shape[0]);
-  if (!DqOperands(dq_w, false, M, &o->w, &o->sw, &o->zw, &o->wt, 0)) return false;
-  if (o->sw.count() > 1) {
-    const int64_t axis = AttrInt(dq_w, "axis", 1);
-    if (axis != 0 && axis != -4) return false;
-  }
-  if (dq_b && !Int32Bias(dq_b, M, o->sx, o->sw, &o->bias)) return false;
-  o->at.auto_pad = AttrString(conv, "auto_pad", "NOTSET");
-  o->at.kernel_shape = AttrInts(conv, "kernel_shape");
-  o->at.pads = AttrInts(conv, "pads");
-  o->at.strides = AttrInts(conv, "strides");
-  o->at.dilations = AttrInts(conv, "dilations");
-  o->at.group = AttrInt(conv, "group", 1);
-  try {  // the attributes against W, as the custom op checks them (unknown input dims)
-    const auto k = qie::ConvKernelDims(o->at, 4, -1, o->w.shape);
-    std::vector<int64_t> oshape, pad;
-    qie::ConvGeometry(o->at, {-1, -1}, k, &oshape, &pad);
-  } catch (const std::exception&) { return false; }
-  u->kind = UnitKind::kConv;
-  u->dq_x = dq_x;
-  u->q = q;
-  u->nodes = {dq_x, dq_w};
-  if (dq_b) u->nodes.push_back(dq_b);
-  u->nodes.push_back(conv);
-  u->nodes.push_back(q);
-  return true;
-}
-
-// Every unit of `nodes` and the chains they form (unit indices, in chain order).
-struct Chains {
-  std::vector<Unit> units;
-  std::vector<std::vector<size_t>> chains;
-};
-
-Chains FindChains(const std::vector<const OrtNode*>& nodes) {
-  Chains r;
-  std::set<const OrtNode*> used;
-  for (const OrtNode* n : nodes) {
-    // A node whose reading fails is left to ORT: claiming nothing is always safe.
-    try {
-      Unit u;
-      ConvOperands o;
-      if (MatchConv(n, &u, &o) || (IsOp(n, "DequantizeLinear") && (MatchBatchNorm(n, &u) || MatchTable(n, &u)))) {
-        bool free = true;
-        for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);
-        if (!free) continue;
-        used.insert(u.nodes.begin(), u.nodes.end());
-        r.units.push_back(u);
-      }
-    } catch (const Failure&) { continue; }
-  }
+// The units not excluded, grouped: units joined by Q -> DQ edges or a shared DequantizeLinear.
+std::vector<std::vector<size_t>> Components(const std::vector<Unit>& units, const std::vector<bool>& excluded) {
+  UnionFind uf(units.size());
+  std::map<const OrtValueInfo*, size_t> by_output;
   std::map<const OrtNode*, size_t> by_dq;
-  for (size_t i = 0; i < r.units.size(); ++i) by_dq[r.units[i].dq_x] = i;
-  std::vector<long> next(r.units.size(), -1), prev(r.units.size(), -1);
-  for (size_t i = 0; i < r.units.size(); ++i) {
-    int64_t idx = -1;
-    const OrtNode* c = SoleConsumer(Outputs(r.units[i].q)[0], &idx);
-    auto it = c ? by_dq.find(c) : by_dq.end();
-    if (it == by_dq.end() || idx != 0 || it->second == i || prev[it->second] != -1) continue;
-    next[i] = static_cast<long>(it->second);
-    prev[it->second] = static_cast<long>(i);
+  for (size_t i = 0; i < units.size(); ++i)
+    if (!excluded[i]) by_output[Outputs(units[i].q)[0]] = i;
+  for (size_t i = 0; i < units.size(); ++i) {
+    if (excluded[i]) continue;
+    for (const OrtNode* dq : units[i].in_dqs) {
+      auto it = by_output.find(Inputs(dq)[0]);
+      if (it != by_output.end()) uf.Unite(i, it->second);
+      auto [d, fresh] = by_dq.emplace(dq, i);
+      if (!fresh) uf.Unite(i, d->second);
+    }
   }
-  for (size_t i = 0; i < r.units.size(); ++i) {
-    if (prev[i] != -1) continue;
-    std::vector<size_t> chain;
-    for (long j = static_cast<long>(i); j != -1 && chain.size() <= r.units.size(); j = next[j])
-      chain.push_back(static_cast<size_t>(j));
-    r.chains.push_back(chain);
-  }
-  return r;
+  std::map<size_t, std::vector<size_t>> groups;
+  for (size_t i = 0; i < units.size(); ++i)
+    if (!excluded[i]) groups[uf.Find(i)].push_back(i);
+  std::vector<std::vector<size_t>> out;
+  for (auto& [root, g] : groups) out.push_back(std::move(g));
+  return out;
 }
 
-// ---- planning -----------------------------------------------------------------------------------------------
-
-int32_t QMin(bool s) { return s ? -128 : 0; }
-int32_t QMax(bool s) { return s ? 127 : 255; }
-
-// q = saturate(round_half_even(v / s) + zp), as ORT's QuantizeLinear (MLAS) computes it.
-uint8_t QuantizeOne(float v, float s, int32_t zp, bool is_signed) {
-  float x = v / s;
-  const float lo = static_cast<float>(QMin(is_signed) - zp), hi = static_cast<float>(QMax(is_signed) - zp);
-  if (std::isnan(x)) x = 0.0f;  // MLAS's min/max order sends NaN to the zero point
-  x = std::min(std::max(x, lo), hi);
-  const int32_t q = static_cast<int32_t>(std::nearbyint(x)) + zp;
-  return static_cast<uint8_t>(is_signed ? static_cast<uint8_t>(static_cast<int8_t>(q)) : q);
-}
-
-// f evaluated on the 256 dequantized input codes, node by node, in float32.
-void EvalTable(const Unit& u, uint8_t table[256], bool* out_signed) {
-  Constant sx, zx, sy, zy;
-  ONNXTensorElementDataType xt;
-  if (!InputDq(u.dq_x, &sx, &zx, &xt) || !QOperands(u.q, &sy, &zy)) throw Failure{"table unit changed"};
-  const bool xs = xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ys = zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  const float fsx = static_cast<const float*>(sx.data)[0];
-  const int32_t izx = zx.data ? Zp(zx, 0) : 0;
-  std::map<const OrtValueInfo*, std::vector<float>> vals;
-  std::vector<float>& x0 = vals[Outputs(u.dq_x)[0]];
-  x0.resize(256);
-  for (int code = 0; code < 256; ++code) {
-    const int32_t q = xs ? static_cast<int8_t>(code) : code;
-    x0[code] = static_cast<float>(q - izx) * fsx;  // DequantizeLinear
+// The units of `comp` that keep it from being one fused node: those whose input DequantizeLinear has a consumer
+// outside (its float output would leave the fused node), then those a path from outside re-enters (fusing them
+// would make a cycle). Empty when `comp` is a region.
+std::set<size_t> Violations(const std::vector<Unit>& units, const std::vector<size_t>& comp) {
+  std::set<const OrtNode*> inside;
+  std::map<const OrtNode*, std::vector<size_t>> owner;
+  for (size_t i : comp) {
+    for (const OrtNode* n : units[i].nodes) owner[n].push_back(i);
+    for (const OrtNode* n : units[i].in_dqs) owner[n].push_back(i);
   }
-  auto operand = [&](const OrtValueInfo* vi, std::vector<float>* scratch) -> const std::vector<float>& {
-    auto it = vals.find(vi);
-    if (it != vals.end()) return it->second;
-    float c = 0;
-    if (!ScalarFloat(vi, &c)) throw Failure{"table operand '" + Name(vi) + "' is not a scalar constant"};
-    scratch->assign(256, c);
-    return *scratch;
+  for (const auto& [n, o] : owner) inside.insert(n);
+  std::set<size_t> bad;
+  for (size_t i : comp)
+    for (const OrtNode* dq : units[i].in_dqs) {
+      const OrtValueInfo* v = Outputs(dq)[0];
+      bool leaves = IsGraphOutput(v);
+      for (const OrtNode* c : AllConsumers(v)) leaves = leaves || !inside.count(c);
+      if (leaves) bad.insert(owner[dq].begin(), owner[dq].end());
+    }
+  if (!bad.empty()) return bad;
+  std::vector<const OrtNode*> stack;
+  std::set<const OrtNode*> seen;
+  auto visit_consumers = [&](const OrtNode* n) {
+    for (const OrtValueInfo* v : Outputs(n)) {
+      if (!v) continue;
+      for (const OrtNode* c : AllConsumers(v)) {
+        if (inside.count(c)) {
+          if (!inside.count(n)) bad.insert(owner[c].begin(), owner[c].end());  // re-entered from outside
+        } else if (seen.insert(c).second) {
+          stack.push_back(c);
+        }
+      }
+    }
   };
-  for (size_t k = 1; k + 1 < u.nodes.size(); ++k) {
-    const OrtNode* n = u.nodes[k];
-    const std::string op = OpType(n);
-    const auto in = Inputs(n);
-    std::vector<float> sa, sb;
-    const std::vector<float>& a = operand(in[0], &sa);
-    std::vector<float> y(256);
-    if (op == "Add" || op == "Sub" || op == "Mul" || op == "Div") {
-      const std::vector<float>& b = operand(in.at(1), &sb);
-      for (int i = 0; i < 256; ++i)
-        y[i] = op == "Add" ? a[i] + b[i] : op == "Sub" ? a[i] - b[i] : op == "Mul" ? a[i] * b[i] : a[i] / b[i];
-    } else if (op == "Clip") {
-      float lo = -INFINITY, hi = INFINITY;
-      if (in.size() > 1 && Input(in, 1)) lo = operand(in[1], &sa)[0];
-      if (in.size() > 2 && Input(in, 2)) hi = operand(in[2], &sb)[0];
-      if (in.size() == 1) {  // opset < 11: attributes
-        lo = AttrFloat(n, "min", -3.402823466e+38f);
-        hi = AttrFloat(n, "max", 3.402823466e+38f);
-      }
-      for (int i = 0; i < 256; ++i) y[i] = std::min(std::max(a[i], lo), hi);
-    } else {
-      const float alpha = AttrFloat(n, "alpha", op == "LeakyRelu" ? 0.01f : 0.2f);
-      const float beta = AttrFloat(n, "beta", 0.5f);
-      for (int i = 0; i < 256; ++i) {
-        const float x = a[i];
-        if (op == "Relu")
-          y[i] = std::max(x, 0.0f);
-        else if (op == "LeakyRelu")
-          y[i] = x >= 0 ? x : alpha * x;
-        else if (op == "HardSigmoid")
-          y[i] = std::max(0.0f, std::min(1.0f, alpha * x + beta));
-        else if (op == "HardSwish")
-          y[i] = x * std::max(0.0f, std::min(1.0f, (1.0f / 6.0f) * x + 0.5f));
-        else if (op == "Sigmoid")
-          y[i] = 1.0f / (1.0f + std::exp(-x));
-        else if (op == "Tanh")
-          y[i] = std::tanh(x);
-        else if (op == "Erf")
-          y[i] = std::erf(x);
-        else if (op == "Neg")
-          y[i] = -x;
-        else if (op == "Abs")
-          y[i] = std::fabs(x);
-        else
-          y[i] = x;  // Identity
-      }
-    }
-    vals[Outputs(n)[0]] = std::move(y);
+  for (const OrtNode* n : inside) visit_consumers(n);
+  while (!stack.empty()) {
+    const OrtNode* n = stack.back();
+    stack.pop_back();
+    visit_consumers(n);
   }
-  const std::vector<float>& f = vals.at(Inputs(u.q)[0]);
-  const float fsy = static_cast<const float*>(sy.data)[0];
-  const int32_t izy = Zp(zy, 0);
-  for (int i = 0; i < 256; ++i) table[i] = QuantizeOne(f[i], fsy, izy, ys);
-  *out_signed = ys;
-}
-
-// BatchNormalization's table per channel: y = x * (scale / sqrt(var + eps)) + (B - mean * that), in ORT's order.
-std::vector<uint8_t> EvalChannelTable(const Unit& u, bool* out_signed) {
-  Constant sx, zx, sy, zy;
-  std::vector<float> p[4];
-  ONNXTensorElementDataType xt;
-  if (!InputDq(u.dq_x, &sx, &zx, &xt) || !QOperands(u.q, &sy, &zy)) throw Failure{"channel table unit changed"};
-  const OrtNode* bn = u.nodes[u.nodes.size() - 2];
-  const auto in = Inputs(bn);
-  for (int i = 0; i < 4; ++i) {
-    const OrtNode* unused = nullptr;
-    if (!FloatVector(in[1 + i], &p[i], &unused)) throw Failure{"BatchNormalization operand changed"};
-  }
-  const float eps = AttrFloat(bn, "epsilon", 1e-5f);
-  const size_t C = p[0].size();
-  const bool xs = xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ys = zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-  const float fsx = static_cast<const float*>(sx.data)[0], fsy = static_cast<const float*>(sy.data)[0];
-  const int32_t izx = zx.data ? Zp(zx, 0) : 0, izy = Zp(zy, 0);
-  auto at = [&](int i, size_t c) { return p[i][c]; };
-  std::vector<uint8_t> t(C * 256);
-  for (size_t c = 0; c < C; ++c) {
-    const float inv_std = 1.0f / std::sqrt(at(3, c) + eps);
-    const float scale = inv_std * at(0, c), bias = at(1, c) - at(2, c) * scale;
-    for (int code = 0; code < 256; ++code) {
-      const int32_t q = xs ? static_cast<int8_t>(code) : code;
-      const float x = static_cast<float>(q - izx) * fsx;
-      t[c * 256 + code] = QuantizeOne(x * scale + bias, fsy, izy, ys);
-    }
-  }
-  *out_signed = ys;
-  return t;
+  return bad;
 }
 
 }  // namespace
 
+std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
+                                                      const RegionOptions& opts) {
+  const std::vector<Unit> units = FindUnits(nodes);
+  std::map<const OrtNode*, size_t> position;
+  for (size_t i = 0; i < nodes.size(); ++i) position[nodes[i]] = i;
+  std::vector<bool> excluded(units.size(), false);
+  auto convs = [&](const std::vector<size_t>& comp) {
+    size_t k = 0;
+    for (size_t i : comp) k += units[i].kind == UnitKind::kConv;
+    return k;
+  };
+  for (size_t round = 0; round <= units.size(); ++round) {  // each round excludes a unit or ends
+    bool changed = false;
+    const auto comps = Components(units, excluded);
+    for (const auto& comp : comps) {
+      if (convs(comp) < opts.min_conv_units) continue;
+      for (size_t i : Violations(units, comp)) {
+        excluded[i] = true;
+        changed = true;
+      }
+    }
+    if (changed) continue;
+    std::vector<std::vector<const OrtNode*>> out;
+    for (const auto& comp : comps) {
+      if (convs(comp) < opts.min_conv_units) continue;
+      std::set<const OrtNode*> group;
+      for (size_t i : comp) {
+        group.insert(units[i].nodes.begin(), units[i].nodes.end());
+        group.insert(units[i].in_dqs.begin(), units[i].in_dqs.end());
+      }
+      std::vector<const OrtNode*> g(group.begin(), group.end());
+      std::sort(g.begin(), g.end(), [&](const OrtNode* a, const OrtNode* b) { return position[a] < position[b]; });
+      out.push_back(g);
+    }
+    return out;
+  }
+  return {};
+}
+
+// ---- planning -----------------------------------------------------------------------------------------------
+
 struct RegionPlan {
+  struct Value {
+    std::string name;
+    bool is_signed = false;
+    int input = -1, output = -1;  // the fused node's input / output index
+    int slot = -1;
+  };
   struct Step {
     UnitKind kind = UnitKind::kTable;
-    uint8_t table[256 + 3] = {};  // composed tables (3 bytes of padding: the vector lookup reads dwords)
-    std::vector<uint8_t> ctable;  // per channel [C][256] when any composed table is per channel
+    std::string name;  // the unit's op node, for errors
+    std::vector<int> in;
+    int out = -1;
+    std::vector<QParams> qin;
+    QParams qout;
+    // tables: [tC][256] and 3 bytes of padding (the vector lookup reads dwords); tC = 1 for one table
+    size_t tC = 1;
+    std::vector<uint8_t> table;
     // conv
     qie::ConvAttrs at;
     std::vector<int64_t> k;
@@ -449,286 +178,537 @@ struct RegionPlan {
     qie::PackedConv packed;
     std::vector<int32_t> wzp, bias;
     std::vector<float> scale;
-    int32_t xzp = 0, yzp = 0;
-    bool x_signed = false;
-    qie::OutKind out = qie::OutKind::kU8;
+    // binary
+    char op = '+';
+    // concat / maxpool: per input, code -> output code (empty: the identity)
+    std::vector<std::vector<uint8_t>> requant;
   };
+  std::vector<Value> values;
   std::vector<Step> steps;
-  bool spatial = false;  // has convolutions: NCHW input, NHWC inside
-  bool y_signed = false;
-  std::string input_name;
+  std::vector<int> inputs;  // value of each fused input (-1: not read)
+  size_t slots = 0;
 };
 
-std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
-                                                      const RegionOptions& opts) {
-  const Chains c = FindChains(nodes);
-  std::vector<std::vector<const OrtNode*>> out;
-  for (const auto& chain : c.chains) {
-    size_t convs = 0;
-    for (size_t i : chain) convs += c.units[i].kind == UnitKind::kConv;
-    if (convs == 0 ? !opts.table_regions : convs < opts.min_conv_units) continue;
-    std::vector<const OrtNode*> group;
-    for (size_t i : chain) group.insert(group.end(), c.units[i].nodes.begin(), c.units[i].nodes.end());
-    out.push_back(group);
-  }
-  return out;
+namespace {
+
+std::vector<uint8_t> Requant(const QParams& from, const QParams& to) {
+  if (from.scale == to.scale && from.zp == to.zp && from.is_signed == to.is_signed) return {};
+  std::vector<uint8_t> t(256 + 3);
+  for (int b = 0; b < 256; ++b)
+    t[b] = QuantizeOne(static_cast<float>(Code(static_cast<uint8_t>(b), from.is_signed) - from.zp) * from.scale, to);
+  return t;
 }
 
-RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::string& input_name) {
-  const Chains c = FindChains(nodes);
-  size_t covered = 0;
-  for (const Unit& u : c.units) covered += u.nodes.size();
-  if (c.chains.size() != 1 || covered != nodes.size())
+// `st`'s tables followed by `t` ([C][256], C = 1 for one table), composed in place.
+void ComposeTable(RegionPlan::Step* st, const std::vector<uint8_t>& t, size_t C) {
+  const size_t n = std::max(st->tC, C);
+  if (st->tC > 1 && C > 1 && st->tC != C)
+    throw Failure{"per-channel tables of " + std::to_string(st->tC) + " and " + std::to_string(C) +
+                  " channels meet in one region"};
+  std::vector<uint8_t> out(n * 256 + 3);
+  for (size_t c = 0; c < n; ++c)
+    for (int k = 0; k < 256; ++k) {
+      const uint8_t first = st->table[(st->tC == 1 ? 0 : c) * 256 + k];
+      out[c * 256 + k] = t[(C == 1 ? 0 : c) * 256 + first];
+    }
+  st->table = std::move(out);
+  st->tC = n;
+}
+
+void PlanConv(const Unit& u, RegionPlan::Step* s) {
+  Unit again;
+  ConvOperands o;
+  if (!MatchConv(u.op, &again, &o)) throw Failure{"conv unit changed between GetCapability and Compile"};
+  s->at = o.at;
+  s->k = qie::ConvKernelDims(o.at, 4, -1, o.w.shape);
+  s->M = static_cast<size_t>(o.w.shape[0]);
+  s->C = static_cast<size_t>(o.w.shape[1] * o.at.group);
+  s->wzp.resize(s->M);
+  s->scale.resize(s->M);
+  for (size_t m = 0; m < s->M; ++m) {
+    const size_t j = o.sw.count() == 1 ? 0 : m;
+    s->wzp[m] = o.zw.data ? Zp(o.zw, j) : 0;
+    s->scale[m] = (s->qin[0].scale * static_cast<const float*>(o.sw.data)[j]) / s->qout.scale;  // QLinearConv's order
+  }
+  s->bias = o.bias;
+  qie::ConvShape cs;
+  cs.M = s->M;
+  cs.group = static_cast<size_t>(o.at.group);
+  cs.C = s->C;
+  cs.k[1] = static_cast<size_t>(s->k[0]);
+  cs.k[2] = static_cast<size_t>(s->k[1]);
+  qie::PackConv(qie::GetMicroKernel(qie::ActiveIsa()), cs, static_cast<const uint8_t*>(o.w.data),
+                o.wt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, s->wzp.data(), &s->packed);
+}
+
+// Units in an order where each one's inputs are produced before it.
+std::vector<size_t> TopologicalOrder(const std::vector<Unit>& units) {
+  std::map<std::string, size_t> producer;
+  for (size_t i = 0; i < units.size(); ++i) producer[Name(Outputs(units[i].q)[0])] = i;
+  std::vector<std::set<size_t>> deps(units.size());
+  for (size_t i = 0; i < units.size(); ++i)
+    for (const OrtNode* dq : units[i].in_dqs) {
+      auto it = producer.find(Name(Inputs(dq)[0]));
+      if (it != producer.end()) deps[i].insert(it->second);
+    }
+  std::vector<size_t> order;
+  std::vector<bool> done(units.size(), false);
+  while (order.size() < units.size()) {
+    bool progress = false;
+    for (size_t i = 0; i < units.size(); ++i) {
+      if (done[i]) continue;
+      bool ready = true;
+      for (size_t d : deps[i]) ready = ready && done[d];
+      if (!ready) continue;
+      done[i] = true;
+      order.push_back(i);
+      progress = true;
+    }
+    if (!progress) throw Failure{"region units form a cycle"};
+  }
+  return order;
+}
+
+// Buffer slots by liveness: a value's slot is free after its last reader; a table runs in place on an input it
+// is the last reader of; a value only the fused node's output needs is freed once written out.
+void AssignSlots(RegionPlan* p) {
+  std::vector<long> last(p->values.size(), -1);
+  for (size_t s = 0; s < p->steps.size(); ++s)
+    for (int v : p->steps[s].in) last[v] = static_cast<long>(s);
+  std::vector<int> free;
+  int next = 0;
+  auto take = [&] {
+    if (free.empty()) return next++;
+    const int s = free.back();
+    free.pop_back();
+    return s;
+  };
+  for (int v : p->inputs)
+    if (v >= 0) p->values[v].slot = take();
+  for (size_t s = 0; s < p->steps.size(); ++s) {
+    RegionPlan::Step& st = p->steps[s];
+    const bool in_place = st.kind == UnitKind::kTable && last[st.in[0]] == static_cast<long>(s);
+    p->values[st.out].slot = in_place ? p->values[st.in[0]].slot : take();
+    std::set<int> ins(st.in.begin(), st.in.end());
+    for (int v : ins)
+      if (last[v] == static_cast<long>(s) && !(in_place && v == st.in[0])) free.push_back(p->values[v].slot);
+    if (last[st.out] == -1) free.push_back(p->values[st.out].slot);
+  }
+  p->slots = static_cast<size_t>(next);
+}
+
+}  // namespace
+
+RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::vector<std::string>& inputs,
+                          const std::vector<std::string>& outputs) {
+  const std::vector<Unit> units = FindUnits(nodes);
+  std::set<const OrtNode*> covered;
+  for (const Unit& u : units) {
+    covered.insert(u.nodes.begin(), u.nodes.end());
+    covered.insert(u.in_dqs.begin(), u.in_dqs.end());
+  }
+  if (units.empty() || covered.size() != nodes.size())
     throw Failure{"fused graph is not the region GetCapability claimed"};
   auto plan = std::make_unique<RegionPlan>();
-  plan->input_name = input_name;
-  const qie::MicroKernel& uk = qie::GetMicroKernel(qie::ActiveIsa());
-  for (size_t i : c.chains[0]) {
-    const Unit& u = c.units[i];
-    if (u.kind != UnitKind::kConv) {
-      uint8_t t[256];
-      std::vector<uint8_t> ct;  // per channel, or empty
-      bool ys = false;
-      if (u.kind == UnitKind::kTable)
-        EvalTable(u, t, &ys);
-      else
-        ct = EvalChannelTable(u, &ys);
-      plan->y_signed = ys;
-      if (plan->steps.empty() || plan->steps.back().kind != UnitKind::kTable) {
-        RegionPlan::Step s;
-        for (int k = 0; k < 256; ++k) s.table[k] = static_cast<uint8_t>(k);  // identity, composed below
-        plan->steps.push_back(std::move(s));
+  RegionPlan& p = *plan;
+  p.inputs.assign(inputs.size(), -1);
+  std::map<std::string, int> ids;
+  std::map<std::string, int> readers;  // how many unit operands read each value
+  for (const Unit& u : units)
+    for (const OrtNode* dq : u.in_dqs) ++readers[Name(Inputs(dq)[0])];
+  std::vector<int> producer_step;
+  auto value = [&](const std::string& name, bool is_signed) {
+    auto it = ids.find(name);
+    if (it != ids.end()) return it->second;
+    RegionPlan::Value v;
+    v.name = name;
+    v.is_signed = is_signed;
+    auto o = std::find(outputs.begin(), outputs.end(), name);
+    if (o != outputs.end()) v.output = static_cast<int>(o - outputs.begin());
+    p.values.push_back(v);
+    producer_step.push_back(-1);
+    return ids[name] = static_cast<int>(p.values.size() - 1);
+  };
+  for (size_t i : TopologicalOrder(units)) {
+    const Unit& u = units[i];
+    RegionPlan::Step s;
+    s.kind = u.kind;
+    s.name = OpType(u.op) + " '" + NodeName(u.op) + "'";
+    for (const OrtNode* dq : u.in_dqs) {
+      const std::string name = Name(Inputs(dq)[0]);
+      s.qin.push_back(InputParams(dq));
+      const bool fresh = !ids.count(name);
+      const int v = value(name, s.qin.back().is_signed);
+      if (fresh) {  // read from outside: a fused-node input
+        auto in = std::find(inputs.begin(), inputs.end(), name);
+        if (in == inputs.end()) throw Failure{"region value '" + name + "' is neither produced nor an input"};
+        p.values[v].input = static_cast<int>(in - inputs.begin());
+        p.inputs[in - inputs.begin()] = v;
       }
-      RegionPlan::Step& st = plan->steps.back();                     // compose: this table after the step's
-      const size_t C = std::max(st.ctable.size(), ct.size()) / 256;  // (padding < 256)
-      if (C == 0) {
-        for (int k = 0; k < 256; ++k) st.table[k] = t[st.table[k]];
+      s.in.push_back(v);
+    }
+    s.qout = OutputParams(u.q);
+    const std::string out_name = Name(Outputs(u.q)[0]);
+    if (u.kind == UnitKind::kTable) {
+      size_t C = 1;
+      const std::vector<uint8_t> t = EvalTable(u, &C);
+      const int v = s.in[0];
+      const int ps = producer_step[v];
+      if (ps >= 0 && p.steps[ps].kind == UnitKind::kTable && readers[p.values[v].name] == 1 &&
+          p.values[v].output < 0) {  // compose into the table producing this unit's input
+        ComposeTable(&p.steps[ps], t, C);
+        p.steps[ps].qout = s.qout;
+        const int out = value(out_name, s.qout.is_signed);
+        p.steps[ps].out = out;
+        producer_step[out] = ps;
         continue;
       }
-      if ((!st.ctable.empty() && st.ctable.size() != C * 256 + 3) || (!ct.empty() && ct.size() != C * 256))
-        throw Failure{"BatchNormalization channel counts differ inside one region"};
-      std::vector<uint8_t> out(C * 256);
-      for (size_t c = 0; c < C; ++c)
-        for (int k = 0; k < 256; ++k) {
-          const uint8_t first = st.ctable.empty() ? st.table[k] : st.ctable[c * 256 + k];
-          out[c * 256 + k] = ct.empty() ? t[first] : ct[c * 256 + first];
-        }
-      out.resize(C * 256 + 3);  // padding for the vector lookup
-      st.ctable = std::move(out);
-      continue;
+      s.table.assign(257 + 2, 0);
+      for (int k = 0; k < 256; ++k) s.table[k] = static_cast<uint8_t>(k);  // identity, then this unit's tables
+      ComposeTable(&s, t, C);
+    } else if (u.kind == UnitKind::kConv) {
+      PlanConv(u, &s);
+    } else if (u.kind == UnitKind::kBinary) {
+      const std::string op = OpType(u.op);
+      s.op = op == "Add" ? '+' : op == "Sub" ? '-' : '*';
+    } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
+      for (const QParams& q : s.qin) s.requant.push_back(Requant(q, s.qout));
+      if (u.kind == UnitKind::kMaxPool) {
+        s.at.auto_pad = AttrString(u.op, "auto_pad", "NOTSET");
+        s.at.kernel_shape = AttrInts(u.op, "kernel_shape");
+        s.at.pads = AttrInts(u.op, "pads");
+        s.at.strides = AttrInts(u.op, "strides");
+        s.at.dilations = AttrInts(u.op, "dilations");
+        s.k = s.at.kernel_shape;
+      }
     }
-    const OrtNode* conv = nullptr;
-    for (const OrtNode* n : u.nodes)
-      if (IsOp(n, "Conv")) conv = n;
-    Unit again;
-    ConvOperands o;
-    if (!MatchConv(conv, &again, &o)) throw Failure{"conv unit changed between GetCapability and Compile"};
-    RegionPlan::Step s;
-    s.kind = UnitKind::kConv;
-    s.at = o.at;
-    s.k = qie::ConvKernelDims(o.at, 4, -1, o.w.shape);
-    s.M = static_cast<size_t>(o.w.shape[0]);
-    s.C = static_cast<size_t>(o.w.shape[1] * o.at.group);
-    s.x_signed = o.xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-    s.xzp = o.zx.data ? Zp(o.zx, 0) : 0;
-    s.wzp.resize(s.M);
-    s.scale.resize(s.M);
-    const float fsx = static_cast<const float*>(o.sx.data)[0], fsy = static_cast<const float*>(o.sy.data)[0];
-    for (size_t m = 0; m < s.M; ++m) {
-      const size_t j = o.sw.count() == 1 ? 0 : m;
-      s.wzp[m] = o.zw.data ? Zp(o.zw, j) : 0;
-      s.scale[m] = (fsx * static_cast<const float*>(o.sw.data)[j]) / fsy;  // QLinearConv's order
-    }
-    s.bias = o.bias;
-    s.yzp = Zp(o.zy, 0);
-    plan->y_signed = o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-    s.out = plan->y_signed ? qie::OutKind::kS8 : qie::OutKind::kU8;
-    qie::ConvShape cs;
-    cs.M = s.M;
-    cs.group = static_cast<size_t>(o.at.group);
-    cs.C = s.C;
-    cs.k[1] = static_cast<size_t>(s.k[0]);
-    cs.k[2] = static_cast<size_t>(s.k[1]);
-    qie::PackConv(uk, cs, static_cast<const uint8_t*>(o.w.data), o.wt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8,
-                  s.wzp.data(), &s.packed);
-    plan->spatial = true;
-    plan->steps.push_back(std::move(s));
+    s.out = value(out_name, s.qout.is_signed);
+    producer_step[s.out] = static_cast<int>(p.steps.size());
+    p.steps.push_back(std::move(s));
   }
+  for (size_t o = 0; o < outputs.size(); ++o)
+    if (!ids.count(outputs[o])) throw Failure{"fused output '" + outputs[o] + "' is not a region value"};
+  AssignSlots(&p);
   return plan.release();
 }
 
 void ReleaseRegion(RegionPlan* plan) { delete plan; }
 
+// ---- execution ----------------------------------------------------------------------------------------------
+
 namespace {
 
-// Per-thread ping-pong buffers, kept between runs and grown, never shrunk: a run in the steady state allocates
-// nothing. They live as long as the thread.
-std::vector<uint8_t>& Buffer(int which) {
-  thread_local std::vector<uint8_t> buf[2];
-  return buf[which];
-}
-uint8_t* Sized(int which, size_t n) {
-  std::vector<uint8_t>& b = Buffer(which);
-  if (b.size() < n) b.resize(n);
-  return b.data();
+struct Dims {  // a value's NHWC dims
+  size_t n = 0, h = 0, w = 0, c = 0;
+  size_t pixels() const { return n * h * w; }
+  size_t count() const { return pixels() * c; }
+  std::string Nchw() const {
+    return "[" + std::to_string(n) + "," + std::to_string(c) + "," + std::to_string(h) + "," + std::to_string(w) + "]";
+  }
+};
+
+std::string ShapeText(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s + "]";
 }
 
-// y = t[c][x] over `outer` blocks of [C][inner] (NHWC: outer = pixels, inner = 1; NCHW: inner = H*W; one table:
-// C = 1). `t` holds C * 256 bytes and 3 more (the vector kernel reads dwords). Blocks of ~32 KiB, in parallel.
-void ApplyLut(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t outer, size_t inner,
+// y = t[c][x] over `pixels` NHWC pixels of C channels (`t`: one table when tC = 1, else tC = C of them, 3 bytes
+// of padding after). Blocks of ~32 KiB, in parallel.
+void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t pixels, size_t C,
               const qie::ParallelFor& pfor) {
   const qie::ChannelLutFn lut = qie::KernelsFor(qie::ActiveIsa()).channel_lut;
-  if (inner != 1) {  // NCHW: each [inner] row has one channel's table
-    const size_t rows = outer * C, per = std::max<size_t>(1, (size_t{1} << 15) / inner);
-    if (rows == 0 || inner == 0) return;
-    pfor((rows + per - 1) / per, [&](size_t b) {
-      for (size_t r = b * per; r < std::min(rows, (b + 1) * per); ++r) {
-        const uint8_t* tc = t + (r % C) * 256;
-        if (lut) {
-          lut(tc, 1, x + r * inner, y + r * inner, inner);
-        } else {
-          for (size_t i = r * inner; i < (r + 1) * inner; ++i) y[i] = tc[x[i]];
-        }
-      }
-    });
-    return;
+  if (tC == 1) {  // one table: the tensor as one row
+    pixels *= C;
+    C = 1;
   }
-  if (outer == 0 || C == 0) return;
+  if (pixels == 0 || C == 0) return;
   const size_t per = std::max<size_t>(1, (size_t{1} << 15) / C);
-  pfor((outer + per - 1) / per, [&](size_t b) {
-    const size_t p0 = b * per, p1 = std::min(outer, p0 + per);
-    if (lut) {
-      lut(t, C, x + p0 * C, y + p0 * C, p1 - p0);
-      return;
-    }
+  pfor((pixels + per - 1) / per, [&](size_t b) {
+    const size_t p0 = b * per, p1 = std::min(pixels, p0 + per);
+    if (lut) return lut(t, C, x + p0 * C, y + p0 * C, p1 - p0);
     for (size_t p = p0; p < p1; ++p)
       for (size_t c = 0; c < C; ++c) y[p * C + c] = t[c * 256 + x[p * C + c]];
   });
 }
 
-std::vector<int64_t> Shape(const OrtValue* v, ONNXTensorElementDataType* type) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  Check(g_api->GetTensorTypeAndShape(v, &info));
-  size_t rank = 0;
-  OrtStatus* st = g_api->GetDimensionsCount(info, &rank);
-  std::vector<int64_t> shape(rank);
-  if (!st && rank) st = g_api->GetDimensions(info, shape.data(), rank);
-  if (!st) st = g_api->GetTensorElementType(info, type);
-  g_api->ReleaseTensorTypeAndShapeInfo(info);
-  Check(st);
-  return shape;
+void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+             const qie::ParallelFor& pfor) {
+  if (d.c != s.C) throw Failure{s.name + " expects " + std::to_string(s.C) + " input channels, got " + d.Nchw()};
+  std::vector<int64_t> out, pad;
+  qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, &out, &pad);
+  qie::ConvShape cs;
+  cs.batch = d.n;
+  cs.C = s.C;
+  cs.M = s.M;
+  cs.group = static_cast<size_t>(s.at.group);
+  cs.in[1] = d.h;
+  cs.in[2] = d.w;
+  cs.out[1] = static_cast<size_t>(out[0]);
+  cs.out[2] = static_cast<size_t>(out[1]);
+  cs.k[1] = static_cast<size_t>(s.k[0]);
+  cs.k[2] = static_cast<size_t>(s.k[1]);
+  for (int i = 0; i < 2; ++i) {
+    cs.stride[1 + i] = s.at.strides.empty() ? 1 : static_cast<size_t>(s.at.strides[i]);
+    cs.dil[1 + i] = s.at.dilations.empty() ? 1 : static_cast<size_t>(s.at.dilations[i]);
+    cs.pad[1 + i] = static_cast<size_t>(pad[i]);
+  }
+  *od = {d.n, cs.out[1], cs.out[2], s.M};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  if (od->count() == 0) return;
+  qie::ConvArgs ca;
+  ca.x = x;
+  ca.x_signed = s.qin[0].is_signed;
+  ca.x_zp = s.qin[0].zp;
+  ca.w_zp = s.wzp.data();
+  ca.bias = s.bias.empty() ? nullptr : s.bias.data();
+  ca.kind = s.qout.is_signed ? qie::OutKind::kS8 : qie::OutKind::kU8;
+  ca.scale = s.scale.data();
+  ca.y_zp = s.qout.zp;
+  ca.y = ybuf->data();
+  qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA its weights were packed for
 }
 
-std::string Dims(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-  return s + "]";
+// y = Q(DQ(a) op DQ(b)) with NumPy broadcasting of two NHWC tensors; one row of C channels (element strides ca,
+// cb: 1, or 0 for a broadcast operand), specialised so the loop vectorizes.
+template <char Op, bool AS, bool BS>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRow(const uint8_t* a, size_t ca, const uint8_t* b, size_t cb, uint8_t* y, size_t C, const QParams& qa,
+               const QParams& qb, const QParams& qy) {
+  const float sa = qa.scale, sb = qb.scale;
+  const int32_t za = qa.zp, zb = qb.zp;
+  const Quantizer q(qy);
+  auto dq = [](uint8_t v, bool s, int32_t z, float sc) {
+    return static_cast<float>((s ? static_cast<int32_t>(static_cast<int8_t>(v)) : static_cast<int32_t>(v)) - z) * sc;
+  };
+  auto f = [&](float fa, float fb) { return Op == '+' ? fa + fb : Op == '-' ? fa - fb : fa * fb; };
+  if (ca == 1 && cb == 1) {
+    for (size_t c = 0; c < C; ++c) y[c] = q(f(dq(a[c], AS, za, sa), dq(b[c], BS, zb, sb)));
+  } else if (ca == 1) {
+    const float fb = dq(b[0], BS, zb, sb);
+    for (size_t c = 0; c < C; ++c) y[c] = q(f(dq(a[c], AS, za, sa), fb));
+  } else {
+    for (size_t c = 0; c < C; ++c) y[c] = q(f(dq(a[c * ca], AS, za, sa), dq(b[c * cb], BS, zb, sb)));
+  }
+}
+
+using BinaryRowFn = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, uint8_t*, size_t, const QParams&,
+                             const QParams&, const QParams&);
+template <char Op>
+BinaryRowFn BinaryFor(bool as, bool bs) {
+  return as ? (bs ? BinaryRow<Op, true, true> : BinaryRow<Op, true, false>)
+            : (bs ? BinaryRow<Op, false, true> : BinaryRow<Op, false, false>);
+}
+
+void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, const Dims& db, const uint8_t* b, Dims* od,
+               std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
+  const size_t A[4] = {da.n, da.h, da.w, da.c}, B[4] = {db.n, db.h, db.w, db.c};
+  size_t Y[4], sa[4], sb[4];
+  for (int i = 0; i < 4; ++i) {
+    if (A[i] != B[i] && A[i] != 1 && B[i] != 1)
+      throw Failure{s.name + ": input shapes " + da.Nchw() + " and " + db.Nchw() + " do not broadcast"};
+    Y[i] = A[i] == 1 ? B[i] : A[i];
+  }
+  sa[3] = A[3] == 1 ? 0 : 1;  // element strides, 0 along broadcast axes
+  sb[3] = B[3] == 1 ? 0 : 1;
+  sa[2] = A[2] == 1 ? 0 : A[3];
+  sb[2] = B[2] == 1 ? 0 : B[3];
+  sa[1] = A[1] == 1 ? 0 : A[2] * A[3];
+  sb[1] = B[1] == 1 ? 0 : B[2] * B[3];
+  sa[0] = A[0] == 1 ? 0 : A[1] * A[2] * A[3];
+  sb[0] = B[0] == 1 ? 0 : B[1] * B[2] * B[3];
+  *od = {Y[0], Y[1], Y[2], Y[3]};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t rows = Y[0] * Y[1];
+  const bool as = s.qin[0].is_signed, bs = s.qin[1].is_signed;
+  const BinaryRowFn row = s.op == '+'   ? BinaryFor<'+'>(as, bs)
+                          : s.op == '-' ? BinaryFor<'-'>(as, bs)
+                                        : BinaryFor<'*'>(as, bs);
+  if (od->count() == 0) return;
+  pfor(rows, [&](size_t r) {
+    const size_t n = r / Y[1], h = r % Y[1];
+    for (size_t w = 0; w < Y[2]; ++w) {
+      const uint8_t* pa = a + n * sa[0] + h * sa[1] + w * sa[2];
+      const uint8_t* pb = b + n * sb[0] + h * sb[1] + w * sb[2];
+      uint8_t* py = y + ((r * Y[2]) + w) * Y[3];
+      row(pa, sa[3], pb, sb[3], py, Y[3], s.qin[0], s.qin[1], s.qout);
+    }
+  });
+}
+
+void RunGap(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+            const qie::ParallelFor& pfor) {
+  *od = {d.n, 1, 1, d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t hw = d.h * d.w, C = d.c;
+  const QParams& qx = s.qin[0];
+  constexpr size_t kBlock = 256;  // channels per task
+  const size_t blocks = (C + kBlock - 1) / kBlock;
+  if (od->count() == 0) return;
+  pfor(d.n * blocks, [&](size_t t) {
+    const size_t n = t / blocks, c0 = (t % blocks) * kBlock, cn = std::min(kBlock, C - c0);
+    int64_t acc[kBlock] = {};
+    for (size_t p = 0; p < hw; ++p) {
+      const uint8_t* px = x + (n * hw + p) * C + c0;
+      for (size_t k = 0; k < cn; ++k) acc[k] += Code(px[k], qx.is_signed);
+    }
+    for (size_t k = 0; k < cn; ++k) {
+      const int64_t centered = acc[k] - static_cast<int64_t>(hw) * qx.zp;
+      const float mean = static_cast<float>(centered) * qx.scale / static_cast<float>(hw);
+      y[n * C + c0 + k] = QuantizeOne(mean, s.qout);
+    }
+  });
+}
+
+void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, const std::vector<const uint8_t*>& xs,
+               Dims* od, std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
+  Dims o = *ds[0];
+  o.c = 0;
+  for (const Dims* d : ds) {
+    if (d->n != o.n || d->h != o.h || d->w != o.w)
+      throw Failure{s.name + ": inputs " + ds[0]->Nchw() + " and " + d->Nchw() + " differ outside the channel axis"};
+    o.c += d->c;
+  }
+  *od = o;
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t pixels = o.pixels(), per = std::max<size_t>(1, (size_t{1} << 14) / std::max<size_t>(1, o.c));
+  if (od->count() == 0) return;
+  pfor((pixels + per - 1) / per, [&](size_t b) {
+    for (size_t p = b * per; p < std::min(pixels, (b + 1) * per); ++p) {
+      uint8_t* py = y + p * o.c;
+      for (size_t i = 0; i < xs.size(); ++i) {
+        const size_t C = ds[i]->c;
+        const uint8_t* px = xs[i] + p * C;
+        if (s.requant[i].empty()) {
+          std::memcpy(py, px, C);
+        } else {
+          for (size_t c = 0; c < C; ++c) py[c] = s.requant[i][px[c]];
+        }
+        py += C;
+      }
+    }
+  });
+}
+
+// py[c] = max(py[c], px[c] ^ flip): signed codes compared as unsigned once their sign bit is flipped.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void MaxInto(
+    uint8_t* __restrict py, const uint8_t* __restrict px, size_t C, uint8_t flip) {
+  for (size_t c = 0; c < C; ++c) {
+    const uint8_t v = px[c] ^ flip;
+    py[c] = py[c] > v ? py[c] : v;
+  }
+}
+
+void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                const qie::ParallelFor& pfor) {
+  std::vector<int64_t> out, pad;
+  qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, &out, &pad);
+  *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t C = d.c;
+  const uint8_t flip = s.qin[0].is_signed ? 0x80 : 0;
+  const int64_t sh = s.at.strides.empty() ? 1 : s.at.strides[0], sw = s.at.strides.empty() ? 1 : s.at.strides[1];
+  const int64_t dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
+  const int64_t dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
+  const std::vector<uint8_t>& rq = s.requant[0];
+  pfor(od->n * od->h, [&](size_t r) {
+    const size_t n = r / od->h;
+    const int64_t oh = static_cast<int64_t>(r % od->h);
+    for (size_t ow = 0; ow < od->w; ++ow) {
+      uint8_t* py = y + (r * od->w + ow) * C;
+      std::fill_n(py, C, 0);
+      for (int64_t kh = 0; kh < s.k[0]; ++kh) {
+        const int64_t ih = oh * sh - pad[0] + kh * dh;
+        if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) {
+          const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
+          if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
+          const uint8_t* px = x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * C;
+          MaxInto(py, px, C, flip);
+        }
+      }
+      if (rq.empty()) {
+        for (size_t c = 0; c < C; ++c) py[c] ^= flip;
+      } else {
+        for (size_t c = 0; c < C; ++c) py[c] = rq[py[c] ^ flip];
+      }
+    }
+  });
 }
 
 }  // namespace
 
 OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
   return Guard("region", [&] {
-    const OrtValue* x = nullptr;
-    Check(g_api->KernelContext_GetInput(ctx, 0, &x));
-    ONNXTensorElementDataType xt;
-    const std::vector<int64_t> shape = Shape(x, &xt);
-    const void* xd = nullptr;
-    Check(g_api->GetTensorData(x, &xd));
+    thread_local std::vector<std::vector<uint8_t>> slots;  // grown, never shrunk: nothing allocated once warm
+    thread_local std::vector<Dims> dims;
+    if (slots.size() < p.slots) slots.resize(p.slots);
+    dims.assign(p.values.size(), Dims{});
     const qie::ParallelFor pfor = CtxParallelFor(ctx);
-    if (!p.spatial) {  // tables only: elementwise on any shape
-      OrtValue* y = nullptr;
-      Check(g_api->KernelContext_GetOutput(ctx, 0, shape.data(), shape.size(), &y));
-      void* yd = nullptr;
-      Check(g_api->GetTensorMutableData(y, &yd));
-      size_t n = 1;
-      for (int64_t d : shape) n *= static_cast<size_t>(d);
-      const auto* xb = static_cast<const uint8_t*>(xd);
-      auto* yb = static_cast<uint8_t*>(yd);
-      if (p.steps[0].ctable.empty()) return ApplyLut(p.steps[0].table, 1, xb, yb, n, 1, pfor);
-      const size_t C = p.steps[0].ctable.size() / 256;
-      if (shape.size() < 2 || static_cast<size_t>(shape[1]) != C)
-        throw Failure{"input '" + p.input_name + "' must have " + std::to_string(C) +
-                      " channels (dim 1) for BatchNormalization, got " + Dims(shape)};
-      const size_t outer = static_cast<size_t>(shape[0]);
-      return ApplyLut(p.steps[0].ctable.data(), C, xb, yb, outer, outer ? n / outer / C : 0, pfor);
+    auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
+    for (size_t i = 0; i < p.inputs.size(); ++i) {
+      const int v = p.inputs[i];
+      if (v < 0) continue;
+      const OrtValue* x = nullptr;
+      Check(g_api->KernelContext_GetInput(ctx, i, &x));
+      const std::vector<int64_t> shape = TensorShape(x);
+      if (shape.size() != 4)
+        throw Failure{"input '" + p.values[v].name + "' must be 4-D (N, C, H, W), got " + ShapeText(shape)};
+      Dims& d = dims[v];
+      d = {static_cast<size_t>(shape[0]), static_cast<size_t>(shape[2]), static_cast<size_t>(shape[3]),
+           static_cast<size_t>(shape[1])};
+      std::vector<uint8_t>& b = buf(v);
+      if (b.size() < d.count()) b.resize(d.count());
+      const void* xd = nullptr;
+      Check(g_api->GetTensorData(x, &xd));
+      qie::Transpose2D(xd, b.data(), d.n, d.c, d.h * d.w, 1);
     }
-    if (shape.size() != 4)
-      throw Failure{"input '" + p.input_name + "' must be 4-D (N, C, H, W) for a 2-D convolution, got " + Dims(shape)};
-    size_t C = 0;
-    for (const auto& s : p.steps)
-      if (s.kind == UnitKind::kConv) {
-        C = s.C;
-        break;
-      }
-    if (static_cast<size_t>(shape[1]) != C)
-      throw Failure{"input '" + p.input_name + "' has " + std::to_string(shape[1]) +
-                    " channels; the region's first convolution expects " + std::to_string(C)};
-    size_t N = static_cast<size_t>(shape[0]), H = static_cast<size_t>(shape[2]), W = static_cast<size_t>(shape[3]);
-    size_t ch = C;
-    int cur = 0;
-    uint8_t* a = Sized(cur, N * C * H * W);
-    qie::Transpose2D(xd, a, N, C, H * W, 1);
-    for (auto& s : p.steps) {
-      const size_t n = N * H * W * ch;
-      if (s.kind == UnitKind::kTable) {
-        if (s.ctable.empty()) {
-          ApplyLut(s.table, 1, a, a, n, 1, pfor);
-        } else {
-          if (ch != s.ctable.size() / 256)
-            throw Failure{"a BatchNormalization of " + std::to_string(s.ctable.size() / 256) + " channels meets " +
-                          std::to_string(ch) + " channels"};
-          ApplyLut(s.ctable.data(), ch, a, a, N * H * W, 1, pfor);
+    for (const RegionPlan::Step& s : p.steps) {
+      const Dims& d0 = dims[s.in[0]];
+      std::vector<uint8_t>& y = buf(s.out);
+      Dims& od = dims[s.out];
+      switch (s.kind) {
+        case UnitKind::kTable: {
+          if (s.tC > 1 && d0.c != s.tC)
+            throw Failure{s.name + " has per-channel constants for " + std::to_string(s.tC) + " channels, got " +
+                          d0.Nchw()};
+          const Dims d = d0;
+          if (y.size() < d.count()) y.resize(d.count());  // in place: already large enough
+          ApplyLut(s.table.data(), s.tC, buf(s.in[0]).data(), y.data(), d.pixels(), d.c, pfor);
+          od = d;
+          break;
         }
-        continue;
+        case UnitKind::kConv: RunConv(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+        case UnitKind::kBinary:
+          RunBinary(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
+          break;
+        case UnitKind::kGap: RunGap(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+        case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+        case UnitKind::kConcat: {
+          std::vector<const Dims*> ds;
+          std::vector<const uint8_t*> xs;
+          for (int v : s.in) {
+            ds.push_back(&dims[v]);
+            xs.push_back(buf(v).data());
+          }
+          RunConcat(s, ds, xs, &od, &y, pfor);
+          break;
+        }
       }
-      std::vector<int64_t> out, pad;
-      qie::ConvGeometry(s.at, {static_cast<int64_t>(H), static_cast<int64_t>(W)}, s.k, &out, &pad);
-      qie::ConvShape cs;
-      cs.batch = N;
-      cs.C = s.C;
-      cs.M = s.M;
-      cs.group = static_cast<size_t>(s.at.group);
-      cs.in[1] = H;
-      cs.in[2] = W;
-      cs.out[1] = static_cast<size_t>(out[0]);
-      cs.out[2] = static_cast<size_t>(out[1]);
-      cs.k[1] = static_cast<size_t>(s.k[0]);
-      cs.k[2] = static_cast<size_t>(s.k[1]);
-      for (int d = 0; d < 2; ++d) {
-        cs.stride[1 + d] = s.at.strides.empty() ? 1 : static_cast<size_t>(s.at.strides[d]);
-        cs.dil[1 + d] = s.at.dilations.empty() ? 1 : static_cast<size_t>(s.at.dilations[d]);
-        cs.pad[1 + d] = static_cast<size_t>(pad[d]);
-      }
-      const size_t osize = N * cs.out_pixels() * s.M;
-      uint8_t* b = Sized(1 - cur, osize);
-      a = Buffer(cur).data();  // Sized(1 - cur) never moves buffer cur
-      if (osize) {
-        qie::ConvArgs ca;
-        ca.x = a;
-        ca.x_signed = s.x_signed;
-        ca.x_zp = s.xzp;
-        ca.w_zp = s.wzp.data();
-        ca.bias = s.bias.empty() ? nullptr : s.bias.data();
-        ca.kind = s.out;
-        ca.scale = s.scale.data();
-        ca.y_zp = s.yzp;
-        ca.y = b;
-        qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA it was packed for
-      }
-      cur = 1 - cur;
-      a = b;
-      H = cs.out[1];
-      W = cs.out[2];
-      ch = s.M;
+      const RegionPlan::Value& ov = p.values[s.out];
+      if (ov.output < 0) continue;
+      const int64_t shape[4] = {static_cast<int64_t>(od.n), static_cast<int64_t>(od.c), static_cast<int64_t>(od.h),
+                                static_cast<int64_t>(od.w)};
+      OrtValue* out = nullptr;
+      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(ov.output), shape, 4, &out));
+      void* yd = nullptr;
+      Check(g_api->GetTensorMutableData(out, &yd));
+      qie::Transpose2D(y.data(), yd, od.n, od.h * od.w, od.c, 1);
     }
-    const std::vector<int64_t> yshape = {static_cast<int64_t>(N), static_cast<int64_t>(ch), static_cast<int64_t>(H),
-                                         static_cast<int64_t>(W)};
-    OrtValue* y = nullptr;
-    Check(g_api->KernelContext_GetOutput(ctx, 0, yshape.data(), yshape.size(), &y));
-    void* yd = nullptr;
-    Check(g_api->GetTensorMutableData(y, &yd));
-    qie::Transpose2D(a, yd, N, H * W, ch, 1);
   });
 }
 

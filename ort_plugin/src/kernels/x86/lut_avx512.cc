@@ -1,5 +1,6 @@
 // Per-channel byte lookup on AVX-512: y[p][c] = t[c][x[p][c]] over NHWC rows (the EP's quantized tables).
 //
+// One table (C = 1): sixteen contiguous bytes per gather. Per channel:
 // 1. Sixteen channels at a time: their 16 input bytes widened to int32 indices (vpmovzxbd).
 // 2. Each lane's index offset by its channel's table base (c * 256, a constant vector per channel block).
 // 3. One dword gather (scale 1) from the byte table, padded by 3 bytes so every dword read stays inside it;
@@ -14,6 +15,16 @@
 namespace qie {
 
 void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels) {
+  if (C == 1) {  // one table over contiguous bytes: sixteen pixels per gather
+    size_t p = 0;
+    for (; p + 16 <= pixels; p += 16) {
+      const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + p)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(y + p), _mm512_cvtepi32_epi8(_mm512_i32gather_epi32(idx, t, 1)));
+    }
+    for (; p < pixels; ++p) y[p] = t[x[p]];
+    _mm256_zeroupper();
+    return;
+  }
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (size_t c0 = 0; c0 < C; c0 += 16) {
     const size_t n = C - c0 < 16 ? C - c0 : 16;

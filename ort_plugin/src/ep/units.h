@@ -1,0 +1,85 @@
+// QDQ units of the plugin EP's regions: which node groups qie can run in the integer domain, matched over ORT's
+// graph API, and the constants they carry (tables, conv operands). Regions are formed from units in region.cc.
+//
+// Units (each one node group of the QDQ graph, each with its numpy-reference meaning):
+//   conv:   DQ(x) -> Conv(., DQ(W) [, DQ(int32 bias)]) -> Q        = QLinearConv's arithmetic (reference.qlinear_conv)
+//   table:  DQ(x) -> f -> Q, f an elementwise float subgraph of that one tensor and constants that are scalars or
+//           per-channel vectors ([1,C,1,1], [C,1,1]; BatchNormalization's [C]): Relu, Clip, LeakyRelu, HardSigmoid,
+//           HardSwish, Sigmoid, Tanh, Erf, Add/Sub/Mul/Div, Neg, Abs, Identity, BatchNormalization, and x * g(x)
+//           forms (SiLU, Gelu) = one 256-entry table per channel, q -> Q(f(DQ(q))) in float32
+//   binary: DQ(a), DQ(b) -> Add | Sub | Mul -> Q, 4-D with broadcasting  = the float QDQ arithmetic per element
+//   gap:    DQ(x) -> GlobalAveragePool -> Q                           = integer sum, float mean, QuantizeLinear
+//   concat: DQ(x_i) -> Concat(axis 1) -> Q                            = each input requantized to the output's scale
+//   maxpool: DQ(x) -> MaxPool -> Q (2-D, no indices output)             = max of the codes, requantized
+// A unit's input DequantizeLinears may be shared with other units (a value read by a conv and a residual Add); a
+// region takes a DequantizeLinear only with every one of its consumers.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "ep/graph.h"
+#include "ops/conv_core.h"
+
+namespace qie_ep {
+
+enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool };
+
+struct Unit {
+  UnitKind kind = UnitKind::kTable;
+  std::vector<const OrtNode*> in_dqs;  // one DequantizeLinear per runtime operand, in operand order
+  const OrtNode* op = nullptr;         // the Conv / Add / ... node (tables: the first node of f)
+  const OrtNode* q = nullptr;          // the output QuantizeLinear
+  std::vector<const OrtNode*> nodes;   // every node of the unit but its input DequantizeLinears
+};
+
+// Every unit of `nodes`, each node in at most one unit's `nodes`; nodes already assigned to an EP are skipped and
+// a node whose reading fails is left out (claiming nothing is always safe).
+std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes);
+
+// The operands of a conv unit, read from the graph.
+struct ConvOperands {
+  Constant sx, zx, w, sw, zw, sy, zy;
+  ONNXTensorElementDataType xt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, wt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int32_t> bias;
+  qie::ConvAttrs at;
+};
+bool MatchConv(const OrtNode* conv, Unit* u, ConvOperands* o);
+
+// A unit input's or output's per-tensor quantization.
+struct QParams {
+  float scale = 1.0f;
+  int32_t zp = 0;
+  bool is_signed = false;
+};
+QParams InputParams(const OrtNode* dq);  // of a unit's input DequantizeLinear
+QParams OutputParams(const OrtNode* q);  // of its QuantizeLinear
+
+// q = saturate(round_half_even(v / s) + zp), as ORT's QuantizeLinear (MLAS) computes it; the byte of the code.
+// Branch-free so loops over it vectorize: NaN goes to the zero point (MLAS's min/max order), the clamped value
+// (|x| <= 510) is rounded half to even by adding and subtracting 1.5 * 2^23 (exact below 2^22).
+struct Quantizer {
+  float scale, lo, hi;
+  int32_t zp;
+  explicit Quantizer(const QParams& p)
+      : scale(p.scale),
+        lo(static_cast<float>((p.is_signed ? -128 : 0) - p.zp)),
+        hi(static_cast<float>((p.is_signed ? 127 : 255) - p.zp)),
+        zp(p.zp) {}
+  uint8_t operator()(float v) const {
+    float x = v / scale;
+    x = x == x ? x : 0.0f;
+    x = x < lo ? lo : x;
+    x = x > hi ? hi : x;
+    constexpr float kMagic = 12582912.0f;
+    x = (x + kMagic) - kMagic;
+    return static_cast<uint8_t>(static_cast<int32_t>(x) + zp);
+  }
+};
+inline uint8_t QuantizeOne(float v, const QParams& p) { return Quantizer(p)(v); }
+// The code of byte b.
+inline int32_t Code(uint8_t b, bool is_signed) { return is_signed ? static_cast<int8_t>(b) : b; }
+
+// A table unit's tables, [C][256] (C = 1 when every constant is a scalar).
+std::vector<uint8_t> EvalTable(const Unit& u, size_t* C);
+
+}  // namespace qie_ep
