@@ -472,8 +472,9 @@ void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* o
 // y = Q(DQ(a) op DQ(b)) with NumPy broadcasting of two NHWC tensors; one row of C channels (element strides ca,
 // cb: 1, or 0 for a broadcast operand), specialised so the loop vectorizes.
 template <char Op, bool AS, bool BS>
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRow(const uint8_t* a, size_t ca, const uint8_t* b, size_t cb, uint8_t* y, size_t C, const QParams& qa,
-               const QParams& qb, const QParams& qy) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRow(
+    const uint8_t* a, size_t ca, const uint8_t* b, size_t cb, uint8_t* y, size_t C, const QParams& qa,
+    const QParams& qb, const QParams& qy) {
   const float sa = qa.scale, sb = qb.scale;
   const int32_t za = qa.zp, zb = qb.zp;
   const Quantizer q(qy);
@@ -593,8 +594,9 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
 }
 
 // py[c] = max(py[c], px[c] ^ flip): signed codes compared as unsigned once their sign bit is flipped.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void MaxInto(
-    uint8_t* __restrict py, const uint8_t* __restrict px, size_t C, uint8_t flip) {
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void MaxInto(uint8_t* __restrict py,
+                                                                                           const uint8_t* __restrict px,
+                                                                                           size_t C, uint8_t flip) {
   for (size_t c = 0; c < C; ++c) {
     const uint8_t v = px[c] ^ flip;
     py[c] = py[c] > v ? py[c] : v;
