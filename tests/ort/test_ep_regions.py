@@ -239,12 +239,22 @@ def test_resnet_like_region_equals_ort(tmp_path, level, per_channel, signed):
     assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
     assert {"Conv", "MaxPool", "GlobalAveragePool", "Mul", "Concat", "Add"} <= set(ours)
     qie_ep.reset_stats()
-    for shape in ((1, 3, 32, 32), (2, 3, 17, 23), (1, 3, 1, 1)):
+    for shape in ((1, 3, 32, 32), (2, 3, 17, 23), (1, 3, 1, 1), (0, 3, 16, 16)):  # and an empty batch
         feeds = {"x": rng.normal(size=shape).astype(np.float32)}
         (got,), _ = run(model, feeds, level, qie=True)
         (want,), _ = run(model, feeds, level, qie=False)
         np.testing.assert_array_equal(got, want)
-    assert qie_ep.ep_stats()["region_runs"] >= 3, qie_ep.ep_stats()
+    assert qie_ep.ep_stats()["region_runs"] >= 4, qie_ep.ep_stats()
+
+
+@needs_ep
+def test_region_bad_spatial_size_names_the_node(tmp_path):
+    """An input too small for a convolution's kernel (ORT fails too): a clear error naming the region's node."""
+    rng = np.random.default_rng(3)
+    model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    s = session(model, options(qie=True, log_level=4))
+    with pytest.raises(Exception, match=r"Conv '.*' on input \[1,3,0,16\].*kernel extent"):
+        s.run(None, {"x": np.zeros((1, 3, 0, 16), np.float32)})
 
 
 @needs_ep
@@ -287,3 +297,81 @@ def test_region_that_a_path_leaves_and_reenters_is_cut(tmp_path, level):
     assert ours.count("Conv") == 2 and "Floor" in theirs, (ours, theirs)
     (got,), _ = run(model, feeds, level, qie=True)
     np.testing.assert_array_equal(got, run(model, feeds, level, qie=False)[0][0])
+
+
+def random_network(seed, c=8):
+    """A random stack of blocks (strided / grouped / dilated convs, residual Adds, squeeze-excitation, Concat,
+    MaxPool, per-channel bias Adds, exact activations) from one seed, for property-style region checks."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, count = [], [], [0]
+
+    def fresh(prefix):
+        count[0] += 1
+        return f"{prefix}{count[0]}"
+
+    def conv(x, cin, cout, k=3, stride=1, group=1, dil=1, bias=True):
+        name = fresh("conv")
+        w = (rng.normal(size=(cout, cin // group, k, k)) * (1.5 / np.sqrt(cin // group * k * k))).astype(np.float32)
+        inits.append(nh.from_array(w, name + "_w"))
+        ins = [x, name + "_w"]
+        if bias:
+            inits.append(nh.from_array((rng.normal(size=cout) * 0.1).astype(np.float32), name + "_b"))
+            ins.append(name + "_b")
+        pad = dil * (k // 2)
+        nodes.append(h.make_node("Conv", ins, [name], pads=[pad] * 4, strides=[stride] * 2, group=group,
+                                 dilations=[dil] * 2))
+        return name
+
+    def op(kind, ins, **attrs):
+        name = fresh(kind.lower())
+        nodes.append(h.make_node(kind, ins, [name], **attrs))
+        return name
+
+    def act(x):
+        kind = ["Relu", "HardSwish", "LeakyRelu", "Clip", None][rng.integers(5)]
+        if kind == "Clip":
+            lo, hi = fresh("lo"), fresh("hi")
+            inits.extend([nh.from_array(np.array(0, np.float32), lo), nh.from_array(np.array(6, np.float32), hi)])
+            return op("Clip", [x, lo, hi])
+        return op(kind, [x], **({"alpha": 0.1} if kind == "LeakyRelu" else {})) if kind else x
+
+    x = act(conv("x", 3, c, 3, stride=2))
+    for _ in range(int(rng.integers(3, 6))):
+        block = rng.integers(6)
+        if block == 0:  # residual
+            x = act(op("Add", [conv(act(conv(x, c, c)), c, c), x]))
+        elif block == 1:  # depthwise (maybe strided or dilated) + pointwise
+            x = act(conv(act(conv(x, c, c, 3, stride=int(rng.integers(1, 3)), group=c, dil=int(rng.integers(1, 3)))),
+                         c, c, 1))
+        elif block == 2:  # squeeze-excitation
+            s = op("HardSigmoid", [conv(act(conv(op("GlobalAveragePool", [x]), c, c // 2, 1)), c // 2, c, 1)])
+            x = op("Mul", [x, s])
+        elif block == 3:  # two branches concatenated, back to c channels
+            x = conv(op("Concat", [conv(x, c, c, 1), act(conv(x, c, c // 2, 3))], axis=1), c + c // 2, c, 1)
+        elif block == 4:
+            x = op("MaxPool", [x], kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_UPPER")
+        else:  # bias as its own Add, as Paddle exports it
+            b = fresh("bias")
+            inits.append(nh.from_array((rng.normal(size=(1, c, 1, 1)) * 0.2).astype(np.float32), b))
+            x = act(op("Add", [conv(x, c, c, bias=False), b]))
+    x = conv(x, c, c, 1)
+    g = h.make_graph(nodes, f"random{seed}", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info(x, T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+@needs_ep
+@pytest.mark.parametrize("seed", range(12))
+def test_random_networks_equal_ort(tmp_path, seed):
+    """Random block stacks, quantized as a user would: everything but the input Q and output DQ runs in qie's
+    regions, and the results equal ORT's at DISABLE_ALL and ALL (no element apart), for two input shapes."""
+    rng = np.random.default_rng(100 + seed)
+    model = quantize(random_network(seed), rng, bool(seed % 2), bool(seed % 3 == 0), tmp_path, shape=(1, 3, 24, 24))
+    for level in ("disable", "all"):
+        ours, theirs = claimed_ops(model, level)
+        assert ours.count("Conv") == sum(n.op_type == "Conv" for n in model.graph.node), (ours, theirs)
+        for shape in ((1, 3, 24, 24), (2, 3, 13, 18)):
+            feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+            (got,), _ = run(model, feeds, level, qie=True)
+            (want,), _ = run(model, feeds, level, qie=False)
+            np.testing.assert_array_equal(got, want, err_msg=f"seed {seed} level {level} shape {shape}")

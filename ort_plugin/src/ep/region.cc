@@ -432,11 +432,18 @@ void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t 
   });
 }
 
+// Output dims and leading pads of a conv or pool step on input `d`; a bad geometry names the node.
+void Geometry(const RegionPlan::Step& s, const Dims& d, std::vector<int64_t>* out, std::vector<int64_t>* pad) {
+  try {
+    qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, out, pad);
+  } catch (const std::exception& e) { throw Failure{s.name + " on input " + d.Nchw() + ": " + e.what()}; }
+}
+
 void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
              const qie::ParallelFor& pfor) {
   if (d.c != s.C) throw Failure{s.name + " expects " + std::to_string(s.C) + " input channels, got " + d.Nchw()};
   std::vector<int64_t> out, pad;
-  qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, &out, &pad);
+  Geometry(s, d, &out, &pad);
   qie::ConvShape cs;
   cs.batch = d.n;
   cs.C = s.C;
@@ -606,7 +613,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
   std::vector<int64_t> out, pad;
-  qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, &out, &pad);
+  Geometry(s, d, &out, &pad);
   *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
   if (ybuf->size() < od->count()) ybuf->resize(od->count());
   uint8_t* y = ybuf->data();
