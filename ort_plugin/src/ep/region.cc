@@ -5,7 +5,9 @@
 // ORT_ENABLE_EXTENDED and above; within one step of the float DQ -> Conv -> Q below that). Tables are exact
 // (units.cc). A binary unit computes the float QDQ graph per element, Q(DQ(a) op DQ(b)): equal to ORT's float
 // nodes, within one step of its QLinearAdd / QLinearMul. A global average pool sums the codes exactly and
-// quantizes float(sum - HW * zx) * sx / HW (ORT's float kernel sums floats: within one step). Concat and
+// quantizes float(sum - HW * zx) * sx / HW (ORT's float kernel sums floats: within one step); AveragePool sums
+// the dequantized window in float32, rows then columns, and divides: equal to ORT with count_include_pad, within
+// one step at the borders without it (measured; ORT's float kernel sums border windows in another order). Concat and
 // MaxPool move codes (max of codes = code of the max: DequantizeLinear is increasing) and requantize them by
 // table where the output's scale or zero point differs, exactly as the QDQ graph.
 //
@@ -180,6 +182,8 @@ struct RegionPlan {
     std::vector<float> scale;
     // binary
     char op = '+';
+    // average pool: padding counted in the divisor
+    bool include_pad = false;
     // concat / maxpool: per input, code -> output code (empty: the identity)
     std::vector<std::vector<uint8_t>> requant;
   };
@@ -373,14 +377,11 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.op = op == "Add" ? '+' : op == "Sub" ? '-' : '*';
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
       for (const QParams& q : s.qin) s.requant.push_back(Requant(q, s.qout));
-      if (u.kind == UnitKind::kMaxPool) {
-        s.at.auto_pad = AttrString(u.op, "auto_pad", "NOTSET");
-        s.at.kernel_shape = AttrInts(u.op, "kernel_shape");
-        s.at.pads = AttrInts(u.op, "pads");
-        s.at.strides = AttrInts(u.op, "strides");
-        s.at.dilations = AttrInts(u.op, "dilations");
-        s.k = s.at.kernel_shape;
-      }
+    }
+    if (u.kind == UnitKind::kMaxPool || u.kind == UnitKind::kAvgPool) {
+      s.at = PoolAttrs(u.op);
+      s.k = s.at.kernel_shape;
+      s.include_pad = AttrInt(u.op, "count_include_pad", 0) != 0;
     }
     s.out = value(out_name, s.qout.is_signed);
     producer_step[s.out] = static_cast<int>(p.steps.size());
@@ -649,6 +650,59 @@ void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
   });
 }
 
+// y = Q(sum of the window's dequantized values / count), summed in float32 in ORT's order (rows, then columns).
+void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                const qie::ParallelFor& pfor) {
+  std::vector<int64_t> out, pad;
+  Geometry(s, d, &out, &pad);
+  *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t C = d.c;
+  const QParams& qx = s.qin[0];
+  const Quantizer q(s.qout);
+  const int64_t sh = s.at.strides.empty() ? 1 : s.at.strides[0], sw = s.at.strides.empty() ? 1 : s.at.strides[1];
+  const int64_t dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
+  const int64_t dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
+  pfor(od->n * od->h, [&](size_t r) {
+    thread_local std::vector<float> acc;
+    acc.resize(C);
+    const size_t n = r / od->h;
+    const int64_t oh = static_cast<int64_t>(r % od->h);
+    for (size_t ow = 0; ow < od->w; ++ow) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      int64_t taps = 0;
+      for (int64_t kh = 0; kh < s.k[0]; ++kh) {
+        const int64_t ih = oh * sh - pad[0] + kh * dh;
+        if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) {
+          const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
+          if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
+          const uint8_t* px = x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * C;
+          for (size_t c = 0; c < C; ++c) acc[c] += static_cast<float>(Code(px[c], qx.is_signed) - qx.zp) * qx.scale;
+          ++taps;
+        }
+      }
+      // The divisor: the window's taps inside the input, or with count_include_pad every tap inside the padded
+      // input (ONNX: the pads, not the window's overhang past them).
+      int64_t count = taps;
+      if (s.include_pad) {
+        const int64_t h0 = oh * sh - pad[0], w0 = static_cast<int64_t>(ow) * sw - pad[1];
+        const int64_t hlim = static_cast<int64_t>(d.h) + (s.at.pads.size() == 4 ? s.at.pads[2] : pad[0]);
+        const int64_t wlim = static_cast<int64_t>(d.w) + (s.at.pads.size() == 4 ? s.at.pads[3] : pad[1]);
+        int64_t hk = 0, wk = 0;
+        for (int64_t kh = 0; kh < s.k[0]; ++kh) hk += h0 + kh * dh < hlim;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) wk += w0 + kw * dw < wlim;
+        count = hk * wk;
+      }
+      uint8_t* py = y + (r * od->w + ow) * C;
+      const float div = static_cast<float>(count);
+      for (size_t c = 0; c < C; ++c) py[c] = q(acc[c] / div);
+    }
+  });
+}
+
 }  // namespace
 
 OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
@@ -697,6 +751,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
           break;
         case UnitKind::kGap: RunGap(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
         case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+        case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
         case UnitKind::kConcat: {
           std::vector<const Dims*> ds;
           std::vector<const uint8_t*> xs;

@@ -211,23 +211,33 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
   return true;
 }
 
-bool MatchMaxPool(const OrtNode* n, Unit* u) {
-  if (!IsOp(n, "MaxPool") || AttrInt(n, "storage_order", 0) != 0 || AttrInt(n, "ceil_mode", 0) != 0) return false;
+// DQ(x) -> MaxPool | AveragePool -> Q, 2-D, floor mode (MaxPool: no indices output).
+bool MatchPool(const OrtNode* n, Unit* u) {
+  const bool max = IsOp(n, "MaxPool");
+  if (!max && !IsOp(n, "AveragePool")) return false;
+  if (AttrInt(n, "ceil_mode", 0) != 0 || (max && AttrInt(n, "storage_order", 0) != 0)) return false;
   if (AttrInts(n, "kernel_shape").size() != 2) return false;
+  if (!max && AttrInt(n, "count_include_pad", 0) != 0 && AttrString(n, "auto_pad", "NOTSET") != "NOTSET")
+    return false;  // the divisor then depends on ORT's padding split: left to ORT
+  try {
+    const qie::ConvAttrs at = PoolAttrs(n);
+    std::vector<int64_t> oshape, pad;
+    qie::ConvGeometry(at, {-1, -1}, at.kernel_shape, &oshape, &pad);
+  } catch (const std::exception&) { return false; }
+  return MatchMultiInput(n, max ? UnitKind::kMaxPool : UnitKind::kAvgPool, 1, 1, u);
+}
+
+}  // namespace
+
+qie::ConvAttrs PoolAttrs(const OrtNode* n) {
   qie::ConvAttrs at;
   at.auto_pad = AttrString(n, "auto_pad", "NOTSET");
   at.kernel_shape = AttrInts(n, "kernel_shape");
   at.pads = AttrInts(n, "pads");
   at.strides = AttrInts(n, "strides");
   at.dilations = AttrInts(n, "dilations");
-  try {
-    std::vector<int64_t> oshape, pad;
-    qie::ConvGeometry(at, {-1, -1}, at.kernel_shape, &oshape, &pad);
-  } catch (const std::exception&) { return false; }
-  return MatchMultiInput(n, UnitKind::kMaxPool, 1, 1, u);
+  return at;
 }
-
-}  // namespace
 
 QParams InputParams(const OrtNode* dq) {
   Constant unused, sx, zx;
@@ -307,8 +317,8 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
       else if (op == "Concat") {
         const int64_t axis = AttrInt(n, "axis", 0);
         ok = (axis == 1 || axis == -3) && MatchMultiInput(n, UnitKind::kConcat, 1, 64, &u);
-      } else if (op == "MaxPool")
-        ok = MatchMaxPool(n, &u);
+      } else if (op == "MaxPool" || op == "AveragePool")
+        ok = MatchPool(n, &u);
       if (!ok) continue;
       bool free = true;
       for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);

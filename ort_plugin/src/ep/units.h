@@ -11,6 +11,7 @@
 //   gap:    DQ(x) -> GlobalAveragePool -> Q                           = integer sum, float mean, QuantizeLinear
 //   concat: DQ(x_i) -> Concat(axis 1) -> Q                            = each input requantized to the output's scale
 //   maxpool: DQ(x) -> MaxPool -> Q (2-D, no indices output)             = max of the codes, requantized
+//   avgpool: DQ(x) -> AveragePool -> Q (2-D)                          = integer window sums, float mean, Q
 // A unit's input DequantizeLinears may be shared with other units (a value read by a conv and a residual Add); a
 // region takes a DequantizeLinear only with every one of its consumers.
 #pragma once
@@ -22,7 +23,7 @@
 
 namespace qie_ep {
 
-enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool };
+enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool };
 
 struct Unit {
   UnitKind kind = UnitKind::kTable;
@@ -44,6 +45,8 @@ struct ConvOperands {
   qie::ConvAttrs at;
 };
 bool MatchConv(const OrtNode* conv, Unit* u, ConvOperands* o);
+// A MaxPool's or AveragePool's window attributes in the conv geometry's terms.
+qie::ConvAttrs PoolAttrs(const OrtNode* n);
 
 // A unit input's or output's per-tensor quantization.
 struct QParams {
