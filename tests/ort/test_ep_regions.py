@@ -366,7 +366,8 @@ def random_network(seed, c=8):
 @needs_ep
 @pytest.mark.parametrize("seed", range(16))
 def test_random_networks_equal_ort(tmp_path, seed):
-    """Random block stacks, quantized as a user would: (nearly) everything runs in qie's regions, and the results equal ORT's at DISABLE_ALL and ALL (no element apart), for two input shapes."""
+    """Random block stacks, quantized as a user would: (nearly) everything runs in qie's regions, and the results
+    equal ORT's at DISABLE_ALL and ALL (no element apart), for two input shapes."""
     rng = np.random.default_rng(100 + seed)
     model = quantize(random_network(seed), rng, bool(seed % 2), bool(seed % 3 == 0), tmp_path, shape=(1, 3, 24, 24))
     for level in ("disable", "all"):
