@@ -29,7 +29,7 @@ def _isas() -> tuple:
 _EP_REGISTERED_KEY = "qie.ep_added"
 
 
-def register(sess_options, ep: bool | None = None) -> None:
+def register(sess_options, ep: bool | None = None, ep_options: dict | None = None) -> None:
     """Register qie with an ``onnxruntime.SessionOptions``.
 
     ``ep`` (default: wherever ``ep_available()``) adds qie's plugin execution provider ahead of the CPU EP:
@@ -44,15 +44,40 @@ def register(sess_options, ep: bool | None = None) -> None:
     MatMulIntegerToFloat and DynamicQuantizeMatMul; with the EP it does not, because a custom com.microsoft
     domain breaks ORT's own contrib fusions in models that do not import it (see ``with_contrib_opset``).
     Registering twice on the same options is a no-op.
+
+    ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm units), ``regions`` ("1"/"0":
+    claim conv regions), ``min_region_convs`` (convolutions a region needs, default "2"). A bad value fails the
+    session creation with a message naming the option.
     """
     if ep is None:
         ep = ep_available()
+    options = _ep_options(ep_options)
     if not _has_config(sess_options, _CUSTOM_OPS_KEY):
         sess_options.add_session_config_entry(_CONTRIB_KEY, "0" if ep else "1")
     sess_options.register_custom_ops_library(library_path())
     if ep and not _has_config(sess_options, _EP_REGISTERED_KEY):
-        sess_options.add_provider_for_devices(_ep_devices(), {})
+        sess_options.add_provider_for_devices(_ep_devices(), options)
         sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
+
+
+_EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "min_region_convs": None}
+
+
+def _ep_options(given: dict | None) -> dict:
+    """The EP options as strings, checked here so a typo is a ValueError rather than ORT's fallback to its CPU EP
+    (the library checks them again)."""
+    out = {}
+    for key, value in (given or {}).items():
+        value = str(int(value) if isinstance(value, bool) else value)
+        if key not in _EP_OPTIONS:
+            raise ValueError(f"unknown qie EP option {key!r}; known: {', '.join(_EP_OPTIONS)}")
+        allowed = _EP_OPTIONS[key]
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"qie EP option {key!r} must be one of {allowed}, got {value!r}")
+        if allowed is None and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"qie EP option {key!r} must be an integer >= 1, got {value!r}")
+        out[key] = value
+    return out
 
 
 _CUSTOM_OPS_KEY = "qie.custom_ops_registered"  # set by the library (register.cc)

@@ -407,3 +407,41 @@ def test_average_pool_without_padding_within_one_step(tmp_path, level, stride):
     assert apart.max() <= 1.0001, apart.max()
     assert (apart[..., 1:-1, 1:-1] == 0).all()  # interior windows: no padding, same sums
     assert (apart > 0.5).mean() < 0.1
+
+
+@needs_ep
+def test_ep_options_turn_regions_off_and_are_checked(tmp_path):
+    """`register(so, ep_options=...)`: regions off or a higher conv minimum leave the model to ORT (same results);
+    bad keys and values are ValueErrors naming them; a bad value that reaches the library fails the EP's creation
+    with a message naming the option."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    feeds = {"x": rng.normal(size=(1, 3, 20, 20)).astype(np.float32)}
+    want = run(model, feeds, "all", qie=False)[0][0]
+
+    def claimed(opts):
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        qie_ep.register(so, ep_options=opts)
+        s = ort.InferenceSession(model.SerializeToString(), so)
+        np.testing.assert_array_equal(s.run(None, feeds)[0], want)
+        return sum(len(a.get_nodes()) for a in s.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME)
+
+    assert claimed({}) > 40
+    assert claimed({"regions": "0"}) == 0
+    assert claimed({"min_region_convs": 9}) == 0  # the network has 8 convolutions
+    assert claimed({"min_region_convs": 8, "units": False}) > 40
+    for bad, msg in (({"region": "0"}, "unknown qie EP option 'region'"), ({"regions": "yes"}, "'regions' must be"),
+                     ({"min_region_convs": "0"}, "integer >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            qie_ep.register(ort.SessionOptions(), ep_options=bad)
+    so = ort.SessionOptions()
+    qie_ep.register(so)
+    so.add_session_config_entry("ep.qie.regions", "2")  # past the Python check
+    with pytest.raises(Exception, match="option 'regions' must be 0 or 1"):
+        # ORT's own session class, without the Python wrapper's retry on the CPU EP alone
+        from onnxruntime.capi import _pybind_state as C
+
+        C.InferenceSession(so, model.SerializeToString(), False, False).initialize_session([], [], set())

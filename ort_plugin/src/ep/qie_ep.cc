@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -237,6 +238,7 @@ struct ComputeInfo : OrtNodeComputeInfo {
 // ---- the EP -----------------------------------------------------------------------------------------------
 
 struct QieEp : OrtEp {
+  bool units_on = true;
   bool regions_on = true;
   RegionOptions region_opts;
   QieEp() : OrtEp{} {
@@ -250,6 +252,7 @@ struct QieEp : OrtEp {
         opts.ort_version_supported = ORT_API_VERSION;
         opts.drop_constant_initializers = true;  // weights and scales are read (and packed) at Compile
         for (const OrtNode* node : nodes) {
+          if (!self->units_on) break;
           // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
           // creation never is.
           MatMulUnit u;
@@ -305,6 +308,50 @@ struct QieEp : OrtEp {
   }
 };
 
+// The EP's options (`register(so, ep_options={...})`, stored by ORT as session config "ep.qie.<key>"):
+//   units   "1" (default) / "0": claim MatMul / Gemm units
+//   regions "1" (default) / "0": claim conv regions
+//   min_region_convs: convolutions a region needs (default 2, >= 1)
+// A bad value fails the session creation with a message naming the option.
+std::string ConfigEntry(const OrtSessionOptions* so, const std::string& key, bool* found) {
+  *found = false;
+  if (!so) return "";
+  int has = 0;
+  Check(g_api->HasSessionConfigEntry(so, key.c_str(), &has));
+  if (!has) return "";
+  size_t size = 0;
+  Check(g_api->GetSessionConfigEntry(so, key.c_str(), nullptr, &size));
+  std::string v(size, '\0');
+  Check(g_api->GetSessionConfigEntry(so, key.c_str(), v.data(), &size));
+  while (!v.empty() && v.back() == '\0') v.pop_back();
+  *found = true;
+  return v;
+}
+
+void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
+  auto flag = [&](const char* key, bool* out) {
+    for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
+      bool found = false;
+      const std::string v = ConfigEntry(so, std::string(prefix) + key, &found);
+      if (!found) continue;
+      if (v != "0" && v != "1") throw Failure{std::string("option '") + key + "' must be 0 or 1, got '" + v + "'"};
+      *out = v == "1";
+    }
+  };
+  flag("units", &ep->units_on);
+  flag("regions", &ep->regions_on);
+  for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
+    bool found = false;
+    const std::string v = ConfigEntry(so, std::string(prefix) + "min_region_convs", &found);
+    if (!found) continue;
+    char* end = nullptr;
+    const long n = std::strtol(v.c_str(), &end, 10);
+    if (v.empty() || *end || n < 1 || n > 1000000)
+      throw Failure{"option 'min_region_convs' must be an integer >= 1, got '" + v + "'"};
+    ep->region_opts.min_conv_units = static_cast<size_t>(n);
+  }
+}
+
 // ---- the factory ------------------------------------------------------------------------------------------
 
 struct QieFactory : OrtEpFactory {
@@ -328,9 +375,13 @@ struct QieFactory : OrtEpFactory {
       return nullptr;
     };
     CreateEp = [](OrtEpFactory*, const OrtHardwareDevice* const*, const OrtKeyValuePairs* const*, size_t,
-                  const OrtSessionOptions*, const OrtLogger*, OrtEp** ep) noexcept -> OrtStatus* {
-      *ep = new QieEp();
-      return nullptr;
+                  const OrtSessionOptions* so, const OrtLogger*, OrtEp** ep) noexcept -> OrtStatus* {
+      *ep = nullptr;
+      return Guard("options", [&] {
+        auto e = std::make_unique<QieEp>();
+        ReadOptions(so, e.get());
+        *ep = e.release();
+      });
     };
     ReleaseEp = [](OrtEpFactory*, OrtEp* ep) noexcept { delete static_cast<QieEp*>(ep); };
     ValidateCompiledModelCompatibilityInfo = [](OrtEpFactory*, const OrtHardwareDevice* const*, size_t, const char*,
