@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from qie_ep._lib import library_path, lib
 
-__all__ = ["register", "ep_available", "ep_stats", "with_contrib_opset", "library_path", "ops", "stats", "reset_stats",
+__all__ = ["register", "ep_available", "ep_stats", "region_profile", "with_contrib_opset", "library_path", "ops", "stats", "reset_stats",
            "active_isa", "supported_isas", "force_isa", "ISAS", "EP_NAME"]
 __version__ = "0.1.0"
 
@@ -46,7 +46,8 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     Registering twice on the same options is a no-op.
 
     ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm units), ``regions`` ("1"/"0":
-    claim conv regions), ``min_region_convs`` (convolutions a region needs, default "2"). A bad value fails the
+    claim conv regions), ``min_region_convs`` (convolutions a region needs, default "2"), ``profile`` ("1": time
+    the regions' unit kinds, see ``region_profile()``). A bad value fails the
     session creation with a message naming the option.
     """
     if ep is None:
@@ -60,7 +61,7 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
         sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
 
 
-_EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "min_region_convs": None}
+_EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "min_region_convs": None, "profile": ("0", "1")}
 
 
 def _ep_options(given: dict | None) -> dict:
@@ -133,6 +134,21 @@ def ep_stats() -> dict:
     regions, region_runs = ctypes.c_long(), ctypes.c_long()
     h.qie_ep_region_counters(ctypes.byref(regions), ctypes.byref(region_runs))
     return {"claimed": claimed.value, "runs": runs.value, "regions": regions.value, "region_runs": region_runs.value}
+
+
+def region_profile() -> dict:
+    """Time in the EP's regions per unit kind (conv, table, binary, gap, concat, maxpool, avgpool, and layout: the
+    NCHW <-> NHWC transposes at region edges) since load or ``reset_stats()``, for sessions whose EP was created
+    with ``ep_options={"profile": "1"}``: {kind: {"runs": n, "ms": total}} for kinds that ran."""
+    from qie_ep._lib import ep_lib
+    h = ep_lib()
+    if h is None:
+        return {}
+    import ctypes
+    names = h.qie_ep_region_profile_names().decode().split()
+    ns, calls = (ctypes.c_int64 * len(names))(), (ctypes.c_int64 * len(names))()
+    h.qie_ep_region_profile(ns, calls, len(names))
+    return {k: {"runs": calls[i], "ms": ns[i] / 1e6} for i, k in enumerate(names) if calls[i]}
 
 
 def with_contrib_opset(model):

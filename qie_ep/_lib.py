@@ -85,6 +85,10 @@ def ep_lib() -> ctypes.CDLL | None:
     h.qie_ep_counters.restype = None
     h.qie_ep_region_counters.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     h.qie_ep_region_counters.restype = None
+    h.qie_ep_region_profile.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    h.qie_ep_region_profile.restype = ctypes.c_size_t
+    h.qie_ep_region_profile_names.argtypes = []
+    h.qie_ep_region_profile_names.restype = ctypes.c_char_p
     h.qie_ep_reset.argtypes = []
     h.qie_ep_reset.restype = None
     h.qie_ep_active_isa.argtypes = []
@@ -114,6 +118,8 @@ def testing_lib() -> ctypes.CDLL:
     h.qie_test_conv.restype = c.c_int
     h.qie_test_quantize_dynamic.argtypes = [c.c_char_p, p, c.c_size_t, p, p, p]
     h.qie_test_quantize_dynamic.restype = c.c_int
+    h.qie_test_channel_lut.argtypes = [c.c_char_p, p, c.c_size_t, p, p, c.c_size_t, c.c_int]
+    h.qie_test_channel_lut.restype = c.c_int
     h.qie_test_microkernel.argtypes = [c.c_char_p, p, p, p]
     h.qie_test_microkernel.restype = c.c_int
     h.qie_bench_vnni_peak_gops.argtypes = []

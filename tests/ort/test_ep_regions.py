@@ -445,3 +445,27 @@ def test_ep_options_turn_regions_off_and_are_checked(tmp_path):
         from onnxruntime.capi import _pybind_state as C
 
         C.InferenceSession(so, model.SerializeToString(), False, False).initialize_session([], [], set())
+
+
+@needs_ep
+def test_region_profile_counts_unit_kinds(tmp_path):
+    """With ep_options={"profile": "1"} the regions time each unit kind and the layout changes at their edges;
+    without it nothing is recorded."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(3)
+    model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    feeds = {"x": rng.normal(size=(1, 3, 20, 20)).astype(np.float32)}
+    for profile in ("0", "1"):
+        so = ort.SessionOptions()
+        qie_ep.register(so, ep_options={"profile": profile})
+        s = ort.InferenceSession(model.SerializeToString(), so)
+        qie_ep.reset_stats()
+        for _ in range(3):
+            s.run(None, feeds)
+        p = qie_ep.region_profile()
+        if profile == "0":
+            assert p == {}
+        else:
+            assert p["conv"]["runs"] == 3 * 8 and p["layout"]["runs"] == 3 * 2, p  # one input, one output
+            assert {"table", "binary", "gap", "concat", "maxpool"} <= set(p) and all(v["ms"] > 0 for v in p.values())

@@ -278,9 +278,10 @@ struct QieEp : OrtEp {
         }
       });
     };
-    Compile = [](OrtEp*, const OrtGraph** graphs, const OrtNode** fused, size_t count, OrtNodeComputeInfo** infos,
+    Compile = [](OrtEp* ep, const OrtGraph** graphs, const OrtNode** fused, size_t count, OrtNodeComputeInfo** infos,
                  OrtNode** ep_context_nodes) noexcept -> OrtStatus* {
       return Guard("Compile", [&] {
+        const QieEp* self = static_cast<const QieEp*>(ep);
         for (size_t i = 0; i < count; ++i) {
           infos[i] = nullptr;
           if (ep_context_nodes) ep_context_nodes[i] = nullptr;
@@ -296,7 +297,7 @@ struct QieEp : OrtEp {
             std::vector<std::string> in_names, out_names;
             for (const OrtValueInfo* v : Inputs(fused[i])) in_names.push_back(v ? Name(v) : "");
             for (const OrtValueInfo* v : Outputs(fused[i])) out_names.push_back(v ? Name(v) : "");
-            info->region.reset(CompileRegion(nodes, in_names, out_names));
+            info->region.reset(CompileRegion(nodes, in_names, out_names, self->region_opts));
           }
           infos[i] = info.release();
         }
@@ -312,6 +313,7 @@ struct QieEp : OrtEp {
 //   units   "1" (default) / "0": claim MatMul / Gemm units
 //   regions "1" (default) / "0": claim conv regions
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
+//   profile "0" (default) / "1": time the regions' unit kinds (qie_ep_region_profile)
 // A bad value fails the session creation with a message naming the option.
 std::string ConfigEntry(const OrtSessionOptions* so, const std::string& key, bool* found) {
   *found = false;
@@ -340,6 +342,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   };
   flag("units", &ep->units_on);
   flag("regions", &ep->regions_on);
+  flag("profile", &ep->region_opts.profile);
   for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
     bool found = false;
     const std::string v = ConfigEntry(so, std::string(prefix) + "min_region_convs", &found);
@@ -447,11 +450,17 @@ __attribute__((visibility("default"))) void qie_ep_counters(long* claimed, long*
 __attribute__((visibility("default"))) void qie_ep_reset() {
   g_runs.store(0);
   g_region_runs.store(0);
+  ResetRegionProfile();
 }
 // Regions claimed by GetCapability and their runs.
 __attribute__((visibility("default"))) void qie_ep_region_counters(long* claimed, long* runs) {
   *claimed = g_regions.load();
   *runs = g_region_runs.load();
+}
+// Region time per unit kind (profile option): names (space separated), and nanoseconds / runs per kind.
+__attribute__((visibility("default"))) const char* qie_ep_region_profile_names() { return RegionProfileNames(); }
+__attribute__((visibility("default"))) size_t qie_ep_region_profile(int64_t* ns, int64_t* calls, size_t n) {
+  return RegionProfile(ns, calls, n);
 }
 // The ISA path the EP's kernels use (its library has its own dispatch state; QIE_ISA applies to it too).
 __attribute__((visibility("default"))) const char* qie_ep_active_isa() { return qie::IsaName(qie::ActiveIsa()); }

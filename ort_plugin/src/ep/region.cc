@@ -18,6 +18,8 @@
 #include "ep/region.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -191,6 +193,7 @@ struct RegionPlan {
   std::vector<Step> steps;
   std::vector<int> inputs;  // value of each fused input (-1: not read)
   size_t slots = 0;
+  bool profile = false;
 };
 
 namespace {
@@ -304,7 +307,7 @@ void AssignSlots(RegionPlan* p) {
 }  // namespace
 
 RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::vector<std::string>& inputs,
-                          const std::vector<std::string>& outputs) {
+                          const std::vector<std::string>& outputs, const RegionOptions& opts) {
   const std::vector<Unit> units = FindUnits(nodes);
   std::set<const OrtNode*> covered;
   for (const Unit& u : units) {
@@ -315,6 +318,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     throw Failure{"fused graph is not the region GetCapability claimed"};
   auto plan = std::make_unique<RegionPlan>();
   RegionPlan& p = *plan;
+  p.profile = opts.profile;
   p.inputs.assign(inputs.size(), -1);
   std::map<std::string, int> ids;
   std::map<std::string, int> readers;  // how many unit operands read each value
@@ -398,6 +402,18 @@ void ReleaseRegion(RegionPlan* plan) { delete plan; }
 // ---- execution ----------------------------------------------------------------------------------------------
 
 namespace {
+
+constexpr size_t kKinds = static_cast<size_t>(UnitKind::kAvgPool) + 1;  // and one more: layout (transposes)
+std::atomic<int64_t> g_ns[kKinds + 1], g_calls[kKinds + 1];
+
+// Adds the time since `t0` to kind `k` when `on`, and restarts `t0`.
+void Tick(bool on, size_t k, std::chrono::steady_clock::time_point* t0) {
+  if (!on) return;
+  const auto t1 = std::chrono::steady_clock::now();
+  g_ns[k].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - *t0).count());
+  g_calls[k].fetch_add(1);
+  *t0 = t1;
+}
 
 struct Dims {  // a value's NHWC dims
   size_t n = 0, h = 0, w = 0, c = 0;
@@ -705,6 +721,21 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
 
 }  // namespace
 
+const char* RegionProfileNames() { return "conv table binary gap concat maxpool avgpool layout"; }
+size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
+  for (size_t k = 0; k < std::min(n, kKinds + 1); ++k) {
+    ns[k] = g_ns[k].load();
+    calls[k] = g_calls[k].load();
+  }
+  return kKinds + 1;
+}
+void ResetRegionProfile() {
+  for (size_t k = 0; k <= kKinds; ++k) {
+    g_ns[k].store(0);
+    g_calls[k].store(0);
+  }
+}
+
 OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
   return Guard("region", [&] {
     thread_local std::vector<std::vector<uint8_t>> slots;  // grown, never shrunk: nothing allocated once warm
@@ -712,6 +743,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
     if (slots.size() < p.slots) slots.resize(p.slots);
     dims.assign(p.values.size(), Dims{});
     const qie::ParallelFor pfor = CtxParallelFor(ctx);
+    auto t0 = std::chrono::steady_clock::now();
     auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
     for (size_t i = 0; i < p.inputs.size(); ++i) {
       const int v = p.inputs[i];
@@ -729,6 +761,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       const void* xd = nullptr;
       Check(g_api->GetTensorData(x, &xd));
       qie::Transpose2D(xd, b.data(), d.n, d.c, d.h * d.w, 1);
+      Tick(p.profile, kKinds, &t0);
     }
     for (const RegionPlan::Step& s : p.steps) {
       const Dims& d0 = dims[s.in[0]];
@@ -763,6 +796,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
           break;
         }
       }
+      Tick(p.profile, static_cast<size_t>(s.kind), &t0);
       const RegionPlan::Value& ov = p.values[s.out];
       if (ov.output < 0) continue;
       const int64_t shape[4] = {static_cast<int64_t>(od.n), static_cast<int64_t>(od.c), static_cast<int64_t>(od.h),
@@ -772,6 +806,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       void* yd = nullptr;
       Check(g_api->GetTensorMutableData(out, &yd));
       qie::Transpose2D(y.data(), yd, od.n, od.h * od.w, od.c, 1);
+      Tick(p.profile, kKinds, &t0);
     }
   });
 }

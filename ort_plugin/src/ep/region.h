@@ -21,6 +21,7 @@ struct RegionOptions {
   // A region needs this many convolutions. Measured on PP-OCRv6 rec: table-only islands (DQ -> Div -> Erf -> Q,
   // lone Sigmoids) and lone convs stopped ORT's own Gelu / QDQ fusions around them and made the model slower.
   size_t min_conv_units = 2;
+  bool profile = false;  // time each unit kind and the layout changes (RegionProfile)
 };
 
 // Every region of `nodes` (a whole graph at GetCapability): the node groups to fuse, each in graph order. Nodes
@@ -31,8 +32,14 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
 // Builds the plan of the one region in a fused subgraph (throws when the subgraph is not one region) with the
 // fused node's input and output names; the caller owns it and frees it with ReleaseRegion.
 RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::vector<std::string>& inputs,
-                          const std::vector<std::string>& outputs);
+                          const std::vector<std::string>& outputs, const RegionOptions& opts);
 OrtStatus* RunRegion(RegionPlan& plan, OrtKernelContext* ctx);
 void ReleaseRegion(RegionPlan* plan);
+
+// Time spent per unit kind in regions compiled with `profile`, since load or the last reset: the names, space
+// separated ("conv table binary gap concat maxpool avgpool layout"), and per kind nanoseconds and runs.
+const char* RegionProfileNames();
+size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n);
+void ResetRegionProfile();
 
 }  // namespace qie_ep

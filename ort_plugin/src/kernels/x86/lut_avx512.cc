@@ -1,12 +1,14 @@
 // Per-channel byte lookup on AVX-512: y[p][c] = t[c][x[p][c]] over NHWC rows (the EP's quantized tables).
 //
-// One table (C = 1): sixteen contiguous bytes per gather. Per channel:
+// One table (C = 1): 64 bytes per two vpermi2b where the CPU has AVX512-VBMI, else sixteen contiguous bytes per
+// gather. Per channel:
 // 1. Sixteen channels at a time: their 16 input bytes widened to int32 indices (vpmovzxbd).
 // 2. Each lane's index offset by its channel's table base (c * 256, a constant vector per channel block).
 // 3. One dword gather (scale 1) from the byte table, padded by 3 bytes so every dword read stays inside it;
 //    the low byte of each dword is the result, narrowed with vpmovdb and stored (masked at the channel tail).
 #include <immintrin.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -14,7 +16,45 @@
 
 namespace qie {
 
+namespace {
+
+// One 256-entry table over contiguous bytes with AVX512-VBMI: the table in four registers, two vpermi2b per 64
+// bytes (index bit 6 picks the register of a pair) and a blend on index bit 7.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) inline __m512i Lut64(__m512i t0, __m512i t1, __m512i t2,
+                                                                            __m512i t3, __m512i v) {
+  const __m512i lo = _mm512_permutex2var_epi8(t0, v, t1), hi = _mm512_permutex2var_epi8(t2, v, t3);
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(v), lo, hi);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void LutVbmi(const uint8_t* t, const uint8_t* x, uint8_t* y,
+                                                                    size_t n) {
+  const __m512i t0 = _mm512_loadu_si512(t), t1 = _mm512_loadu_si512(t + 64);
+  const __m512i t2 = _mm512_loadu_si512(t + 128), t3 = _mm512_loadu_si512(t + 192);
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(y + i, Lut64(t0, t1, t2, t3, _mm512_loadu_si512(x + i)));
+  if (i < n) {
+    const __mmask64 m = (uint64_t{1} << (n - i)) - 1;  // n - i < 64
+    _mm512_mask_storeu_epi8(y + i, m, Lut64(t0, t1, t2, t3, _mm512_maskz_loadu_epi8(m, x + i)));
+  }
+}
+
+std::atomic<bool> g_vbmi_off{false};  // the kernel tests' switch to the gather path
+
+bool HasVbmi() {
+  static const bool has = __builtin_cpu_supports("avx512vbmi");
+  return has && !g_vbmi_off.load(std::memory_order_relaxed);
+}
+
+}  // namespace
+
+void SetLutVbmi(bool on) { g_vbmi_off.store(!on); }
+
 void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels) {
+  if (C == 1 && HasVbmi()) {
+    LutVbmi(t, x, y, pixels);
+    _mm256_zeroupper();
+    return;
+  }
   if (C == 1) {  // one table over contiguous bytes: sixteen pixels per gather
     size_t p = 0;
     for (; p + 16 <= pixels; p += 16) {
@@ -29,15 +69,21 @@ void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, 
   for (size_t c0 = 0; c0 < C; c0 += 16) {
     const size_t n = C - c0 < 16 ? C - c0 : 16;
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-    const __m512i base =
-        _mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(C == 1 ? 0 : c0))), 8);
-    const __m512i base_eff = C == 1 ? _mm512_setzero_si512() : base;
-    for (size_t p = 0; p < pixels; ++p) {
+    const __m512i base = _mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c0))), 8);
+    auto one = [&](size_t p) {
       const __m128i xb = _mm_maskz_loadu_epi8(m, x + p * C + c0);
-      const __m512i idx = _mm512_add_epi32(_mm512_cvtepu8_epi32(xb), base_eff);
+      const __m512i idx = _mm512_add_epi32(_mm512_cvtepu8_epi32(xb), base);
       const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, t, 1);
       _mm_mask_storeu_epi8(y + p * C + c0, m, _mm512_cvtepi32_epi8(v));
+    };
+    size_t p = 0;
+    for (; p + 4 <= pixels; p += 4) {  // four independent gathers in flight
+      one(p);
+      one(p + 1);
+      one(p + 2);
+      one(p + 3);
     }
+    for (; p < pixels; ++p) one(p);
   }
   _mm256_zeroupper();
 }

@@ -1,0 +1,39 @@
+"""The EP regions' byte-table kernels vs numpy, on every ISA path that has one (AVX-512: AVX512-VBMI permutes where
+the CPU has them, dword gathers otherwise; both checked), over table counts and lengths around the vector widths,
+with guard bytes around the output."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qie_ep
+from helpers import _ptr, check_guards, guarded_output
+from qie_ep import _lib
+
+
+def lut(isa, t, C, x, vbmi):
+    y, raw = guarded_output(x.shape, np.uint8, 0)
+    pixels = x.size // C
+    rc = _lib.testing_lib().qie_test_channel_lut(isa.encode(), _ptr(t), C, _ptr(x), _ptr(y), pixels, int(vbmi))
+    if rc != 0:
+        return None
+    check_guards(raw, f"channel_lut {isa} C={C}")
+    return y
+
+
+@pytest.mark.parametrize("isa", list(qie_ep.ISAS))
+@pytest.mark.parametrize("vbmi", [True, False])
+@pytest.mark.parametrize("C", [1, 3, 16, 17, 48, 64, 200])
+def test_channel_lut_equals_numpy(isa, vbmi, C):
+    rng = np.random.default_rng(C)
+    t = np.concatenate([rng.integers(0, 256, size=C * 256), np.zeros(3, np.int64)]).astype(np.uint8)  # 3 bytes pad
+    ran = False
+    for pixels in (0, 1, 5, 15, 16, 17, 63, 64, 65, 130, 1000):
+        x = rng.integers(0, 256, size=pixels * C).astype(np.uint8)
+        y = lut(isa, t, C, x, vbmi)
+        if y is None:
+            pytest.skip(f"{isa}: no table kernel here (the region uses its scalar loop)")
+        want = t[:C * 256].reshape(C, 256)[np.arange(pixels * C) % C, x]
+        np.testing.assert_array_equal(y, want, err_msg=f"{isa} vbmi={vbmi} C={C} pixels={pixels}")
+        ran = True
+    assert ran
