@@ -232,7 +232,8 @@ def test_resnet_like_region_equals_ort(tmp_path, level, per_channel, signed):
     broadcast Mul, a per-channel constant Add, Concat): only the input's QuantizeLinear and the output's
     DequantizeLinear stay with ORT. Results equal ORT's at every level (measured: no element apart; the binary and
     pooling units compute what ORT's float nodes and its QLinearAdd / QLinearMul / QLinearGlobalAveragePool give
-    on these values)."""
+    on these values). The [1,C,1,1] bias Add is a one-unit per-channel step, run as float code rather than by
+    table lookups: the same codes, checked here."""
     rng = np.random.default_rng(3)
     model = quantize(resnet_like(rng), rng, per_channel, signed, tmp_path, shape=(1, 3, 32, 32))
     ours, theirs = claimed_ops(model, level)

@@ -184,6 +184,9 @@ bool MatchTable(const OrtNode* dq, Unit* u) {
   u->nodes = param_dqs;
   u->nodes.insert(u->nodes.end(), order.begin(), order.end());
   u->nodes.push_back(q);
+  try {  // what Compile will build from it
+    CompileTable(*u);
+  } catch (const Failure&) { return false; }
   return true;
 }
 
@@ -331,92 +334,218 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
   return units;
 }
 
-std::vector<uint8_t> EvalTable(const Unit& u, size_t* C_out) {
-  const QParams px = InputParams(u.in_dqs[0]), py = OutputParams(u.q);
-  struct Lanes {  // values of one tensor for every input code: [C][256], C = 1 for a per-tensor value
-    size_t C = 1;
-    std::vector<float> v;
-    float at(size_t c, int i) const { return v[(C == 1 ? 0 : c) * 256 + i]; }
+FloatProgram CompileTable(const Unit& u) {
+  FloatProgram p;
+  std::map<const OrtValueInfo*, int> reg = {{Outputs(u.in_dqs[0])[0], 0}};
+  auto channels = [&](std::vector<float> v) {  // a constant operand; fixes the program's channel count
+    if (v.size() > 1) {
+      if (p.C > 1 && p.C != v.size()) throw Failure{"table constants of different channel counts"};
+      p.C = v.size();
+    }
+    return v;
   };
-  std::map<const OrtValueInfo*, Lanes> vals;
-  Lanes& x0 = vals[Outputs(u.in_dqs[0])[0]];
-  x0.v.resize(256);
-  for (int code = 0; code < 256; ++code)
-    x0.v[code] = static_cast<float>(Code(static_cast<uint8_t>(code), px.is_signed) - px.zp) * px.scale;
-  auto operand = [&](const OrtNode* n, const OrtValueInfo* vi, Lanes* scratch) -> const Lanes& {
-    auto it = vals.find(vi);
-    if (it != vals.end()) return it->second;
+  auto constant = [&](const OrtNode* n, const OrtValueInfo* vi) {
     std::vector<float> c;
     const OrtNode* unused = nullptr;
     if (!ChannelConstant(vi, OpType(n) == "BatchNormalization", &c, &unused))
       throw Failure{"table operand '" + Name(vi) + "' is not a constant"};
-    scratch->C = c.size();
-    scratch->v.resize(c.size() * 256);
-    for (size_t ch = 0; ch < c.size(); ++ch) std::fill_n(scratch->v.begin() + ch * 256, 256, c[ch]);
-    return *scratch;
+    return channels(c);
   };
+  using Op = FloatProgram::Op;
+  static const std::map<std::string, Op> unary = {{"Relu", Op::kRelu},
+                                                  {"LeakyRelu", Op::kLeakyRelu},
+                                                  {"HardSigmoid", Op::kHardSigmoid},
+                                                  {"HardSwish", Op::kHardSwish},
+                                                  {"Sigmoid", Op::kSigmoid},
+                                                  {"Tanh", Op::kTanh},
+                                                  {"Erf", Op::kErf},
+                                                  {"Neg", Op::kNeg},
+                                                  {"Abs", Op::kAbs},
+                                                  {"Identity", Op::kCopy}};
+  static const std::map<std::string, Op> binary = {
+      {"Add", Op::kAdd}, {"Sub", Op::kSub}, {"Mul", Op::kMul}, {"Div", Op::kDiv}};
   for (const OrtNode* n : u.nodes) {
     if (n == u.q || IsOp(n, "DequantizeLinear")) continue;  // constant DQs are read through their consumers
     const std::string op = OpType(n);
     const auto in = Inputs(n);
-    Lanes sa, sb;
-    const Lanes& a = operand(n, in[0], &sa);
-    Lanes y;
-    auto each = [&](size_t C, auto f) {  // y[c][i] = f(c, i)
-      y.C = C;
-      y.v.resize(C * 256);
-      for (size_t c = 0; c < C; ++c)
-        for (int i = 0; i < 256; ++i) y.v[c * 256 + i] = f(c, i);
-    };
-    if (op == "Add" || op == "Sub" || op == "Mul" || op == "Div") {
-      const Lanes& b = operand(n, in.at(1), &sb);
-      const size_t C = std::max(a.C, b.C);
-      if (op == "Add") each(C, [&](size_t c, int i) { return a.at(c, i) + b.at(c, i); });
-      if (op == "Sub") each(C, [&](size_t c, int i) { return a.at(c, i) - b.at(c, i); });
-      if (op == "Mul") each(C, [&](size_t c, int i) { return a.at(c, i) * b.at(c, i); });
-      if (op == "Div") each(C, [&](size_t c, int i) { return a.at(c, i) / b.at(c, i); });
-    } else if (op == "BatchNormalization") {  // y = x * (scale / sqrt(var + eps)) + (B - mean * that), ORT's order
-      Lanes p[4];
-      const Lanes* q[4];
-      for (int k = 0; k < 4; ++k) q[k] = &operand(n, in.at(1 + k), &p[k]);
-      const float eps = AttrFloat(n, "epsilon", 1e-5f);
-      each(q[0]->C, [&](size_t c, int i) {
-        const float scale = (1.0f / std::sqrt(q[3]->at(c, 0) + eps)) * q[0]->at(c, 0);
-        const float bias = q[1]->at(c, 0) - q[2]->at(c, 0) * scale;
-        return a.at(c, i) * scale + bias;
-      });
-    } else if (op == "Clip") {
-      float lo = -INFINITY, hi = INFINITY;
-      if (Input(in, 1)) lo = operand(n, in[1], &sa).at(0, 0);
-      if (Input(in, 2)) hi = operand(n, in[2], &sb).at(0, 0);
-      if (in.size() == 1) {  // opset < 11: attributes
-        lo = AttrFloat(n, "min", lo);
-        hi = AttrFloat(n, "max", hi);
+    FloatProgram::Step st;
+    auto operand = [&](size_t i, int* r, std::vector<float>* k) {
+      auto it = reg.find(in.at(i));
+      if (it != reg.end()) {
+        *r = it->second;
+      } else {
+        *r = -1;
+        *k = constant(n, in[i]);
       }
-      each(a.C, [&](size_t c, int i) { return std::min(std::max(a.at(c, i), lo), hi); });
+    };
+    if (binary.count(op)) {
+      st.op = binary.at(op);
+      operand(0, &st.a, &st.ka);
+      operand(1, &st.b, &st.kb);
+      if (st.a < 0 && st.b < 0) throw Failure{"table node '" + NodeName(n) + "' has no tensor operand"};
+      if (st.a < 0) {  // constant first: k + x = x + k exactly; k - x and k / x have their own operations
+        st.a = st.b;
+        st.b = -1;
+        st.kb = std::move(st.ka);
+        st.ka.clear();
+        if (st.op == Op::kSub) st.op = Op::kRSub;
+        if (st.op == Op::kDiv) st.op = Op::kRDiv;
+      }
+    } else if (op == "BatchNormalization") {  // y = x * (scale / sqrt(var + eps)) + (B - mean * that), ORT's order
+      st.op = Op::kAffine;
+      operand(0, &st.a, &st.ka);
+      std::vector<float> q[4];
+      for (int k = 0; k < 4; ++k) q[k] = constant(n, in.at(1 + k));
+      const float eps = AttrFloat(n, "epsilon", 1e-5f);
+      const size_t C = q[0].size();
+      for (int k = 1; k < 4; ++k)
+        if (q[k].size() != C) throw Failure{"BatchNormalization parameters of different lengths"};
+      st.ka.resize(C);
+      st.kb.resize(C);
+      for (size_t c = 0; c < C; ++c) {
+        st.ka[c] = (1.0f / std::sqrt(q[3][c] + eps)) * q[0][c];
+        st.kb[c] = q[1][c] - q[2][c] * st.ka[c];
+      }
+    } else if (op == "Clip") {
+      st.op = Op::kClip;
+      operand(0, &st.a, &st.ka);
+      st.lo = -INFINITY;
+      st.hi = INFINITY;
+      if (Input(in, 1)) st.lo = constant(n, in[1]).at(0);
+      if (Input(in, 2)) st.hi = constant(n, in[2]).at(0);
+      if (in.size() == 1) {  // opset < 11: attributes
+        st.lo = AttrFloat(n, "min", st.lo);
+        st.hi = AttrFloat(n, "max", st.hi);
+      }
+    } else if (unary.count(op)) {
+      st.op = unary.at(op);
+      operand(0, &st.a, &st.ka);
+      st.alpha = AttrFloat(n, "alpha", op == "LeakyRelu" ? 0.01f : 0.2f);
+      st.beta = AttrFloat(n, "beta", 0.5f);
+      p.arithmetic = p.arithmetic && st.op != Op::kSigmoid && st.op != Op::kTanh && st.op != Op::kErf;
     } else {
-      const float alpha = AttrFloat(n, "alpha", op == "LeakyRelu" ? 0.01f : 0.2f);
-      const float beta = AttrFloat(n, "beta", 0.5f);
-      each(a.C, [&](size_t c, int i) {
-        const float x = a.at(c, i);
-        if (op == "Relu") return std::max(x, 0.0f);
-        if (op == "LeakyRelu") return x >= 0 ? x : alpha * x;
-        if (op == "HardSigmoid") return std::max(0.0f, std::min(1.0f, alpha * x + beta));
-        if (op == "HardSwish") return x * std::max(0.0f, std::min(1.0f, (1.0f / 6.0f) * x + 0.5f));
-        if (op == "Sigmoid") return 1.0f / (1.0f + std::exp(-x));
-        if (op == "Tanh") return std::tanh(x);
-        if (op == "Erf") return std::erf(x);
-        if (op == "Neg") return -x;
-        if (op == "Abs") return std::fabs(x);
-        return x;  // Identity
-      });
+      throw Failure{"table node '" + NodeName(n) + "' (" + op + ") has no float program"};
     }
-    vals[Outputs(n)[0]] = std::move(y);
+    if (st.a < 0) throw Failure{"table node '" + NodeName(n) + "' has a constant first operand"};
+    p.steps.push_back(std::move(st));
+    reg[Outputs(n)[0]] = static_cast<int>(p.steps.size());
   }
-  const Lanes& f = vals.at(Inputs(u.q)[0]);
-  std::vector<uint8_t> t(f.C * 256);
-  for (size_t i = 0; i < t.size(); ++i) t[i] = QuantizeOne(f.v[i], py);
-  *C_out = f.C;
+  auto it = reg.find(Inputs(u.q)[0]);
+  if (it == reg.end()) throw Failure{"table unit's QuantizeLinear does not read its subgraph"};
+  p.result = it->second;
+  p.Expand(p.C, 1);
+  return p;
+}
+
+void FloatProgram::Expand(size_t channels, size_t rows) {
+  for (Step& st : steps)
+    for (std::vector<float>* k : {&st.ka, &st.kb}) {
+      if (k->empty()) continue;
+      const std::vector<float> one =
+          k->size() == 1 ? std::vector<float>(channels, (*k)[0]) : std::vector<float>(k->begin(), k->begin() + C);
+      k->resize(channels * rows);
+      for (size_t r = 0; r < rows; ++r) std::copy(one.begin(), one.end(), k->begin() + r * channels);
+    }
+  C = channels;
+  block_rows = rows;
+}
+
+// Each operation over n = rows x C lanes, the constants laid out for as many rows (Expand): flat loops, so that
+// the same float32 operations build tables (rows = 256 codes) and, vectorized, run on data (rows = pixels).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void RunStep(
+    const FloatProgram::Step& st, const float* __restrict a, const float* __restrict b, float* __restrict y, size_t n) {
+  using Op = FloatProgram::Op;
+  const float* __restrict ka = st.ka.data();
+  const float* __restrict k = b ? b : st.kb.data();  // the second operand: a tensor or the constant
+  const float lo = st.lo, hi = st.hi, alpha = st.alpha, beta = st.beta;
+  switch (st.op) {
+    case Op::kAdd:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] + k[i];
+      break;
+    case Op::kSub:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] - k[i];
+      break;
+    case Op::kMul:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] * k[i];
+      break;
+    case Op::kDiv:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] / k[i];
+      break;
+    case Op::kRSub:
+      for (size_t i = 0; i < n; ++i) y[i] = k[i] - a[i];
+      break;
+    case Op::kRDiv:
+      for (size_t i = 0; i < n; ++i) y[i] = k[i] / a[i];
+      break;
+    case Op::kAffine:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] * ka[i] + k[i];
+      break;
+    case Op::kClip:
+      for (size_t i = 0; i < n; ++i) y[i] = std::min(std::max(a[i], lo), hi);
+      break;
+    case Op::kRelu:
+      for (size_t i = 0; i < n; ++i) y[i] = std::max(a[i], 0.0f);
+      break;
+    case Op::kLeakyRelu:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] >= 0 ? a[i] : alpha * a[i];
+      break;
+    case Op::kHardSigmoid:
+      for (size_t i = 0; i < n; ++i) y[i] = std::max(0.0f, std::min(1.0f, alpha * a[i] + beta));
+      break;
+    case Op::kHardSwish:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i] * std::max(0.0f, std::min(1.0f, (1.0f / 6.0f) * a[i] + 0.5f));
+      break;
+    case Op::kSigmoid:
+      for (size_t i = 0; i < n; ++i) y[i] = 1.0f / (1.0f + std::exp(-a[i]));
+      break;
+    case Op::kTanh:
+      for (size_t i = 0; i < n; ++i) y[i] = std::tanh(a[i]);
+      break;
+    case Op::kErf:
+      for (size_t i = 0; i < n; ++i) y[i] = std::erf(a[i]);
+      break;
+    case Op::kNeg:
+      for (size_t i = 0; i < n; ++i) y[i] = -a[i];
+      break;
+    case Op::kAbs:
+      for (size_t i = 0; i < n; ++i) y[i] = std::fabs(a[i]);
+      break;
+    case Op::kCopy:
+      for (size_t i = 0; i < n; ++i) y[i] = a[i];
+      break;
+  }
+}
+
+const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std::vector<std::vector<float>>* regs) {
+  if (rows > p.block_rows) throw Failure{"float program run on more rows than its constants were laid out for"};
+  if (regs->size() < p.steps.size() + 1) regs->resize(p.steps.size() + 1);
+  const size_t n = rows * p.C;
+  auto at = [&](int r) -> const float* { return r == 0 ? x : (*regs)[static_cast<size_t>(r)].data(); };
+  for (size_t i = 0; i < p.steps.size(); ++i) {
+    std::vector<float>& y = (*regs)[i + 1];
+    if (y.size() < n) y.resize(n);
+    const FloatProgram::Step& st = p.steps[i];
+    RunStep(st, at(st.a), st.b >= 0 ? at(st.b) : nullptr, y.data(), n);
+  }
+  return at(p.result);
+}
+
+std::vector<uint8_t> EvalTable(const Unit& u, size_t* C_out) {
+  const QParams px = InputParams(u.in_dqs[0]), py = OutputParams(u.q);
+  FloatProgram p = CompileTable(u);
+  const size_t C = p.C;
+  p.Expand(C, 256);
+  std::vector<float> x(256 * C);  // [code][c]
+  for (int code = 0; code < 256; ++code)
+    std::fill_n(x.begin() + code * C, C,
+                static_cast<float>(Code(static_cast<uint8_t>(code), px.is_signed) - px.zp) * px.scale);
+  std::vector<std::vector<float>> regs;
+  const float* f = RunProgram(p, x.data(), 256, &regs);
+  std::vector<uint8_t> t(C * 256);
+  const Quantizer q(py);
+  for (size_t c = 0; c < C; ++c)
+    for (int code = 0; code < 256; ++code) t[c * 256 + code] = q(f[code * C + c]);
+  *C_out = C;
   return t;
 }
 

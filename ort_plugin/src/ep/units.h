@@ -82,6 +82,49 @@ inline uint8_t QuantizeOne(float v, const QParams& p) { return Quantizer(p)(v); 
 // The code of byte b.
 inline int32_t Code(uint8_t b, bool is_signed) { return is_signed ? static_cast<int8_t>(b) : b; }
 
+// A table unit's f as float32 operations on [rows][C] lanes (constants per channel, scalars expanded to C):
+// evaluated on the 256 input codes to build its tables and, where it is plain arithmetic (no libm function), on
+// data by the region's per-channel steps: the same operations in the same order, so both give the same codes.
+struct FloatProgram {
+  enum class Op : uint8_t {
+    kAdd,
+    kSub,
+    kMul,
+    kDiv,
+    kRSub,
+    kRDiv,
+    kAffine,
+    kClip,
+    kRelu,
+    kLeakyRelu,
+    kHardSigmoid,
+    kHardSwish,
+    kSigmoid,
+    kTanh,
+    kErf,
+    kNeg,
+    kAbs,
+    kCopy
+  };
+  struct Step {
+    Op op = Op::kCopy;
+    int a = 0, b = -1;          // operand registers (0: the input; i + 1: step i's result; -1: the constant)
+    std::vector<float> ka, kb;  // kAffine: x * ka + kb; binary ops: kb when b < 0 (kRSub: kb - x, kRDiv: kb / x)
+    float alpha = 0, beta = 0, lo = 0, hi = 0;
+  };
+  std::vector<Step> steps;
+  int result = 0;
+  size_t C = 1;            // channels of the constants
+  size_t block_rows = 1;   // rows the constants are laid out for
+  bool arithmetic = true;  // no Sigmoid / Tanh / Erf
+  // Lays the constants out as [rows][channels] (a scalar constant as `channels` equal entries), so that steps
+  // run as flat loops over up to `rows` rows.
+  void Expand(size_t channels, size_t rows);
+};
+FloatProgram CompileTable(const Unit& u);
+// Runs `p` on x ([rows][p.C] floats); `regs` is scratch; returns the result's [rows][p.C] floats.
+const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std::vector<std::vector<float>>* regs);
+
 // A table unit's tables, [C][256] (C = 1 when every constant is a scalar).
 std::vector<uint8_t> EvalTable(const Unit& u, size_t* C);
 
