@@ -4,7 +4,10 @@ PP-OCRv6 text recogniser (one 48x320 line) and PP-LCNet orientation classifier (
 each as FP32 on ORT, INT8 (quantize_static per-channel, QDQ and QOperator) on ORT's built-in kernels,
 and the same INT8 model on ORT + qie's custom ops alone and with qie's execution provider (where ORT has the
 EP API); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved, median of >= 20 runs.
-Writes bench/out/models.jsonl and models.md.
+The custom ops must give ORT INT8's outputs bit for bit; the EP's regions (tables built with libm where ORT uses
+MLAS's Sigmoid / Erf) are reported by output cosine and largest difference to ORT INT8. For QDQ models the EP's
+time in its regions is split per unit kind (its `profile` option, a separate session) so the next bottleneck
+shows. Writes bench/out/models.jsonl and models.md.
 """
 from __future__ import annotations
 
@@ -38,28 +41,64 @@ def main(argv=None) -> None:
                             session(int8, True, threads, ep=False)]
                 if ep:
                     sessions.append(session(int8, True, threads, ep=True))
-                for s in sessions[2:]:
-                    assert np.array_equal(sessions[1].run(None, feeds)[0], s.run(None, feeds)[0])
+                want = sessions[1].run(None, feeds)[0]
+                assert np.array_equal(want, sessions[2].run(None, feeds)[0])
+                cosine = max_diff = None
+                if ep:
+                    got = sessions[3].run(None, feeds)[0]
+                    a, b = want.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+                    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+                    max_diff = float(np.abs(a - b).max())
                 t = interleaved_median(sessions, feeds, runs=args.runs)
                 t_fp32, t_ort, t_qie = t[:3]
                 t_ep = t[3] if ep else None
                 row = dict(model=name, format=fmt, threads=threads, fp32_ms=t_fp32 * 1e3, ort_int8_ms=t_ort * 1e3,
                            qie_int8_ms=t_qie * 1e3, ratio=t_ort / t_qie, qie_ep_ms=t_ep * 1e3 if ep else None,
-                           ratio_ep=t_ort / t_ep if ep else None, **env)
+                           ratio_ep=t_ort / t_ep if ep else None, ep_vs_fp32=t_fp32 / t_ep if ep else None,
+                           ep_cosine=cosine, ep_max_diff=max_diff,
+                           region_shares=region_shares(int8, threads, feeds, t_ep) if ep and fmt == "qdq" else None,
+                           **env)
                 rows.append(row)
-                ep_txt = f" | ORT+qie EP {row['qie_ep_ms']:7.2f} ms ({row['ratio_ep']:.2f}x)" if ep else ""
+                ep_txt = (f" | ORT+qie EP {row['qie_ep_ms']:7.2f} ms ({row['ratio_ep']:.2f}x ORT INT8, "
+                          f"{row['ep_vs_fp32']:.2f}x FP32, cosine {cosine:.5f})") if ep else ""
                 print(f"{name:>12} {fmt:>9} {threads} thr: FP32 {row['fp32_ms']:7.2f} ms | ORT INT8 {row['ort_int8_ms']:7.2f} ms"
                       f" | ORT+qie custom ops {row['qie_int8_ms']:7.2f} ms ({row['ratio']:.2f}x){ep_txt}", flush=True)
     write_jsonl(OUT / "models.jsonl", rows)
     lines = [f"Measured {env['date']} on {env['cpu']} (ORT {env['onnxruntime']}, qie {env['commit']}); batch 1, "
              f"ORT_ENABLE_ALL, median of >= {args.runs} interleaved runs.", "",
              "| model | INT8 format | threads | FP32 ms | ORT INT8 ms | ORT+qie custom ops ms | ORT INT8 / custom ops | "
-             "ORT+qie EP ms | ORT INT8 / EP |", "|---|---|---|---|---|---|---|---|---|"]
+             "ORT+qie EP ms | ORT INT8 / EP | FP32 / EP | EP cosine to ORT INT8 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ep_cells = f"{r['qie_ep_ms']:.2f} | {r['ratio_ep']:.2f}x" if r["qie_ep_ms"] is not None else "- | -"
+        ep_cells = (f"{r['qie_ep_ms']:.2f} | {r['ratio_ep']:.2f}x | {r['ep_vs_fp32']:.2f}x | {r['ep_cosine']:.5f}"
+                    if r["qie_ep_ms"] is not None else "- | - | - | -")
         lines.append(f"| {r['model']} | {r['format']} | {r['threads']} | {r['fp32_ms']:.2f} | {r['ort_int8_ms']:.2f} | "
                      f"{r['qie_int8_ms']:.2f} | {r['ratio']:.2f}x | {ep_cells} |")
+    shared = [r for r in rows if r.get("region_shares")]
+    if shared:
+        kinds = sorted({k for r in shared for k in r["region_shares"]}, key=lambda k: -max(
+            r["region_shares"].get(k, 0) for r in shared))
+        lines += ["", "Share of the EP run's time per region unit kind (the rest: ORT's nodes outside the regions):", "",
+                  "| model | threads | " + " | ".join(kinds) + " | outside regions |", "|---|---|" + "---|" * (len(kinds) + 1)]
+        for r in shared:
+            sh = r["region_shares"]
+            lines.append(f"| {r['model']} | {r['threads']} | " + " | ".join(f"{100 * sh.get(k, 0):.0f}%" for k in kinds) +
+                         f" | {100 * max(0.0, 1 - sum(sh.values())):.0f}% |")
     (OUT / "models.md").write_text("\n".join(lines) + "\n")
+
+
+def region_shares(model: bytes, threads: int, feeds: dict, t_run: float, runs: int = 20) -> dict:
+    """Fraction of an EP run's time spent in each region unit kind, from a session with the EP's profile option."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    qie_ep.register(so, ep_options={"profile": "1"})
+    s = ort.InferenceSession(model, so)
+    s.run(None, feeds)
+    qie_ep.reset_stats()
+    for _ in range(runs):
+        s.run(None, feeds)
+    return {k: v["ms"] / 1e3 / runs / t_run for k, v in qie_ep.region_profile().items()}
 
 
 if __name__ == "__main__":

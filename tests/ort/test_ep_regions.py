@@ -278,8 +278,8 @@ def test_region_value_read_outside_is_an_output(tmp_path):
 @pytest.mark.parametrize("level", ["disable", "all"])
 def test_region_that_a_path_leaves_and_reenters_is_cut(tmp_path, level):
     """conv1's result goes through a float op qie does not claim (Floor) and comes back into the region through
-    conv3 and the Add: fusing all of it would make a cycle. The region is cut where the path re-enters (conv3 and
-    the Add stay with ORT); the session builds and equals ORT."""
+    conv3 and the Add: fusing all of it would make a cycle. The region is cut where the path re-enters, and what is
+    cut away (conv3, the Add, conv4) forms a second region after it; the session builds and equals ORT."""
     rng = np.random.default_rng(5)
     c = 4
     ws = {f"w{i}": (rng.normal(size=(c, 3 if i == 1 else c, 3, 3)) * 0.3).astype(np.float32) for i in (1, 2, 3, 4)}
@@ -294,8 +294,10 @@ def test_region_that_a_path_leaves_and_reenters_is_cut(tmp_path, level):
     model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
                      tmp_path, shape=(1, 3, 8, 8))
     feeds = {"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)}
+    before = qie_ep.ep_stats()["regions"]
     ours, theirs = claimed_ops(model, level)
-    assert ours.count("Conv") == 2 and "Floor" in theirs, (ours, theirs)
+    assert ours.count("Conv") == 4 and "Add" in ours and "Floor" in theirs, (ours, theirs)
+    assert qie_ep.ep_stats()["regions"] - before == 2
     (got,), _ = run(model, feeds, level, qie=True)
     np.testing.assert_array_equal(got, run(model, feeds, level, qie=False)[0][0])
 
@@ -470,3 +472,80 @@ def test_region_profile_counts_unit_kinds(tmp_path):
         else:
             assert p["conv"]["runs"] == 3 * 8 and p["layout"]["runs"] == 3 * 2, p  # one input, one output
             assert {"table", "binary", "gap", "concat", "maxpool"} <= set(p) and all(v["ms"] > 0 for v in p.values())
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_binary_units_broadcast_like_numpy(tmp_path, level):
+    """Residual and attention-style products with every broadcast the region's binary unit meets: [N,C,H,W] with
+    [N,1,H,W] (a one-channel spatial mask), [N,C,1,1] (squeeze-excitation) and [N,C,H,1] (a row gate, from a
+    pooled branch); results equal ORT's."""
+    rng = np.random.default_rng(21)
+    c = 8
+
+    def w(cout, cin, k):
+        return (rng.normal(size=(cout, cin, k, k)) * (1.2 / np.sqrt(cin * k * k))).astype(np.float32)
+
+    ws = {"w1": w(c, 3, 3), "w2": w(1, c, 3), "w3": w(c, c, 1), "w4": w(c, c, 1), "w5": w(c, c, 3)}
+    nodes = [h.make_node("Conv", ["x", "w1"], ["a"], pads=[1] * 4),
+             h.make_node("Conv", ["a", "w2"], ["m"], pads=[1] * 4),  # [N,1,H,W]
+             h.make_node("Mul", ["a", "m"], ["am"]),
+             h.make_node("GlobalAveragePool", ["am"], ["g"]),
+             h.make_node("Conv", ["g", "w3"], ["gc"]),  # [N,C,1,1]
+             h.make_node("Add", ["am", "gc"], ["s"]),
+             h.make_node("ReduceMean", ["s"], ["r"], axes=[3], keepdims=1),  # [N,C,H,1], float: left to ORT
+             h.make_node("Conv", ["r", "w4"], ["rc"]),
+             h.make_node("Mul", ["s", "rc"], ["t"]),
+             h.make_node("Conv", ["t", "w5"], ["y"], pads=[1] * 4)]
+    g = h.make_graph(nodes, "broadcasts", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(v, k) for k, v in ws.items()])
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
+                     tmp_path, shape=(1, 3, 12, 10))
+    ours, _ = claimed_ops(model, level)
+    assert ours.count("Mul") == 2 and "Add" in ours, ours
+    for shape in ((1, 3, 12, 10), (2, 3, 7, 9)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        np.testing.assert_array_equal(got, run(model, feeds, level, qie=False)[0][0])
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_two_regions_that_would_close_a_cycle(tmp_path, level):
+    """Two regions, each convex on its own, each feeding the other's residual Add through a float op (Floor): fused
+    together they would form a cycle, so one of them is left to ORT; the session builds and equals ORT."""
+    rng = np.random.default_rng(6)
+    c = 4
+    ws = {f"w{i}": (rng.normal(size=(c, 3 if i in (1, 3) else c, 3, 3)) * 0.3).astype(np.float32) for i in (1, 2, 3, 4)}
+
+    def conv(x, w, y):
+        return h.make_node("Conv", [x, w], [y], pads=[1] * 4)
+
+    nodes = [conv("x", "w1", "p1"), conv("p1", "w2", "u1"), h.make_node("Floor", ["u1"], ["fa"]),
+             conv("z", "w3", "p2"), conv("p2", "w4", "v1"), h.make_node("Floor", ["v1"], ["fb"]),
+             h.make_node("Add", ["p1", "fb"], ["u2"]), h.make_node("Add", ["p2", "fa"], ["v2"])]
+    g = h.make_graph(nodes, "cross", [h.make_tensor_value_info(n, T.FLOAT, [1, 3, 8, 8]) for n in ("x", "z")],
+                     [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("u2", "v2")],
+                     [nh.from_array(v, k) for k, v in ws.items()])
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{k: rng.normal(size=(1, 3, 8, 8)).astype(np.float32) for k in ("x", "z")}
+                              for _ in range(4)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    model = onnx.load(dst)
+    before = qie_ep.ep_stats()["regions"]
+    ours, theirs = claimed_ops(model, level)
+    assert qie_ep.ep_stats()["regions"] - before == 1, (ours, theirs)
+    assert ours.count("Conv") == 2 and theirs.count("Conv") == 2
+    feeds = {k: rng.normal(size=(1, 3, 8, 8)).astype(np.float32) for k in ("x", "z")}
+    got, _ = run(model, feeds, level, qie=True)
+    for a, b in zip(got, run(model, feeds, level, qie=False)[0]):
+        np.testing.assert_array_equal(a, b)

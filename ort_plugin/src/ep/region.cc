@@ -117,12 +117,13 @@ std::set<size_t> Violations(const std::vector<Unit>& units, const std::vector<si
 
 }  // namespace
 
-std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
-                                                      const RegionOptions& opts) {
-  const std::vector<Unit> units = FindUnits(nodes);
-  std::map<const OrtNode*, size_t> position;
-  for (size_t i = 0; i < nodes.size(); ++i) position[nodes[i]] = i;
-  std::vector<bool> excluded(units.size(), false);
+namespace {
+
+// Regions among the units not in `taken`: components with enough convolutions, cut where Violations says until
+// none has any. Units cut away stay free for the next call.
+std::vector<std::vector<size_t>> FormRegions(const std::vector<Unit>& units, const std::vector<bool>& taken,
+                                             size_t min_convs) {
+  std::vector<bool> excluded = taken;
   auto convs = [&](const std::vector<size_t>& comp) {
     size_t k = 0;
     for (size_t i : comp) k += units[i].kind == UnitKind::kConv;
@@ -132,28 +133,99 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
     bool changed = false;
     const auto comps = Components(units, excluded);
     for (const auto& comp : comps) {
-      if (convs(comp) < opts.min_conv_units) continue;
+      if (convs(comp) < min_convs) continue;
       for (size_t i : Violations(units, comp)) {
         excluded[i] = true;
         changed = true;
       }
     }
     if (changed) continue;
-    std::vector<std::vector<const OrtNode*>> out;
-    for (const auto& comp : comps) {
-      if (convs(comp) < opts.min_conv_units) continue;
-      std::set<const OrtNode*> group;
-      for (size_t i : comp) {
-        group.insert(units[i].nodes.begin(), units[i].nodes.end());
-        group.insert(units[i].in_dqs.begin(), units[i].in_dqs.end());
-      }
-      std::vector<const OrtNode*> g(group.begin(), group.end());
-      std::sort(g.begin(), g.end(), [&](const OrtNode* a, const OrtNode* b) { return position[a] < position[b]; });
-      out.push_back(g);
-    }
+    std::vector<std::vector<size_t>> out;
+    for (const auto& comp : comps)
+      if (convs(comp) >= min_convs) out.push_back(comp);
     return out;
   }
   return {};
+}
+
+// Drops regions until the graph with each region contracted to one node has no cycle (two regions can each be
+// convex and still close a cycle through each other once fused).
+void DropCycles(const std::vector<const OrtNode*>& nodes, std::vector<std::set<const OrtNode*>>* regions) {
+  for (;;) {
+    std::map<const OrtNode*, size_t> id;
+    for (size_t r = 0; r < regions->size(); ++r)
+      for (const OrtNode* n : (*regions)[r]) id[n] = r;
+    auto id_of = [&](const OrtNode* n) {
+      auto it = id.find(n);
+      if (it != id.end()) return it->second;
+      const size_t k = regions->size() + id.size();
+      return id[n] = k;
+    };
+    std::map<size_t, std::set<size_t>> edges;
+    std::map<size_t, size_t> indegree;
+    for (const OrtNode* n : nodes) {
+      const size_t a = id_of(n);
+      indegree.emplace(a, 0);
+      for (const OrtValueInfo* v : Outputs(n)) {
+        if (!v) continue;
+        for (const OrtNode* c : AllConsumers(v)) {
+          const size_t b = id_of(c);
+          indegree.emplace(b, 0);
+          if (a != b && edges[a].insert(b).second) ++indegree[b];
+        }
+      }
+    }
+    std::vector<size_t> ready;
+    for (const auto& [k, d] : indegree)
+      if (d == 0) ready.push_back(k);
+    size_t done = 0;
+    while (!ready.empty()) {
+      const size_t k = ready.back();
+      ready.pop_back();
+      ++done;
+      for (size_t b : edges[k])
+        if (--indegree[b] == 0) ready.push_back(b);
+    }
+    if (done == indegree.size()) return;
+    size_t drop = regions->size();  // a region left on the cycle (or behind it): the smallest
+    for (const auto& [k, d] : indegree)
+      if (d > 0 && k < regions->size() && (drop == regions->size() || (*regions)[k].size() < (*regions)[drop].size()))
+        drop = k;
+    if (drop == regions->size()) return;  // a cycle without regions: not ours to judge
+    regions->erase(regions->begin() + static_cast<long>(drop));
+  }
+}
+
+}  // namespace
+
+std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
+                                                      const RegionOptions& opts) {
+  const std::vector<Unit> units = FindUnits(nodes);
+  std::vector<bool> taken(units.size(), false);
+  std::vector<std::set<const OrtNode*>> regions;
+  for (size_t pass = 0; pass < units.size(); ++pass) {  // units cut from one region may form the next
+    const auto formed = FormRegions(units, taken, opts.min_conv_units);
+    if (formed.empty()) break;
+    for (const auto& comp : formed) {
+      std::set<const OrtNode*> group;
+      for (size_t i : comp) {
+        taken[i] = true;
+        group.insert(units[i].nodes.begin(), units[i].nodes.end());
+        group.insert(units[i].in_dqs.begin(), units[i].in_dqs.end());
+      }
+      regions.push_back(std::move(group));
+    }
+  }
+  DropCycles(nodes, &regions);
+  std::map<const OrtNode*, size_t> position;
+  for (size_t i = 0; i < nodes.size(); ++i) position[nodes[i]] = i;
+  std::vector<std::vector<const OrtNode*>> out;
+  for (const auto& group : regions) {
+    std::vector<const OrtNode*> g(group.begin(), group.end());
+    std::sort(g.begin(), g.end(), [&](const OrtNode* a, const OrtNode* b) { return position[a] < position[b]; });
+    out.push_back(g);
+  }
+  return out;
 }
 
 // ---- planning -----------------------------------------------------------------------------------------------
