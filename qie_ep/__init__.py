@@ -33,9 +33,10 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     """Register qie with an ``onnxruntime.SessionOptions``.
 
     ``ep`` (default: wherever ``ep_available()``) adds qie's plugin execution provider ahead of the CPU EP:
-    it claims whole QDQ units and regions (DequantizeLinear -> MatMul / Gemm / Conv -> QuantizeLinear, and
-    chains of convolutions and activations joined by QuantizeLinear -> DequantizeLinear pairs) and runs them
-    in the integer domain before ORT's own QDQ fusions (``ep_stats()`` counts what it took; ``stats()`` lists
+    it claims whole QDQ units (DequantizeLinear -> MatMul / Gemm -> QuantizeLinear) and regions (connected
+    groups of QDQ convolutions, activations, BatchNormalization, residual Add / Mul, pools and Concat joined by
+    QuantizeLinear -> DequantizeLinear pairs, docs/numerics.md) and runs them in the integer domain before ORT's
+    own QDQ fusions (``ep_stats()`` counts what it took; ``stats()`` lists
     its runs under (EP_NAME, ...)). ``ep=True`` where it is not available is an error.
 
     The custom-op library is registered too: sessions run the ONNX-domain QLinearMatMul, MatMulInteger,

@@ -256,7 +256,9 @@ def main(argv=None) -> None:
         _say(f"* {c.model}, {c.scheme}: accuracy = {c.metric}; {cos} to FP32 (mean over samples)."
              + (f" {c.note}." if c.note else ""))
         if not row.get("identical", True):
-            _say("  note: ORT INT8 and ORT + qie outputs differ on this model (see tests for the bounds)")
+            _say("  note: ORT INT8 and ORT + qie outputs differ on this model: the EP's regions compute Sigmoid / Erf "
+                 "tables with libm and pooling / elementwise units in float, a step apart at most per unit, which a "
+                 "deep network carries on (docs/numerics.md); compare the accuracy columns")
         for k in ("ort+qie", "tvm+qie"):
             if "failed" in row.get(k, {}):
                 _say(f"  {k} failed: {row[k]['failed']}")
