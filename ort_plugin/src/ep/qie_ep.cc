@@ -240,6 +240,12 @@ struct ComputeInfo : OrtNodeComputeInfo {
 struct QieEp : OrtEp {
   bool units_on = true;
   bool regions_on = true;
+  const OrtLogger* logger = nullptr;  // the session's, from CreateEp
+  void Log(OrtLoggingLevel level, const std::string& msg) const {
+    if (!logger) return;
+    if (OrtStatus* st = g_api->Logger_LogMessage(logger, level, msg.c_str(), ORT_FILE, __LINE__, "qie EP"))
+      g_api->ReleaseStatus(st);
+  }
   RegionOptions region_opts;
   QieEp() : OrtEp{} {
     ort_version_supported = ORT_API_VERSION;
@@ -251,6 +257,7 @@ struct QieEp : OrtEp {
         OrtNodeFusionOptions opts{};
         opts.ort_version_supported = ORT_API_VERSION;
         opts.drop_constant_initializers = true;  // weights and scales are read (and packed) at Compile
+        size_t units = 0;
         for (const OrtNode* node : nodes) {
           if (!self->units_on) break;
           // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
@@ -270,12 +277,26 @@ struct QieEp : OrtEp {
           const std::vector<const OrtNode*> group = u.Nodes();
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_claimed.fetch_add(1);
+          ++units;
         }
-        if (!self->regions_on) return;
-        for (const auto& group : MatchRegions(nodes, self->region_opts)) {
+        if (!self->regions_on)
+          return self->Log(ORT_LOGGING_LEVEL_INFO,
+                           "qie EP: " + std::to_string(units) + " MatMul/Gemm units claimed; regions off");
+        RegionReport report;
+        size_t region_nodes = 0;
+        const auto regions = MatchRegions(nodes, self->region_opts, &report);
+        for (const auto& group : regions) {
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_regions.fetch_add(1);
+          region_nodes += group.size();
         }
+        self->Log(ORT_LOGGING_LEVEL_INFO,
+                  "qie EP: " + std::to_string(units) + " MatMul/Gemm units claimed; " + std::to_string(regions.size()) +
+                      " regions of " + std::to_string(region_nodes) + " nodes hold " +
+                      std::to_string(report.units_claimed) + " of the " + std::to_string(report.units) +
+                      " QDQ units found (the rest: fewer than " + std::to_string(self->region_opts.min_conv_units) +
+                      " convolutions in their group, or cut so the fused graph stays acyclic; " +
+                      std::to_string(report.dropped_cycles) + " regions dropped for a cycle)");
       });
     };
     Compile = [](OrtEp* ep, const OrtGraph** graphs, const OrtNode** fused, size_t count, OrtNodeComputeInfo** infos,
@@ -378,10 +399,11 @@ struct QieFactory : OrtEpFactory {
       return nullptr;
     };
     CreateEp = [](OrtEpFactory*, const OrtHardwareDevice* const*, const OrtKeyValuePairs* const*, size_t,
-                  const OrtSessionOptions* so, const OrtLogger*, OrtEp** ep) noexcept -> OrtStatus* {
+                  const OrtSessionOptions* so, const OrtLogger* logger, OrtEp** ep) noexcept -> OrtStatus* {
       *ep = nullptr;
       return Guard("options", [&] {
         auto e = std::make_unique<QieEp>();
+        e->logger = logger;
         ReadOptions(so, e.get());
         *ep = e.release();
       });

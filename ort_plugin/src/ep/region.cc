@@ -199,7 +199,7 @@ void DropCycles(const std::vector<const OrtNode*>& nodes, std::vector<std::set<c
 }  // namespace
 
 std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
-                                                      const RegionOptions& opts) {
+                                                      const RegionOptions& opts, RegionReport* report) {
   const std::vector<Unit> units = FindUnits(nodes);
   std::vector<bool> taken(units.size(), false);
   std::vector<std::set<const OrtNode*>> regions;
@@ -216,7 +216,16 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
       regions.push_back(std::move(group));
     }
   }
+  const size_t formed = regions.size();
   DropCycles(nodes, &regions);
+  if (report) {
+    report->units = units.size();
+    std::set<const OrtNode*> kept;
+    for (const auto& g : regions) kept.insert(g.begin(), g.end());
+    report->units_claimed = 0;
+    for (const Unit& u : units) report->units_claimed += kept.count(u.q) > 0;
+    report->dropped_cycles = formed - regions.size();
+  }
   std::map<const OrtNode*, size_t> position;
   for (size_t i = 0; i < nodes.size(); ++i) position[nodes[i]] = i;
   std::vector<std::vector<const OrtNode*>> out;
@@ -553,6 +562,26 @@ void Geometry(const RegionPlan::Step& s, const Dims& d, std::vector<int64_t>* ou
   try {
     qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, out, pad);
   } catch (const std::exception& e) { throw Failure{s.name + " on input " + d.Nchw() + ": " + e.what()}; }
+}
+
+// NCHW -> NHWC and back for n images of c channels and hw pixels, in parallel over blocks of pixels.
+void ToNhwc(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor) {
+  constexpr size_t kPix = 512;
+  const size_t blocks = (hw + kPix - 1) / kPix;
+  if (n * c * hw == 0) return;
+  pfor(n * blocks, [&](size_t t) {
+    const size_t b = t / blocks, j0 = (t % blocks) * kPix, j1 = std::min(hw, j0 + kPix);
+    qie::TransposeBytes(x + b * c * hw + j0, hw, y + (b * hw + j0) * c, c, c, j1 - j0);
+  });
+}
+void ToNchw(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor) {
+  constexpr size_t kPix = 512;
+  const size_t blocks = (hw + kPix - 1) / kPix;
+  if (n * c * hw == 0) return;
+  pfor(n * blocks, [&](size_t t) {
+    const size_t b = t / blocks, i0 = (t % blocks) * kPix, i1 = std::min(hw, i0 + kPix);
+    qie::TransposeBytes(x + (b * hw + i0) * c, c, y + b * c * hw + i0, hw, i1 - i0, c);
+  });
 }
 
 template <bool Signed>
@@ -898,7 +927,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       if (b.size() < d.count()) b.resize(d.count());
       const void* xd = nullptr;
       Check(g_api->GetTensorData(x, &xd));
-      qie::Transpose2D(xd, b.data(), d.n, d.c, d.h * d.w, 1);
+      ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pfor);
       Tick(p.profile, kKinds, &t0);
     }
     for (const RegionPlan::Step& s : p.steps) {
@@ -946,7 +975,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(ov.output), shape, 4, &out));
       void* yd = nullptr;
       Check(g_api->GetTensorMutableData(out, &yd));
-      qie::Transpose2D(y.data(), yd, od.n, od.h * od.w, od.c, 1);
+      ToNchw(y.data(), static_cast<uint8_t*>(yd), od.n, od.c, od.h * od.w, pfor);
       Tick(p.profile, kKinds, &t0);
     }
   });

@@ -24,10 +24,17 @@ struct RegionOptions {
   bool profile = false;  // time each unit kind and the layout changes (RegionProfile)
 };
 
+// What MatchRegions found, for the EP's log.
+struct RegionReport {
+  size_t units = 0;           // QDQ units matched
+  size_t units_claimed = 0;   // of them, in a region
+  size_t dropped_cycles = 0;  // regions dropped because fusing them would close a cycle
+};
+
 // Every region of `nodes` (a whole graph at GetCapability): the node groups to fuse, each in graph order. Nodes
 // already assigned to an EP are never part of a region.
 std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
-                                                      const RegionOptions& opts);
+                                                      const RegionOptions& opts, RegionReport* report = nullptr);
 
 // Builds the plan of the one region in a fused subgraph (throws when the subgraph is not one region) with the
 // fused node's input and output names; the caller owns it and frees it with ReleaseRegion.

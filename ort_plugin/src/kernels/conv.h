@@ -60,6 +60,8 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
 
 // [batch][rows][cols] -> [batch][cols][rows] of `elem`-byte elements (1 or 4): NCHW <-> NHWC.
 void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem);
+// dst[j][i] = src[i][j] for i < rows, j < cols, bytes, with row strides (16 x 16 SSE2 blocks, scalar edges).
+void TransposeBytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride, size_t rows, size_t cols);
 
 // The per-ISA depthwise kernel: output pixels [p0, p1) of image b, all channels. Scratch: acc (C
 // int32), zrow (C bytes equal to x_zp: padding taps read it and contribute nothing), ptrs ((taps + 1)

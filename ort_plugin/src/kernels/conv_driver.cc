@@ -12,6 +12,9 @@
 //     shifted alike, so the differences (x - x_zp) are unchanged.
 #include <algorithm>
 #include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "kernels/conv.h"
 
@@ -105,13 +108,57 @@ void TransposeT(const T* src, T* dst, size_t batch, size_t rows, size_t cols) {
           for (size_t j = j0; j < std::min(cols, j0 + kB); ++j) dst[j * rows + i] = src[i * cols + j];
 }
 
+#if defined(__SSE2__)
+// One 16 x 16 byte block: four rounds of unpacks (bytes, words, dwords, qwords); register k ends as column k.
+inline void Transpose16x16(const uint8_t* src, size_t ss, uint8_t* dst, size_t ds) {
+  __m128i r[16], b[16], c[16], d[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ss));
+  for (int i = 0; i < 8; ++i) {
+    b[2 * i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    b[2 * i + 1] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g)  // rows 4g..4g+3: b[4g..4g+3]
+    for (int h = 0; h < 2; ++h) {
+      c[4 * g + 2 * h] = _mm_unpacklo_epi16(b[4 * g + h], b[4 * g + h + 2]);
+      c[4 * g + 2 * h + 1] = _mm_unpackhi_epi16(b[4 * g + h], b[4 * g + h + 2]);
+    }
+  for (int g = 0; g < 2; ++g)  // rows 8g..8g+7: c[8g..8g+7]
+    for (int h = 0; h < 4; ++h) {
+      d[8 * g + 2 * h] = _mm_unpacklo_epi32(c[8 * g + h], c[8 * g + h + 4]);
+      d[8 * g + 2 * h + 1] = _mm_unpackhi_epi32(c[8 * g + h], c[8 * g + h + 4]);
+    }
+  for (int k = 0; k < 8; ++k) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * k) * ds), _mm_unpacklo_epi64(d[k], d[k + 8]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (2 * k + 1) * ds), _mm_unpackhi_epi64(d[k], d[k + 8]));
+  }
+}
+#endif
+
 }  // namespace
 
+void TransposeBytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride, size_t rows, size_t cols) {
+  size_t i0 = 0;
+#if defined(__SSE2__)
+  for (; i0 + 16 <= rows; i0 += 16) {
+    size_t j0 = 0;
+    for (; j0 + 16 <= cols; j0 += 16)
+      Transpose16x16(src + i0 * src_stride + j0, src_stride, dst + j0 * dst_stride + i0, dst_stride);
+    for (size_t i = i0; i < i0 + 16; ++i)
+      for (size_t j = j0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+  }
+#endif
+  for (size_t i = i0; i < rows; ++i)
+    for (size_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+}
+
 void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem) {
-  if (elem == 4)
+  if (elem == 4) {
     TransposeT(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), batch, rows, cols);
-  else
-    TransposeT(static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), batch, rows, cols);
+    return;
+  }
+  for (size_t b = 0; b < batch; ++b)
+    TransposeBytes(static_cast<const uint8_t*>(src) + b * rows * cols, cols,
+                   static_cast<uint8_t*>(dst) + b * rows * cols, rows, rows, cols);
 }
 
 void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool w_signed, const int32_t* w_zp,
