@@ -43,7 +43,7 @@ test: build
 # single-op, error, reliability and property-based graph tests run against it (ORT's arena is off in the
 # reliability and fuzz tests, so a write past an ORT buffer lands in a redzone). libstdc++ is preloaded
 # after libasan so ASan can intercept the C++ exceptions qie's adaptors throw for bad input.
-ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_lut_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
+ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_region_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
               tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
               tests/ort/test_ep_regions.py

@@ -120,6 +120,8 @@ def testing_lib() -> ctypes.CDLL:
     h.qie_test_quantize_dynamic.restype = c.c_int
     h.qie_test_channel_lut.argtypes = [c.c_char_p, p, c.c_size_t, p, p, c.c_size_t, c.c_int]
     h.qie_test_channel_lut.restype = c.c_int
+    h.qie_test_transpose_bytes.argtypes = [p, c.c_size_t, p, c.c_size_t, c.c_size_t, c.c_size_t]
+    h.qie_test_transpose_bytes.restype = None
     h.qie_test_microkernel.argtypes = [c.c_char_p, p, p, p]
     h.qie_test_microkernel.restype = c.c_int
     h.qie_bench_vnni_peak_gops.argtypes = []

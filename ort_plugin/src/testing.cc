@@ -148,3 +148,9 @@ QIE_EXPORT int qie_test_channel_lut(const char* isa_name, const uint8_t* t, size
   qie::SetLutVbmi(true);
   return 0;
 }
+
+// Kernel-level entry for the byte transpose the EP's regions use at their edges: dst[j][i] = src[i][j].
+QIE_EXPORT void qie_test_transpose_bytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride,
+                                         size_t rows, size_t cols) {
+  qie::TransposeBytes(src, src_stride, dst, dst_stride, rows, cols);
+}

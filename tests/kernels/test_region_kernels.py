@@ -1,6 +1,6 @@
-"""The EP regions' byte-table kernels vs numpy, on every ISA path that has one (AVX-512: AVX512-VBMI permutes where
-the CPU has them, dword gathers otherwise; both checked), over table counts and lengths around the vector widths,
-with guard bytes around the output."""
+"""The EP regions' byte kernels vs numpy, guard bytes around every output: the tables on every ISA path that has
+one (AVX-512: AVX512-VBMI permutes where the CPU has them, dword gathers otherwise; both checked), over table
+counts and lengths around the vector widths; the NCHW <-> NHWC byte transpose at the regions' edges."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +37,18 @@ def test_channel_lut_equals_numpy(isa, vbmi, C):
         np.testing.assert_array_equal(y, want, err_msg=f"{isa} vbmi={vbmi} C={C} pixels={pixels}")
         ran = True
     assert ran
+
+
+@pytest.mark.parametrize("rows", [1, 3, 15, 16, 17, 33, 64])
+@pytest.mark.parametrize("cols", [1, 7, 16, 31, 48, 100])
+def test_transpose_bytes_equals_numpy(rows, cols):
+    """The regions' NCHW <-> NHWC byte transpose (16 x 16 SSE2 blocks, scalar edges) with row strides wider than
+    the rows, guard bytes around the output."""
+    rng = np.random.default_rng(rows * 1000 + cols)
+    ss, ds = cols + 5, rows + 3
+    src = rng.integers(0, 256, size=(rows, ss)).astype(np.uint8)
+    dst, raw = guarded_output((cols, ds), np.uint8, 7)
+    _lib.testing_lib().qie_test_transpose_bytes(_ptr(src), ss, _ptr(dst), ds, rows, cols)
+    check_guards(raw, "transpose_bytes")
+    np.testing.assert_array_equal(dst[:, :rows], src[:, :cols].T)
+    assert (dst[:, rows:] == 7).all()  # the stride's gap untouched
