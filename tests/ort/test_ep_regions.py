@@ -549,3 +549,62 @@ def test_two_regions_that_would_close_a_cycle(tmp_path, level):
     got, _ = run(model, feeds, level, qie=True)
     for a, b in zip(got, run(model, feeds, level, qie=False)[0]):
         np.testing.assert_array_equal(a, b)
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("act", ["Relu", "Clip"])
+def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, level, act):
+    """ResNet basic blocks quantized the way `qie quantize` does by default (MatMul / Conv / Gemm only): the
+    residual Add and the activation after it stay float between a DequantizeLinear pair and a QuantizeLinear.
+    The region takes them as one binary unit with an activation program; every node but the input Q and the output
+    DQ runs on qie, equal to ORT."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    rng = np.random.default_rng(31)
+    c, inits, nodes = 8, [], []
+
+    def conv(x, cin, name, stride=1):
+        w = (rng.normal(size=(c, cin, 3, 3)) * (1.4 / np.sqrt(cin * 9))).astype(np.float32)
+        inits.extend([nh.from_array(w, name + "_w"), nh.from_array((rng.normal(size=c) * 0.1).astype(np.float32),
+                                                                     name + "_b")])
+        nodes.append(h.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1] * 4, strides=[stride] * 2))
+        return name
+
+    def activation(x, name):
+        if act == "Clip":
+            inits.extend([nh.from_array(np.array(0, np.float32), name + "_lo"),
+                          nh.from_array(np.array(6, np.float32), name + "_hi")])
+            nodes.append(h.make_node("Clip", [x, name + "_lo", name + "_hi"], [name]))
+        else:
+            nodes.append(h.make_node("Relu", [x], [name]))
+        return name
+
+    x = activation(conv("x", 3, "stem", 2), "stem_a")
+    for i in range(2):
+        y = conv(activation(conv(x, c, f"b{i}a"), f"b{i}r"), c, f"b{i}b")
+        nodes.append(h.make_node("Add", [y, x], [f"b{i}s"]))
+        x = activation(f"b{i}s", f"b{i}o")
+    y = conv(x, c, "head")
+    g = h.make_graph(nodes, "resnet_blocks", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["MatMul", "Conv", "Gemm"])
+    model = onnx.load(dst)
+    ours, theirs = claimed_ops(model, level)
+    assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
+    assert ours.count("Add") == 2 and ours.count(act) >= 5, ours
+    for shape in ((1, 3, 16, 16), (2, 3, 11, 7)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        np.testing.assert_array_equal(got, run(model, feeds, level, qie=False)[0][0])

@@ -239,6 +239,9 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
 
 // ---- planning -----------------------------------------------------------------------------------------------
 
+// Elements per block of a binary unit's activation program.
+constexpr size_t kTailBlock = 4096;
+
 // Pixels per block of a per-channel float program (~8 KiB of floats per register).
 size_t ProgramRows(size_t C) { return std::max<size_t>(1, 2048 / std::max<size_t>(1, C)); }
 
@@ -275,8 +278,9 @@ struct RegionPlan {
     qie::PackedConv packed;
     std::vector<int32_t> wzp, bias;
     std::vector<float> scale;
-    // binary
+    // binary: the operation, and the float program of the activations after it (none: tail.steps empty)
     char op = '+';
+    FloatProgram tail;
     // average pool: padding counted in the divisor
     bool include_pad = false;
     // concat / maxpool: per input, code -> output code (empty: the identity)
@@ -475,6 +479,11 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     } else if (u.kind == UnitKind::kBinary) {
       const std::string op = OpType(u.op);
       s.op = op == "Add" ? '+' : op == "Sub" ? '-' : '*';
+      if (u.nodes.size() > 2) {
+        const std::vector<const OrtNode*> tail(u.nodes.begin() + 1, u.nodes.end() - 1);
+        s.tail = CompileProgram(Outputs(u.op)[0], tail, u.q);
+        s.tail.Expand(1, kTailBlock);
+      }
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
       for (const QParams& q : s.qin) s.requant.push_back(Requant(q, s.qout));
     }
@@ -683,6 +692,29 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
 }
 
+// The same per element in float, before a binary unit's activation program.
+template <char Op, bool AS, bool BS>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRowF(
+    const uint8_t* a, size_t ca, const uint8_t* b, size_t cb, float* y, size_t C, const QParams& qa,
+    const QParams& qb) {
+  const float sa = qa.scale, sb = qb.scale;
+  const int32_t za = qa.zp, zb = qb.zp;
+  for (size_t c = 0; c < C; ++c) {
+    const float fa =
+        static_cast<float>((AS ? static_cast<int32_t>(static_cast<int8_t>(a[c * ca])) : a[c * ca]) - za) * sa;
+    const float fb =
+        static_cast<float>((BS ? static_cast<int32_t>(static_cast<int8_t>(b[c * cb])) : b[c * cb]) - zb) * sb;
+    y[c] = Op == '+' ? fa + fb : Op == '-' ? fa - fb : fa * fb;
+  }
+}
+using BinaryRowFFn = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, float*, size_t, const QParams&,
+                              const QParams&);
+template <char Op>
+BinaryRowFFn BinaryFFor(bool as, bool bs) {
+  return as ? (bs ? BinaryRowF<Op, true, true> : BinaryRowF<Op, true, false>)
+            : (bs ? BinaryRowF<Op, false, true> : BinaryRowF<Op, false, false>);
+}
+
 using BinaryRowFn = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, uint8_t*, size_t, const QParams&,
                              const QParams&, const QParams&);
 template <char Op>
@@ -717,6 +749,26 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
                           : s.op == '-' ? BinaryFor<'-'>(as, bs)
                                         : BinaryFor<'*'>(as, bs);
   if (od->count() == 0) return;
+  if (!s.tail.steps.empty()) {  // float per row, then the activations and the quantization in blocks
+    const BinaryRowFFn rowf = s.op == '+'   ? BinaryFFor<'+'>(as, bs)
+                              : s.op == '-' ? BinaryFFor<'-'>(as, bs)
+                                            : BinaryFFor<'*'>(as, bs);
+    const Quantizer q(s.qout);
+    pfor(rows, [&](size_t r) {
+      thread_local std::vector<float> f;
+      thread_local std::vector<std::vector<float>> regs;
+      const size_t n = r / Y[1], h = r % Y[1], len = Y[2] * Y[3];
+      if (f.size() < len) f.resize(len);
+      for (size_t w = 0; w < Y[2]; ++w)
+        rowf(a + n * sa[0] + h * sa[1] + w * sa[2], sa[3], b + n * sb[0] + h * sb[1] + w * sb[2], sb[3],
+             f.data() + w * Y[3], Y[3], s.qin[0], s.qin[1]);
+      for (size_t k = 0; k < len; k += kTailBlock) {
+        const size_t m = std::min(kTailBlock, len - k);
+        QuantizeBlock(RunProgram(s.tail, f.data() + k, m, &regs), m, q, y + r * len + k);
+      }
+    });
+    return;
+  }
   pfor(rows, [&](size_t r) {
     const size_t n = r / Y[1], h = r % Y[1];
     for (size_t w = 0; w < Y[2]; ++w) {

@@ -203,14 +203,40 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
     if (!InputDq(dq) || !Rank4(v)) return false;
     dqs.push_back(dq);
   }
+  if (!Rank4(out[0])) return false;
+  // Binary units may end in a chain of unary activations before their Q (ResNet's Add -> Relu -> Q where the
+  // quantizer leaves Add and Relu in float): their float program, plain arithmetic with scalar constants.
+  std::vector<const OrtNode*> tail;
+  const OrtValueInfo* v = out[0];
+  const OrtNode* q = SoleConsumer(v);
+  static const std::set<std::string> unary = {"Relu",      "Clip", "LeakyRelu", "HardSigmoid",
+                                              "HardSwish", "Neg",  "Abs",       "Identity"};
+  while (kind == UnitKind::kBinary && q && Domain(q).empty() && unary.count(OpType(q)) && tail.size() < 8) {
+    for (size_t i = 1; i < Inputs(q).size(); ++i) {  // Clip's bounds: plain scalar constants
+      Constant c;
+      if (Input(Inputs(q), i) && (!ReadConstant(Inputs(q)[i], &c) || c.count() != 1)) return false;
+    }
+    const auto qo = Outputs(q);
+    if (qo.size() != 1 || !qo[0]) return false;
+    tail.push_back(q);
+    v = qo[0];
+    q = SoleConsumer(v);
+  }
   Constant sy, zy;
-  const OrtNode* q = SoleConsumer(out[0]);
-  if (!QOperands(q, &sy, &zy) || !Rank4(out[0])) return false;
+  if (!QOperands(q, &sy, &zy)) return false;
   u->kind = kind;
   u->in_dqs = dqs;
   u->op = n;
   u->q = q;
-  u->nodes = {n, q};
+  u->nodes = {n};
+  u->nodes.insert(u->nodes.end(), tail.begin(), tail.end());
+  u->nodes.push_back(q);
+  if (!tail.empty()) {
+    try {
+      const FloatProgram f = CompileProgram(out[0], tail, q);
+      if (!f.arithmetic || f.C != 1) return false;
+    } catch (const Failure&) { return false; }
+  }
   return true;
 }
 
@@ -334,9 +360,11 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
   return units;
 }
 
-FloatProgram CompileTable(const Unit& u) {
+FloatProgram CompileTable(const Unit& u) { return CompileProgram(Outputs(u.in_dqs[0])[0], u.nodes, u.q); }
+
+FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes, const OrtNode* q) {
   FloatProgram p;
-  std::map<const OrtValueInfo*, int> reg = {{Outputs(u.in_dqs[0])[0], 0}};
+  std::map<const OrtValueInfo*, int> reg = {{input, 0}};
   auto channels = [&](std::vector<float> v) {  // a constant operand; fixes the program's channel count
     if (v.size() > 1) {
       if (p.C > 1 && p.C != v.size()) throw Failure{"table constants of different channel counts"};
@@ -364,8 +392,8 @@ FloatProgram CompileTable(const Unit& u) {
                                                   {"Identity", Op::kCopy}};
   static const std::map<std::string, Op> binary = {
       {"Add", Op::kAdd}, {"Sub", Op::kSub}, {"Mul", Op::kMul}, {"Div", Op::kDiv}};
-  for (const OrtNode* n : u.nodes) {
-    if (n == u.q || IsOp(n, "DequantizeLinear")) continue;  // constant DQs are read through their consumers
+  for (const OrtNode* n : nodes) {
+    if (n == q || IsOp(n, "DequantizeLinear")) continue;  // constant DQs are read through their consumers
     const std::string op = OpType(n);
     const auto in = Inputs(n);
     FloatProgram::Step st;
@@ -430,8 +458,8 @@ FloatProgram CompileTable(const Unit& u) {
     p.steps.push_back(std::move(st));
     reg[Outputs(n)[0]] = static_cast<int>(p.steps.size());
   }
-  auto it = reg.find(Inputs(u.q)[0]);
-  if (it == reg.end()) throw Failure{"table unit's QuantizeLinear does not read its subgraph"};
+  auto it = reg.find(Inputs(q)[0]);
+  if (it == reg.end()) throw Failure{"a unit's QuantizeLinear does not read its float program"};
   p.result = it->second;
   p.Expand(p.C, 1);
   return p;

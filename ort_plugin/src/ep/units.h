@@ -7,7 +7,8 @@
 //           per-channel vectors ([1,C,1,1], [C,1,1]; BatchNormalization's [C]): Relu, Clip, LeakyRelu, HardSigmoid,
 //           HardSwish, Sigmoid, Tanh, Erf, Add/Sub/Mul/Div, Neg, Abs, Identity, BatchNormalization, and x * g(x)
 //           forms (SiLU, Gelu) = one 256-entry table per channel, q -> Q(f(DQ(q))) in float32
-//   binary: DQ(a), DQ(b) -> Add | Sub | Mul -> Q, 4-D with broadcasting  = the float QDQ arithmetic per element
+//   binary: DQ(a), DQ(b) -> Add | Sub | Mul [-> unary activations] -> Q, 4-D with broadcasting
+//                                                                     = the float QDQ arithmetic per element
 //   gap:    DQ(x) -> GlobalAveragePool -> Q                           = integer sum, float mean, QuantizeLinear
 //   concat: DQ(x_i) -> Concat(axis 1) -> Q                            = each input requantized to the output's scale
 //   maxpool: DQ(x) -> MaxPool -> Q (2-D, no indices output)             = max of the codes, requantized
@@ -122,6 +123,8 @@ struct FloatProgram {
   void Expand(size_t channels, size_t rows);
 };
 FloatProgram CompileTable(const Unit& u);
+// The float program of `nodes` (but Q and constant DQs) from `input` (register 0) to what `q` reads.
+FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes, const OrtNode* q);
 // Runs `p` on x ([rows][p.C] floats); `regs` is scratch; returns the result's [rows][p.C] floats.
 const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std::vector<std::vector<float>>* regs);
 
