@@ -50,3 +50,45 @@ def test_real_model(name, fmt, level, evaluation):
     print(f"{name} {fmt} {level}: accuracy FP32 {acc_fp32:.3f}, INT8 with qie {acc_int8:.3f} ({N_EVAL} samples)")
     assert acc_fp32 >= 0.75, "the rendered evaluation data no longer suit the FP32 model"
     assert acc_int8 >= acc_fp32 - 0.2, (acc_fp32, acc_int8)
+
+
+def _claimed(sess) -> dict:
+    import collections
+
+    return collections.Counter(n.op_type for a in sess.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME
+                               for n in a.get_nodes())
+
+
+@pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here (ORT < 1.27 or no libqie_ep.so)")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["orientation", "ppocr_rec"])
+def test_real_model_regions(name, threads, evaluation):
+    """The QDQ models with qie's EP (the one line): nearly every convolution runs inside a region (PP-LCNet's all
+    32; PP-OCRv6's all but those of its attention blocks), the same labelled samples are recognised as with ORT's
+    own INT8 (PP-LCNet: outputs bit-identical; PP-OCRv6: its Sigmoid / Erf tables use libm, a step apart where
+    ORT's MLAS approximations round the other way, docs/numerics.md), and a second run gives the same outputs."""
+    import onnxruntime as ort
+
+    x, labels = evaluation[name]
+    model = str(V.quantized(name, "qdq"))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    qie_ep.register(so)
+    s = ort.InferenceSession(model, so)
+    convs = sum(n.op_type == "Conv" for n in onnx.load(model).graph.node)
+    claimed = _claimed(s)
+    assert claimed["Conv"] >= (convs if name == "orientation" else convs - 12), (claimed, convs)
+    got = np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    again = np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_array_equal(got, again)
+    want = session(model, False, "all").run(None, {"x": x})[0]
+    chars = V.charset(V.model_path(name)) if name == "ppocr_rec" else None
+    acc_qie, acc_ort = V.accuracy(name, got, labels, chars), V.accuracy(name, want, labels, chars)
+    print(f"{name} regions, {threads} threads: {dict(claimed)}; accuracy ORT INT8 {acc_ort:.3f}, qie EP {acc_qie:.3f}")
+    if name == "orientation":
+        np.testing.assert_array_equal(got, want)
+    else:
+        assert acc_qie >= acc_ort - 1 / N_EVAL, (acc_qie, acc_ort)  # one line of the 16 at most
+        a, b = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.95
