@@ -64,7 +64,10 @@ memcheck: build
 # ORT's arena is off. Only errors with a qie frame count (tests/tools/valgrind_report.py); ORT's own numbers are
 # not compared (see QIE_TEST_NO_BUILTIN in tests/helpers.py).
 VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_gemm_ops.py \
-                  tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py tests/ort/test_conv_errors.py tests/ort/test_ep.py
+                  tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py tests/ort/test_conv_errors.py tests/ort/test_ep.py \
+                  tests/kernels/test_region_kernels.py 'tests/ort/test_ep_regions.py::test_resnet_like_region_equals_ort[True-False-disable]' \
+                  'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[3]' 'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[9]' \
+                  'tests/ort/test_ep_regions.py::test_residual_add_with_float_activation_as_qie_quantize_leaves_it[Relu-disable]'
 valgrind: build
 	$(call cmake_lib,build/valgrind,RelWithDebInfo,)
 	rm -f build/valgrind/vg-*.xml
