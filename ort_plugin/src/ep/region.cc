@@ -461,7 +461,9 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       const int v = s.in[0];
       const int ps = producer_step[v];
       if (ps >= 0 && p.steps[ps].kind == UnitKind::kTable && readers[p.values[v].name] == 1 &&
-          p.values[v].output < 0) {  // compose into the table producing this unit's input
+          p.values[v].output < 0 && (p.steps[ps].tC == 1 || C == 1 || p.steps[ps].tC == C)) {
+        // compose into the table producing this unit's input (per-channel tables of different channel counts are
+        // a model error that only a run can report, as ORT does: kept apart)
         ComposeTable(&p.steps[ps], t, C);
         p.steps[ps].chain.push_back(link);
         p.steps[ps].qout = s.qout;
