@@ -625,3 +625,61 @@ def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, 
         feeds = {"x": rng.normal(size=shape).astype(np.float32)}
         (got,), _ = run(model, feeds, level, qie=True)
         assert_equals_ort(got, run(model, feeds, level, qie=False)[0][0])
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path, level):
+    """PP-LCNet's block quantized the way `qie quantize` does by default (MatMul / Conv / Gemm only): a conv's
+    BatchNormalization and HardSwish stay float and their result is read twice, by the squeeze-excitation's
+    GlobalAveragePool and by its Mul. GAP and Mul take BatchNormalization -> HardSwish as a float prefix of their
+    operand (computed as ORT's float kernels do), so the block is one region; results equal ORT's (the GAP's sum
+    in another order could move a mean by a step: none here)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    rng = np.random.default_rng(41)
+    c, inits, nodes = 16, [], []
+
+    def conv(x, cin, cout, k, name, group=1):
+        w = (rng.normal(size=(cout, cin // group, k, k)) * (1.4 / np.sqrt(cin // group * k * k))).astype(np.float32)
+        inits.append(nh.from_array(w, name + "_w"))
+        nodes.append(h.make_node("Conv", [x, name + "_w"], [name], pads=[k // 2] * 4, group=group))
+        return name
+
+    def bn_hswish(x, name):
+        vals = [rng.uniform(0.5, 1.5, c), rng.normal(size=c) * 0.1, rng.normal(size=c) * 0.1, rng.uniform(0.5, 2, c)]
+        names = [f"{name}_{p}" for p in ("s", "b", "m", "v")]
+        inits.extend(nh.from_array(v.astype(np.float32), n) for v, n in zip(vals, names))
+        nodes.append(h.make_node("BatchNormalization", [x, *names], [name + "_bn"]))
+        nodes.append(h.make_node("HardSwish", [name + "_bn"], [name]))
+        return name
+
+    x = bn_hswish(conv("x", 3, c, 3, "c1"), "a1")
+    v = bn_hswish(conv(x, c, c, 3, "dw", group=c), "a2")
+    nodes.append(h.make_node("GlobalAveragePool", [v], ["g"]))
+    nodes.append(h.make_node("Relu", [conv("g", c, c // 4, 1, "se1")], ["se1_r"]))
+    nodes.append(h.make_node("HardSigmoid", [conv("se1_r", c // 4, c, 1, "se2")], ["s"]))
+    nodes.append(h.make_node("Mul", [v, "s"], ["m"]))
+    y = conv("m", c, c, 1, "pw")
+    g = h.make_graph(nodes, "se", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
+    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.data = iter([{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.data, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["MatMul", "Conv", "Gemm"])
+    model = onnx.load(dst)
+    ours, theirs = claimed_ops(model, level)
+    assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
+    assert {"GlobalAveragePool", "Mul", "HardSwish", "BatchNormalization"} <= set(ours), ours
+    for shape in ((1, 3, 16, 16), (2, 3, 9, 12)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        assert_equals_ort(got, run(model, feeds, level, qie=False)[0][0], f"{shape}")

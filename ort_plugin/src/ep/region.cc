@@ -63,6 +63,11 @@ std::vector<std::vector<size_t>> Components(const std::vector<Unit>& units, cons
       auto [d, fresh] = by_dq.emplace(dq, i);
       if (!fresh) uf.Unite(i, d->second);
     }
+    for (const auto& pre : units[i].prefix)
+      for (const OrtNode* m : pre) {
+        auto [d, fresh] = by_dq.emplace(m, i);  // shared like a DequantizeLinear
+        if (!fresh) uf.Unite(i, d->second);
+      }
   }
   std::map<size_t, std::vector<size_t>> groups;
   for (size_t i = 0; i < units.size(); ++i)
@@ -81,16 +86,22 @@ std::set<size_t> Violations(const std::vector<Unit>& units, const std::vector<si
   for (size_t i : comp) {
     for (const OrtNode* n : units[i].nodes) owner[n].push_back(i);
     for (const OrtNode* n : units[i].in_dqs) owner[n].push_back(i);
+    for (const auto& pre : units[i].prefix)
+      for (const OrtNode* n : pre) owner[n].push_back(i);
   }
   for (const auto& [n, o] : owner) inside.insert(n);
   std::set<size_t> bad;
-  for (size_t i : comp)
-    for (const OrtNode* dq : units[i].in_dqs) {
-      const OrtValueInfo* v = Outputs(dq)[0];
-      bool leaves = IsGraphOutput(v);
-      for (const OrtNode* c : AllConsumers(v)) leaves = leaves || !inside.count(c);
-      if (leaves) bad.insert(owner[dq].begin(), owner[dq].end());
-    }
+  auto shared_leaves = [&](const OrtNode* n) {  // a float value of the region read outside it
+    const OrtValueInfo* v = Outputs(n)[0];
+    bool leaves = IsGraphOutput(v);
+    for (const OrtNode* c : AllConsumers(v)) leaves = leaves || !inside.count(c);
+    if (leaves) bad.insert(owner[n].begin(), owner[n].end());
+  };
+  for (size_t i : comp) {
+    for (const OrtNode* dq : units[i].in_dqs) shared_leaves(dq);
+    for (const auto& pre : units[i].prefix)
+      for (const OrtNode* n : pre) shared_leaves(n);
+  }
   if (!bad.empty()) return bad;
   std::vector<const OrtNode*> stack;
   std::set<const OrtNode*> seen;
@@ -212,6 +223,7 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
         taken[i] = true;
         group.insert(units[i].nodes.begin(), units[i].nodes.end());
         group.insert(units[i].in_dqs.begin(), units[i].in_dqs.end());
+        for (const auto& pre : units[i].prefix) group.insert(pre.begin(), pre.end());
       }
       regions.push_back(std::move(group));
     }
@@ -281,6 +293,9 @@ struct RegionPlan {
     // binary: the operation, and the float program of the activations after it (none: tail.steps empty)
     char op = '+';
     FloatProgram tail;
+    // binary / gap: per operand, the float program between its DequantizeLinear and the op (empty: none)
+    std::vector<FloatProgram> pre;
+    bool has_pre = false;
     // average pool: padding counted in the divisor
     bool include_pad = false;
     // concat / maxpool: per input, code -> output code (empty: the identity)
@@ -410,6 +425,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
   for (const Unit& u : units) {
     covered.insert(u.nodes.begin(), u.nodes.end());
     covered.insert(u.in_dqs.begin(), u.in_dqs.end());
+    for (const auto& pre : u.prefix) covered.insert(pre.begin(), pre.end());
   }
   if (units.empty() || covered.size() != nodes.size())
     throw Failure{"fused graph is not the region GetCapability claimed"};
@@ -454,14 +470,22 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     }
     s.qout = OutputParams(u.q);
     const std::string out_name = Name(Outputs(u.q)[0]);
+    for (size_t k = 0; k < u.prefix.size(); ++k) {
+      s.pre.emplace_back();
+      if (u.prefix[k].empty()) continue;
+      s.pre.back() = CompileProgramTo(Outputs(u.in_dqs[k])[0], u.prefix[k], Inputs(u.op)[k]);
+      FloatProgram& f = s.pre.back();
+      f.Expand(f.C, f.C == 1 ? kTailBlock : ProgramRows(f.C));
+      s.has_pre = true;
+    }
     if (u.kind == UnitKind::kTable) {
       size_t C = 1;
       const std::vector<uint8_t> t = EvalTable(u, &C);
       const RegionPlan::Chained link{s.qin[0], CompileTable(u), s.qout};
       const int v = s.in[0];
       const int ps = producer_step[v];
-      if (ps >= 0 && p.steps[ps].kind == UnitKind::kTable && readers[p.values[v].name] == 1 &&
-          p.values[v].output < 0 && (p.steps[ps].tC == 1 || C == 1 || p.steps[ps].tC == C)) {
+      if (ps >= 0 && p.steps[ps].kind == UnitKind::kTable && readers[p.values[v].name] == 1 && p.values[v].output < 0 &&
+          (p.steps[ps].tC == 1 || C == 1 || p.steps[ps].tC == C)) {
         // compose into the table producing this unit's input (per-channel tables of different channel counts are
         // a model error that only a run can report, as ORT does: kept apart)
         ComposeTable(&p.steps[ps], t, C);
@@ -782,6 +806,109 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
   });
 }
 
+// An operand in float32: its DequantizeLinear and, when it has one, its prefix program, over the whole tensor
+// (blocks of elements for a program of scalar constants, of pixels for per-channel ones).
+void OperandFloat(const RegionPlan::Step& s, size_t k, const Dims& d, const uint8_t* x, std::vector<float>* out,
+                  const qie::ParallelFor& pfor) {
+  const FloatProgram& f = s.pre[k];
+  const QParams& q = s.qin[k];
+  const size_t n = d.count();
+  if (out->size() < n) out->resize(n);
+  if (f.steps.empty() || n == 0) {
+    if (q.is_signed)
+      DequantizeBlock<true>(x, n, q.zp, q.scale, out->data());
+    else
+      DequantizeBlock<false>(x, n, q.zp, q.scale, out->data());
+    return;
+  }
+  if (f.C > 1 && d.c != f.C)
+    throw Failure{s.name + ": an operand's per-channel constants are for " + std::to_string(f.C) + " channels, got " +
+                  d.Nchw()};
+  const size_t per = f.C == 1 ? kTailBlock : ProgramRows(f.C) * f.C;  // elements per program block
+  pfor((n + per - 1) / per, [&](size_t b) {
+    thread_local std::vector<float> xf;
+    thread_local std::vector<std::vector<float>> regs;
+    const size_t e0 = b * per, m = std::min(per, n - e0);
+    if (xf.size() < m) xf.resize(m);
+    if (q.is_signed)
+      DequantizeBlock<true>(x + e0, m, q.zp, q.scale, xf.data());
+    else
+      DequantizeBlock<false>(x + e0, m, q.zp, q.scale, xf.data());
+    const float* r = RunProgram(f, xf.data(), m / f.C, &regs);
+    std::copy(r, r + m, out->data() + e0);
+  });
+}
+
+// Binary units with a prefix on an operand: both operands in float32, the operation with broadcasting, the
+// activation program, QuantizeLinear.
+void RunBinaryFloat(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, const Dims& db, const uint8_t* b,
+                    Dims* od, std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
+  thread_local std::vector<float> fa, fb;
+  OperandFloat(s, 0, da, a, &fa, pfor);
+  OperandFloat(s, 1, db, b, &fb, pfor);
+  const size_t A[4] = {da.n, da.h, da.w, da.c}, B[4] = {db.n, db.h, db.w, db.c};
+  size_t Y[4], sa[4], sb[4];
+  for (int i = 0; i < 4; ++i) {
+    if (A[i] != B[i] && A[i] != 1 && B[i] != 1)
+      throw Failure{s.name + ": input shapes " + da.Nchw() + " and " + db.Nchw() + " do not broadcast"};
+    Y[i] = A[i] == 1 ? B[i] : A[i];
+  }
+  for (int i = 3, ea = 1, eb = 1; i >= 0; --i) {  // element strides, 0 along broadcast axes
+    sa[i] = A[i] == 1 ? 0 : static_cast<size_t>(ea);
+    sb[i] = B[i] == 1 ? 0 : static_cast<size_t>(eb);
+    ea *= static_cast<int>(A[i]);
+    eb *= static_cast<int>(B[i]);
+  }
+  *od = {Y[0], Y[1], Y[2], Y[3]};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const Quantizer q(s.qout);
+  const float* pa0 = fa.data();
+  const float* pb0 = fb.data();
+  pfor(Y[0] * Y[1], [&](size_t r) {
+    thread_local std::vector<float> f;
+    thread_local std::vector<std::vector<float>> regs;
+    const size_t n = r / Y[1], h = r % Y[1], len = Y[2] * Y[3];
+    if (f.size() < len) f.resize(len);
+    for (size_t w = 0; w < Y[2]; ++w) {
+      const float* pa = pa0 + n * sa[0] + h * sa[1] + w * sa[2];
+      const float* pb = pb0 + n * sb[0] + h * sb[1] + w * sb[2];
+      float* pf = f.data() + w * Y[3];
+      for (size_t c = 0; c < Y[3]; ++c) {
+        const float x = pa[c * sa[3]], z = pb[c * sb[3]];
+        pf[c] = s.op == '+' ? x + z : s.op == '-' ? x - z : x * z;
+      }
+    }
+    for (size_t k = 0; k < len; k += kTailBlock) {
+      const size_t m = std::min(kTailBlock, len - k);
+      const float* v = s.tail.steps.empty() ? f.data() + k : RunProgram(s.tail, f.data() + k, m, &regs);
+      QuantizeBlock(v, m, q, y + r * len + k);
+    }
+  });
+}
+
+// A global average pool whose operand has a prefix: the float values summed pixel by pixel in float32, / HW.
+void RunGapFloat(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                 const qie::ParallelFor& pfor) {
+  thread_local std::vector<float> fx;
+  OperandFloat(s, 0, d, x, &fx, pfor);
+  *od = {d.n, 1, 1, d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t hw = d.h * d.w, C = d.c;
+  const Quantizer q(s.qout);
+  const float* f = fx.data();
+  pfor(d.n, [&](size_t n) {
+    thread_local std::vector<float> acc;
+    acc.assign(C, 0.0f);
+    for (size_t p = 0; p < hw; ++p)
+      for (size_t c = 0; c < C; ++c) acc[c] += f[(n * hw + p) * C + c];
+    for (size_t c = 0; c < C; ++c) y[n * C + c] = q(acc[c] / static_cast<float>(hw));
+  });
+}
+
 void RunGap(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
             const qie::ParallelFor& pfor) {
   *od = {d.n, 1, 1, d.c};
@@ -1004,9 +1131,17 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
         }
         case UnitKind::kConv: RunConv(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
         case UnitKind::kBinary:
-          RunBinary(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
+          if (s.has_pre)
+            RunBinaryFloat(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
+          else
+            RunBinary(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
           break;
-        case UnitKind::kGap: RunGap(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+        case UnitKind::kGap:
+          if (s.has_pre)
+            RunGapFloat(s, d0, buf(s.in[0]).data(), &od, &y, pfor);
+          else
+            RunGap(s, d0, buf(s.in[0]).data(), &od, &y, pfor);
+          break;
         case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
         case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
         case UnitKind::kConcat: {

@@ -198,10 +198,35 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
   for (size_t i = 1; i < out.size(); ++i)
     if (out[i] && !Name(out[i]).empty()) return false;
   std::vector<const OrtNode*> dqs;
+  std::vector<std::vector<const OrtNode*>> prefixes;
   for (const OrtValueInfo* v : in) {
-    const OrtNode* dq = v ? Producer(v) : nullptr;
-    if (!InputDq(dq) || !Rank4(v)) return false;
+    std::vector<const OrtNode*> prefix;
+    if (!v || !Rank4(v)) return false;
+    const OrtNode* dq = Producer(v);
+    if (kind == UnitKind::kBinary || kind == UnitKind::kGap) {
+      // back from the op through elementwise nodes of one tensor (and plain constants) to a DequantizeLinear
+      while (dq && !IsOp(dq, "DequantizeLinear") && IsTableOp(dq) && prefix.size() < 8) {
+        const OrtValueInfo* tensor = nullptr;
+        for (const OrtValueInfo* x : Inputs(dq)) {
+          Constant c;
+          if (!x || Name(x).empty() || ReadConstant(x, &c)) continue;
+          if (tensor) return false;  // two tensor operands: not a prefix
+          tensor = x;
+        }
+        if (!tensor || Outputs(dq).empty() || !Outputs(dq)[0]) return false;
+        prefix.insert(prefix.begin(), dq);
+        dq = Producer(tensor);
+      }
+      if (!prefix.empty()) {
+        try {
+          const FloatProgram f = CompileProgramTo(Outputs(dq)[0], prefix, v);
+          if (!f.arithmetic || !InputDq(dq) || !Rank4(Outputs(dq)[0])) return false;
+        } catch (const Failure&) { return false; }
+      }
+    }
+    if (!InputDq(dq)) return false;
     dqs.push_back(dq);
+    prefixes.push_back(prefix);
   }
   if (!Rank4(out[0])) return false;
   // Binary units may end in a chain of unary activations before their Q (ResNet's Add -> Relu -> Q where the
@@ -226,6 +251,7 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
   if (!QOperands(q, &sy, &zy)) return false;
   u->kind = kind;
   u->in_dqs = dqs;
+  u->prefix = prefixes;
   u->op = n;
   u->q = q;
   u->nodes = {n};
@@ -352,17 +378,35 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
       bool free = true;
       for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);
       for (const OrtNode* m : u.in_dqs) free = free && !used.count(m) && !Assigned(m);
+      for (const auto& pre : u.prefix)
+        for (const OrtNode* m : pre) free = free && !used.count(m) && !Assigned(m);
       if (!free) continue;
       used.insert(u.nodes.begin(), u.nodes.end());
       units.push_back(u);
     } catch (const Failure&) { continue; }
   }
-  return units;
+  // A prefix node (shareable) that a later unit took as its own node: that prefix's unit is dropped.
+  std::vector<Unit> kept;
+  for (const Unit& u : units) {
+    bool clash = false;
+    for (const auto& pre : u.prefix)
+      for (const OrtNode* m : pre) clash = clash || used.count(m) > 0;
+    if (!clash) kept.push_back(u);
+  }
+  return kept;
 }
 
 FloatProgram CompileTable(const Unit& u) { return CompileProgram(Outputs(u.in_dqs[0])[0], u.nodes, u.q); }
 
 FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes, const OrtNode* q) {
+  std::vector<const OrtNode*> body;
+  for (const OrtNode* n : nodes)
+    if (n != q) body.push_back(n);
+  return CompileProgramTo(input, body, Inputs(q)[0]);
+}
+
+FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes,
+                              const OrtValueInfo* result) {
   FloatProgram p;
   std::map<const OrtValueInfo*, int> reg = {{input, 0}};
   auto channels = [&](std::vector<float> v) {  // a constant operand; fixes the program's channel count
@@ -393,7 +437,7 @@ FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const O
   static const std::map<std::string, Op> binary = {
       {"Add", Op::kAdd}, {"Sub", Op::kSub}, {"Mul", Op::kMul}, {"Div", Op::kDiv}};
   for (const OrtNode* n : nodes) {
-    if (n == q || IsOp(n, "DequantizeLinear")) continue;  // constant DQs are read through their consumers
+    if (IsOp(n, "DequantizeLinear")) continue;  // constant DQs are read through their consumers
     const std::string op = OpType(n);
     const auto in = Inputs(n);
     FloatProgram::Step st;
@@ -458,7 +502,7 @@ FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const O
     p.steps.push_back(std::move(st));
     reg[Outputs(n)[0]] = static_cast<int>(p.steps.size());
   }
-  auto it = reg.find(Inputs(q)[0]);
+  auto it = reg.find(result);
   if (it == reg.end()) throw Failure{"a unit's QuantizeLinear does not read its float program"};
   p.result = it->second;
   p.Expand(p.C, 1);

@@ -10,6 +10,7 @@
 //   binary: DQ(a), DQ(b) -> Add | Sub | Mul [-> unary activations] -> Q, 4-D with broadcasting
 //                                                                     = the float QDQ arithmetic per element
 //   gap:    DQ(x) -> GlobalAveragePool -> Q                           = integer sum, float mean, QuantizeLinear
+//   (binary and gap operands may pass through an elementwise float prefix after their DQ: then in float32)
 //   concat: DQ(x_i) -> Concat(axis 1) -> Q                            = each input requantized to the output's scale
 //   maxpool: DQ(x) -> MaxPool -> Q (2-D, no indices output)             = max of the codes, requantized
 //   avgpool: DQ(x) -> AveragePool -> Q (2-D)                          = integer window sums, float mean, Q
@@ -29,9 +30,13 @@ enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool 
 struct Unit {
   UnitKind kind = UnitKind::kTable;
   std::vector<const OrtNode*> in_dqs;  // one DequantizeLinear per runtime operand, in operand order
-  const OrtNode* op = nullptr;         // the Conv / Add / ... node (tables: the first node of f)
-  const OrtNode* q = nullptr;          // the output QuantizeLinear
-  std::vector<const OrtNode*> nodes;   // every node of the unit but its input DequantizeLinears
+  // Binary and global-average-pool units: per operand, the elementwise float nodes between its DequantizeLinear
+  // and the op (empty: none), e.g. BatchNormalization -> HardSwish whose result the op and other units read.
+  // Like a DequantizeLinear, a prefix node may be shared by several units of a region.
+  std::vector<std::vector<const OrtNode*>> prefix;
+  const OrtNode* op = nullptr;        // the Conv / Add / ... node (tables: the first node of f)
+  const OrtNode* q = nullptr;         // the output QuantizeLinear
+  std::vector<const OrtNode*> nodes;  // every node of the unit but its input DequantizeLinears
 };
 
 // Every unit of `nodes`, each node in at most one unit's `nodes`; nodes already assigned to an EP are skipped and
@@ -125,6 +130,9 @@ struct FloatProgram {
 FloatProgram CompileTable(const Unit& u);
 // The float program of `nodes` (but Q and constant DQs) from `input` (register 0) to what `q` reads.
 FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes, const OrtNode* q);
+// The same to `result`.
+FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes,
+                              const OrtValueInfo* result);
 // Runs `p` on x ([rows][p.C] floats); `regs` is scratch; returns the result's [rows][p.C] floats.
 const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std::vector<std::vector<float>>* regs);
 
