@@ -695,6 +695,27 @@ void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* o
   qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA its weights were packed for
 }
 
+// NumPy broadcasting of a binary unit's two NHWC operands: the output dims and each operand's element strides
+// (0 along its broadcast axes); shapes that do not broadcast are an error naming the node.
+struct Broadcast {
+  size_t Y[4], sa[4], sb[4];
+  Broadcast(const RegionPlan::Step& s, const Dims& da, const Dims& db) {
+    const size_t A[4] = {da.n, da.h, da.w, da.c}, B[4] = {db.n, db.h, db.w, db.c};
+    for (int i = 0; i < 4; ++i) {
+      if (A[i] != B[i] && A[i] != 1 && B[i] != 1)
+        throw Failure{s.name + ": input shapes " + da.Nchw() + " and " + db.Nchw() + " do not broadcast"};
+      Y[i] = A[i] == 1 ? B[i] : A[i];
+    }
+    size_t ea = 1, eb = 1;
+    for (int i = 3; i >= 0; --i) {
+      sa[i] = A[i] == 1 ? 0 : ea;
+      sb[i] = B[i] == 1 ? 0 : eb;
+      ea *= A[i];
+      eb *= B[i];
+    }
+  }
+};
+
 // y = Q(DQ(a) op DQ(b)) with NumPy broadcasting of two NHWC tensors; one row of C channels (element strides ca,
 // cb: 1, or 0 for a broadcast operand), specialised so the loop vectorizes.
 template <char Op, bool AS, bool BS>
@@ -751,21 +772,10 @@ BinaryRowFn BinaryFor(bool as, bool bs) {
 
 void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, const Dims& db, const uint8_t* b, Dims* od,
                std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
-  const size_t A[4] = {da.n, da.h, da.w, da.c}, B[4] = {db.n, db.h, db.w, db.c};
-  size_t Y[4], sa[4], sb[4];
-  for (int i = 0; i < 4; ++i) {
-    if (A[i] != B[i] && A[i] != 1 && B[i] != 1)
-      throw Failure{s.name + ": input shapes " + da.Nchw() + " and " + db.Nchw() + " do not broadcast"};
-    Y[i] = A[i] == 1 ? B[i] : A[i];
-  }
-  sa[3] = A[3] == 1 ? 0 : 1;  // element strides, 0 along broadcast axes
-  sb[3] = B[3] == 1 ? 0 : 1;
-  sa[2] = A[2] == 1 ? 0 : A[3];
-  sb[2] = B[2] == 1 ? 0 : B[3];
-  sa[1] = A[1] == 1 ? 0 : A[2] * A[3];
-  sb[1] = B[1] == 1 ? 0 : B[2] * B[3];
-  sa[0] = A[0] == 1 ? 0 : A[1] * A[2] * A[3];
-  sb[0] = B[0] == 1 ? 0 : B[1] * B[2] * B[3];
+  const Broadcast bc(s, da, db);
+  const size_t* Y = bc.Y;
+  const size_t* sa = bc.sa;
+  const size_t* sb = bc.sb;
   *od = {Y[0], Y[1], Y[2], Y[3]};
   if (ybuf->size() < od->count()) ybuf->resize(od->count());
   uint8_t* y = ybuf->data();
@@ -846,19 +856,10 @@ void RunBinaryFloat(const RegionPlan::Step& s, const Dims& da, const uint8_t* a,
   thread_local std::vector<float> fa, fb;
   OperandFloat(s, 0, da, a, &fa, pfor);
   OperandFloat(s, 1, db, b, &fb, pfor);
-  const size_t A[4] = {da.n, da.h, da.w, da.c}, B[4] = {db.n, db.h, db.w, db.c};
-  size_t Y[4], sa[4], sb[4];
-  for (int i = 0; i < 4; ++i) {
-    if (A[i] != B[i] && A[i] != 1 && B[i] != 1)
-      throw Failure{s.name + ": input shapes " + da.Nchw() + " and " + db.Nchw() + " do not broadcast"};
-    Y[i] = A[i] == 1 ? B[i] : A[i];
-  }
-  for (int i = 3, ea = 1, eb = 1; i >= 0; --i) {  // element strides, 0 along broadcast axes
-    sa[i] = A[i] == 1 ? 0 : static_cast<size_t>(ea);
-    sb[i] = B[i] == 1 ? 0 : static_cast<size_t>(eb);
-    ea *= static_cast<int>(A[i]);
-    eb *= static_cast<int>(B[i]);
-  }
+  const Broadcast bc(s, da, db);
+  const size_t* Y = bc.Y;
+  const size_t* sa = bc.sa;
+  const size_t* sb = bc.sb;
   *od = {Y[0], Y[1], Y[2], Y[3]};
   if (ybuf->size() < od->count()) ybuf->resize(od->count());
   uint8_t* y = ybuf->data();
