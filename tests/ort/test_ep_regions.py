@@ -683,3 +683,24 @@ def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path
         feeds = {"x": rng.normal(size=shape).astype(np.float32)}
         (got,), _ = run(model, feeds, level, qie=True)
         assert_equals_ort(got, run(model, feeds, level, qie=False)[0][0], f"{shape}")
+
+
+@needs_ep
+def test_prefix_from_a_graph_input_is_not_a_unit():
+    """A Mul whose float operand comes from a graph input through Relu (no DequantizeLinear to start a prefix at):
+    not a unit; the session builds and equals ORT."""
+    nodes = [h.make_node("Relu", ["x"], ["r"]),
+             h.make_node("DequantizeLinear", ["q", "s", "z"], ["d"]),
+             h.make_node("Mul", ["r", "d"], ["m"]),
+             h.make_node("QuantizeLinear", ["m", "s", "z"], ["y"])]
+    inits = [nh.from_array(np.array(0.05, np.float32), "s"), nh.from_array(np.array(128, np.uint8), "z")]
+    g = h.make_graph(nodes, "graph_input_prefix", [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 3, 3]),
+                                                   h.make_tensor_value_info("q", T.UINT8, [1, 4, 3, 3])],
+                     [h.make_tensor_value_info("y", T.UINT8, [1, 4, 3, 3])], inits)
+    model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(1, 4, 3, 3)).astype(np.float32),
+             "q": rng.integers(0, 256, size=(1, 4, 3, 3)).astype(np.uint8)}
+    for level in OPT_LEVELS:
+        (got,), _ = run(model, feeds, level, qie=True)
+        np.testing.assert_array_equal(got, run(model, feeds, level, qie=False)[0][0])

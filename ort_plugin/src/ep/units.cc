@@ -218,9 +218,9 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
         dq = Producer(tensor);
       }
       if (!prefix.empty()) {
+        if (!InputDq(dq) || !Rank4(Outputs(dq)[0])) return false;  // (a graph input has no producer: null)
         try {
-          const FloatProgram f = CompileProgramTo(Outputs(dq)[0], prefix, v);
-          if (!f.arithmetic || !InputDq(dq) || !Rank4(Outputs(dq)[0])) return false;
+          if (!CompileProgramTo(Outputs(dq)[0], prefix, v).arithmetic) return false;
         } catch (const Failure&) { return false; }
       }
     }
