@@ -124,7 +124,7 @@ EP_NAME = "QIE"
 
 def ep_stats() -> dict:
     """qie EP counters since the library was loaded: MatMul/Gemm units claimed by GetCapability and their runs,
-    regions (chains of conv and table units) claimed and their runs. Runs restart at ``reset_stats()``."""
+    regions (connected groups of QDQ units with convolutions) claimed and their runs. Runs restart at ``reset_stats()``."""
     from qie_ep._lib import ep_lib
     h = ep_lib()
     if h is None:
