@@ -1,0 +1,516 @@
+// The kernels of a region's steps (see region_plan.h): tables, float programs, layout changes, convolutions,
+// binary units, pools and Concat over NHWC byte tensors. Numerics: region.cc's header and docs/numerics.md.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "ep/graph.h"
+#include "ep/region_plan.h"
+#include "kernels/isa.h"
+#include "ops/conv_core.h"
+
+namespace qie_ep {
+
+namespace {
+
+// Output dims and leading pads of a conv or pool step on input `d`; a bad geometry names the node.
+void Geometry(const RegionPlan::Step& s, const Dims& d, std::vector<int64_t>* out, std::vector<int64_t>* pad) {
+  try {
+    qie::ConvGeometry(s.at, {static_cast<int64_t>(d.h), static_cast<int64_t>(d.w)}, s.k, out, pad);
+  } catch (const std::exception& e) { throw Failure{s.name + " on input " + d.Nchw() + ": " + e.what()}; }
+}
+
+template <bool Signed>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void DequantizeBlock(
+    const uint8_t* __restrict x, size_t n, int32_t zp, float scale, float* __restrict y) {
+  for (size_t i = 0; i < n; ++i)
+    y[i] = static_cast<float>((Signed ? static_cast<int32_t>(static_cast<int8_t>(x[i])) : x[i]) - zp) * scale;
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QuantizeBlock(
+    const float* __restrict x, size_t n, const Quantizer& q, uint8_t* __restrict y) {
+  for (size_t i = 0; i < n; ++i) y[i] = q(x[i]);
+}
+
+// NumPy broadcasting of a binary unit's two NHWC operands: the output dims and each operand's element strides
+// (0 along its broadcast axes); shapes that do not broadcast are an error naming the node.
+struct Broadcast {
+  size_t Y[4], sa[4], sb[4];
+  Broadcast(const RegionPlan::Step& s, const Dims& da, const Dims& db) {
+    const size_t A[4] = {da.n, da.h, da.w, da.c}, B[4] = {db.n, db.h, db.w, db.c};
+    for (int i = 0; i < 4; ++i) {
+      if (A[i] != B[i] && A[i] != 1 && B[i] != 1)
+        throw Failure{s.name + ": input shapes " + da.Nchw() + " and " + db.Nchw() + " do not broadcast"};
+      Y[i] = A[i] == 1 ? B[i] : A[i];
+    }
+    size_t ea = 1, eb = 1;
+    for (int i = 3; i >= 0; --i) {
+      sa[i] = A[i] == 1 ? 0 : ea;
+      sb[i] = B[i] == 1 ? 0 : eb;
+      ea *= A[i];
+      eb *= B[i];
+    }
+  }
+};
+
+// y = Q(DQ(a) op DQ(b)) with NumPy broadcasting of two NHWC tensors; one row of C channels (element strides ca,
+// cb: 1, or 0 for a broadcast operand), specialised so the loop vectorizes.
+template <char Op, bool AS, bool BS>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRow(
+    const uint8_t* a, size_t ca, const uint8_t* b, size_t cb, uint8_t* y, size_t C, const QParams& qa,
+    const QParams& qb, const QParams& qy) {
+  const float sa = qa.scale, sb = qb.scale;
+  const int32_t za = qa.zp, zb = qb.zp;
+  const Quantizer q(qy);
+  auto dq = [](uint8_t v, bool s, int32_t z, float sc) {
+    return static_cast<float>((s ? static_cast<int32_t>(static_cast<int8_t>(v)) : static_cast<int32_t>(v)) - z) * sc;
+  };
+  auto f = [&](float fa, float fb) { return Op == '+' ? fa + fb : Op == '-' ? fa - fb : fa * fb; };
+  if (ca == 1 && cb == 1) {
+    for (size_t c = 0; c < C; ++c) y[c] = q(f(dq(a[c], AS, za, sa), dq(b[c], BS, zb, sb)));
+  } else if (ca == 1) {
+    const float fb = dq(b[0], BS, zb, sb);
+    for (size_t c = 0; c < C; ++c) y[c] = q(f(dq(a[c], AS, za, sa), fb));
+  } else {
+    for (size_t c = 0; c < C; ++c) y[c] = q(f(dq(a[c * ca], AS, za, sa), dq(b[c * cb], BS, zb, sb)));
+  }
+}
+
+// The same per element in float, before a binary unit's activation program.
+template <char Op, bool AS, bool BS>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRowF(
+    const uint8_t* a, size_t ca, const uint8_t* b, size_t cb, float* y, size_t C, const QParams& qa,
+    const QParams& qb) {
+  const float sa = qa.scale, sb = qb.scale;
+  const int32_t za = qa.zp, zb = qb.zp;
+  for (size_t c = 0; c < C; ++c) {
+    const float fa =
+        static_cast<float>((AS ? static_cast<int32_t>(static_cast<int8_t>(a[c * ca])) : a[c * ca]) - za) * sa;
+    const float fb =
+        static_cast<float>((BS ? static_cast<int32_t>(static_cast<int8_t>(b[c * cb])) : b[c * cb]) - zb) * sb;
+    y[c] = Op == '+' ? fa + fb : Op == '-' ? fa - fb : fa * fb;
+  }
+}
+
+using BinaryRowFFn = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, float*, size_t, const QParams&,
+                              const QParams&);
+template <char Op>
+BinaryRowFFn BinaryFFor(bool as, bool bs) {
+  return as ? (bs ? BinaryRowF<Op, true, true> : BinaryRowF<Op, true, false>)
+            : (bs ? BinaryRowF<Op, false, true> : BinaryRowF<Op, false, false>);
+}
+
+using BinaryRowFn = void (*)(const uint8_t*, size_t, const uint8_t*, size_t, uint8_t*, size_t, const QParams&,
+                             const QParams&, const QParams&);
+template <char Op>
+BinaryRowFn BinaryFor(bool as, bool bs) {
+  return as ? (bs ? BinaryRow<Op, true, true> : BinaryRow<Op, true, false>)
+            : (bs ? BinaryRow<Op, false, true> : BinaryRow<Op, false, false>);
+}
+
+// An operand in float32: its DequantizeLinear and, when it has one, its prefix program, over the whole tensor
+// (blocks of elements for a program of scalar constants, of pixels for per-channel ones).
+void OperandFloat(const RegionPlan::Step& s, size_t k, const Dims& d, const uint8_t* x, std::vector<float>* out,
+                  const qie::ParallelFor& pfor) {
+  const FloatProgram& f = s.pre[k];
+  const QParams& q = s.qin[k];
+  const size_t n = d.count();
+  if (out->size() < n) out->resize(n);
+  if (f.steps.empty() || n == 0) {
+    if (q.is_signed)
+      DequantizeBlock<true>(x, n, q.zp, q.scale, out->data());
+    else
+      DequantizeBlock<false>(x, n, q.zp, q.scale, out->data());
+    return;
+  }
+  if (f.C > 1 && d.c != f.C)
+    throw Failure{s.name + ": an operand's per-channel constants are for " + std::to_string(f.C) + " channels, got " +
+                  d.Nchw()};
+  const size_t per = f.C == 1 ? kTailBlock : ProgramRows(f.C) * f.C;  // elements per program block
+  pfor((n + per - 1) / per, [&](size_t b) {
+    thread_local std::vector<float> xf;
+    thread_local std::vector<std::vector<float>> regs;
+    const size_t e0 = b * per, m = std::min(per, n - e0);
+    if (xf.size() < m) xf.resize(m);
+    if (q.is_signed)
+      DequantizeBlock<true>(x + e0, m, q.zp, q.scale, xf.data());
+    else
+      DequantizeBlock<false>(x + e0, m, q.zp, q.scale, xf.data());
+    const float* r = RunProgram(f, xf.data(), m / f.C, &regs);
+    std::copy(r, r + m, out->data() + e0);
+  });
+}
+
+// py[c] = max(py[c], px[c] ^ flip): signed codes compared as unsigned once their sign bit is flipped.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void MaxInto(uint8_t* __restrict py,
+                                                                                           const uint8_t* __restrict px,
+                                                                                           size_t C, uint8_t flip) {
+  for (size_t c = 0; c < C; ++c) {
+    const uint8_t v = px[c] ^ flip;
+    py[c] = py[c] > v ? py[c] : v;
+  }
+}
+
+}  // namespace
+
+// y = t[c][x] over `pixels` NHWC pixels of C channels (`t`: one table when tC = 1, else tC = C of them, 3 bytes
+// of padding after). Blocks of ~32 KiB, in parallel.
+void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t pixels, size_t C,
+              const qie::ParallelFor& pfor) {
+  const qie::ChannelLutFn lut = qie::KernelsFor(qie::ActiveIsa()).channel_lut;
+  if (tC == 1) {  // one table: the tensor as one row
+    pixels *= C;
+    C = 1;
+  }
+  if (pixels == 0 || C == 0) return;
+  const size_t per = std::max<size_t>(1, (size_t{1} << 15) / C);
+  pfor((pixels + per - 1) / per, [&](size_t b) {
+    const size_t p0 = b * per, p1 = std::min(pixels, p0 + per);
+    if (lut) return lut(t, C, x + p0 * C, y + p0 * C, p1 - p0);
+    for (size_t p = p0; p < p1; ++p)
+      for (size_t c = 0; c < C; ++c) y[p * C + c] = t[c * 256 + x[p * C + c]];
+  });
+}
+
+// NCHW -> NHWC and back for n images of c channels and hw pixels, in parallel over blocks of pixels.
+void ToNhwc(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor) {
+  constexpr size_t kPix = 512;
+  const size_t blocks = (hw + kPix - 1) / kPix;
+  if (n * c * hw == 0) return;
+  pfor(n * blocks, [&](size_t t) {
+    const size_t b = t / blocks, j0 = (t % blocks) * kPix, j1 = std::min(hw, j0 + kPix);
+    qie::TransposeBytes(x + b * c * hw + j0, hw, y + (b * hw + j0) * c, c, c, j1 - j0);
+  });
+}
+
+void ToNchw(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor) {
+  constexpr size_t kPix = 512;
+  const size_t blocks = (hw + kPix - 1) / kPix;
+  if (n * c * hw == 0) return;
+  pfor(n * blocks, [&](size_t t) {
+    const size_t b = t / blocks, i0 = (t % blocks) * kPix, i1 = std::min(hw, i0 + kPix);
+    qie::TransposeBytes(x + (b * hw + i0) * c, c, y + b * c * hw + i0, hw, i1 - i0, c);
+  });
+}
+
+// A per-channel table step of plain arithmetic run on the data: per block of pixels, each composed unit's
+// DequantizeLinear, float program and QuantizeLinear, as its tables were built (so the same codes).
+void RunChannelPrograms(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, uint8_t* y,
+                        const qie::ParallelFor& pfor) {
+  const size_t C = d.c, pixels = d.pixels();
+  const size_t per = ProgramRows(C);  // pixels per program block
+  const size_t task = per * std::max<size_t>(1, (size_t{1} << 15) / (per * std::max<size_t>(1, C)));  // ~32 KiB
+  if (pixels == 0 || C == 0) return;
+  pfor((pixels + task - 1) / task, [&](size_t t) {
+    thread_local std::vector<float> xf;
+    thread_local std::vector<std::vector<float>> regs;
+    for (size_t p0 = t * task; p0 < std::min(pixels, (t + 1) * task); p0 += per) {
+      const size_t rows = std::min(per, pixels - p0), n = rows * C;
+      if (xf.size() < n) xf.resize(n);
+      const uint8_t* src = x + p0 * C;
+      uint8_t* dst = y + p0 * C;
+      for (const RegionPlan::Chained& link : s.chain) {
+        if (link.in.is_signed)
+          DequantizeBlock<true>(src, n, link.in.zp, link.in.scale, xf.data());
+        else
+          DequantizeBlock<false>(src, n, link.in.zp, link.in.scale, xf.data());
+        QuantizeBlock(RunProgram(link.f, xf.data(), rows, &regs), n, Quantizer(link.out), dst);
+        src = dst;  // the next unit reads this one's codes
+      }
+    }
+  });
+}
+
+void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+             const qie::ParallelFor& pfor) {
+  if (d.c != s.C) throw Failure{s.name + " expects " + std::to_string(s.C) + " input channels, got " + d.Nchw()};
+  std::vector<int64_t> out, pad;
+  Geometry(s, d, &out, &pad);
+  qie::ConvShape cs;
+  cs.batch = d.n;
+  cs.C = s.C;
+  cs.M = s.M;
+  cs.group = static_cast<size_t>(s.at.group);
+  cs.in[1] = d.h;
+  cs.in[2] = d.w;
+  cs.out[1] = static_cast<size_t>(out[0]);
+  cs.out[2] = static_cast<size_t>(out[1]);
+  cs.k[1] = static_cast<size_t>(s.k[0]);
+  cs.k[2] = static_cast<size_t>(s.k[1]);
+  for (int i = 0; i < 2; ++i) {
+    cs.stride[1 + i] = s.at.strides.empty() ? 1 : static_cast<size_t>(s.at.strides[i]);
+    cs.dil[1 + i] = s.at.dilations.empty() ? 1 : static_cast<size_t>(s.at.dilations[i]);
+    cs.pad[1 + i] = static_cast<size_t>(pad[i]);
+  }
+  *od = {d.n, cs.out[1], cs.out[2], s.M};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  if (od->count() == 0) return;
+  qie::ConvArgs ca;
+  ca.x = x;
+  ca.x_signed = s.qin[0].is_signed;
+  ca.x_zp = s.qin[0].zp;
+  ca.w_zp = s.wzp.data();
+  ca.bias = s.bias.empty() ? nullptr : s.bias.data();
+  ca.kind = s.qout.is_signed ? qie::OutKind::kS8 : qie::OutKind::kU8;
+  ca.scale = s.scale.data();
+  ca.y_zp = s.qout.zp;
+  ca.y = ybuf->data();
+  qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA its weights were packed for
+}
+
+void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, const Dims& db, const uint8_t* b, Dims* od,
+               std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
+  const Broadcast bc(s, da, db);
+  const size_t* Y = bc.Y;
+  const size_t* sa = bc.sa;
+  const size_t* sb = bc.sb;
+  *od = {Y[0], Y[1], Y[2], Y[3]};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t rows = Y[0] * Y[1];
+  const bool as = s.qin[0].is_signed, bs = s.qin[1].is_signed;
+  const BinaryRowFn row = s.op == '+'   ? BinaryFor<'+'>(as, bs)
+                          : s.op == '-' ? BinaryFor<'-'>(as, bs)
+                                        : BinaryFor<'*'>(as, bs);
+  if (od->count() == 0) return;
+  if (!s.tail.steps.empty()) {  // float per row, then the activations and the quantization in blocks
+    const BinaryRowFFn rowf = s.op == '+'   ? BinaryFFor<'+'>(as, bs)
+                              : s.op == '-' ? BinaryFFor<'-'>(as, bs)
+                                            : BinaryFFor<'*'>(as, bs);
+    const Quantizer q(s.qout);
+    pfor(rows, [&](size_t r) {
+      thread_local std::vector<float> f;
+      thread_local std::vector<std::vector<float>> regs;
+      const size_t n = r / Y[1], h = r % Y[1], len = Y[2] * Y[3];
+      if (f.size() < len) f.resize(len);
+      for (size_t w = 0; w < Y[2]; ++w)
+        rowf(a + n * sa[0] + h * sa[1] + w * sa[2], sa[3], b + n * sb[0] + h * sb[1] + w * sb[2], sb[3],
+             f.data() + w * Y[3], Y[3], s.qin[0], s.qin[1]);
+      for (size_t k = 0; k < len; k += kTailBlock) {
+        const size_t m = std::min(kTailBlock, len - k);
+        QuantizeBlock(RunProgram(s.tail, f.data() + k, m, &regs), m, q, y + r * len + k);
+      }
+    });
+    return;
+  }
+  pfor(rows, [&](size_t r) {
+    const size_t n = r / Y[1], h = r % Y[1];
+    for (size_t w = 0; w < Y[2]; ++w) {
+      const uint8_t* pa = a + n * sa[0] + h * sa[1] + w * sa[2];
+      const uint8_t* pb = b + n * sb[0] + h * sb[1] + w * sb[2];
+      uint8_t* py = y + ((r * Y[2]) + w) * Y[3];
+      row(pa, sa[3], pb, sb[3], py, Y[3], s.qin[0], s.qin[1], s.qout);
+    }
+  });
+}
+
+// Binary units with a prefix on an operand: both operands in float32, the operation with broadcasting, the
+// activation program, QuantizeLinear.
+void RunBinaryFloat(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, const Dims& db, const uint8_t* b,
+                    Dims* od, std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
+  thread_local std::vector<float> fa, fb;
+  OperandFloat(s, 0, da, a, &fa, pfor);
+  OperandFloat(s, 1, db, b, &fb, pfor);
+  const Broadcast bc(s, da, db);
+  const size_t* Y = bc.Y;
+  const size_t* sa = bc.sa;
+  const size_t* sb = bc.sb;
+  *od = {Y[0], Y[1], Y[2], Y[3]};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const Quantizer q(s.qout);
+  const float* pa0 = fa.data();
+  const float* pb0 = fb.data();
+  pfor(Y[0] * Y[1], [&](size_t r) {
+    thread_local std::vector<float> f;
+    thread_local std::vector<std::vector<float>> regs;
+    const size_t n = r / Y[1], h = r % Y[1], len = Y[2] * Y[3];
+    if (f.size() < len) f.resize(len);
+    for (size_t w = 0; w < Y[2]; ++w) {
+      const float* pa = pa0 + n * sa[0] + h * sa[1] + w * sa[2];
+      const float* pb = pb0 + n * sb[0] + h * sb[1] + w * sb[2];
+      float* pf = f.data() + w * Y[3];
+      for (size_t c = 0; c < Y[3]; ++c) {
+        const float x = pa[c * sa[3]], z = pb[c * sb[3]];
+        pf[c] = s.op == '+' ? x + z : s.op == '-' ? x - z : x * z;
+      }
+    }
+    for (size_t k = 0; k < len; k += kTailBlock) {
+      const size_t m = std::min(kTailBlock, len - k);
+      const float* v = s.tail.steps.empty() ? f.data() + k : RunProgram(s.tail, f.data() + k, m, &regs);
+      QuantizeBlock(v, m, q, y + r * len + k);
+    }
+  });
+}
+
+void RunGap(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+            const qie::ParallelFor& pfor) {
+  *od = {d.n, 1, 1, d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t hw = d.h * d.w, C = d.c;
+  const QParams& qx = s.qin[0];
+  constexpr size_t kBlock = 256;  // channels per task
+  const size_t blocks = (C + kBlock - 1) / kBlock;
+  if (od->count() == 0) return;
+  pfor(d.n * blocks, [&](size_t t) {
+    const size_t n = t / blocks, c0 = (t % blocks) * kBlock, cn = std::min(kBlock, C - c0);
+    int64_t acc[kBlock] = {};
+    for (size_t p = 0; p < hw; ++p) {
+      const uint8_t* px = x + (n * hw + p) * C + c0;
+      for (size_t k = 0; k < cn; ++k) acc[k] += Code(px[k], qx.is_signed);
+    }
+    for (size_t k = 0; k < cn; ++k) {
+      const int64_t centered = acc[k] - static_cast<int64_t>(hw) * qx.zp;
+      const float mean = static_cast<float>(centered) * qx.scale / static_cast<float>(hw);
+      y[n * C + c0 + k] = QuantizeOne(mean, s.qout);
+    }
+  });
+}
+
+// A global average pool whose operand has a prefix: the float values summed pixel by pixel in float32, / HW.
+void RunGapFloat(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                 const qie::ParallelFor& pfor) {
+  thread_local std::vector<float> fx;
+  OperandFloat(s, 0, d, x, &fx, pfor);
+  *od = {d.n, 1, 1, d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t hw = d.h * d.w, C = d.c;
+  const Quantizer q(s.qout);
+  const float* f = fx.data();
+  pfor(d.n, [&](size_t n) {
+    thread_local std::vector<float> acc;
+    acc.assign(C, 0.0f);
+    for (size_t p = 0; p < hw; ++p)
+      for (size_t c = 0; c < C; ++c) acc[c] += f[(n * hw + p) * C + c];
+    for (size_t c = 0; c < C; ++c) y[n * C + c] = q(acc[c] / static_cast<float>(hw));
+  });
+}
+
+void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, const std::vector<const uint8_t*>& xs,
+               Dims* od, std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
+  Dims o = *ds[0];
+  o.c = 0;
+  for (const Dims* d : ds) {
+    if (d->n != o.n || d->h != o.h || d->w != o.w)
+      throw Failure{s.name + ": inputs " + ds[0]->Nchw() + " and " + d->Nchw() + " differ outside the channel axis"};
+    o.c += d->c;
+  }
+  *od = o;
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t pixels = o.pixels(), per = std::max<size_t>(1, (size_t{1} << 14) / std::max<size_t>(1, o.c));
+  if (od->count() == 0) return;
+  pfor((pixels + per - 1) / per, [&](size_t b) {
+    for (size_t p = b * per; p < std::min(pixels, (b + 1) * per); ++p) {
+      uint8_t* py = y + p * o.c;
+      for (size_t i = 0; i < xs.size(); ++i) {
+        const size_t C = ds[i]->c;
+        const uint8_t* px = xs[i] + p * C;
+        if (s.requant[i].empty()) {
+          std::memcpy(py, px, C);
+        } else {
+          for (size_t c = 0; c < C; ++c) py[c] = s.requant[i][px[c]];
+        }
+        py += C;
+      }
+    }
+  });
+}
+
+void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                const qie::ParallelFor& pfor) {
+  std::vector<int64_t> out, pad;
+  Geometry(s, d, &out, &pad);
+  *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t C = d.c;
+  const uint8_t flip = s.qin[0].is_signed ? 0x80 : 0;
+  const int64_t sh = s.at.strides.empty() ? 1 : s.at.strides[0], sw = s.at.strides.empty() ? 1 : s.at.strides[1];
+  const int64_t dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
+  const int64_t dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
+  const std::vector<uint8_t>& rq = s.requant[0];
+  pfor(od->n * od->h, [&](size_t r) {
+    const size_t n = r / od->h;
+    const int64_t oh = static_cast<int64_t>(r % od->h);
+    for (size_t ow = 0; ow < od->w; ++ow) {
+      uint8_t* py = y + (r * od->w + ow) * C;
+      std::fill_n(py, C, 0);
+      for (int64_t kh = 0; kh < s.k[0]; ++kh) {
+        const int64_t ih = oh * sh - pad[0] + kh * dh;
+        if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) {
+          const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
+          if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
+          const uint8_t* px = x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * C;
+          MaxInto(py, px, C, flip);
+        }
+      }
+      if (rq.empty()) {
+        for (size_t c = 0; c < C; ++c) py[c] ^= flip;
+      } else {
+        for (size_t c = 0; c < C; ++c) py[c] = rq[py[c] ^ flip];
+      }
+    }
+  });
+}
+
+// y = Q(sum of the window's dequantized values / count), summed in float32 in ORT's order (rows, then columns).
+void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                const qie::ParallelFor& pfor) {
+  std::vector<int64_t> out, pad;
+  Geometry(s, d, &out, &pad);
+  *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t C = d.c;
+  const QParams& qx = s.qin[0];
+  const Quantizer q(s.qout);
+  const int64_t sh = s.at.strides.empty() ? 1 : s.at.strides[0], sw = s.at.strides.empty() ? 1 : s.at.strides[1];
+  const int64_t dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
+  const int64_t dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
+  pfor(od->n * od->h, [&](size_t r) {
+    thread_local std::vector<float> acc;
+    acc.resize(C);
+    const size_t n = r / od->h;
+    const int64_t oh = static_cast<int64_t>(r % od->h);
+    for (size_t ow = 0; ow < od->w; ++ow) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      int64_t taps = 0;
+      for (int64_t kh = 0; kh < s.k[0]; ++kh) {
+        const int64_t ih = oh * sh - pad[0] + kh * dh;
+        if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) {
+          const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
+          if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
+          const uint8_t* px = x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * C;
+          for (size_t c = 0; c < C; ++c) acc[c] += static_cast<float>(Code(px[c], qx.is_signed) - qx.zp) * qx.scale;
+          ++taps;
+        }
+      }
+      // The divisor: the window's taps inside the input, or with count_include_pad every tap inside the padded
+      // input (ONNX: the pads, not the window's overhang past them).
+      int64_t count = taps;
+      if (s.include_pad) {
+        const int64_t h0 = oh * sh - pad[0], w0 = static_cast<int64_t>(ow) * sw - pad[1];
+        const int64_t hlim = static_cast<int64_t>(d.h) + (s.at.pads.size() == 4 ? s.at.pads[2] : pad[0]);
+        const int64_t wlim = static_cast<int64_t>(d.w) + (s.at.pads.size() == 4 ? s.at.pads[3] : pad[1]);
+        int64_t hk = 0, wk = 0;
+        for (int64_t kh = 0; kh < s.k[0]; ++kh) hk += h0 + kh * dh < hlim;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) wk += w0 + kw * dw < wlim;
+        count = hk * wk;
+      }
+      uint8_t* py = y + (r * od->w + ow) * C;
+      const float div = static_cast<float>(count);
+      for (size_t c = 0; c < C; ++c) py[c] = q(acc[c] / div);
+    }
+  });
+}
+
+}  // namespace qie_ep
