@@ -151,6 +151,38 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
 }
 
+// A 2-D pooling step's window over NHWC input `d`: sets the output dims (growing the output buffer) and visits,
+// for one output pixel, the taps that lie inside the input, rows then columns.
+struct PoolWindow {
+  const RegionPlan::Step& s;
+  const Dims& d;
+  const uint8_t* x;
+  std::vector<int64_t> out, pad;
+  int64_t sh, sw, dh, dw;
+  PoolWindow(const RegionPlan::Step& st, const Dims& dd, const uint8_t* xx, Dims* od, std::vector<uint8_t>* ybuf)
+      : s(st), d(dd), x(xx) {
+    Geometry(s, d, &out, &pad);
+    *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
+    if (ybuf->size() < od->count()) ybuf->resize(od->count());
+    sh = s.at.strides.empty() ? 1 : s.at.strides[0];
+    sw = s.at.strides.empty() ? 1 : s.at.strides[1];
+    dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
+    dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
+  }
+  template <class F>
+  void ForTaps(size_t n, int64_t oh, size_t ow, F&& fn) const {
+    for (int64_t kh = 0; kh < s.k[0]; ++kh) {
+      const int64_t ih = oh * sh - pad[0] + kh * dh;
+      if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
+      for (int64_t kw = 0; kw < s.k[1]; ++kw) {
+        const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
+        if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
+        fn(x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * d.c);
+      }
+    }
+  }
+};
+
 }  // namespace
 
 // y = t[c][x] over `pixels` NHWC pixels of C channels (`t`: one table when tC = 1, else tC = C of them, 3 bytes
@@ -423,17 +455,11 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
 
 void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
-  std::vector<int64_t> out, pad;
-  Geometry(s, d, &out, &pad);
-  *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
-  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  const PoolWindow win(s, d, x, od, ybuf);
   uint8_t* y = ybuf->data();
   if (od->count() == 0) return;
   const size_t C = d.c;
   const uint8_t flip = s.qin[0].is_signed ? 0x80 : 0;
-  const int64_t sh = s.at.strides.empty() ? 1 : s.at.strides[0], sw = s.at.strides.empty() ? 1 : s.at.strides[1];
-  const int64_t dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
-  const int64_t dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
   const std::vector<uint8_t>& rq = s.requant[0];
   pfor(od->n * od->h, [&](size_t r) {
     const size_t n = r / od->h;
@@ -441,16 +467,7 @@ void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
     for (size_t ow = 0; ow < od->w; ++ow) {
       uint8_t* py = y + (r * od->w + ow) * C;
       std::fill_n(py, C, 0);
-      for (int64_t kh = 0; kh < s.k[0]; ++kh) {
-        const int64_t ih = oh * sh - pad[0] + kh * dh;
-        if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
-        for (int64_t kw = 0; kw < s.k[1]; ++kw) {
-          const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
-          if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
-          const uint8_t* px = x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * C;
-          MaxInto(py, px, C, flip);
-        }
-      }
+      win.ForTaps(n, oh, ow, [&](const uint8_t* px) { MaxInto(py, px, C, flip); });
       if (rq.empty()) {
         for (size_t c = 0; c < C; ++c) py[c] ^= flip;
       } else {
@@ -463,18 +480,12 @@ void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
 // y = Q(sum of the window's dequantized values / count), summed in float32 in ORT's order (rows, then columns).
 void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
-  std::vector<int64_t> out, pad;
-  Geometry(s, d, &out, &pad);
-  *od = {d.n, static_cast<size_t>(out[0]), static_cast<size_t>(out[1]), d.c};
-  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  const PoolWindow win(s, d, x, od, ybuf);
   uint8_t* y = ybuf->data();
   if (od->count() == 0) return;
   const size_t C = d.c;
   const QParams& qx = s.qin[0];
   const Quantizer q(s.qout);
-  const int64_t sh = s.at.strides.empty() ? 1 : s.at.strides[0], sw = s.at.strides.empty() ? 1 : s.at.strides[1];
-  const int64_t dh = s.at.dilations.empty() ? 1 : s.at.dilations[0];
-  const int64_t dw = s.at.dilations.empty() ? 1 : s.at.dilations[1];
   pfor(od->n * od->h, [&](size_t r) {
     thread_local std::vector<float> acc;
     acc.resize(C);
@@ -483,27 +494,20 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
     for (size_t ow = 0; ow < od->w; ++ow) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       int64_t taps = 0;
-      for (int64_t kh = 0; kh < s.k[0]; ++kh) {
-        const int64_t ih = oh * sh - pad[0] + kh * dh;
-        if (ih < 0 || ih >= static_cast<int64_t>(d.h)) continue;
-        for (int64_t kw = 0; kw < s.k[1]; ++kw) {
-          const int64_t iw = static_cast<int64_t>(ow) * sw - pad[1] + kw * dw;
-          if (iw < 0 || iw >= static_cast<int64_t>(d.w)) continue;
-          const uint8_t* px = x + ((n * d.h + static_cast<size_t>(ih)) * d.w + static_cast<size_t>(iw)) * C;
-          for (size_t c = 0; c < C; ++c) acc[c] += static_cast<float>(Code(px[c], qx.is_signed) - qx.zp) * qx.scale;
-          ++taps;
-        }
-      }
+      win.ForTaps(n, oh, ow, [&](const uint8_t* px) {
+        for (size_t c = 0; c < C; ++c) acc[c] += static_cast<float>(Code(px[c], qx.is_signed) - qx.zp) * qx.scale;
+        ++taps;
+      });
       // The divisor: the window's taps inside the input, or with count_include_pad every tap inside the padded
       // input (ONNX: the pads, not the window's overhang past them).
       int64_t count = taps;
       if (s.include_pad) {
-        const int64_t h0 = oh * sh - pad[0], w0 = static_cast<int64_t>(ow) * sw - pad[1];
-        const int64_t hlim = static_cast<int64_t>(d.h) + (s.at.pads.size() == 4 ? s.at.pads[2] : pad[0]);
-        const int64_t wlim = static_cast<int64_t>(d.w) + (s.at.pads.size() == 4 ? s.at.pads[3] : pad[1]);
+        const int64_t h0 = oh * win.sh - win.pad[0], w0 = static_cast<int64_t>(ow) * win.sw - win.pad[1];
+        const int64_t hlim = static_cast<int64_t>(d.h) + (s.at.pads.size() == 4 ? s.at.pads[2] : win.pad[0]);
+        const int64_t wlim = static_cast<int64_t>(d.w) + (s.at.pads.size() == 4 ? s.at.pads[3] : win.pad[1]);
         int64_t hk = 0, wk = 0;
-        for (int64_t kh = 0; kh < s.k[0]; ++kh) hk += h0 + kh * dh < hlim;
-        for (int64_t kw = 0; kw < s.k[1]; ++kw) wk += w0 + kw * dw < wlim;
+        for (int64_t kh = 0; kh < s.k[0]; ++kh) hk += h0 + kh * win.dh < hlim;
+        for (int64_t kw = 0; kw < s.k[1]; ++kw) wk += w0 + kw * win.dw < wlim;
         count = hk * wk;
       }
       uint8_t* py = y + (r * od->w + ow) * C;
