@@ -128,11 +128,16 @@ inline bool ReadConstant(const OrtValueInfo* vi, Constant* out) {
   Check(g_api->GetTensorData(v, &out->data));
   return true;
 }
-inline ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
+// A value's tensor type info (owned by the graph; nullptr when the value is not a tensor).
+inline const OrtTensorTypeAndShapeInfo* TensorInfo(const OrtValueInfo* vi) {
   const OrtTypeInfo* ti = nullptr;
   Check(g_api->GetValueInfoTypeInfo(vi, &ti));
   const OrtTensorTypeAndShapeInfo* tsi = nullptr;
   Check(g_api->CastTypeInfoToTensorInfo(ti, &tsi));
+  return tsi;
+}
+inline ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
+  const OrtTensorTypeAndShapeInfo* tsi = TensorInfo(vi);
   if (!tsi) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
   Check(g_api->GetTensorElementType(tsi, &t));
@@ -140,10 +145,7 @@ inline ONNXTensorElementDataType ValueType(const OrtValueInfo* vi) {
 }
 // The rank of a tensor value from its type info, or -1 when the shape is unknown.
 inline int64_t ValueRank(const OrtValueInfo* vi) {
-  const OrtTypeInfo* ti = nullptr;
-  Check(g_api->GetValueInfoTypeInfo(vi, &ti));
-  const OrtTensorTypeAndShapeInfo* tsi = nullptr;
-  Check(g_api->CastTypeInfoToTensorInfo(ti, &tsi));
+  const OrtTensorTypeAndShapeInfo* tsi = TensorInfo(vi);
   if (!tsi) return -1;
   size_t rank = 0;
   if (OrtStatus* st = g_api->GetDimensionsCount(tsi, &rank)) {
