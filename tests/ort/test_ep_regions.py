@@ -69,12 +69,15 @@ def cnn(rng, act="HardSwish", c=8, extra_output=False):
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
-def quantize(model, rng, per_channel, activation_signed, tmp_path, shape=(1, 3, 16, 16)):
+def quantize(model, rng, per_channel, activation_signed, tmp_path, shape=(1, 3, 16, 16), op_types=None,
+             inputs=("x",)):
+    """``model`` through ``quantize_static`` as a user would (QDQ, s8 weights) on six random batches of ``shape`` per
+    input; ``op_types``: ORT's default set, or e.g. qie quantize's default (MatMul, Conv, Gemm)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.data = iter([{"x": rng.normal(size=shape).astype(np.float32)} for _ in range(6)])
+            self.data = iter([{k: rng.normal(size=shape).astype(np.float32) for k in inputs} for _ in range(6)])
 
         def get_next(self):
             return next(self.data, None)
@@ -83,8 +86,11 @@ def quantize(model, rng, per_channel, activation_signed, tmp_path, shape=(1, 3, 
     onnx.save(model, src)
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8 if activation_signed else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+                    weight_type=QuantType.QInt8, op_types_to_quantize=op_types)
     return onnx.load(dst)
+
+
+QIE_QUANTIZE_OPS = ["MatMul", "Conv", "Gemm"]  # `qie quantize`'s default op types
 
 
 def run(model, feeds, level, qie, threads=1):
@@ -544,20 +550,8 @@ def test_two_regions_that_would_close_a_cycle(tmp_path, level):
     g = h.make_graph(nodes, "cross", [h.make_tensor_value_info(n, T.FLOAT, [1, 3, 8, 8]) for n in ("x", "z")],
                      [h.make_tensor_value_info(n, T.FLOAT, None) for n in ("u2", "v2")],
                      [nh.from_array(v, k) for k, v in ws.items()])
-    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
-    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.data = iter([{k: rng.normal(size=(1, 3, 8, 8)).astype(np.float32) for k in ("x", "z")}
-                              for _ in range(4)])
-
-        def get_next(self):
-            return next(self.data, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    model = onnx.load(dst)
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
+                     tmp_path, shape=(1, 3, 8, 8), inputs=("x", "z"))
     before = qie_ep.ep_stats()["regions"]
     ours, theirs = claimed_ops(model, level)
     assert qie_ep.ep_stats()["regions"] - before == 1, (ours, theirs)
@@ -576,8 +570,6 @@ def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, 
     residual Add and the activation after it stay float between a DequantizeLinear pair and a QuantizeLinear.
     The region takes them as one binary unit with an activation program; every node but the input Q and the output
     DQ runs on qie, equal to ORT."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     rng = np.random.default_rng(31)
     c, inits, nodes = 8, [], []
 
@@ -605,19 +597,8 @@ def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, 
     y = conv(x, c, "head")
     g = h.make_graph(nodes, "resnet_blocks", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
                      [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
-    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
-    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.data = iter([{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.data, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    op_types_to_quantize=["MatMul", "Conv", "Gemm"])
-    model = onnx.load(dst)
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
+                     tmp_path, op_types=QIE_QUANTIZE_OPS)
     ours, theirs = claimed_ops(model, level)
     assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
     assert ours.count("Add") == 2 and ours.count(act) >= 5, ours
@@ -635,8 +616,6 @@ def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path
     GlobalAveragePool and by its Mul. GAP and Mul take BatchNormalization -> HardSwish as a float prefix of their
     operand (computed as ORT's float kernels do), so the block is one region; results equal ORT's (the GAP's sum
     in another order could move a mean by a step: none here)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     rng = np.random.default_rng(41)
     c, inits, nodes = 16, [], []
 
@@ -663,19 +642,8 @@ def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path
     y = conv("m", c, c, 1, "pw")
     g = h.make_graph(nodes, "se", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
                      [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
-    src, dst = tmp_path / "f.onnx", tmp_path / "q.onnx"
-    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), src)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.data = iter([{"x": rng.normal(size=(1, 3, 16, 16)).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.data, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    op_types_to_quantize=["MatMul", "Conv", "Gemm"])
-    model = onnx.load(dst)
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
+                     tmp_path, op_types=QIE_QUANTIZE_OPS)
     ours, theirs = claimed_ops(model, level)
     assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
     assert {"GlobalAveragePool", "Mul", "HardSwish", "BatchNormalization"} <= set(ours), ours
