@@ -13,6 +13,10 @@
 #include <cstring>
 #include <unordered_map>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "kernels/gemm.h"
 
 namespace qie {
@@ -43,6 +47,44 @@ int32_t RowSum(const uint8_t* __restrict src, size_t K, uint8_t flip) {
   return s;
 }
 
+// Interleaves groups of four rows of row-major B into a K-group-of-4 panel (element (k, j) at
+// ((k/4)*nr + j)*4 + k%4), XORed with `flip`; returns the rows done (whole groups of four).
+size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, size_t nr, uint8_t flip,
+                      int8_t* dst) {
+  const size_t groups = K / 4;
+  for (size_t g = 0; g < groups; ++g) {
+    const uint8_t* r0 = b + static_cast<ptrdiff_t>(4 * g) * ldb_k;
+    const uint8_t* r1 = r0 + ldb_k;
+    const uint8_t* r2 = r1 + ldb_k;
+    const uint8_t* r3 = r2 + ldb_k;
+    int8_t* d = dst + g * nr * 4;
+    size_t j = 0;
+#if defined(__SSE2__)
+    const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
+    for (; j + 16 <= cols; j += 16) {
+      const __m128i a = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j)), f);
+      const __m128i bb = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + j)), f);
+      const __m128i c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r2 + j)), f);
+      const __m128i e = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r3 + j)), f);
+      const __m128i ab_lo = _mm_unpacklo_epi8(a, bb), ab_hi = _mm_unpackhi_epi8(a, bb);
+      const __m128i ce_lo = _mm_unpacklo_epi8(c, e), ce_hi = _mm_unpackhi_epi8(c, e);
+      __m128i* o = reinterpret_cast<__m128i*>(d + j * 4);
+      _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(ab_lo, ce_lo));
+      _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(ab_lo, ce_lo));
+      _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(ab_hi, ce_hi));
+      _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(ab_hi, ce_hi));
+    }
+#endif
+    for (; j < cols; ++j) {
+      d[j * 4 + 0] = static_cast<int8_t>(r0[j] ^ flip);
+      d[j * 4 + 1] = static_cast<int8_t>(r1[j] ^ flip);
+      d[j * 4 + 2] = static_cast<int8_t>(r2[j] ^ flip);
+      d[j * 4 + 3] = static_cast<int8_t>(r3[j] ^ flip);
+    }
+  }
+  return groups * 4;
+}
+
 }  // namespace
 
 void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
@@ -62,21 +104,33 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
   const uint8_t flip = b_signed ? 0 : 0x80;
   for (size_t p = 0; p < panels; ++p) {
     int8_t* dst = out->data.data() + out->offset + p * out->panel_bytes;
-    int16_t* dst16 = reinterpret_cast<int16_t*>(dst);
-    for (size_t j = 0; j < nr && p * nr + j < N; ++j) {
-      const size_t n = p * nr + j;
-      int32_t sum = 0;
+    const size_t n0 = p * nr, cols = std::min(nr, N - n0);
+    int32_t* __restrict sums = out->cs.data() + n0;
+    const uint8_t* panel_b = b + static_cast<ptrdiff_t>(n0) * ldb_n;
+    size_t k_done = 0;
+    if (ldb_n == 1) {  // row-major B (MatMul's): column sums row by row over contiguous bytes (vectorized)
       for (size_t k = 0; k < K; ++k) {
-        const int8_t v =
-            static_cast<int8_t>(b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(n) * ldb_n] ^ flip);
-        sum += v;
-        const size_t idx = ((k / kg) * nr + j) * kg + k % kg;
-        if (uk.wide)
-          dst16[idx] = v;
-        else
-          dst[idx] = v;
+        const uint8_t* __restrict src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
+        for (size_t j = 0; j < cols; ++j) sums[j] += static_cast<int8_t>(src[j] ^ flip);
       }
-      out->cs[n] = sum;
+      if (!uk.wide && kg == 4) k_done = PackRowsByFour(panel_b, ldb_k, K, cols, nr, flip, dst);
+    } else {
+      for (size_t k = 0; k < K; ++k)
+        for (size_t j = 0; j < cols; ++j)
+          sums[j] += static_cast<int8_t>(panel_b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
+    }
+    // The rest element by element (one division per row): other layouts, wide kernels, the K tail.
+    int16_t* dst16 = reinterpret_cast<int16_t*>(dst);
+    for (size_t k = k_done; k < K; ++k) {
+      const uint8_t* src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
+      const size_t base = (k / kg) * nr * kg + k % kg;
+      for (size_t j = 0; j < cols; ++j) {
+        const int8_t v = static_cast<int8_t>(src[static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
+        if (uk.wide)
+          dst16[base + j * kg] = v;
+        else
+          dst[base + j * kg] = v;
+      }
     }
   }
 }
