@@ -33,6 +33,9 @@ CASES = {
     "depthwise": (2, 32, 32, [9, 9], [3, 3], 32, None, None, [1, 1, 1, 1]),
     "depthwise_odd_c_s2": (1, 19, 19, [11, 10], [3, 3], 19, [2, 2], None, [1, 1, 0, 1]),
     "depthwise_5x5_dil": (1, 33, 33, [12, 12], [5, 5], 33, None, [2, 1], [4, 2, 4, 2]),
+    "depthwise_c16": (1, 16, 16, [8, 8], [3, 3], 16, None, None, [1, 1, 1, 1]),  # one 16-channel (ymm) block
+    "depthwise_c48_s2": (2, 48, 48, [10, 9], [3, 3], 48, [2, 2], None, [1, 1, 1, 1]),  # one 32 block + 16
+    "depthwise_c64_7x7": (1, 64, 64, [9, 11], [7, 7], 64, None, None, [3, 3, 3, 3]),  # 25 tap pairs
     "conv1d": (2, 6, 20, [31], [5], 2, [3], [2], [2, 1]),
     "conv3d": (1, 4, 9, [4, 5, 6], [2, 3, 2], 1, [1, 2, 1], [1, 1, 2], [1, 0, 1, 0, 1, 1]),
     "kernel_fills_input": (1, 8, 8, [3, 3], [3, 3], 1, None, None, None),
@@ -110,10 +113,12 @@ def test_conv_extreme_values(isa):
     for xdt, xv, xz, wv, wz in [(np.uint8, 255, 0, -128, 127), (np.uint8, 0, 255, 127, -128),
                                 (np.int8, -128, 127, -128, 127)]:
         x = np.full((1, 6, 6, 40), xv, xdt)
-        w = np.full((20, 40, 3, 3), wv, np.int8)
-        want = R.conv_integer(x, w, np.array(xz), np.full(20, wz), pads=[1, 1, 1, 1], channels_last=True)
-        got = kernel_conv(isa, x, w, xz, wz, pads=[1, 1, 1, 1])
-        np.testing.assert_array_equal(got, want, err_msg=f"isa={isa} x={xv} xz={xz} w={wv} wz={wz}")
+        for m, group in ((20, 1), (40, 40)):  # dense, and depthwise (its own kernels)
+            w = np.full((m, 40 // group, 3, 3), wv, np.int8)
+            want = R.conv_integer(x, w, np.array(xz), np.full(m, wz), pads=[1, 1, 1, 1], group=group,
+                                  channels_last=True)
+            got = kernel_conv(isa, x, w, xz, wz, pads=[1, 1, 1, 1], group=group)
+            np.testing.assert_array_equal(got, want, err_msg=f"isa={isa} x={xv} xz={xz} w={wv} wz={wz} group={group}")
 
 
 def test_reference_geometry_auto_pad():
