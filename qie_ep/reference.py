@@ -241,3 +241,18 @@ def qlinear_conv(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_
     mult = (mult / F32(np.asarray(y_scale, F32).reshape(-1)[0])).astype(F32)
     shape = (m,) if channels_last else (m,) + (1,) * (acc.ndim - 2)
     return requantize(acc, mult.reshape(shape), y_zero_point, np.asarray(y_zero_point).dtype)
+
+
+def qdq_softmax(x, x_scale, x_zero_point, y_scale, y_zero_point) -> np.ndarray:
+    """DequantizeLinear -> Softmax (last axis) -> QuantizeLinear as the float QDQ graph means it, in float32:
+    ``v = (x - zx) * sx``, ``e = exp(v - max v)``, ``p = e * (1 / sum e)``, ``y = saturate(round_half_even(p / sy) + zy)``.
+    qie's EP unit (ort_plugin/src/ep/softmax.h) is within one step of this (libm's exp, the argument as
+    ``(x - max x) * sx``, the sum in double)."""
+    dtype = np.asarray(y_zero_point).dtype
+    lo, hi = QRANGE[dtype]
+    zp = int(y_zero_point)
+    v = (np.asarray(x).astype(np.int32) - int(x_zero_point)).astype(F32) * F32(x_scale)
+    e = np.exp(v - v.max(axis=-1, keepdims=True), dtype=F32) if v.size else v
+    p = e * (F32(1) / e.sum(axis=-1, keepdims=True, dtype=F32)) if v.size else v
+    q = np.clip(p / F32(y_scale), F32(lo - zp), F32(hi - zp))
+    return (np.rint(q).astype(np.int32) + zp).astype(dtype)

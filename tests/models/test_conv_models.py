@@ -65,7 +65,8 @@ def _claimed(sess) -> dict:
 def test_real_model_regions(name, threads, evaluation):
     """The QDQ models with qie's EP (the one line): nearly every convolution runs inside a region (PP-LCNet's all
     32; PP-OCRv6's all but those of its attention blocks), the same labelled samples are recognised as with ORT's
-    own INT8 (PP-LCNet: outputs bit-identical; PP-OCRv6: its Sigmoid / Erf tables use libm, a step apart where
+    own INT8 (PP-LCNet: regions bit-identical, its final QDQ Softmax within one step of ORT's and nearer its float
+    graph; PP-OCRv6: its Sigmoid / Erf tables use libm, a step apart where
     ORT's MLAS approximations round the other way, docs/numerics.md), and a second run gives the same outputs."""
     import onnxruntime as ort
 
@@ -87,7 +88,13 @@ def test_real_model_regions(name, threads, evaluation):
     acc_qie, acc_ort = V.accuracy(name, got, labels, chars), V.accuracy(name, want, labels, chars)
     print(f"{name} regions, {threads} threads: {dict(claimed)}; accuracy ORT INT8 {acc_ort:.3f}, qie EP {acc_qie:.3f}")
     if name == "orientation":
-        np.testing.assert_array_equal(got, want)
+        # Every region bit-identical; the last unit, the QDQ Softmax, is qie's EP unit: the float graph's arithmetic,
+        # one step from ORT's QLinearSoftmax (its fusion at ALL) on some codes and closer to ORT's own float graph.
+        step = 1 / 255
+        plain = session(model, False, "disable").run(None, {"x": x})[0]
+        assert np.abs(got - want).max() <= step * 1.001 and (got.argmax(1) == want.argmax(1)).all()
+        assert np.abs(got - plain).max() <= step * 1.001
+        assert (got != plain).sum() <= (want != plain).sum(), ((got != plain).sum(), (want != plain).sum())
     else:
         assert acc_qie >= acc_ort - 1 / N_EVAL, (acc_qie, acc_ort)  # one line of the 16 at most
         a, b = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()

@@ -11,16 +11,19 @@
 // middle) is left to ORT; GetCapability never guesses.
 #include <onnxruntime_c_api.h>  // includes onnxruntime_ep_c_api.h
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "ep/graph.h"
 #include "ep/region.h"
+#include "ep/softmax.h"
 #include "kernels/gemm.h"
 #include "ops/common.h"
 
@@ -214,9 +217,11 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->x_name = Name(fin[0]);
 }
 
-// One fused node: a MatMul/Gemm unit or a region.
+// One fused node: a MatMul/Gemm unit, a Softmax unit or a region.
 struct ComputeInfo : OrtNodeComputeInfo {
   CompiledMatMul unit;
+  bool is_softmax = false;
+  CompiledSoftmax softmax;
   std::unique_ptr<RegionPlan, void (*)(RegionPlan*)> region{nullptr, ReleaseRegion};
   ComputeInfo() : OrtNodeComputeInfo{} {
     ort_version_supported = ORT_API_VERSION;
@@ -226,6 +231,11 @@ struct ComputeInfo : OrtNodeComputeInfo {
     };
     Compute = [](OrtNodeComputeInfo*, void* state, OrtKernelContext* ctx) noexcept -> OrtStatus* {
       auto* self = static_cast<ComputeInfo*>(state);
+      if (self->is_softmax) {
+        OrtStatus* st = ComputeSoftmax(self->softmax, ctx);
+        if (!st) g_runs.fetch_add(1);
+        return st;
+      }
       if (!self->region) return ComputeMatMul(self->unit, ctx);
       OrtStatus* st = RunRegion(*self->region, ctx);
       if (!st) g_region_runs.fetch_add(1);
@@ -279,22 +289,41 @@ struct QieEp : OrtEp {
           g_claimed.fetch_add(1);
           ++units;
         }
-        if (!self->regions_on)
-          return self->Log(ORT_LOGGING_LEVEL_INFO,
-                           "qie EP: " + std::to_string(units) + " MatMul/Gemm units claimed; regions off");
         RegionReport report;
         size_t region_nodes = 0;
-        const auto regions = MatchRegions(nodes, self->region_opts, &report);
+        std::unordered_set<const OrtNode*> in_regions;
+        const auto regions = self->regions_on ? MatchRegions(nodes, self->region_opts, &report)
+                                              : std::vector<std::vector<const OrtNode*>>{};
         for (const auto& group : regions) {
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_regions.fetch_add(1);
           region_nodes += group.size();
+          in_regions.insert(group.begin(), group.end());
         }
+        size_t softmaxes = 0;
+        for (const OrtNode* node : nodes) {
+          if (!self->units_on) break;
+          SoftmaxUnit u;
+          try {
+            if (!MatchSoftmax(node, &u)) continue;
+          } catch (const Failure&) { continue; }
+          const std::vector<const OrtNode*> group = u.Nodes();
+          if (std::any_of(group.begin(), group.end(), [&](const OrtNode* n) { return in_regions.count(n) > 0; }))
+            continue;
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+          g_claimed.fetch_add(1);
+          ++softmaxes;
+        }
+        if (!self->regions_on)
+          return self->Log(ORT_LOGGING_LEVEL_INFO, "qie EP: " + std::to_string(units) + " MatMul/Gemm units and " +
+                                                       std::to_string(softmaxes) +
+                                                       " Softmax units claimed; regions off");
         self->Log(ORT_LOGGING_LEVEL_INFO,
-                  "qie EP: " + std::to_string(units) + " MatMul/Gemm units claimed; " + std::to_string(regions.size()) +
-                      " regions of " + std::to_string(region_nodes) + " nodes hold " +
-                      std::to_string(report.units_claimed) + " of the " + std::to_string(report.units) +
-                      " QDQ units found (the rest: fewer than " + std::to_string(self->region_opts.min_conv_units) +
+                  "qie EP: " + std::to_string(units) + " MatMul/Gemm units and " + std::to_string(softmaxes) +
+                      " Softmax units claimed; " + std::to_string(regions.size()) + " regions of " +
+                      std::to_string(region_nodes) + " nodes hold " + std::to_string(report.units_claimed) +
+                      " of the " + std::to_string(report.units) + " QDQ units found (the rest: fewer than " +
+                      std::to_string(self->region_opts.min_conv_units) +
                       " convolutions in their group, or cut so the fused graph stays acyclic; " +
                       std::to_string(report.dropped_cycles) + " regions dropped for a cycle)");
       });
@@ -310,9 +339,15 @@ struct QieEp : OrtEp {
         for (size_t i = 0; i < count; ++i) {
           auto info = std::make_unique<ComputeInfo>();
           const std::vector<const OrtNode*> nodes = GraphNodes(graphs[i]);
-          bool matmul = false;
-          for (const OrtNode* n : nodes) matmul = matmul || OpType(n) == "MatMul" || OpType(n) == "Gemm";
-          if (matmul) {
+          bool matmul = false, softmax = false;
+          for (const OrtNode* n : nodes) {
+            matmul = matmul || OpType(n) == "MatMul" || OpType(n) == "Gemm";
+            softmax = softmax || OpType(n) == "Softmax";
+          }
+          if (softmax && nodes.size() == 3) {
+            info->is_softmax = true;
+            CompileSoftmax(nodes, &info->softmax);
+          } else if (matmul) {
             CompileMatMul(graphs[i], fused[i], &info->unit);
           } else {
             std::vector<std::string> in_names, out_names;

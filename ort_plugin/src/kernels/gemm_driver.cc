@@ -49,8 +49,7 @@ int32_t RowSum(const uint8_t* __restrict src, size_t K, uint8_t flip) {
 
 // Interleaves groups of four rows of row-major B into a K-group-of-4 panel (element (k, j) at
 // ((k/4)*nr + j)*4 + k%4), XORed with `flip`; returns the rows done (whole groups of four).
-size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, size_t nr, uint8_t flip,
-                      int8_t* dst) {
+size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, size_t nr, uint8_t flip, int8_t* dst) {
   const size_t groups = K / 4;
   for (size_t g = 0; g < groups; ++g) {
     const uint8_t* r0 = b + static_cast<ptrdiff_t>(4 * g) * ldb_k;
@@ -117,7 +116,8 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
     } else {
       for (size_t k = 0; k < K; ++k)
         for (size_t j = 0; j < cols; ++j)
-          sums[j] += static_cast<int8_t>(panel_b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
+          sums[j] += static_cast<int8_t>(
+              panel_b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
     }
     // The rest element by element (one division per row): other layouts, wide kernels, the K tail.
     int16_t* dst16 = reinterpret_cast<int16_t*>(dst);

@@ -43,9 +43,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void LutVbmi(const uint8_
 // Per-channel tables with AVX512-VBMI: tiles of 64 pixels x 16 channels transposed to channel rows (16 x 16 SSE2
 // byte transposes), each channel's 64 bytes looked up in its own table (four registers, as above), transposed
 // back. ~6x fewer cycles than the dword gathers on Zen 4; the tables (C x 256 bytes) are read once per tile.
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void ChannelLutVbmi(const uint8_t* t, size_t C,
-                                                                           const uint8_t* x, uint8_t* y,
-                                                                           size_t pixels) {
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void ChannelLutVbmi(const uint8_t* t, size_t C, const uint8_t* x,
+                                                                           uint8_t* y, size_t pixels) {
   alignas(64) uint8_t buf[16 * 64];
   for (size_t p0 = 0; p0 < pixels; p0 += 64) {
     const size_t np = pixels - p0 < 64 ? pixels - p0 : 64;
