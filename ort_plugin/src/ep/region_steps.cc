@@ -185,6 +185,10 @@ struct PoolWindow {
 
 }  // namespace
 
+// Byte steps smaller than this run on the calling thread: with ORT's pool not spinning (its setting when sessions
+// share cores), a worker's wake-up costs ~10-20 us, more than a table over 128 KiB at ~0.2 ns per byte.
+constexpr size_t kSerialBytes = size_t{128} << 10;
+
 // y = t[c][x] over `pixels` NHWC pixels of C channels (`t`: one table when tC = 1, else tC = C of them, 3 bytes
 // of padding after). Blocks of ~32 KiB, in parallel.
 void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t pixels, size_t C,
@@ -195,7 +199,8 @@ void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t 
     C = 1;
   }
   if (pixels == 0 || C == 0) return;
-  const size_t per = std::max<size_t>(1, (size_t{1} << 15) / C);
+  // Blocks of ~32 KiB; a tensor under kSerialBytes in one call (a worker's wake-up costs more than the table).
+  const size_t per = pixels * C < kSerialBytes ? pixels : std::max<size_t>(1, (size_t{1} << 15) / C);
   pfor((pixels + per - 1) / per, [&](size_t b) {
     const size_t p0 = b * per, p1 = std::min(pixels, p0 + per);
     if (lut) return lut(t, C, x + p0 * C, y + p0 * C, p1 - p0);
