@@ -26,44 +26,40 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm"])
     args = ap.parse_args(argv)
     env = environment()
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | ORT_ENABLE_ALL, batch 1")
     rows = []
     ep = qie_ep.ep_available()
-    for name in ("ppocr_rec", "orientation"):
-        x, _ = V.dataset(name, 1, seed=5)
-        feeds = {"x": x}
-        fp32 = V.model_path(name).read_bytes()
-        for fmt in ("qdq", "qoperator"):
-            int8 = qie_ep.with_contrib_opset(onnx.load(str(V.quantized(name, fmt)))).SerializeToString()
-            for threads in args.threads:
-                sessions = [session(fp32, False, threads), session(int8, False, threads),
-                            session(int8, True, threads, ep=False)]
-                if ep:
-                    sessions.append(session(int8, True, threads, ep=True))
-                want = sessions[1].run(None, feeds)[0]
-                assert np.array_equal(want, sessions[2].run(None, feeds)[0])
-                cosine = max_diff = None
-                if ep:
-                    got = sessions[3].run(None, feeds)[0]
-                    a, b = want.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-                    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-                    max_diff = float(np.abs(a - b).max())
-                t = interleaved_median(sessions, feeds, runs=args.runs)
-                t_fp32, t_ort, t_qie = t[:3]
-                t_ep = t[3] if ep else None
-                row = dict(model=name, format=fmt, threads=threads, fp32_ms=t_fp32 * 1e3, ort_int8_ms=t_ort * 1e3,
-                           qie_int8_ms=t_qie * 1e3, ratio=t_ort / t_qie, qie_ep_ms=t_ep * 1e3 if ep else None,
-                           ratio_ep=t_ort / t_ep if ep else None, ep_vs_fp32=t_fp32 / t_ep if ep else None,
-                           ep_cosine=cosine, ep_max_diff=max_diff,
-                           region_shares=region_shares(int8, threads, feeds) if ep and fmt == "qdq" else None,
-                           **env)
-                rows.append(row)
-                ep_txt = (f" | ORT+qie EP {row['qie_ep_ms']:7.2f} ms ({row['ratio_ep']:.2f}x ORT INT8, "
-                          f"{row['ep_vs_fp32']:.2f}x FP32, cosine {cosine:.5f})") if ep else ""
-                print(f"{name:>12} {fmt:>9} {threads} thr: FP32 {row['fp32_ms']:7.2f} ms | ORT INT8 {row['ort_int8_ms']:7.2f} ms"
-                      f" | ORT+qie custom ops {row['qie_int8_ms']:7.2f} ms ({row['ratio']:.2f}x){ep_txt}", flush=True)
+    for name, fmt, fp32, int8, feeds in cases(args.models):
+        for threads in args.threads:
+            sessions = [session(fp32, False, threads), session(int8, False, threads),
+                        session(int8, True, threads, ep=False)]
+            if ep:
+                sessions.append(session(int8, True, threads, ep=True))
+            want = sessions[1].run(None, feeds)[0]
+            assert np.array_equal(want, sessions[2].run(None, feeds)[0])
+            cosine = max_diff = None
+            if ep:
+                got = sessions[3].run(None, feeds)[0]
+                a, b = want.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+                cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+                max_diff = float(np.abs(a - b).max())
+            t = interleaved_median(sessions, feeds, runs=args.runs)
+            t_fp32, t_ort, t_qie = t[:3]
+            t_ep = t[3] if ep else None
+            row = dict(model=name, format=fmt, threads=threads, fp32_ms=t_fp32 * 1e3, ort_int8_ms=t_ort * 1e3,
+                       qie_int8_ms=t_qie * 1e3, ratio=t_ort / t_qie, qie_ep_ms=t_ep * 1e3 if ep else None,
+                       ratio_ep=t_ort / t_ep if ep else None, ep_vs_fp32=t_fp32 / t_ep if ep else None,
+                       ep_cosine=cosine, ep_max_diff=max_diff,
+                       region_shares=region_shares(int8, threads, feeds) if ep and fmt != "qoperator" else None,
+                       **env)
+            rows.append(row)
+            ep_txt = (f" | ORT+qie EP {row['qie_ep_ms']:7.2f} ms ({row['ratio_ep']:.2f}x ORT INT8, "
+                      f"{row['ep_vs_fp32']:.2f}x FP32, cosine {cosine:.5f})") if ep else ""
+            print(f"{name:>12} {fmt:>9} {threads} thr: FP32 {row['fp32_ms']:7.2f} ms | ORT INT8 {row['ort_int8_ms']:7.2f} ms"
+                  f" | ORT+qie custom ops {row['qie_int8_ms']:7.2f} ms ({row['ratio']:.2f}x){ep_txt}", flush=True)
     write_jsonl(OUT / "models.jsonl", rows)
     lines = [f"Measured {env['date']} on {env['cpu']} (ORT {env['onnxruntime']}, qie {env['commit']}); batch 1, "
              f"ORT_ENABLE_ALL, median of >= {args.runs} interleaved runs.", "",
@@ -85,6 +81,25 @@ def main(argv=None) -> None:
             lines.append(f"| {r['model']} | {r['threads']} | " + " | ".join(f"{100 * sh.get(k, 0):.0f}%" for k in kinds) +
                          f" | {100 * max(0.0, 1 - sum(sh.values())):.0f}% |")
     (OUT / "models.md").write_text("\n".join(lines) + "\n")
+
+
+def cases(names):
+    """(model, INT8 format, FP32 bytes, INT8 bytes, feeds) per measured model: the vision models quantized by
+    quantize_static with ORT's op set (QDQ and QOperator), MiniLM as the demo quantizes it (`qie quantize`'s code:
+    static QDQ of every MatMul, and with --accuracy-budget 0.01), one sentence."""
+    for name in names:
+        if name == "minilm":
+            from qie_ep.demo.__main__ import minilm_cases
+
+            for case in minilm_cases()[1:]:  # the two static QDQ models (the dynamic one has no QDQ units)
+                fmt = "qdq budget" if "budget" in case.scheme else "qdq"
+                int8 = qie_ep.with_contrib_opset(onnx.load(str(case.int8))).SerializeToString()
+                yield name, fmt, case.fp32.read_bytes(), int8, case.feeds[0]
+            continue
+        x, _ = V.dataset(name, 1, seed=5)
+        for fmt in ("qdq", "qoperator"):
+            int8 = qie_ep.with_contrib_opset(onnx.load(str(V.quantized(name, fmt)))).SerializeToString()
+            yield name, fmt, V.model_path(name).read_bytes(), int8, {"x": x}
 
 
 def region_shares(model: bytes, threads: int, feeds: dict, runs: int = 20) -> dict:

@@ -51,9 +51,10 @@ def test_int32_all_tile_edges(isa, adt, bdt):
     for m, n, k in itertools.product(ms, ns, ks):
         a, b = rand(rng, adt, (m, k)), rand(rng, bdt, (k, n))
         za = rand(rng, adt, (1,)).astype(np.int32)
-        zb = rand(rng, bdt, (n,)).astype(np.int32)  # per column
-        want = R.gemm_u8s8(a, b, za[0], zb)
-        check(kernel_gemm(isa, a, b, za, zb), want, isa=isa, m=m, n=n, k=k, za=za, zb=zb)
+        # per column, and one value for all columns (kernels may add its term per row)
+        for zb in (rand(rng, bdt, (n,)).astype(np.int32), np.full(n, rand(rng, bdt, (1,))[0], np.int32)):
+            want = R.gemm_u8s8(a, b, za[0], zb)
+            check(kernel_gemm(isa, a, b, za, zb), want, isa=isa, m=m, n=n, k=k, za=za, zb=zb)
 
 
 @pytest.mark.parametrize("isa", isa_params())

@@ -32,16 +32,18 @@ enum class OutKind : int { kInt32 = 0, kFloat = 1, kU8 = 2, kS8 = 3 };
 // What the epilogue needs, for one tile (rows m0.., columns n0..).
 struct Epilogue {
   OutKind kind;
-  const int32_t* rs;    // [mr] row sums of shifted A (nullptr when zb is all zero)
-  const int32_t* za;    // [mr] A zero points (shifted)
-  const int32_t* zb;    // [nr] B zero points (shifted); nullptr when all zero
-  const int32_t* csk;   // [nr] cs[n] - K*zb[n]; unused when folded
-  bool folded;          // bias holds bias[n] - za*csk[n] per column (one za for all rows): no za term
-  const int32_t* bias;  // int32 bias at (m0, n0), or nullptr
-  ptrdiff_t bias_rs;    // bias row stride (0 broadcasts rows)
-  int bias_cs;          // 1: per column, 0: one value per row
-  const float* scale;   // [nr] output multipliers (float/quantized outputs)
-  const float* fbias;   // [nr] float bias added after scaling, or nullptr
+  const int32_t* rs;       // [mr] row sums of shifted A (nullptr when zb is all zero)
+  const int32_t* za;       // [mr] A zero points (shifted)
+  const int32_t* zb;       // [nr] B zero points (shifted); nullptr when all zero
+  const int32_t* zb_rows;  // [mr] -zb * rs[m] when zb is one value for every column, else nullptr: the same zb
+                           // term, which kernels may add per row instead of multiplying per column
+  const int32_t* csk;      // [nr] cs[n] - K*zb[n]; unused when folded
+  bool folded;             // bias holds bias[n] - za*csk[n] per column (one za for all rows): no za term
+  const int32_t* bias;     // int32 bias at (m0, n0), or nullptr
+  ptrdiff_t bias_rs;       // bias row stride (0 broadcasts rows)
+  int bias_cs;             // 1: per column, 0: one value per row
+  const float* scale;      // [nr] output multipliers (float/quantized outputs)
+  const float* fbias;      // [nr] float bias added after scaling, or nullptr
   int32_t y_zp;
   void* y;        // output at (m0, n0)
   ptrdiff_t ldy;  // in elements

@@ -24,6 +24,8 @@ namespace {
 
 constexpr int kMaxMr = 16;
 constexpr size_t kL2Block = 256 * 1024;
+// Products of up to this many multiply-adds (~1 us of one core) run on the calling thread.
+constexpr double kSerialMacs = 262144.0;
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
@@ -158,7 +160,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   size_t mb = std::min<size_t>(mtiles, std::max<size_t>(1, 64 / mr));
   const double macs = double(M) * N * K * g.batch;
   auto count = [&] { return g.batch * ((mtiles + mb - 1) / mb) * ((panels + nb - 1) / nb); };
-  if (macs > 262144.0) {
+  if (macs > kSerialMacs) {
     while (count() < 8 && (mb > 1 || nb > 1)) {
       if (mb > 1)
         mb = (mb + 1) / 2;
@@ -189,11 +191,17 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
       }
     };
     const size_t chunks = (rows_total + kChunk - 1) / kChunk;
-    if (chunks == 1 || macs <= 262144.0)
+    if (chunks == 1 || macs <= kSerialMacs)
       for (size_t c = 0; c < chunks; ++c) prep(c);
     else
       pfor(chunks, prep);
   }
+
+  // One B zero point for every column (per-tensor, or u8 B's shift alone): its term -zb * rs[m] once per row.
+  const bool zb_one = any_zb && std::all_of(zb_s.begin(), zb_s.end(), [&](int32_t z) { return z == zb_s[0]; });
+  std::vector<int32_t> zb_rows(zb_one ? rows_total : 0);
+  for (size_t row = 0; row < zb_rows.size(); ++row)
+    zb_rows[row] = static_cast<int32_t>(0u - static_cast<uint32_t>(zb_s[0]) * static_cast<uint32_t>(rsum[row]));
 
   // Column terms, once per call: csk[n] = cs[n] - K*zb[n] per batch matrix, and, when every row has
   // the same zero point and the bias is per column (or absent) and shared by the batch, the folded
@@ -235,6 +243,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
         ep.rs = any_zb ? rsum.data() + row0 : nullptr;
         ep.za = za;
         ep.zb = any_zb ? zb_s.data() + n0 : nullptr;
+        ep.zb_rows = zb_one ? zb_rows.data() + row0 : nullptr;
         ep.csk = csk_all.data() + col0;
         ep.folded = fold;
         if (fold) {
@@ -260,8 +269,8 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
     }
   };
   const size_t total = g.batch * mblocks * nblocks;
-  if (total == 1)
-    task(0);
+  if (total == 1 || macs <= kSerialMacs)  // small products (an attention head's): a worker's wake-up costs more
+    for (size_t t = 0; t < total; ++t) task(t);
   else
     pfor(total, task);
 }

@@ -70,7 +70,8 @@ struct FastEpilogue {
 
 template <int V>
 inline bool MakeFast(size_t nr, const Epilogue& ep, FastEpilogue* f) {
-  if (!ep.folded || ep.zb || !(ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8))
+  if (!ep.folded || (ep.zb && !ep.zb_rows) ||
+      !(ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8))
     return false;
   f->quant = ep.kind != OutKind::kInt32;
   for (int v = 0; v < V; ++v) {
@@ -87,8 +88,10 @@ inline bool MakeFast(size_t nr, const Epilogue& ep, FastEpilogue* f) {
   return true;
 }
 
-inline void FastStore(__m512i acc, const FastEpilogue& f, int v, void* y, ptrdiff_t o) {
+inline void FastStore(__m512i acc, const FastEpilogue& f, int v, void* y, ptrdiff_t o, const int32_t* zb_rows,
+                      size_t r) {
   acc = _mm512_add_epi32(acc, f.bias[v]);
+  if (zb_rows) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(zb_rows[r]));
   if (!f.quant) {
     _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + o, f.mask[v], acc);
     return;
@@ -128,7 +131,7 @@ inline __m512i BroadcastA(const uint8_t* p) {
   if constexpr (R > r) { QIE_STORE1(r, 0) QIE_STORE1(r, 1) QIE_STORE1(r, 2) QIE_STORE1(r, 3) }
 #define QIE_DECL(p, r) __m512i p##r##0 = z, p##r##1 = z, p##r##2 = z, p##r##3 = z;
 #define QIE_FAST1(r, v) \
-  if constexpr (V > v) if (nr > 16 * v) FastStore(c##r##v, f, v, ep.y, static_cast<ptrdiff_t>(r) * ep.ldy + 16 * v);
+  if constexpr (V > v) if (nr > 16 * v) FastStore(c##r##v, f, v, ep.y, static_cast<ptrdiff_t>(r) * ep.ldy + 16 * v, ep.zb_rows, r);
 #define QIE_FAST(r) \
   if constexpr (R > r) { QIE_FAST1(r, 0) QIE_FAST1(r, 1) QIE_FAST1(r, 2) QIE_FAST1(r, 3) }
 #define QIE_EPILOGUE(FAST_ROWS, STORE_ROWS) \
