@@ -1,9 +1,11 @@
-"""Whole-model latency of the real convolution models: `python -m bench.models`.
+"""Whole-model latency of the demo's real models: `python -m bench.models`.
 
-PP-OCRv6 text recogniser (one 48x320 line) and PP-LCNet orientation classifier (one 224x224 page),
-each as FP32 on ORT, INT8 (quantize_static per-channel, QDQ and QOperator) on ORT's built-in kernels,
-and the same INT8 model on ORT + qie's custom ops alone and with qie's execution provider (where ORT has the
-EP API); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved, median of >= 20 runs.
+PP-OCRv6 text recogniser (one 48x320 line) and PP-LCNet orientation classifier (one 224x224 page), each as FP32 on
+ORT and INT8 (quantize_static per-channel with ORT's op set, QDQ and QOperator); MiniLM-L6 (one sentence) as the
+demo quantizes it (`qie quantize`'s code: static QDQ of every MatMul, and with --accuracy-budget 0.01). Each INT8
+model on ORT's built-in kernels, on ORT + qie's custom ops alone and with qie's execution provider (where ORT has
+the EP API); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved (pools not spinning, so no
+session steals the other's core), median of >= 20 runs.
 The custom ops must give ORT INT8's outputs bit for bit; the EP's regions (tables built with libm where ORT uses
 MLAS's Sigmoid / Erf) are reported by output cosine and largest difference to ORT INT8. For QDQ models the EP's
 time in its regions is split per unit kind (its `profile` option, a separate session) so the next bottleneck

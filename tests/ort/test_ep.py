@@ -164,18 +164,84 @@ def test_register_twice_and_two_units_in_a_chain():
                    helper.make_node("DequantizeLinear", ["w2", "sw2"], ["w2f"]),
                    helper.make_node("MatMul", ["y_f", "w2f"], ["y2f"]),
                    helper.make_node("QuantizeLinear", ["y2f", "sy2", "zy2"], ["y2"])])
+    g.node.append(helper.make_node("DequantizeLinear", ["y2", "sy2", "zy2"], ["y2_f"]))
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info("y2", TensorProto.UINT8, ["B", 5, 16]))
+    g.output.append(helper.make_tensor_value_info("y2_f", TensorProto.FLOAT, ["B", 5, 16]))
     so = options(level="all")
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     qie_ep.register(so, ep=True)
     qie_ep.register(so, ep=True)
     sess = session(m1, so)
-    assert assigned_to_qie(sess) == 8
+    assert assigned_to_qie(sess) == 9  # 4 + 5: the DQ between the units is the second's input, the last joins it
     x = rand(rng, np.uint8, (2, 5, 32))
     y1 = reference(x, o1)
     want = R.qlinear_matmul(y1, o1["sy"], o1["zy"], w2, np.float32(0.01), np.int8(0), np.float32(0.4), np.uint8(128))
-    assert_exact(sess.run(None, {"x": x})[0], want, "chain")
+    want = (want.astype(np.int32) - 128).astype(np.float32) * np.float32(0.4)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], want, "chain")
+
+
+def dequantized_output(model, scale="sy", zero_point="zy", then=None):
+    """The unit's quantized output y read by DequantizeLinear(scale, zero point) into 'y_f', the graph's output (or
+    `then`'s: a float op after it)."""
+    g = model.graph
+    ydt = next(o for o in g.output if o.name == "y").type.tensor_type.elem_type
+    g.node.append(helper.make_node("DequantizeLinear", ["y", scale, zero_point], ["y_f"]))
+    out = "y_f"
+    if then:
+        g.node.append(helper.make_node(then, ["y_f"], ["z"]))
+        out = "z"
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    return ydt
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("ydt", [np.uint8, np.int8], ids=["u8", "s8"])
+@pytest.mark.parametrize("then", [None, "Relu"])
+def test_unit_with_its_dequantize_outputs_float(level, ydt, then):
+    """Q -> DQ after a unit (the Q's only consumer, same scale and zero point) joins the unit: it outputs
+    (q - zy) * sy itself, as ORT's DequantizeLinear computes it, and ORT runs two nodes fewer."""
+    rng = np.random.default_rng(37)
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, ydt, 40, 24, True)
+    dequantized_output(model, then=then)
+    sess, plain = ep_session(model, level), session(model, level=level)
+    assert assigned_to_qie(sess) == 5, sess.get_provider_graph_assignment_info()
+    for batch in (1, 3):
+        x = rand(rng, np.uint8, (batch, 5, 40))
+        codes = reference(x, ops)
+        want = (codes.astype(np.int32) - int(ops["zy"])).astype(np.float32) * ops["sy"]
+        if then == "Relu":
+            want = np.maximum(want, 0)
+        got = sess.run(None, {"x": x})[0]
+        assert got.dtype == np.float32 and np.array_equal(got, want), level
+        if COMPARE_BUILTIN and level in ("extended", "all"):
+            np.testing.assert_array_equal(got, plain.run(None, {"x": x})[0])
+
+
+@needs_ep
+def test_dequantize_of_another_scale_or_read_by_a_unit_stays_outside():
+    """A DQ with another scale than the Q's is ORT's (the unit outputs codes), and so is one whose float op is
+    quantized again (ORT's QDQ group)."""
+    rng = np.random.default_rng(38)
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0.77, np.float32), "sy_other"))
+    dequantized_output(model, scale="sy_other")
+    sess = ep_session(model)
+    assert assigned_to_qie(sess) == 4
+    x = rand(rng, np.uint8, (2, 5, 40))
+    want = (reference(x, ops).astype(np.int32) - int(ops["zy"])).astype(np.float32) * np.float32(0.77)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], want)
+    # DQ -> Relu -> Q: a QDQ group of ORT's (QLinear fusions need the DQ), so the DQ is not taken either
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True)
+    dequantized_output(model, then="Relu")
+    g = model.graph
+    g.node.append(helper.make_node("QuantizeLinear", ["z", "sy", "zy"], ["zq"]))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("zq", TensorProto.UINT8, None))
+    sess = ep_session(model)
+    assert assigned_to_qie(sess) == 4
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.maximum(reference(x, ops), ops["zy"]))
 
 
 def test_without_the_ep_register_keeps_to_the_custom_ops(monkeypatch):

@@ -23,6 +23,7 @@
 
 #include "ep/graph.h"
 #include "ep/region.h"
+#include "ep/region_plan.h"
 #include "ep/softmax.h"
 #include "kernels/gemm.h"
 #include "ops/common.h"
@@ -39,12 +40,16 @@ constexpr const char* kEpName = "QIE";
 // A matched unit: its nodes (the op is MatMul, or Gemm with an optional DequantizeLinear'd int32 bias).
 struct MatMulUnit {
   const OrtNode *dq_x = nullptr, *dq_w = nullptr, *matmul = nullptr, *q = nullptr, *dq_bias = nullptr;
+  // The DequantizeLinear that is the Q's only consumer, with the Q's scale and zero point: the unit then outputs
+  // its float values, (q - zy) * sy, and the Q -> DQ pair costs ORT no nodes (nullptr: the codes are the output).
+  const OrtNode* dq_out = nullptr;
   bool trans_b = false;
   std::vector<const OrtNode*> Nodes() const {
     std::vector<const OrtNode*> v = {dq_x, dq_w};
     if (dq_bias) v.push_back(dq_bias);
     v.push_back(matmul);
     v.push_back(q);
+    if (dq_out) v.push_back(dq_out);
     return v;
   }
 };
@@ -56,6 +61,35 @@ struct UnitOperands {
   size_t K = 0, N = 0;
   std::vector<int32_t> bias;
 };
+
+// The DequantizeLinear reading QuantizeLinear `q`'s output when it is that output's only consumer (not a graph
+// output), dequantizes with the same scale and zero point and feeds float ops whose results are not quantized
+// again; nullptr otherwise.
+const OrtNode* DequantizedBySame(const OrtNode* q, const Constant& sy, const Constant& zy) {
+  const auto out = Outputs(q);
+  if (out.size() != 1 || !out[0]) return nullptr;
+  int64_t idx = 0;
+  const OrtNode* dq = SoleConsumer(out[0], &idx);
+  if (!dq || idx != 0 || !IsOp(dq, "DequantizeLinear") || AttrInt(dq, "block_size", 0) != 0) return nullptr;
+  const auto in = Inputs(dq);
+  Constant s, z;
+  if (in.size() < 2 || !ReadConstant(in[1], &s) || s.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || s.count() != 1)
+    return nullptr;
+  if (static_cast<const float*>(s.data)[0] != static_cast<const float*>(sy.data)[0]) return nullptr;
+  const OrtValueInfo* zin = Input(in, 2);
+  const int32_t zp = zin ? (ReadConstant(zin, &z) && z.type == zy.type && z.count() == 1 ? Zp(z, 0) : -1000) : 0;
+  if (zp != Zp(zy, 0)) return nullptr;
+  // A float op after it whose result is quantized again (DQ -> Add -> Q) is a QDQ group ORT fuses (QLinearAdd,
+  // ...) only while the DequantizeLinear is there: then it stays ORT's.
+  const auto dq_out = Outputs(dq);
+  if (dq_out.size() != 1 || !dq_out[0]) return nullptr;
+  for (const OrtNode* op : AllConsumers(dq_out[0]))
+    for (const OrtValueInfo* v : Outputs(op))
+      if (v)
+        for (const OrtNode* c : AllConsumers(v))
+          if (IsOp(c, "QuantizeLinear")) return nullptr;
+  return dq;
+}
 
 bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   const std::string type = OpType(op);
@@ -104,6 +138,7 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   u->matmul = op;
   u->q = q;
   u->trans_b = trans_b;
+  u->dq_out = DequantizedBySame(q, o->sy, o->zy);
   return true;
 }
 
@@ -121,6 +156,8 @@ struct CompiledMatMul {
   int32_t zy = 0;
   std::vector<int32_t> bias;  // Gemm's C, per column (empty: none)
   bool gemm = false;          // Gemm: x must be 2-D
+  bool float_out = false;     // the unit ends with the Q's DequantizeLinear: outputs (q - zy) * sy
+  float sy = 1.0f;
   std::string x_name;
 };
 
@@ -147,6 +184,8 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     const void* xdata = nullptr;
     Check(g_api->GetTensorData(x, &xdata));
     if (rows == 0 || c.N == 0) return;
+    thread_local std::vector<uint8_t> codes;  // the codes, when the unit outputs their float values
+    if (c.float_out) codes.resize(rows * c.N);
     const qie::PackedB* bp = &c.packed;
     qie::GemmArgs g;
     g.M = rows;
@@ -165,11 +204,13 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.kind = c.kind;
     g.scale = c.mult.data();
     g.y_zp = c.zy;
-    g.y = ydata;
+    g.y = c.float_out ? codes.data() : ydata;
     g.ldy = c.N;
     g.batch = 1;
     g.b = &bp;
     qie::Gemm(*c.uk, g, CtxParallelFor(ctx));
+    if (c.float_out)
+      DequantizeCodes(codes.data(), rows * c.N, c.kind == qie::OutKind::kS8, c.zy, c.sy, static_cast<float*>(ydata));
     g_runs.fetch_add(1);
   });
 }
@@ -212,6 +253,8 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->bias = o.bias;
   c->kind = o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
   c->zy = Zp(o.zy, 0);
+  c->float_out = u.dq_out != nullptr;
+  c->sy = static_cast<const float*>(o.sy.data)[0];
   const auto fin = Inputs(fused);
   if (fin.empty()) throw Failure{"fused node has no input"};
   c->x_name = Name(fin[0]);
@@ -267,39 +310,22 @@ struct QieEp : OrtEp {
         OrtNodeFusionOptions opts{};
         opts.ort_version_supported = ORT_API_VERSION;
         opts.drop_constant_initializers = true;  // weights and scales are read (and packed) at Compile
-        size_t units = 0;
-        for (const OrtNode* node : nodes) {
-          if (!self->units_on) break;
-          // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
-          // creation never is.
-          MatMulUnit u;
-          UnitOperands o;
-          bool taken = false;
-          try {
-            if (!MatchUnit(node, &u, &o)) continue;
-            for (const OrtNode* m : u.Nodes()) {
-              const char* e = nullptr;
-              Check(g_api->Node_GetEpName(m, &e));
-              taken = taken || (e && *e);  // already assigned (GetCapability may run again)
-            }
-          } catch (const Failure&) { continue; }
-          if (taken) continue;
-          const std::vector<const OrtNode*> group = u.Nodes();
-          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
-          g_claimed.fetch_add(1);
-          ++units;
-        }
+        // Regions first; then the Softmax and the MatMul / Gemm units of the nodes left (a MatMul unit's trailing
+        // DequantizeLinear that a region or a Softmax unit reads stays with it: the unit then outputs the codes).
         RegionReport report;
         size_t region_nodes = 0;
-        std::unordered_set<const OrtNode*> in_regions;
+        std::unordered_set<const OrtNode*> claimed;
         const auto regions = self->regions_on ? MatchRegions(nodes, self->region_opts, &report)
                                               : std::vector<std::vector<const OrtNode*>>{};
         for (const auto& group : regions) {
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           g_regions.fetch_add(1);
           region_nodes += group.size();
-          in_regions.insert(group.begin(), group.end());
+          claimed.insert(group.begin(), group.end());
         }
+        auto outside = [&](const std::vector<const OrtNode*>& group) {
+          return std::none_of(group.begin(), group.end(), [&](const OrtNode* n) { return claimed.count(n) > 0; });
+        };
         size_t softmaxes = 0;
         for (const OrtNode* node : nodes) {
           if (!self->units_on) break;
@@ -308,11 +334,41 @@ struct QieEp : OrtEp {
             if (!MatchSoftmax(node, &u)) continue;
           } catch (const Failure&) { continue; }
           const std::vector<const OrtNode*> group = u.Nodes();
-          if (std::any_of(group.begin(), group.end(), [&](const OrtNode* n) { return in_regions.count(n) > 0; }))
-            continue;
+          if (!outside(group)) continue;
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+          claimed.insert(group.begin(), group.end());
           g_claimed.fetch_add(1);
           ++softmaxes;
+        }
+        // MatMul / Gemm units: matched first, so that a unit's trailing DequantizeLinear that another unit reads as
+        // its input (two units in a chain) is left to that one (the codes pass between them).
+        std::vector<MatMulUnit> matched;
+        std::unordered_set<const OrtNode*> unit_inputs;
+        for (const OrtNode* node : nodes) {
+          if (!self->units_on) break;
+          // A node whose reading fails is left to ORT: claiming nothing is always safe, failing the session
+          // creation never is.
+          MatMulUnit u;
+          UnitOperands o;
+          try {
+            if (!MatchUnit(node, &u, &o)) continue;
+            if (u.dq_out && Assigned(u.dq_out)) u.dq_out = nullptr;
+            bool taken = false;
+            for (const OrtNode* m : u.Nodes()) taken = taken || Assigned(m);  // GetCapability may run again
+            if (taken) continue;
+          } catch (const Failure&) { continue; }
+          matched.push_back(u);
+          unit_inputs.insert(u.dq_x);
+        }
+        size_t units = 0;
+        for (MatMulUnit& u : matched) {
+          if (u.dq_out && (claimed.count(u.dq_out) || unit_inputs.count(u.dq_out))) u.dq_out = nullptr;
+          const std::vector<const OrtNode*> group = u.Nodes();
+          if (!outside(group)) continue;
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+          claimed.insert(group.begin(), group.end());
+          g_claimed.fetch_add(1);
+          ++units;
         }
         if (!self->regions_on)
           return self->Log(ORT_LOGGING_LEVEL_INFO, "qie EP: " + std::to_string(units) + " MatMul/Gemm units and " +

@@ -79,6 +79,8 @@ struct Dims {  // a value's NHWC dims
 
 // y = t[c][x] over `pixels` NHWC pixels of C channels (`t`: one table when tC = 1, else tC = C of them, 3 bytes
 // of padding after). Blocks of ~32 KiB, in parallel.
+// DequantizeLinear as ORT computes it, y = float(q - zp) * scale, vectorized (also the MatMul units' float outputs).
+void DequantizeCodes(const uint8_t* q, size_t n, bool is_signed, int32_t zp, float scale, float* y);
 void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t pixels, size_t C,
               const qie::ParallelFor& pfor);
 

@@ -185,6 +185,13 @@ struct PoolWindow {
 
 }  // namespace
 
+void DequantizeCodes(const uint8_t* q, size_t n, bool is_signed, int32_t zp, float scale, float* y) {
+  if (is_signed)
+    DequantizeBlock<true>(q, n, zp, scale, y);
+  else
+    DequantizeBlock<false>(q, n, zp, scale, y);
+}
+
 // Byte steps smaller than this run on the calling thread: with ORT's pool not spinning (its setting when sessions
 // share cores), a worker's wake-up costs ~10-20 us, more than a table over 128 KiB at ~0.2 ns per byte.
 constexpr size_t kSerialBytes = size_t{128} << 10;
