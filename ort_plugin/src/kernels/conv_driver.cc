@@ -33,12 +33,52 @@ constexpr size_t kGatherChunk = 32;
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
-// One im2col row for output pixel `row` (flattened over batch) and group g.
-void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t row, uint8_t flip, uint8_t pad_val, size_t kp,
-               uint8_t* __restrict dst) {
-  const size_t P = s.out_pixels(), b = row / P, p = row % P, Cg = s.Cg();
-  const ptrdiff_t od = ptrdiff_t(p / (s.out[1] * s.out[2])), oh = ptrdiff_t((p / s.out[2]) % s.out[1]),
-                  ow = ptrdiff_t(p % s.out[2]);
+// An output pixel (image b, od, oh, ow), walked row by row without a division per row.
+struct OutPixel {
+  size_t b;
+  ptrdiff_t od, oh, ow;
+  OutPixel(const ConvShape& s, size_t row) {
+    const size_t P = s.out_pixels(), p = row % P;
+    b = row / P;
+    od = ptrdiff_t(p / (s.out[1] * s.out[2]));
+    oh = ptrdiff_t((p / s.out[2]) % s.out[1]);
+    ow = ptrdiff_t(p % s.out[2]);
+  }
+  void Next(const ConvShape& s) {
+    if (++ow < ptrdiff_t(s.out[2])) return;
+    ow = 0;
+    if (++oh < ptrdiff_t(s.out[1])) return;
+    oh = 0;
+    if (++od < ptrdiff_t(s.out[0])) return;
+    od = 0;
+    ++b;
+  }
+};
+
+// n bytes from s to d: two overlapping word copies up to 16 bytes (a stem's 3-channel kernel row is 9), else memcpy.
+inline void CopyBytes(uint8_t* __restrict d, const uint8_t* __restrict s, size_t n) {
+  if (n >= 8 && n <= 16) {
+    uint64_t lo, hi;
+    std::memcpy(&lo, s, 8);
+    std::memcpy(&hi, s + n - 8, 8);
+    std::memcpy(d, &lo, 8);
+    std::memcpy(d + n - 8, &hi, 8);
+  } else if (n >= 4 && n < 8) {
+    uint32_t lo, hi;
+    std::memcpy(&lo, s, 4);
+    std::memcpy(&hi, s + n - 4, 4);
+    std::memcpy(d, &lo, 4);
+    std::memcpy(d + n - 4, &hi, 4);
+  } else {
+    std::memcpy(d, s, n);
+  }
+}
+
+// One im2col row for output pixel `o` and group g.
+void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, const OutPixel& o, uint8_t flip, uint8_t pad_val,
+               size_t kp, uint8_t* __restrict dst) {
+  const size_t b = o.b, Cg = s.Cg();
+  const ptrdiff_t od = o.od, oh = o.oh, ow = o.ow;
   uint8_t* d = dst;
   const bool whole_rows = s.group == 1 && s.dil[2] == 1;
   for (size_t kd = 0; kd < s.k[0]; ++kd) {
@@ -55,7 +95,7 @@ void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t row, uint8
         if (flip)
           for (size_t c = 0; c < run; ++c) d[c] = src[c] ^ flip;
         else
-          std::memcpy(d, src, run);
+          CopyBytes(d, src, run);
         d += run;
         continue;
       }
@@ -71,7 +111,7 @@ void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t row, uint8
         if (flip)
           for (size_t c = 0; c < Cg; ++c) d[c] = src[c] ^ flip;
         else
-          std::memcpy(d, src, Cg);
+          CopyBytes(d, src, Cg);
       }
     }
   }
@@ -236,8 +276,9 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     for (size_t g = 0; g < s.group; ++g) {
       const size_t chunks = (nrows + kGatherChunk - 1) / kGatherChunk;
       auto gather = [&](size_t c) {
-        for (size_t r = c * kGatherChunk; r < std::min(nrows, (c + 1) * kGatherChunk); ++r)
-          GatherRow(s, a.x, g, r0 + r, flip, pad_val, kp, buf.data() + r * kp);
+        OutPixel o(s, r0 + c * kGatherChunk);
+        for (size_t r = c * kGatherChunk; r < std::min(nrows, (c + 1) * kGatherChunk); ++r, o.Next(s))
+          GatherRow(s, a.x, g, o, flip, pad_val, kp, buf.data() + r * kp);
       };
       if (chunks == 1)
         gather(0);
