@@ -1,8 +1,8 @@
 // Per-channel byte lookup on AVX-512: y[p][c] = t[c][x[p][c]] over NHWC rows (the EP's quantized tables).
 //
 // One table (C = 1): 64 bytes per two vpermi2b where the CPU has AVX512-VBMI, else sixteen contiguous bytes per
-// gather. Per channel with AVX512-VBMI: 64-pixel tiles transposed to channel rows, each row looked up with its
-// channel's table by vpermi2b (ChannelLutVbmi). Per channel without it:
+// gather. Per channel with AVX512-VBMI: 64-pixel tiles transposed to channel rows in registers, each row looked up
+// with its channel's table by vpermi2b (ChannelLutVbmi). Per channel without it:
 // 1. Sixteen channels at a time: their 16 input bytes widened to int32 indices (vpmovzxbd).
 // 2. Each lane's index offset by its channel's table base (c * 256, a constant vector per channel block).
 // 3. One dword gather (scale 1) from the byte table, padded by 3 bytes so every dword read stays inside it;
@@ -13,7 +13,6 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels/conv.h"
 #include "kernels/isa.h"
 
 namespace qie {
@@ -40,25 +39,85 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void LutVbmi(const uint8_
   }
 }
 
-// Per-channel tables with AVX512-VBMI: tiles of 64 pixels x 16 channels transposed to channel rows (16 x 16 SSE2
-// byte transposes), each channel's 64 bytes looked up in its own table (four registers, as above), transposed
-// back. ~6x fewer cycles than the dword gathers on Zen 4; the tables (C x 256 bytes) are read once per tile.
-__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void ChannelLutVbmi(const uint8_t* t, size_t C, const uint8_t* x,
-                                                                           uint8_t* y, size_t pixels) {
-  alignas(64) uint8_t buf[16 * 64];
+// Four independent 16 x 16 byte transposes, one per 128-bit lane of sixteen zmm registers: r[i] lane j holds row
+// i of block j; afterwards r[k] lane j holds column k of block j. Its own inverse.
+__attribute__((target("avx512f,avx512bw"))) inline void Transpose16x16x4(__m512i* r) {
+  __m512i b[16], c[16];
+  for (int i = 0; i < 8; ++i) {
+    b[2 * i] = _mm512_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    b[2 * i + 1] = _mm512_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g)
+    for (int h = 0; h < 2; ++h) {
+      c[4 * g + 2 * h] = _mm512_unpacklo_epi16(b[4 * g + h], b[4 * g + h + 2]);
+      c[4 * g + 2 * h + 1] = _mm512_unpackhi_epi16(b[4 * g + h], b[4 * g + h + 2]);
+    }
+  for (int g = 0; g < 2; ++g)
+    for (int h = 0; h < 4; ++h) {
+      b[8 * g + 2 * h] = _mm512_unpacklo_epi32(c[8 * g + h], c[8 * g + h + 4]);
+      b[8 * g + 2 * h + 1] = _mm512_unpackhi_epi32(c[8 * g + h], c[8 * g + h + 4]);
+    }
+  for (int k = 0; k < 8; ++k) {
+    r[2 * k] = _mm512_unpacklo_epi64(b[k], b[k + 8]);
+    r[2 * k + 1] = _mm512_unpackhi_epi64(b[k], b[k + 8]);
+  }
+}
+
+// Per-channel tables with AVX512-VBMI, per tile of up to 64 pixels x 16 channels:
+//  1. sixteen registers, register i holding the 16 channel bytes of pixels i, 16 + i, 32 + i, 48 + i (one per lane;
+//     pixels past the tile's end zero, channels past C masked);
+//  2. four 16 x 16 transposes at once (one per lane): register k is then channel k's 64 pixels in order;
+//  3. each looked up in its channel's table (four registers from memory, two vpermi2b, a blend);
+//  4. transposed back and stored (the tile's pixels and channels only).
+// ~4x fewer cycles than the 16-lane dword gathers on Zen 4 (0.10 against 0.42 ns per byte).
+template <bool kFull>  // kFull: 64 pixels x 16 channels, plain loads and stores
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void LutTile(const uint8_t* t, size_t C,
+                                                                                    const uint8_t* xs, uint8_t* ys,
+                                                                                    size_t np, size_t n) {
+  const __mmask16 cm = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  auto load = [&](size_t row) {
+    if (kFull) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + row * C));
+    return row < np ? _mm_maskz_loadu_epi8(cm, xs + row * C) : _mm_setzero_si128();
+  };
+  __m512i r[16];
+  for (size_t i = 0; i < 16; ++i) {
+    __m512i v = _mm512_castsi128_si512(load(i));
+    v = _mm512_inserti32x4(v, load(i + 16), 1);
+    v = _mm512_inserti32x4(v, load(i + 32), 2);
+    r[i] = _mm512_inserti32x4(v, load(i + 48), 3);
+  }
+  Transpose16x16x4(r);
+  for (size_t k = 0; k < (kFull ? 16 : n); ++k) {
+    const uint8_t* tc = t + k * 256;
+    r[k] = Lut64(_mm512_loadu_si512(tc), _mm512_loadu_si512(tc + 64), _mm512_loadu_si512(tc + 128),
+                 _mm512_loadu_si512(tc + 192), r[k]);
+  }
+  Transpose16x16x4(r);
+  auto store = [&](size_t row, __m128i v) {
+    if (kFull)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ys + row * C), v);
+    else if (row < np)
+      _mm_mask_storeu_epi8(ys + row * C, cm, v);
+  };
+  for (size_t i = 0; i < 16; ++i) {
+    store(i, _mm512_castsi512_si128(r[i]));
+    store(i + 16, _mm512_extracti32x4_epi32(r[i], 1));
+    store(i + 32, _mm512_extracti32x4_epi32(r[i], 2));
+    store(i + 48, _mm512_extracti32x4_epi32(r[i], 3));
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void ChannelLutVbmi(const uint8_t* t, size_t C,
+                                                                                    const uint8_t* x, uint8_t* y,
+                                                                                    size_t pixels) {
   for (size_t p0 = 0; p0 < pixels; p0 += 64) {
     const size_t np = pixels - p0 < 64 ? pixels - p0 : 64;
-    const __mmask64 m = np == 64 ? ~uint64_t{0} : (uint64_t{1} << np) - 1;
     for (size_t c0 = 0; c0 < C; c0 += 16) {
       const size_t n = C - c0 < 16 ? C - c0 : 16;
-      TransposeBytes(x + p0 * C + c0, C, buf, 64, np, n);  // buf[c][i] = x[p0 + i][c0 + c]
-      for (size_t c = 0; c < n; ++c) {
-        const uint8_t* tc = t + (c0 + c) * 256;
-        const __m512i v = _mm512_maskz_loadu_epi8(m, buf + c * 64);
-        _mm512_store_si512(buf + c * 64, Lut64(_mm512_loadu_si512(tc), _mm512_loadu_si512(tc + 64),
-                                               _mm512_loadu_si512(tc + 128), _mm512_loadu_si512(tc + 192), v));
-      }
-      TransposeBytes(buf, 64, y + p0 * C + c0, C, n, np);
+      if (np == 64 && n == 16)
+        LutTile<true>(t + c0 * 256, C, x + p0 * C + c0, y + p0 * C + c0, np, n);
+      else
+        LutTile<false>(t + c0 * 256, C, x + p0 * C + c0, y + p0 * C + c0, np, n);
     }
   }
 }
