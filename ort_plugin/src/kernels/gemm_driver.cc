@@ -105,19 +105,19 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
   const uint8_t flip = b_signed ? 0 : 0x80;
   for (size_t p = 0; p < panels; ++p) {
     int8_t* dst = out->data.data() + out->offset + p * out->panel_bytes;
-    const size_t n0 = p * nr, cols = std::min(nr, N - n0);
+    const size_t n0 = p * nr, width = std::min(nr, N - n0);
     int32_t* __restrict sums = out->cs.data() + n0;
     const uint8_t* panel_b = b + static_cast<ptrdiff_t>(n0) * ldb_n;
     size_t k_done = 0;
     if (ldb_n == 1) {  // row-major B (MatMul's): column sums row by row over contiguous bytes (vectorized)
       for (size_t k = 0; k < K; ++k) {
         const uint8_t* __restrict src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
-        for (size_t j = 0; j < cols; ++j) sums[j] += static_cast<int8_t>(src[j] ^ flip);
+        for (size_t j = 0; j < width; ++j) sums[j] += static_cast<int8_t>(src[j] ^ flip);
       }
-      if (!uk.wide && kg == 4) k_done = PackRowsByFour(panel_b, ldb_k, K, cols, nr, flip, dst);
+      if (!uk.wide && kg == 4) k_done = PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst);
     } else {
       for (size_t k = 0; k < K; ++k)
-        for (size_t j = 0; j < cols; ++j)
+        for (size_t j = 0; j < width; ++j)
           sums[j] += static_cast<int8_t>(
               panel_b[static_cast<ptrdiff_t>(k) * ldb_k + static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
     }
@@ -126,7 +126,7 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
     for (size_t k = k_done; k < K; ++k) {
       const uint8_t* src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
       const size_t base = (k / kg) * nr * kg + k % kg;
-      for (size_t j = 0; j < cols; ++j) {
+      for (size_t j = 0; j < width; ++j) {
         const int8_t v = static_cast<int8_t>(src[static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
         if (uk.wide)
           dst16[base + j * kg] = v;
