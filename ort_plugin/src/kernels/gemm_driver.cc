@@ -86,6 +86,13 @@ size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, 
   return groups * 4;
 }
 
+struct GemmScratch {
+  std::vector<int32_t> zb_s, rsum, zb_rows, csk, folded;
+  std::vector<uint8_t> aprep;
+  std::vector<const PackedB*> distinct;
+  std::vector<size_t> b_slot;
+};
+
 }  // namespace
 
 void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
@@ -146,7 +153,11 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   const int32_t zb_shift = g.b[0]->shifted ? 128 : 0;
   const bool any_zb =
       zb_shift != 0 || (g.zb != nullptr && std::any_of(g.zb, g.zb + N, [](int32_t z) { return z != 0; }));
-  std::vector<int32_t> zb_s;
+  // Per-call buffers: this thread's, kept between calls (no allocation in the steady state; tasks on other
+  // threads read them during the call only).
+  thread_local GemmScratch sc;
+  std::vector<int32_t>& zb_s = sc.zb_s;
+  zb_s.clear();
   if (any_zb) {
     zb_s.resize(N);
     for (size_t n = 0; n < N; ++n) zb_s[n] = (g.zb ? g.zb[n] : 0) - zb_shift;
@@ -177,8 +188,10 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   // Step 3a: prepare A once for the whole call (in parallel over row chunks): shifted / padded /
   // widened rows when the kernel needs them, and row sums when B has a non-zero zero point.
   const size_t rows_total = g.batch * M;
-  std::vector<uint8_t> aprep(direct_a ? 0 : rows_total * kp * elem + 64);
-  std::vector<int32_t> rsum(any_zb ? rows_total : 0);
+  std::vector<uint8_t>& aprep = sc.aprep;
+  aprep.resize(direct_a ? 0 : rows_total * kp * elem + 64);
+  std::vector<int32_t>& rsum = sc.rsum;
+  rsum.resize(any_zb ? rows_total : 0);
   auto row_ptr = [&](size_t row) { return g.a + (g.a_offsets ? g.a_offsets[row / M] : 0) + (row % M) * g.lda; };
   if (!direct_a || any_zb) {
     const uint8_t flip = g.a_signed ? 0x80 : 0;
@@ -199,7 +212,8 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
 
   // One B zero point for every column (per-tensor, or u8 B's shift alone): its term -zb * rs[m] once per row.
   const bool zb_one = any_zb && std::all_of(zb_s.begin(), zb_s.end(), [&](int32_t z) { return z == zb_s[0]; });
-  std::vector<int32_t> zb_rows(zb_one ? rows_total : 0);
+  std::vector<int32_t>& zb_rows = sc.zb_rows;
+  zb_rows.resize(zb_one ? rows_total : 0);
   for (size_t row = 0; row < zb_rows.size(); ++row)
     zb_rows[row] = static_cast<int32_t>(0u - static_cast<uint32_t>(zb_s[0]) * static_cast<uint32_t>(rsum[row]));
 
@@ -209,15 +223,30 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   const bool fold = !g.za_per_row && (g.bias == nullptr || (g.bias_rs == 0 && g.bias_cs == 1)) &&
                     (g.batch == 1 || g.bias_batch_stride == 0);
   const int32_t za0 = (g.za ? g.za[0] : 0) + za_shift;
-  std::vector<const PackedB*> distinct;
+  // Distinct B matrices (a broadcast B is one), found by a scan from the last one seen (batches list them in
+  // order or repeat one), a map for long lists.
+  std::vector<const PackedB*>& distinct = sc.distinct;
+  distinct.clear();
   std::unordered_map<const PackedB*, size_t> slot_of;
-  std::vector<size_t> b_slot(g.batch);
+  std::vector<size_t>& b_slot = sc.b_slot;
+  b_slot.resize(g.batch);
   for (size_t bi = 0; bi < g.batch; ++bi) {
-    auto ins = slot_of.emplace(g.b[bi], distinct.size());
-    if (ins.second) distinct.push_back(g.b[bi]);
-    b_slot[bi] = ins.first->second;
+    if (g.batch > 64) {
+      auto ins = slot_of.emplace(g.b[bi], distinct.size());
+      if (ins.second) distinct.push_back(g.b[bi]);
+      b_slot[bi] = ins.first->second;
+      continue;
+    }
+    size_t d = distinct.size();
+    for (size_t k = 0; k < distinct.size(); ++k)
+      if (distinct[k] == g.b[bi]) d = k;
+    if (d == distinct.size()) distinct.push_back(g.b[bi]);
+    b_slot[bi] = d;
   }
-  std::vector<int32_t> csk_all(distinct.size() * N), folded_all(fold ? distinct.size() * N : 0);
+  std::vector<int32_t>& csk_all = sc.csk;
+  std::vector<int32_t>& folded_all = sc.folded;
+  csk_all.resize(distinct.size() * N);
+  folded_all.resize(fold ? distinct.size() * N : 0);
   for (size_t d = 0; d < distinct.size(); ++d)
     for (size_t n = 0; n < N; ++n) {
       const int32_t csk = distinct[d]->cs[n] - (any_zb ? static_cast<int32_t>(K) * zb_s[n] : 0);

@@ -72,12 +72,15 @@ MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int
 void PackAllB(const MicroKernel& uk, const Tensor& b, bool trans_b, PrepackedB* out) {
   out->isa = uk.isa;
   out->shape = b.shape;
-  out->mats.clear();
+  // The matrices' buffers are reused when `out` held some before (a per-call pack into a thread's buffers).
+  auto mat = [&](size_t i) -> PackedB* {
+    if (out->mats.size() <= i) out->mats.push_back(std::make_unique<PackedB>());
+    return out->mats[i].get();
+  };
   if (trans_b) {  // 2-D [N, K]: element (k, n) at n * K + k
     const size_t N = static_cast<size_t>(b.shape[0]), K = static_cast<size_t>(b.shape[1]);
-    auto pb = std::make_unique<PackedB>();
-    PackB(uk, b.as<uint8_t>(), b.is_int8(), K, N, 1, static_cast<ptrdiff_t>(K), pb.get());
-    out->mats.push_back(std::move(pb));
+    PackB(uk, b.as<uint8_t>(), b.is_int8(), K, N, 1, static_cast<ptrdiff_t>(K), mat(0));
+    out->mats.resize(1);
     return;
   }
   const bool b1 = b.shape.size() == 1;
@@ -86,11 +89,9 @@ void PackAllB(const MicroKernel& uk, const Tensor& b, bool trans_b, PrepackedB* 
   size_t count = 1;
   for (size_t d = 0; d + 2 < b.shape.size(); ++d) count *= static_cast<size_t>(b.shape[d]);
   const uint8_t* data = b.as<uint8_t>();
-  for (size_t i = 0; i < count; ++i) {
-    auto pb = std::make_unique<PackedB>();
-    PackB(uk, data + i * K * N, b.is_int8(), K, N, static_cast<ptrdiff_t>(N), 1, pb.get());
-    out->mats.push_back(std::move(pb));
-  }
+  for (size_t i = 0; i < count; ++i)
+    PackB(uk, data + i * K * N, b.is_int8(), K, N, static_cast<ptrdiff_t>(N), 1, mat(i));
+  out->mats.resize(count);
 }
 
 void MatMulCore::Init(const OrtKernelInfo* info, size_t b_index, bool trans_b) {
@@ -110,7 +111,8 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
   const size_t rows = plan.folded ? plan.rows : plan.M;
   const size_t batch = plan.folded ? 1 : plan.a_off.size();
   if (rows == 0 || plan.N == 0 || batch == 0) return isa;
-  PrepackedB local;
+  // A B packed per call goes to this thread's buffers, kept between calls (no allocation in the steady state).
+  thread_local PrepackedB local;
   const PrepackedB* pb = &pre_;
   if (!has_pre_ || pre_.isa != isa || pre_.shape != b.shape) {
     PackAllB(uk, b, trans_b_, &local);
