@@ -75,9 +75,10 @@ inline void CopyBytes(uint8_t* __restrict d, const uint8_t* __restrict s, size_t
 }
 
 // One im2col row for output pixel `o` and group g.
-void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, const OutPixel& o, uint8_t flip, uint8_t pad_val,
-               size_t kp, uint8_t* __restrict dst) {
-  const size_t b = o.b, Cg = s.Cg();
+// `Cg`: s.Cg(), passed in (a division per row otherwise).
+void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, const OutPixel& o, uint8_t flip,
+               uint8_t pad_val, size_t kp, uint8_t* __restrict dst) {
+  const size_t b = o.b;
   const ptrdiff_t od = o.od, oh = o.oh, ow = o.ow;
   uint8_t* d = dst;
   const bool whole_rows = s.group == 1 && s.dil[2] == 1;
@@ -265,7 +266,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     return;
   }
 
-  const size_t K = s.taps() * s.Cg(), kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
+  const size_t Cg = s.Cg(), K = s.taps() * Cg, kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
   const size_t block = std::min(rows, std::max<size_t>(kGatherChunk, RoundUp(kIm2colBytes / kp, kGatherChunk)));
   std::vector<uint8_t> buf(block * kp);
   const uint8_t flip = a.x_signed ? 0x80 : 0;
@@ -278,7 +279,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       auto gather = [&](size_t c) {
         OutPixel o(s, r0 + c * kGatherChunk);
         for (size_t r = c * kGatherChunk; r < std::min(nrows, (c + 1) * kGatherChunk); ++r, o.Next(s))
-          GatherRow(s, a.x, g, o, flip, pad_val, kp, buf.data() + r * kp);
+          GatherRow(s, a.x, g, Cg, o, flip, pad_val, kp, buf.data() + r * kp);
       };
       if (chunks == 1)
         gather(0);
