@@ -234,7 +234,10 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
 
   if (w.depthwise) {
     const DepthwiseFn fn = GetDepthwiseKernel(w.isa);
-    const size_t chunk = std::max<size_t>(1, std::min<size_t>(P, 16384 / std::max<size_t>(1, s.C * s.taps())));
+    // Tasks of ~64k multiply-adds and at least 32 pixels: each task sets up every 32-channel block's weights,
+    // bias and scales once, so fewer pixels per task than that costs more than its arithmetic (5x5 taps x 256
+    // channels gave tasks of two pixels).
+    const size_t chunk = std::min<size_t>(P, std::max<size_t>(32, 65536 / std::max<size_t>(1, s.C * s.taps())));
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
