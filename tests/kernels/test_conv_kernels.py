@@ -33,7 +33,8 @@ CASES = {
     "depthwise": (2, 32, 32, [9, 9], [3, 3], 32, None, None, [1, 1, 1, 1]),
     "depthwise_odd_c_s2": (1, 19, 19, [11, 10], [3, 3], 19, [2, 2], None, [1, 1, 0, 1]),
     "depthwise_5x5_dil": (1, 33, 33, [12, 12], [5, 5], 33, None, [2, 1], [4, 2, 4, 2]),
-    "depthwise_c16": (1, 16, 16, [8, 8], [3, 3], 16, None, None, [1, 1, 1, 1]),  # one 16-channel (ymm) block
+    "depthwise_c16": (1, 16, 16, [8, 8], [3, 3], 16, None, None, [1, 1, 1, 1]),  # two pixels per zmm
+    "depthwise_c16_odd_5x5": (2, 16, 16, [7, 9], [5, 5], 16, [1, 2], None, [2, 2, 2, 2]),  # 7x5 pixels: one left
     "depthwise_c48_s2": (2, 48, 48, [10, 9], [3, 3], 48, [2, 2], None, [1, 1, 1, 1]),  # one 32 block + 16
     "depthwise_c64_7x7": (1, 64, 64, [9, 11], [7, 7], 64, None, None, [3, 3, 3, 3]),  # 25 tap pairs
     "conv1d": (2, 6, 20, [31], [5], 2, [3], [2], [2, 1]),

@@ -74,10 +74,11 @@ inline void CopyBytes(uint8_t* __restrict d, const uint8_t* __restrict s, size_t
   }
 }
 
-// One im2col row for output pixel `o` and group g.
-// `Cg`: s.Cg(), passed in (a division per row otherwise).
-void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, const OutPixel& o, uint8_t flip,
-               uint8_t pad_val, size_t kp, uint8_t* __restrict dst) {
+// One im2col row for output pixel `o` and group g. Inlined into the row loop, so its per-call set-up (the padding
+// byte's broadcast) is hoisted out of it. `Cg`: s.Cg(), passed in (a division per row otherwise).
+__attribute__((always_inline)) inline void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg,
+                                                     const OutPixel& o, uint8_t flip, uint8_t pad_val, size_t kp,
+                                                     uint8_t* __restrict dst) {
   const size_t b = o.b;
   const ptrdiff_t od = o.od, oh = o.oh, ow = o.ow;
   uint8_t* d = dst;
@@ -116,7 +117,7 @@ void GatherRow(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, const 
       }
     }
   }
-  std::memset(d, 0, kp - size_t(d - dst));
+  for (uint8_t* end = dst + kp; d < end; ++d) *d = 0;  // K's padding to the K-group: a few bytes, no memset call
 }
 
 GemmArgs GroupGemm(const ConvShape& s, const ConvArgs& a, size_t g) {

@@ -171,6 +171,71 @@ void Blocks(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t o0,
     Block<V, false>(s, dw, a, o0, np, c, table, stride, wbuf);
 }
 
+// C = 16 exactly: two pixels per zmm (lanes 0-1 pixel i, lanes 2-3 pixel i + 1), Y16's lane order in each half,
+// so its weights, bias and scales broadcast to both; the two pixels' 32 output bytes (or int32s) are adjacent.
+// An odd last pixel goes through Y16's block.
+template <bool kSigned>
+void PixelPairs16(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t o0, size_t np,
+                  const uint8_t* const* table, size_t stride, __m256i* wbuf) {
+  const size_t pairs = (s.taps() + 1) / 2;
+  const __m256i lo_idx = Y16::LoIdx(), hi_idx = Y16::HiIdx();
+  for (size_t tp = 0; tp < pairs; ++tp) {  // Y16's weight vectors, as Block<Y16> builds them
+    const int16_t* w = dw + tp * 16 * 2;
+    const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
+    wbuf[2 * tp] = _mm256_permutex2var_epi32(wa, lo_idx, wb);
+    wbuf[2 * tp + 1] = _mm256_permutex2var_epi32(wa, hi_idx, wb);
+  }
+  const __m512i zp16 = _mm512_set1_epi16(static_cast<int16_t>(a.x_zp + (kSigned ? 128 : 0)));
+  const bool quant = a.kind != OutKind::kInt32, u8 = a.kind == OutKind::kU8;
+  const __m512 lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
+  const __m512 hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
+  const __m512i yzp = _mm512_set1_epi32(a.y_zp);
+  __m512i bias_lo = _mm512_setzero_si512(), bias_hi = _mm512_setzero_si512();
+  if (a.bias) {
+    const __m256i ba = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bias));
+    const __m256i bb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bias + 8));
+    bias_lo = _mm512_broadcast_i64x4(_mm256_permutex2var_epi32(ba, lo_idx, bb));
+    bias_hi = _mm512_broadcast_i64x4(_mm256_permutex2var_epi32(ba, hi_idx, bb));
+  }
+  __m512 scale_lo = _mm512_setzero_ps(), scale_hi = _mm512_setzero_ps();
+  if (quant) {
+    const __m256 sa = _mm256_loadu_ps(a.scale), sb = _mm256_loadu_ps(a.scale + 8);
+    scale_lo = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_permutex2var_ps(sa, lo_idx, sb))));
+    scale_hi = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_permutex2var_ps(sa, hi_idx, sb))));
+  }
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  auto tap = [&](const uint8_t* p0, const uint8_t* p1) {
+    __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p1)), 1);
+    if (kSigned) b = _mm256_xor_si256(b, flip);
+    return _mm512_sub_epi16(_mm512_cvtepu8_epi16(b), zp16);
+  };
+  size_t i = 0;
+  for (; i + 2 <= np; i += 2) {
+    const uint8_t* const* pa = table + i * stride;
+    const uint8_t* const* pb = pa + stride;
+    __m512i acc_lo = bias_lo, acc_hi = bias_hi;
+    for (size_t tp = 0; tp < pairs; ++tp) {
+      const __m512i x0 = tap(pa[2 * tp], pb[2 * tp]);
+      const __m512i x1 = tap(pa[2 * tp + 1], pb[2 * tp + 1]);
+      const __m512i wl = _mm512_broadcast_i64x4(wbuf[2 * tp]), wh = _mm512_broadcast_i64x4(wbuf[2 * tp + 1]);
+      acc_lo = _mm512_add_epi32(acc_lo, _mm512_madd_epi16(_mm512_unpacklo_epi16(x0, x1), wl));
+      acc_hi = _mm512_add_epi32(acc_hi, _mm512_madd_epi16(_mm512_unpackhi_epi16(x0, x1), wh));
+    }
+    const size_t o = o0 + i * 16;
+    if (!quant) {  // per pixel, Y16's order back: Z32's ToA / ToB pick pixel i's and pixel i + 1's 16 channels
+      int32_t* y = static_cast<int32_t*>(a.y) + o;
+      _mm512_storeu_si512(y, _mm512_permutex2var_epi32(acc_lo, Z32::ToAIdx(), acc_hi));
+      _mm512_storeu_si512(y + 16, _mm512_permutex2var_epi32(acc_lo, Z32::ToBIdx(), acc_hi));
+      continue;
+    }
+    Z32::StoreBytes(static_cast<int8_t*>(a.y) + o, ~__mmask32{0}, Z32::Requant(acc_lo, scale_lo, lo, hi, yzp),
+                    Z32::Requant(acc_hi, scale_hi, lo, hi, yzp));
+  }
+  if (i < np) Block<Y16, kSigned>(s, dw, a, o0 + i * 16, np - i, 0, table + i * stride, stride, wbuf);
+}
+
 // The pixel range's indirection table is built once; then each block of 32 channels (16 for the last <= 16)
 // sweeps the pixels with its weights, bias, scale and epilogue constants loaded once.
 void DepthwiseAvx512(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
@@ -182,6 +247,15 @@ void DepthwiseAvx512(const ConvShape& s, const int16_t* dw, const ConvArgs& a, s
   __m512i local[128];
   __m512i* heap = pairs > 64 ? new __m512i[2 * pairs] : nullptr;
   __m512i* wbuf = heap ? heap : local;
+  if (s.C == 16) {
+    auto* w16 = reinterpret_cast<__m256i*>(wbuf);
+    if (a.x_signed)
+      PixelPairs16<true>(s, dw, a, o0, np, sc.ptrs, stride, w16);
+    else
+      PixelPairs16<false>(s, dw, a, o0, np, sc.ptrs, stride, w16);
+    delete[] heap;
+    return;
+  }
   size_t c = 0;
   for (; c + 16 < s.C; c += 32) Blocks<Z32>(s, dw, a, o0, np, c, sc.ptrs, stride, wbuf);
   if (c < s.C) Blocks<Y16>(s, dw, a, o0, np, c, sc.ptrs, stride, reinterpret_cast<__m256i*>(wbuf));
