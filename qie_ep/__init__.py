@@ -33,20 +33,21 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     """Register qie with an ``onnxruntime.SessionOptions``.
 
     ``ep`` (default: wherever ``ep_available()``) adds qie's plugin execution provider ahead of the CPU EP:
-    it claims whole QDQ units (DequantizeLinear -> MatMul / Gemm -> QuantizeLinear) and regions (connected
+    it claims whole QDQ units (DequantizeLinear -> MatMul / Gemm -> QuantizeLinear, and -> Softmax ->) and regions (connected
     groups of QDQ convolutions, activations, BatchNormalization, residual Add / Mul, pools and Concat joined by
     QuantizeLinear -> DequantizeLinear pairs, docs/numerics.md) and runs them in the integer domain before ORT's
     own QDQ fusions (``ep_stats()`` counts what it took; ``stats()`` lists
     its runs under (EP_NAME, ...)). ``ep=True`` where it is not available is an error.
 
     The custom-op library is registered too: sessions run the ONNX-domain QLinearMatMul, MatMulInteger,
-    QLinearConv and ConvInteger nodes the EP does not take on qie, at every graph optimization level. Without
+    QLinearConv and ConvInteger nodes the EP does not take on qie, at every graph optimization level (with the EP at
+    ORT_ENABLE_ALL, ORT's layout transformer hands QLinearConv to its own com.microsoft NHWC kernel). Without
     the EP (``ep=False``, or ONNX Runtime < 1.27) it also registers the com.microsoft QGemm, QLinearConv (NHWC),
     MatMulIntegerToFloat and DynamicQuantizeMatMul; with the EP it does not, because a custom com.microsoft
     domain breaks ORT's own contrib fusions in models that do not import it (see ``with_contrib_opset``).
     Registering twice on the same options is a no-op.
 
-    ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm units), ``regions`` ("1"/"0":
+    ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm and Softmax units), ``regions`` ("1"/"0":
     claim conv regions), ``min_region_convs`` (convolutions a region needs, default "2"), ``profile`` ("1": time
     the regions' unit kinds, see ``region_profile()``). A bad value fails the
     session creation with a message naming the option.

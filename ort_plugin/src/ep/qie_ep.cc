@@ -422,7 +422,7 @@ struct QieEp : OrtEp {
 };
 
 // The EP's options (`register(so, ep_options={...})`, stored by ORT as session config "ep.qie.<key>"):
-//   units   "1" (default) / "0": claim MatMul / Gemm units
+//   units   "1" (default) / "0": claim MatMul / Gemm and Softmax units
 //   regions "1" (default) / "0": claim conv regions
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
 //   profile "0" (default) / "1": time the regions' unit kinds (qie_ep_region_profile)
