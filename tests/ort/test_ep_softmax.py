@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qie_ep
@@ -110,3 +112,43 @@ def test_last_axis_forms_are_claimed(opset, axis):
     assert assigned_to_qie(sess) == 3
     x = rand(np.random.default_rng(2), np.uint8, (3, 40))
     within_one_step(sess.run(None, {"x": x})[0], R.qdq_softmax(x, **q), f"opset={opset}")
+
+
+@st.composite
+def softmax_cases(draw):
+    """A QDQ Softmax graph and a feed: u8/s8 in and out, scales from tiny to large, shapes of rank 1-4 with zero-size
+    and long rows (both of the unit's paths), the input declared static, symbolic or of unknown rank."""
+    xdt = draw(st.sampled_from([np.uint8, np.int8]))
+    ydt = draw(st.sampled_from([np.uint8, np.int8]))
+    rank = draw(st.integers(1, 4))
+    shape = [draw(st.sampled_from([0, 1, 2, 3, 5])) for _ in range(rank - 1)]
+    shape.append(draw(st.sampled_from([0, 1, 2, 7, 40, 511, 512, 1031])))
+    sx = draw(st.sampled_from([1e-4, 0.01, 0.07, 0.5, 3.0]))
+    decl = draw(st.sampled_from(["static", "symbolic", "unknown_rank"]))
+    declared = {"static": shape, "symbolic": [f"d{i}" for i in range(rank)], "unknown_rank": None}[decl]
+    axis = draw(st.sampled_from([None, -1] + ([rank - 1] if decl != "unknown_rank" else [])))
+    opset = draw(st.sampled_from([13, 21]))
+    model, _ = qdq_softmax(xdt, ydt, declared, axis=axis, opset=opset, sx=sx)
+    seed = draw(st.integers(0, 2**16))
+    return model, rand(np.random.default_rng(seed), xdt, tuple(shape))
+
+
+@needs_ep
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(softmax_cases(), st.sampled_from(list(OPT_LEVELS)))
+def test_property_softmax_units_equal_ort_within_one_step(case, level):
+    """Whatever plain ORT computes for a generated QDQ Softmax graph, ORT + qie computes within one step (the same
+    shape and dtype); one-element rows compared with the float graph only at EXTENDED / ALL (ORT's QLinearSoftmax
+    wraps p = 1 there, module docstring), and an empty input gives an empty output (where ORT's QLinearSoftmax
+    returns none)."""
+    model, x = case
+    plain, sess = session(model, level=level), ep_session(model, level)
+    want, got = plain.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
+    if want is None:  # ORT 1.31's QLinearSoftmax (EXTENDED / ALL) returns no value for an empty input
+        assert x.size == 0 and got.shape == x.shape, (level, x.shape)
+        return
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if x.shape[-1] == 1 and level in ("extended", "all"):
+        want = session(model, level="disable").run(None, {"x": x})[0]
+    if COMPARE_BUILTIN:
+        within_one_step(got, want, f"level={level} shape={x.shape}")
