@@ -91,13 +91,13 @@ void SoftmaxRow(const CompiledSoftmax& c, qie::ChannelLutFn lut, const uint8_t* 
   for (; i < D; ++i) ++count[0][x[i]];
   double sum = 0.0;
   for (int b = 0; b < 256; ++b) {
-    const uint32_t n = count[0][b] + count[1][b] + count[2][b] + count[3][b];
-    if (n) sum += static_cast<double>(n) * c.exp[top - (b ^ flip)];
+    count[0][b] += count[1][b] + count[2][b] + count[3][b];  // the row's count of code b
+    if (count[0][b]) sum += static_cast<double>(count[0][b]) * c.exp[top - (b ^ flip)];
   }
   const float inv = 1.0f / static_cast<float>(sum);
   alignas(64) uint8_t table[256 + 64] = {};  // 3+ bytes of padding for the gather path
   for (int b = 0; b < 256; ++b)
-    if (count[0][b] + count[1][b] + count[2][b] + count[3][b]) table[b] = quant(c.exp[top - (b ^ flip)] * inv);
+    if (count[0][b]) table[b] = quant(c.exp[top - (b ^ flip)] * inv);
   if (lut)
     lut(table, 1, x, y, D);
   else

@@ -106,38 +106,61 @@ struct Y16 {
 
 // One block of V::kC channels from c over the task's np pixels (step 2 and 3 above). `wbuf`: room for the block's
 // weights in lane order, two vectors per tap pair.
+// A block's constants in V's lane order (step 1 above): its weights into `wbuf` (two vectors per tap pair),
+// bias and scales split into lo / hi, the epilogue's clamp bounds and zero points.
+template <class V>
+struct BlockConsts {
+  using I = typename V::I;
+  using F = typename V::F;
+  typename V::Mask m;
+  typename V::HalfMask ma, mb;
+  I zp16, yzp, bias_lo, bias_hi;
+  F lo, hi, scale_lo, scale_hi;
+  bool quant;
+  BlockConsts(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t c, I* wbuf) {
+    const size_t C = s.C, pairs = (s.taps() + 1) / 2, n = C - c < V::kC ? C - c : V::kC;
+    m = static_cast<typename V::Mask>(n == V::kC ? ~uint64_t{0} : (uint64_t{1} << n) - 1);
+    ma = static_cast<typename V::HalfMask>(m);
+    mb = static_cast<typename V::HalfMask>(m >> V::kHalf);
+    const I lo_idx = V::LoIdx(), hi_idx = V::HiIdx();
+    for (size_t tp = 0; tp < pairs; ++tp) {  // the (w0, w1) int16 pairs, one dword per channel
+      const int16_t* w = dw + (tp * C + c) * 2;
+      const I wa = V::LoadDw(ma, w), wb = V::LoadDw(mb, w + 2 * V::kHalf);
+      wbuf[2 * tp] = V::Perm(wa, lo_idx, wb);
+      wbuf[2 * tp + 1] = V::Perm(wa, hi_idx, wb);
+    }
+    zp16 = V::Set16(static_cast<int16_t>(a.x_zp + (a.x_signed ? 128 : 0)));
+    quant = a.kind != OutKind::kInt32;
+    const bool u8 = a.kind == OutKind::kU8;
+    lo = V::SetF(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
+    hi = V::SetF(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
+    yzp = V::Set32(a.y_zp);
+    bias_lo = bias_hi = V::Zero();
+    if (a.bias) {
+      const I ba = V::LoadDw(ma, a.bias + c), bb = V::LoadDw(mb, a.bias + c + V::kHalf);
+      bias_lo = V::Perm(ba, lo_idx, bb);
+      bias_hi = V::Perm(ba, hi_idx, bb);
+    }
+    scale_lo = scale_hi = V::SetF(0.0f);
+    if (quant) {
+      const F sa = V::LoadF(ma, a.scale + c), sb = V::LoadF(mb, a.scale + c + V::kHalf);
+      scale_lo = V::PermF(sa, lo_idx, sb);
+      scale_hi = V::PermF(sa, hi_idx, sb);
+    }
+  }
+};
+
 template <class V, bool kSigned>
 void Block(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t o0, size_t np, size_t c,
            const uint8_t* const* table, size_t stride, typename V::I* wbuf) {
   using I = typename V::I;
-  using F = typename V::F;
-  const size_t C = s.C, pairs = (s.taps() + 1) / 2, n = C - c < V::kC ? C - c : V::kC;
-  const auto m = static_cast<typename V::Mask>(n == V::kC ? ~uint64_t{0} : (uint64_t{1} << n) - 1);
-  const auto ma = static_cast<typename V::HalfMask>(m), mb = static_cast<typename V::HalfMask>(m >> V::kHalf);
-  const I lo_idx = V::LoIdx(), hi_idx = V::HiIdx();
-  for (size_t tp = 0; tp < pairs; ++tp) {  // the (w0, w1) int16 pairs, one dword per channel
-    const int16_t* w = dw + (tp * C + c) * 2;
-    const I wa = V::LoadDw(ma, w), wb = V::LoadDw(mb, w + 2 * V::kHalf);
-    wbuf[2 * tp] = V::Perm(wa, lo_idx, wb);
-    wbuf[2 * tp + 1] = V::Perm(wa, hi_idx, wb);
-  }
-  const I zp16 = V::Set16(static_cast<int16_t>(a.x_zp + (kSigned ? 128 : 0)));
-  const bool quant = a.kind != OutKind::kInt32, u8 = a.kind == OutKind::kU8;
-  const F lo = V::SetF(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
-  const F hi = V::SetF(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
-  const I yzp = V::Set32(a.y_zp);
-  I bias_lo = V::Zero(), bias_hi = V::Zero();
-  if (a.bias) {
-    const I ba = V::LoadDw(ma, a.bias + c), bb = V::LoadDw(mb, a.bias + c + V::kHalf);
-    bias_lo = V::Perm(ba, lo_idx, bb);
-    bias_hi = V::Perm(ba, hi_idx, bb);
-  }
-  F scale_lo = V::SetF(0.0f), scale_hi = V::SetF(0.0f);
-  if (quant) {
-    const F sa = V::LoadF(ma, a.scale + c), sb = V::LoadF(mb, a.scale + c + V::kHalf);
-    scale_lo = V::PermF(sa, lo_idx, sb);
-    scale_hi = V::PermF(sa, hi_idx, sb);
-  }
+  const size_t C = s.C, pairs = (s.taps() + 1) / 2;
+  const BlockConsts<V> k(s, dw, a, c, wbuf);
+  const auto m = k.m;
+  const auto ma = k.ma, mb = k.mb;
+  const I zp16 = k.zp16, yzp = k.yzp, bias_lo = k.bias_lo, bias_hi = k.bias_hi;
+  const auto lo = k.lo, hi = k.hi, scale_lo = k.scale_lo, scale_hi = k.scale_hi;
+  const bool quant = k.quant;
   for (size_t i = 0; i < np; ++i) {
     const uint8_t* const* ptrs = table + i * stride;
     I acc_lo = bias_lo, acc_hi = bias_hi;
@@ -178,32 +201,12 @@ template <bool kSigned>
 void PixelPairs16(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t o0, size_t np,
                   const uint8_t* const* table, size_t stride, __m256i* wbuf) {
   const size_t pairs = (s.taps() + 1) / 2;
-  const __m256i lo_idx = Y16::LoIdx(), hi_idx = Y16::HiIdx();
-  for (size_t tp = 0; tp < pairs; ++tp) {  // Y16's weight vectors, as Block<Y16> builds them
-    const int16_t* w = dw + tp * 16 * 2;
-    const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16));
-    wbuf[2 * tp] = _mm256_permutex2var_epi32(wa, lo_idx, wb);
-    wbuf[2 * tp + 1] = _mm256_permutex2var_epi32(wa, hi_idx, wb);
-  }
-  const __m512i zp16 = _mm512_set1_epi16(static_cast<int16_t>(a.x_zp + (kSigned ? 128 : 0)));
-  const bool quant = a.kind != OutKind::kInt32, u8 = a.kind == OutKind::kU8;
-  const __m512 lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
-  const __m512 hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
-  const __m512i yzp = _mm512_set1_epi32(a.y_zp);
-  __m512i bias_lo = _mm512_setzero_si512(), bias_hi = _mm512_setzero_si512();
-  if (a.bias) {
-    const __m256i ba = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bias));
-    const __m256i bb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.bias + 8));
-    bias_lo = _mm512_broadcast_i64x4(_mm256_permutex2var_epi32(ba, lo_idx, bb));
-    bias_hi = _mm512_broadcast_i64x4(_mm256_permutex2var_epi32(ba, hi_idx, bb));
-  }
-  __m512 scale_lo = _mm512_setzero_ps(), scale_hi = _mm512_setzero_ps();
-  if (quant) {
-    const __m256 sa = _mm256_loadu_ps(a.scale), sb = _mm256_loadu_ps(a.scale + 8);
-    scale_lo = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_permutex2var_ps(sa, lo_idx, sb))));
-    scale_hi = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(_mm256_permutex2var_ps(sa, hi_idx, sb))));
-  }
+  const BlockConsts<Y16> k(s, dw, a, 0, wbuf);  // Y16's constants, broadcast to both pixels' halves
+  const __m512i zp16 = _mm512_broadcast_i64x4(k.zp16), yzp = _mm512_broadcast_i64x4(k.yzp);
+  const __m512i bias_lo = _mm512_broadcast_i64x4(k.bias_lo), bias_hi = _mm512_broadcast_i64x4(k.bias_hi);
+  const __m512 lo = _mm512_broadcast_f32x8(k.lo), hi = _mm512_broadcast_f32x8(k.hi);
+  const __m512 scale_lo = _mm512_broadcast_f32x8(k.scale_lo), scale_hi = _mm512_broadcast_f32x8(k.scale_hi);
+  const bool quant = k.quant;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   auto tap = [&](const uint8_t* p0, const uint8_t* p1) {
     __m256i b = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p0))),
