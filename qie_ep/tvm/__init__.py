@@ -11,13 +11,18 @@ This package (with its ``schedules``) is the only place qie imports TVM.
 
 from __future__ import annotations
 
+import logging
+
 import tvm
 from tvm import relax
 
 from .schedules import isa as _isa
 
 from .frontend import from_onnx
+from .legalize import legalize_map
 from .rewrite import Unsupported, rewrite
+
+_log = logging.getLogger("qie_ep.tvm")
 
 __all__ = ["from_onnx", "pipeline", "rewrite_pass", "kernel_calls", "isa_for", "Unsupported"]
 
@@ -54,15 +59,68 @@ def _default(target: tvm.target.Target) -> tvm.transform.Pass:
     return relax.get_pipeline("default")
 
 
+def _cpu_passes(t: tvm.target.Target, fuse: bool) -> list:
+    """Legalize (+ fuse), schedule with qie's CPU rules, lower: TVM's CPU pipeline with a scheduler."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+    from . import cpu_rules
+
+    legalize = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(legalize_map()),
+                relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
+    if fuse:
+        legalize += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    return (cpu_generic.library_dispatch_passes(t) + legalize
+            + [_narrow_store_safe(t), dlight.ApplyDefaultSchedule(*cpu_rules.rules())]
+            + cpu_generic.dataflow_lower_passes(t) + cpu_generic.finalize_passes(t))
+
+
+def _narrow_store_safe(t: tvm.target.Target) -> tvm.transform.Pass:
+    """Every PrimFunc compiled with LLVM's loop vectorizer off (qie's rules vectorize explicitly): LLVM 22
+    miscompiles the scalar remainder of auto-vectorized uint8/int8 stores on AVX-512."""
+    kt = _isa.kernel_target(t)
+
+    @tvm.transform.module_pass(opt_level=0, name="qie.NarrowStoreSafe")
+    def _pass(mod, _ctx):
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, tvm.tirx.PrimFunc) and (f.attrs is None or "target" not in f.attrs):
+                mod[gv] = f.with_attr("target", kt)
+        return mod
+
+    return _pass
+
+
+def _cpu_pipeline(t: tvm.target.Target) -> tvm.transform.Pass:
+    """Fused when TVM can lower the fused module (FuseOps with symbolic shapes fails later in
+    VMShapeLower, TVM issues 20195 / 20177); otherwise the same pipeline without fusion."""
+
+    @tvm.transform.module_pass(opt_level=0, name="qie.CpuPipeline")
+    def _pass(mod, _ctx):
+        with t:
+            try:
+                return tvm.transform.Sequential(_cpu_passes(t, fuse=True))(mod)
+            except Exception as e:  # noqa: BLE001 - TVM raises builtin error types; the unfused module lowers
+                _log.info("qie: fused lowering failed (%s); compiling without operator fusion",
+                          str(e).splitlines()[0] if str(e) else type(e).__name__)
+                return tvm.transform.Sequential(_cpu_passes(t, fuse=False))(mod)
+
+    return _pass
+
+
 def pipeline(target, fast_math: bool = True) -> tvm.transform.Pass:
     """The one change for a TVM user: ``tvm.compile(mod, target, relax_pipeline=pipeline(target))``.
 
     qie's rewrite, then (``fast_math``) TVM's FastMathTransform on the float ops left (erf, exp, tanh,
     softmax become polynomial approximations instead of scalar libm calls: MiniLM's GELU erf was its largest
-    cost; relative error ~1e-6, bounded in tests/tvm/test_tvm_graphs.py), then TVM's default pipeline.
+    cost; relative error ~1e-6, bounded in tests/tvm/test_tvm_graphs.py). On CPU (llvm) targets the rest is
+    TVM's CPU pipeline (legalize, fuse) with every PrimFunc scheduled by qie's CPU rules
+    (``qie_ep.tvm.cpu_rules``); on other targets, TVM's default pipeline for the target.
     """
     t = _target(target)
-    passes = [rewrite_pass(t)] + ([relax.transform.FastMathTransform()] if fast_math else []) + [_default(t)]
+    passes = [rewrite_pass(t)] + ([relax.transform.FastMathTransform()] if fast_math else [])
+    if t.kind.name == "llvm":
+        passes.append(_cpu_pipeline(t))
+    else:  # quantize with ORT's rounding, then the target's own pipeline (which legalizes the rest)
+        passes += [relax.transform.LegalizeOps(legalize_map()), _default(t)]
     return tvm.transform.Sequential(passes, name="qie.pipeline")
 
 

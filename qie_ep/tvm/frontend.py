@@ -10,6 +10,8 @@ recognises those groups and sends them to qie's kernels.
 - QGemm (com.microsoft): [quantize](alpha * matmul(dq(a'), dq(b')) + dq(c, a_scale * b_scale))
 - MatMulIntegerToFloat: matmul(dq(a), dq(b)) (+ bias)
 - DynamicQuantizeMatMul: DynamicQuantizeLinear(a), then MatMulIntegerToFloat
+- DynamicQuantizeLinear: replaces TVM's converter with ONNX Runtime's rule (scale 1 on an empty range,
+  zero point rounded half to even)
 """
 
 from __future__ import annotations
@@ -139,13 +141,34 @@ class MatMulIntegerToFloat(_F.OnnxOpConverter):
         return relax.op.add(out, bias) if bias is not None else out
 
 
+class DynamicQuantizeLinear(_F.OnnxOpConverter):
+    """As ONNX Runtime computes it (``qie_ep.reference.dynamic_quantize_linear``): scale 1 when the range
+    is empty (TVM's converter divides by zero there), zero point rounded half to even (TVM's: away
+    from zero), the data quantized with qie's round-half-even legalization."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        _check(attr, "DynamicQuantizeLinear", x=(x, ("float32",)))
+        zero = relax.const(0.0, "float32")
+        lo = relax.op.minimum(zero, relax.op.min(x))
+        hi = relax.op.maximum(zero, relax.op.max(x))
+        span = relax.op.subtract(hi, lo)
+        scale = bb.normalize(relax.op.where(relax.op.equal(span, zero), relax.const(1.0, "float32"),
+                                            relax.op.divide(span, relax.const(255.0, "float32"))))
+        zp = bb.normalize(relax.op.quantize(relax.op.negative(lo), scale, relax.const(0, "uint8"), axis=0,
+                                            out_dtype="uint8"))
+        y = relax.op.quantize(x, scale, zp, axis=0, out_dtype="uint8")
+        return relax.Tuple([y, scale, zp])
+
+
 class DynamicQuantizeMatMul(_F.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         a, b, sb = inputs[:3]
         zb, bias = _opt(inputs, 3), _opt(inputs, 4)
         _check(attr, "DynamicQuantizeMatMul", A=(a, ("float32",)), B=(b, _Q))
-        q = bb.normalize(_F.DynamicQuantizeLinear._impl_v11(bb, [a], {}, params))
+        q = bb.normalize(DynamicQuantizeLinear._impl_v11(bb, [a], {}, params))
         qa, sa, za = (relax.TupleGetItem(q, i) for i in range(3))
         return MatMulIntegerToFloat._impl_v1(bb, [qa, b, sa, sb, za, zb, bias], attr, params)
 
@@ -175,6 +198,7 @@ CONVERTERS = {
     "ConvInteger": ConvInteger,
     "MatMulIntegerToFloat": MatMulIntegerToFloat,
     "DynamicQuantizeMatMul": DynamicQuantizeMatMul,
+    "DynamicQuantizeLinear": DynamicQuantizeLinear,
     "QGemm": QGemm,
 }
 

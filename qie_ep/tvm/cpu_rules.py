@@ -1,0 +1,184 @@
+"""qie's CPU schedule rules for what a model leaves to TVM after qie's kernels took the quantized layers.
+
+TVM 0.27 has no untuned CPU scheduler: ``tvm.compile``'s default pipeline runs every legalized operator as
+written (one scalar, single-threaded loop nest per operator), and dlight's CPU rules cover only GEMV and
+reductions. These rules follow dlight's contract (``apply`` returns a schedule, or ``None`` when the rule
+does not fit the PrimFunc; the first rule that fits wins) and are applied by
+``dlight.ApplyDefaultSchedule`` in ``qie_ep.tvm.pipeline``:
+
+* ``Matmul``: float32 matmul / dense / batch matmul (and fused epilogues): register tile of ``rows`` x
+  ``vecs`` vectors kept in a local buffer over K, column tiles in parallel, the epilogue per tile;
+* ``Conv2d``: float32 NCHW conv2d (incl. depthwise / grouped): output rows vectorized along the width, a
+  register tile of output channels, the padded input materialised once;
+* ``Injective``: producers inlined into their consumer, the loop nest fused, vectorized by the widest
+  lane count that divides it exactly and run in parallel above ``PARALLEL_MIN`` elements;
+* ``Reduction``: softmax / LayerNorm / mean-style functions (dlight's CPU rule), then
+* ``Fallback``: anything else: producers inlined where legal, each remaining block's leading spatial
+  loops fused and run in parallel.
+
+Vector loops are only ever emitted with an extent the lane count divides: TVM 0.27 lowers a predicated
+(partial) vector store of narrow types as an unmasked one, and LLVM 22's own loop vectorizer miscompiles
+the scalar remainder of uint8 stores on AVX-512, so every PrimFunc these rules schedule is compiled with
+LLVM's loop vectorizer off (see ``qie_ep.tvm.schedules.isa.kernel_target``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline
+from tvm.s_tir.dlight.base.utils import get_extent
+from tvm.s_tir.dlight.cpu import Reduction as _DlightReduction
+from tvm.target import Target
+
+PARALLEL_MIN = 1 << 14   # loop nests with fewer output elements run on the calling thread
+
+
+@dataclass(frozen=True)
+class CpuParams:
+    """Per-ISA parameters: float32 lanes per vector register, and the float register tiles."""
+    lanes: int            # float32 lanes (16 on AVX-512, 8 on AVX2, 4 otherwise)
+    mm_rows: int          # matmul register tile rows
+    mm_vecs: int          # matmul register tile vectors per row
+    conv_oc: int          # conv2d register tile output channels
+
+
+PARAMS = {512: CpuParams(16, 4, 4, 6), 256: CpuParams(8, 4, 3, 6), 128: CpuParams(4, 4, 3, 4)}
+
+
+def params(target: Target) -> CpuParams:
+    """The row of ``PARAMS`` for the target's widest float vector."""
+    from tvm.target.codegen import llvm_get_vector_width
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - a target LLVM cannot describe gets the portable row
+        bits = 128
+    return PARAMS[512 if bits >= 512 else 256 if bits >= 256 else 128]
+
+
+def _const(x) -> int | None:
+    if isinstance(x, int):
+        return x
+    return int(x.value) if isinstance(x, tirx.IntImm) else None
+
+
+class CpuRule(ScheduleRule):
+    """A rule for LLVM targets; subclasses implement ``schedule(sch, target)``."""
+
+    def apply(self, func, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        try:
+            sch = s_tir.Schedule(func)
+            return self.schedule(sch, target)
+        except Exception:  # noqa: BLE001 - a rule that does not fit a PrimFunc declines it
+            return None
+
+    def schedule(self, sch: s_tir.Schedule, target: Target):
+        raise NotImplementedError
+
+
+def _write_dtype(sch: s_tir.Schedule, block) -> str:
+    writes = sch.get(block).writes
+    return str(writes[0].source.dtype) if writes else "float32"
+
+
+def _bits(dtype: str) -> int:
+    digits = "".join(c for c in dtype if c.isdigit())
+    return max(8, int(digits)) if digits else 8
+
+
+def vectorize_exact(sch: s_tir.Schedule, loop, lanes: int):
+    """Split ``loop`` by the widest of ``lanes``, ``lanes/2``, ``lanes/4`` (>= 4) that divides its constant
+    extent and vectorize the inner part; returns the outer loop (``loop`` itself if none divides)."""
+    extent = _const(get_extent(sch, loop))
+    if extent is None:
+        return loop
+    for v in (lanes, lanes // 2, lanes // 4):
+        if v >= 4 and extent % v == 0 and extent >= v:
+            if extent == v:
+                sch.vectorize(loop)
+                return None
+            outer, inner = sch.split(loop, factors=[None, v])
+            sch.vectorize(inner)
+            return outer
+    return loop
+
+
+def _parallel(sch: s_tir.Schedule, loop, work) -> None:
+    if loop is not None and (work is None or work >= PARALLEL_MIN):
+        sch.parallel(loop)
+
+
+def _spatial_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """An all-spatial block: its innermost loop vectorized by the widest lane count dividing it exactly,
+    every other loop fused and parallel. (Fusing the innermost loop with others before vectorizing would
+    turn contiguous loads into gathers: TVM cannot simplify the fused index back to a ramp.)"""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    total = 1
+    for lp in loops:
+        e = _const(get_extent(sch, lp))
+        total = None if e is None or total is None else total * e
+    bits = _bits(_write_dtype(sch, block))
+    width = min(64, lanes * 32 // bits) if bits < 32 else lanes
+    rest = vectorize_exact(sch, loops[-1], width)
+    outer = [*loops[:-1], *([rest] if rest is not None else [])]
+    if outer:
+        _parallel(sch, sch.fuse(*outer) if len(outer) > 1 else outer[0], total)
+
+
+class Injective(CpuRule):
+    """Elementwise / broadcast / layout functions (every block spatial)."""
+
+    def schedule(self, sch, target):
+        infos = normalize_prim_func(sch)
+        if infos is None or not infos or not all(b.is_injective() for b in infos):
+            return None
+        infos = try_inline(sch, infos)
+        lanes = params(target).lanes
+        for b in infos:
+            _spatial_nest(sch, b.block_rv, lanes)
+        return sch
+
+
+class Reduction(CpuRule):
+    """dlight's CPU reduction rule (softmax, LayerNorm, mean over the last axes) behind qie's contract."""
+
+    def schedule(self, sch, target):
+        return _DlightReduction().apply(sch.mod["main"], target, False)
+
+
+class Fallback(CpuRule):
+    """Anything else: inline what can be, then each block's leading spatial loops in parallel."""
+
+    def schedule(self, sch, target):
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        infos = try_inline(sch, infos)
+        lanes = params(target).lanes
+        for b in infos:
+            kinds = b.dom_kind()
+            if kinds and all(k == "S" for k in kinds):
+                _spatial_nest(sch, b.block_rv, lanes)
+                continue
+            loops = sch.get_loops(b.block_rv)
+            lead = len(kinds) - len(kinds.lstrip("S"))
+            if lead == 0 or len(loops) != len(kinds):
+                continue
+            outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+            work = 1
+            for lp in loops:
+                e = _const(get_extent(sch, lp))
+                work = None if e is None or work is None else work * e
+            _parallel(sch, outer, work)
+        return sch
+
+
+def rules() -> list[ScheduleRule]:
+    """qie's CPU rules in the order they are tried."""
+    return [Injective(), Reduction(), Fallback()]
