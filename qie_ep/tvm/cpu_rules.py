@@ -145,6 +145,170 @@ class Injective(CpuRule):
         return sch
 
 
+def _split_blocks(sch, infos):
+    """(producers, the one reduction block, consumers) or None when there is not exactly one."""
+    red = [i for i, b in enumerate(infos) if not b.is_injective()]
+    if len(red) != 1:
+        return None
+    i = red[0]
+    return infos[:i], infos[i], infos[i + 1:]
+
+
+def _float_out(sch, info) -> bool:
+    return _write_dtype(sch, info.block_rv) == "float32"
+
+
+def _producers(sch, before, lanes) -> bool:
+    """Producers (padding, dequantize) stay materialised, each a parallel vectorized nest."""
+    for b in before:
+        if not all(k == "S" for k in b.dom_kind()):
+            return False
+        _spatial_nest(sch, b.block_rv, lanes)
+    return True
+
+
+def _shape(sch, info) -> list:
+    return [_const(d) for d in sch.get(info.block_rv).writes[0].source.shape]
+
+
+def _epilogue_at(sch, main, after, loop, lanes) -> None:
+    """Consumers of ``main``'s output shape (an elementwise chain) inlined into the chain's last block,
+    which is computed per tile under ``loop``; consumers of another shape (padding for the next layer)
+    stay at the root as parallel vectorized nests."""
+    shape = _shape(sch, main)
+    n = 0
+    while n < len(after) and _shape(sch, after[n]) == shape:
+        n += 1
+    chain, tail = after[:n], after[n:]
+    placed = []
+    for b in chain[:-1]:
+        try:
+            sch.compute_inline(b.block_rv)
+        except Exception:  # noqa: BLE001 - a block read twice stays a block
+            placed.append(b)
+    for b in [*placed, *chain[-1:]]:
+        sch.reverse_compute_at(b.block_rv, loop)
+        vectorize_exact(sch, sch.get_loops(b.block_rv)[-1], lanes)
+    for b in tail:
+        _spatial_nest(sch, b.block_rv, lanes)
+
+
+def _col_tile(extent: int | None, lanes: int, vecs: int) -> tuple[int, int] | None:
+    """(vector width, vectors per tile) for an output axis of ``extent``, or None (not vectorizable)."""
+    if extent is None:
+        return None
+    for v in (lanes, lanes // 2, lanes // 4):
+        if v >= 4 and extent % v == 0:
+            n = next(n for n in range(min(vecs, extent // v), 0, -1) if extent % (v * n) == 0)
+            return v, n
+    return None
+
+
+def _register_tile(sch, rows_loop, rows: int, col_loop, v: int, nv: int):
+    """Split rows by ``rows`` and columns by ``v * nv``: (rows outer, rows inner, columns outer,
+    vectors, lanes)."""
+    ro, ri = sch.split(rows_loop, factors=[None, rows])
+    co, ci = sch.split(col_loop, factors=[None, v * nv])
+    cvo, cv = sch.split(ci, factors=[None, v])
+    return ro, ri, co, cvo, cv
+
+
+def _finish_tile(sch, block, r_first, ri, cvo, cv, at, vector: bool = True):
+    """Accumulators in a local buffer written back per tile under ``at``; the reduction's body unrolled
+    over the tile and vectorized (before the init is split off: TVM vectorizes a reduction block only
+    while it is whole). ``vector=False``: the tile's columns are unrolled instead (a predicated tail)."""
+    wb = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(wb, at)
+    for lp in (ri, cvo) if vector else (ri, cvo, cv):
+        sch.unroll(lp)
+    if vector:
+        sch.vectorize(cv)
+    init = sch.decompose_reduction(block, r_first)
+    if vector:
+        sch.vectorize(sch.get_loops(init)[-1])
+    vectorize_exact(sch, sch.get_loops(wb)[-1], 64)
+    return wb
+
+
+class Matmul(CpuRule):
+    """float32 matmul / batch matmul ``C[.., i, j] += A[.., i, k] * B[.., k, j]`` (+ fused epilogue): a
+    ``mm_rows`` x ``mm_vecs`` vector register tile kept over K, the batch and column tiles in parallel."""
+
+    def schedule(self, sch, target):
+        infos = normalize_prim_func(sch)
+        parts = infos and _split_blocks(sch, infos)
+        if not parts:
+            return None
+        before, mm, after = parts
+        kinds = mm.dom_kind()
+        if kinds.count("R") != 1 or not kinds.endswith("SSR") or not _float_out(sch, mm):
+            return None
+        blk = sch.get(mm.block_rv)
+        if len(blk.reads) != 2 or len(blk.writes) != 1:
+            return None
+        ivars = [iv.var for iv in blk.iter_vars]
+        j, k = ivars[-2], ivars[-1]
+
+        def last_index_is(region, var):
+            idx = region.region[-1].min
+            return isinstance(idx, tirx.Var) and idx.same_as(var)
+
+        a, b = blk.reads
+        if not (last_index_is(a, k) and last_index_is(b, j) and last_index_is(blk.writes[0], j)):
+            return None
+        p = params(target)
+        loops = sch.get_loops(mm.block_rv)
+        if len(loops) != len(kinds):
+            return None
+        tile = _col_tile(_const(get_extent(sch, loops[-2])), p.lanes, p.mm_vecs)
+        if tile is None or not _producers(sch, before, p.lanes):
+            return None
+        v, nv = tile
+        batch, (ro, ri, co, cvo, cv) = loops[:-3], _register_tile(sch, loops[-3], p.mm_rows, loops[-2], v, nv)
+        sch.reorder(*batch, co, ro, loops[-1], ri, cvo, cv)
+        sch.parallel(sch.fuse(*batch, co) if batch else co)
+        _finish_tile(sch, mm.block_rv, loops[-1], ri, cvo, cv, ro)
+        if after:
+            _epilogue_at(sch, mm, after, ro, p.lanes)
+        return sch
+
+
+class Conv2d(CpuRule):
+    """float32 NCHW conv2d / grouped / depthwise and NCHW pooling windows (4 spatial axes n, c, h, w, then
+    the reduction axes): ``conv_oc`` output channels x one row of ``w`` vectors in registers over the
+    reduction, the padded input materialised once, (n, channel tile, h) in parallel."""
+
+    def schedule(self, sch, target):
+        infos = normalize_prim_func(sch)
+        parts = infos and _split_blocks(sch, infos)
+        if not parts:
+            return None
+        before, cv_, after = parts
+        kinds = cv_.dom_kind()
+        ns = len(kinds) - len(kinds.lstrip("S"))
+        if ns not in (3, 4) or set(kinds[ns:]) != {"R"} or not _float_out(sch, cv_):
+            return None
+        blk = sch.get(cv_.block_rv)
+        ivars = [iv.var for iv in blk.iter_vars]
+        loops = sch.get_loops(cv_.block_rv)
+        if len(loops) != len(kinds) or not all(r.region[-1].min.same_as(ivars[ns - 1]) for r in blk.writes):
+            return None
+        p = params(target)
+        batch, (c, h, w), red = loops[:ns - 3], loops[ns - 3:ns], loops[ns:]
+        if _const(get_extent(sch, w)) is None or not _producers(sch, before, p.lanes):
+            return None
+        # a width no vector divides: one 16-wide tile per step, unrolled, its tail predicated
+        v, nv = _col_tile(_const(get_extent(sch, w)), p.lanes, 2) or (p.lanes, 0)
+        rows = 1 if len(red) == 2 else p.conv_oc   # depthwise / pooling: one channel per tile
+        ro, ri, co, cvo, cvi = _register_tile(sch, c, rows, w, v, max(nv, 1))
+        sch.reorder(*batch, ro, h, co, *red, ri, cvo, cvi)
+        sch.parallel(sch.fuse(*batch, ro, h))
+        _finish_tile(sch, cv_.block_rv, red[0], ri, cvo, cvi, co, vector=nv > 0)
+        if after:
+            _epilogue_at(sch, cv_, after, co, p.lanes)
+        return sch
+
+
 class Reduction(CpuRule):
     """dlight's CPU reduction rule (softmax, LayerNorm, mean over the last axes) behind qie's contract."""
 
@@ -181,4 +345,4 @@ class Fallback(CpuRule):
 
 def rules() -> list[ScheduleRule]:
     """qie's CPU rules in the order they are tried."""
-    return [Injective(), Reduction(), Fallback()]
+    return [Injective(), Matmul(), Conv2d(), Reduction(), Fallback()]

@@ -1,0 +1,227 @@
+"""qie's CPU schedule rules (qie_ep.tvm.cpu_rules) and the CPU pipeline around them.
+
+Each rule must take the PrimFuncs it is written for, decline the others, and compute exactly what the
+unscheduled PrimFunc computes; the pipeline must lower quantize with ORT's rounding and still compile
+symbolic shapes (where TVM's fused lowering fails).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tvm_helpers import HOST, compile_model, tvm
+
+from qie_ep.tvm import cpu_rules
+from qie_ep.tvm import _cpu_passes, rewrite_pass  # noqa: PLC2701 - the pipeline's own stages
+
+RNG = np.random.default_rng(5)
+F = TensorProto.FLOAT
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(inits))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def _vi(name, shape, dt=F):
+    return helper.make_tensor_value_info(name, dt, shape)
+
+
+def _const(name, arr):
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def conv_model(c, oc, hw, k, group=1, stride=1, pad=1):
+    w = RNG.standard_normal((oc, c // group, k, k)).astype(np.float32) * 0.2
+    b = RNG.standard_normal(oc).astype(np.float32)
+    n = helper.make_node("Conv", ["x", "w", "b"], ["c"], group=group, strides=[stride] * 2, pads=[pad] * 4)
+    r = helper.make_node("Relu", ["c"], ["y"])
+    return _model([n, r], [_vi("x", [1, c, *hw])], [_vi("y", None)], [_const("w", w), _const("b", b)])
+
+
+def matmul_model(shape_a, n):
+    w = RNG.standard_normal((shape_a[-1], n)).astype(np.float32) * 0.1
+    b = RNG.standard_normal(n).astype(np.float32)
+    return _model([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                  [_vi("x", shape_a)], [_vi("y", None)], [_const("w", w), _const("b", b)])
+
+
+def qdq_elementwise_model(shape):
+    """DQ -> HardSwish -> Add -> Q: one fused injective function ending in a uint8 store."""
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+             helper.make_node("HardSwish", ["d"], ["h"]),
+             helper.make_node("Add", ["h", "d"], ["a"]),
+             helper.make_node("QuantizeLinear", ["a", "s2", "z"], ["y"])]
+    inits = [_const("s", np.float32(0.05)), _const("s2", np.float32(0.07)), _const("z", np.uint8(120))]
+    return _model(nodes, [_vi("x", shape, TensorProto.UINT8)], [_vi("y", None, TensorProto.UINT8)], inits)
+
+
+def softmax_model(shape):
+    return _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [_vi("x", shape)], [_vi("y", None)])
+
+
+def pool_model(kind, c, hw):
+    attrs = {} if kind == "GlobalAveragePool" else {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1] * 4}
+    return _model([helper.make_node(kind, ["x"], ["y"], **attrs)], [_vi("x", [1, c, *hw])], [_vi("y", None)])
+
+
+def fused_primfuncs(model, shapes):
+    """The module's PrimFuncs after qie's rewrite, legalization and fusion (before scheduling)."""
+    from qie_ep.tvm import from_onnx
+    mod = rewrite_pass(HOST)(from_onnx(model, shape_dict=shapes, fold_shapes=True))
+    passes = _cpu_passes(HOST, fuse=True)
+    with HOST:
+        for p in passes[:passes.index(next(p for p in passes if p.info.name == "qie.NarrowStoreSafe")) + 1]:
+            mod = p(mod)
+    return {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "qie.kernel" not in (f.attrs or {})}
+
+
+def _random_args(func):
+    args = []
+    for p in func.params:
+        b = p if hasattr(p, "shape") else func.buffer_map[p]
+        shape, dt = [int(d) for d in b.shape], str(b.dtype)
+        args.append(RNG.standard_normal(shape).astype(dt) * 3 if "float" in dt
+                    else RNG.integers(0, 255, shape).astype(dt))
+    return args
+
+
+def _run(func, args):
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+    t = [tvm.runtime.tensor(a.copy()) for a in args]
+    lib["main"](*t)
+    return t[-1].numpy()
+
+
+def scheduled_by(func):
+    """(name of the first rule that takes ``func``, its scheduled PrimFunc) or (None, None)."""
+    for rule in cpu_rules.rules():
+        sch = rule.apply(func, HOST, False)
+        if sch is not None:
+            return type(rule).__name__, sch.mod["main"]
+    return None, None
+
+
+def assert_same_as_unscheduled(func, scheduled):
+    args = _random_args(func)
+    want, got = _run(func, args), _run(scheduled, args)
+    if want.dtype.kind == "f":
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-4)
+    else:
+        # Inlining a chain of ops into one loop lets LLVM contract a * b + c into one FMA (TVM sets
+        # AllowFPOpFusion=Fast; 0.27 has no target option against it), where the unscheduled PrimFunc
+        # stored each op's float32 result: the product is then not rounded, and a value within one
+        # rounding of a quantization tie can take the neighbouring code (measured: 4-9 of 1568).
+        diff = np.abs(got.astype(np.int64) - want.astype(np.int64))
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= max(1, diff.size // 100)
+
+
+CASES = {
+    "conv3x3": (conv_model(16, 24, (20, 32), 3), {"x": [1, 16, 20, 32]}, "Conv2d"),
+    "conv3x3_s2": (conv_model(8, 12, (17, 32), 3, stride=2), {"x": [1, 8, 17, 32]}, "Conv2d"),
+    "conv2x2_odd_channels": (conv_model(5, 7, (9, 48), 2, pad=0), {"x": [1, 5, 9, 48]}, "Conv2d"),
+    "grouped": (conv_model(8, 16, (8, 16), 3, group=4), {"x": [1, 8, 8, 16]}, "Conv2d"),
+    "depthwise": (conv_model(16, 16, (12, 16), 3, group=16), {"x": [1, 16, 12, 16]}, "Conv2d"),
+    "matmul": (matmul_model([13, 96], 80), {"x": [13, 96]}, "Matmul"),
+    "batch_matmul": (matmul_model([2, 7, 64], 48), {"x": [2, 7, 64]}, "Matmul"),
+    "elementwise_u8": (qdq_elementwise_model([1, 8, 14, 14]), {"x": [1, 8, 14, 14]}, "Injective"),
+    "elementwise_wide": (qdq_elementwise_model([2, 3, 64]), {"x": [2, 3, 64]}, "Injective"),
+    "softmax": (softmax_model([6, 100]), {"x": [6, 100]}, "Reduction"),
+    "maxpool": (pool_model("MaxPool", 8, (16, 16)), {"x": [1, 8, 16, 16]}, None),
+    "global_avg_pool": (pool_model("GlobalAveragePool", 8, (7, 7)), {"x": [1, 8, 7, 7]}, None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rules_match_unscheduled(case):
+    model, shapes, main_rule = CASES[case]
+    funcs = fused_primfuncs(model, shapes)
+    taken = {}
+    for name, f in funcs.items():
+        rule, sched = scheduled_by(f)
+        assert rule is not None, f"{case}: no rule scheduled {name}"
+        taken[name] = rule
+        assert_same_as_unscheduled(f, sched)
+    if main_rule:
+        assert main_rule in taken.values(), f"{case}: expected {main_rule}, rules taken: {taken}"
+
+
+def test_conv_rule_declines_non_convolutions():
+    for case in ("matmul", "elementwise_u8", "softmax"):
+        model, shapes, _ = CASES[case]
+        for f in fused_primfuncs(model, shapes).values():
+            assert cpu_rules.Conv2d().apply(f, HOST, False) is None
+    for f in fused_primfuncs(*CASES["conv3x3"][:2]).values():
+        assert cpu_rules.Matmul().apply(f, HOST, False) is None
+        assert cpu_rules.Injective().apply(f, HOST, False) is None
+
+
+def test_rules_decline_other_targets():
+    f = next(iter(fused_primfuncs(*CASES["elementwise_u8"][:2]).values()))
+    assert cpu_rules.Injective().apply(f, tvm.target.Target("cuda"), False) is None
+
+
+def test_quantize_rounds_half_to_even_like_ort():
+    """x / scale exactly k + 0.5: ORT rounds to the even code; TVM's own lowering rounded away from zero."""
+    import onnxruntime as ort
+    x = np.array([0.25, 0.75, -0.25, -0.75, 1.25, 63.75, -64.25, 200.0], np.float32)
+    for dt, zp in ((TensorProto.INT8, np.int8(0)), (TensorProto.UINT8, np.uint8(3))):
+        m = _model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], [_vi("x", [8])],
+                   [_vi("y", None, dt)], [_const("s", np.float32(0.5)), _const("z", zp)])
+        want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        got = compile_model(m)[0]({"x": x})[0]
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("x", [np.zeros((4, 8), np.float32), np.full((4, 8), 0.0, np.float32) - 0.5,
+                               np.linspace(-1.0, 3.0, 32, dtype=np.float32).reshape(4, 8)])
+def test_dynamic_quantize_linear_like_ort(x):
+    """ORT: scale 1 when the range is empty (TVM's converter divided by zero), zero point rounded half to
+    even, as qie_ep.reference.dynamic_quantize_linear."""
+    import onnxruntime as ort
+    from qie_ep import reference
+    m = _model([helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])], [_vi("x", [4, 8])],
+               [_vi("y", None, TensorProto.UINT8), _vi("s", None), _vi("z", None, TensorProto.UINT8)])
+    want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = compile_model(m)[0]({"x": x})
+    ref = reference.dynamic_quantize_linear(x)
+    for g, w, r in zip(got, want, ref):
+        np.testing.assert_array_equal(g, w)
+        np.testing.assert_array_equal(g, r)
+
+
+def test_symbolic_shapes_compile_without_fusion(caplog):
+    """TVM 0.27's fused lowering fails on some symbolic shapes (VMShapeLower); the pipeline says so and
+    compiles the unfused module, scheduled by the same rules."""
+    w = RNG.standard_normal((32, 16)).astype(np.float32)
+    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
+             helper.make_node("Gather", ["sh", "i0"], ["b"]),
+             helper.make_node("Unsqueeze", ["b", "ax"], ["b1"]),
+             helper.make_node("Concat", ["b1", "n1"], ["sh2"], axis=0),
+             helper.make_node("MatMul", ["x", "w"], ["m"]),
+             helper.make_node("Relu", ["m"], ["r"]),
+             helper.make_node("Reshape", ["r", "sh2"], ["y"])]
+    inits = [_const("w", w), _const("i0", np.int64(0)), _const("n1", np.array([-1], np.int64)),
+             _const("ax", np.array([0], np.int64))]
+    m = _model(nodes, [_vi("x", ["batch", "seq", 32])], [_vi("y", None)], inits)
+    with caplog.at_level(logging.INFO, logger="qie_ep.tvm"):
+        run = compile_model(m)[0]
+    for shape in ((1, 3, 32), (2, 5, 32)):
+        x = RNG.standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(run({"x": x})[0], np.maximum(x @ w, 0).reshape(shape[0], -1), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_whole_model_every_primfunc_scheduled():
+    """After the pipeline no PrimFunc is left as TVM wrote it (each is qie's kernel or rule-scheduled)."""
+    from qie_ep.tvm import pipeline, from_onnx
+    model, shapes, _ = CASES["conv3x3"]
+    mod = pipeline(HOST)(from_onnx(model, shape_dict=shapes, fold_shapes=True))
+    for gv, f in mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            assert f.attrs is not None and f.attrs.get("tirx.is_scheduled"), gv.name_hint
+
