@@ -68,10 +68,35 @@ def _cpu_passes(t: tvm.target.Target, fuse: bool) -> list:
     legalize = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(legalize_map()),
                 relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
     if fuse:
-        legalize += [relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        legalize += [_opaque_compound_shapes(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
     return (cpu_generic.library_dispatch_passes(t) + legalize
             + [_narrow_store_safe(t), dlight.ApplyDefaultSchedule(*cpu_rules.rules())]
             + cpu_generic.dataflow_lower_passes(t) + cpu_generic.finalize_passes(t))
+
+
+def _opaque_compound_shapes() -> tvm.transform.Pass:
+    """Operators whose tensors have a shape dimension computed from symbolic sizes (``8 * (n * m)``)
+    are not fused: TVM 0.27's VMShapeLower cannot compute such a dimension inside a fused function
+    ("PrimExpr ... has not been computed", TVM issues 20195 / 20177); the rest still fuses."""
+
+    def compound(f) -> bool:
+        for p in f.params:
+            buf = p if hasattr(p, "shape") else None
+            if buf is None and hasattr(f, "buffer_map") and p in f.buffer_map:
+                buf = f.buffer_map[p]
+            for d in (buf.shape if buf is not None else ()):
+                if not isinstance(d, (tvm.tirx.IntImm, tvm.tirx.Var)):
+                    return True
+        return False
+
+    @tvm.transform.module_pass(opt_level=0, name="qie.OpaqueCompoundShapes")
+    def _pass(mod, _ctx):
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, tvm.tirx.PrimFunc) and compound(f):
+                mod[gv] = f.with_attr("op_pattern", 8)
+        return mod
+
+    return _pass
 
 
 def _narrow_store_safe(t: tvm.target.Target) -> tvm.transform.Pass:
