@@ -277,20 +277,54 @@ def fold_static_shapes(model: onnx.ModelProto, shape_dict: dict) -> onnx.ModelPr
         return onnx.load(so.optimized_model_filepath)
 
 
-def from_onnx(model, shape_dict=None, dtype_dict="float32", fold_shapes: bool = False, **kwargs):
+def _static_shapes(model: onnx.ModelProto, shape_dict: dict | None) -> dict | None:
+    """Every graph input's shape, from ``shape_dict`` or the model's own static dims; None if one is open."""
+    inits = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        if shape_dict and i.name in shape_dict:
+            shapes[i.name] = list(shape_dict[i.name])
+            continue
+        dims = i.type.tensor_type.shape.dim if i.type.HasField("tensor_type") else None
+        if dims is None or not i.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
+            return None
+        shapes[i.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def from_onnx(model, shape_dict=None, dtype_dict="float32", fold_shapes: bool | None = None, **kwargs):
     """``tvm.relax.frontend.onnx.from_onnx`` plus qie's converters for the quantized ops TVM lacks.
 
-    ``model``: an ``onnx.ModelProto`` or a path. ``fold_shapes``: with a ``shape_dict`` that fixes every
-    input, fold the graph's shape arithmetic first (``fold_static_shapes``). Other arguments are passed
+    ``model``: an ``onnx.ModelProto`` or a path. ``fold_shapes``: fold the graph's shape arithmetic first
+    (``fold_static_shapes``); by default (None) whenever every input's shape is fixed, by ``shape_dict`` or
+    by the model itself (TVM 0.27's importer fails on shape arithmetic it could fold, e.g. PP-OCRv6's
+    recogniser). An import that fails with open input dims says which to fix. Other arguments are passed
     through.
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
-    if fold_shapes:
+    static = _static_shapes(model, shape_dict)
+    if fold_shapes and static is None:
         inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
-        if not shape_dict or set(shape_dict) != inputs:
-            raise ValueError(f"fold_shapes needs a shape_dict fixing every input ({sorted(inputs)})")
-        model = fold_static_shapes(model, shape_dict)
+        raise ValueError(f"fold_shapes needs a shape_dict fixing every input ({sorted(inputs)})")
+    if fold_shapes or (fold_shapes is None and static is not None):
+        try:
+            model, shape_dict = fold_static_shapes(model, static), static
+        except Exception:  # noqa: BLE001 - by default folding is best effort (ORT may not load the file)
+            if fold_shapes:
+                raise
     model = _fold_constant_of_shape(model)
-    with _with_converters():
-        return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)
+    try:
+        with _with_converters():
+            return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)
+    except Exception as e:  # noqa: BLE001 - TVM raises builtin error types; say what the user can do
+        if static is not None:
+            raise
+        open_dims = {i.name: [d.dim_param or "?" for d in i.type.tensor_type.shape.dim if not d.HasField("dim_value")]
+                     for i in model.graph.input if i.type.HasField("tensor_type")}
+        open_dims = {k: v for k, v in open_dims.items() if v}
+        raise ValueError(f"TVM's ONNX importer failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}. "
+                         f"The inputs {open_dims} have open dims: pass shape_dict={{name: shape}} fixing them, and "
+                         "qie folds the graph's shape arithmetic before importing (fold_shapes)") from e

@@ -46,14 +46,12 @@ def compile_onnx(model, target=None, qie: bool = True, shape_dict: dict | None =
                  cache_inputs: bool = False) -> Compiled:
     """Import ``model`` (a ModelProto) and compile it for ``target`` (the host CPU by default) with qie's
     pipeline (``qie``) or TVM's default. ``shape_dict`` fixes input shapes; ``fold_shapes`` (default: when
-    ``shape_dict`` fixes every input) folds the shape arithmetic. ``cache_inputs``: a feed dict becomes
+    every input's shape is fixed, by ``shape_dict`` or the model) folds the shape arithmetic. ``cache_inputs``: a feed dict becomes
     device tensors once and is reused by identity (benchmarks: a deployment keeps its tensors)."""
     target = target or _isa.host_target()
     if not isinstance(target, tvm.target.Target):
         target = tvm.target.Target(target)
     t0 = time.perf_counter()
-    if fold_shapes is None:
-        fold_shapes = shape_dict is not None
     mod = from_onnx(model, shape_dict=shape_dict, fold_shapes=fold_shapes)
     kernels = kernel_calls(rewrite_pass(target)(mod)) if qie else []
     ex = tvm.compile(mod, target, relax_pipeline=pipeline(target) if qie else "default")

@@ -73,8 +73,11 @@ def test_ppocr_rec_needs_and_gets_folded_shapes():
     name = "ppocr_rec"
     model = onnx.load(str(V.quantized(name, "qdq")))
     shape = {"x": [1, 3, V.REC_H, V.REC_W]}
-    with pytest.raises(Exception, match="ShapeExpr"):
-        qtvm.from_onnx(model, shape_dict=shape)  # TVM 0.27's importer alone: the reason fold_shapes exists
+    with pytest.raises(Exception, match="ShapeExpr"):  # TVM 0.27's importer alone: the reason fold_shapes exists
+        qtvm.from_onnx(model, shape_dict=shape, fold_shapes=False)
+    with pytest.raises(ValueError, match=r"open dims: pass shape_dict"):  # symbolic width: says what to pass
+        qtvm.from_onnx(model)
+    qtvm.from_onnx(model, shape_dict=shape)  # a shape_dict fixing every input is enough: folded by default
     x, labels = V.dataset(name, 12, seed=3)
     fp32 = onnx.load(str(V.model_path(name)))
     layers = sum(n.op_type in ("Conv", "MatMul") for n in fp32.graph.node)
