@@ -75,24 +75,33 @@ def _cpu_passes(t: tvm.target.Target, fuse: bool) -> list:
 
 
 def _opaque_compound_shapes() -> tvm.transform.Pass:
-    """Operators whose tensors have a shape dimension computed from symbolic sizes (``8 * (n * m)``)
-    are not fused: TVM 0.27's VMShapeLower cannot compute such a dimension inside a fused function
-    ("PrimExpr ... has not been computed", TVM issues 20195 / 20177); the rest still fuses."""
+    """Operators TVM 0.27 cannot lower fused with symbolic shapes stay unfused: those with a tensor dimension
+    computed from symbolic sizes (``8 * (n * m)``), and those defining a size no other tensor of theirs
+    has (``arange`` with data-dependent bounds, whose length is bound after the call). Fused, VMShapeLower
+    fails with "PrimExpr ... has not been computed" (TVM issues 20195 / 20177); the rest still fuses."""
 
-    def compound(f) -> bool:
+    def shapes(f):
+        out = []
         for p in f.params:
-            buf = p if hasattr(p, "shape") else None
-            if buf is None and hasattr(f, "buffer_map") and p in f.buffer_map:
-                buf = f.buffer_map[p]
-            for d in (buf.shape if buf is not None else ()):
-                if not isinstance(d, (tvm.tirx.IntImm, tvm.tirx.Var)):
-                    return True
+            buf = p if hasattr(p, "shape") else (f.buffer_map.get(p) if hasattr(f, "buffer_map") else None)
+            if buf is not None:
+                out.append(list(buf.shape))
+        return out
+
+    def unfusable(f) -> bool:
+        dims = shapes(f)
+        if any(not isinstance(d, (tvm.tirx.IntImm, tvm.tirx.Var)) for ds in dims for d in ds):
+            return True
+        for i, ds in enumerate(dims):
+            others = {d.name for j, o in enumerate(dims) if j != i for d in o if isinstance(d, tvm.tirx.Var)}
+            if any(isinstance(d, tvm.tirx.Var) and d.name not in others for d in ds):
+                return True
         return False
 
     @tvm.transform.module_pass(opt_level=0, name="qie.OpaqueCompoundShapes")
     def _pass(mod, _ctx):
         for gv, f in list(mod.functions_items()):
-            if isinstance(f, tvm.tirx.PrimFunc) and compound(f):
+            if isinstance(f, tvm.tirx.PrimFunc) and unfusable(f):
                 mod[gv] = f.with_attr("op_pattern", 8)
         return mod
 
@@ -115,8 +124,10 @@ def _narrow_store_safe(t: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def _cpu_pipeline(t: tvm.target.Target) -> tvm.transform.Pass:
-    """Fused when TVM can lower the fused module (FuseOps with symbolic shapes fails later in
-    VMShapeLower, TVM issues 20195 / 20177); otherwise the same pipeline without fusion."""
+    """Fused when TVM can lower the fused module, else unfused (logged on ``qie_ep.tvm``). With symbolic
+    shapes TVM 0.27's FuseOps may move a binding that uses a size bound by a later ``match_cast`` (a
+    data-dependent ``arange`` length) above that ``match_cast``; VMShapeLower then fails with "PrimExpr ...
+    has not been computed" (TVM issues 20195 / 20177)."""
 
     @tvm.transform.module_pass(opt_level=0, name="qie.CpuPipeline")
     def _pass(mod, _ctx):
