@@ -163,17 +163,15 @@ class Injective(CpuRule):
         return sch
 
 
-def _split_blocks(sch, infos):
-    """(producers, the one reduction block, consumers) or None when there is not exactly one."""
-    red = [i for i, b in enumerate(infos) if not b.is_injective()]
-    if len(red) != 1:
+def _one_float_reduction(sch):
+    """(producers, the one reduction block, consumers) when the PrimFunc has exactly one reduction block
+    and it writes float32; else None."""
+    infos = normalize_prim_func(sch)
+    red = [i for i, b in enumerate(infos or []) if not b.is_injective()]
+    if len(red) != 1 or _write_dtype(sch, infos[red[0]].block_rv) != "float32":
         return None
     i = red[0]
     return infos[:i], infos[i], infos[i + 1:]
-
-
-def _float_out(sch, info) -> bool:
-    return _write_dtype(sch, info.block_rv) == "float32"
 
 
 def _producers(sch, before, lanes) -> bool:
@@ -253,13 +251,12 @@ class Matmul(CpuRule):
     ``mm_rows`` x ``mm_vecs`` vector register tile kept over K, the batch and column tiles in parallel."""
 
     def schedule(self, sch, target):
-        infos = normalize_prim_func(sch)
-        parts = infos and _split_blocks(sch, infos)
+        parts = _one_float_reduction(sch)
         if not parts:
             return None
         before, mm, after = parts
         kinds = mm.dom_kind()
-        if kinds.count("R") != 1 or not kinds.endswith("SSR") or not _float_out(sch, mm):
+        if kinds.count("R") != 1 or not kinds.endswith("SSR"):
             return None
         blk = sch.get(mm.block_rv)
         if len(blk.reads) != 2 or len(blk.writes) != 1:
@@ -297,14 +294,13 @@ class Conv2d(CpuRule):
     reduction, the padded input materialised once, (n, channel tile, h) in parallel."""
 
     def schedule(self, sch, target):
-        infos = normalize_prim_func(sch)
-        parts = infos and _split_blocks(sch, infos)
+        parts = _one_float_reduction(sch)
         if not parts:
             return None
         before, cv_, after = parts
         kinds = cv_.dom_kind()
         ns = len(kinds) - len(kinds.lstrip("S"))
-        if ns not in (3, 4) or set(kinds[ns:]) != {"R"} or not _float_out(sch, cv_):
+        if ns not in (3, 4) or set(kinds[ns:]) != {"R"}:
             return None
         blk = sch.get(cv_.block_rv)
         ivars = [iv.var for iv in blk.iter_vars]
