@@ -46,7 +46,7 @@ test: build
 ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_region_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
               tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
-              tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py
+              tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py tests/ort/test_ep_tails.py
 ORT_INC = $$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie)
 # cmake_lib FOLDER BUILD_TYPE EXTRA_FLAGS: configure and build the library out of the package.
 define cmake_lib
@@ -69,7 +69,8 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[3]' 'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[9]' \
                   'tests/ort/test_ep_regions.py::test_residual_add_with_float_activation_as_qie_quantize_leaves_it[Relu-disable]' \
                   tests/ort/test_ep_softmax.py::test_softmax_unit_is_claimed_and_within_one_step tests/ort/test_ep_softmax.py::test_zero_size_rows_and_dims \
-                  tests/ort/test_ep_softmax.py::test_softmax_of_a_scalar_is_an_error_naming_the_node
+                  tests/ort/test_ep_softmax.py::test_softmax_of_a_scalar_is_an_error_naming_the_node \
+                  tests/ort/test_ep_tails.py::test_segments_compose tests/ort/test_ep_tails.py::test_bias_gelu_tail_within_one_step
 valgrind: build
 	$(call cmake_lib,build/valgrind,RelWithDebInfo,)
 	rm -f build/valgrind/vg-*.xml

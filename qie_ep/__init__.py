@@ -48,7 +48,8 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     Registering twice on the same options is a no-op.
 
     ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm and Softmax units), ``regions`` ("1"/"0":
-    claim conv regions), ``min_region_convs`` (convolutions a region needs, default "2"), ``profile`` ("1": time
+    claim conv regions), ``tails`` ("1"/"0": MatMul / Gemm units take the elementwise QDQ segments after them: bias
+    Add, Gelu, ...), ``min_region_convs`` (convolutions a region needs, default "2"), ``profile`` ("1": time
     the regions' unit kinds, see ``region_profile()``). A bad value fails the
     session creation with a message naming the option.
     """
@@ -63,7 +64,7 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
         sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
 
 
-_EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "min_region_convs": None, "profile": ("0", "1")}
+_EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "tails": ("0", "1"), "min_region_convs": None, "profile": ("0", "1")}
 
 
 def _ep_options(given: dict | None) -> dict:

@@ -221,8 +221,8 @@ def test_unit_with_its_dequantize_outputs_float(level, ydt, then):
 
 @needs_ep
 def test_dequantize_of_another_scale_or_read_by_a_unit_stays_outside():
-    """A DQ with another scale than the Q's is ORT's (the unit outputs codes), and so is one whose float op is
-    quantized again (ORT's QDQ group)."""
+    """A DQ with another scale than the Q's is ORT's (the unit outputs codes); one whose float op is quantized
+    again is a tail segment with the EP's `tails` option (test_ep_tails.py), ORT's QDQ group without it."""
     rng = np.random.default_rng(38)
     model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True)
     model.graph.initializer.append(numpy_helper.from_array(np.array(0.77, np.float32), "sy_other"))
@@ -232,16 +232,20 @@ def test_dequantize_of_another_scale_or_read_by_a_unit_stays_outside():
     x = rand(rng, np.uint8, (2, 5, 40))
     want = (reference(x, ops).astype(np.int32) - int(ops["zy"])).astype(np.float32) * np.float32(0.77)
     np.testing.assert_array_equal(sess.run(None, {"x": x})[0], want)
-    # DQ -> Relu -> Q: a QDQ group of ORT's (QLinear fusions need the DQ), so the DQ is not taken either
+    # DQ -> Relu -> Q: a tail segment (7 nodes), or, tails off, a QDQ group of ORT's (its fusions need the DQ)
     model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 24, True)
     dequantized_output(model, then="Relu")
     g = model.graph
     g.node.append(helper.make_node("QuantizeLinear", ["z", "sy", "zy"], ["zq"]))
     del g.output[:]
     g.output.append(helper.make_tensor_value_info("zq", TensorProto.UINT8, None))
-    sess = ep_session(model)
-    assert assigned_to_qie(sess) == 4
-    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.maximum(reference(x, ops), ops["zy"]))
+    for tails, claimed in (("1", 7), ("0", 4)):
+        so = options(level="all")
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        qie_ep.register(so, ep=True, ep_options={"tails": tails})
+        sess = session(model, so)
+        assert assigned_to_qie(sess) == claimed
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.maximum(reference(x, ops), ops["zy"]))
 
 
 def test_without_the_ep_register_keeps_to_the_custom_ops(monkeypatch):

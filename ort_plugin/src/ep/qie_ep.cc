@@ -9,6 +9,14 @@
 // which round the float product instead). A unit qie cannot prove it computes exactly (other dtypes,
 // non-constant scales or zero points, blocked quantization, shared intermediate values, graph outputs in the
 // middle) is left to ORT; GetCapability never guesses.
+//
+// Tails: after the unit's QuantizeLinear, up to kMaxTail segments DQ -> f -> Q join it, each reading the previous
+// segment's codes alone, f elementwise with scalar constants or [N] constants along the last axis (a bias Add, the
+// Gelu that follows it as Div / Erf / Add / Mul or as ONNX Gelu, Relu, Clip, ...; units.h's table ops). Each segment
+// is a map code -> code per output column, evaluated once at Compile on the 256 codes with the float graph's
+// operations (q -> Q(f(DQ(q))), units.cc), and the segments are composed into one table per column (one table when
+// every constant is a scalar), applied to the GEMM's codes. Equal to the QDQ graph wherever f is plain float32
+// arithmetic; Erf / Gelu / Sigmoid / Tanh use libm where ORT uses MLAS's approximations: within one step there.
 #include <onnxruntime_c_api.h>  // includes onnxruntime_ep_c_api.h
 
 #include <algorithm>
@@ -34,6 +42,10 @@ using namespace qie_ep;  // NOLINT: the EP's own graph helpers
 
 std::atomic<long> g_claimed{0}, g_runs{0}, g_regions{0}, g_region_runs{0};
 constexpr const char* kEpName = "QIE";
+constexpr size_t kMaxTail = 4;
+// Per-column tails over more columns than this stay ORT's: a [N][256] table of PP-OCRv6's 18710 classes (4.8 MB)
+// misses the caches on every lookup.
+constexpr size_t kMaxTailColumns = 4096;
 
 // ---- the QDQ MatMul unit ----------------------------------------------------------------------------------
 
@@ -44,11 +56,17 @@ struct MatMulUnit {
   // its float values, (q - zy) * sy, and the Q -> DQ pair costs ORT no nodes (nullptr: the codes are the output).
   const OrtNode* dq_out = nullptr;
   bool trans_b = false;
+  std::vector<Unit> tail;  // the DQ -> f -> Q segments after q, in order
+  const OrtNode* last_q() const { return tail.empty() ? q : tail.back().q; }
   std::vector<const OrtNode*> Nodes() const {
     std::vector<const OrtNode*> v = {dq_x, dq_w};
     if (dq_bias) v.push_back(dq_bias);
     v.push_back(matmul);
     v.push_back(q);
+    for (const Unit& seg : tail) {
+      v.push_back(seg.in_dqs[0]);
+      v.insert(v.end(), seg.nodes.begin(), seg.nodes.end());
+    }
     if (dq_out) v.push_back(dq_out);
     return v;
   }
@@ -89,6 +107,41 @@ const OrtNode* DequantizedBySame(const OrtNode* q, const Constant& sy, const Con
         for (const OrtNode* c : AllConsumers(v))
           if (IsOp(c, "QuantizeLinear")) return nullptr;
   return dq;
+}
+
+// The segments DQ -> f -> Q after the unit's QuantizeLinear (see the file's comment), each the only reader of the
+// codes before it.
+void MatchTail(MatMulUnit* u, size_t N) {
+  const OrtNode* q = u->q;
+  const int64_t rank = ValueRank(Outputs(u->matmul)[0]);  // constants may not raise it (unknown: 1-D constants)
+  while (u->tail.size() < kMaxTail) {
+    const auto out = Outputs(q);
+    if (out.size() != 1 || !out[0] || IsGraphOutput(out[0])) return;
+    int64_t idx = 0;
+    const OrtNode* dq = SoleConsumer(out[0], &idx);
+    if (!IsOp(dq, "DequantizeLinear") || idx != 0) return;
+    Unit seg;
+    if (!MatchElementwise(dq, ConstLayout{ConstLayout::kLast, std::max<int64_t>(rank, 1)}, &seg)) return;
+    const size_t C = CompileTable(seg).C;
+    if (C != 1 && (C != N || N > kMaxTailColumns)) return;
+    u->tail.push_back(seg);
+    q = seg.q;
+  }
+}
+
+// Drops the tail's segments from the first one holding a node `gone` says is not the unit's to take (claimed by
+// another group, or outside the fused graph at Compile); the unit then outputs the codes before it.
+template <typename Pred>
+void TrimTail(MatMulUnit* u, Pred gone) {
+  for (size_t i = 0; i < u->tail.size(); ++i) {
+    bool out = gone(u->tail[i].in_dqs[0]);
+    for (const OrtNode* m : u->tail[i].nodes) out = out || gone(m);
+    if (!out) continue;
+    u->tail.resize(i);
+    Constant sy, zy;  // what reads the codes now: perhaps a DequantizeLinear that `gone` also says is not the unit's
+    u->dq_out = QOperands(u->last_q(), &sy, &zy) ? DequantizedBySame(u->last_q(), sy, zy) : nullptr;
+    return;
+  }
 }
 
 bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
@@ -138,7 +191,11 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   u->matmul = op;
   u->q = q;
   u->trans_b = trans_b;
-  u->dq_out = DequantizedBySame(q, o->sy, o->zy);
+  u->tail.clear();
+  MatchTail(u, o->N);
+  Constant sy_last, zy_last;
+  if (!QOperands(u->last_q(), &sy_last, &zy_last)) return false;
+  u->dq_out = DequantizedBySame(u->last_q(), sy_last, zy_last);
   return true;
 }
 
@@ -156,8 +213,14 @@ struct CompiledMatMul {
   int32_t zy = 0;
   std::vector<int32_t> bias;  // Gemm's C, per column (empty: none)
   bool gemm = false;          // Gemm: x must be 2-D
-  bool float_out = false;     // the unit ends with the Q's DequantizeLinear: outputs (q - zy) * sy
-  float sy = 1.0f;
+  // The tail: its leading per-column segments of plain arithmetic run on the data (programs.chain, each as its
+  // table was built: the same codes, no [N][256] tables to read), the others composed into one table
+  // (output code = table[column][code], [tC][256] + 3 bytes; empty: none).
+  RegionPlan::Step programs;
+  std::vector<uint8_t> table;
+  size_t tC = 1;
+  QParams out;             // the last QuantizeLinear's scale, zero point and type
+  bool float_out = false;  // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
   std::string x_name;
 };
 
@@ -184,8 +247,11 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     const void* xdata = nullptr;
     Check(g_api->GetTensorData(x, &xdata));
     if (rows == 0 || c.N == 0) return;
-    thread_local std::vector<uint8_t> codes;  // the codes, when the unit outputs their float values
-    if (c.float_out) codes.resize(rows * c.N);
+    // the GEMM's codes, when a tail maps them or the unit outputs float values; the tail's codes, when float
+    thread_local std::vector<uint8_t> codes, tail_codes;
+    const bool tail = !c.table.empty() || !c.programs.chain.empty();
+    if (c.float_out || tail) codes.resize(rows * c.N);
+    if (c.float_out && tail) tail_codes.resize(rows * c.N);
     const qie::PackedB* bp = &c.packed;
     qie::GemmArgs g;
     g.M = rows;
@@ -204,15 +270,59 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.kind = c.kind;
     g.scale = c.mult.data();
     g.y_zp = c.zy;
-    g.y = c.float_out ? codes.data() : ydata;
+    g.y = c.float_out || tail ? codes.data() : ydata;
     g.ldy = c.N;
     g.batch = 1;
     g.b = &bp;
-    qie::Gemm(*c.uk, g, CtxParallelFor(ctx));
+    const qie::ParallelFor pfor = CtxParallelFor(ctx);
+    qie::Gemm(*c.uk, g, pfor);
+    const uint8_t* out_codes = codes.data();
+    if (tail) {  // programs then table, each in place once the codes are in dst
+      uint8_t* dst = c.float_out ? tail_codes.data() : static_cast<uint8_t*>(ydata);
+      Dims d;
+      d.n = rows;
+      d.h = d.w = 1;
+      d.c = c.N;
+      const uint8_t* src = codes.data();
+      if (!c.programs.chain.empty()) {
+        RunChannelPrograms(c.programs, d, src, dst, pfor);
+        src = dst;
+      }
+      if (!c.table.empty()) ApplyLut(c.table.data(), c.tC, src, dst, rows, c.N, pfor);
+      out_codes = dst;
+    }
     if (c.float_out)
-      DequantizeCodes(codes.data(), rows * c.N, c.kind == qie::OutKind::kS8, c.zy, c.sy, static_cast<float*>(ydata));
+      DequantizeCodes(out_codes, rows * c.N, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
     g_runs.fetch_add(1);
   });
+}
+
+// The tail's plan: when every segment up to the last per-column one is plain arithmetic, those run as float programs
+// on the data and the rest (per-tensor) as one table; otherwise all of it as one composed table.
+void PlanTail(const MatMulUnit& u, CompiledMatMul* c) {
+  c->programs.chain.clear();
+  c->table.clear();
+  c->tC = 1;
+  size_t direct = 0;  // segments run as programs
+  for (size_t i = 0; i < u.tail.size(); ++i) {
+    const FloatProgram f = CompileTable(u.tail[i]);
+    if (f.C > 1) direct = i + 1;
+  }
+  for (size_t i = 0; i < direct; ++i)
+    if (!CompileTable(u.tail[i]).arithmetic) direct = 0;
+  for (size_t i = 0; i < direct; ++i) {
+    RegionPlan::Chained link{InputParams(u.tail[i].in_dqs[0]), CompileTable(u.tail[i]), OutputParams(u.tail[i].q)};
+    link.f.Expand(c->N, ProgramRows(c->N));
+    c->programs.chain.push_back(std::move(link));
+  }
+  if (direct == u.tail.size()) return;
+  c->table.assign(256 + 3, 0);
+  for (int k = 0; k < 256; ++k) c->table[k] = static_cast<uint8_t>(k);
+  for (size_t i = direct; i < u.tail.size(); ++i) {
+    size_t C = 1;
+    const std::vector<uint8_t> t = EvalTable(u.tail[i], &C);
+    ComposeTables(&c->table, &c->tC, t, C);
+  }
 }
 
 // Builds the compiled unit from the fused graph (its DequantizeLinear(W) initializers and scales).
@@ -233,6 +343,10 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   MatMulUnit u;
   UnitOperands o;
   if (!MatchUnit(op, &u, &o)) throw Failure{"fused graph is not the unit GetCapability claimed"};
+  const std::unordered_set<const OrtNode*> in_graph(nodes.begin(), nodes.end());
+  TrimTail(&u, [&](const OrtNode* m) { return in_graph.count(m) == 0; });
+  if (u.dq_out && !in_graph.count(u.dq_out)) u.dq_out = nullptr;
+  if (u.Nodes().size() != nodes.size()) throw Failure{"fused graph is not the unit GetCapability claimed"};
   c->K = o.K;
   c->N = o.N;
   c->gemm = OpType(op) == "Gemm";
@@ -254,7 +368,8 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->kind = o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
   c->zy = Zp(o.zy, 0);
   c->float_out = u.dq_out != nullptr;
-  c->sy = static_cast<const float*>(o.sy.data)[0];
+  c->out = OutputParams(u.last_q());
+  PlanTail(u, c);
   const auto fin = Inputs(fused);
   if (fin.empty()) throw Failure{"fused node has no input"};
   c->x_name = Name(fin[0]);
@@ -293,6 +408,7 @@ struct ComputeInfo : OrtNodeComputeInfo {
 struct QieEp : OrtEp {
   bool units_on = true;
   bool regions_on = true;
+  bool tails_on = true;
   const OrtLogger* logger = nullptr;  // the session's, from CreateEp
   void Log(OrtLoggingLevel level, const std::string& msg) const {
     if (!logger) return;
@@ -352,6 +468,10 @@ struct QieEp : OrtEp {
           UnitOperands o;
           try {
             if (!MatchUnit(node, &u, &o)) continue;
+            if (self->tails_on)
+              TrimTail(&u, Assigned);
+            else
+              TrimTail(&u, [](const OrtNode*) { return true; });
             if (u.dq_out && Assigned(u.dq_out)) u.dq_out = nullptr;
             bool taken = false;
             for (const OrtNode* m : u.Nodes()) taken = taken || Assigned(m);  // GetCapability may run again
@@ -360,8 +480,9 @@ struct QieEp : OrtEp {
           matched.push_back(u);
           unit_inputs.insert(u.dq_x);
         }
-        size_t units = 0;
+        size_t units = 0, segments = 0;
         for (MatMulUnit& u : matched) {
+          TrimTail(&u, [&](const OrtNode* m) { return claimed.count(m) > 0; });
           if (u.dq_out && (claimed.count(u.dq_out) || unit_inputs.count(u.dq_out))) u.dq_out = nullptr;
           const std::vector<const OrtNode*> group = u.Nodes();
           if (!outside(group)) continue;
@@ -369,17 +490,19 @@ struct QieEp : OrtEp {
           claimed.insert(group.begin(), group.end());
           g_claimed.fetch_add(1);
           ++units;
+          segments += u.tail.size();
         }
         if (!self->regions_on)
-          return self->Log(ORT_LOGGING_LEVEL_INFO, "qie EP: " + std::to_string(units) + " MatMul/Gemm units and " +
+          return self->Log(ORT_LOGGING_LEVEL_INFO, "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" +
+                                                       std::to_string(segments) + " tail segments) and " +
                                                        std::to_string(softmaxes) +
                                                        " Softmax units claimed; regions off");
         self->Log(ORT_LOGGING_LEVEL_INFO,
-                  "qie EP: " + std::to_string(units) + " MatMul/Gemm units and " + std::to_string(softmaxes) +
-                      " Softmax units claimed; " + std::to_string(regions.size()) + " regions of " +
-                      std::to_string(region_nodes) + " nodes hold " + std::to_string(report.units_claimed) +
-                      " of the " + std::to_string(report.units) + " QDQ units found (the rest: fewer than " +
-                      std::to_string(self->region_opts.min_conv_units) +
+                  "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +
+                      " tail segments) and " + std::to_string(softmaxes) + " Softmax units claimed; " +
+                      std::to_string(regions.size()) + " regions of " + std::to_string(region_nodes) + " nodes hold " +
+                      std::to_string(report.units_claimed) + " of the " + std::to_string(report.units) +
+                      " QDQ units found (the rest: fewer than " + std::to_string(self->region_opts.min_conv_units) +
                       " convolutions in their group, or cut so the fused graph stays acyclic; " +
                       std::to_string(report.dropped_cycles) + " regions dropped for a cycle)");
       });
@@ -424,6 +547,7 @@ struct QieEp : OrtEp {
 // The EP's options (`register(so, ep_options={...})`, stored by ORT as session config "ep.qie.<key>"):
 //   units   "1" (default) / "0": claim MatMul / Gemm and Softmax units
 //   regions "1" (default) / "0": claim conv regions
+//   tails   "1" (default) / "0": MatMul / Gemm units take the elementwise DQ -> f -> Q segments after them
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
 //   profile "0" (default) / "1": time the regions' unit kinds (qie_ep_region_profile)
 // A bad value fails the session creation with a message naming the option.
@@ -454,6 +578,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   };
   flag("units", &ep->units_on);
   flag("regions", &ep->regions_on);
+  flag("tails", &ep->tails_on);
   flag("profile", &ep->region_opts.profile);
   for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
     bool found = false;

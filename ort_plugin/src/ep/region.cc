@@ -266,18 +266,7 @@ std::vector<uint8_t> Requant(const QParams& from, const QParams& to) {
 
 // `st`'s tables followed by `t` ([C][256], C = 1 for one table), composed in place.
 void ComposeTable(RegionPlan::Step* st, const std::vector<uint8_t>& t, size_t C) {
-  const size_t n = std::max(st->tC, C);
-  if (st->tC > 1 && C > 1 && st->tC != C)
-    throw Failure{"per-channel tables of " + std::to_string(st->tC) + " and " + std::to_string(C) +
-                  " channels meet in one region"};
-  std::vector<uint8_t> out(n * 256 + 3);
-  for (size_t c = 0; c < n; ++c)
-    for (int k = 0; k < 256; ++k) {
-      const uint8_t first = st->table[(st->tC == 1 ? 0 : c) * 256 + k];
-      out[c * 256 + k] = t[(C == 1 ? 0 : c) * 256 + first];
-    }
-  st->table = std::move(out);
-  st->tC = n;
+  ComposeTables(&st->table, &st->tC, t, C);
 }
 
 void PlanConv(const Unit& u, RegionPlan::Step* s) {

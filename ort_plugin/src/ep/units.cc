@@ -18,8 +18,8 @@ namespace {
 
 const std::set<std::string>& TableOps() {
   static const std::set<std::string> ops = {
-      "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh",     "Erf",
-      "Add",  "Sub",  "Mul",       "Div",         "Neg",       "Abs",     "Identity", "BatchNormalization"};
+      "Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish",          "Sigmoid", "Tanh", "Erf", "Add", "Sub", "Mul",
+      "Div",  "Neg",  "Abs",       "Identity",    "BatchNormalization", "Gelu"};
   return ops;
 }
 bool IsTableOp(const OrtNode* n) { return n && Domain(n).empty() && TableOps().count(OpType(n)) > 0; }
@@ -36,10 +36,19 @@ bool Rank4(const OrtValueInfo* vi) { return vi && ValueRank(vi) == 4; }
 // A constant table operand: a float32 scalar or per-channel vector, from an initializer or a DequantizeLinear of
 // one (as ORT's quantizer writes a bias Add's or BatchNormalization's constants), evaluated as ORT does,
 // (q - zp) * scale in float32. Channel vectors are [1,C,1,1] or [C,1,1] (NCHW's channel axis) or, with `one_d`
-// (BatchNormalization's parameters), [C]. `dq` receives that DequantizeLinear (nullptr for an initializer).
-bool ChannelConstant(const OrtValueInfo* vi, bool one_d, std::vector<float>* v, const OrtNode** dq) {
+// (BatchNormalization's parameters), [C]; along the last axis (layout kLast) [N] or [1,..,1,N], of at most
+// layout.max_rank dimensions. `dq` receives that DequantizeLinear (nullptr for an initializer).
+bool ChannelConstant(const OrtValueInfo* vi, bool one_d, const ConstLayout& layout, std::vector<float>* v,
+                     const OrtNode** dq) {
   auto channel_axis = [&](const std::vector<int64_t>& s, size_t count) -> int64_t {  // -2: not a table operand
-    if (count == 1 && s.size() <= 4) return -1;                                      // a scalar
+    if (layout.axis == ConstLayout::kLast) {
+      if (one_d || static_cast<int64_t>(s.size()) > std::max<int64_t>(1, layout.max_rank)) return -2;
+      if (count == 1) return -1;
+      for (size_t i = 0; i + 1 < s.size(); ++i)
+        if (s[i] != 1) return -2;
+      return static_cast<int64_t>(s.size()) - 1;
+    }
+    if (count == 1 && s.size() <= 4) return -1;  // a scalar
     if (one_d) return s.size() == 1 ? 0 : -2;
     if (s.size() == 3 && s[1] == 1 && s[2] == 1) return 0;
     if (s.size() == 4 && s[0] == 1 && s[2] == 1 && s[3] == 1) return 1;
@@ -99,13 +108,16 @@ bool ConstantOperand(const std::string& op, size_t i) {
   return i == 1 || (i == 0 && op != "Identity");  // binary ops: either side
 }
 
+}  // namespace
+
 // DQ(x) -> f -> Q with f an elementwise subgraph of the DQ's output and constants; every consumer of the DQ's
 // output is in f. Fills the unit (nodes: constant DQs, f's nodes in topological order, Q).
-bool MatchTable(const OrtNode* dq, Unit* u) {
+bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
   if (!InputDq(dq)) return false;
   const OrtValueInfo* v0 = Outputs(dq)[0];
-  if (Consumers(v0) == 0 || !Rank4(v0)) return false;  // regions hold 4-D values (NHWC inside)
-  std::vector<const OrtNode*> body;                    // f's nodes, discovery order
+  if (Consumers(v0) == 0) return false;
+  if (layout.axis == ConstLayout::kChannel && !Rank4(v0)) return false;  // regions hold 4-D values (NHWC inside)
+  std::vector<const OrtNode*> body;                                      // f's nodes, discovery order
   std::set<const OrtValueInfo*> values = {v0};
   std::vector<const OrtValueInfo*> frontier = {v0};
   const OrtNode* q = nullptr;
@@ -128,7 +140,9 @@ bool MatchTable(const OrtNode* dq, Unit* u) {
       if (out.empty() || !out[0]) return false;
       for (size_t i = 1; i < out.size(); ++i)
         if (out[i] && !Name(out[i]).empty()) return false;  // BatchNormalization's training outputs
-      if (OpType(c) == "BatchNormalization" && AttrInt(c, "training_mode", 0) != 0) return false;
+      if (OpType(c) == "BatchNormalization" &&
+          (AttrInt(c, "training_mode", 0) != 0 || layout.axis == ConstLayout::kLast))
+        return false;
       body.push_back(c);
       values.insert(out[0]);
       frontier.push_back(out[0]);
@@ -145,7 +159,8 @@ bool MatchTable(const OrtNode* dq, Unit* u) {
       if (!Input(in, i) || values.count(in[i])) continue;
       std::vector<float> v;
       const OrtNode* pdq = nullptr;
-      if (!ConstantOperand(op, i) || !ChannelConstant(in[i], op == "BatchNormalization", &v, &pdq)) return false;
+      if (!ConstantOperand(op, i) || !ChannelConstant(in[i], op == "BatchNormalization", layout, &v, &pdq))
+        return false;
       if (op == "Clip" && v.size() != 1) return false;
       if (v.size() > 1 || op == "BatchNormalization") {
         if (C > 1 && v.size() != C) return false;
@@ -184,11 +199,16 @@ bool MatchTable(const OrtNode* dq, Unit* u) {
   u->nodes = param_dqs;
   u->nodes.insert(u->nodes.end(), order.begin(), order.end());
   u->nodes.push_back(q);
+  u->layout = layout;
   try {  // what Compile will build from it
     CompileTable(*u);
   } catch (const Failure&) { return false; }
   return true;
 }
+
+namespace {
+
+bool MatchTable(const OrtNode* dq, Unit* u) { return MatchElementwise(dq, ConstLayout{}, u); }
 
 // op(DQ(x_0), DQ(x_1), ...) -> Q for a node whose every input is a runtime 4-D DequantizeLinear.
 bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t max_inputs, Unit* u) {
@@ -396,7 +416,12 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
   return kept;
 }
 
-FloatProgram CompileTable(const Unit& u) { return CompileProgram(Outputs(u.in_dqs[0])[0], u.nodes, u.q); }
+FloatProgram CompileTable(const Unit& u) {
+  std::vector<const OrtNode*> body;
+  for (const OrtNode* n : u.nodes)
+    if (n != u.q) body.push_back(n);
+  return CompileProgramTo(Outputs(u.in_dqs[0])[0], body, Inputs(u.q)[0], u.layout);
+}
 
 FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes, const OrtNode* q) {
   std::vector<const OrtNode*> body;
@@ -406,7 +431,7 @@ FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const O
 }
 
 FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes,
-                              const OrtValueInfo* result) {
+                              const OrtValueInfo* result, const ConstLayout& layout) {
   FloatProgram p;
   std::map<const OrtValueInfo*, int> reg = {{input, 0}};
   auto channels = [&](std::vector<float> v) {  // a constant operand; fixes the program's channel count
@@ -419,7 +444,7 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
   auto constant = [&](const OrtNode* n, const OrtValueInfo* vi) {
     std::vector<float> c;
     const OrtNode* unused = nullptr;
-    if (!ChannelConstant(vi, OpType(n) == "BatchNormalization", &c, &unused))
+    if (!ChannelConstant(vi, OpType(n) == "BatchNormalization", layout, &c, &unused))
       throw Failure{"table operand '" + Name(vi) + "' is not a constant"};
     return channels(c);
   };
@@ -431,6 +456,7 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
                                                   {"Sigmoid", Op::kSigmoid},
                                                   {"Tanh", Op::kTanh},
                                                   {"Erf", Op::kErf},
+                                                  {"Gelu", Op::kGelu},
                                                   {"Neg", Op::kNeg},
                                                   {"Abs", Op::kAbs},
                                                   {"Identity", Op::kCopy}};
@@ -491,10 +517,17 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
       }
     } else if (unary.count(op)) {
       st.op = unary.at(op);
+      if (st.op == Op::kGelu) {
+        const std::string approx = AttrString(n, "approximate", "none");
+        if (approx != "none" && approx != "tanh")
+          throw Failure{"Gelu node '" + NodeName(n) + "' has approximate='" + approx + "'"};
+        if (approx == "tanh") st.op = Op::kGeluTanh;
+      }
       operand(0, &st.a, &st.ka);
       st.alpha = AttrFloat(n, "alpha", op == "LeakyRelu" ? 0.01f : 0.2f);
       st.beta = AttrFloat(n, "beta", 0.5f);
-      p.arithmetic = p.arithmetic && st.op != Op::kSigmoid && st.op != Op::kTanh && st.op != Op::kErf;
+      p.arithmetic = p.arithmetic && st.op != Op::kSigmoid && st.op != Op::kTanh && st.op != Op::kErf &&
+                     st.op != Op::kGelu && st.op != Op::kGeluTanh;
     } else {
       throw Failure{"table node '" + NodeName(n) + "' (" + op + ") has no float program"};
     }
@@ -576,6 +609,13 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     case Op::kErf:
       for (size_t i = 0; i < n; ++i) y[i] = std::erf(a[i]);
       break;
+    case Op::kGelu:  // ORT's Gelu: 0.5 x (1 + erf(x / sqrt 2))
+      for (size_t i = 0; i < n; ++i) y[i] = 0.5f * a[i] * (1.0f + std::erf(a[i] * static_cast<float>(M_SQRT1_2)));
+      break;
+    case Op::kGeluTanh:  // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+      for (size_t i = 0; i < n; ++i)
+        y[i] = 0.5f * a[i] * (1.0f + std::tanh(0.7978845608f * (a[i] + 0.044715f * a[i] * a[i] * a[i])));
+      break;
     case Op::kNeg:
       for (size_t i = 0; i < n; ++i) y[i] = -a[i];
       break;
@@ -619,6 +659,21 @@ std::vector<uint8_t> EvalTable(const Unit& u, size_t* C_out) {
     for (int code = 0; code < 256; ++code) t[c * 256 + code] = q(f[code * C + c]);
   *C_out = C;
   return t;
+}
+
+void ComposeTables(std::vector<uint8_t>* table, size_t* tC, const std::vector<uint8_t>& t, size_t C) {
+  const size_t n = std::max(*tC, C);
+  if (*tC > 1 && C > 1 && *tC != C)
+    throw Failure{"per-channel tables of " + std::to_string(*tC) + " and " + std::to_string(C) +
+                  " channels meet in one region"};
+  std::vector<uint8_t> out(n * 256 + 3);
+  for (size_t c = 0; c < n; ++c)
+    for (int k = 0; k < 256; ++k) {
+      const uint8_t first = (*table)[(*tC == 1 ? 0 : c) * 256 + k];
+      out[c * 256 + k] = t[(C == 1 ? 0 : c) * 256 + first];
+    }
+  *table = std::move(out);
+  *tC = n;
 }
 
 }  // namespace qie_ep

@@ -27,6 +27,14 @@ namespace qie_ep {
 
 enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool };
 
+// Where a table unit's per-channel constants run: along NCHW's axis 1 ([1,C,1,1], [C,1,1]; regions), or along the
+// last axis ([N], [1,..,1,N]; the segments after a MatMul / Gemm unit, whose output is [rows][N]). `max_rank`: the
+// rank a constant may have without raising its tensor's rank (kLast; 1 when that rank is unknown).
+struct ConstLayout {
+  enum Axis { kChannel, kLast } axis = kChannel;
+  int64_t max_rank = 4;
+};
+
 struct Unit {
   UnitKind kind = UnitKind::kTable;
   std::vector<const OrtNode*> in_dqs;  // one DequantizeLinear per runtime operand, in operand order
@@ -37,11 +45,16 @@ struct Unit {
   const OrtNode* op = nullptr;        // the Conv / Add / ... node (tables: the first node of f)
   const OrtNode* q = nullptr;         // the output QuantizeLinear
   std::vector<const OrtNode*> nodes;  // every node of the unit but its input DequantizeLinears
+  ConstLayout layout;                 // table units: where their per-channel constants run
 };
 
 // Every unit of `nodes`, each node in at most one unit's `nodes`; nodes already assigned to an EP are skipped and
 // a node whose reading fails is left out (claiming nothing is always safe).
 std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes);
+
+// A table unit DQ(x) -> f -> Q starting at `dq` whose constants run along `layout` (regions: 4-D values, NCHW
+// channels; MatMul unit tails: any rank, the last axis).
+bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u);
 
 // The operands of a conv unit, read from the graph.
 struct ConvOperands {
@@ -108,6 +121,8 @@ struct FloatProgram {
     kSigmoid,
     kTanh,
     kErf,
+    kGelu,
+    kGeluTanh,
     kNeg,
     kAbs,
     kCopy
@@ -122,7 +137,7 @@ struct FloatProgram {
   int result = 0;
   size_t C = 1;            // channels of the constants
   size_t block_rows = 1;   // rows the constants are laid out for
-  bool arithmetic = true;  // no Sigmoid / Tanh / Erf
+  bool arithmetic = true;  // no Sigmoid / Tanh / Erf / Gelu
   // Lays the constants out as [rows][channels] (a scalar constant as `channels` equal entries), so that steps
   // run as flat loops over up to `rows` rows.
   void Expand(size_t channels, size_t rows);
@@ -132,11 +147,15 @@ FloatProgram CompileTable(const Unit& u);
 FloatProgram CompileProgram(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes, const OrtNode* q);
 // The same to `result`.
 FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const OrtNode*>& nodes,
-                              const OrtValueInfo* result);
+                              const OrtValueInfo* result, const ConstLayout& layout = {});
 // Runs `p` on x ([rows][p.C] floats); `regs` is scratch; returns the result's [rows][p.C] floats.
 const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std::vector<std::vector<float>>* regs);
 
 // A table unit's tables, [C][256] (C = 1 when every constant is a scalar).
 std::vector<uint8_t> EvalTable(const Unit& u, size_t* C);
+
+// `*table` ([*tC][256] + 3 bytes of padding; *tC = 1: one table) followed by `t` ([C][256], C = 1: one table),
+// composed in place: table[c][k] = t[c][table[c][k]]. Per-channel tables of different channel counts: Failure.
+void ComposeTables(std::vector<uint8_t>* table, size_t* tC, const std::vector<uint8_t>& t, size_t C);
 
 }  // namespace qie_ep
