@@ -1,0 +1,293 @@
+// The EP's QDQ MatMul / Gemm units (matmul_unit.h): matching, compiling, running.
+//
+// First level (issue 13): every QDQ unit DequantizeLinear(x) -> MatMul(., DequantizeLinear(W)) -> QuantizeLinear
+// with W a constant 2-D initializer, and every Gemm unit of the same shape (alpha = beta = 1, no transA, transB
+// packed as such, C a DequantizeLinear'd int32 bias of scale sx * sw[n]), is claimed as one fused node and
+// computed in the integer domain by qie's GEMM kernels: W packed once at Compile,
+// y = saturate(round_half_even(float(acc + bias[n]) * (sx * sw[n] / sy)) + zy), exactly what ORT's
+// QLinearMatMul / QGemm compute for the same unit (and within one step of the float DQ -> op -> Q semantics,
+// which round the float product instead). A unit qie cannot prove it computes exactly (other dtypes,
+// non-constant scales or zero points, blocked quantization, shared intermediate values, graph outputs in the
+// middle) is left to ORT; GetCapability never guesses.
+//
+// Tails: after the unit's QuantizeLinear, up to kMaxTail segments DQ -> f -> Q join it, each reading the previous
+// segment's codes alone, f elementwise with scalar constants or [N] constants along the last axis (a bias Add, the
+// Gelu that follows it as Div / Erf / Add / Mul or as ONNX Gelu, Relu, Clip, ...; units.h's table ops). Each segment
+// is a map code -> code per output column, evaluated once at Compile on the 256 codes with the float graph's
+// operations (q -> Q(f(DQ(q))), units.cc), and the segments are composed into one table per column (one table when
+// every constant is a scalar), applied to the GEMM's codes. Equal to the QDQ graph wherever f is plain float32
+// arithmetic; Erf / Gelu / Sigmoid / Tanh use libm where ORT uses MLAS's approximations: within one step there.
+#include "ep/matmul_unit.h"
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_set>
+
+#include "ep/region_plan.h"
+
+namespace qie_ep {
+
+namespace {
+
+constexpr size_t kMaxTail = 4;
+// Per-column tails over more columns than this stay ORT's: a [N][256] table of PP-OCRv6's 18710 classes (4.8 MB)
+// misses the caches on every lookup.
+constexpr size_t kMaxTailColumns = 4096;
+
+}  // namespace
+
+// The DequantizeLinear reading QuantizeLinear `q`'s output when it is that output's only consumer (not a graph
+// output), dequantizes with the same scale and zero point and feeds float ops whose results are not quantized
+// again; nullptr otherwise.
+const OrtNode* DequantizedBySame(const OrtNode* q, const Constant& sy, const Constant& zy) {
+  const auto out = Outputs(q);
+  if (out.size() != 1 || !out[0]) return nullptr;
+  int64_t idx = 0;
+  const OrtNode* dq = SoleConsumer(out[0], &idx);
+  if (!dq || idx != 0 || !IsOp(dq, "DequantizeLinear") || AttrInt(dq, "block_size", 0) != 0) return nullptr;
+  const auto in = Inputs(dq);
+  Constant s, z;
+  if (in.size() < 2 || !ReadConstant(in[1], &s) || s.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || s.count() != 1)
+    return nullptr;
+  if (static_cast<const float*>(s.data)[0] != static_cast<const float*>(sy.data)[0]) return nullptr;
+  const OrtValueInfo* zin = Input(in, 2);
+  const int32_t zp = zin ? (ReadConstant(zin, &z) && z.type == zy.type && z.count() == 1 ? Zp(z, 0) : -1000) : 0;
+  if (zp != Zp(zy, 0)) return nullptr;
+  // A float op after it whose result is quantized again (DQ -> Add -> Q) is a QDQ group ORT fuses (QLinearAdd,
+  // ...) only while the DequantizeLinear is there: then it stays ORT's.
+  const auto dq_out = Outputs(dq);
+  if (dq_out.size() != 1 || !dq_out[0]) return nullptr;
+  for (const OrtNode* op : AllConsumers(dq_out[0]))
+    for (const OrtValueInfo* v : Outputs(op))
+      if (v)
+        for (const OrtNode* c : AllConsumers(v))
+          if (IsOp(c, "QuantizeLinear")) return nullptr;
+  return dq;
+}
+
+namespace {
+
+// The segments DQ -> f -> Q after the unit's QuantizeLinear (see the file's comment), each the only reader of the
+// codes before it.
+void MatchTail(MatMulUnit* u, size_t N) {
+  const OrtNode* q = u->q;
+  const int64_t rank = ValueRank(Outputs(u->matmul)[0]);  // constants may not raise it (unknown: 1-D constants)
+  while (u->tail.size() < kMaxTail) {
+    const auto out = Outputs(q);
+    if (out.size() != 1 || !out[0] || IsGraphOutput(out[0])) return;
+    int64_t idx = 0;
+    const OrtNode* dq = SoleConsumer(out[0], &idx);
+    if (!IsOp(dq, "DequantizeLinear") || idx != 0) return;
+    Unit seg;
+    if (!MatchElementwise(dq, ConstLayout{ConstLayout::kLast, std::max<int64_t>(rank, 1)}, &seg)) return;
+    const size_t C = CompileTable(seg).C;
+    if (C != 1 && (C != N || N > kMaxTailColumns)) return;
+    u->tail.push_back(seg);
+    q = seg.q;
+  }
+}
+
+}  // namespace
+
+bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
+  const std::string type = OpType(op);
+  const bool gemm = type == "Gemm";
+  if ((type != "MatMul" && !gemm) || !Domain(op).empty()) return false;
+  const auto in = Inputs(op);
+  const auto out = Outputs(op);
+  if (out.size() != 1 || in.size() < 2 || in.size() > (gemm ? 3u : 2u) || !in[0] || !in[1]) return false;
+  const bool has_c = gemm && Input(in, 2) != nullptr;
+  if (gemm && (AttrInt(op, "transA", 0) != 0 || AttrFloat(op, "alpha", 1.0f) != 1.0f ||
+               (has_c && AttrFloat(op, "beta", 1.0f) != 1.0f)))
+    return false;
+  const bool trans_b = gemm && AttrInt(op, "transB", 0) != 0;
+  if (IsGraphOutput(out[0]) || Consumers(out[0]) != 1) return false;
+  const OrtNode* dq_x = Producer(in[0]);
+  const OrtNode* dq_w = Producer(in[1]);
+  const OrtNode* dq_b = has_c ? Producer(in[2]) : nullptr;
+  if (!dq_x || !dq_w || Consumers(in[0]) != 1 || Consumers(in[1]) != 1 || IsGraphOutput(in[0]) || IsGraphOutput(in[1]))
+    return false;
+  if (has_c && (!dq_b || Consumers(in[2]) != 1 || IsGraphOutput(in[2]))) return false;
+  // The consumer: one QuantizeLinear.
+  size_t nc = 1;
+  std::vector<const OrtNode*> consumers(nc);
+  std::vector<int64_t> idx(nc);
+  Check(g_api->ValueInfo_GetValueConsumers(out[0], consumers.data(), idx.data(), nc));
+  const OrtNode* q = consumers[0];
+  if (!q || OpType(q) != "QuantizeLinear" || !Domain(q).empty() || idx[0] != 0) return false;
+  if (AttrInt(q, "block_size", 0) != 0 || AttrInt(q, "saturate", 1) != 1) return false;
+  Constant unused;
+  const auto win = Inputs(dq_w);
+  if (win.empty() || !ReadConstant(win[0], &o->w) || o->w.shape.size() != 2) return false;
+  o->K = static_cast<size_t>(o->w.shape[trans_b ? 1 : 0]);
+  o->N = static_cast<size_t>(o->w.shape[trans_b ? 0 : 1]);
+  if (!DqOperands(dq_w, false, o->N, &o->w, &o->sw, &o->zw, &o->wt, trans_b ? 0 : 1)) return false;
+  if (!DqOperands(dq_x, true, 0, &unused, &o->sx, &o->zx, &o->xt)) return false;
+  if (has_c && !Int32Bias(dq_b, o->N, o->sx, o->sw, &o->bias)) return false;
+  const auto qin = Inputs(q);
+  if (qin.size() < 3 || !ReadConstant(qin[1], &o->sy) || o->sy.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+      o->sy.count() != 1 || !ReadConstant(Input(qin, 2), &o->zy) || !IsQ8(o->zy.type) || o->zy.count() != 1)
+    return false;
+  const float sy = static_cast<const float*>(o->sy.data)[0];
+  if (!(std::isfinite(sy) && sy != 0.0f)) return false;
+  u->dq_x = dq_x;
+  u->dq_w = dq_w;
+  u->dq_bias = dq_b;
+  u->matmul = op;
+  u->q = q;
+  u->trans_b = trans_b;
+  u->tail.clear();
+  MatchTail(u, o->N);
+  Constant sy_last, zy_last;
+  if (!QOperands(u->last_q(), &sy_last, &zy_last)) return false;
+  u->dq_out = DequantizedBySame(u->last_q(), sy_last, zy_last);
+  return true;
+}
+
+OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
+  return Guard("MatMul", [&] {
+    const OrtValue* x = nullptr;
+    Check(g_api->KernelContext_GetInput(ctx, 0, &x));
+    const std::vector<int64_t> shape = TensorShape(x);
+    const size_t rank = shape.size();
+    if (rank == 0 || shape.back() != static_cast<int64_t>(c.K) || (c.gemm && rank != 2))
+      throw Failure{"input '" + c.x_name + "' must be " + (c.gemm ? "2-D " : "") +
+                    "with last dimension K=" + std::to_string(c.K)};
+    size_t rows = 1;
+    for (size_t d = 0; d + 1 < rank; ++d) rows *= static_cast<size_t>(shape[d]);
+    std::vector<int64_t> out_shape = shape;
+    if (rank == 1)
+      out_shape = {static_cast<int64_t>(c.N)};
+    else
+      out_shape.back() = static_cast<int64_t>(c.N);
+    OrtValue* y = nullptr;
+    Check(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &y));
+    void* ydata = nullptr;
+    Check(g_api->GetTensorMutableData(y, &ydata));
+    const void* xdata = nullptr;
+    Check(g_api->GetTensorData(x, &xdata));
+    if (rows == 0 || c.N == 0) return;
+    // the GEMM's codes, when a tail maps them or the unit outputs float values; the tail's codes, when float
+    thread_local std::vector<uint8_t> codes, tail_codes;
+    const bool tail = !c.table.empty() || !c.programs.chain.empty();
+    if (c.float_out || tail) codes.resize(rows * c.N);
+    if (c.float_out && tail) tail_codes.resize(rows * c.N);
+    const qie::PackedB* bp = &c.packed;
+    qie::GemmArgs g;
+    g.M = rows;
+    g.N = c.N;
+    g.K = c.K;
+    g.a = static_cast<const uint8_t*>(xdata);
+    g.lda = c.K;
+    g.a_signed = c.x_signed;
+    g.za = &c.zx;
+    g.zb = c.zw.data();
+    if (!c.bias.empty()) {
+      g.bias = c.bias.data();
+      g.bias_rs = 0;
+      g.bias_cs = 1;
+    }
+    g.kind = c.kind;
+    g.scale = c.mult.data();
+    g.y_zp = c.zy;
+    g.y = c.float_out || tail ? codes.data() : ydata;
+    g.ldy = c.N;
+    g.batch = 1;
+    g.b = &bp;
+    const qie::ParallelFor pfor = CtxParallelFor(ctx);
+    qie::Gemm(*c.uk, g, pfor);
+    const uint8_t* out_codes = codes.data();
+    if (tail) {  // programs then table, each in place once the codes are in dst
+      uint8_t* dst = c.float_out ? tail_codes.data() : static_cast<uint8_t*>(ydata);
+      Dims d;
+      d.n = rows;
+      d.h = d.w = 1;
+      d.c = c.N;
+      const uint8_t* src = codes.data();
+      if (!c.programs.chain.empty()) {
+        RunChannelPrograms(c.programs, d, src, dst, pfor);
+        src = dst;
+      }
+      if (!c.table.empty()) ApplyLut(c.table.data(), c.tC, src, dst, rows, c.N, pfor);
+      out_codes = dst;
+    }
+    if (c.float_out)
+      DequantizeCodes(out_codes, rows * c.N, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
+  });
+}
+
+namespace {
+
+// The tail's plan: when every segment up to the last per-column one is plain arithmetic, those run as float programs
+// on the data and the rest (per-tensor) as one table; otherwise all of it as one composed table.
+void PlanTail(const MatMulUnit& u, CompiledMatMul* c) {
+  c->programs.chain.clear();
+  c->table.clear();
+  c->tC = 1;
+  size_t direct = 0;  // segments run as programs
+  for (size_t i = 0; i < u.tail.size(); ++i) {
+    const FloatProgram f = CompileTable(u.tail[i]);
+    if (f.C > 1) direct = i + 1;
+  }
+  for (size_t i = 0; i < direct; ++i)
+    if (!CompileTable(u.tail[i]).arithmetic) direct = 0;
+  for (size_t i = 0; i < direct; ++i) {
+    RegionPlan::Chained link{InputParams(u.tail[i].in_dqs[0]), CompileTable(u.tail[i]), OutputParams(u.tail[i].q)};
+    link.f.Expand(c->N, ProgramRows(c->N));
+    c->programs.chain.push_back(std::move(link));
+  }
+  if (direct == u.tail.size()) return;
+  c->table.assign(256 + 3, 0);
+  for (int k = 0; k < 256; ++k) c->table[k] = static_cast<uint8_t>(k);
+  for (size_t i = direct; i < u.tail.size(); ++i) {
+    size_t C = 1;
+    const std::vector<uint8_t> t = EvalTable(u.tail[i], &C);
+    ComposeTables(&c->table, &c->tC, t, C);
+  }
+}
+
+}  // namespace
+
+// Builds the compiled unit from the fused graph (its DequantizeLinear(W) initializers and scales).
+void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* c) {
+  const std::vector<const OrtNode*> nodes = GraphNodes(graph);
+  const OrtNode* op = nullptr;
+  for (const OrtNode* node : nodes)
+    if (OpType(node) == "MatMul" || OpType(node) == "Gemm") op = node;
+  if (!op) throw Failure{"fused graph has no MatMul or Gemm"};
+  MatMulUnit u;
+  UnitOperands o;
+  if (!MatchUnit(op, &u, &o)) throw Failure{"fused graph is not the unit GetCapability claimed"};
+  const std::unordered_set<const OrtNode*> in_graph(nodes.begin(), nodes.end());
+  TrimTail(&u, [&](const OrtNode* m) { return in_graph.count(m) == 0; });
+  if (u.dq_out && !in_graph.count(u.dq_out)) u.dq_out = nullptr;
+  if (u.Nodes().size() != nodes.size()) throw Failure{"fused graph is not the unit GetCapability claimed"};
+  c->K = o.K;
+  c->N = o.N;
+  c->gemm = OpType(op) == "Gemm";
+  c->uk = &qie::GetMicroKernel(qie::ActiveIsa());
+  const auto ld = static_cast<ptrdiff_t>(u.trans_b ? c->K : c->N);
+  qie::PackB(*c->uk, static_cast<const uint8_t*>(o.w.data), o.wt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, c->K, c->N,
+             u.trans_b ? 1 : ld, u.trans_b ? ld : 1, &c->packed);
+  c->x_signed = o.xt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  c->zx = o.zx.data ? Zp(o.zx, 0) : 0;
+  c->zw.resize(c->N);
+  c->mult.resize(c->N);
+  const float fsx = static_cast<const float*>(o.sx.data)[0], fsy = static_cast<const float*>(o.sy.data)[0];
+  for (size_t j = 0; j < c->N; ++j) {
+    const size_t i = o.sw.count() == 1 ? 0 : j;
+    c->zw[j] = o.zw.data ? Zp(o.zw, i) : 0;
+    c->mult[j] = (fsx * static_cast<const float*>(o.sw.data)[i]) / fsy;
+  }
+  c->bias = o.bias;
+  c->kind = o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
+  c->zy = Zp(o.zy, 0);
+  c->float_out = u.dq_out != nullptr;
+  c->out = OutputParams(u.last_q());
+  PlanTail(u, c);
+  const auto fin = Inputs(fused);
+  if (fin.empty()) throw Failure{"fused node has no input"};
+  c->x_name = Name(fin[0]);
+}
+
+}  // namespace qie_ep

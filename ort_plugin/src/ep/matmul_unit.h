@@ -1,0 +1,103 @@
+// The EP's QDQ MatMul / Gemm unit: DequantizeLinear(x) -> MatMul | Gemm(., DequantizeLinear(W) [,
+// DequantizeLinear(int32 bias)]) -> QuantizeLinear with constant W, its elementwise tail segments and its output
+// DequantizeLinear, claimed as one fused node and computed in the integer domain (the numerics: matmul_unit.cc's
+// opening comment, docs/numerics.md).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "ep/graph.h"
+#include "ep/region_plan.h"
+#include "ep/units.h"
+#include "kernels/gemm.h"
+
+namespace qie_ep {
+
+// A matched unit: its nodes (the op is MatMul, or Gemm with an optional DequantizeLinear'd int32 bias).
+struct MatMulUnit {
+  const OrtNode *dq_x = nullptr, *dq_w = nullptr, *matmul = nullptr, *q = nullptr, *dq_bias = nullptr;
+  // The DequantizeLinear that is the Q's only consumer, with the Q's scale and zero point: the unit then outputs
+  // its float values, (q - zy) * sy, and the Q -> DQ pair costs ORT no nodes (nullptr: the codes are the output).
+  const OrtNode* dq_out = nullptr;
+  bool trans_b = false;
+  std::vector<Unit> tail;  // the DQ -> f -> Q segments after q, in order
+  const OrtNode* last_q() const { return tail.empty() ? q : tail.back().q; }
+  std::vector<const OrtNode*> Nodes() const {
+    std::vector<const OrtNode*> v = {dq_x, dq_w};
+    if (dq_bias) v.push_back(dq_bias);
+    v.push_back(matmul);
+    v.push_back(q);
+    for (const Unit& seg : tail) {
+      v.push_back(seg.in_dqs[0]);
+      v.insert(v.end(), seg.nodes.begin(), seg.nodes.end());
+    }
+    if (dq_out) v.push_back(dq_out);
+    return v;
+  }
+};
+
+// The unit's operands, read from the graph (GetCapability) or from the fused graph (Compile).
+struct UnitOperands {
+  Constant w, sw, zw, sx, zx, sy, zy;
+  ONNXTensorElementDataType wt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, xt = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  size_t K = 0, N = 0;
+  std::vector<int32_t> bias;
+};
+
+// Whether `op` is the MatMul / Gemm of such a unit; fills its nodes (tail segments and output DequantizeLinear as
+// far as they can join it) and operands.
+bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o);
+const OrtNode* DequantizedBySame(const OrtNode* q, const Constant& sy, const Constant& zy);
+
+// Drops the tail's segments from the first one holding a node `gone` says is not the unit's to take (claimed by
+// another group, or outside the fused graph at Compile); the unit then outputs the codes before it.
+template <typename Pred>
+void TrimTail(MatMulUnit* u, Pred gone) {
+  for (size_t i = 0; i < u->tail.size(); ++i) {
+    bool out = gone(u->tail[i].in_dqs[0]);
+    for (const OrtNode* m : u->tail[i].nodes) out = out || gone(m);
+    if (!out) continue;
+    u->tail.resize(i);
+    Constant sy, zy;  // what reads the codes now: perhaps a DequantizeLinear that `gone` also says is not the unit's
+    u->dq_out = QOperands(u->last_q(), &sy, &zy) ? DequantizedBySame(u->last_q(), sy, zy) : nullptr;
+    return;
+  }
+}
+
+struct CompiledMatMul {
+  qie::PackedB packed;
+  const qie::MicroKernel* uk = nullptr;
+  size_t K = 0, N = 0;
+  bool x_signed = false;
+  int32_t zx = 0;
+  std::vector<int32_t> zw;
+  std::vector<float> mult;  // (sx * sw[n]) / sy, in float32 as ORT evaluates it
+  qie::OutKind kind = qie::OutKind::kU8;
+  int32_t zy = 0;
+  std::vector<int32_t> bias;  // Gemm's C, per column (empty: none)
+  bool gemm = false;          // Gemm: x must be 2-D
+  // The tail: its leading per-column segments of plain arithmetic run on the data (programs.chain, each as its
+  // table was built: the same codes, no [N][256] tables to read), the others composed into one table
+  // (output code = table[column][code], [tC][256] + 3 bytes; empty: none).
+  RegionPlan::Step programs;
+  std::vector<uint8_t> table;
+  size_t tC = 1;
+  QParams out;             // the last QuantizeLinear's scale, zero point and type
+  bool float_out = false;  // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
+  std::string x_name;
+};
+
+// From the fused graph (the unit GetCapability claimed; checked) and the fused node.
+void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* c);
+OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx);
+
+// The nodes of a graph.
+inline std::vector<const OrtNode*> GraphNodes(const OrtGraph* graph) {
+  size_t n = 0;
+  Check(g_api->Graph_GetNumNodes(graph, &n));
+  std::vector<const OrtNode*> nodes(n);
+  if (n) Check(g_api->Graph_GetNodes(graph, nodes.data(), n));
+  return nodes;
+}
+
+}  // namespace qie_ep
