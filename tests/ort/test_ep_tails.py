@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -286,7 +286,8 @@ _SEGMENT_KINDS = ["Add", "Sub", "Mul", "Div", "Relu", "Clip", "LeakyRelu", "Hard
 @st.composite
 def tail_cases(draw):
     """A QDQ MatMul unit of random dtypes and x rank (static, symbolic or unknown dims) followed by 1-5 random
-    segments (scalar, [N] or [1, N] constants, either operand order), and an input (zero rows included)."""
+    segments (scalar, [N] or [1, N] constants, either operand order), perhaps a last one with a Transpose or a
+    Reshape, and an input (zero rows included)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**31)))
     xdt, ydt = draw(st.sampled_from([np.uint8, np.int8])), draw(st.sampled_from([np.uint8, np.int8]))
     k, n = draw(st.integers(1, 40)), draw(st.integers(1, 70))
@@ -298,7 +299,8 @@ def tail_cases(draw):
     tail = Tail(model, ops, ydt)
     for _ in range(draw(st.integers(1, 5))):
         kind = draw(st.sampled_from(_SEGMENT_KINDS))
-        shape = draw(st.sampled_from([(), (n,), (1, n)])) if kind in ("Add", "Sub", "Mul", "Div") else ()
+        shapes = [(), (n,), (1, n)] if lead else [(), (n,)]  # no constant raising the value's rank
+        shape = draw(st.sampled_from(shapes)) if kind in ("Add", "Sub", "Mul", "Div") else ()
         c = rng.uniform(0.5, 2, shape).astype(np.float32) * np.float32(draw(st.sampled_from([-1, 1])))
         first = draw(st.booleans())
         j = tail.k + 1
@@ -314,6 +316,24 @@ def tail_cases(draw):
             return [helper.make_node(kind, [x], [x + "_o"])], x + "_o", []
 
         tail.segment(nodes, None, float(rng.uniform(0.005, 0.1)), rng, draw(st.sampled_from([np.uint8, np.int8])))
+    layout = draw(st.sampled_from([None, "Transpose", "Reshape"]))
+    if layout:  # a last segment moving the bytes, a scalar Mul after the move
+        rank = len(lead) + 1
+        perm = list(draw(st.permutations(range(rank))))
+        j = tail.k + 1
+
+        def moved(x, j=j):
+            if layout == "Transpose":
+                body = [helper.make_node("Transpose", [x], [x + "_t"], perm=perm)]
+                inits = []
+            else:
+                body = [helper.make_node("Reshape", [x, f"shape{j}"], [x + "_t"])]
+                inits = [numpy_helper.from_array(np.array([-1], np.int64), f"shape{j}")]
+            body.append(helper.make_node("Mul", [x + "_t", f"k{j}"], [x + "_m"]))
+            return body, x + "_m", inits + [numpy_helper.from_array(np.array(0.75, np.float32), f"k{j}")]
+
+        tail.segment(moved, None, float(rng.uniform(0.005, 0.1)), rng)
+        del model.graph.output[0].type.tensor_type.shape.dim[:]
     feed = tuple(lead) if dims == "static" else tuple(draw(st.integers(0, 3)) for _ in lead)
     return model, rand(rng, xdt, (*feed, k))
 
@@ -327,15 +347,180 @@ def test_property_tails_equal_ort(case, level):
     segment is plain arithmetic; at DISABLE / BASIC (ORT's float GEMM may round a tie the other way, and each segment
     may carry that step on) within one step per segment plus one."""
     model, x = case
-    plain, sess = session(model, level=level), ep_session(model, level)
+    try:
+        plain = session(model, level=level)
+    except Exception as e:  # ORT 1.31's transpose optimizer pushes a Transpose through a Q -> DQ pair of another
+        # type and fails its own type check: models plain ORT cannot load are not this test's
+        assert "TypeInferenceError" in str(e), e
+        assume(False)
+    sess = ep_session(model, level)
     want, got = plain.run(None, {"x": x})[0], sess.run(None, {"x": x})[0]
     assert got.shape == want.shape and got.dtype == want.dtype
     if not COMPARE_BUILTIN or x.size == 0:
         return
-    kinds = [n.op_type for n in model.graph.node if n.op_type not in ("DequantizeLinear", "QuantizeLinear", "MatMul")]
+    kinds = [n.op_type for n in model.graph.node
+             if n.op_type not in ("DequantizeLinear", "QuantizeLinear", "MatMul", "Transpose", "Reshape")]
     libm = sum(k in ("Sigmoid", "Tanh", "Erf") for k in kinds)
     diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
     if level in ("extended", "all"):
         assert diff.max(initial=0) <= libm, (level, kinds, diff.max())
     else:
         assert diff.max(initial=0) <= len(kinds) + 1, (level, kinds, diff.max())
+
+
+def _key_path(rng, shape_kind, n=48, heads=4, then_mul=True):
+    """A transformer's key projection: unit -> Q -> DQ -> Add([N] bias) -> Reshape([B, S, heads, N / heads]) ->
+    Transpose(0, 2, 1, 3) -> Mul(scalar) -> Q; the Reshape's shape a constant (with 0 / -1) or a runtime input."""
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, n, True, x_shape=("B", "S"))
+    b = rng.normal(0, 1, n).astype(np.float32)
+    k = np.float32(0.35355339)
+    g = model.graph
+    inits = [numpy_helper.from_array(b, "kb"), numpy_helper.from_array(np.array(k), "kscale"),
+             numpy_helper.from_array(np.array(0.04, np.float32), "s1"), numpy_helper.from_array(np.array(3, np.uint8), "z1")]
+    if shape_kind == "runtime":
+        g.input.append(helper.make_tensor_value_info("hs", TensorProto.INT64, [4]))
+    else:
+        spec = [0, 0, heads, -1] if shape_kind == "constant 0/-1" else [-1, 5, heads, n // heads]
+        inits.append(numpy_helper.from_array(np.array(spec, np.int64), "hs"))
+    g.initializer.extend(inits)
+    nodes = [helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["d1"]),
+             helper.make_node("Add", ["kb", "d1"], ["a1"]),
+             helper.make_node("Reshape", ["a1", "hs"], ["r1"]),
+             helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 2, 1, 3])]
+    last = "t1"
+    if then_mul:
+        nodes.append(helper.make_node("Mul", ["t1", "kscale"], ["m1"]))
+        last = "m1"
+    nodes.append(helper.make_node("QuantizeLinear", [last, "s1", "z1"], ["q1"]))
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("q1", TensorProto.UINT8, None))
+
+    def want(x):
+        v = dequantize(reference(x, ops), ops["sy"], ops["zy"]) + b
+        v = v.reshape(x.shape[0], x.shape[1], heads, n // heads).transpose(0, 2, 1, 3)
+        return quantize(v * k if then_mul else v, 0.04, 3, np.uint8)
+    return model, want
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("shape_kind", ["constant 0/-1", "constant", "runtime"])
+def test_head_split_layout_tail_is_exact(level, shape_kind):
+    """Add(bias) -> Reshape -> Transpose -> Mul(1/sqrt d) -> Q (BERT's key path) joins the unit: computed on the
+    [rows][N] codes, the bytes moved once; equal to the float graph at every level, batch and sequence changing."""
+    rng = np.random.default_rng(58)
+    model, want = _key_path(rng, shape_kind)
+    sess = ep_session(model, level)
+    assert assigned_to_qie(sess) == 4 + 6, sess.get_provider_graph_assignment_info()
+    plain = session(model, level=level)
+    for batch in (1, 2, 0):
+        x = rand(rng, np.uint8, (batch, 5, 40))
+        feeds = {"x": x}
+        if shape_kind == "runtime":
+            feeds["hs"] = np.array([batch, 5, 4, 12], np.int64)
+        if batch == 0 and shape_kind == "constant 0/-1":  # -1 beside a 0 dim: no size to infer, for ORT too
+            for sess_ in (sess, plain):
+                with pytest.raises(Exception, match="Reshape|reshape"):
+                    sess_.run(None, feeds)
+            continue
+        got = sess.run(None, feeds)[0]
+        assert_exact(got, want(x), f"(level={level}, batch={batch})")
+        if COMPARE_BUILTIN and level in ("extended", "all"):
+            assert_exact(got, plain.run(None, feeds)[0], f"(plain ORT, level={level})")
+
+
+@needs_ep
+def test_layout_tail_errors_name_the_node():
+    """A runtime shape that does not fit: an error naming the Reshape, as plain ORT also fails."""
+    rng = np.random.default_rng(59)
+    model, _ = _key_path(rng, "runtime")
+    sess = ep_session(model)
+    x = rand(rng, np.uint8, (2, 5, 40))
+    for bad in ([2, 5, 4, 13], [2, -1, -1, 12], [2, 5, 0, 12]):
+        with pytest.raises(Exception, match="Reshape"):
+            sess.run(None, {"x": x, "hs": np.array(bad, np.int64)})
+        with pytest.raises(Exception, match="[Rr]eshape"):
+            session(model, level="all").run(None, {"x": x, "hs": np.array(bad, np.int64)})
+
+
+@needs_ep
+def test_value_path_segments_and_float_output():
+    """Add(bias) -> Q, then DQ -> Reshape -> Q and DQ -> Transpose -> Q (ORT's quantizer around the value path's
+    layout ops): three segments in one unit; and a float DequantizeLinear after a layout tail."""
+    rng = np.random.default_rng(60)
+    model, want = _key_path(rng, "constant", then_mul=False)
+    g = model.graph
+    # split the one segment into three at its layout nodes: Q -> DQ pairs after Add and after Reshape
+    g.initializer.extend([numpy_helper.from_array(np.array(0.04, np.float32), "sm"),
+                          numpy_helper.from_array(np.array(3, np.uint8), "zm")])
+    for name in ("a1", "r1"):
+        for node in g.node:
+            for i, inp in enumerate(node.input):
+                if inp == name and node.op_type in ("Reshape", "Transpose"):
+                    node.input[i] = name + "_dq"
+        g.node.extend([helper.make_node("QuantizeLinear", [name, "sm", "zm"], [name + "_q"]),
+                       helper.make_node("DequantizeLinear", [name + "_q", "sm", "zm"], [name + "_dq"])])
+    g.node.append(helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["out"]))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
+    import onnx
+    model = onnx.helper.make_model(onnx.helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
+                                   opset_imports=model.opset_import, ir_version=10)
+    for level in ("disable", "all"):
+        sess = ep_session(model, level)
+        assert assigned_to_qie(sess) == 4 + 3 * 2 + 3 + 1, sess.get_provider_graph_assignment_info()
+        x = rand(rng, np.uint8, (2, 5, 40))
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], dequantize(want(x), 0.04, 3))
+
+
+def _topo(nodes):
+    """Nodes in an order where each reads only earlier outputs (graph inputs and initializers aside)."""
+    nodes, done, out = list(nodes), set(), []
+    produced = {o for n in nodes for o in n.output}
+    while nodes:
+        for n in list(nodes):
+            if all(i not in produced or i in done for i in n.input):
+                out.append(n)
+                done.update(n.output)
+                nodes.remove(n)
+    return out
+
+
+@needs_ep
+@pytest.mark.parametrize("case", ["per-column after Reshape", "Reshape read by Shape", "two layouts meet"])
+def test_layout_segments_the_tail_must_not_take(case):
+    """A [N] constant after the layout (its columns moved), a Reshape whose value a Shape node also reads (BERT's
+    query path), two differently moved values meeting: no segment is claimed (the unit takes its DequantizeLinear, whose
+    float value its float ops read), plain ORT's results."""
+    rng = np.random.default_rng(61)
+    model, _ = _key_path(rng, "constant", then_mul=False)
+    g = model.graph
+    tr = next(n for n in g.node if n.op_type == "Transpose")
+    qn = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] == "q1")
+    extra = []
+    if case == "per-column after Reshape":
+        g.initializer.append(numpy_helper.from_array(rng.normal(0, 1, 12).astype(np.float32), "late"))
+        extra = [helper.make_node("Add", ["t1", "late"], ["t2"])]
+        qn.input[0] = "t2"
+    elif case == "Reshape read by Shape":
+        extra = [helper.make_node("Shape", ["r1"], ["r1_shape"])]
+        g.output.append(helper.make_tensor_value_info("r1_shape", TensorProto.INT64, None))
+    else:  # Transpose(r1) + Transpose(r1, other perm) have the same shape only for square heads: use 4 x 12 -> both
+        g.initializer.append(numpy_helper.from_array(np.array([-1, 5, 12, 4], np.int64), "hs2"))
+        extra = [helper.make_node("Reshape", ["a1", "hs2"], ["r2"]),
+                 helper.make_node("Transpose", ["r2"], ["t2"], perm=[0, 3, 1, 2]),
+                 helper.make_node("Add", ["t1", "t2"], ["t3"])]
+        tr.attribute[0].ints[:] = [0, 2, 1, 3]
+        qn.input[0] = "t3"
+    g.node.extend(extra)
+    import onnx
+    model = onnx.helper.make_model(onnx.helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
+                                   opset_imports=model.opset_import, ir_version=10)
+    x = rand(rng, np.uint8, (2, 5, 40))
+    for level in ("disable", "all"):
+        sess = ep_session(model, level)
+        assert assigned_to_qie(sess) == 5, (case, sess.get_provider_graph_assignment_info())
+        if COMPARE_BUILTIN and level == "all":
+            for got, want in zip(sess.run(None, {"x": x}), session(model, level=level).run(None, {"x": x})):
+                assert_exact(got, want, f"({case}, level={level})")

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <unordered_set>
 
 #include "ep/region_plan.h"
@@ -72,6 +73,7 @@ namespace {
 void MatchTail(MatMulUnit* u, size_t N) {
   const OrtNode* q = u->q;
   const int64_t rank = ValueRank(Outputs(u->matmul)[0]);  // constants may not raise it (unknown: 1-D constants)
+  bool moved = false;                                     // an earlier segment holds a Reshape / Transpose
   while (u->tail.size() < kMaxTail) {
     const auto out = Outputs(q);
     if (out.size() != 1 || !out[0] || IsGraphOutput(out[0])) return;
@@ -79,10 +81,11 @@ void MatchTail(MatMulUnit* u, size_t N) {
     const OrtNode* dq = SoleConsumer(out[0], &idx);
     if (!IsOp(dq, "DequantizeLinear") || idx != 0) return;
     Unit seg;
-    if (!MatchElementwise(dq, ConstLayout{ConstLayout::kLast, std::max<int64_t>(rank, 1)}, &seg)) return;
+    if (!MatchElementwise(dq, ConstLayout{ConstLayout::kLast, std::max<int64_t>(rank, 1), true}, &seg)) return;
     const size_t C = CompileTable(seg).C;
-    if (C != 1 && (C != N || N > kMaxTailColumns)) return;
+    if (C != 1 && (C != N || N > kMaxTailColumns || moved)) return;  // columns moved: scalars only
     u->tail.push_back(seg);
+    moved = moved || std::any_of(seg.nodes.begin(), seg.nodes.end(), IsLayoutOp);
     q = seg.q;
   }
 }
@@ -144,10 +147,120 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   return true;
 }
 
+namespace {
+
+// ONNX Reshape's output dims for `in` (0: the input's dim unless allowzero, -1: inferred), checked.
+std::vector<int64_t> ReshapeDims(const std::vector<int64_t>& in, const int64_t* spec, size_t n, bool allowzero,
+                                 const std::string& name) {
+  int64_t count = 1, known = 1;
+  for (int64_t d : in) count *= d;
+  std::vector<int64_t> out(spec, spec + n);
+  int infer = -1;
+  for (size_t i = 0; i < n; ++i) {
+    if (out[i] == 0 && !allowzero) {
+      if (i >= in.size()) throw Failure{"Reshape '" + name + "': a 0 in its shape past the input's rank"};
+      out[i] = in[i];
+    }
+    if (out[i] == -1) {
+      if (infer >= 0) throw Failure{"Reshape '" + name + "': two -1 in its shape"};
+      infer = static_cast<int>(i);
+    } else if (out[i] < 0) {
+      throw Failure{"Reshape '" + name + "': a negative dimension in its shape"};
+    } else {
+      known *= out[i];
+    }
+  }
+  if (infer >= 0) {
+    if (known == 0 || count % known != 0)
+      throw Failure{"Reshape '" + name + "': cannot infer the -1 dimension of " + std::to_string(count) + " elements"};
+    out[static_cast<size_t>(infer)] = count / known;
+  } else if (known != count) {
+    throw Failure{"Reshape '" + name + "': shape of " + std::to_string(known) + " elements for an input of " +
+                  std::to_string(count)};
+  }
+  return out;
+}
+
+// y = x (dims `in`) transposed by `perm`: rows of the output's last axis, copied whole where that is x's last axis.
+void PermuteBytes(const uint8_t* x, const std::vector<int64_t>& in, const std::vector<int64_t>& perm, uint8_t* y) {
+  const size_t r = in.size();
+  std::vector<size_t> istride(r), od(r), os(r), idx(r, 0);
+  size_t total = 1;
+  for (size_t i = r; i-- > 0;) {
+    istride[i] = total;
+    total *= static_cast<size_t>(in[i]);
+  }
+  if (total == 0) return;
+  for (size_t i = 0; i < r; ++i) {
+    od[i] = static_cast<size_t>(in[static_cast<size_t>(perm[i])]);
+    os[i] = istride[static_cast<size_t>(perm[i])];
+  }
+  const size_t inner = r ? od[r - 1] : 1, step = r ? os[r - 1] : 1;
+  for (size_t o = 0; o < total / inner; ++o, y += inner) {
+    size_t base = 0;
+    for (size_t i = 0; i + 1 < r; ++i) base += idx[i] * os[i];
+    if (step == 1) {
+      std::memcpy(y, x + base, inner);
+    } else {
+      for (size_t j = 0; j < inner; ++j) y[j] = x[base + j * step];
+    }
+    for (size_t i = r - 1; i-- > 0;) {
+      if (++idx[i] < od[i]) break;
+      idx[i] = 0;
+    }
+  }
+}
+
+// The dims each layout step reads (shapes[i]) and the output's (shapes.back()).
+std::vector<std::vector<int64_t>> LayoutShapes(const CompiledMatMul& c, std::vector<int64_t> dims,
+                                               OrtKernelContext* ctx) {
+  std::vector<std::vector<int64_t>> shapes = {dims};
+  for (const CompiledMatMul::LayoutStep& st : c.layout) {
+    if (st.transpose) {
+      std::vector<int64_t> perm = st.perm;
+      if (perm.empty())
+        for (size_t i = dims.size(); i-- > 0;) perm.push_back(static_cast<int64_t>(i));
+      std::vector<bool> seen(dims.size(), false);
+      bool ok = perm.size() == dims.size();
+      for (int64_t p : perm) {
+        ok = ok && p >= 0 && p < static_cast<int64_t>(dims.size()) && !seen[static_cast<size_t>(p)];
+        if (ok) seen[static_cast<size_t>(p)] = true;
+      }
+      if (!ok)
+        throw Failure{"Transpose '" + st.name + "': perm is not a permutation of its input's " +
+                      std::to_string(dims.size()) + " axes"};
+      std::vector<int64_t> out(dims.size());
+      for (size_t i = 0; i < dims.size(); ++i) out[i] = dims[static_cast<size_t>(perm[i])];
+      dims = out;
+    } else if (st.input < 0) {
+      dims = ReshapeDims(dims, st.shape.data(), st.shape.size(), st.allowzero, st.name);
+    } else {
+      const OrtValue* v = nullptr;
+      Check(g_api->KernelContext_GetInput(ctx, static_cast<size_t>(st.input), &v));
+      const std::vector<int64_t> s = TensorShape(v);
+      OrtTensorTypeAndShapeInfo* info = nullptr;
+      Check(g_api->GetTensorTypeAndShape(v, &info));
+      ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+      OrtStatus* st_type = g_api->GetTensorElementType(info, &type);
+      g_api->ReleaseTensorTypeAndShapeInfo(info);
+      Check(st_type);
+      if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || s.size() != 1)
+        throw Failure{"Reshape '" + st.name + "': its shape must be a 1-D int64 tensor"};
+      const void* data = nullptr;
+      Check(g_api->GetTensorData(v, &data));
+      dims = ReshapeDims(dims, static_cast<const int64_t*>(data), static_cast<size_t>(s[0]), st.allowzero, st.name);
+    }
+    shapes.push_back(dims);
+  }
+  return shapes;
+}
+
+}  // namespace
+
 OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
   return Guard("MatMul", [&] {
     const OrtValue* x = nullptr;
-    Check(g_api->KernelContext_GetInput(ctx, 0, &x));
+    Check(g_api->KernelContext_GetInput(ctx, static_cast<size_t>(c.x_input), &x));
     const std::vector<int64_t> shape = TensorShape(x);
     const size_t rank = shape.size();
     if (rank == 0 || shape.back() != static_cast<int64_t>(c.K) || (c.gemm && rank != 2))
@@ -155,23 +268,27 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
                     "with last dimension K=" + std::to_string(c.K)};
     size_t rows = 1;
     for (size_t d = 0; d + 1 < rank; ++d) rows *= static_cast<size_t>(shape[d]);
-    std::vector<int64_t> out_shape = shape;
+    std::vector<int64_t> gemm_shape = shape;
     if (rank == 1)
-      out_shape = {static_cast<int64_t>(c.N)};
+      gemm_shape = {static_cast<int64_t>(c.N)};
     else
-      out_shape.back() = static_cast<int64_t>(c.N);
+      gemm_shape.back() = static_cast<int64_t>(c.N);
+    const std::vector<std::vector<int64_t>> shapes =
+        c.layout.empty() ? std::vector<std::vector<int64_t>>{gemm_shape} : LayoutShapes(c, gemm_shape, ctx);
     OrtValue* y = nullptr;
-    Check(g_api->KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &y));
+    Check(g_api->KernelContext_GetOutput(ctx, 0, shapes.back().data(), shapes.back().size(), &y));
     void* ydata = nullptr;
     Check(g_api->GetTensorMutableData(y, &ydata));
     const void* xdata = nullptr;
     Check(g_api->GetTensorData(x, &xdata));
     if (rows == 0 || c.N == 0) return;
-    // the GEMM's codes, when a tail maps them or the unit outputs float values; the tail's codes, when float
-    thread_local std::vector<uint8_t> codes, tail_codes;
+    // The GEMM's codes, when a tail, a layout or a float output follows; the tail's; the layout's two buffers.
+    thread_local std::vector<uint8_t> codes, tail_codes, moved[2];
     const bool tail = !c.table.empty() || !c.programs.chain.empty();
-    if (c.float_out || tail) codes.resize(rows * c.N);
-    if (c.float_out && tail) tail_codes.resize(rows * c.N);
+    const bool after = c.float_out || !c.layout.empty();  // the codes do not go to the output as they are
+    const size_t n = rows * c.N;
+    if (after || tail) codes.resize(n);
+    if (after && tail) tail_codes.resize(n);
     const qie::PackedB* bp = &c.packed;
     qie::GemmArgs g;
     g.M = rows;
@@ -190,7 +307,7 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.kind = c.kind;
     g.scale = c.mult.data();
     g.y_zp = c.zy;
-    g.y = c.float_out || tail ? codes.data() : ydata;
+    g.y = after || tail ? codes.data() : ydata;
     g.ldy = c.N;
     g.batch = 1;
     g.b = &bp;
@@ -198,7 +315,7 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     qie::Gemm(*c.uk, g, pfor);
     const uint8_t* out_codes = codes.data();
     if (tail) {  // programs then table, each in place once the codes are in dst
-      uint8_t* dst = c.float_out ? tail_codes.data() : static_cast<uint8_t*>(ydata);
+      uint8_t* dst = after ? tail_codes.data() : static_cast<uint8_t*>(ydata);
       Dims d;
       d.n = rows;
       d.h = d.w = 1;
@@ -211,8 +328,24 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       if (!c.table.empty()) ApplyLut(c.table.data(), c.tC, src, dst, rows, c.N, pfor);
       out_codes = dst;
     }
-    if (c.float_out)
-      DequantizeCodes(out_codes, rows * c.N, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
+    if (!c.layout.empty()) {  // the bytes moved by each Transpose (a Reshape moves none), the last into the output
+      size_t last = c.layout.size();
+      while (last > 0 && !c.layout[last - 1].transpose) --last;
+      size_t moves = 0;  // transposes so far: they alternate between the two buffers
+      for (size_t i = 0; i < c.layout.size(); ++i) {
+        if (!c.layout[i].transpose) continue;
+        std::vector<int64_t> perm = c.layout[i].perm;
+        if (perm.empty())
+          for (size_t a = shapes[i].size(); a-- > 0;) perm.push_back(static_cast<int64_t>(a));
+        std::vector<uint8_t>& buf = moved[moves++ % 2];
+        if (!(i + 1 == last && !c.float_out)) buf.resize(n);
+        uint8_t* dst = i + 1 == last && !c.float_out ? static_cast<uint8_t*>(ydata) : buf.data();
+        PermuteBytes(out_codes, shapes[i], perm, dst);
+        out_codes = dst;
+      }
+      if (!c.float_out && out_codes != ydata) std::memcpy(ydata, out_codes, n);
+    }
+    if (c.float_out) DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
   });
 }
 
@@ -286,8 +419,38 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->out = OutputParams(u.last_q());
   PlanTail(u, c);
   const auto fin = Inputs(fused);
-  if (fin.empty()) throw Failure{"fused node has no input"};
-  c->x_name = Name(fin[0]);
+  auto input_index = [&](const OrtValueInfo* v) {
+    for (size_t i = 0; i < fin.size(); ++i)
+      if (fin[i] && Name(fin[i]) == Name(v)) return static_cast<int>(i);
+    throw Failure{"fused node has no input '" + Name(v) + "'"};
+  };
+  c->x_input = input_index(Inputs(u.dq_x)[0]);
+  c->x_name = Name(Inputs(u.dq_x)[0]);
+  c->layout.clear();
+  for (const Unit& seg : u.tail)
+    for (const OrtNode* n : seg.nodes) {
+      if (!IsLayoutOp(n)) continue;
+      CompiledMatMul::LayoutStep st;
+      st.name = NodeName(n);
+      if (st.name.empty()) st.name = "(output " + Name(Outputs(n)[0]) + ")";
+      st.transpose = IsOp(n, "Transpose");
+      if (st.transpose) {
+        st.perm = AttrInts(n, "perm");
+      } else {
+        st.allowzero = AttrInt(n, "allowzero", 0) != 0;
+        const OrtValueInfo* sv = Input(Inputs(n), 1);
+        Constant k;
+        if (!sv) throw Failure{"Reshape '" + st.name + "' has no shape input"};
+        if (ReadConstant(sv, &k)) {
+          if (k.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || k.shape.size() != 1)
+            throw Failure{"Reshape '" + st.name + "': its shape must be a 1-D int64 tensor"};
+          st.shape.assign(static_cast<const int64_t*>(k.data), static_cast<const int64_t*>(k.data) + k.count());
+        } else {
+          st.input = input_index(sv);
+        }
+      }
+      c->layout.push_back(std::move(st));
+    }
 }
 
 }  // namespace qie_ep

@@ -82,8 +82,20 @@ struct CompiledMatMul {
   RegionPlan::Step programs;
   std::vector<uint8_t> table;
   size_t tC = 1;
+  // The tail's Reshape / Transpose nodes in order, applied to the [rows][N] codes at the end (their values in between
+  // only met scalar constants).
+  struct LayoutStep {
+    bool transpose = false;
+    std::vector<int64_t> perm;   // Transpose (empty: reversed axes)
+    std::vector<int64_t> shape;  // Reshape: its constant shape, or
+    int input = -1;              // the fused node's input holding it
+    bool allowzero = false;
+    std::string name;  // the node's, for errors
+  };
+  std::vector<LayoutStep> layout;
   QParams out;             // the last QuantizeLinear's scale, zero point and type
   bool float_out = false;  // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
+  int x_input = 0;         // the fused node's input holding x
   std::string x_name;
 };
 

@@ -8,6 +8,7 @@
 #include "ep/units.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <map>
 #include <set>
@@ -133,7 +134,9 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
         q = c;
         continue;
       }
-      if (!IsTableOp(c)) return false;
+      const bool layout_op = layout.layout_ops && IsLayoutOp(c);
+      if (!IsTableOp(c) && !layout_op) return false;
+      if (layout_op && Inputs(c)[0] != v) return false;  // the data operand, not Reshape's shape
       if (std::find(body.begin(), body.end(), c) != body.end()) continue;
       if (body.size() >= 16) return false;
       const auto out = Outputs(c);
@@ -149,12 +152,14 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
     }
   }
   if (!q || body.empty()) return false;
-  // Every other input of f's nodes: a scalar or per-channel constant (one channel count for the unit).
+  // Every other input of f's nodes: a scalar or per-channel constant (one channel count for the unit); a layout
+  // node's other inputs (Reshape's shape) are the fused node's to read.
   std::vector<const OrtNode*> param_dqs;
   size_t C = 1;
   for (const OrtNode* n : body) {
     const std::string op = OpType(n);
     const auto in = Inputs(n);
+    if (IsLayoutOp(n)) continue;
     for (size_t i = 0; i < in.size(); ++i) {
       if (!Input(in, i) || values.count(in[i])) continue;
       std::vector<float> v;
@@ -191,6 +196,33 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
       progress = true;
     }
     if (!progress) return false;  // a cycle cannot happen in a valid graph; refuse rather than loop
+  }
+  // Layout nodes (tails): one chain of them; every value carries the number of layout nodes before it, a node's
+  // tensor operands carry the same, and after the first one the constants are plain scalars (f then runs on the
+  // [rows][N] values, the bytes are moved once at the end).
+  std::map<const OrtValueInfo*, size_t> moves = {{v0, 0}};
+  size_t layouts = 0;
+  for (const OrtNode* n : order) {
+    size_t k = SIZE_MAX;
+    for (const OrtValueInfo* in : Inputs(n)) {
+      if (!in || !values.count(in)) continue;
+      if (k != SIZE_MAX && moves.at(in) != k) return false;
+      k = moves.at(in);
+    }
+    if (IsLayoutOp(n)) {
+      if (k != layouts) return false;
+      k = ++layouts;
+    } else if (k > 0) {
+      for (const OrtValueInfo* in : Inputs(n)) {
+        Constant c;
+        if (!in || values.count(in)) continue;
+        if (ValueRank(in) > 1 || (ReadConstant(in, &c) && c.count() != 1)) return false;
+        std::vector<float> v;
+        const OrtNode* unused = nullptr;
+        if (!ChannelConstant(in, false, layout, &v, &unused) || v.size() != 1) return false;
+      }
+    }
+    moves[Outputs(n)[0]] = k;
   }
   u->kind = UnitKind::kTable;
   u->in_dqs = {dq};
@@ -504,6 +536,9 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
         st.ka[c] = (1.0f / std::sqrt(q[3][c] + eps)) * q[0][c];
         st.kb[c] = q[1][c] - q[2][c] * st.ka[c];
       }
+    } else if (op == "Reshape" || op == "Transpose") {  // tails: f runs on [rows][N], the bytes move afterwards
+      st.op = Op::kCopy;
+      operand(0, &st.a, &st.ka);
     } else if (op == "Clip") {
       st.op = Op::kClip;
       operand(0, &st.a, &st.ka);

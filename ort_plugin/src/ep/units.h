@@ -30,10 +30,14 @@ enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool 
 // Where a table unit's per-channel constants run: along NCHW's axis 1 ([1,C,1,1], [C,1,1]; regions), or along the
 // last axis ([N], [1,..,1,N]; the segments after a MatMul / Gemm unit, whose output is [rows][N]). `max_rank`: the
 // rank a constant may have without raising its tensor's rank (kLast; 1 when that rank is unknown).
+// `layout_ops` (kLast only): the segment may also hold Reshape and Transpose nodes; constants after them are scalars,
+// so f runs on the [rows][N] values and the bytes are permuted afterwards (MatMul unit tails).
 struct ConstLayout {
   enum Axis { kChannel, kLast } axis = kChannel;
   int64_t max_rank = 4;
+  bool layout_ops = false;
 };
+inline bool IsLayoutOp(const OrtNode* n) { return IsOp(n, "Reshape") || IsOp(n, "Transpose"); }
 
 struct Unit {
   UnitKind kind = UnitKind::kTable;
