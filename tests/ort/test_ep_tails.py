@@ -488,10 +488,10 @@ def _topo(nodes):
 
 
 @needs_ep
-@pytest.mark.parametrize("case", ["per-column after Reshape", "Reshape read by Shape", "two layouts meet"])
+@pytest.mark.parametrize("case", ["per-column after Reshape", "two layouts meet"])
 def test_layout_segments_the_tail_must_not_take(case):
-    """A [N] constant after the layout (its columns moved), a Reshape whose value a Shape node also reads (BERT's
-    query path), two differently moved values meeting: no segment is claimed (the unit takes its DequantizeLinear, whose
+    """A [N] constant after the layout (its columns moved), two differently moved values meeting: no segment is
+    claimed (the unit takes its DequantizeLinear, whose
     float value its float ops read), plain ORT's results."""
     rng = np.random.default_rng(61)
     model, _ = _key_path(rng, "constant", then_mul=False)
@@ -503,9 +503,6 @@ def test_layout_segments_the_tail_must_not_take(case):
         g.initializer.append(numpy_helper.from_array(rng.normal(0, 1, 12).astype(np.float32), "late"))
         extra = [helper.make_node("Add", ["t1", "late"], ["t2"])]
         qn.input[0] = "t2"
-    elif case == "Reshape read by Shape":
-        extra = [helper.make_node("Shape", ["r1"], ["r1_shape"])]
-        g.output.append(helper.make_tensor_value_info("r1_shape", TensorProto.INT64, None))
     else:  # Transpose(r1) + Transpose(r1, other perm) have the same shape only for square heads: use 4 x 12 -> both
         g.initializer.append(numpy_helper.from_array(np.array([-1, 5, 12, 4], np.int64), "hs2"))
         extra = [helper.make_node("Reshape", ["a1", "hs2"], ["r2"]),
@@ -524,3 +521,28 @@ def test_layout_segments_the_tail_must_not_take(case):
         if COMPARE_BUILTIN and level == "all":
             for got, want in zip(sess.run(None, {"x": x}), session(model, level=level).run(None, {"x": x})):
                 assert_exact(got, want, f"({case}, level={level})")
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "basic", "all"])
+@pytest.mark.parametrize("start,end", [(None, None), (-2, None), (1, 3)])
+def test_shape_reading_a_tail_value_joins_the_unit(level, start, end):
+    """BERT's query path: a Shape node also reads the Reshape's value (for the output's head merge). It joins the unit,
+    which outputs the dims it gives (start / end as ONNX Shape takes them) beside the codes."""
+    rng = np.random.default_rng(62)
+    model, want = _key_path(rng, "runtime")
+    g = model.graph
+    attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+    g.node.append(helper.make_node("Shape", ["r1"], ["r1_shape"], **attrs))
+    g.output.append(helper.make_tensor_value_info("r1_shape", TensorProto.INT64, None))
+    import onnx
+    model = onnx.helper.make_model(onnx.helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
+                                   opset_imports=model.opset_import, ir_version=10)
+    sess = ep_session(model, level)
+    assert assigned_to_qie(sess) == 4 + 6 + 1, sess.get_provider_graph_assignment_info()
+    for batch in (1, 3):
+        x = rand(rng, np.uint8, (batch, 5, 40))
+        feeds = {"x": x, "hs": np.array([batch, 5, 4, 12], np.int64)}
+        got, dims = sess.run(None, feeds)
+        assert_exact(got, want(x), f"(level={level}, batch={batch})")
+        np.testing.assert_array_equal(dims, np.array([batch, 5, 4, 12], np.int64)[slice(start, end)])

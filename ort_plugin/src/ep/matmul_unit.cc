@@ -273,10 +273,23 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       gemm_shape = {static_cast<int64_t>(c.N)};
     else
       gemm_shape.back() = static_cast<int64_t>(c.N);
-    const std::vector<std::vector<int64_t>> shapes =
-        c.layout.empty() ? std::vector<std::vector<int64_t>>{gemm_shape} : LayoutShapes(c, gemm_shape, ctx);
+    const std::vector<std::vector<int64_t>> shapes = LayoutShapes(c, gemm_shape, ctx);
+    for (const CompiledMatMul::ShapeOut& so : c.shape_outs) {  // ONNX Shape: dims[start:end], clamped
+      const std::vector<int64_t>& d = shapes[so.steps];
+      const auto r = static_cast<int64_t>(d.size());
+      int64_t b = so.start < 0 ? so.start + r : so.start, e = so.end < 0 ? so.end + r : so.end;
+      b = std::min(std::max<int64_t>(b, 0), r);
+      e = std::min(std::max<int64_t>(e, 0), r);
+      const int64_t len = std::max<int64_t>(e - b, 0);
+      OrtValue* v = nullptr;
+      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(so.output), &len, 1, &v));
+      void* p = nullptr;
+      Check(g_api->GetTensorMutableData(v, &p));
+      if (len) std::memcpy(p, d.data() + b, static_cast<size_t>(len) * sizeof(int64_t));
+    }
     OrtValue* y = nullptr;
-    Check(g_api->KernelContext_GetOutput(ctx, 0, shapes.back().data(), shapes.back().size(), &y));
+    Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.y_output), shapes.back().data(),
+                                         shapes.back().size(), &y));
     void* ydata = nullptr;
     Check(g_api->GetTensorMutableData(y, &ydata));
     const void* xdata = nullptr;
@@ -426,8 +439,24 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   };
   c->x_input = input_index(Inputs(u.dq_x)[0]);
   c->x_name = Name(Inputs(u.dq_x)[0]);
+  const auto fout = Outputs(fused);
+  auto output_index = [&](const OrtValueInfo* v) {
+    for (size_t i = 0; i < fout.size(); ++i)
+      if (fout[i] && Name(fout[i]) == Name(v)) return static_cast<int>(i);
+    throw Failure{"fused node has no output '" + Name(v) + "'"};
+  };
+  c->y_output = output_index(Outputs(u.dq_out ? u.dq_out : u.last_q())[0]);
   c->layout.clear();
-  for (const Unit& seg : u.tail)
+  c->shape_outs.clear();
+  for (const Unit& seg : u.tail) {
+    for (const auto& [node, moves] : seg.shape_reads) {
+      CompiledMatMul::ShapeOut so;
+      so.output = output_index(Outputs(node)[0]);
+      so.steps = c->layout.size() + moves;
+      so.start = AttrInt(node, "start", 0);
+      so.end = AttrInt(node, "end", INT64_MAX);
+      c->shape_outs.push_back(so);
+    }
     for (const OrtNode* n : seg.nodes) {
       if (!IsLayoutOp(n)) continue;
       CompiledMatMul::LayoutStep st;
@@ -451,6 +480,7 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
       }
       c->layout.push_back(std::move(st));
     }
+  }
 }
 
 }  // namespace qie_ep

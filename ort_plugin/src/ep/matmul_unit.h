@@ -3,6 +3,7 @@
 // DequantizeLinear, claimed as one fused node and computed in the integer domain (the numerics: matmul_unit.cc's
 // opening comment, docs/numerics.md).
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -30,6 +31,7 @@ struct MatMulUnit {
     for (const Unit& seg : tail) {
       v.push_back(seg.in_dqs[0]);
       v.insert(v.end(), seg.nodes.begin(), seg.nodes.end());
+      for (const auto& r : seg.shape_reads) v.push_back(r.first);
     }
     if (dq_out) v.push_back(dq_out);
     return v;
@@ -56,6 +58,7 @@ void TrimTail(MatMulUnit* u, Pred gone) {
   for (size_t i = 0; i < u->tail.size(); ++i) {
     bool out = gone(u->tail[i].in_dqs[0]);
     for (const OrtNode* m : u->tail[i].nodes) out = out || gone(m);
+    for (const auto& r : u->tail[i].shape_reads) out = out || gone(r.first);
     if (!out) continue;
     u->tail.resize(i);
     Constant sy, zy;  // what reads the codes now: perhaps a DequantizeLinear that `gone` also says is not the unit's
@@ -93,6 +96,15 @@ struct CompiledMatMul {
     std::string name;  // the node's, for errors
   };
   std::vector<LayoutStep> layout;
+  // The tail's Shape nodes: the fused node's output each fills, the layout steps before the value it reads, and its
+  // start / end attributes.
+  struct ShapeOut {
+    int output = 0;
+    size_t steps = 0;
+    int64_t start = 0, end = INT64_MAX;
+  };
+  std::vector<ShapeOut> shape_outs;
+  int y_output = 0;        // the fused node's output of the codes (or their float values)
   QParams out;             // the last QuantizeLinear's scale, zero point and type
   bool float_out = false;  // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
   int x_input = 0;         // the fused node's input holding x

@@ -122,6 +122,7 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
   std::set<const OrtValueInfo*> values = {v0};
   std::vector<const OrtValueInfo*> frontier = {v0};
   const OrtNode* q = nullptr;
+  std::vector<std::pair<const OrtNode*, const OrtValueInfo*>> shapes;  // Shape nodes and the value each reads
   while (!frontier.empty()) {
     const OrtValueInfo* v = frontier.back();
     frontier.pop_back();
@@ -132,6 +133,11 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
       if (v != v0 && cons.size() == 1 && IsOp(c, "QuantizeLinear")) {
         if (q && q != c) return false;
         q = c;
+        continue;
+      }
+      if (layout.layout_ops && IsOp(c, "Shape") && v != v0) {  // dims only: the unit outputs them
+        if (std::none_of(shapes.begin(), shapes.end(), [&](const auto& r) { return r.first == c; }))
+          shapes.emplace_back(c, v);
         continue;
       }
       const bool layout_op = layout.layout_ops && IsLayoutOp(c);
@@ -232,6 +238,12 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
   u->nodes.insert(u->nodes.end(), order.begin(), order.end());
   u->nodes.push_back(q);
   u->layout = layout;
+  u->shape_reads.clear();
+  for (const auto& [node, value] : shapes) {
+    const auto out = Outputs(node);
+    if (out.size() != 1 || !out[0] || Inputs(node)[0] != value) return false;
+    u->shape_reads.emplace_back(node, moves.at(value));
+  }
   try {  // what Compile will build from it
     CompileTable(*u);
   } catch (const Failure&) { return false; }

@@ -50,6 +50,9 @@ struct Unit {
   const OrtNode* q = nullptr;         // the output QuantizeLinear
   std::vector<const OrtNode*> nodes;  // every node of the unit but its input DequantizeLinears
   ConstLayout layout;                 // table units: where their per-channel constants run
+  // MatMul unit tails: Shape nodes reading a value of f (BERT's query path reads its Reshape's), each with the number
+  // of the segment's layout nodes before that value; they join the unit, which outputs the dims they give.
+  std::vector<std::pair<const OrtNode*, size_t>> shape_reads;
 };
 
 // Every unit of `nodes`, each node in at most one unit's `nodes`; nodes already assigned to an EP are skipped and
