@@ -81,6 +81,25 @@ def test_requantize_saturates(isa, adt, bdt, out):
 
 
 @pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("out", ["uint8", "int8"])
+def test_requantize_far_past_int32(isa, out):
+    """Scales that put acc * scale far past the int32 range (1e12, -1e12, and large values of both signs in one
+    row, at every vector of a 48-column tile and its masked edge): the codes saturate as the reference's, never wrap
+    through an overflowing float -> int32 conversion."""
+    rng = np.random.default_rng(5)
+    lo, hi = R.QRANGE[np.dtype(out)]
+    for m, n, k in [(3, 48, 64), (9, 37, 130), (1, 16, 4), (8, 95, 64)]:
+        a, b = rand(rng, np.uint8, (m, k)), rand(rng, np.int8, (k, n))
+        za, zb = np.array([3], np.int32), np.zeros(n, np.int32)
+        scale = (rng.choice([-1.0, 1.0], n) * rng.uniform(1e5, 1e8, n)).astype(np.float32)
+        for y_zp in (lo, 0, hi):
+            want = R.gemm_u8s8(a, b, za[0], zb, out=out, scale=scale, y_zero_point=y_zp)
+            check(kernel_gemm(isa, a, b, za, zb, out=out, scale=scale, y_zp=y_zp), want, isa=isa, m=m, n=n, k=k,
+                  y_zp=y_zp)
+            assert (want == lo).any() and (want == hi).any()
+
+
+@pytest.mark.parametrize("isa", isa_params())
 def test_float_output_and_bias_forms(isa):
     rng = np.random.default_rng(3)
     m, n, k = 11, 37, 45
