@@ -99,11 +99,17 @@ class Quantizer:
                 method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                           "percentile": CalibrationMethod.Percentile}[c.calibration]
                 reader = None if self.cache.exists() else _Reader(self.feeds, self.progress)
+                extra = {}
+                if c.calibration != "minmax" and len({_shapes(f) for f in self.feeds}) > 1:
+                    # ORT's histogram calibrators stack each tensor over the samples of one collection and fail
+                    # on samples of different shapes (sentences of different lengths); collected one sample at
+                    # a time (ORT's strided collection), the histograms are merged across samples instead.
+                    extra["CalibStridedMinMax"] = 1
                 quantize_static(self.source, out, reader, quant_format=QuantFormat.QDQ if c.fmt == "qdq" else QuantFormat.QOperator,
                                 op_types_to_quantize=op_types, per_channel=c.per_channel,
                                 activation_type=getattr(QuantType, QTYPES[c.activation_type]), weight_type=wtype,
                                 nodes_to_quantize=list(only or []), nodes_to_exclude=excluded, calibrate_method=method,
-                                calibration_cache_path=self.cache)
+                                calibration_cache_path=self.cache, extra_options=extra)
         finally:
             logging.getLogger().setLevel(quiet)
         return out
@@ -121,22 +127,34 @@ class Quantizer:
         self._tmp.cleanup()
 
 
+def _shapes(feed: dict) -> tuple:
+    return tuple(sorted((k, tuple(v.shape)) for k, v in feed.items()))
+
+
 class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader protocol over a list of feeds, with a bar."""
+    """onnxruntime.quantization's CalibrationDataReader protocol over a list of feeds, with a bar; ``set_range``
+    and ``len`` for ORT's strided collection."""
 
     def __init__(self, feeds, progress: bool):
         from tqdm import tqdm
 
+        self._feeds = feeds
         self._bar = tqdm(total=len(feeds), desc="calibrating", unit="sample", disable=None if progress else True,
                          leave=False)
         self._it = iter(feeds)
 
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._feeds[start_index:end_index])
+
     def get_next(self):
         feed = next(self._it, None)
-        if feed is None:
-            self._bar.close()
-        else:
+        if feed is not None:
             self._bar.update(1)
+        if feed is None or self._bar.n >= len(self._feeds):  # the end (of the last range, when strided)
+            self._bar.close()
         return feed
 
     def __iter__(self):

@@ -107,6 +107,33 @@ def test_quantize_static_qdq_runs_on_qie(work, capsys):
     assert np.corrcoef(ref.ravel(), y.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_on_samples_of_different_shapes(tmp_path, method):
+    """Sentences of different lengths as calibration samples (a transformer's [1, S, F] inputs): ORT's histogram
+    calibrators stack each tensor over the samples and failed with a numpy error; qie collects them one sample at a
+    time, and the model quantizes and runs on qie, close to FP32."""
+    rng = np.random.default_rng(3)
+    w = [(rng.standard_normal((FEAT, FEAT)) / np.sqrt(FEAT)).astype(np.float32) for _ in range(2)]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", FEAT])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "S", FEAT])],
+                          [numpy_helper.from_array(w[0], "w1"), numpy_helper.from_array(w[1], "w2")])
+    model = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(model))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, s in enumerate((3, 7, 5, 11, 2, 8)):
+        np.savez(calib / f"s{i}.npz", x=rng.standard_normal((1, s, FEAT)).astype(np.float32))
+    out = tmp_path / "seq.int8.onnx"
+    assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib), "--calibration", method]) == 0
+    assert _ops(out).count("QuantizeLinear") >= 2
+    x = rng.standard_normal((1, 6, FEAT)).astype(np.float32)
+    ref, got = _run(model, x, qie=False), _run(out, x)
+    cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
+    assert cos > 0.97, cos
+
+
 def test_quantize_qoperator_and_dynamic(work):
     qop, dyn = work["dir"] / "mlp.qop.onnx", work["dir"] / "mlp.dyn.onnx"
     assert main(["quantize", str(work["mlp"]), "-o", str(qop), "--calib", str(work["npz"]), "--format", "qoperator",
