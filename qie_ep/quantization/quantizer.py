@@ -105,11 +105,20 @@ class Quantizer:
                     # on samples of different shapes (sentences of different lengths); collected one sample at
                     # a time (ORT's strided collection), the histograms are merged across samples instead.
                     extra["CalibStridedMinMax"] = 1
-                quantize_static(self.source, out, reader, quant_format=QuantFormat.QDQ if c.fmt == "qdq" else QuantFormat.QOperator,
-                                op_types_to_quantize=op_types, per_channel=c.per_channel,
-                                activation_type=getattr(QuantType, QTYPES[c.activation_type]), weight_type=wtype,
-                                nodes_to_quantize=list(only or []), nodes_to_exclude=excluded, calibrate_method=method,
-                                calibration_cache_path=self.cache, extra_options=extra)
+                try:
+                    quantize_static(self.source, out, reader,
+                                    quant_format=QuantFormat.QDQ if c.fmt == "qdq" else QuantFormat.QOperator,
+                                    op_types_to_quantize=op_types, per_channel=c.per_channel,
+                                    activation_type=getattr(QuantType, QTYPES[c.activation_type]), weight_type=wtype,
+                                    nodes_to_quantize=list(only or []), nodes_to_exclude=excluded,
+                                    calibrate_method=method, calibration_cache_path=self.cache, extra_options=extra)
+                except _ort_errors() as e:
+                    if reader is None:
+                        raise
+                    msg = str(e).split(" : ")[-1].strip().splitlines()[0][:300]
+                    raise UserError(f"{self.model_path}: ONNX Runtime fails running the FP32 model on the calibration "
+                                    f"data ({msg}); a shape fixed when the model was exported that the samples do not "
+                                    "match is the usual cause") from None
         finally:
             logging.getLogger().setLevel(quiet)
         return out
@@ -125,6 +134,14 @@ class Quantizer:
 
     def close(self):
         self._tmp.cleanup()
+
+
+def _ort_errors() -> tuple:
+    """ONNX Runtime's own exception types (Fail, InvalidArgument, ...: none derives from RuntimeError)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "RuntimeException", "InvalidGraph", "NotImplemented", "EPFail", "EngineError")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n))
 
 
 def _shapes(feed: dict) -> tuple:

@@ -323,6 +323,25 @@ def test_error_calibration_data_does_not_fit(work, tmp_path):
     assert not out.exists()
 
 
+def test_error_model_fails_on_the_calibration_data(tmp_path):
+    """A model whose export fixed a shape (a Reshape to [5, 4, 8]) and calibration samples of another length: one line
+    naming the model and ORT's reason, exit status 2, no output file."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc"), helper.make_node("Reshape", ["h", "s"], ["y"])]
+    g = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", FEAT])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(np.ones((FEAT, FEAT), np.float32), "w"),
+                           numpy_helper.from_array(np.array([5, 4, 8], np.int64), "s")])
+    model = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(model))
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.savez(calib / "s.npz", x=np.ones((1, 7, FEAT), np.float32))
+    r = _cli("quantize", model, "-o", tmp_path / "out.onnx", "--calib", calib)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "fails running the FP32 model on the calibration data" in r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_error_unwritable_output(work, tmp_path):
     _assert_user_error(_cli("quantize", work["mlp"], "-o", tmp_path / "missing" / "o.onnx", "--dynamic"),
                        "does not exist")
