@@ -238,6 +238,19 @@ def _model_with(rng, bias_shape, x_shape=("B", 5), extra_output=False):
     return model
 
 
+def _claims_and_equals_plain(model, x, claimed, case, ep_options=None):
+    """At DISABLE and ALL: `claimed` nodes on qie's EP, and (ALL) plain ORT's results."""
+    for level in ("disable", "all"):
+        so = options(level=level)
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        qie_ep.register(so, ep=True, ep_options=ep_options)
+        sess = session(model, so)
+        assert assigned_to_qie(sess) == claimed, (case, sess.get_provider_graph_assignment_info())
+        if COMPARE_BUILTIN and level == "all":
+            for got, want in zip(sess.run(None, {"x": x}), session(model, level=level).run(None, {"x": x})):
+                assert_exact(got, want, f"({case}, level={level})")
+
+
 @needs_ep
 @pytest.mark.parametrize("case", ["[rows,N] constant", "[rows,1] constant", "rank-raising constant",
                                   "value read outside", "tails off"])
@@ -252,16 +265,7 @@ def test_segments_the_tail_must_not_take(case):
              "value read outside": lambda: _model_with(rng, (12,), extra_output=True),
              "tails off": lambda: _model_with(rng, (12,))}[case]()
     x = rand(rng, np.uint8, (2, 5, 20) if case != "rank-raising constant" else (5, 20))
-    for level in ("disable", "all"):
-        so_opts = {"tails": "0"} if case == "tails off" else None
-        so = options(level=level)
-        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-        qie_ep.register(so, ep=True, ep_options=so_opts)
-        sess = session(model, so)
-        assert assigned_to_qie(sess) == 4, (case, sess.get_provider_graph_assignment_info())
-        if COMPARE_BUILTIN and level == "all":
-            for got, want in zip(sess.run(None, {"x": x}), session(model, level=level).run(None, {"x": x})):
-                assert_exact(got, want, f"({case}, level={level})")
+    _claims_and_equals_plain(model, x, 4, case, {"tails": "0"} if case == "tails off" else None)
 
 
 @needs_ep
@@ -464,14 +468,19 @@ def test_value_path_segments_and_float_output():
     g.node.append(helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["out"]))
     del g.output[:]
     g.output.append(helper.make_tensor_value_info("out", TensorProto.FLOAT, None))
-    import onnx
-    model = onnx.helper.make_model(onnx.helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
-                                   opset_imports=model.opset_import, ir_version=10)
+    model = _rebuilt(model)
     for level in ("disable", "all"):
         sess = ep_session(model, level)
         assert assigned_to_qie(sess) == 4 + 3 * 2 + 3 + 1, sess.get_provider_graph_assignment_info()
         x = rand(rng, np.uint8, (2, 5, 40))
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], dequantize(want(x), 0.04, 3))
+
+
+def _rebuilt(model):
+    """The model with its nodes in topological order (nodes appended out of order above)."""
+    g = model.graph
+    return helper.make_model(helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
+                             opset_imports=model.opset_import, ir_version=10)
 
 
 def _topo(nodes):
@@ -511,16 +520,9 @@ def test_layout_segments_the_tail_must_not_take(case):
         tr.attribute[0].ints[:] = [0, 2, 1, 3]
         qn.input[0] = "t3"
     g.node.extend(extra)
-    import onnx
-    model = onnx.helper.make_model(onnx.helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
-                                   opset_imports=model.opset_import, ir_version=10)
+    model = _rebuilt(model)
     x = rand(rng, np.uint8, (2, 5, 40))
-    for level in ("disable", "all"):
-        sess = ep_session(model, level)
-        assert assigned_to_qie(sess) == 5, (case, sess.get_provider_graph_assignment_info())
-        if COMPARE_BUILTIN and level == "all":
-            for got, want in zip(sess.run(None, {"x": x}), session(model, level=level).run(None, {"x": x})):
-                assert_exact(got, want, f"({case}, level={level})")
+    _claims_and_equals_plain(model, x, 5, case)
 
 
 @needs_ep
@@ -535,9 +537,7 @@ def test_shape_reading_a_tail_value_joins_the_unit(level, start, end):
     attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
     g.node.append(helper.make_node("Shape", ["r1"], ["r1_shape"], **attrs))
     g.output.append(helper.make_tensor_value_info("r1_shape", TensorProto.INT64, None))
-    import onnx
-    model = onnx.helper.make_model(onnx.helper.make_graph(_topo(g.node), g.name, g.input, g.output, g.initializer),
-                                   opset_imports=model.opset_import, ir_version=10)
+    model = _rebuilt(model)
     sess = ep_session(model, level)
     assert assigned_to_qie(sess) == 4 + 6 + 1, sess.get_provider_graph_assignment_info()
     for batch in (1, 3):
