@@ -2,7 +2,9 @@
 
 PP-OCRv6 text recogniser (one 48x320 line) and PP-LCNet orientation classifier (one 224x224 page), each as FP32 on
 ORT and INT8 (quantize_static per-channel with ORT's op set, QDQ and QOperator); MiniLM-L6 (one sentence) as the
-demo quantizes it (`qie quantize`'s code: static QDQ of every MatMul, and with --accuracy-budget 0.01). Each INT8
+demo quantizes it (`qie quantize`'s code: static QDQ of every MatMul, and with --accuracy-budget 0.01); two
+torch-built architectures the demo lacks (qie_ep.demo.synthetic: a TransformerEncoder, a MobileNetV2-like CNN;
+seeded weights, `qie quantize --per-channel`). Each INT8
 model on ORT's built-in kernels, on ORT + qie's custom ops alone and with qie's execution provider (where ORT has
 the EP API); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved (pools not spinning, so no
 session steals the other's core), median of >= 20 runs.
@@ -28,7 +30,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm"])
+    ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm", "encoder", "mbnet"],
+                    help="demo models, and qie_ep.demo.synthetic's torch-built encoder / mbnet (seeded weights)")
     args = ap.parse_args(argv)
     env = environment()
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | ORT_ENABLE_ALL, batch 1")
@@ -90,6 +93,12 @@ def cases(names):
     quantize_static with ORT's op set (QDQ and QOperator), MiniLM as the demo quantizes it (`qie quantize`'s code:
     static QDQ of every MatMul, and with --accuracy-budget 0.01), one sentence."""
     for name in names:
+        if name in ("encoder", "mbnet"):  # architectures the demo lacks (qie_ep.demo.synthetic), qie quantize'd
+            from qie_ep.demo import synthetic
+
+            fp32, int8 = synthetic.model(name)
+            yield name, "qdq", fp32.read_bytes(), int8.read_bytes(), {"x": synthetic.inputs(name, 1, seed=5)[0]}
+            continue
         if name == "minilm":
             from qie_ep.demo.__main__ import minilm_cases
 
