@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.py", "tests/kernels/test_rounding_ties.py",
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
-         "tests/ort/test_ep.py"]
+         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py"]
 
 
 @dataclass(frozen=True)
@@ -76,9 +76,13 @@ MUTATIONS = [
     Mutation("column tiles write one column past the right edge", "kernels/gemm_driver.cc",
              "cols = std::min(nr, N - n0);", "cols = std::min(nr, N - n0 + 1);"),
     # the execution provider's units
-    Mutation("EP multiplier uses the first weight scale", "ep/qie_ep.cc",
+    Mutation("EP multiplier uses the first weight scale", "ep/matmul_unit.cc",
              "(fsx * static_cast<const float*>(o.sw.data)[i]) / fsy", "(fsx * static_cast<const float*>(o.sw.data)[0]) / fsy"),
-    Mutation("EP drops the Gemm bias", "ep/qie_ep.cc", "g.bias = c.bias.data();", "g.bias = nullptr;"),
+    Mutation("EP drops the Gemm bias", "ep/matmul_unit.cc", "g.bias = c.bias.data();", "g.bias = nullptr;"),
+    Mutation("EP tail skips its per-column programs", "ep/matmul_unit.cc",
+             "RunChannelPrograms(c.programs, d, src, dst, pfor);", "std::memcpy(dst, src, rows * c.N);"),
+    Mutation("EP layout tail forgets its transpose", "ep/matmul_unit.cc",
+             "PermuteBytes(out_codes, shapes[i], perm, dst);", "std::memcpy(dst, out_codes, n);"),
     # dispatch
     Mutation("AVX-512 VNNI never detected", "kernels/dispatch.cc",
              '__builtin_cpu_supports("avx512vnni");', '__builtin_cpu_supports("avx512vnni") && false;'),
