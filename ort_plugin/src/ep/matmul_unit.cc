@@ -370,15 +370,17 @@ void PlanTail(const MatMulUnit& u, CompiledMatMul* c) {
   c->programs.chain.clear();
   c->table.clear();
   c->tC = 1;
-  size_t direct = 0;  // segments run as programs
+  std::vector<FloatProgram> f;  // each segment's program, compiled once
+  size_t direct = 0;            // segments run as programs: up to the last per-column one, if all arithmetic
   for (size_t i = 0; i < u.tail.size(); ++i) {
-    const FloatProgram f = CompileTable(u.tail[i]);
-    if (f.C > 1) direct = i + 1;
+    f.push_back(CompileTable(u.tail[i]));
+    if (f.back().C > 1) direct = i + 1;
   }
-  for (size_t i = 0; i < direct; ++i)
-    if (!CompileTable(u.tail[i]).arithmetic) direct = 0;
+  if (std::any_of(f.begin(), f.begin() + static_cast<ptrdiff_t>(direct),
+                  [](const FloatProgram& p) { return !p.arithmetic; }))
+    direct = 0;
   for (size_t i = 0; i < direct; ++i) {
-    RegionPlan::Chained link{InputParams(u.tail[i].in_dqs[0]), CompileTable(u.tail[i]), OutputParams(u.tail[i].q)};
+    RegionPlan::Chained link{InputParams(u.tail[i].in_dqs[0]), std::move(f[i]), OutputParams(u.tail[i].q)};
     link.f.Expand(c->N, ProgramRows(c->N));
     c->programs.chain.push_back(std::move(link));
   }
