@@ -48,10 +48,10 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     Registering twice on the same options is a no-op.
 
     ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm and Softmax units), ``regions`` ("1"/"0":
-    claim conv regions), ``tails`` ("1"/"0": MatMul / Gemm units take the elementwise QDQ segments after them: bias
-    Add, Gelu, ...), ``min_region_convs`` (convolutions a region needs, default "2"), ``profile`` ("1": time
-    the regions' unit kinds, see ``region_profile()``). A bad value fails the
-    session creation with a message naming the option.
+    claim conv regions), ``tails`` ("1"/"0": MatMul / Gemm units take the QDQ segments after them: bias Add, Gelu,
+    head splits, the residual LayerNorm ...), ``min_region_convs`` (convolutions a region needs, default "2"),
+    ``profile`` ("1": time the regions' unit kinds, see ``region_profile()``). A bad value fails the session creation
+    with a message naming the option.
     """
     if ep is None:
         ep = ep_available()

@@ -546,3 +546,82 @@ def test_shape_reading_a_tail_value_joins_the_unit(level, start, end):
         got, dims = sess.run(None, feeds)
         assert_exact(got, want(x), f"(level={level}, batch={batch})")
         np.testing.assert_array_equal(dims, np.array([batch, 5, 4, 12], np.int64)[slice(start, end)])
+
+
+def _norm_model(rng, residual_dims=("B", "S"), bias=True, mean_output=False, ydt=np.uint8, n=64):
+    """BERT's output projection: unit -> Q -> DQ -> Add(bias) -> Add(residual) -> LayerNormalization -> Q."""
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, n, True, x_shape=("B", "S"))
+    g = model.graph
+    b = rng.normal(0, 0.5, n).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, n).astype(np.float32), rng.normal(0, 0.2, n).astype(np.float32)
+    g.input.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, [*residual_dims, n]))
+    g.initializer.extend([numpy_helper.from_array(b, "nb"), numpy_helper.from_array(gamma, "gamma"),
+                          numpy_helper.from_array(beta, "beta"), numpy_helper.from_array(np.array(0.03, np.float32), "s1"),
+                          numpy_helper.from_array(np.array(128 if ydt == np.uint8 else 0, ydt), "z1")])
+    nodes = [helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["d1"])]
+    cur = "d1"
+    if bias:
+        nodes.append(helper.make_node("Add", ["nb", "d1"], ["a1"]))
+        cur = "a1"
+    nodes += [helper.make_node("Add", [cur, "res"], ["a2"]),
+              helper.make_node("LayerNormalization", ["a2", "gamma", "beta"], ["ln"] + (["mean"] if mean_output else []),
+                               axis=-1, epsilon=1e-5),
+              helper.make_node("QuantizeLinear", ["ln", "s1", "z1"], ["q1"])]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("q1", T[ydt], None))
+    if mean_output:
+        g.output.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
+
+    def want(x, res):
+        v = dequantize(reference(x, ops), ops["sy"], ops["zy"])
+        v = (v + b if bias else v) + res
+        mean = v.mean(-1, keepdims=True, dtype=np.float32)
+        var = (v * v).mean(-1, keepdims=True, dtype=np.float32) - mean * mean
+        return quantize((v - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta, 0.03,
+                        128 if ydt == np.uint8 else 0, ydt)
+    return model, want
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("ydt", [np.uint8, np.int8], ids=["u8", "s8"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_residual_layernorm_tail(level, ydt, bias):
+    """DQ -> [Add(bias)] -> Add(residual of the same symbolic shape) -> LayerNormalization -> Q after a unit (BERT's
+    output projection) joins it: float32 as ORT's LayerNormalization kernel computes it, then the Q; within one step
+    of the float graph and of ORT (SkipLayerNormalization at EXTENDED / ALL), on few codes; zero rows give none."""
+    rng = np.random.default_rng(63)
+    model, want = _norm_model(rng, bias=bias, ydt=ydt)
+    sess = ep_session(model, level)
+    claimed = assigned_to_qie(sess)
+    assert claimed == 4 + 1 + 3 + bias, sess.get_provider_graph_assignment_info()
+    plain = session(model, level=level)
+    for batch in (1, 3, 0):
+        x, res = rand(rng, np.uint8, (batch, 5, 40)), rng.normal(0, 1, (batch, 5, 64)).astype(np.float32)
+        got = sess.run(None, {"x": x, "res": res})[0]
+        assert got.shape == (batch, 5, 64) and got.dtype == ydt
+        if batch == 0:
+            continue
+        for name, ref in [("numpy", want(x, res))] + ([("ORT", plain.run(None, {"x": x, "res": res})[0])]
+                                                       if COMPARE_BUILTIN else []):
+            diff = np.abs(got.astype(np.int32) - ref.astype(np.int32))
+            bound = 2 if name == "ORT" and level in ("disable", "basic") else 1  # ORT's float GEMM's tie, then LN
+            assert diff.max() <= bound and diff.mean() < 0.02, (name, level, diff.max(), diff.mean())
+
+
+@needs_ep
+@pytest.mark.parametrize("case", ["residual of unproven shape", "LayerNorm's mean read"])
+def test_layernorm_tails_the_unit_must_not_take(case):
+    """A residual whose shape ORT cannot prove equal (other symbols: it might broadcast), a LayerNormalization whose
+    Mean output is read: the unit outputs its float values (DQ taken, 5 nodes) and ORT runs the rest."""
+    rng = np.random.default_rng(64)
+    model, _ = _norm_model(rng, residual_dims=("B2", "S2") if case.startswith("residual") else ("B", "S"),
+                           mean_output=case.startswith("LayerNorm"))
+    x, res = rand(rng, np.uint8, (2, 5, 40)), rng.normal(0, 1, (2, 5, 64)).astype(np.float32)
+    for level in ("disable", "all"):
+        sess = ep_session(model, level)
+        assert assigned_to_qie(sess) == 5, (case, sess.get_provider_graph_assignment_info())
+        if COMPARE_BUILTIN:
+            for got, want in zip(sess.run(None, {"x": x, "res": res}), session(model, level=level).run(None, {"x": x, "res": res})):
+                np.testing.assert_array_equal(got, want, f"({case}, level={level})")

@@ -81,6 +81,8 @@ MUTATIONS = [
     Mutation("EP drops the Gemm bias", "ep/matmul_unit.cc", "g.bias = c.bias.data();", "g.bias = nullptr;"),
     Mutation("EP tail skips its per-column programs", "ep/matmul_unit.cc",
              "RunChannelPrograms(c.programs, d, src, dst, pfor);", "std::memcpy(dst, src, rows * c.N);"),
+    Mutation("EP norm tail drops LayerNorm's beta", "ep/matmul_unit.cc",
+             "if (!nm.beta.empty()) o = o + nm.beta[h];", "if (nm.beta.empty()) o = o + nm.beta[h];"),
     Mutation("EP layout tail forgets its transpose", "ep/matmul_unit.cc",
              "PermuteBytes(out_codes, shapes[i], perm, dst);", "std::memcpy(dst, out_codes, n);"),
     # dispatch

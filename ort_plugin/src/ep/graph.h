@@ -154,6 +154,36 @@ inline int64_t ValueRank(const OrtValueInfo* vi) {
   }
   return static_cast<int64_t>(rank);
 }
+// Whether two tensor values provably have one shape: known ranks, and per axis the same fixed size or the same
+// (named) symbol, which ORT's shape inference gives only to equal sizes.
+inline bool SameShape(const OrtValueInfo* a, const OrtValueInfo* b) {
+  auto read = [](const OrtValueInfo* vi, std::vector<int64_t>* dims, std::vector<std::string>* syms) {
+    const OrtTensorTypeAndShapeInfo* tsi = TensorInfo(vi);
+    size_t rank = 0;
+    if (!tsi) return false;
+    if (OrtStatus* st = g_api->GetDimensionsCount(tsi, &rank)) {
+      g_api->ReleaseStatus(st);
+      return false;
+    }
+    dims->resize(rank);
+    std::vector<const char*> names(rank, nullptr);
+    if (rank) {
+      Check(g_api->GetDimensions(tsi, dims->data(), rank));
+      Check(g_api->GetSymbolicDimensions(tsi, names.data(), rank));
+    }
+    for (const char* n : names) syms->push_back(n ? n : "");
+    return true;
+  };
+  std::vector<int64_t> da, db;
+  std::vector<std::string> sa, sb;
+  if (!read(a, &da, &sa) || !read(b, &db, &sb) || da.size() != db.size()) return false;
+  for (size_t i = 0; i < da.size(); ++i) {
+    const bool fixed = da[i] >= 0 && da[i] == db[i];
+    const bool symbol = da[i] < 0 && db[i] < 0 && !sa[i].empty() && sa[i] == sb[i];
+    if (!fixed && !symbol) return false;
+  }
+  return true;
+}
 // A run-time tensor's shape.
 inline std::vector<int64_t> TensorShape(const OrtValue* v) {
   OrtTensorTypeAndShapeInfo* info = nullptr;

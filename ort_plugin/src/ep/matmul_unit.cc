@@ -90,6 +90,74 @@ void MatchTail(MatMulUnit* u, size_t N) {
   }
 }
 
+// A float constant of 1 or N values along the last axis of a value of rank `rank` (unknown: -1): its N values.
+bool ColumnConstant(const OrtValueInfo* vi, size_t N, int64_t rank, std::vector<float>* v) {
+  Constant k;
+  if (!vi || !ReadConstant(vi, &k) || k.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return false;
+  if (k.shape.size() > static_cast<size_t>(std::max<int64_t>(rank, 1))) return false;
+  for (size_t i = 0; i + 1 < k.shape.size(); ++i)
+    if (k.shape[i] != 1) return false;
+  const auto* d = static_cast<const float*>(k.data);
+  if (k.count() == 1)
+    v->assign(N, d[0]);
+  else if (k.count() == N && !k.shape.empty())
+    v->assign(d, d + N);
+  else
+    return false;
+  return true;
+}
+
+// The residual LayerNorm after the unit's float output (MatMulUnit::Norm): each value read by the next node alone.
+void MatchNorm(MatMulUnit* u, size_t N) {
+  u->norm = {};
+  if (!u->dq_out) return;
+  for (const Unit& seg : u->tail)  // LayerNorm's last axis is N only while no Reshape / Transpose moved it
+    if (std::any_of(seg.nodes.begin(), seg.nodes.end(), IsLayoutOp)) return;
+  const int64_t rank = ValueRank(Outputs(u->matmul)[0]);
+  MatMulUnit::Norm n;
+  const OrtValueInfo* v = Outputs(u->dq_out)[0];
+  auto next = [&](const OrtValueInfo* value) -> const OrtNode* {
+    return value && !IsGraphOutput(value) ? SoleConsumer(value) : nullptr;
+  };
+  auto other = [](const OrtNode* add, const OrtValueInfo* mine) -> const OrtValueInfo* {
+    const auto in = Inputs(add);
+    if (in.size() != 2) return nullptr;
+    return in[0] == mine ? in[1] : in[1] == mine ? in[0] : nullptr;
+  };
+  const OrtNode* c = next(v);
+  std::vector<float> unused;
+  if (IsOp(c, "Add") && ColumnConstant(other(c, v), N, rank, &unused)) {
+    n.add_bias = c;
+    v = Outputs(c)[0];
+    c = next(v);
+  }
+  if (!IsOp(c, "Add")) return;
+  const OrtValueInfo* r = other(c, v);
+  Constant k;
+  if (!r || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !SameShape(r, v)) return;
+  n.add_res = c;
+  n.residual = r;
+  v = Outputs(c)[0];
+  c = next(v);
+  if (!IsOp(c, "LayerNormalization") || rank < 1 || Inputs(c)[0] != v) return;
+  const int64_t axis = AttrInt(c, "axis", -1);
+  if ((axis != -1 && axis != rank - 1) || AttrInt(c, "stash_type", 1) != 1) return;
+  const auto lin = Inputs(c);
+  const auto lout = Outputs(c);
+  if (lin.size() < 2 || !ColumnConstant(lin[1], N, 1, &unused) ||
+      (Input(lin, 2) && !ColumnConstant(lin[2], N, 1, &unused)))
+    return;
+  for (size_t i = 1; i < lout.size(); ++i)  // Mean / InvStdDev: not computed here
+    if (lout[i] && !Name(lout[i]).empty() && (IsGraphOutput(lout[i]) || Consumers(lout[i]) > 0)) return;
+  n.ln = c;
+  v = lout[0];
+  c = next(v);
+  Constant sy, zy;
+  if (!IsOp(c, "QuantizeLinear") || Inputs(c)[0] != v || !QOperands(c, &sy, &zy)) return;
+  n.q = c;
+  u->norm = n;
+}
+
 }  // namespace
 
 bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
@@ -144,6 +212,7 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   Constant sy_last, zy_last;
   if (!QOperands(u->last_q(), &sy_last, &zy_last)) return false;
   u->dq_out = DequantizedBySame(u->last_q(), sy_last, zy_last);
+  MatchNorm(u, o->N);
   return true;
 }
 
@@ -255,6 +324,51 @@ std::vector<std::vector<int64_t>> LayoutShapes(const CompiledMatMul& c, std::vec
   return shapes;
 }
 
+// The norm tail over `rows` rows of N float values x (the unit's dequantized output): per row, + bias, + the
+// residual, LayerNormalization as ORT's CPU kernel computes it in float32 (sums in order, mean and variance from
+// them, (x - mean) / sqrt(var + eps) * gamma + beta), then the QuantizeLinear.
+void NormRows(const CompiledMatMul& c, float* x, size_t rows, OrtKernelContext* ctx, const std::vector<int64_t>& dims,
+              uint8_t* y, const qie::ParallelFor& pfor) {
+  const CompiledMatMul::CompiledNorm& nm = c.norm;
+  const OrtValue* rv = nullptr;
+  Check(g_api->KernelContext_GetInput(ctx, static_cast<size_t>(nm.residual), &rv));
+  if (TensorShape(rv) != dims)
+    throw Failure{"LayerNormalization '" + nm.name + "': the residual's shape differs from the MatMul's output"};
+  const void* rp = nullptr;
+  Check(g_api->GetTensorData(rv, &rp));
+  const auto* res = static_cast<const float*>(rp);
+  const size_t N = c.N;
+  const Quantizer q(nm.out);
+  const size_t per = std::max<size_t>(1, 16384 / std::max<size_t>(N, 1));  // rows per task
+  auto task = [&](size_t t) {
+    for (size_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
+      float* v = x + r * N;
+      const float* e = res + r * N;
+      if (!nm.bias.empty())
+        for (size_t h = 0; h < N; ++h) v[h] = v[h] + nm.bias[h];
+      for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h];
+      float mean = 0.0f, square = 0.0f;
+      for (size_t h = 0; h < N; ++h) {
+        mean += v[h];
+        square += v[h] * v[h];
+      }
+      mean = mean / static_cast<float>(N);
+      const float denom = std::sqrt(square / static_cast<float>(N) - mean * mean + nm.epsilon);
+      uint8_t* out = y + r * N;
+      for (size_t h = 0; h < N; ++h) {
+        float o = (v[h] - mean) / denom * nm.gamma[h];
+        if (!nm.beta.empty()) o = o + nm.beta[h];
+        out[h] = q(o);
+      }
+    }
+  };
+  const size_t tasks = (rows + per - 1) / per;
+  if (tasks == 1)
+    task(0);
+  else
+    pfor(tasks, task);
+}
+
 }  // namespace
 
 OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
@@ -358,7 +472,14 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       }
       if (!c.float_out && out_codes != ydata) std::memcpy(ydata, out_codes, n);
     }
-    if (c.float_out) DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
+    if (c.norm.on) {
+      thread_local std::vector<float> values;
+      values.resize(n);
+      DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
+      NormRows(c, values.data(), rows, ctx, shapes.back(), static_cast<uint8_t*>(ydata), pfor);
+    } else if (c.float_out) {
+      DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
+    }
   });
 }
 
@@ -408,7 +529,7 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   if (!MatchUnit(op, &u, &o)) throw Failure{"fused graph is not the unit GetCapability claimed"};
   const std::unordered_set<const OrtNode*> in_graph(nodes.begin(), nodes.end());
   TrimTail(&u, [&](const OrtNode* m) { return in_graph.count(m) == 0; });
-  if (u.dq_out && !in_graph.count(u.dq_out)) u.dq_out = nullptr;
+  if (u.dq_out && !in_graph.count(u.dq_out)) u.DropOutput();
   if (u.Nodes().size() != nodes.size()) throw Failure{"fused graph is not the unit GetCapability claimed"};
   c->K = o.K;
   c->N = o.N;
@@ -447,7 +568,24 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
       if (fout[i] && Name(fout[i]) == Name(v)) return static_cast<int>(i);
     throw Failure{"fused node has no output '" + Name(v) + "'"};
   };
-  c->y_output = output_index(Outputs(u.dq_out ? u.dq_out : u.last_q())[0]);
+  c->y_output = output_index(Outputs(u.norm.q ? u.norm.q : u.dq_out ? u.dq_out : u.last_q())[0]);
+  c->norm = {};
+  if (u.norm.q) {
+    CompiledMatMul::CompiledNorm& nm = c->norm;
+    nm.on = true;
+    nm.name = NodeName(u.norm.ln);
+    const int64_t rank = ValueRank(Outputs(u.matmul)[0]);
+    if (u.norm.add_bias)
+      for (const OrtValueInfo* in : Inputs(u.norm.add_bias))
+        if (ColumnConstant(in, c->N, rank, &nm.bias)) break;
+    const auto lin = Inputs(u.norm.ln);
+    if ((u.norm.add_bias && nm.bias.empty()) || !ColumnConstant(lin[1], c->N, 1, &nm.gamma) ||
+        (Input(lin, 2) && !ColumnConstant(lin[2], c->N, 1, &nm.beta)))
+      throw Failure{"LayerNormalization '" + nm.name + "': its constants changed"};
+    nm.epsilon = AttrFloat(u.norm.ln, "epsilon", 1e-5f);
+    nm.residual = input_index(u.norm.residual);
+    nm.out = OutputParams(u.norm.q);
+  }
   c->layout.clear();
   c->shape_outs.clear();
   for (const Unit& seg : u.tail) {

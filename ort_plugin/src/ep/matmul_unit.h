@@ -22,7 +22,17 @@ struct MatMulUnit {
   const OrtNode* dq_out = nullptr;
   bool trans_b = false;
   std::vector<Unit> tail;  // the DQ -> f -> Q segments after q, in order
+  // After dq_out, a transformer's residual LayerNorm: [Add(bias)] -> Add(residual, a runtime tensor of the same
+  // shape) -> LayerNormalization(last axis) -> Q; the unit then outputs that Q's codes (norm.q null: none).
+  struct Norm {
+    const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *q = nullptr;
+    const OrtValueInfo* residual = nullptr;
+  } norm;
   const OrtNode* last_q() const { return tail.empty() ? q : tail.back().q; }
+  void DropOutput() {  // the unit outputs the codes: neither dq_out nor the norm tail is its to take
+    dq_out = nullptr;
+    norm = {};
+  }
   std::vector<const OrtNode*> Nodes() const {
     std::vector<const OrtNode*> v = {dq_x, dq_w};
     if (dq_bias) v.push_back(dq_bias);
@@ -34,6 +44,8 @@ struct MatMulUnit {
       for (const auto& r : seg.shape_reads) v.push_back(r.first);
     }
     if (dq_out) v.push_back(dq_out);
+    for (const OrtNode* n : {norm.add_bias, norm.add_res, norm.ln, norm.q})
+      if (norm.q && n) v.push_back(n);
     return v;
   }
 };
@@ -55,12 +67,18 @@ const OrtNode* DequantizedBySame(const OrtNode* q, const Constant& sy, const Con
 // another group, or outside the fused graph at Compile); the unit then outputs the codes before it.
 template <typename Pred>
 void TrimTail(MatMulUnit* u, Pred gone) {
+  if (u->norm.q) {  // the norm tail goes first (it reads dq_out)
+    bool out = false;
+    for (const OrtNode* n : {u->norm.add_bias, u->norm.add_res, u->norm.ln, u->norm.q}) out = out || (n && gone(n));
+    if (out || (u->dq_out && gone(u->dq_out))) u->norm = {};
+  }
   for (size_t i = 0; i < u->tail.size(); ++i) {
     bool out = gone(u->tail[i].in_dqs[0]);
     for (const OrtNode* m : u->tail[i].nodes) out = out || gone(m);
     for (const auto& r : u->tail[i].shape_reads) out = out || gone(r.first);
     if (!out) continue;
     u->tail.resize(i);
+    u->norm = {};
     Constant sy, zy;  // what reads the codes now: perhaps a DequantizeLinear that `gone` also says is not the unit's
     u->dq_out = QOperands(u->last_q(), &sy, &zy) ? DequantizedBySame(u->last_q(), sy, zy) : nullptr;
     return;
@@ -108,6 +126,15 @@ struct CompiledMatMul {
   QParams out;             // the last QuantizeLinear's scale, zero point and type
   bool float_out = false;  // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
   int x_input = 0;         // the fused node's input holding x
+  // The norm tail (MatMulUnit::Norm): y = Q(LayerNorm(float(q - zp) * scale + bias[n] + residual) * gamma + beta).
+  struct CompiledNorm {
+    bool on = false;
+    std::vector<float> bias, gamma, beta;  // [N] each (bias, beta empty: none)
+    float epsilon = 1e-5f;
+    int residual = -1;  // the fused node's input
+    QParams out;
+    std::string name;  // the LayerNormalization's, for errors
+  } norm;
   std::string x_name;
 };
 

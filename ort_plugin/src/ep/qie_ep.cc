@@ -131,7 +131,7 @@ struct QieEp : OrtEp {
               TrimTail(&u, Assigned);
             else
               TrimTail(&u, [](const OrtNode*) { return true; });
-            if (u.dq_out && Assigned(u.dq_out)) u.dq_out = nullptr;
+            if (u.dq_out && Assigned(u.dq_out)) u.DropOutput();
             bool taken = false;
             for (const OrtNode* m : u.Nodes()) taken = taken || Assigned(m);  // GetCapability may run again
             if (taken) continue;
@@ -142,7 +142,7 @@ struct QieEp : OrtEp {
         size_t units = 0, segments = 0;
         for (MatMulUnit& u : matched) {
           TrimTail(&u, [&](const OrtNode* m) { return claimed.count(m) > 0; });
-          if (u.dq_out && (claimed.count(u.dq_out) || unit_inputs.count(u.dq_out))) u.dq_out = nullptr;
+          if (u.dq_out && (claimed.count(u.dq_out) || unit_inputs.count(u.dq_out))) u.DropOutput();
           const std::vector<const OrtNode*> group = u.Nodes();
           if (!outside(group)) continue;
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
