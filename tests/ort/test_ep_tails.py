@@ -675,3 +675,20 @@ def test_property_layernorm_tails_equal_ort(case, level):
     if COMPARE_BUILTIN and want.size:
         diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
         assert diff.max() <= 2 and diff.mean() < 0.05, (level, diff.max(), diff.mean(), want.shape)
+
+
+@needs_ep
+def test_layernorm_of_the_units_own_value_twice():
+    """Add(v, v) -> LayerNormalization -> Q after a unit (the 'residual' is the unit's own float output, read twice):
+    neither the DequantizeLinear (two readers) nor the tail is taken; the session builds, plain ORT's results."""
+    rng = np.random.default_rng(65)
+    model, _ = _norm_model(rng, bias=False)
+    g = model.graph
+    add = next(n for n in g.node if n.op_type == "Add")
+    add.input[1] = add.input[0]
+    g.input.pop()  # 'res' is read no more
+    x = rand(rng, np.uint8, (2, 5, 40))
+    sess = ep_session(model)
+    assert assigned_to_qie(sess) == 4
+    if COMPARE_BUILTIN:
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], session(model, level="all").run(None, {"x": x})[0])

@@ -134,7 +134,10 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   if (!IsOp(c, "Add")) return;
   const OrtValueInfo* r = other(c, v);
   Constant k;
-  if (!r || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !SameShape(r, v)) return;
+  if (!r || r == v || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !SameShape(r, v))
+    return;
+  const std::vector<const OrtNode*> mine = u->Nodes();  // the residual must come from outside the unit
+  if (std::find(mine.begin(), mine.end(), Producer(r)) != mine.end()) return;
   n.add_res = c;
   n.residual = r;
   v = Outputs(c)[0];
