@@ -46,7 +46,7 @@ test: build
 ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_region_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
               tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
-              tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py tests/ort/test_ep_tails.py
+              tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py tests/ort/test_ep_tails.py tests/ort/test_ep_norm_tails.py
 ORT_INC = $$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie)
 # cmake_lib FOLDER BUILD_TYPE EXTRA_FLAGS: configure and build the library out of the package.
 define cmake_lib
@@ -72,7 +72,7 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   tests/ort/test_ep_softmax.py::test_softmax_of_a_scalar_is_an_error_naming_the_node \
                   tests/ort/test_ep_tails.py::test_segments_compose tests/ort/test_ep_tails.py::test_bias_gelu_tail_within_one_step \
                   'tests/ort/test_ep_tails.py::test_head_split_layout_tail_is_exact[runtime-all]' tests/ort/test_ep_tails.py::test_layout_tail_errors_name_the_node \
-                  'tests/ort/test_ep_tails.py::test_residual_layernorm_tail[bias-u8-all]'
+                  'tests/ort/test_ep_norm_tails.py::test_residual_layernorm_tail[bias-u8-all]'
 valgrind: build
 	$(call cmake_lib,build/valgrind,RelWithDebInfo,)
 	rm -f build/valgrind/vg-*.xml

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.py", "tests/kernels/test_rounding_ties.py",
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
-         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py"]
+         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py"]
 
 
 @dataclass(frozen=True)

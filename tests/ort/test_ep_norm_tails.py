@@ -1,0 +1,164 @@
+"""MatMul / Gemm unit tails, the residual LayerNorm: after a unit's float output, [Add(bias)] -> Add(residual) ->
+LayerNormalization(last axis) -> Q (BERT's output projections) joins the unit when the residual's shape is provably
+the unit's. Computed per row in float32 in ORT's LayerNormalization kernel's order, then quantized: within one step
+of the float graph and of ORT (whose SkipLayerNormalization at EXTENDED / ALL sums its own way); a residual that
+might broadcast, a read Mean output, or a residual from inside the unit leave it to ORT.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from helpers import COMPARE_BUILTIN, OPT_LEVELS
+from qie_ep.session import session
+from test_ep import T, assigned_to_qie, ep_session, needs_ep, qdq_matmul, rand, reference
+from test_ep_tails import dequantize, quantize
+
+
+def _norm_model(rng, residual_dims=("B", "S"), bias=True, mean_output=False, ydt=np.uint8, n=64):
+    """BERT's output projection: unit -> Q -> DQ -> Add(bias) -> Add(residual) -> LayerNormalization -> Q."""
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, n, True, x_shape=("B", "S"))
+    g = model.graph
+    b = rng.normal(0, 0.5, n).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, n).astype(np.float32), rng.normal(0, 0.2, n).astype(np.float32)
+    g.input.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, [*residual_dims, n]))
+    g.initializer.extend([numpy_helper.from_array(b, "nb"), numpy_helper.from_array(gamma, "gamma"),
+                          numpy_helper.from_array(beta, "beta"), numpy_helper.from_array(np.array(0.03, np.float32), "s1"),
+                          numpy_helper.from_array(np.array(128 if ydt == np.uint8 else 0, ydt), "z1")])
+    nodes = [helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["d1"])]
+    cur = "d1"
+    if bias:
+        nodes.append(helper.make_node("Add", ["nb", "d1"], ["a1"]))
+        cur = "a1"
+    nodes += [helper.make_node("Add", [cur, "res"], ["a2"]),
+              helper.make_node("LayerNormalization", ["a2", "gamma", "beta"], ["ln"] + (["mean"] if mean_output else []),
+                               axis=-1, epsilon=1e-5),
+              helper.make_node("QuantizeLinear", ["ln", "s1", "z1"], ["q1"])]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("q1", T[ydt], None))
+    if mean_output:
+        g.output.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
+
+    def want(x, res):
+        v = dequantize(reference(x, ops), ops["sy"], ops["zy"])
+        v = (v + b if bias else v) + res
+        mean = v.mean(-1, keepdims=True, dtype=np.float32)
+        var = (v * v).mean(-1, keepdims=True, dtype=np.float32) - mean * mean
+        return quantize((v - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta, 0.03,
+                        128 if ydt == np.uint8 else 0, ydt)
+    return model, want
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("ydt", [np.uint8, np.int8], ids=["u8", "s8"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_residual_layernorm_tail(level, ydt, bias):
+    """DQ -> [Add(bias)] -> Add(residual of the same symbolic shape) -> LayerNormalization -> Q after a unit (BERT's
+    output projection) joins it: float32 as ORT's LayerNormalization kernel computes it, then the Q; within one step
+    of the float graph and of ORT (SkipLayerNormalization at EXTENDED / ALL), on few codes; zero rows give none."""
+    rng = np.random.default_rng(63)
+    model, want = _norm_model(rng, bias=bias, ydt=ydt)
+    sess = ep_session(model, level)
+    claimed = assigned_to_qie(sess)
+    assert claimed == 4 + 1 + 3 + bias, sess.get_provider_graph_assignment_info()
+    plain = session(model, level=level)
+    for batch in (1, 3, 0):
+        x, res = rand(rng, np.uint8, (batch, 5, 40)), rng.normal(0, 1, (batch, 5, 64)).astype(np.float32)
+        got = sess.run(None, {"x": x, "res": res})[0]
+        assert got.shape == (batch, 5, 64) and got.dtype == ydt
+        if batch == 0:
+            continue
+        for name, ref in [("numpy", want(x, res))] + ([("ORT", plain.run(None, {"x": x, "res": res})[0])]
+                                                       if COMPARE_BUILTIN else []):
+            diff = np.abs(got.astype(np.int32) - ref.astype(np.int32))
+            bound = 2 if name == "ORT" and level in ("disable", "basic") else 1  # ORT's float GEMM's tie, then LN
+            assert diff.max() <= bound and diff.mean() < 0.02, (name, level, diff.max(), diff.mean())
+
+
+@needs_ep
+@pytest.mark.parametrize("case", ["residual of unproven shape", "LayerNorm's mean read"])
+def test_layernorm_tails_the_unit_must_not_take(case):
+    """A residual whose shape ORT cannot prove equal (other symbols: it might broadcast), a LayerNormalization whose
+    Mean output is read: the unit outputs its float values (DQ taken, 5 nodes) and ORT runs the rest."""
+    rng = np.random.default_rng(64)
+    model, _ = _norm_model(rng, residual_dims=("B2", "S2") if case.startswith("residual") else ("B", "S"),
+                           mean_output=case.startswith("LayerNorm"))
+    x, res = rand(rng, np.uint8, (2, 5, 40)), rng.normal(0, 1, (2, 5, 64)).astype(np.float32)
+    for level in ("disable", "all"):
+        sess = ep_session(model, level)
+        assert assigned_to_qie(sess) == 5, (case, sess.get_provider_graph_assignment_info())
+        if COMPARE_BUILTIN:
+            for got, want in zip(sess.run(None, {"x": x, "res": res}), session(model, level=level).run(None, {"x": x, "res": res})):
+                np.testing.assert_array_equal(got, want, f"({case}, level={level})")
+
+
+@st.composite
+def norm_cases(draw):
+    """A unit + residual LayerNorm tail of random width, rank (static / symbolic dims), dtypes, bias or not, epsilon,
+    and its inputs (zero rows included)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    n, k = draw(st.integers(1, 80)), draw(st.integers(1, 40))
+    lead = draw(st.lists(st.integers(0, 4), min_size=1, max_size=2))
+    symbolic = draw(st.booleans())
+    dims = tuple(f"d{i}" for i in range(len(lead))) if symbolic else tuple(lead)
+    ydt = draw(st.sampled_from([np.uint8, np.int8]))
+    model, ops = qdq_matmul(rng, draw(st.sampled_from([np.uint8, np.int8])), np.int8, np.uint8, k, n,
+                            draw(st.booleans()), x_shape=dims)
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, [*dims, n]))
+    g.initializer.extend([numpy_helper.from_array(rng.normal(0, 1, n).astype(np.float32), "nb"),
+                          numpy_helper.from_array(rng.uniform(0.2, 2, n).astype(np.float32), "gamma"),
+                          numpy_helper.from_array(np.array(rng.uniform(0.005, 0.1), np.float32), "s1"),
+                          numpy_helper.from_array(np.array(rng.integers(0, 50), ydt), "z1")])
+    cur = "d1"
+    nodes = [helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["d1"])]
+    if draw(st.booleans()):
+        nodes.append(helper.make_node("Add", ["d1", "nb"], ["a1"]))
+        cur = "a1"
+    nodes += [helper.make_node("Add", ["res", cur], ["a2"]),
+              helper.make_node("LayerNormalization", ["a2", "gamma"], ["ln"], epsilon=draw(st.sampled_from([1e-5, 1e-12]))),
+              helper.make_node("QuantizeLinear", ["ln", "s1", "z1"], ["q1"])]
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("q1", T[ydt], None))
+    feed = tuple(lead)
+    x = rand(rng, np.uint8 if ops["zx"].dtype == np.uint8 else np.int8, (*feed, k))
+    return model, {"x": x, "res": rng.normal(0, 2, (*feed, n)).astype(np.float32)}
+
+
+@needs_ep
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(norm_cases(), st.sampled_from(list(OPT_LEVELS)))
+def test_property_layernorm_tails_equal_ort(case, level):
+    """Whatever plain ORT computes for a generated unit + residual LayerNorm graph, ORT + qie computes with the same
+    shape and type, within two steps (one from ORT's float GEMM at a tie at DISABLE / BASIC, one from the LayerNorm's
+    float sums in another order at EXTENDED / ALL), on few codes."""
+    model, feeds = case
+    plain, sess = session(model, level=level), ep_session(model, level)
+    want, got = plain.run(None, feeds)[0], sess.run(None, feeds)[0]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if COMPARE_BUILTIN and want.size:
+        diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+        assert diff.max() <= 2 and diff.mean() < 0.05, (level, diff.max(), diff.mean(), want.shape)
+
+
+@needs_ep
+def test_layernorm_of_the_units_own_value_twice():
+    """Add(v, v) -> LayerNormalization -> Q after a unit (the 'residual' is the unit's own float output, read twice):
+    neither the DequantizeLinear (two readers) nor the tail is taken; the session builds, plain ORT's results."""
+    rng = np.random.default_rng(65)
+    model, _ = _norm_model(rng, bias=False)
+    g = model.graph
+    add = next(n for n in g.node if n.op_type == "Add")
+    add.input[1] = add.input[0]
+    g.input.pop()  # 'res' is read no more
+    x = rand(rng, np.uint8, (2, 5, 40))
+    sess = ep_session(model)
+    assert assigned_to_qie(sess) == 4
+    if COMPARE_BUILTIN:
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], session(model, level="all").run(None, {"x": x})[0])
