@@ -283,15 +283,21 @@ void PermuteBytes(const uint8_t* x, const std::vector<int64_t>& in, const std::v
   }
 }
 
+// A Transpose step's permutation of `rank` axes (ONNX: none given reverses them).
+std::vector<int64_t> PermOf(const CompiledMatMul::LayoutStep& st, size_t rank) {
+  std::vector<int64_t> perm = st.perm;
+  if (perm.empty())
+    for (size_t i = rank; i-- > 0;) perm.push_back(static_cast<int64_t>(i));
+  return perm;
+}
+
 // The dims each layout step reads (shapes[i]) and the output's (shapes.back()).
 std::vector<std::vector<int64_t>> LayoutShapes(const CompiledMatMul& c, std::vector<int64_t> dims,
                                                OrtKernelContext* ctx) {
   std::vector<std::vector<int64_t>> shapes = {dims};
   for (const CompiledMatMul::LayoutStep& st : c.layout) {
     if (st.transpose) {
-      std::vector<int64_t> perm = st.perm;
-      if (perm.empty())
-        for (size_t i = dims.size(); i-- > 0;) perm.push_back(static_cast<int64_t>(i));
+      const std::vector<int64_t> perm = PermOf(st, dims.size());
       std::vector<bool> seen(dims.size(), false);
       bool ok = perm.size() == dims.size();
       for (int64_t p : perm) {
@@ -464,9 +470,7 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       size_t moves = 0;  // transposes so far: they alternate between the two buffers
       for (size_t i = 0; i < c.layout.size(); ++i) {
         if (!c.layout[i].transpose) continue;
-        std::vector<int64_t> perm = c.layout[i].perm;
-        if (perm.empty())
-          for (size_t a = shapes[i].size(); a-- > 0;) perm.push_back(static_cast<int64_t>(a));
+        const std::vector<int64_t> perm = PermOf(c.layout[i], shapes[i].size());
         std::vector<uint8_t>& buf = moved[moves++ % 2];
         if (!(i + 1 == last && !c.float_out)) buf.resize(n);
         uint8_t* dst = i + 1 == last && !c.float_out ? static_cast<uint8_t*>(ydata) : buf.data();
