@@ -151,11 +151,12 @@ def assert_exact(got, want, context=""):
 
 
 def kernel_conv(isa, x, w, x_zp, w_zp, *, group=1, strides=None, dilations=None, pads=None, bias=None,
-                out="int32", scale=None, y_zp=0, threads=1):
+                out="int32", scale=None, y_zp=0, threads=1, with_form=False):
     """Run qie's NHWC convolution kernel layer on ISA path `isa` (returns None if unsupported).
 
     ``x``: NHWC (N, *spatial, C) with 1-3 spatial dims; ``w``: ONNX (M, C/group, *kernel);
-    ``pads``: ONNX [begin..., end...].
+    ``pads``: ONNX [begin..., end...]. ``with_form``: also return whether a depthwise convolution ran on
+    its ISA's own weight form (the AVX-512 VNNI quad-tap kernel) rather than the int16 pair form.
     """
     from qie_ep.reference import conv_geometry
     x = np.ascontiguousarray(x)
@@ -177,4 +178,5 @@ def kernel_conv(isa, x, w, x_zp, w_zp, *, group=1, strides=None, dilations=None,
                              _ptr(w), int(w.dtype == np.int8), _ptr(w_zp), _ptr(bias), OUT_KINDS[out], _ptr(scale),
                              int(y_zp), _ptr(y), threads)
     check_guards(raw, f"conv x{list(x.shape)} w{list(w.shape)} group={group} on {isa}")
-    return None if rc != 0 else y
+    y = None if rc < 0 else y
+    return (y, rc == 1) if with_form else y

@@ -69,7 +69,9 @@ QIE_EXPORT int qie_test_gemm(const char* isa_name, size_t M, size_t N, size_t K,
 }
 
 // Kernel-level entry for the convolution kernel tests: one NHWC convolution on a named ISA path.
-// geom: 3 spatial dims each of in, out, k, stride, dil, pad (leading pads), D/H/W order.
+// geom: 3 spatial dims each of in, out, k, stride, dil, pad (leading pads), D/H/W order. Returns 0, 1
+// when a depthwise convolution ran on its ISA's own weight form (PackedConv::dw_isa), -1 when the ISA is
+// unknown or unsupported here.
 QIE_EXPORT int qie_test_conv(const char* isa_name, size_t batch, size_t C, size_t M, size_t group, const size_t* geom,
                              const uint8_t* x, int x_signed, int32_t x_zp, const uint8_t* w, int w_signed,
                              const int32_t* w_zp, const int32_t* bias, int out_kind, const float* scale, int32_t y_zp,
@@ -103,7 +105,7 @@ QIE_EXPORT int qie_test_conv(const char* isa_name, size_t batch, size_t C, size_
   a.y_zp = y_zp;
   a.y = y;
   qie::Conv(uk, s, pw, a, qie::ThreadPoolFor(threads));
-  return 0;
+  return pw.depthwise && !pw.dw_isa.empty() ? 1 : 0;
 }
 
 // Measured single-core vpdpbusd peak (benchmarks); 0 when the CPU lacks AVX-512 VNNI.

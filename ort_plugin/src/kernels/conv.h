@@ -34,12 +34,17 @@ struct ConvShape {
 
 // Weights prepacked for one ISA: GEMM panels per group (K = taps x Cg in (tap, c) order, N = Mg), or
 // the depthwise form: int16 (w - w_zp) in tap pairs, [ceil(taps/2)][C][2] (an odd last tap paired
-// with 0), so one vpmaddwd lane sums two taps of one channel.
+// with 0), so one vpmaddwd lane sums two taps of one channel. An ISA may add its own depthwise form
+// (IsaKernels::depthwise_pack, from the int16 one) where the weights allow it: bytes in its kernel's
+// layout and per-channel int32s (the AVX-512 VNNI quad-tap form: int8 (w - w_zp) in groups of four
+// taps and their sums, the input zero point folded into the accumulators' start). Empty: none.
 struct PackedConv {
   Isa isa = Isa::kScalar;
   bool depthwise = false;
   std::vector<PackedB> groups;
   std::vector<int16_t> dw;
+  std::vector<int8_t> dw_isa;
+  std::vector<int32_t> dw_isa_sums;
 };
 // w: ONNX layout [M, Cg, kD, kH, kW]; w_zp: [M] (unshifted); used by the depthwise form only.
 void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool w_signed, const int32_t* w_zp,
@@ -64,15 +69,21 @@ void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t c
 void TransposeBytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride, size_t rows, size_t cols);
 
 // The per-ISA depthwise kernel: output pixels [p0, p1) of image b, all channels. Scratch: acc (C
-// int32), zrow (C bytes equal to x_zp: padding taps read it and contribute nothing), ptrs ((taps + 1)
-// per pixel of the range).
+// int32), zrow (C + 64 bytes equal to x_zp: padding taps read it and contribute nothing), and for the
+// int16 pair form ptrs ((taps + 1) per pixel of the range), for an ISA's own form words
+// (DepthwiseWords(taps, pixels)).
 struct DepthwiseScratch {
   int32_t* acc;
   const uint8_t* zrow;
   const uint8_t** ptrs;
+  uintptr_t* words;
 };
-using DepthwiseFn = void (*)(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
-                             const DepthwiseScratch& scratch);
+inline size_t DepthwiseWords(size_t taps, size_t pixels) { return (taps + 6) * (pixels + 1); }
+using DepthwiseFn = void (*)(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0,
+                             size_t p1, const DepthwiseScratch& scratch);
+// Adds the ISA's own depthwise form to `out` (whose int16 form `dw` is filled), or leaves it empty.
+using DepthwisePackFn = void (*)(const ConvShape& s, PackedConv* out);
 DepthwiseFn GetDepthwiseKernel(Isa isa);
+DepthwisePackFn GetDepthwisePack(Isa isa);
 
 }  // namespace qie

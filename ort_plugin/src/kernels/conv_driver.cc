@@ -12,6 +12,7 @@
 //     shifted alike, so the differences (x - x_zp) are unchanged.
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -217,6 +218,9 @@ void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool 
         const int32_t v = w_signed ? int32_t(int8_t(w[c * taps + t])) : int32_t(w[c * taps + t]);
         out->dw[((t / 2) * s.C + c) * 2 + t % 2] = static_cast<int16_t>(v - (w_zp ? w_zp[c] : 0));
       }
+    out->dw_isa.clear();
+    out->dw_isa_sums.clear();
+    if (const DepthwisePackFn pack = GetDepthwisePack(uk.isa)) pack(s, out);
     return;
   }
   out->groups.resize(s.group);
@@ -242,10 +246,14 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
-      std::vector<int32_t> acc(s.C + 16);
-      std::vector<const uint8_t*> ptrs((s.taps() + 1) * chunk);
+      // Uninitialised scratch: the kernels write what they read (zeroing it cost as much as a small layer).
+      const std::unique_ptr<int32_t[]> acc(new int32_t[s.C + 16]);
+      const std::unique_ptr<const uint8_t*[]> ptrs(w.dw_isa.empty() ? new const uint8_t*[(s.taps() + 1) * chunk]
+                                                                     : nullptr);
+      const std::unique_ptr<uintptr_t[]> words(w.dw_isa.empty() ? nullptr
+                                                                : new uintptr_t[DepthwiseWords(s.taps(), chunk)]);
       const size_t b = t / per_image, p0 = (t % per_image) * chunk;
-      fn(s, w.dw.data(), a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.data(), zrow.data(), ptrs.data()});
+      fn(s, w, a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.get(), zrow.data(), ptrs.get(), words.get()});
     };
     if (tasks == 1)
       task(0);

@@ -37,8 +37,13 @@ struct PixelWalk {
   }
 };
 
+inline void SetRow(const uint8_t*& dst, const uint8_t* row) { dst = row; }
+inline void SetRow(uintptr_t& dst, const uint8_t* row) { dst = reinterpret_cast<uintptr_t>(row); }
+
+// (Rows as pointers, or as addresses for the kernels that add them to a base.)
+template <class Row>
 inline void TapPointers(const ConvShape& s, const ConvArgs& a, const uint8_t* zrow, size_t b, const PixelWalk& w,
-                        const uint8_t** ptrs) {
+                        Row* ptrs) {
   const ptrdiff_t od = w.od, oh = w.oh, ow = w.ow;
   size_t t = 0;
   for (size_t kd = 0; kd < s.k[0]; ++kd) {
@@ -49,11 +54,21 @@ inline void TapPointers(const ConvShape& s, const ConvArgs& a, const uint8_t* zr
       const size_t base = row_in ? ((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] : 0;
       for (size_t kw = 0; kw < s.k[2]; ++kw, ++t) {
         const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
-        ptrs[t] = row_in && iw >= 0 && iw < ptrdiff_t(s.in[2]) ? a.x + (base + size_t(iw)) * s.C : zrow;
+        SetRow(ptrs[t], row_in && iw >= 0 && iw < ptrdiff_t(s.in[2]) ? a.x + (base + size_t(iw)) * s.C : zrow);
       }
     }
   }
-  if (t % 2) ptrs[t] = zrow;
+  if (t % 2) SetRow(ptrs[t], zrow);
+}
+
+// Whether output pixel w's whole window lies inside the image (no padding tap).
+inline bool WindowInside(const ConvShape& s, const PixelWalk& w) {
+  const ptrdiff_t id0 = w.od * ptrdiff_t(s.stride[0]) - ptrdiff_t(s.pad[0]);
+  const ptrdiff_t ih0 = w.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
+  const ptrdiff_t iw0 = w.ow * ptrdiff_t(s.stride[2]) - ptrdiff_t(s.pad[2]);
+  return id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
+         ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]) && iw0 >= 0 &&
+         iw0 + ptrdiff_t((s.k[2] - 1) * s.dil[2]) < ptrdiff_t(s.in[2]);
 }
 
 // The indirection lists of np consecutive pixels from p0 (row stride `stride` pointers). A pixel
@@ -62,20 +77,12 @@ inline void TapPointers(const ConvShape& s, const ConvArgs& a, const uint8_t* zr
 inline void BuildTable(const ConvShape& s, const ConvArgs& a, const uint8_t* zrow, size_t b, size_t p0, size_t np,
                        const uint8_t** table, size_t stride) {
   const size_t taps = s.taps();
-  const ptrdiff_t step = ptrdiff_t(s.stride[2] * s.C), last_w = ptrdiff_t((s.k[2] - 1) * s.dil[2]);
-  auto inside = [&](const PixelWalk& w) {
-    const ptrdiff_t id0 = w.od * ptrdiff_t(s.stride[0]) - ptrdiff_t(s.pad[0]);
-    const ptrdiff_t ih0 = w.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
-    const ptrdiff_t iw0 = w.ow * ptrdiff_t(s.stride[2]) - ptrdiff_t(s.pad[2]);
-    return id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
-           ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]) && iw0 >= 0 &&
-           iw0 + last_w < ptrdiff_t(s.in[2]);
-  };
+  const ptrdiff_t step = ptrdiff_t(s.stride[2] * s.C);
   PixelWalk walk(s, p0);
   bool prev_inside = false;
   for (size_t i = 0; i < np; ++i, walk.Next(s)) {
     const uint8_t** cur = table + i * stride;
-    const bool in = inside(walk);
+    const bool in = WindowInside(s, walk);
     if (in && prev_inside && walk.ow > 0) {
       const uint8_t* const* prev = cur - stride;
       for (size_t t = 0; t < taps; ++t) cur[t] = prev[t] + step;
@@ -139,12 +146,12 @@ void Pixels(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, 
   }
 }
 
-void Depthwise(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+void Depthwise(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0, size_t p1,
                const DepthwiseScratch& sc) {
   if (a.x_signed)
-    Pixels<true>(s, dw, a, b, p0, p1, sc);
+    Pixels<true>(s, w.dw.data(), a, b, p0, p1, sc);
   else
-    Pixels<false>(s, dw, a, b, p0, p1, sc);
+    Pixels<false>(s, w.dw.data(), a, b, p0, p1, sc);
 }
 
 }  // namespace

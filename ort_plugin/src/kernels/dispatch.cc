@@ -11,6 +11,7 @@ namespace qie {
 
 extern const MicroKernel kGemmScalar, kGemmAvx2, kGemmAvxVnni, kGemmAvx512Vnni;
 extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
+extern const DepthwisePackFn kDepthwisePackAvx512;
 void MinMaxAvx512(const float* x, size_t n, float* lo, float* hi);
 void QuantizeLinearU8Avx512(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
 void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels);
@@ -32,11 +33,11 @@ bool CpuAvx512Vnni() {
 // Indexed by Isa; best path last. AVX-VNNI keeps AVX2's depthwise kernel (VNNI has no 16-bit form that
 // helps it) and the scalar dynamic quantization (its AVX-512 form is the only vector one).
 const IsaKernels kTable[kIsaCount] = {
-    {Isa::kScalar, "scalar", CpuScalar, &kGemmScalar, kDepthwiseScalar, nullptr, nullptr, nullptr},
-    {Isa::kAvx2, "avx2", CpuAvx2, &kGemmAvx2, kDepthwiseAvx2, nullptr, nullptr, nullptr},
-    {Isa::kAvxVnni, "avxvnni", CpuAvxVnni, &kGemmAvxVnni, kDepthwiseAvx2, nullptr, nullptr, nullptr},
-    {Isa::kAvx512Vnni, "avx512vnni", CpuAvx512Vnni, &kGemmAvx512Vnni, kDepthwiseAvx512, MinMaxAvx512,
-     QuantizeLinearU8Avx512, ChannelLutAvx512},
+    {Isa::kScalar, "scalar", CpuScalar, &kGemmScalar, kDepthwiseScalar, nullptr, nullptr, nullptr, nullptr},
+    {Isa::kAvx2, "avx2", CpuAvx2, &kGemmAvx2, kDepthwiseAvx2, nullptr, nullptr, nullptr, nullptr},
+    {Isa::kAvxVnni, "avxvnni", CpuAvxVnni, &kGemmAvxVnni, kDepthwiseAvx2, nullptr, nullptr, nullptr, nullptr},
+    {Isa::kAvx512Vnni, "avx512vnni", CpuAvx512Vnni, &kGemmAvx512Vnni, kDepthwiseAvx512, kDepthwisePackAvx512,
+     MinMaxAvx512, QuantizeLinearU8Avx512, ChannelLutAvx512},
 };
 
 std::string g_env_error;
@@ -102,5 +103,6 @@ bool ForceIsa(Isa isa) {
 
 const MicroKernel& GetMicroKernel(Isa isa) { return *KernelsFor(isa).gemm; }
 DepthwiseFn GetDepthwiseKernel(Isa isa) { return KernelsFor(isa).depthwise; }
+DepthwisePackFn GetDepthwisePack(Isa isa) { return KernelsFor(isa).depthwise_pack; }
 
 }  // namespace qie

@@ -15,6 +15,8 @@
 //     bytes, or permutes the int32 accumulators back and stores them.
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "kernels/depthwise_inl.h"
 
 namespace qie {
@@ -241,8 +243,8 @@ void PixelPairs16(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size
 
 // The pixel range's indirection table is built once; then each block of 32 channels (16 for the last <= 16)
 // sweeps the pixels with its weights, bias, scale and epilogue constants loaded once.
-void DepthwiseAvx512(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
-                     const DepthwiseScratch& sc) {
+void DepthwisePairs(const ConvShape& s, const int16_t* dw, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+                    const DepthwiseScratch& sc) {
   const size_t stride = s.taps() + 1, np = p1 - p0;
   BuildTable(s, a, sc.zrow, b, p0, np, sc.ptrs, stride);
   const size_t o0 = (b * s.out_pixels() + p0) * s.C, pairs = (s.taps() + 1) / 2;
@@ -265,7 +267,287 @@ void DepthwiseAvx512(const ConvShape& s, const int16_t* dw, const ConvArgs& a, s
   delete[] heap;
 }
 
+// ---- The quad-tap form: qie_dwconv_u8s8_s32_64c4__avx512vnni (64 channel-taps x 4 per vpdpbusd) ----
+//
+// Used when every (w - w_zp) fits int8 (symmetric int8 weights, uint8 weights around 128: what quantizers
+// write). Tiling, in steps:
+//  1. Each 128-bit lane of a zmm holds 16 channels of one pixel: a block is 64 channels of one pixel
+//     (C > 32), or 32 channels of two pixels (16 < C <= 32), or 16 of four (C <= 16); `lpp` = lanes per
+//     pixel, the weights replicated over a vector's pixels. Taps go in groups of four (the last group's
+//     missing taps read the zero-point row with weight 0).
+//  2. Per group, the four taps' input bytes are loaded raw (the zero point is not subtracted: the
+//     accumulators start at bias - x_zp * sum(w), and padding taps read x_zp bytes, so the sum is the
+//     same as sum (x - x_zp) * w); a signed input is XORed with 0x80 (x + 128, zero point + 128).
+//     In-lane vpunpck{l,h}bw then vpunpck{l,h}wd make each dword one channel's four taps, and vpdpbusd
+//     adds the four u8 x s8 products into it: four accumulators, acc_j's lane L holding the lane's
+//     channels 4j..4j+3.
+//  3. The epilogue requantizes the four in float32 (as the pair form), and vpackssdw / vpack{us,ss}wb
+//     (in-lane, the unpacks' inverse) put the bytes back in channel order; int32 output transposes the
+//     four accumulators' lanes back instead.
+// Weights prepacked per block and group as four zmm (acc_j's: dword L*4 + i = channel 16 (L % lpp) + 4j
+// + i's four taps); the weight sums the same way per block.
+size_t QuadLanes(size_t C) { return C <= 16 ? 1 : C <= 32 ? 2 : 4; }
+size_t QuadBlocks(size_t C) { return QuadLanes(C) == 4 ? (C + 63) / 64 : 1; }
+size_t QuadChannel(size_t lpp, size_t blk, size_t j, size_t L, size_t i) {
+  return blk * 64 + 16 * (L % lpp) + 4 * j + i;
+}
+
+void PackQuads(const ConvShape& s, PackedConv* out) {
+  const size_t C = s.C, taps = s.taps(), quads = (taps + 3) / 4, lpp = QuadLanes(C), blocks = QuadBlocks(C);
+  const auto wv = [&](size_t c, size_t t) { return int32_t(out->dw[((t / 2) * C + c) * 2 + t % 2]); };
+  for (size_t c = 0; c < C; ++c)
+    for (size_t t = 0; t < taps; ++t)
+      if (wv(c, t) < -128 || wv(c, t) > 127) return;  // the pair form only
+  out->dw_isa.assign(blocks * quads * 256, 0);
+  out->dw_isa_sums.assign(blocks * 64, 0);
+  for (size_t blk = 0; blk < blocks; ++blk)
+    for (size_t j = 0; j < 4; ++j)
+      for (size_t L = 0; L < 4; ++L)
+        for (size_t i = 0; i < 4; ++i) {
+          const size_t c = QuadChannel(lpp, blk, j, L, i), lane = (j * 4 + L) * 4 + i;
+          if (c >= C) continue;
+          int32_t sum = 0;
+          for (size_t t = 0; t < taps; ++t) {
+            out->dw_isa[((blk * quads + t / 4) * 64 + lane) * 4 + t % 4] = static_cast<int8_t>(wv(c, t));
+            sum += wv(c, t);
+          }
+          out->dw_isa_sums[blk * 64 + lane] = sum;
+        }
+}
+
+// out[j]'s lane L = in[L]'s lane j (a 4 x 4 transpose of 128-bit lanes; its own inverse).
+inline void LaneTranspose(const __m512i in[4], __m512i out[4]) {
+  const __m512i t0 = _mm512_shuffle_i32x4(in[0], in[1], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512i t1 = _mm512_shuffle_i32x4(in[2], in[3], _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512i t2 = _mm512_shuffle_i32x4(in[0], in[1], _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512i t3 = _mm512_shuffle_i32x4(in[2], in[3], _MM_SHUFFLE(3, 2, 3, 2));
+  out[0] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(2, 0, 2, 0));
+  out[1] = _mm512_shuffle_i32x4(t0, t1, _MM_SHUFFLE(3, 1, 3, 1));
+  out[2] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(2, 0, 2, 0));
+  out[3] = _mm512_shuffle_i32x4(t2, t3, _MM_SHUFFLE(3, 1, 3, 1));
+}
+
+// Channels of [c, c + 16) below C, as a 16-bit mask.
+inline __mmask16 Mask16(size_t C, size_t c) {
+  return c >= C ? 0 : C - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (C - c)) - 1);
+}
+
+// The kPpv pixels' bytes of one tap (rows already at the block's first channel), each in its lpp lanes.
+template <size_t kPpv>
+inline __m512i LoadTap(const uint8_t* const* rows, __mmask64 m) {
+  if constexpr (kPpv == 1) {
+    return _mm512_maskz_loadu_epi8(m, rows[0]);
+  } else if constexpr (kPpv == 2) {
+    const __mmask32 h = static_cast<__mmask32>(m);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi8(h, rows[0])),
+                              _mm256_maskz_loadu_epi8(h, rows[1]), 1);
+  } else {
+    const __mmask16 q = static_cast<__mmask16>(m);
+    __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi8(q, rows[0]));
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(q, rows[1]), 1);
+    v = _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(q, rows[2]), 2);
+    return _mm512_inserti32x4(v, _mm_maskz_loadu_epi8(q, rows[3]), 3);
+  }
+}
+
+template <size_t kPpv>
+inline void StoreLaneBytes(int8_t* y, size_t k, __mmask64 m, __m512i v) {
+  if constexpr (kPpv == 2) {
+    const __m256i h = k == 0 ? _mm512_castsi512_si256(v) : _mm512_extracti64x4_epi64(v, 1);
+    _mm256_mask_storeu_epi8(y, static_cast<__mmask32>(m), h);
+  } else {
+    __m128i q;
+    switch (k) {
+      case 0: q = _mm512_castsi512_si128(v); break;
+      case 1: q = _mm512_extracti32x4_epi32(v, 1); break;
+      case 2: q = _mm512_extracti32x4_epi32(v, 2); break;
+      default: q = _mm512_extracti32x4_epi32(v, 3);
+    }
+    _mm_mask_storeu_epi8(y, static_cast<__mmask16>(m), q);
+  }
+}
+
+// Step 1's rows, per pixel of a task: tap t of pixel i reads base[i] + list_i[t] (address arithmetic). Inside
+// the image base is the window's first byte and the list the offsets all such pixels share; near a border base
+// is 0 and the list the pixel's own addresses (padding taps at the zero-point row). The last group's missing
+// taps repeat a readable row (their weights are 0). Laid out in DepthwiseScratch::words.
+struct QuadRows {
+  const uintptr_t* words;
+  const uintptr_t* base;   // [np]
+  const uintptr_t* start;  // [np]: where each pixel's list starts in words
+};
+
+QuadRows BuildQuadRows(const ConvShape& s, const ConvArgs& a, const uint8_t* zrow, size_t b, size_t p0, size_t np,
+                       size_t group_taps, uintptr_t* words) {
+  const size_t taps = s.taps();
+  uintptr_t* shared = words;
+  size_t t = 0;
+  for (size_t kd = 0; kd < s.k[0]; ++kd)
+    for (size_t kh = 0; kh < s.k[1]; ++kh)
+      for (size_t kw = 0; kw < s.k[2]; ++kw)
+        shared[t++] = ((kd * s.dil[0] * s.in[1] + kh * s.dil[1]) * s.in[2] + kw * s.dil[2]) * s.C;
+  for (; t < group_taps; ++t) shared[t] = shared[0];
+  uintptr_t* base = words + group_taps;
+  uintptr_t* start = base + np;
+  uintptr_t* next = start + np;
+  // The output columns whose window's width lies inside the image: [ow_lo, ow_hi) (an interval).
+  const auto width_in = [&](size_t ow) {
+    const ptrdiff_t iw0 = ptrdiff_t(ow * s.stride[2]) - ptrdiff_t(s.pad[2]);
+    return iw0 >= 0 && iw0 + ptrdiff_t((s.k[2] - 1) * s.dil[2]) < ptrdiff_t(s.in[2]);
+  };
+  size_t ow_lo = 0, ow_hi = 0;
+  while (ow_lo < s.out[2] && !width_in(ow_lo)) ++ow_lo;
+  for (ow_hi = ow_lo; ow_hi < s.out[2] && width_in(ow_hi);) ++ow_hi;
+  const size_t step = s.stride[2] * s.C;
+  PixelWalk walk(s, p0);
+  for (size_t i = 0; i < np;) {  // the range's part of one output row at a time
+    const size_t ow0 = size_t(walk.ow), n = std::min(np - i, s.out[2] - ow0);
+    const ptrdiff_t id0 = walk.od * ptrdiff_t(s.stride[0]) - ptrdiff_t(s.pad[0]);
+    const ptrdiff_t ih0 = walk.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
+    const bool rows_in = id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
+                         ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]);
+    // Column 0's window origin (before the pad: only columns inside use it).
+    const uintptr_t origin = rows_in ? reinterpret_cast<uintptr_t>(
+                                           a.x + ((b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] * s.C) -
+                                           s.pad[2] * s.C
+                                     : 0;
+    for (size_t j = 0; j < n; ++j, ++i, walk.Next(s)) {
+      const size_t ow = ow0 + j;
+      if (rows_in && ow >= ow_lo && ow < ow_hi) {
+        base[i] = origin + ow * step;
+        start[i] = 0;
+        continue;
+      }
+      base[i] = 0;
+      start[i] = uintptr_t(next - words);
+      TapPointers(s, a, zrow, b, walk, next);
+      for (size_t u = taps; u < group_taps; ++u) next[u] = reinterpret_cast<uintptr_t>(zrow);
+      next += group_taps;
+    }
+  }
+  return QuadRows{words, base, start};
+}
+
+// One block (channels from blk * 64, or all C channels of kPpv pixels) over the task's np pixels.
+template <size_t kPpv, bool kSigned>
+void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t o0, size_t np, size_t blk,
+               const QuadRows& r) {
+  constexpr size_t lpp = 4 / kPpv;
+  const size_t C = s.C, quads = (s.taps() + 3) / 4, c0 = blk * 64;
+  const __m512i* wq = reinterpret_cast<const __m512i*>(w.dw_isa.data()) + blk * quads * 4;
+  // Per lane L: its channels' first (c0 + 16 (L % lpp)) and load mask; the block's load mask covers lpp lanes.
+  __mmask16 lane_mask[4];
+  for (size_t L = 0; L < 4; ++L) lane_mask[L] = Mask16(C, c0 + 16 * (L % lpp));
+  const __mmask64 m = _cvtu64_mask64(uint64_t(lane_mask[0]) | uint64_t(lane_mask[1 % lpp]) << 16 |
+                                     uint64_t(lane_mask[2 % lpp]) << 32 | uint64_t(lane_mask[3 % lpp]) << 48);
+  // Step 2's start: bias - zp * sum(w) in acc_j's order; the scales alike.
+  const int32_t zp = a.x_zp + (a.x_signed ? 128 : 0);
+  __m512i in[4], init[4];
+  __m512 scale[4];
+  for (size_t L = 0; L < 4; ++L)
+    in[L] = a.bias ? _mm512_maskz_loadu_epi32(lane_mask[L], a.bias + c0 + 16 * (L % lpp)) : _mm512_setzero_si512();
+  LaneTranspose(in, init);
+  for (size_t j = 0; j < 4; ++j) {
+    const __m512i sums = _mm512_loadu_si512(w.dw_isa_sums.data() + blk * 64 + j * 16);
+    init[j] = _mm512_sub_epi32(init[j], _mm512_mullo_epi32(sums, _mm512_set1_epi32(zp)));
+  }
+  const bool quant = a.kind != OutKind::kInt32, u8 = a.kind == OutKind::kU8;
+  if (quant) {
+    __m512i sc[4];
+    for (size_t L = 0; L < 4; ++L)
+      in[L] = _mm512_castps_si512(_mm512_maskz_loadu_ps(lane_mask[L], a.scale + c0 + 16 * (L % lpp)));
+    LaneTranspose(in, sc);
+    for (size_t j = 0; j < 4; ++j) scale[j] = _mm512_castsi512_ps(sc[j]);
+  }
+  const __m512 lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
+  const __m512 hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
+  const __m512i yzp = _mm512_set1_epi32(a.y_zp), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const bool whole = C == 16 * lpp;  // a vector of full pixels: one contiguous store
+  for (size_t i = 0; i < np; i += kPpv) {
+    const size_t nv = np - i < kPpv ? np - i : kPpv;
+    uintptr_t pb[kPpv];
+    const uintptr_t* pl[kPpv];
+    for (size_t k = 0; k < kPpv; ++k) {
+      const size_t p = i + (k < nv ? k : 0);  // a vector's missing pixels repeat its first
+      pb[k] = r.base[p] + c0;
+      pl[k] = r.words + r.start[p];
+    }
+    __m512i acc0 = init[0], acc1 = init[1], acc2 = init[2], acc3 = init[3];
+    for (size_t q = 0; q < quads; ++q) {
+      __m512i t[4];
+      for (size_t u = 0; u < 4; ++u) {
+        const uint8_t* rows[kPpv];
+        for (size_t k = 0; k < kPpv; ++k) rows[k] = reinterpret_cast<const uint8_t*>(pb[k] + pl[k][4 * q + u]);
+        t[u] = LoadTap<kPpv>(rows, m);
+        if (kSigned) t[u] = _mm512_xor_si512(t[u], flip);
+      }
+      const __m512i p_lo = _mm512_unpacklo_epi8(t[0], t[1]), p_hi = _mm512_unpackhi_epi8(t[0], t[1]);
+      const __m512i q_lo = _mm512_unpacklo_epi8(t[2], t[3]), q_hi = _mm512_unpackhi_epi8(t[2], t[3]);
+      acc0 = _mm512_dpbusd_epi32(acc0, _mm512_unpacklo_epi16(p_lo, q_lo), _mm512_loadu_si512(wq + 4 * q));
+      acc1 = _mm512_dpbusd_epi32(acc1, _mm512_unpackhi_epi16(p_lo, q_lo), _mm512_loadu_si512(wq + 4 * q + 1));
+      acc2 = _mm512_dpbusd_epi32(acc2, _mm512_unpacklo_epi16(p_hi, q_hi), _mm512_loadu_si512(wq + 4 * q + 2));
+      acc3 = _mm512_dpbusd_epi32(acc3, _mm512_unpackhi_epi16(p_hi, q_hi), _mm512_loadu_si512(wq + 4 * q + 3));
+    }
+    const size_t o = o0 + i * C + c0;
+    if (!quant) {  // lane L of the transposed accumulators: pixel i + L / lpp, channels from c0 + 16 (L % lpp)
+      const __m512i acc[4] = {acc0, acc1, acc2, acc3};
+      __m512i v[4];
+      LaneTranspose(acc, v);
+      for (size_t L = 0; L < 4; ++L)
+        if (L / lpp < nv && lane_mask[L])
+          _mm512_mask_storeu_epi32(static_cast<int32_t*>(a.y) + o + (L / lpp) * C + 16 * (L % lpp), lane_mask[L],
+                                   v[L]);
+      continue;
+    }
+    const auto requant = [&](__m512i acc, __m512 sc) {
+      const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), sc), lo), hi);
+      return _mm512_add_epi32(_mm512_cvtps_epi32(f), yzp);
+    };
+    // In range already: the saturating packs only narrow, and undo the unpacks' in-lane order.
+    const __m512i w01 = _mm512_packs_epi32(requant(acc0, scale[0]), requant(acc1, scale[1]));
+    const __m512i w23 = _mm512_packs_epi32(requant(acc2, scale[2]), requant(acc3, scale[3]));
+    const __m512i bytes = u8 ? _mm512_packus_epi16(w01, w23) : _mm512_packs_epi16(w01, w23);
+    int8_t* y = static_cast<int8_t*>(a.y) + o;
+    if (kPpv == 1)
+      _mm512_mask_storeu_epi8(y, m, bytes);
+    else if (whole && nv == kPpv)
+      _mm512_storeu_si512(y, bytes);
+    else
+      for (size_t k = 0; k < nv; ++k) StoreLaneBytes<kPpv>(y + k * C, k, m, bytes);
+  }
+}
+
+template <size_t kPpv>
+void QuadBlocks(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t o0, size_t np, const QuadRows& r) {
+  for (size_t blk = 0; blk < QuadBlocks(s.C); ++blk)
+    if (a.x_signed)
+      QuadBlock<kPpv, true>(s, w, a, o0, np, blk, r);
+    else
+      QuadBlock<kPpv, false>(s, w, a, o0, np, blk, r);
+}
+
+void DepthwiseQuads(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+                    const DepthwiseScratch& sc) {
+  const size_t np = p1 - p0;
+  const QuadRows r = BuildQuadRows(s, a, sc.zrow, b, p0, np, (s.taps() + 3) / 4 * 4, sc.words);
+  const size_t o0 = (b * s.out_pixels() + p0) * s.C;
+  switch (QuadLanes(s.C)) {
+    case 1: QuadBlocks<4>(s, w, a, o0, np, r); break;
+    case 2: QuadBlocks<2>(s, w, a, o0, np, r); break;
+    default: QuadBlocks<1>(s, w, a, o0, np, r);
+  }
+}
+
+void DepthwiseAvx512(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+                     const DepthwiseScratch& sc) {
+  if (!w.dw_isa.empty())
+    DepthwiseQuads(s, w, a, b, p0, p1, sc);
+  else
+    DepthwisePairs(s, w.dw.data(), a, b, p0, p1, sc);
+}
+
 }  // namespace
 
 extern const DepthwiseFn kDepthwiseAvx512 = DepthwiseAvx512;
+extern const DepthwisePackFn kDepthwisePackAvx512 = PackQuads;
 }  // namespace qie
