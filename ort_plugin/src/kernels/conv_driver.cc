@@ -31,6 +31,8 @@ namespace {
 
 constexpr size_t kIm2colBytes = 512 << 10;  // about half of a Zen 4 L2
 constexpr size_t kGatherChunk = 32;
+constexpr size_t kTaskBytes = 48 << 10;         // a task's own im2col rows: L1 / L2 resident
+constexpr size_t kTaskWeightBytes = 768 << 10;  // packed weights up to this: per-task gather + GEMM
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
@@ -279,11 +281,53 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
   }
 
   const size_t Cg = s.Cg(), K = s.taps() * Cg, kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
-  const size_t block = std::min(rows, std::max<size_t>(kGatherChunk, RoundUp(kIm2colBytes / kp, kGatherChunk)));
-  std::vector<uint8_t> buf(block * kp);
   const uint8_t flip = a.x_signed ? 0x80 : 0;
   const uint8_t pad_val = static_cast<uint8_t>(a.x_zp) ^ flip;
   const int32_t za = a.x_zp + (a.x_signed ? 128 : 0);
+  auto group_gemm = [&](size_t g, size_t r0, size_t nrows, const uint8_t* rows_buf, const ParallelFor& run) {
+    GemmArgs ga = GroupGemm(s, a, g);
+    const PackedB* pb = &w.groups[g];
+    ga.M = nrows;
+    ga.a = rows_buf;
+    ga.lda = kp;
+    ga.a_rows_padded = true;
+    ga.a_signed = false;
+    ga.za = &za;
+    ga.y = static_cast<char*>(a.y) + (r0 * s.M + g * s.Mg()) * osz;
+    ga.b = &pb;
+    Gemm(uk, ga, run);
+  };
+
+  // Weights that stay in L2 next to a task's rows: each task gathers its own rows (kTaskBytes of im2col, a
+  // multiple of the tile's rows) and multiplies them itself, one synchronisation per call and the rows still
+  // in cache; larger weights keep the blocks below, whose GEMMs split the weights' panels over the threads.
+  size_t weight_bytes = 0;
+  for (const PackedB& pb : w.groups) weight_bytes += pb.data.size();
+  if (weight_bytes <= kTaskWeightBytes) {
+    const size_t task_rows = std::min(rows, RoundUp(std::max<size_t>(1, kTaskBytes / kp), uk.mr));
+    const size_t tasks = (rows + task_rows - 1) / task_rows;
+    const ParallelFor inline_for = [](size_t n, const std::function<void(size_t)>& fn) {
+      for (size_t i = 0; i < n; ++i) fn(i);
+    };
+    auto task = [&](size_t t) {
+      thread_local std::vector<uint8_t> tbuf;
+      tbuf.resize(task_rows * kp);
+      const size_t r0 = t * task_rows, nrows = std::min(task_rows, rows - r0);
+      for (size_t g = 0; g < s.group; ++g) {
+        OutPixel o(s, r0);
+        for (size_t r = 0; r < nrows; ++r, o.Next(s)) GatherRow(s, a.x, g, Cg, o, flip, pad_val, kp, tbuf.data() + r * kp);
+        group_gemm(g, r0, nrows, tbuf.data(), inline_for);
+      }
+    };
+    if (tasks == 1)
+      task(0);
+    else
+      pfor(tasks, task);
+    return;
+  }
+
+  const size_t block = std::min(rows, std::max<size_t>(kGatherChunk, RoundUp(kIm2colBytes / kp, kGatherChunk)));
+  std::vector<uint8_t> buf(block * kp);
   for (size_t r0 = 0; r0 < rows; r0 += block) {
     const size_t nrows = std::min(block, rows - r0);
     for (size_t g = 0; g < s.group; ++g) {
@@ -297,17 +341,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
         gather(0);
       else
         pfor(chunks, gather);
-      GemmArgs ga = GroupGemm(s, a, g);
-      const PackedB* pb = &w.groups[g];
-      ga.M = nrows;
-      ga.a = buf.data();
-      ga.lda = kp;
-      ga.a_rows_padded = true;
-      ga.a_signed = false;
-      ga.za = &za;
-      ga.y = static_cast<char*>(a.y) + (r0 * s.M + g * s.Mg()) * osz;
-      ga.b = &pb;
-      Gemm(uk, ga, pfor);
+      group_gemm(g, r0, nrows, buf.data(), pfor);
     }
   }
 }
