@@ -43,7 +43,7 @@ test: build
 # single-op, error, reliability and property-based graph tests run against it (ORT's arena is off in the
 # reliability and fuzz tests, so a write past an ORT buffer lands in a redzone). libstdc++ is preloaded
 # after libasan so ASan can intercept the C++ exceptions qie's adaptors throw for bad input.
-ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_region_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
+ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_depthwise_kernels.py tests/kernels/test_region_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_reliability.py \
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
               tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
               tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py tests/ort/test_ep_tails.py tests/ort/test_ep_norm_tails.py
@@ -63,7 +63,7 @@ memcheck: build
 # hides AVX-512, so the ORT-level tests run qie's AVX2 path end to end. Kernel tests write into guarded outputs;
 # ORT's arena is off. Only errors with a qie frame count (tests/tools/valgrind_report.py); ORT's own numbers are
 # not compared (see QIE_TEST_NO_BUILTIN in tests/helpers.py).
-VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_gemm_ops.py \
+VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels.py tests/kernels/test_depthwise_kernels.py tests/kernels/test_rounding_ties.py tests/ort/test_gemm_ops.py \
                   tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py tests/ort/test_conv_errors.py tests/ort/test_ep.py \
                   tests/kernels/test_region_kernels.py 'tests/ort/test_ep_regions.py::test_resnet_like_region_equals_ort[True-False-disable]' \
                   'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[3]' 'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[9]' \

@@ -2,8 +2,7 @@
 
 A small CNN (strided conv, depthwise conv, pointwise conv, BatchNormalization, Relu / HardSwish / SiLU / LeakyRelu
 / Clip) is quantized by ``onnxruntime.quantization.quantize_static`` as a user would (QDQ, per-channel or per-tensor,
-u8 / s8 activations). SiLU as Sigmoid and Mul is not claimed: the quantizer puts a QuantizeLinear between the
-conv and the Mul's two inputs (a binary unit, not built yet).
+u8 / s8 activations). SiLU as Sigmoid and Mul (a binary unit of x and a table of x) is folded into one table.
 With ``qie_ep.register(so)`` its regions must run on qie and give ORT's own results: conv units
 are QLinearConv's arithmetic (ORT's fused kernels at EXTENDED / ALL), tables are the float ops of the QDQ graph
 evaluated once per input code. Sigmoid uses libm's exp where ORT uses MLAS's approximation: a table entry may then
@@ -109,7 +108,7 @@ def steps(model):
 
 @needs_ep
 @pytest.mark.parametrize("level", list(OPT_LEVELS))
-@pytest.mark.parametrize("act", ["HardSwish", "Relu", "Clip", "LeakyRelu", "Sigmoid"])
+@pytest.mark.parametrize("act", ["HardSwish", "Relu", "Clip", "LeakyRelu", "Sigmoid", "SiLU"])
 @pytest.mark.parametrize("per_channel,signed", [(True, False), (False, True)])
 def test_cnn_region_equals_ort(tmp_path, level, act, per_channel, signed):
     rng = np.random.default_rng(7)
@@ -123,7 +122,7 @@ def test_cnn_region_equals_ort(tmp_path, level, act, per_channel, signed):
         # DequantizeLinear and the last activation stay with ORT.
         assert claimed >= len(model.graph.node) - 3, (claimed, len(model.graph.node))
         diff = np.abs(got - want)
-        if act == "Sigmoid":  # libm exp vs MLAS's logistic: one step at most
+        if act in ("Sigmoid", "SiLU"):  # libm exp vs MLAS's logistic: one step at most
             assert diff.max() <= steps(model) * 1.0001, (diff.max(), steps(model))
             print(f"{act} {level}: {int((diff > 0).sum())} of {diff.size} elements one step apart")
         elif COMPARE_BUILTIN:
@@ -495,6 +494,33 @@ def test_region_profile_counts_unit_kinds(tmp_path):
         else:
             assert p["conv"]["runs"] == 3 * 8 and p["layout"]["runs"] == 3 * 2, p  # one input, one output
             assert {"table", "binary", "gap", "concat", "maxpool"} <= set(p) and all(v["ms"] > 0 for v in p.values())
+
+
+@needs_ep
+@pytest.mark.parametrize("extra_output", [False, True])
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_silu_folds_into_one_table(tmp_path, level, extra_output):
+    """SiLU as the quantizer leaves it (Mul(DQ(x), DQ(Q(Sigmoid(DQ(x)))))) is a binary unit whose operands are x
+    and a table of x: the plan folds it into one table of x (no binary unit runs), with ORT's results. When the
+    Sigmoid's codes are also read outside the region (a graph output), its table step stays and the Mul still folds."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    model = cnn(rng, "SiLU")
+    if extra_output:
+        model.graph.output.append(h.make_tensor_value_info("a2_s", T.FLOAT, None))
+    model = quantize(model, rng, True, False, tmp_path)
+    feeds = {"x": rng.normal(size=(1, 3, 18, 14)).astype(np.float32)}
+    so = options(qie=False, level=level)
+    qie_ep.register(so, ep_options={"profile": "1"})
+    s = ort.InferenceSession(model.SerializeToString(), so)
+    qie_ep.reset_stats()
+    got = s.run(None, feeds)
+    p = qie_ep.region_profile()
+    assert "binary" not in p and p["table"]["runs"] >= 3, p
+    want, _ = run(model, feeds, level, qie=False)
+    for g, w in zip(got, want):
+        assert np.abs(g - w).max() <= steps(model) * 1.0001
 
 
 @needs_ep

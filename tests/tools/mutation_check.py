@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.py", "tests/kernels/test_rounding_ties.py",
+TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.py", "tests/kernels/test_depthwise_kernels.py",
+         "tests/kernels/test_rounding_ties.py",
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
          "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py"]
@@ -51,6 +52,13 @@ MUTATIONS = [
              "_mm512_cvtps_epi32(x), f.zp", "_mm512_cvttps_epi32(x), f.zp", "avx512vnni"),
     Mutation("depthwise zmm requantize truncates", "kernels/x86/dwconv_avx512.cc",
              "_mm512_cvtps_epi32(v), yzp", "_mm512_cvttps_epi32(v), yzp", "avx512vnni"),
+    Mutation("depthwise quad-tap requantize truncates", "kernels/x86/dwconv_avx512.cc",
+             "_mm512_cvtps_epi32(f), yzp", "_mm512_cvttps_epi32(f), yzp", "avx512vnni"),
+    Mutation("depthwise quad-tap zero point without the signed input's +128", "kernels/x86/dwconv_avx512.cc",
+             "const int32_t zp = a.x_zp + (a.x_signed ? 128 : 0);", "const int32_t zp = a.x_zp;", "avx512vnni"),
+    Mutation("depthwise quad-tap stores a vector's missing pixels", "kernels/x86/dwconv_avx512.cc",
+             "for (size_t k = 0; k < nv; ++k) StoreLaneBytes", "for (size_t k = 0; k < kPpv; ++k) StoreLaneBytes",
+             "avx512vnni"),
     Mutation("dynamic quantization rounds half away", "kernels/quantize.cc",
              "static_cast<int32_t>(std::nearbyint(v)) + zp", "static_cast<int32_t>(std::round(v)) + zp"),
     Mutation("dynamic quantization zmm truncates", "kernels/x86/quantize_avx512.cc",

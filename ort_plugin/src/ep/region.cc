@@ -269,6 +269,47 @@ void ComposeTable(RegionPlan::Step* st, const std::vector<uint8_t>& t, size_t C)
   ComposeTables(&st->table, &st->tC, t, C);
 }
 
+// A binary unit whose operands are one value x and a table step's output t = T(x) (SiLU / Swish as x * Sigmoid(x),
+// x + f(x), ...) is itself a table of x: y[c][k] = Q(DQ_x(k) op DQ_t(T[c][k])), the same float32 operations as its
+// row kernel, so the same codes, at one lookup per element instead of two dequantizations, the operation and a
+// quantization. Only without prefix or activation programs. `s` becomes that table step; returns the index of the
+// table step when nothing else reads its output (the caller drops it), else -1.
+int FoldSelfBinary(const RegionPlan* p, const std::vector<int>& producer_step,
+                   const std::map<std::string, int>& readers, RegionPlan::Step* s) {
+  if (s->in.size() != 2 || s->has_pre || !s->tail.steps.empty()) return -1;
+  for (int t = 0; t < 2; ++t) {
+    const int x = 1 - t, ps = producer_step[static_cast<size_t>(s->in[t])];
+    if (ps < 0 || s->in[x] == s->in[t]) continue;
+    const RegionPlan::Step& tab = p->steps[static_cast<size_t>(ps)];
+    if (tab.kind != UnitKind::kTable || tab.in[0] != s->in[x]) continue;
+    const QParams qx = s->qin[x], qt = s->qin[t];
+    const Quantizer q(s->qout);
+    const auto dq = [](uint8_t v, const QParams& qp) {
+      return static_cast<float>(Code(v, qp.is_signed) - qp.zp) * qp.scale;
+    };
+    std::vector<uint8_t> table(tab.tC * 256 + 3, 0);
+    for (size_t c = 0; c < tab.tC; ++c)
+      for (int k = 0; k < 256; ++k) {
+        const float fx = dq(static_cast<uint8_t>(k), qx), ft = dq(tab.table[c * 256 + static_cast<size_t>(k)], qt);
+        const float a = t == 1 ? fx : ft, b = t == 1 ? ft : fx;
+        table[c * 256 + static_cast<size_t>(k)] = q(s->op == '+' ? a + b : s->op == '-' ? a - b : a * b);
+      }
+    const std::string& tname = p->values[static_cast<size_t>(s->in[t])].name;
+    const auto r = readers.find(tname);
+    const bool only_reader =
+        r != readers.end() && r->second == 1 && p->values[static_cast<size_t>(s->in[t])].output < 0;
+    s->kind = UnitKind::kTable;
+    s->in = {s->in[x]};
+    s->qin = {qx};
+    s->tC = tab.tC;
+    s->table = std::move(table);
+    s->chain.clear();
+    s->lookup_only = true;
+    return only_reader ? ps : -1;
+  }
+  return -1;
+}
+
 void PlanConv(const Unit& u, RegionPlan::Step* s) {
   Unit again;
   ConvOperands o;
@@ -445,6 +486,11 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
         s.tail = CompileProgram(Outputs(u.op)[0], tail, u.q);
         s.tail.Expand(1, kTailBlock);
       }
+      const int dead = FoldSelfBinary(&p, producer_step, readers, &s);
+      if (dead >= 0) {  // the table the binary read is folded into it and read by nothing else
+        p.steps.erase(p.steps.begin() + dead);
+        for (int& ps : producer_step) ps = ps == dead ? -1 : ps > dead ? ps - 1 : ps;
+      }
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
       for (const QParams& q : s.qin) s.requant.push_back(Requant(q, s.qout));
     }
@@ -464,7 +510,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
   // the output scale dominates) against ~2 for the dword gather; a chain of two units costs twice that while the
   // composed table still costs one gather, so chains keep their tables.
   for (RegionPlan::Step& st : p.steps) {
-    if (st.kind != UnitKind::kTable || st.tC == 1 || st.chain.size() != 1) continue;
+    if (st.kind != UnitKind::kTable || st.tC == 1 || st.chain.size() != 1 || st.lookup_only) continue;
     st.arithmetic = true;
     for (RegionPlan::Chained& link : st.chain) {
       st.arithmetic = st.arithmetic && link.f.arithmetic && (link.f.C == 1 || link.f.C == st.tC);

@@ -43,6 +43,7 @@ struct RegionPlan {
     // of gathering from the tables (same float32 operations, same codes; no dword gathers)
     std::vector<Chained> chain;
     bool arithmetic = false;
+    bool lookup_only = false;  // the tables hold more than `chain` (a binary unit folded into them): looked up
     // conv
     qie::ConvAttrs at;
     std::vector<int64_t> k;

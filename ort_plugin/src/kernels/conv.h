@@ -8,7 +8,8 @@
 //   2. general: the input is gathered into im2col rows (taps x Cg bytes, zero point for padding) in
 //      blocks of output pixels, each block one GEMM per group on the prepacked weights;
 //   3. depthwise (one input and one output channel per group): a per-ISA kernel that vectorizes over
-//      channels, with the weights prepacked as int16 (w - w_zp) per tap.
+//      channels, with the weights prepacked as int16 (w - w_zp) per tap, or in the ISA's own form (AVX-512
+//      VNNI: int8 in groups of four taps, one vpdpbusd each, where every w - w_zp fits int8).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -79,8 +80,8 @@ struct DepthwiseScratch {
   uintptr_t* words;
 };
 inline size_t DepthwiseWords(size_t taps, size_t pixels) { return (taps + 6) * (pixels + 1); }
-using DepthwiseFn = void (*)(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0,
-                             size_t p1, const DepthwiseScratch& scratch);
+using DepthwiseFn = void (*)(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0, size_t p1,
+                             const DepthwiseScratch& scratch);
 // Adds the ISA's own depthwise form to `out` (whose int16 form `dw` is filled), or leaves it empty.
 using DepthwisePackFn = void (*)(const ConvShape& s, PackedConv* out);
 DepthwiseFn GetDepthwiseKernel(Isa isa);

@@ -3,13 +3,16 @@
 // per-ISA depthwise kernels.
 //
 // The general path, in steps:
-//  1. Output pixels (over the whole batch) are cut into blocks whose im2col rows (kp bytes each, K =
-//     taps x Cg gathered in (tap, channel) order, padding taps filled with the zero point, zeros from
-//     K to kp) take about kIm2colBytes; a block's rows are gathered in parallel.
-//  2. Each group then runs one GEMM on its block: A = the im2col rows (used in place by the
-//     microkernel: `a_rows_padded`), B = the group's prepacked panels, output columns g*Mg.. of the
-//     NHWC output with row stride M. A signed input is stored XOR 0x80 (+128) with the zero point
-//     shifted alike, so the differences (x - x_zp) are unchanged.
+//  1. Output pixels (over the whole batch) become im2col rows (kp bytes each, K = taps x Cg gathered in
+//     (tap, channel) order, padding taps filled with the zero point, zeros from K to kp).
+//  2. Each group runs a GEMM on them: A = the im2col rows (used in place by the microkernel:
+//     `a_rows_padded`), B = the group's prepacked panels, output columns g*Mg.. of the NHWC output with
+//     row stride M. A signed input is stored XOR 0x80 (+128) with the zero point shifted alike, so the
+//     differences (x - x_zp) are unchanged.
+//  Weights up to kTaskWeightBytes packed: one parallel loop over tasks of rows, each gathering its own
+//  ~kTaskBytes of rows and running its GEMMs on them inline (the rows still in L1/L2, one pool
+//  synchronisation per call). Larger weights: blocks of ~kIm2colBytes of rows, gathered in parallel, then
+//  each GEMM parallel over its own tiles (which splits the weights' panels between the threads).
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -251,7 +254,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       // Uninitialised scratch: the kernels write what they read (zeroing it cost as much as a small layer).
       const std::unique_ptr<int32_t[]> acc(new int32_t[s.C + 16]);
       const std::unique_ptr<const uint8_t*[]> ptrs(w.dw_isa.empty() ? new const uint8_t*[(s.taps() + 1) * chunk]
-                                                                     : nullptr);
+                                                                    : nullptr);
       const std::unique_ptr<uintptr_t[]> words(w.dw_isa.empty() ? nullptr
                                                                 : new uintptr_t[DepthwiseWords(s.taps(), chunk)]);
       const size_t b = t / per_image, p0 = (t % per_image) * chunk;
@@ -315,7 +318,8 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       const size_t r0 = t * task_rows, nrows = std::min(task_rows, rows - r0);
       for (size_t g = 0; g < s.group; ++g) {
         OutPixel o(s, r0);
-        for (size_t r = 0; r < nrows; ++r, o.Next(s)) GatherRow(s, a.x, g, Cg, o, flip, pad_val, kp, tbuf.data() + r * kp);
+        for (size_t r = 0; r < nrows; ++r, o.Next(s))
+          GatherRow(s, a.x, g, Cg, o, flip, pad_val, kp, tbuf.data() + r * kp);
         group_gemm(g, r0, nrows, tbuf.data(), inline_for);
       }
     };

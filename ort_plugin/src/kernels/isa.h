@@ -16,14 +16,14 @@ void SetLutVbmi(bool on);
 
 struct IsaKernels {
   Isa isa;
-  const char* name;          // "scalar", "avx2", ... (QIE_ISA, qie_ep.force_isa, stats)
-  bool (*cpu_has)();         // every extension the path's files are compiled with (cpuid + OS state)
-  const MicroKernel* gemm;   // GEMM microkernel (tile MR x NR, K-group)
-  DepthwiseFn depthwise;     // depthwise convolution over channels
+  const char* name;                // "scalar", "avx2", ... (QIE_ISA, qie_ep.force_isa, stats)
+  bool (*cpu_has)();               // every extension the path's files are compiled with (cpuid + OS state)
+  const MicroKernel* gemm;         // GEMM microkernel (tile MR x NR, K-group)
+  DepthwiseFn depthwise;           // depthwise convolution over channels
   DepthwisePackFn depthwise_pack;  // the depthwise kernel's own weight form; nullptr: the int16 form only
-  MinMaxFn minmax;           // dynamic quantization's range; nullptr: the scalar loop
-  QuantizeU8Fn quantize_u8;  // dynamic quantization's q = saturate(round(x / scale) + zp); nullptr: scalar
-  ChannelLutFn channel_lut;  // the EP's (per-channel) byte tables; nullptr: the scalar loop
+  MinMaxFn minmax;                 // dynamic quantization's range; nullptr: the scalar loop
+  QuantizeU8Fn quantize_u8;        // dynamic quantization's q = saturate(round(x / scale) + zp); nullptr: scalar
+  ChannelLutFn channel_lut;        // the EP's (per-channel) byte tables; nullptr: the scalar loop
 };
 
 const IsaKernels& KernelsFor(Isa isa);

@@ -407,10 +407,11 @@ QuadRows BuildQuadRows(const ConvShape& s, const ConvArgs& a, const uint8_t* zro
     const bool rows_in = id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
                          ih0 + ptrdiff_t((s.k[1] - 1) * s.dil[1]) < ptrdiff_t(s.in[1]);
     // Column 0's window origin (before the pad: only columns inside use it).
-    const uintptr_t origin = rows_in ? reinterpret_cast<uintptr_t>(
-                                           a.x + ((b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] * s.C) -
-                                           s.pad[2] * s.C
-                                     : 0;
+    const uintptr_t origin =
+        rows_in
+            ? reinterpret_cast<uintptr_t>(a.x + ((b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] * s.C) -
+                  s.pad[2] * s.C
+            : 0;
     for (size_t j = 0; j < n; ++j, ++i, walk.Next(s)) {
       const size_t ow = ow0 + j;
       if (rows_in && ow >= ow_lo && ow < ow_hi) {
@@ -495,8 +496,7 @@ void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_
       LaneTranspose(acc, v);
       for (size_t L = 0; L < 4; ++L)
         if (L / lpp < nv && lane_mask[L])
-          _mm512_mask_storeu_epi32(static_cast<int32_t*>(a.y) + o + (L / lpp) * C + 16 * (L % lpp), lane_mask[L],
-                                   v[L]);
+          _mm512_mask_storeu_epi32(static_cast<int32_t*>(a.y) + o + (L / lpp) * C + 16 * (L % lpp), lane_mask[L], v[L]);
       continue;
     }
     const auto requant = [&](__m512i acc, __m512 sc) {
