@@ -635,6 +635,46 @@ def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, 
 
 
 @needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("form", ["x*sigmoid", "sigmoid*x"])
+def test_silu_as_qie_quantize_leaves_it(tmp_path, level, form):
+    """Conv -> SiLU chains (YOLO's, EfficientNet's; no BatchNormalization left between, as torch exports fold it)
+    quantized the way `qie quantize` does by default: the SiLU stays float between a DequantizeLinear and a
+    QuantizeLinear, and ORT gives the Sigmoid and the Mul each their own DequantizeLinear of the conv's codes. The
+    second one is the same tensor: the table unit takes both, and every conv and SiLU runs on qie. Sigmoid is
+    libm's exp where ORT's is MLAS's: within one step at the last SiLU's QuantizeLinear, nearly all equal."""
+    rng = np.random.default_rng(41)
+    c, inits, nodes = 8, [], []
+
+    def conv(x, cin, name, stride=1):
+        w = (rng.normal(size=(c, cin, 3, 3)) * (1.4 / np.sqrt(cin * 9))).astype(np.float32)
+        inits.extend([nh.from_array(w, name + "_w"), nh.from_array((rng.normal(size=c) * 0.1).astype(np.float32),
+                                                                     name + "_b")])
+        nodes.append(h.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1] * 4, strides=[stride] * 2))
+        return name
+
+    def silu(x):
+        nodes.append(h.make_node("Sigmoid", [x], [x + "_s"]))
+        nodes.append(h.make_node("Mul", [x, x + "_s"] if form == "x*sigmoid" else [x + "_s", x], [x + "_silu"]))
+        return x + "_silu"
+
+    y = silu(conv(silu(conv(silu(conv("x", 3, "c1", 2)), c, "c2")), c, "c3"))
+    g = h.make_graph(nodes, "silu_chain", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
+                     tmp_path, op_types=QIE_QUANTIZE_OPS)
+    ours, theirs = claimed_ops(model, level)
+    assert ours.count("Conv") == 3 and ours.count("Sigmoid") >= 2 and ours.count("Mul") >= 2, (ours, theirs)
+    step = steps(model)
+    for shape in ((1, 3, 16, 16), (2, 3, 11, 7)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        diff = np.abs(got - want)
+        assert diff.max() <= 1.0001 * step and (diff > 0).mean() <= 0.02, (diff.max(), step, (diff > 0).mean())
+
+
+@needs_ep
 @pytest.mark.parametrize("level", ["disable", "all"])
 def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path, level):
     """PP-LCNet's block quantized the way `qie quantize` does by default (MatMul / Conv / Gemm only): a conv's

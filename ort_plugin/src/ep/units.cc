@@ -34,6 +34,20 @@ bool InputDq(const OrtNode* dq) {
 }
 bool Rank4(const OrtValueInfo* vi) { return vi && ValueRank(vi) == 4; }
 
+// Whether `vi` is another per-tensor DequantizeLinear of the codes `dq` reads, with the same scale and zero point:
+// the same float tensor. ORT gives every consumer of a Q -> DQ its own DequantizeLinear
+// (EnsureUniqueDQForNodeUnit), so SiLU's x * Sigmoid(x) reaches the EP as Mul(DQ'(q), Sigmoid(DQ(q))).
+bool SameDequantize(const OrtValueInfo* vi, const OrtNode* dq) {
+  const OrtNode* p = vi ? Producer(vi) : nullptr;
+  if (!p || !dq || p == dq || !IsOp(p, "DequantizeLinear") || Inputs(p)[0] != Inputs(dq)[0]) return false;
+  Constant unused, sa, za, sb, zb;
+  ONNXTensorElementDataType ta, tb;
+  if (!DqOperands(p, true, 0, &unused, &sa, &za, &ta) || !DqOperands(dq, true, 0, &unused, &sb, &zb, &tb)) return false;
+  if (ta != tb || static_cast<const float*>(sa.data)[0] != static_cast<const float*>(sb.data)[0]) return false;
+  const auto z = [](const Constant& c) { return c.data ? static_cast<const uint8_t*>(c.data)[0] : uint8_t{0}; };
+  return z(za) == z(zb);
+}
+
 // A constant table operand: a float32 scalar or per-channel vector, from an initializer or a DequantizeLinear of
 // one (as ORT's quantizer writes a bias Add's or BatchNormalization's constants), evaluated as ORT does,
 // (q - zp) * scale in float32. Channel vectors are [1,C,1,1] or [C,1,1] (NCHW's channel axis) or, with `one_d`
@@ -168,6 +182,11 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
     if (IsLayoutOp(n)) continue;
     for (size_t i = 0; i < in.size(); ++i) {
       if (!Input(in, i) || values.count(in[i])) continue;
+      if (SameDequantize(in[i], dq)) {  // the input itself through its own DQ: joins the unit (read as register 0)
+        if (SoleConsumer(in[i]) != n) return false;
+        param_dqs.push_back(Producer(in[i]));
+        continue;
+      }
       std::vector<float> v;
       const OrtNode* pdq = nullptr;
       if (!ConstantOperand(op, i) || !ChannelConstant(in[i], op == "BatchNormalization", layout, &v, &pdq))
@@ -478,6 +497,8 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
                               const OrtValueInfo* result, const ConstLayout& layout) {
   FloatProgram p;
   std::map<const OrtValueInfo*, int> reg = {{input, 0}};
+  const OrtNode* input_dq = Producer(input);
+  if (input_dq && !IsOp(input_dq, "DequantizeLinear")) input_dq = nullptr;
   auto channels = [&](std::vector<float> v) {  // a constant operand; fixes the program's channel count
     if (v.size() > 1) {
       if (p.C > 1 && p.C != v.size()) throw Failure{"table constants of different channel counts"};
@@ -515,6 +536,8 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
       auto it = reg.find(in.at(i));
       if (it != reg.end()) {
         *r = it->second;
+      } else if (input_dq && SameDequantize(in[i], input_dq)) {
+        *r = 0;
       } else {
         *r = -1;
         *k = constant(n, in[i]);
