@@ -30,8 +30,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm", "encoder", "mbnet"],
-                    help="demo models, and qie_ep.demo.synthetic's torch-built encoder / mbnet (seeded weights)")
+    ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm", "encoder", "mbnet", "detector"],
+                    help="demo models, and qie_ep.demo.synthetic's torch-built encoder / mbnet / detector (seeded weights)")
     args = ap.parse_args(argv)
     env = environment()
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | ORT_ENABLE_ALL, batch 1")
@@ -93,7 +93,7 @@ def cases(names):
     quantize_static with ORT's op set (QDQ and QOperator), MiniLM as the demo quantizes it (`qie quantize`'s code:
     static QDQ of every MatMul, and with --accuracy-budget 0.01), one sentence."""
     for name in names:
-        if name in ("encoder", "mbnet"):  # architectures the demo lacks (qie_ep.demo.synthetic), qie quantize'd
+        if name in ("encoder", "mbnet", "detector"):  # architectures the demo lacks (qie_ep.demo.synthetic), qie quantize'd
             from qie_ep.demo import synthetic
 
             fp32, int8 = synthetic.model(name)

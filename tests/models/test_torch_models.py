@@ -1,5 +1,5 @@
-"""Architectures none of the demo's models has (qie_ep.demo.synthetic: a torch.nn.TransformerEncoder and a
-MobileNetV2-like CNN, seeded weights, exported and quantized by `qie quantize --per-channel` as a new user would).
+"""Architectures none of the demo's models has (qie_ep.demo.synthetic: a torch.nn.TransformerEncoder, a
+MobileNetV2-like CNN and a YOLOv8-style detector, seeded weights, exported and quantized by `qie quantize --per-channel` as a new user would).
 With qie's EP they load and run at every optimization level, the EP claims their quantized work, and the outputs stay
 within reach of the QDQ graph's float semantics (ORT_DISABLE_ALL), the spec, and of FP32. (ORT's own fused INT8 path
 at ORT_ENABLE_ALL is not the spec: on the encoder its QLinearSoftmax moves the output to cosine ~0.96 of the float
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 needs_ep = pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here")
 
 
-@pytest.fixture(scope="module", params=["encoder", "mbnet"])
+@pytest.fixture(scope="module", params=["encoder", "mbnet", "detector"])
 def quantized(request):
     from qie_ep.demo import synthetic
 
