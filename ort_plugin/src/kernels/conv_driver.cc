@@ -61,9 +61,24 @@ struct OutPixel {
   }
 };
 
-// n bytes from s to d: two overlapping word copies up to 16 bytes (a stem's 3-channel kernel row is 9), else memcpy.
+// n bytes from s to d: two overlapping copies of a fixed size up to 64 bytes (a stem's 3-channel kernel row is 9,
+// a 16-channel 3x3 one 48: a memcpy call per kernel row cost more than the GEMM on such layers), else memcpy.
 inline void CopyBytes(uint8_t* __restrict d, const uint8_t* __restrict s, size_t n) {
-  if (n >= 8 && n <= 16) {
+  if (n > 16 && n <= 64) {
+    if (n > 32) {
+      uint8_t lo[32], hi[32];
+      std::memcpy(lo, s, 32);
+      std::memcpy(hi, s + n - 32, 32);
+      std::memcpy(d, lo, 32);
+      std::memcpy(d + n - 32, hi, 32);
+    } else {
+      uint8_t lo[16], hi[16];
+      std::memcpy(lo, s, 16);
+      std::memcpy(hi, s + n - 16, 16);
+      std::memcpy(d, lo, 16);
+      std::memcpy(d + n - 16, hi, 16);
+    }
+  } else if (n >= 8 && n <= 16) {
     uint64_t lo, hi;
     std::memcpy(&lo, s, 8);
     std::memcpy(&hi, s + n - 8, 8);
@@ -124,6 +139,40 @@ __attribute__((always_inline)) inline void GatherRow(const ConvShape& s, const u
     }
   }
   for (uint8_t* end = dst + kp; d < end; ++d) *d = 0;  // K's padding to the K-group: a few bytes, no memset call
+}
+
+// im2col rows [r0, r0 + n) of group g into dst (row stride kp). With one group, no W dilation and an unsigned
+// input, a pixel whose window lies inside the image copies its k[0] x k[1] kernel rows (k[2] x C contiguous bytes
+// each) from its window's first byte at offsets shared by all such pixels, the shape read once into locals; the
+// others (borders, groups, dilation, signed inputs) take GatherRow.
+void GatherRows(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, size_t r0, size_t n, uint8_t flip,
+                uint8_t pad_val, size_t kp, uint8_t* __restrict dst) {
+  constexpr size_t kMaxRuns = 64;
+  const size_t runs = s.k[0] * s.k[1], run = s.k[2] * Cg, K = s.taps() * Cg, C = s.C;
+  OutPixel o(s, r0);
+  if (s.group != 1 || s.dil[2] != 1 || flip || runs > kMaxRuns) {
+    for (size_t r = 0; r < n; ++r, o.Next(s)) GatherRow(s, x, g, Cg, o, flip, pad_val, kp, dst + r * kp);
+    return;
+  }
+  size_t off[kMaxRuns];
+  for (size_t kd = 0, j = 0; kd < s.k[0]; ++kd)
+    for (size_t kh = 0; kh < s.k[1]; ++kh, ++j) off[j] = (kd * s.dil[0] * s.in[1] + kh * s.dil[1]) * s.in[2] * C;
+  const ptrdiff_t in_d = ptrdiff_t(s.in[0]), in_h = ptrdiff_t(s.in[1]), in_w = ptrdiff_t(s.in[2]);
+  const ptrdiff_t st_d = ptrdiff_t(s.stride[0]), st_h = ptrdiff_t(s.stride[1]), st_w = ptrdiff_t(s.stride[2]);
+  const ptrdiff_t pd = ptrdiff_t(s.pad[0]), ph = ptrdiff_t(s.pad[1]), pw = ptrdiff_t(s.pad[2]);
+  const ptrdiff_t span_d = ptrdiff_t((s.k[0] - 1) * s.dil[0]), span_h = ptrdiff_t((s.k[1] - 1) * s.dil[1]);
+  const ptrdiff_t span_w = ptrdiff_t(s.k[2] - 1);
+  for (size_t r = 0; r < n; ++r, o.Next(s)) {
+    uint8_t* d = dst + r * kp;
+    const ptrdiff_t id0 = o.od * st_d - pd, ih0 = o.oh * st_h - ph, iw0 = o.ow * st_w - pw;
+    if (id0 < 0 || id0 + span_d >= in_d || ih0 < 0 || ih0 + span_h >= in_h || iw0 < 0 || iw0 + span_w >= in_w) {
+      GatherRow(s, x, g, Cg, o, flip, pad_val, kp, d);
+      continue;
+    }
+    const uint8_t* base = x + (((o.b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] + size_t(iw0)) * C;
+    for (size_t j = 0; j < runs; ++j) CopyBytes(d + j * run, base + off[j], run);
+    for (size_t k = K; k < kp; ++k) d[k] = 0;
+  }
 }
 
 GemmArgs GroupGemm(const ConvShape& s, const ConvArgs& a, size_t g) {
@@ -317,9 +366,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       tbuf.resize(task_rows * kp);
       const size_t r0 = t * task_rows, nrows = std::min(task_rows, rows - r0);
       for (size_t g = 0; g < s.group; ++g) {
-        OutPixel o(s, r0);
-        for (size_t r = 0; r < nrows; ++r, o.Next(s))
-          GatherRow(s, a.x, g, Cg, o, flip, pad_val, kp, tbuf.data() + r * kp);
+        GatherRows(s, a.x, g, Cg, r0, nrows, flip, pad_val, kp, tbuf.data());
         group_gemm(g, r0, nrows, tbuf.data(), inline_for);
       }
     };
@@ -337,9 +384,9 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     for (size_t g = 0; g < s.group; ++g) {
       const size_t chunks = (nrows + kGatherChunk - 1) / kGatherChunk;
       auto gather = [&](size_t c) {
-        OutPixel o(s, r0 + c * kGatherChunk);
-        for (size_t r = c * kGatherChunk; r < std::min(nrows, (c + 1) * kGatherChunk); ++r, o.Next(s))
-          GatherRow(s, a.x, g, Cg, o, flip, pad_val, kp, buf.data() + r * kp);
+        const size_t r = c * kGatherChunk;
+        GatherRows(s, a.x, g, Cg, r0 + r, std::min(nrows, r + kGatherChunk) - r, flip, pad_val, kp,
+                   buf.data() + r * kp);
       };
       if (chunks == 1)
         gather(0);
