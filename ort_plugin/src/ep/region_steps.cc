@@ -327,9 +327,12 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
       thread_local std::vector<std::vector<float>> regs;
       const size_t n = r / Y[1], h = r % Y[1], len = Y[2] * Y[3];
       if (f.size() < len) f.resize(len);
-      for (size_t w = 0; w < Y[2]; ++w)
-        rowf(a + n * sa[0] + h * sa[1] + w * sa[2], sa[3], b + n * sb[0] + h * sb[1] + w * sb[2], sb[3],
-             f.data() + w * Y[3], Y[3], s.qin[0], s.qin[1]);
+      if (sa[3] == 1 && sb[3] == 1 && sa[2] == Y[3] && sb[2] == Y[3])  // no broadcast along W and C: one call
+        rowf(a + n * sa[0] + h * sa[1], 1, b + n * sb[0] + h * sb[1], 1, f.data(), len, s.qin[0], s.qin[1]);
+      else
+        for (size_t w = 0; w < Y[2]; ++w)
+          rowf(a + n * sa[0] + h * sa[1] + w * sa[2], sa[3], b + n * sb[0] + h * sb[1] + w * sb[2], sb[3],
+               f.data() + w * Y[3], Y[3], s.qin[0], s.qin[1]);
       for (size_t k = 0; k < len; k += kTailBlock) {
         const size_t m = std::min(kTailBlock, len - k);
         QuantizeBlock(RunProgram(s.tail, f.data() + k, m, &regs), m, q, y + r * len + k);
@@ -337,8 +340,15 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
     });
     return;
   }
+  // Operands laid out like the output along W and C (no broadcast there): one call per output row.
+  const bool flat = sa[3] == 1 && sb[3] == 1 && sa[2] == Y[3] && sb[2] == Y[3];
   pfor(rows, [&](size_t r) {
     const size_t n = r / Y[1], h = r % Y[1];
+    if (flat) {
+      row(a + n * sa[0] + h * sa[1], 1, b + n * sb[0] + h * sb[1], 1, y + r * Y[2] * Y[3], Y[2] * Y[3], s.qin[0],
+          s.qin[1], s.qout);
+      return;
+    }
     for (size_t w = 0; w < Y[2]; ++w) {
       const uint8_t* pa = a + n * sa[0] + h * sa[1] + w * sa[2];
       const uint8_t* pb = b + n * sb[0] + h * sb[1] + w * sb[2];
@@ -448,19 +458,28 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
   uint8_t* y = ybuf->data();
   const size_t pixels = o.pixels(), per = std::max<size_t>(1, (size_t{1} << 14) / std::max<size_t>(1, o.c));
   if (od->count() == 0) return;
+  // Per block of pixels and input: an input of another scale is requantized in one vector table pass (the ISA's
+  // byte lookup over the block, contiguous) into scratch, then each pixel's channels are copied into place.
+  const qie::ChannelLutFn lut = qie::KernelsFor(qie::ActiveIsa()).channel_lut;
   pfor((pixels + per - 1) / per, [&](size_t b) {
-    for (size_t p = b * per; p < std::min(pixels, (b + 1) * per); ++p) {
-      uint8_t* py = y + p * o.c;
-      for (size_t i = 0; i < xs.size(); ++i) {
-        const size_t C = ds[i]->c;
-        const uint8_t* px = xs[i] + p * C;
-        if (s.requant[i].empty()) {
-          std::memcpy(py, px, C);
+    thread_local std::vector<uint8_t> tmp;
+    const size_t p0 = b * per, np = std::min(pixels, p0 + per) - p0;
+    size_t offset = 0;
+    for (size_t i = 0; i < xs.size(); ++i) {
+      const size_t C = ds[i]->c;
+      const uint8_t* px = xs[i] + p0 * C;
+      if (!s.requant[i].empty() && np * C > 0) {
+        if (tmp.size() < np * C) tmp.resize(np * C);
+        if (lut) {
+          lut(s.requant[i].data(), 1, px, tmp.data(), np * C);
         } else {
-          for (size_t c = 0; c < C; ++c) py[c] = s.requant[i][px[c]];
+          for (size_t k = 0; k < np * C; ++k) tmp[k] = s.requant[i][px[k]];
         }
-        py += C;
+        px = tmp.data();
       }
+      uint8_t* py = y + p0 * o.c + offset;
+      for (size_t p = 0; p < np; ++p) std::memcpy(py + p * o.c, px + p * C, C);
+      offset += C;
     }
   });
 }
