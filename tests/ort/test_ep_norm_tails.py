@@ -81,6 +81,28 @@ def test_residual_layernorm_tail(level, ydt, bias):
 
 
 @needs_ep
+def test_residual_from_a_node_compiles_quietly(capfd):
+    """A residual produced by a node outside the unit (BERT's: the previous LayerNorm's DQ) is an input of the fused
+    graph at Compile, with no producer there: asking ORT for one logged a warning per layer at its default level."""
+    import onnxruntime as ort
+
+    import qie_ep
+
+    rng = np.random.default_rng(64)
+    model, _ = _norm_model(rng)
+    g = model.graph
+    g.input[1].name = "res_in"
+    g.node.insert(0, helper.make_node("Abs", ["res_in"], ["res"]))
+    so = ort.SessionOptions()
+    so.log_severity_level = 2  # ORT's default: warnings shown
+    qie_ep.register(so)
+    sess = ort.InferenceSession(model.SerializeToString(), so)
+    x, res = rand(rng, np.uint8, (2, 5, 40)), rng.normal(0, 1, (2, 5, 64)).astype(np.float32)
+    assert sess.run(None, {"x": x, "res_in": res})[0].shape == (2, 5, 64)
+    assert "Unable to get producer" not in capfd.readouterr().err
+
+
+@needs_ep
 @pytest.mark.parametrize("case", ["residual of unproven shape", "LayerNorm's mean read"])
 def test_layernorm_tails_the_unit_must_not_take(case):
     """A residual whose shape ORT cannot prove equal (other symbols: it might broadcast), a LayerNormalization whose

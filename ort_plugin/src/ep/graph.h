@@ -80,6 +80,12 @@ inline size_t Consumers(const OrtValueInfo* vi) {
   Check(g_api->ValueInfo_GetValueNumConsumers(vi, &k));
   return k;
 }
+// A value the graph receives (at Compile, a fused graph's value produced outside it: it has no producer there).
+inline bool IsRequiredGraphInput(const OrtValueInfo* vi) {
+  bool b = false;
+  Check(g_api->ValueInfo_IsRequiredGraphInput(vi, &b));
+  return b;
+}
 inline bool IsGraphOutput(const OrtValueInfo* vi) {
   bool b = false;
   Check(g_api->ValueInfo_IsGraphOutput(vi, &b));

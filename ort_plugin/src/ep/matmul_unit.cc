@@ -137,7 +137,8 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   if (!r || r == v || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !SameShape(r, v))
     return;
   const std::vector<const OrtNode*> mine = u->Nodes();  // the residual must come from outside the unit
-  if (std::find(mine.begin(), mine.end(), Producer(r)) != mine.end()) return;
+  // (a fused graph's input has no producer there: ORT logs a warning for asking)
+  if (!IsRequiredGraphInput(r) && std::find(mine.begin(), mine.end(), Producer(r)) != mine.end()) return;
   n.add_res = c;
   n.residual = r;
   v = Outputs(c)[0];

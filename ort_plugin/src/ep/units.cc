@@ -38,7 +38,9 @@ bool Rank4(const OrtValueInfo* vi) { return vi && ValueRank(vi) == 4; }
 // the same float tensor. ORT gives every consumer of a Q -> DQ its own DequantizeLinear
 // (EnsureUniqueDQForNodeUnit), so SiLU's x * Sigmoid(x) reaches the EP as Mul(DQ'(q), Sigmoid(DQ(q))).
 bool SameDequantize(const OrtValueInfo* vi, const OrtNode* dq) {
-  const OrtNode* p = vi ? Producer(vi) : nullptr;
+  Constant c;
+  if (!vi || ReadConstant(vi, &c) || IsRequiredGraphInput(vi)) return false;  // (no producer to ask for)
+  const OrtNode* p = Producer(vi);
   if (!p || !dq || p == dq || !IsOp(p, "DequantizeLinear") || Inputs(p)[0] != Inputs(dq)[0]) return false;
   Constant unused, sa, za, sb, zb;
   ONNXTensorElementDataType ta, tb;
@@ -497,7 +499,8 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
                               const OrtValueInfo* result, const ConstLayout& layout) {
   FloatProgram p;
   std::map<const OrtValueInfo*, int> reg = {{input, 0}};
-  const OrtNode* input_dq = Producer(input);
+  Constant unused;
+  const OrtNode* input_dq = ReadConstant(input, &unused) || IsRequiredGraphInput(input) ? nullptr : Producer(input);
   if (input_dq && !IsOp(input_dq, "DequantizeLinear")) input_dq = nullptr;
   auto channels = [&](std::vector<float> v) {  // a constant operand; fixes the program's channel count
     if (v.size() > 1) {
