@@ -145,6 +145,28 @@ def test_region_two_threads_and_reruns(tmp_path):
 
 
 @needs_ep
+@pytest.mark.parametrize("spinning", [False, True])
+def test_pacing_changes_no_result(tmp_path, spinning):
+    """Each region step learns from its first runs (two warm-up, then alternating) whether to run on the pool or
+    the calling thread; with pacing on or off, at 2 threads and pools spinning or not, every run through and past
+    the calibration equals ORT's, and a new input size (learnt again) too."""
+    rng = np.random.default_rng(12)
+    model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    sizes = [(1, 3, 24, 20), (2, 3, 9, 13)]
+    feeds = [{"x": rng.normal(size=sz).astype(np.float32)} for sz in sizes]
+    want = [run(model, f, "all", qie=False)[0][0] for f in feeds]
+    for pacing in ("1", "0"):
+        so = options(qie=False, threads=2, spinning=spinning)
+        qie_ep.register(so, ep_options={"pacing": pacing})
+        s = session(model, so)
+        for f, w in zip(feeds, want):
+            for _ in range(18):  # past the 2 + 2 x 6 calibration runs of every step
+                assert_equals_ort(s.run(None, f)[0], w, f"pacing={pacing}")
+    with pytest.raises(ValueError, match="'pacing' must be"):
+        qie_ep.register(options(), ep_options={"pacing": "maybe"})
+
+
+@needs_ep
 def test_region_stops_at_a_graph_output(tmp_path):
     """An intermediate value that is also a graph output ends the chain there; both outputs equal ORT's."""
     rng = np.random.default_rng(9)

@@ -209,6 +209,8 @@ struct QieEp : OrtEp {
 //   tails   "1" (default) / "0": MatMul / Gemm units take the elementwise DQ -> f -> Q segments after them
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
 //   profile "0" (default) / "1": time the regions' unit kinds (qie_ep_region_profile)
+//   pacing  "1" (default) / "0": each region step learns from its first runs whether the intra-op pool pays for
+//           its work (RegionPlan::Pacing); "0": every step on the pool
 // A bad value fails the session creation with a message naming the option.
 std::string ConfigEntry(const OrtSessionOptions* so, const std::string& key, bool* found) {
   *found = false;
@@ -239,6 +241,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   flag("regions", &ep->regions_on);
   flag("tails", &ep->tails_on);
   flag("profile", &ep->region_opts.profile);
+  flag("pacing", &ep->region_opts.pacing);
   for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
     bool found = false;
     const std::string v = ConfigEntry(so, std::string(prefix) + "min_region_convs", &found);

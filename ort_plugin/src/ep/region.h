@@ -22,6 +22,7 @@ struct RegionOptions {
   // lone Sigmoids) and lone convs stopped ORT's own Gelu / QDQ fusions around them and made the model slower.
   size_t min_conv_units = 2;
   bool profile = false;  // time each unit kind and the layout changes (RegionProfile)
+  bool pacing = true;    // each step learns whether the intra-op pool pays off for it (RegionPlan::Pacing)
 };
 
 // What MatchRegions found, for the EP's log.
