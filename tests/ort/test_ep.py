@@ -324,3 +324,22 @@ def test_gemm_with_a_bias_of_another_scale_stays_on_ort():
     x = {"x": rand(rng, np.uint8, (6, 45))}
     if COMPARE_BUILTIN:
         assert_exact(sess.run(None, x)[0], session(model, level="all").run(None, x)[0], "bias of another scale")
+
+
+@needs_ep
+def test_matmul_unit_pacing_changes_no_result():
+    """A MatMul unit learns from its first runs whether to run on the pool or the calling thread (option "pacing");
+    at 2 threads, through and past that calibration and after a size change, its codes equal those of a session
+    that always uses the pool."""
+    rng = np.random.default_rng(77)
+    model, _ = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 96, 200, True, x_shape=("B", "S"))
+    sessions = []
+    for pacing in ("1", "0"):
+        so = options(threads=2, spinning=False)
+        qie_ep.register(so, ep=True, ep_options={"pacing": pacing})
+        sessions.append(session(model, so))
+    for rows in (64, 7):
+        x = rand(rng, np.uint8, (2, rows, 96))
+        for _ in range(16):
+            a, b = (s.run(None, {"x": x})[0] for s in sessions)
+            np.testing.assert_array_equal(a, b)

@@ -448,7 +448,9 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.ldy = c.N;
     g.batch = 1;
     g.b = &bp;
-    const qie::ParallelFor pfor = CtxParallelFor(ctx);
+    const qie::ParallelFor pool = CtxParallelFor(ctx);
+    Pace pace(c.pacing, c.adaptive, rows * c.K, pool);
+    const qie::ParallelFor& pfor = pace.For();
     qie::Gemm(*c.uk, g, pfor);
     const uint8_t* out_codes = codes.data();
     if (tail) {  // programs then table, each in place once the codes are in dst
@@ -488,6 +490,7 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     } else if (c.float_out) {
       DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
     }
+    pace.Done();
   });
 }
 

@@ -86,6 +86,8 @@ void TrimTail(MatMulUnit* u, Pred gone) {
 }
 
 struct CompiledMatMul {
+  Pacing pacing;         // the unit's run on the pool or the calling thread, learnt (pacing.h)
+  bool adaptive = true;  // EP option "pacing"
   qie::PackedB packed;
   const qie::MicroKernel* uk = nullptr;
   size_t K = 0, N = 0;

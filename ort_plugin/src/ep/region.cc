@@ -519,7 +519,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     }
   }
   AssignSlots(&p);
-  p.pacing.reset(new RegionPlan::Pacing[p.steps.size()]);
+  p.pacing.reset(new Pacing[p.steps.size()]);
   return plan.release();
 }
 
@@ -564,59 +564,6 @@ void ResetRegionProfile() {
   }
 }
 
-namespace {
-
-// A step's run on the pool or the calling thread (RegionPlan::Pacing): while calibrating, alternate runs take each
-// (the first two of a size are warm-up and not counted), kCalibration of each are timed, then the faster is kept.
-class Pace {
- public:
-  static constexpr int kWarmup = 2, kCalibration = 6;
-  Pace(const RegionPlan& p, size_t step, size_t elements, const qie::ParallelFor& pool)
-      : pc_(p.pacing[step]), pool_(pool) {
-    if (!p.adaptive) return;
-    if (pc_.elements.load(std::memory_order_relaxed) != elements) {  // a new size: learn again (races only cost runs)
-      pc_.mode.store(0);
-      pc_.runs.store(0);
-      pc_.ns[0].store(0);
-      pc_.ns[1].store(0);
-      pc_.elements.store(elements);
-    }
-    const int mode = pc_.mode.load(std::memory_order_relaxed);
-    if (mode != 0) {
-      serial_ = mode == 2;
-      return;
-    }
-    run_ = pc_.runs.fetch_add(1);
-    serial_ = run_ % 2 == 1;
-    timing_ = run_ >= kWarmup;
-    if (timing_) t0_ = std::chrono::steady_clock::now();
-  }
-  const qie::ParallelFor& For() const { return serial_ ? Inline() : pool_; }
-  void Done() {
-    if (!timing_) return;
-    const int64_t ns =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_).count();
-    pc_.ns[serial_ ? 1 : 0].fetch_add(ns);
-    if (run_ == kWarmup + 2 * kCalibration - 1)  // the last calibration run decides
-      pc_.mode.store(pc_.ns[1].load() < pc_.ns[0].load() ? 2 : 1);
-  }
-
- private:
-  static const qie::ParallelFor& Inline() {
-    static const qie::ParallelFor f = [](size_t n, const std::function<void(size_t)>& fn) {
-      for (size_t i = 0; i < n; ++i) fn(i);
-    };
-    return f;
-  }
-  RegionPlan::Pacing& pc_;
-  const qie::ParallelFor& pool_;
-  bool serial_ = false, timing_ = false;
-  int run_ = 0;
-  std::chrono::steady_clock::time_point t0_;
-};
-
-}  // namespace
-
 OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
   return Guard("region", [&] {
     thread_local std::vector<std::vector<uint8_t>> slots;  // grown, never shrunk: nothing allocated once warm
@@ -649,7 +596,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       const Dims& d0 = dims[s.in[0]];
       std::vector<uint8_t>& y = buf(s.out);
       Dims& od = dims[s.out];
-      Pace pace(p, si, d0.count(), pfor);
+      Pace pace(p.pacing[si], p.adaptive, d0.count(), pfor);
       const qie::ParallelFor& pfor = pace.For();  // (shadows the pool: this step's choice)
       switch (s.kind) {
         case UnitKind::kTable: {

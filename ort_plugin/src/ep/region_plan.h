@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "ep/pacing.h"
 #include "ep/units.h"
 #include "kernels/conv.h"
 #include "kernels/gemm.h"
@@ -64,19 +65,9 @@ struct RegionPlan {
     // concat / maxpool: per input, code -> output code (empty: the identity)
     std::vector<std::vector<uint8_t>> requant;
   };
-  // Whether a step runs on the intra-op pool or on the calling thread, learnt per step from its first runs: a
-  // pool that does not spin costs a wake-up per parallel section (~10 us on the development VM, as much as a
-  // small step's work), one that spins much less. The step's results do not depend on it (no kernel's arithmetic
-  // depends on how its work is split). Re-learnt when the step's input size changes.
-  struct Pacing {
-    std::atomic<size_t> elements{0};  // input elements the decision is for
-    std::atomic<int> runs{0};         // calibration runs so far (alternating pool / calling thread)
-    std::atomic<int64_t> ns[2] = {{0}, {0}};
-    std::atomic<int> mode{0};  // 0: calibrating, 1: pool, 2: calling thread
-  };
   std::vector<Value> values;
   std::vector<Step> steps;
-  std::unique_ptr<Pacing[]> pacing;  // one per step
+  std::unique_ptr<Pacing[]> pacing;  // one per step (pacing.h)
   std::vector<int> inputs;           // value of each fused input (-1: not read)
   size_t slots = 0;
   bool profile = false;

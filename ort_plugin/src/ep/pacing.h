@@ -1,0 +1,71 @@
+// Pacing: whether a fused step runs on the intra-op pool or on the calling thread, learnt per step from its first
+// runs. A pool that does not spin costs a wake-up per parallel section (~10 us on the development VM, as much as a
+// small step's work), one that spins much less; no step's results depend on how its work is split.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+
+#include "kernels/gemm.h"
+
+namespace qie_ep {
+
+struct Pacing {
+  std::atomic<size_t> elements{0};  // input elements the decision is for (re-learnt when it changes)
+  std::atomic<int> runs{0};         // calibration runs so far (alternating pool / calling thread)
+  std::atomic<int64_t> ns[2] = {{0}, {0}};
+  std::atomic<int> mode{0};  // 0: calibrating, 1: pool, 2: calling thread
+};
+
+// One run of a step (construct before, Done() after): while calibrating, alternate runs take each way (the first
+// kWarmup runs of a size are not counted), kCalibration of each are timed, then the faster is kept. Races between
+// concurrent runs of one session only cost calibration runs.
+class Pace {
+ public:
+  static constexpr int kWarmup = 2, kCalibration = 6;
+  Pace(Pacing& pc, bool adaptive, size_t elements, const qie::ParallelFor& pool) : pc_(pc), pool_(pool) {
+    if (!adaptive) return;
+    if (pc_.elements.load(std::memory_order_relaxed) != elements) {
+      pc_.mode.store(0);
+      pc_.runs.store(0);
+      pc_.ns[0].store(0);
+      pc_.ns[1].store(0);
+      pc_.elements.store(elements);
+    }
+    const int mode = pc_.mode.load(std::memory_order_relaxed);
+    if (mode != 0) {
+      serial_ = mode == 2;
+      return;
+    }
+    run_ = pc_.runs.fetch_add(1);
+    serial_ = run_ % 2 == 1;
+    timing_ = run_ >= kWarmup && run_ < kWarmup + 2 * kCalibration;
+    if (timing_) t0_ = std::chrono::steady_clock::now();
+  }
+  const qie::ParallelFor& For() const { return serial_ ? Inline() : pool_; }
+  void Done() {
+    if (!timing_) return;
+    const int64_t ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_).count();
+    pc_.ns[serial_ ? 1 : 0].fetch_add(ns);
+    if (run_ == kWarmup + 2 * kCalibration - 1)  // the last calibration run decides
+      pc_.mode.store(pc_.ns[1].load() < pc_.ns[0].load() ? 2 : 1);
+  }
+
+ private:
+  static const qie::ParallelFor& Inline() {
+    static const qie::ParallelFor f = [](size_t n, const std::function<void(size_t)>& fn) {
+      for (size_t i = 0; i < n; ++i) fn(i);
+    };
+    return f;
+  }
+  Pacing& pc_;
+  const qie::ParallelFor& pool_;
+  bool serial_ = false, timing_ = false;
+  int run_ = 0;
+  std::chrono::steady_clock::time_point t0_;
+};
+
+}  // namespace qie_ep
