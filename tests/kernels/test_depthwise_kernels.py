@@ -3,10 +3,10 @@
 The AVX-512 VNNI path has a second depthwise kernel, used when every (w - w_zp) fits int8 (symmetric
 int8 weights, uint8 weights around 128): input bytes are not widened, four taps go into one vpdpbusd,
 the input zero point is folded into the accumulators' start, and channels are laid out 16 per 128-bit
-lane (one pixel per vector for C > 32, two for C <= 32, four for C <= 16). Its edges: C around 16, 32
-and 64 (lane and block boundaries) and uneven ones; tap counts that are and are not multiples of four
-(the last group padded with zero weights over the zero-point row); pixel counts that leave a vector's
-last pixels empty; padding, strides and dilations; signed inputs (XOR 0x80); int32 and requantized
+lane (blocks of 64 channels of one pixel; the last block two pixels of <= 32 channels or four of <= 16).
+Its edges: C around 16, 32 and 64, tails of 1, 16 and 32 channels past a multiple of 64 (lane and block
+boundaries) and uneven ones; tap counts that are and are not multiples of four (the last group padded
+with zero weights over the zero-point row); pixel counts that leave a vector's last pixels empty; padding, strides and dilations; signed inputs (XOR 0x80); int32 and requantized
 outputs saturating at both ends; two threads. Every case is also run on the other ISA paths, and where
 the weights do not fit int8 the pair form must be chosen (asserted through the kernel's own report).
 """
@@ -21,7 +21,7 @@ from conftest import SUPPORTED, isa_params
 from helpers import kernel_conv
 from qie_ep import reference as R
 
-CHANNELS = [2, 5, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 96, 130]
+CHANNELS = [2, 5, 15, 16, 17, 24, 31, 32, 33, 48, 63, 64, 65, 80, 96, 130, 144]
 
 # (spatial, kernel, strides, dilations, pads)
 GEOMETRIES = {
@@ -71,7 +71,7 @@ def test_depthwise_int32(isa, c, geom):
 
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("ydt", [np.uint8, np.int8], ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("c", [5, 16, 24, 32, 48, 64, 130])
+@pytest.mark.parametrize("c", [5, 16, 24, 32, 48, 64, 96, 130, 144])
 @pytest.mark.parametrize("geom", ["3x3_pad", "5x5_s2", "1d_k6"])
 def test_depthwise_requantized_saturates(isa, geom, c, ydt):
     for xdt, wdt, w_zp in FITTING:

@@ -271,10 +271,11 @@ void DepthwisePairs(const ConvShape& s, const int16_t* dw, const ConvArgs& a, si
 //
 // Used when every (w - w_zp) fits int8 (symmetric int8 weights, uint8 weights around 128: what quantizers
 // write). Tiling, in steps:
-//  1. Each 128-bit lane of a zmm holds 16 channels of one pixel: a block is 64 channels of one pixel
-//     (C > 32), or 32 channels of two pixels (16 < C <= 32), or 16 of four (C <= 16); `lpp` = lanes per
-//     pixel, the weights replicated over a vector's pixels. Taps go in groups of four (the last group's
-//     missing taps read the zero-point row with weight 0).
+//  1. Each 128-bit lane of a zmm holds 16 channels of one pixel: a block is 64 channels of one pixel, or
+//     32 channels of two pixels, or 16 of four (`lpp` = lanes per pixel, the weights replicated over a
+//     vector's pixels): blocks of 64 channels, the last one's lanes per pixel fitted to what is left (C = 144:
+//     two blocks of 64, then 16 channels of four pixels). Taps go in groups of four (the last group's missing
+//     taps read the zero-point row with weight 0).
 //  2. Per group, the four taps' input bytes are loaded raw (the zero point is not subtracted: the
 //     accumulators start at bias - x_zp * sum(w), and padding taps read x_zp bytes, so the sum is the
 //     same as sum (x - x_zp) * w); a signed input is XORed with 0x80 (x + 128, zero point + 128).
@@ -286,14 +287,17 @@ void DepthwisePairs(const ConvShape& s, const int16_t* dw, const ConvArgs& a, si
 //     four accumulators' lanes back instead.
 // Weights prepacked per block and group as four zmm (acc_j's: dword L*4 + i = channel 16 (L % lpp) + 4j
 // + i's four taps); the weight sums the same way per block.
-size_t QuadLanes(size_t C) { return C <= 16 ? 1 : C <= 32 ? 2 : 4; }
-size_t QuadBlocks(size_t C) { return QuadLanes(C) == 4 ? (C + 63) / 64 : 1; }
+size_t QuadBlocks(size_t C) { return (C + 63) / 64; }
+size_t QuadLanes(size_t C, size_t blk) {  // lanes per pixel of block blk: what is left of C from blk * 64
+  const size_t left = C - blk * 64;
+  return left <= 16 ? 1 : left <= 32 ? 2 : 4;
+}
 size_t QuadChannel(size_t lpp, size_t blk, size_t j, size_t L, size_t i) {
   return blk * 64 + 16 * (L % lpp) + 4 * j + i;
 }
 
 void PackQuads(const ConvShape& s, PackedConv* out) {
-  const size_t C = s.C, taps = s.taps(), quads = (taps + 3) / 4, lpp = QuadLanes(C), blocks = QuadBlocks(C);
+  const size_t C = s.C, taps = s.taps(), quads = (taps + 3) / 4, blocks = QuadBlocks(C);
   const auto wv = [&](size_t c, size_t t) { return int32_t(out->dw[((t / 2) * C + c) * 2 + t % 2]); };
   for (size_t c = 0; c < C; ++c)
     for (size_t t = 0; t < taps; ++t)
@@ -304,7 +308,7 @@ void PackQuads(const ConvShape& s, PackedConv* out) {
     for (size_t j = 0; j < 4; ++j)
       for (size_t L = 0; L < 4; ++L)
         for (size_t i = 0; i < 4; ++i) {
-          const size_t c = QuadChannel(lpp, blk, j, L, i), lane = (j * 4 + L) * 4 + i;
+          const size_t c = QuadChannel(QuadLanes(C, blk), blk, j, L, i), lane = (j * 4 + L) * 4 + i;
           if (c >= C) continue;
           int32_t sum = 0;
           for (size_t t = 0; t < taps; ++t) {
@@ -463,7 +467,7 @@ void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_
   const __m512 lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
   const __m512 hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
   const __m512i yzp = _mm512_set1_epi32(a.y_zp), flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const bool whole = C == 16 * lpp;  // a vector of full pixels: one contiguous store
+  const bool whole = c0 == 0 && C == 16 * lpp;  // a vector of whole pixels: one contiguous store
   for (size_t i = 0; i < np; i += kPpv) {
     const size_t nv = np - i < kPpv ? np - i : kPpv;
     uintptr_t pb[kPpv];
@@ -518,12 +522,12 @@ void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_
 }
 
 template <size_t kPpv>
-void QuadBlocks(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t o0, size_t np, const QuadRows& r) {
-  for (size_t blk = 0; blk < QuadBlocks(s.C); ++blk)
-    if (a.x_signed)
-      QuadBlock<kPpv, true>(s, w, a, o0, np, blk, r);
-    else
-      QuadBlock<kPpv, false>(s, w, a, o0, np, blk, r);
+void QuadBlockOf(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t o0, size_t np, size_t blk,
+                 const QuadRows& r) {
+  if (a.x_signed)
+    QuadBlock<kPpv, true>(s, w, a, o0, np, blk, r);
+  else
+    QuadBlock<kPpv, false>(s, w, a, o0, np, blk, r);
 }
 
 void DepthwiseQuads(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0, size_t p1,
@@ -531,11 +535,11 @@ void DepthwiseQuads(const ConvShape& s, const PackedConv& w, const ConvArgs& a, 
   const size_t np = p1 - p0;
   const QuadRows r = BuildQuadRows(s, a, sc.zrow, b, p0, np, (s.taps() + 3) / 4 * 4, sc.words);
   const size_t o0 = (b * s.out_pixels() + p0) * s.C;
-  switch (QuadLanes(s.C)) {
-    case 1: QuadBlocks<4>(s, w, a, o0, np, r); break;
-    case 2: QuadBlocks<2>(s, w, a, o0, np, r); break;
-    default: QuadBlocks<1>(s, w, a, o0, np, r);
-  }
+  for (size_t blk = 0; blk < QuadBlocks(s.C); ++blk) switch (QuadLanes(s.C, blk)) {
+      case 1: QuadBlockOf<4>(s, w, a, o0, np, blk, r); break;
+      case 2: QuadBlockOf<2>(s, w, a, o0, np, blk, r); break;
+      default: QuadBlockOf<1>(s, w, a, o0, np, blk, r);
+    }
 }
 
 void DepthwiseAvx512(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_t b, size_t p0, size_t p1,
