@@ -6,9 +6,10 @@ the input zero point is folded into the accumulators' start, and channels are la
 lane (blocks of 64 channels of one pixel; the last block two pixels of <= 32 channels or four of <= 16).
 Its edges: C around 16, 32 and 64, tails of 1, 16 and 32 channels past a multiple of 64 (lane and block
 boundaries) and uneven ones; tap counts that are and are not multiples of four (the last group padded
-with zero weights over the zero-point row); pixel counts that leave a vector's last pixels empty; padding, strides and dilations; signed inputs (XOR 0x80); int32 and requantized
-outputs saturating at both ends; two threads. Every case is also run on the other ISA paths, and where
-the weights do not fit int8 the pair form must be chosen (asserted through the kernel's own report).
+with zero weights over the zero-point row); pixel counts that leave a vector's last pixels empty;
+padding, strides and dilations; signed inputs (XOR 0x80); int32 and requantized outputs saturating at
+both ends; two threads. Every case is also run on the other ISA paths, and where the weights do not
+fit int8 the pair form must be chosen (asserted through the kernel's own report).
 """
 from __future__ import annotations
 
