@@ -149,7 +149,7 @@ def test_region_two_threads_and_reruns(tmp_path):
 def test_pacing_changes_no_result(tmp_path, spinning):
     """Each region step learns from its first runs (two warm-up, then alternating) whether to run on the pool or
     the calling thread; with pacing on or off, at 2 threads and pools spinning or not, every run through and past
-    the calibration equals ORT's, and a new input size (learnt again) too."""
+    the calibration equals ORT's, and another size class of input (learnt on its own) too."""
     rng = np.random.default_rng(12)
     model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
     sizes = [(1, 3, 24, 20), (2, 3, 9, 13)]

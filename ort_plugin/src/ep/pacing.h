@@ -12,28 +12,35 @@
 
 namespace qie_ep {
 
+// Per power-of-two size class of the step's input (so sequences of varying length share decisions instead of
+// learning again at every length).
 struct Pacing {
-  std::atomic<size_t> elements{0};  // input elements the decision is for (re-learnt when it changes)
-  std::atomic<int> runs{0};         // calibration runs so far (alternating pool / calling thread)
-  std::atomic<int64_t> ns[2] = {{0}, {0}};
-  std::atomic<int> mode{0};  // 0: calibrating, 1: pool, 2: calling thread
+  struct Class {
+    std::atomic<int> runs{0};  // calibration runs so far (alternating pool / calling thread)
+    std::atomic<int64_t> ns[2] = {{0}, {0}};
+    std::atomic<int> mode{0};  // 0: calibrating, 1: pool, 2: calling thread
+  };
+  static constexpr size_t kClasses = 48;
+  Class classes[kClasses];
+  static size_t ClassOf(size_t elements) {
+    size_t c = 0;
+    while (elements > 1 && c + 1 < kClasses) {
+      elements >>= 1;
+      ++c;
+    }
+    return c;
+  }
 };
 
-// One run of a step (construct before, Done() after): while calibrating, alternate runs take each way (the first
-// kWarmup runs of a size are not counted), kCalibration of each are timed, then the faster is kept. Races between
-// concurrent runs of one session only cost calibration runs.
+// One run of a step (construct before, Done() after): while its size class calibrates, alternate runs take each way
+// (the class's first kWarmup runs are not counted), kCalibration of each are timed, then the faster is kept. Races
+// between concurrent runs of one session only cost calibration runs.
 class Pace {
  public:
   static constexpr int kWarmup = 2, kCalibration = 6;
-  Pace(Pacing& pc, bool adaptive, size_t elements, const qie::ParallelFor& pool) : pc_(pc), pool_(pool) {
+  Pace(Pacing& pc, bool adaptive, size_t elements, const qie::ParallelFor& pool)
+      : pc_(pc.classes[Pacing::ClassOf(elements)]), pool_(pool) {
     if (!adaptive) return;
-    if (pc_.elements.load(std::memory_order_relaxed) != elements) {
-      pc_.mode.store(0);
-      pc_.runs.store(0);
-      pc_.ns[0].store(0);
-      pc_.ns[1].store(0);
-      pc_.elements.store(elements);
-    }
     const int mode = pc_.mode.load(std::memory_order_relaxed);
     if (mode != 0) {
       serial_ = mode == 2;
@@ -61,7 +68,7 @@ class Pace {
     };
     return f;
   }
-  Pacing& pc_;
+  Pacing::Class& pc_;
   const qie::ParallelFor& pool_;
   bool serial_ = false, timing_ = false;
   int run_ = 0;
