@@ -20,6 +20,16 @@ NAMES = ("encoder", "mbnet", "detector")
 SHAPES = {"encoder": (1, 20, 64), "mbnet": (1, 3, 96, 96), "detector": (1, 3, 160, 160)}
 
 
+def _random_batchnorms(m, nn):
+    """`m` with its BatchNormalizations' statistics and scales drawn at random (fresh ones are the identity)."""
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 1.5)
+    return m
+
+
 def _encoder(torch):
     nn = torch.nn
 
@@ -62,12 +72,7 @@ def _mbnet(torch):
     m = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU6(), block(16, 24, 2), Res(24),
                       block(24, 32, 2), Res(32), block(32, 64, 2), Res(64), nn.Conv2d(64, 128, 1), nn.Hardswish(),
                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 20), nn.Sigmoid()).eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 2)
-            mod.weight.data.uniform_(0.5, 1.5)
-    return m
+    return _random_batchnorms(m, nn)
 
 
 def _detector(torch):
@@ -126,12 +131,7 @@ def _detector(torch):
             return torch.cat([self.h3(f3).flatten(2), self.h4(p4).flatten(2)], 2)
 
     m = Det().eval()
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 2)
-            mod.weight.data.uniform_(0.5, 1.5)
-    return m
+    return _random_batchnorms(m, nn)
 
 
 def inputs(name: str, n: int, seed: int) -> list[np.ndarray]:

@@ -610,6 +610,18 @@ def test_two_regions_that_would_close_a_cycle(tmp_path, level):
         assert_equals_ort(a, b)
 
 
+def conv3x3_adder(rng, c, inits, nodes):
+    """conv(x, cin, name, stride=1): appends a padded 3x3 Conv of cin -> c channels (random weights scaled to keep
+    the activations' range, random bias) to `nodes` / `inits` and returns its output name."""
+    def conv(x, cin, name, stride=1):
+        w = (rng.normal(size=(c, cin, 3, 3)) * (1.4 / np.sqrt(cin * 9))).astype(np.float32)
+        inits.extend([nh.from_array(w, name + "_w"), nh.from_array((rng.normal(size=c) * 0.1).astype(np.float32),
+                                                                     name + "_b")])
+        nodes.append(h.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1] * 4, strides=[stride] * 2))
+        return name
+    return conv
+
+
 @needs_ep
 @pytest.mark.parametrize("level", ["disable", "all"])
 @pytest.mark.parametrize("act", ["Relu", "Clip"])
@@ -620,13 +632,7 @@ def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, 
     DQ runs on qie, equal to ORT."""
     rng = np.random.default_rng(31)
     c, inits, nodes = 8, [], []
-
-    def conv(x, cin, name, stride=1):
-        w = (rng.normal(size=(c, cin, 3, 3)) * (1.4 / np.sqrt(cin * 9))).astype(np.float32)
-        inits.extend([nh.from_array(w, name + "_w"), nh.from_array((rng.normal(size=c) * 0.1).astype(np.float32),
-                                                                     name + "_b")])
-        nodes.append(h.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1] * 4, strides=[stride] * 2))
-        return name
+    conv = conv3x3_adder(rng, c, inits, nodes)
 
     def activation(x, name):
         if act == "Clip":
@@ -667,13 +673,7 @@ def test_silu_as_qie_quantize_leaves_it(tmp_path, level, form):
     libm's exp where ORT's is MLAS's: within one step at the last SiLU's QuantizeLinear, nearly all equal."""
     rng = np.random.default_rng(41)
     c, inits, nodes = 8, [], []
-
-    def conv(x, cin, name, stride=1):
-        w = (rng.normal(size=(c, cin, 3, 3)) * (1.4 / np.sqrt(cin * 9))).astype(np.float32)
-        inits.extend([nh.from_array(w, name + "_w"), nh.from_array((rng.normal(size=c) * 0.1).astype(np.float32),
-                                                                     name + "_b")])
-        nodes.append(h.make_node("Conv", [x, name + "_w", name + "_b"], [name], pads=[1] * 4, strides=[stride] * 2))
-        return name
+    conv = conv3x3_adder(rng, c, inits, nodes)
 
     def silu(x):
         nodes.append(h.make_node("Sigmoid", [x], [x + "_s"]))
