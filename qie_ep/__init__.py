@@ -50,8 +50,8 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm and Softmax units), ``regions`` ("1"/"0":
     claim conv regions), ``tails`` ("1"/"0": MatMul / Gemm units take the QDQ segments after them: bias Add, Gelu,
     head splits, the residual LayerNorm ...), ``min_region_convs`` (convolutions a region needs, default "2"),
-    ``profile`` ("1": time the regions' unit kinds, see ``region_profile()``), ``pacing`` ("1"/"0": each region step and
-    MatMul / Gemm unit learns from its first runs whether the intra-op pool pays for its work or runs it on the calling
+    ``profile`` ("1": time the regions' unit kinds, see ``region_profile()``), ``pacing`` ("1"/"0": each region step,
+    MatMul / Gemm unit and Softmax unit learns from its first runs whether the intra-op pool pays for its work or runs it on the calling
     thread; results do not depend on it). A bad value fails the session creation with a message naming the option.
     """
     if ep is None:

@@ -152,3 +152,24 @@ def test_property_softmax_units_equal_ort_within_one_step(case, level):
         want = session(model, level="disable").run(None, {"x": x})[0]
     if COMPARE_BUILTIN:
         within_one_step(got, want, f"level={level} shape={x.shape}")
+
+
+@needs_ep
+def test_softmax_unit_pacing_changes_no_result():
+    """The unit learns from its first runs whether to run on the pool or the calling thread (option "pacing"); at 2
+    threads its codes equal those of a session that always uses the pool, through and past the calibration and for a
+    second size class."""
+    from qie_ep.session import options
+
+    model, _ = qdq_softmax(np.uint8, np.uint8, ["N", 300])
+    sessions = []
+    for pacing in ("1", "0"):
+        so = options(threads=2, spinning=False)
+        qie_ep.register(so, ep=True, ep_options={"pacing": pacing})
+        sessions.append(session(model, so))
+    rng = np.random.default_rng(5)
+    for rows in (64, 3):
+        x = rand(rng, np.uint8, (rows, 300))
+        for _ in range(16):
+            a, b = (s.run(None, {"x": x})[0] for s in sessions)
+            np.testing.assert_array_equal(a, b)

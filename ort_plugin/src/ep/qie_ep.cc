@@ -185,6 +185,7 @@ struct QieEp : OrtEp {
           if (softmax && nodes.size() == 3) {
             info->is_softmax = true;
             CompileSoftmax(nodes, &info->softmax);
+            info->softmax.adaptive = self->region_opts.pacing;
           } else if (matmul) {
             CompileMatMul(graphs[i], fused[i], &info->unit);
             info->unit.adaptive = self->region_opts.pacing;
@@ -210,8 +211,8 @@ struct QieEp : OrtEp {
 //   tails   "1" (default) / "0": MatMul / Gemm units take the elementwise DQ -> f -> Q segments after them
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
 //   profile "0" (default) / "1": time the regions' unit kinds (qie_ep_region_profile)
-//   pacing  "1" (default) / "0": each region step and MatMul / Gemm unit learns from its first runs whether the
-//           intra-op pool pays for its work (pacing.h); "0": always the pool
+//   pacing  "1" (default) / "0": each region step, MatMul / Gemm unit and Softmax unit learns from its first runs
+//           whether the intra-op pool pays for its work (pacing.h); "0": always the pool
 // A bad value fails the session creation with a message naming the option.
 std::string ConfigEntry(const OrtSessionOptions* so, const std::string& key, bool* found) {
   *found = false;

@@ -126,9 +126,12 @@ OrtStatus* ComputeSoftmax(const CompiledSoftmax& c, OrtKernelContext* ctx) {
     const size_t per = std::max<size_t>(1, (size_t{1} << 14) / D);  // rows per task: ~16 KiB
     const auto* xb = static_cast<const uint8_t*>(xd);
     auto* yb = static_cast<uint8_t*>(yd);
-    CtxParallelFor(ctx)((rows + per - 1) / per, [&](size_t t) {
+    const qie::ParallelFor pool = CtxParallelFor(ctx);
+    Pace pace(c.pacing, c.adaptive, rows * D, pool);
+    pace.For()((rows + per - 1) / per, [&](size_t t) {
       for (size_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) SoftmaxRow(c, lut, xb + r * D, yb + r * D, D);
     });
+    pace.Done();
   });
 }
 

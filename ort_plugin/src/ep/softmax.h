@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "ep/graph.h"
+#include "ep/pacing.h"
 #include "ep/units.h"
 
 namespace qie_ep {
@@ -26,6 +27,8 @@ struct SoftmaxUnit {
 bool MatchSoftmax(const OrtNode* op, SoftmaxUnit* u);
 
 struct CompiledSoftmax {
+  mutable Pacing pacing;  // the unit's run on the pool or the calling thread, learnt (pacing.h)
+  bool adaptive = true;   // EP option "pacing"
   QParams in, out;
   float exp[256];    // exp(-k * s_x): the factor of a code k steps below the row's largest
   std::string name;  // the Softmax node's, for errors
