@@ -17,8 +17,8 @@ namespace qie_ep {
 struct Pacing {
   struct Class {
     std::atomic<int> runs{0};  // calibration runs so far (alternating pool / calling thread)
-    std::atomic<int64_t> ns[2] = {{0}, {0}};
-    std::atomic<int> mode{0};  // 0: calibrating, 1: pool, 2: calling thread
+    std::atomic<int64_t> ns[2] = {{INT64_MAX}, {INT64_MAX}};  // the fastest timed run each way (robust to preemption)
+    std::atomic<int> mode{0};                                 // 0: calibrating, 1: pool, 2: calling thread
   };
   static constexpr size_t kClasses = 48;
   Class classes[kClasses];
@@ -33,7 +33,8 @@ struct Pacing {
 };
 
 // One run of a step (construct before, Done() after): while its size class calibrates, alternate runs take each way
-// (the class's first kWarmup runs are not counted), kCalibration of each are timed, then the faster is kept. Races
+// (the class's first kWarmup runs are not counted), kCalibration of each are timed, then the way with the faster
+// best run is kept. Races
 // between concurrent runs of one session only cost calibration runs.
 class Pace {
  public:
@@ -56,7 +57,8 @@ class Pace {
     if (!timing_) return;
     const int64_t ns =
         std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_).count();
-    pc_.ns[serial_ ? 1 : 0].fetch_add(ns);
+    std::atomic<int64_t>& best = pc_.ns[serial_ ? 1 : 0];
+    for (int64_t b = best.load(); ns < b && !best.compare_exchange_weak(b, ns);) {}
     if (run_ == kWarmup + 2 * kCalibration - 1)  // the last calibration run decides
       pc_.mode.store(pc_.ns[1].load() < pc_.ns[0].load() ? 2 : 1);
   }

@@ -519,7 +519,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     }
   }
   AssignSlots(&p);
-  p.pacing.reset(new Pacing[p.steps.size()]);
+  p.pacing.reset(new Pacing[2 * p.steps.size() + p.inputs.size()]);
   return plan.release();
 }
 
@@ -571,6 +571,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
     if (slots.size() < p.slots) slots.resize(p.slots);
     dims.assign(p.values.size(), Dims{});
     const qie::ParallelFor pfor = CtxParallelFor(ctx);
+    const qie::ParallelFor& pool = pfor;  // (the steps' loop shadows pfor with each step's choice)
     auto t0 = std::chrono::steady_clock::now();
     auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
     for (size_t i = 0; i < p.inputs.size(); ++i) {
@@ -588,7 +589,9 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       if (b.size() < d.count()) b.resize(d.count());
       const void* xd = nullptr;
       Check(g_api->GetTensorData(x, &xd));
-      ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pfor);
+      Pace pace(p.pacing[p.steps.size() + i], p.adaptive, d.count(), pfor);
+      ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pace.For());
+      pace.Done();
       Tick(p.profile, kKinds, &t0);
     }
     for (size_t si = 0; si < p.steps.size(); ++si) {
@@ -648,7 +651,9 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(ov.output), shape, 4, &out));
       void* yd = nullptr;
       Check(g_api->GetTensorMutableData(out, &yd));
-      ToNchw(y.data(), static_cast<uint8_t*>(yd), od.n, od.c, od.h * od.w, pfor);
+      Pace out_pace(p.pacing[p.steps.size() + p.inputs.size() + si], p.adaptive, od.count(), pool);
+      ToNchw(y.data(), static_cast<uint8_t*>(yd), od.n, od.c, od.h * od.w, out_pace.For());
+      out_pace.Done();
       Tick(p.profile, kKinds, &t0);
     }
   });

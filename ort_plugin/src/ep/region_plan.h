@@ -67,8 +67,9 @@ struct RegionPlan {
   };
   std::vector<Value> values;
   std::vector<Step> steps;
-  std::unique_ptr<Pacing[]> pacing;  // one per step (pacing.h)
-  std::vector<int> inputs;           // value of each fused input (-1: not read)
+  // pacing.h: one per step, then one per fused input's layout change, then one per step's output layout change
+  std::unique_ptr<Pacing[]> pacing;
+  std::vector<int> inputs;  // value of each fused input (-1: not read)
   size_t slots = 0;
   bool profile = false;
   bool adaptive = true;  // EP option "pacing"
