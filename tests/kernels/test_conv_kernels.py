@@ -39,6 +39,9 @@ CASES = {
     "depthwise_c64_7x7": (1, 64, 64, [9, 11], [7, 7], 64, None, None, [3, 3, 3, 3]),  # 25 tap pairs
     "conv1d": (2, 6, 20, [31], [5], 2, [3], [2], [2, 1]),
     "conv3d": (1, 4, 9, [4, 5, 6], [2, 3, 2], 1, [1, 2, 1], [1, 1, 2], [1, 0, 1, 0, 1, 1]),
+    # H / D dilation with W contiguous: the interior pixels' kernel rows copied from shared offsets (GatherRows)
+    "3x3_dil_h": (2, 8, 16, [11, 9], [3, 3], 1, None, [2, 1], [2, 1, 2, 1]),
+    "conv3d_dil_d": (1, 4, 9, [5, 4, 6], [2, 3, 2], 1, None, [2, 1, 1], [1, 1, 0, 0, 1, 1]),
     "kernel_fills_input": (1, 8, 8, [3, 3], [3, 3], 1, None, None, None),
     "m1_c1": (1, 1, 1, [5, 5], [2, 2], 1, None, None, None),
 }
