@@ -570,8 +570,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
     thread_local std::vector<Dims> dims;
     if (slots.size() < p.slots) slots.resize(p.slots);
     dims.assign(p.values.size(), Dims{});
-    const qie::ParallelFor pfor = CtxParallelFor(ctx);
-    const qie::ParallelFor& pool = pfor;  // (the steps' loop shadows pfor with each step's choice)
+    const qie::ParallelFor pool = CtxParallelFor(ctx);
     auto t0 = std::chrono::steady_clock::now();
     auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
     for (size_t i = 0; i < p.inputs.size(); ++i) {
@@ -589,7 +588,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       if (b.size() < d.count()) b.resize(d.count());
       const void* xd = nullptr;
       Check(g_api->GetTensorData(x, &xd));
-      Pace pace(p.pacing[p.steps.size() + i], p.adaptive, d.count(), pfor);
+      Pace pace(p.pacing[p.steps.size() + i], p.adaptive, d.count(), pool);
       ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pace.For());
       pace.Done();
       Tick(p.profile, kKinds, &t0);
@@ -599,8 +598,8 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       const Dims& d0 = dims[s.in[0]];
       std::vector<uint8_t>& y = buf(s.out);
       Dims& od = dims[s.out];
-      Pace pace(p.pacing[si], p.adaptive, d0.count(), pfor);
-      const qie::ParallelFor& pfor = pace.For();  // (shadows the pool: this step's choice)
+      Pace pace(p.pacing[si], p.adaptive, d0.count(), pool);
+      const qie::ParallelFor& pfor = pace.For();  // this step's choice: the pool or the calling thread
       switch (s.kind) {
         case UnitKind::kTable: {
           if (s.tC > 1 && d0.c != s.tC)
