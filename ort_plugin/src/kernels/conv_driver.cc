@@ -62,7 +62,7 @@ struct OutPixel {
 };
 
 // n bytes from s to d: two overlapping copies of a fixed size up to 64 bytes (a stem's 3-channel kernel row is 9,
-// a 16-channel 3x3 one 48: a memcpy call per kernel row cost more than the GEMM on such layers), else memcpy.
+// a 16-channel 3x3 one 48), else memcpy.
 inline void CopyBytes(uint8_t* __restrict d, const uint8_t* __restrict s, size_t n) {
   if (n > 16 && n <= 64) {
     if (n > 32) {
