@@ -15,7 +15,6 @@
 //  each GEMM parallel over its own tiles (which splits the weights' panels between the threads).
 #include <algorithm>
 #include <cstring>
-#include <memory>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
@@ -301,14 +300,17 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
-      // Uninitialised scratch: the kernels write what they read (zeroing it cost as much as a small layer).
-      const std::unique_ptr<int32_t[]> acc(new int32_t[s.C + 16]);
-      const std::unique_ptr<const uint8_t*[]> ptrs(w.dw_isa.empty() ? new const uint8_t*[(s.taps() + 1) * chunk]
-                                                                    : nullptr);
-      const std::unique_ptr<uintptr_t[]> words(w.dw_isa.empty() ? nullptr
-                                                                : new uintptr_t[DepthwiseWords(s.taps(), chunk)]);
+      // This thread's scratch, grown and kept between calls (nothing allocated once warm; tasks of 256k MACs can
+      // need over glibc's 128 KiB mmap threshold); the kernels write what they read, so it is never cleared.
+      thread_local std::vector<int32_t> acc;
+      thread_local std::vector<const uint8_t*> ptrs;
+      thread_local std::vector<uintptr_t> words;
+      if (acc.size() < s.C + 16) acc.resize(s.C + 16);
+      if (w.dw_isa.empty() && ptrs.size() < (s.taps() + 1) * chunk) ptrs.resize((s.taps() + 1) * chunk);
+      if (!w.dw_isa.empty() && words.size() < DepthwiseWords(s.taps(), chunk))
+        words.resize(DepthwiseWords(s.taps(), chunk));
       const size_t b = t / per_image, p0 = (t % per_image) * chunk;
-      fn(s, w, a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.get(), zrow.data(), ptrs.get(), words.get()});
+      fn(s, w, a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.data(), zrow.data(), ptrs.data(), words.data()});
     };
     if (tasks == 1)
       task(0);
