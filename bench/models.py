@@ -6,7 +6,8 @@ demo quantizes it (`qie quantize`'s code: static QDQ of every MatMul, and with -
 torch-built architectures the demo lacks (qie_ep.demo.synthetic: a TransformerEncoder, a MobileNetV2-like CNN;
 seeded weights, `qie quantize --per-channel`). Each INT8
 model on ORT's built-in kernels, on ORT + qie's custom ops alone and with qie's execution provider (where ORT has
-the EP API); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved (pools not spinning, so no
+the EP API), and the same INT8 file on OpenVINO where it is installed (its CPU plugin's latency defaults, in the
+same process, interleaved); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved (pools not spinning, so no
 session steals the other's core), median of >= 20 runs.
 The custom ops must give ORT INT8's outputs bit for bit; the EP's regions (tables built with libm where ORT uses
 MLAS's Sigmoid / Erf) are reported by output cosine and largest difference to ORT INT8. For QDQ models the EP's
@@ -24,6 +25,7 @@ import onnx
 import qie_ep
 from bench.common import OUT, environment, interleaved_median, session, write_jsonl
 from qie_ep.demo import vision as V
+from qie_ep.hosts import OpenVINOModel, failure_line, has_module
 
 
 def main(argv=None) -> None:
@@ -37,6 +39,7 @@ def main(argv=None) -> None:
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | ORT_ENABLE_ALL, batch 1")
     rows = []
     ep = qie_ep.ep_available()
+    ov = has_module("openvino")
     for name, fmt, fp32, int8, feeds in cases(args.models):
         for threads in args.threads:
             sessions = [session(fp32, False, threads), session(int8, False, threads),
@@ -47,34 +50,60 @@ def main(argv=None) -> None:
             assert np.array_equal(want, sessions[2].run(None, feeds)[0])
             cosine = max_diff = None
             if ep:
-                got = sessions[3].run(None, feeds)[0]
-                a, b = want.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-                cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
-                max_diff = float(np.abs(a - b).max())
-            t = interleaved_median(sessions, feeds, runs=args.runs)
+                cosine, max_diff = _agreement(want, sessions[3].run(None, feeds)[0])
+            ov_model, ov_failed, ov_cosine = None, None, None
+            if ov:
+                try:
+                    ov_model = OpenVINOModel(int8, threads)
+                    ov_cosine = _agreement(want, ov_model.run(None, feeds)[0])[0]
+                except Exception as e:  # a model OpenVINO cannot read or compile: said in the row, not a crash
+                    ov_model, ov_failed = None, failure_line(e)
+            t = interleaved_median(sessions + ([ov_model] if ov_model else []), feeds, runs=args.runs)
             t_fp32, t_ort, t_qie = t[:3]
             t_ep = t[3] if ep else None
+            t_ov = t[-1] if ov_model else None
             row = dict(model=name, format=fmt, threads=threads, fp32_ms=t_fp32 * 1e3, ort_int8_ms=t_ort * 1e3,
                        qie_int8_ms=t_qie * 1e3, ratio=t_ort / t_qie, qie_ep_ms=t_ep * 1e3 if ep else None,
                        ratio_ep=t_ort / t_ep if ep else None, ep_vs_fp32=t_fp32 / t_ep if ep else None,
                        ep_cosine=cosine, ep_max_diff=max_diff,
+                       openvino_ms=t_ov * 1e3 if t_ov else None, openvino_failed=ov_failed, openvino_cosine=ov_cosine,
+                       openvino_precision=ov_model.precision if ov_model else None,
+                       ep_vs_openvino=t_ov / t_ep if t_ov and ep else None,
                        region_shares=region_shares(int8, threads, feeds) if ep and fmt != "qoperator" else None,
                        **env)
             rows.append(row)
             ep_txt = (f" | ORT+qie EP {row['qie_ep_ms']:7.2f} ms ({row['ratio_ep']:.2f}x ORT INT8, "
                       f"{row['ep_vs_fp32']:.2f}x FP32, cosine {cosine:.5f})") if ep else ""
+            if t_ov:
+                ep_txt += f" | OpenVINO {row['openvino_ms']:7.2f} ms" + (f" (EP {row['ep_vs_openvino']:.2f}x)" if ep else "")
+            elif ov_failed:
+                ep_txt += f" | OpenVINO failed: {ov_failed}"
             print(f"{name:>12} {fmt:>9} {threads} thr: FP32 {row['fp32_ms']:7.2f} ms | ORT INT8 {row['ort_int8_ms']:7.2f} ms"
                   f" | ORT+qie custom ops {row['qie_int8_ms']:7.2f} ms ({row['ratio']:.2f}x){ep_txt}", flush=True)
     write_jsonl(OUT / "models.jsonl", rows)
     lines = [f"Measured {env['date']} on {env['cpu']} (ORT {env['onnxruntime']}, qie {env['commit']}); batch 1, "
              f"ORT_ENABLE_ALL, median of >= {args.runs} interleaved runs.", "",
              "| model | INT8 format | threads | FP32 ms | ORT INT8 ms | ORT+qie custom ops ms | ORT INT8 / custom ops | "
-             "ORT+qie EP ms | ORT INT8 / EP | FP32 / EP | EP cosine to ORT INT8 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ORT+qie EP ms | ORT INT8 / EP | FP32 / EP | EP cosine to ORT INT8 | OpenVINO ms | OpenVINO / EP | "
+             "OpenVINO cosine to ORT INT8 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ep_cells = (f"{r['qie_ep_ms']:.2f} | {r['ratio_ep']:.2f}x | {r['ep_vs_fp32']:.2f}x | {r['ep_cosine']:.5f}"
                     if r["qie_ep_ms"] is not None else "- | - | - | -")
+        ov_cells = (f"{r['openvino_ms']:.2f} | " + (f"{r['ep_vs_openvino']:.2f}x" if r["ep_vs_openvino"] else "-") +
+                    f" | {r['openvino_cosine']:.5f}" if r["openvino_ms"] else
+                    ("failed (below) | - | -" if r["openvino_failed"] else "- | - | -"))
         lines.append(f"| {r['model']} | {r['format']} | {r['threads']} | {r['fp32_ms']:.2f} | {r['ort_int8_ms']:.2f} | "
-                     f"{r['qie_int8_ms']:.2f} | {r['ratio']:.2f}x | {ep_cells} |")
+                     f"{r['qie_int8_ms']:.2f} | {r['ratio']:.2f}x | {ep_cells} | {ov_cells} |")
+    precisions = sorted({r["openvino_precision"] for r in rows if r.get("openvino_precision")})
+    if precisions:
+        import openvino
+
+        lines += ["", f"OpenVINO {openvino.__version__}, CPU plugin, PERFORMANCE_HINT=LATENCY, one stream, the session's "
+                  f"threads; its default inference precision on this CPU: {', '.join(precisions)} (its float parts, "
+                  "hence its cosine)."]
+    for r in rows:
+        if r.get("openvino_failed") and r["threads"] == rows[0]["threads"]:
+            lines += ["", f"OpenVINO failed on {r['model']} {r['format']}: {r['openvino_failed']}"]
     shared = [r for r in rows if r.get("region_shares")]
     if shared:
         kinds = sorted({k for r in shared for k in r["region_shares"]}, key=lambda k: -max(
@@ -86,6 +115,12 @@ def main(argv=None) -> None:
             lines.append(f"| {r['model']} | {r['threads']} | " + " | ".join(f"{100 * sh.get(k, 0):.0f}%" for k in kinds) +
                          f" | {100 * max(0.0, 1 - sum(sh.values())):.0f}% |")
     (OUT / "models.md").write_text("\n".join(lines) + "\n")
+
+
+def _agreement(want, got) -> tuple[float, float]:
+    """Cosine and largest absolute difference of two outputs."""
+    a, b = np.asarray(want, np.float64).ravel(), np.asarray(got, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)), float(np.abs(a - b).max())
 
 
 def cases(names):

@@ -1,8 +1,10 @@
 """The hosts `qie compare` runs a model on, each in its own worker process.
 
 Hosts: ``fp32`` (the FP32 model on ORT), ``ort`` (the INT8 model on ORT's built-in kernels),
-``ort+qie`` (the INT8 model on ORT with qie registered) and ``tvm+qie`` (the INT8 model imported into
-TVM with ``qie_ep.tvm.from_onnx`` and compiled with ``qie_ep.tvm.pipeline``).
+``ort+qie`` (the INT8 model on ORT with qie registered), ``tvm+qie`` (the INT8 model imported into
+TVM with ``qie_ep.tvm.from_onnx`` and compiled with ``qie_ep.tvm.pipeline``) and ``openvino`` (the same
+INT8 file on OpenVINO's CPU plugin with its defaults for latency: the runtime users pick for INT8 on CPUs;
+optional, ``pip install openvino``).
 
 Why processes: each host's peak memory is its own process's high-water mark (``VmHWM``) while it
 runs inference (reset after loading / compiling), less what the process held with the runtime imported
@@ -24,7 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-HOSTS = {"fp32": "FP32, ORT", "ort": "INT8, ORT built-in", "ort+qie": "INT8, ORT + qie", "tvm+qie": "INT8, TVM + qie"}
+HOSTS = {"fp32": "FP32, ORT", "ort": "INT8, ORT built-in", "ort+qie": "INT8, ORT + qie", "tvm+qie": "INT8, TVM + qie",
+         "openvino": "INT8, OpenVINO"}
+OPTIONAL = {"tvm+qie": ("tvm", "apache-tvm is not installed (pip install 'qie[tvm]')"),
+            "openvino": ("openvino", "openvino is not installed (pip install 'qie[openvino]')")}
 
 
 def _status_kb(key: str) -> int:
@@ -87,6 +92,50 @@ def _tvm_runner(model_path: str, threads: int, target_json: str | None, feeds: l
     return c.run, c.info()
 
 
+class OpenVINOModel:
+    """An ONNX file compiled by OpenVINO's CPU plugin for latency (one stream, ``threads`` inference threads,
+    the plugin's default inference precision: bf16 where the CPU has it, as a user gets it). ``run(None, feed)``
+    returns the outputs in the model's order, as ORT's ``InferenceSession.run`` does."""
+
+    def __init__(self, model: str | bytes, threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        if isinstance(model, bytes):  # read_model takes a path for ONNX (external data resolved beside it)
+            with tempfile.TemporaryDirectory(prefix="qie-ov-") as d:
+                path = os.path.join(d, "model.onnx")
+                with open(path, "wb") as f:
+                    f.write(model)
+                model = core.read_model(path)
+        else:
+            model = core.read_model(model)
+        self.compiled = core.compile_model(model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": int(threads)})
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+
+    def run(self, _names, feed: dict) -> list:
+        result = self.request.infer(feed)
+        return [np.asarray(result[o]) for o in self.outputs]
+
+
+def failure_line(e: Exception) -> str:
+    """One line for a runtime's exception: OpenVINO's importer puts the ops it could not convert on a
+    "Conversion is failed for:" line after pages of checks; otherwise the message's first line."""
+    text = str(e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    why = next((ln.lstrip("- ") for ln in lines if "Conversion is failed for" in ln), lines[0] if lines else "")
+    return f"{type(e).__name__}: {why[:300]}"
+
+
+def _openvino_runner(model_path: str, threads: int):
+    import openvino
+
+    m = OpenVINOModel(model_path, threads)
+    return (lambda feed: m.run(None, feed)), {"openvino": openvino.__version__, "precision": m.precision}
+
+
 def _profile(model_path: str, host: str, threads: int, feeds: list[dict]) -> dict:
     """Per-node mean time (us) and op from ORT's profiler."""
     with tempfile.TemporaryDirectory(prefix="qie-profile-") as d:
@@ -125,6 +174,8 @@ def _import_runtime(host: str) -> None:
     import qie_ep  # noqa: F401
     if host == "tvm+qie":
         import qie_ep.tvm  # noqa: F401
+    if host == "openvino":
+        import openvino  # noqa: F401
 
 
 def _worker(conn, host: str, model_path: str, threads: int, target_json: str | None) -> None:
@@ -138,6 +189,8 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
         t0 = time.perf_counter()
         if host == "tvm+qie":
             run, info = _tvm_runner(model_path, threads, target_json, feeds)
+        elif host == "openvino":
+            run, info = _openvino_runner(model_path, threads)
         else:
             run, info = _ort_runner(model_path, host, threads)
         info.setdefault("load_s", time.perf_counter() - t0)
@@ -157,8 +210,7 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
         gc.collect()
         peak_reset = _reset_peak()
     except Exception as e:  # reported as the host's failure in the report, not a crash of `qie compare`
-        conn.send(("error", f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
-                   traceback.format_exc()))
+        conn.send(("error", failure_line(e), traceback.format_exc()))
         return
     while True:
         cmd = conn.recv()
@@ -172,7 +224,7 @@ def _worker(conn, host: str, model_path: str, threads: int, target_json: str | N
         elif cmd == "memory":
             conn.send({"peak_mb": _status_kb("VmHWM") / 1024, "base_mb": base_kb / 1024, "peak_reset": peak_reset})
         elif cmd == "profile":
-            conn.send(_profile(model_path, host, threads, feeds) if host != "tvm+qie" else None)
+            conn.send(_profile(model_path, host, threads, feeds) if host in ("fp32", "ort", "ort+qie") else None)
         else:
             conn.send(None)
             return
@@ -214,8 +266,8 @@ def run_hosts(keys: list[str], fp32_path: str, int8_path: str, feeds: list[dict]
     for key in keys:
         path = fp32_path if key == "fp32" else int8_path
         h = Host(key, path)
-        if key == "tvm+qie" and not _has_tvm():
-            h.failed = "apache-tvm is not installed (pip install 'qie[tvm]')"
+        if key in OPTIONAL and not has_module(OPTIONAL[key][0]):
+            h.failed = OPTIONAL[key][1]
             hosts.append(h)
             continue
         log(f"  starting {h.label} ...")
@@ -269,9 +321,14 @@ def _reply(h: Host, proc, conn, cmd):
     return r
 
 
-def _has_tvm() -> bool:
+def has_module(name: str) -> bool:
     import importlib.util
-    return importlib.util.find_spec("tvm") is not None
+    return importlib.util.find_spec(name) is not None
+
+
+def default_hosts() -> list[str]:
+    """`qie compare`'s hosts: ORT's three, TVM + qie (reported as not installed when absent), OpenVINO where installed."""
+    return ["fp32", "ort", "ort+qie", "tvm+qie"] + (["openvino"] if has_module("openvino") else [])
 
 
 def cpu_model() -> str:
@@ -321,6 +378,8 @@ def host_rows(hosts, ref: list, accuracy=None) -> list[dict]:
                                        for op, v in sorted(h.info["qie_stats"].items())) or "none"
         elif h.key == "tvm+qie":
             row["kernels"] = f"{h.info['qie_kernels']} TIR calls ({h.info['isa']})"
+        elif h.key == "openvino":
+            row["kernels"] = f"OpenVINO {h.info['openvino']} CPU plugin ({h.info['precision']} inference precision)"
         row["info"] = h.info
         rows.append(row)
     base = next((r["throughput"] for r in rows if r["key"] == "fp32" and not r.get("failed")), None)

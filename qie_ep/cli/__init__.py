@@ -71,16 +71,16 @@ def parser() -> argparse.ArgumentParser:
     _data_args(q)
 
     c = sub.add_parser("compare", help="run FP32 and INT8 on every host; latency, memory, agreement, kernels",
-                       description="Run the FP32 model on ORT and the INT8 model on ORT's built-in kernels, ORT + qie "
-                                   "and TVM + qie; write a markdown report and plots.")
+                       description="Run the FP32 model on ORT and the INT8 model on ORT's built-in kernels, ORT + qie, "
+                                   "TVM + qie and OpenVINO (where installed); write a markdown report and plots.")
     c.add_argument("model", help="FP32 .onnx model")
     c.add_argument("int8", help="INT8 .onnx model (from `qie quantize` or any quantizer)")
     c.add_argument("--data", metavar="DIR", help="inputs (as for --calib); default: random inputs of the model's shapes")
     c.add_argument("--labels", metavar="FILE", help="labels for --data (.npy or one per line): integers give top-1 "
                    "accuracy of output 0; strings give CTC line accuracy (PaddleOCR models)")
     c.add_argument("-o", "--out", default="qie-report", metavar="DIR", help="report folder (default qie-report)")
-    c.add_argument("--hosts", nargs="+", default=["fp32", "ort", "ort+qie", "tvm+qie"],
-                   choices=["fp32", "ort", "ort+qie", "tvm+qie"], help="which hosts to run (default all)")
+    c.add_argument("--hosts", nargs="+", choices=["fp32", "ort", "ort+qie", "tvm+qie", "openvino"],
+                   help="which hosts to run (default: all; openvino where it is installed)")
     c.add_argument("--runs", type=int, default=20, help="timed passes over the data (default 20)")
     c.add_argument("--threads", type=int, default=0, help="intra-op threads (default: all cores)")
     c.add_argument("--target", help="TVM target as JSON (default: this host's llvm target)")

@@ -191,7 +191,7 @@ def compare(args) -> int:
     threads = args.threads or os.cpu_count() or 1
     _make_dir(out)
     print(f"{Path(args.model).name} vs {Path(args.int8).name}: {source}, {threads} threads, {args.runs} timed passes")
-    hosts = H.run_hosts(args.hosts, str(args.model), str(args.int8), feeds, threads, args.runs, args.target)
+    hosts = H.run_hosts(args.hosts or H.default_hosts(), str(args.model), str(args.int8), feeds, threads, args.runs, args.target)
     by_key = {h.key: h for h in hosts}
     ref_host = by_key.get("fp32")
     if ref_host and not ref_host.failed:

@@ -19,6 +19,7 @@ from qie_ep.cli import main
 from qie_ep.quantization import data as D
 from qie_ep.errors import UserError
 from qie_ep.session import session
+from qie_ep.hosts import has_module
 
 FEAT = 32
 
@@ -191,7 +192,7 @@ def test_compare_every_host(work, capsys):
     labels = _run(work["mlp"], x, qie=False).argmax(1)
     np.save(work["dir"] / "labels.npy", labels)
     out = work["dir"] / "report"
-    hosts = ["fp32", "ort", "ort+qie"] + (["tvm+qie"] if _has_tvm() else [])
+    hosts = ["fp32", "ort", "ort+qie"] + (["tvm+qie"] if has_module("tvm") else []) + (["openvino"] if has_module("openvino") else [])
     assert main(["compare", str(work["mlp"]), str(int8), "--data", str(data), "--labels", str(work["dir"] / "labels.npy"),
                  "--runs", "2", "--threads", "1", "-o", str(out), "--hosts", *hosts]) == 0
     res = json.loads((out / "results.json").read_text())
@@ -211,10 +212,31 @@ def test_compare_every_host(work, capsys):
     assert [r["node"] for r in res["sqnr"]] == ["fc1", "fc2", "fc3"] and all(r["sqnr_db"] > 20 for r in res["sqnr"])
     if "tvm+qie" in rows:
         assert rows["tvm+qie"]["info"]["qie_kernels"] == 3 and rows["tvm+qie"]["cos_mean"] > 0.999
+    if "openvino" in rows:  # the same INT8 file on OpenVINO (bf16 elsewhere on CPUs that have it): near, not equal
+        assert rows["openvino"]["cos_mean"] > 0.99 and rows["openvino"]["kernels"].startswith("OpenVINO ")
+        assert rows["openvino"]["accuracy"] is not None
     assert "qie's counters (`qie_ep.stats()`) agree: 3 qie kernel calls per inference" in (out / "report.md").read_text()
     for f in ("report.md", "latency.png", "sqnr.png"):
         assert (out / f).stat().st_size > 500
     assert "INT8, ORT + qie" in capsys.readouterr().out
+
+
+def test_compare_reports_a_missing_optional_host(work, tmp_path, monkeypatch):
+    """An optional runtime that is not installed is a failed row with the pip line, not a crash; by default
+    `qie compare` runs OpenVINO only where it is installed."""
+    from qie_ep import hosts as H
+
+    int8 = work["dir"] / "mlp.dyn.onnx"
+    if not int8.exists():
+        assert main(["quantize", str(work["mlp"]), "-o", str(int8), "--dynamic"]) == 0
+    monkeypatch.setattr(H, "has_module", lambda name: name != "openvino")
+    assert "openvino" not in H.default_hosts()
+    out = tmp_path / "r"
+    assert main(["compare", str(work["mlp"]), str(int8), "--runs", "1", "--hosts", "ort", "openvino", "-o", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["key"] for r in res["rows"]] == ["ort", "openvino"]
+    assert res["rows"][1]["failed"] == "openvino is not installed (pip install 'qie[openvino]')"
+    assert "INT8, OpenVINO failed: openvino is not installed" in (out / "report.md").read_text()
 
 
 def test_compare_reports_a_failing_host_without_stopping(work, tmp_path):
@@ -382,11 +404,6 @@ def test_check_feed_names_the_input():
         D.check_feed({"x": np.zeros((1, 5), np.float32)}, spec, "f.npy")
     one = D.check_feed({"x": np.zeros(4, np.float64)}, spec, "f.npy")  # batch added, cast to float32
     assert one["x"].shape == (1, 4) and one["x"].dtype == np.float32
-
-
-def _has_tvm() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("tvm") is not None
 
 
 def test_error_output_onto_input_or_report_onto_output(work, tmp_path):
