@@ -81,6 +81,32 @@ def test_requantize_saturates(isa, adt, bdt, out):
 
 
 @pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("out", ["uint8", "int8", "int32"])
+def test_small_k_strips_every_panel_width(isa, out):
+    """Small K (pointwise convolutions' 16..256) runs each panel over the task's rows as one strip with the
+    epilogue's constants set up once (and, for whole vectors, the row's codes packed and stored unmasked): every
+    panel width (1 to NR columns, whole and masked vectors), rows past one tile with a remainder, B zero points
+    absent / one value / per column (no fast epilogue: the tiles' own), output zero points at both ends."""
+    rng = np.random.default_rng(11)
+    mr, nr, kg = microkernel_tile(isa)
+    for n in sorted({1, 15, 16, 17, 31, 32, 33, 47, 48, nr, nr + 16, 2 * nr, 3 * nr - 5}):
+        m, k = 3 * mr + 5, int(rng.choice([kg, 16, 24, 64, 256]))
+        a, b = rand(rng, np.uint8, (m, k)), rand(rng, np.int8, (k, n))
+        za = np.array([int(rng.integers(0, 256))], np.int32)
+        for zb in (np.zeros(n, np.int32), np.full(n, 3, np.int32), rng.integers(-4, 5, n).astype(np.int32)):
+            if out == "int32":
+                check(kernel_gemm(isa, a, b, za, zb), R.gemm_u8s8(a, b, za[0], zb), isa=isa, m=m, n=n, k=k)
+                continue
+            lo, hi = R.QRANGE[np.dtype(out)]
+            acc = R.gemm_u8s8(a, b, za[0], zb).astype(np.int64)
+            scale = np.full(n, 1.5 * (hi - lo) / max(1, int(acc.max() - acc.min())), np.float32)
+            for y_zp in (lo, (lo + hi) // 2, hi):
+                want = R.gemm_u8s8(a, b, za[0], zb, out=out, scale=scale, y_zero_point=y_zp)
+                check(kernel_gemm(isa, a, b, za, zb, out=out, scale=scale, y_zp=y_zp), want, isa=isa, m=m, n=n, k=k,
+                      y_zp=y_zp)
+
+
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("out", ["uint8", "int8"])
 def test_requantize_far_past_int32(isa, out):
     """Scales that put acc * scale far past the int32 range (1e12, -1e12, and large values of both signs in one

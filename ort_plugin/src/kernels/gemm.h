@@ -54,12 +54,27 @@ struct Epilogue {
 using TileFn = void (*)(size_t mr, size_t nr, size_t kp, const void* a, size_t lda, const void* b_panel,
                         const Epilogue& ep);
 
+// The epilogue every ISA's microkernel has a fast form of: one A zero point folded into the bias, B's zero
+// point absent or one value (its term per row), int32 or requantized output.
+inline bool CommonEpilogue(const Epilogue& ep) {
+  return ep.folded && (!ep.zb || ep.zb_rows) &&
+         (ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8);
+}
+
+// A strip: rows [0, m) of A in tiles of MR against one panel, with a folded epilogue (ep.rs and ep.zb_rows,
+// where given, hold all m rows; ep.za unused): for the CommonEpilogue the per-panel constants are set up
+// once per strip instead of once per tile, which small-K products (pointwise convolutions: K = 16..64)
+// pay for as much as for their multiply-adds.
+using StripFn = void (*)(size_t m, size_t nr, size_t kp, const void* a, size_t lda, const void* b_panel,
+                         const Epilogue& ep);
+
 struct MicroKernel {
   Isa isa;
   const char* name;  // e.g. qie_gemm_u8s8_s32_8x32c4__avx512vnni
   int mr, nr, kgroup;
   bool wide;  // operands widened to int16 (AVX2's exact vpmaddwd path)
   TileFn tile;
+  StripFn strip = nullptr;  // optional (nullptr: tile by tile)
 };
 const MicroKernel& GetMicroKernel(Isa isa);
 

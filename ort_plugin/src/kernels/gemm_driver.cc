@@ -255,46 +255,61 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
         folded_all[d * N + n] = static_cast<int32_t>(static_cast<uint32_t>(g.bias ? g.bias[n] : 0) -
                                                      static_cast<uint32_t>(za0) * static_cast<uint32_t>(csk));
     }
+  const size_t osz = g.kind == OutKind::kU8 || g.kind == OutKind::kS8 ? 1 : 4;
+  // The tile's epilogue for panel p at rows m0.. of batch entry bi (za: the tile's zero points, unused when folded).
+  auto epilogue = [&](size_t bi, size_t m0, size_t p, const int32_t* za) {
+    const size_t n0 = p * nr, row0 = bi * M + m0, col0 = b_slot[bi] * N + n0;
+    Epilogue ep;
+    ep.kind = g.kind;
+    ep.rs = any_zb ? rsum.data() + row0 : nullptr;
+    ep.za = za;
+    ep.zb = any_zb ? zb_s.data() + n0 : nullptr;
+    ep.zb_rows = zb_one ? zb_rows.data() + row0 : nullptr;
+    ep.csk = csk_all.data() + col0;
+    ep.folded = fold;
+    if (fold) {
+      ep.bias = folded_all.data() + col0;
+      ep.bias_rs = 0;
+      ep.bias_cs = 1;
+    } else {
+      ep.bias = g.bias ? g.bias + static_cast<ptrdiff_t>(bi) * g.bias_batch_stride +
+                             static_cast<ptrdiff_t>(m0) * g.bias_rs + static_cast<ptrdiff_t>(n0) * g.bias_cs
+                       : nullptr;
+      ep.bias_rs = g.bias_rs;
+      ep.bias_cs = g.bias_cs;
+    }
+    ep.scale = g.scale ? g.scale + n0 : nullptr;
+    ep.fbias = g.fbias ? g.fbias + n0 : nullptr;
+    ep.y_zp = g.y_zp;
+    ep.y = static_cast<char*>(g.y) +
+           (static_cast<ptrdiff_t>(bi) * g.y_batch_stride + static_cast<ptrdiff_t>(m0 * g.ldy + n0)) * osz;
+    ep.ldy = static_cast<ptrdiff_t>(g.ldy);
+    return ep;
+  };
+  // Small K with a folded epilogue: each panel sweeps the task's rows as one strip (the A block, <= 64 rows of
+  // <= 256 bytes, stays in L1 across panels), so the epilogue's constants are set up once per panel.
+  const bool strips = uk.strip != nullptr && fold && kp <= 256;
   auto task = [&](size_t t) {
     const size_t nbi = t % nblocks, mbi = (t / nblocks) % mblocks, bi = t / (nblocks * mblocks);
     const PackedB& pb = *g.b[bi];
+    const size_t mt0 = mbi * mb, mt1 = std::min(mtiles, (mbi + 1) * mb);
+    const auto a_at = [&](size_t m0) {
+      const size_t row0 = bi * M + m0;
+      return direct_a ? static_cast<const void*>(row_ptr(row0)) : aprep.data() + row0 * kp * elem;
+    };
+    const size_t lda = direct_a ? g.lda : kp;
+    if (strips) {
+      const size_t m0 = mt0 * mr, rows = std::min(M, mt1 * mr) - m0;
+      for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p)
+        uk.strip(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, nullptr));
+      return;
+    }
     int32_t za[kMaxMr];
-    for (size_t mt = mbi * mb; mt < std::min(mtiles, (mbi + 1) * mb); ++mt) {
-      const size_t m0 = mt * mr, rows = std::min(mr, M - m0), row0 = bi * M + m0;
+    for (size_t mt = mt0; mt < mt1; ++mt) {
+      const size_t m0 = mt * mr, rows = std::min(mr, M - m0);
       for (size_t r = 0; r < rows; ++r) za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
-      const void* a_tile = direct_a ? static_cast<const void*>(row_ptr(row0)) : aprep.data() + row0 * kp * elem;
-      const size_t lda = direct_a ? g.lda : kp;
-      for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p) {
-        const size_t n0 = p * nr, cols = std::min(nr, N - n0);
-        const size_t col0 = b_slot[bi] * N + n0;
-        Epilogue ep;
-        ep.kind = g.kind;
-        ep.rs = any_zb ? rsum.data() + row0 : nullptr;
-        ep.za = za;
-        ep.zb = any_zb ? zb_s.data() + n0 : nullptr;
-        ep.zb_rows = zb_one ? zb_rows.data() + row0 : nullptr;
-        ep.csk = csk_all.data() + col0;
-        ep.folded = fold;
-        if (fold) {
-          ep.bias = folded_all.data() + col0;
-          ep.bias_rs = 0;
-          ep.bias_cs = 1;
-        } else {
-          ep.bias = g.bias ? g.bias + static_cast<ptrdiff_t>(bi) * g.bias_batch_stride +
-                                 static_cast<ptrdiff_t>(m0) * g.bias_rs + static_cast<ptrdiff_t>(n0) * g.bias_cs
-                           : nullptr;
-          ep.bias_rs = g.bias_rs;
-          ep.bias_cs = g.bias_cs;
-        }
-        ep.scale = g.scale ? g.scale + n0 : nullptr;
-        ep.fbias = g.fbias ? g.fbias + n0 : nullptr;
-        ep.y_zp = g.y_zp;
-        const size_t osz = g.kind == OutKind::kU8 || g.kind == OutKind::kS8 ? 1 : 4;
-        ep.y = static_cast<char*>(g.y) +
-               (static_cast<ptrdiff_t>(bi) * g.y_batch_stride + static_cast<ptrdiff_t>(m0 * g.ldy + n0)) * osz;
-        ep.ldy = static_cast<ptrdiff_t>(g.ldy);
-        uk.tile(rows, cols, kp, a_tile, lda, pb.panel(p), ep);
-      }
+      for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p)
+        uk.tile(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, za));
     }
   };
   const size_t total = g.batch * mblocks * nblocks;

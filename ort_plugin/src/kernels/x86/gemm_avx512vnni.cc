@@ -63,44 +63,78 @@ struct FastEpilogue {
   __m512i bias[4];
   __m512 scale[4];
   __mmask16 mask[4];
-  __m512 lo, hi;
-  __m512i zp;
-  bool quant;
+  __mmask64 bytes;  // the row's output bytes (V vectors of 16), for the packed store
+  __m512 hi;
+  __m512i zp16;     // the output zero point in every int16 lane
+  __m512i order;    // vpermd: the packs' lane-interleaved dwords back into column order
+  bool quant, u8;
+  bool full;        // all 16 * V columns real: plain stores (masked byte stores cost more on Zen 4)
 };
 
 template <int V>
 inline bool MakeFast(size_t nr, const Epilogue& ep, FastEpilogue* f) {
-  if (!ep.folded || (ep.zb && !ep.zb_rows) ||
-      !(ep.kind == OutKind::kInt32 || ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8))
-    return false;
+  if (!CommonEpilogue(ep)) return false;
   f->quant = ep.kind != OutKind::kInt32;
+  f->bytes = 0;
   for (int v = 0; v < V; ++v) {
     const size_t c0 = 16 * static_cast<size_t>(v);
     f->mask[v] =
         nr > c0 ? (nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1)) : 0;
     f->bias[v] = _mm512_maskz_loadu_epi32(f->mask[v], ep.bias + c0);
     if (f->quant) f->scale[v] = _mm512_maskz_loadu_ps(f->mask[v], ep.scale + c0);
+    f->bytes |= static_cast<__mmask64>(f->mask[v]) << (16 * v);
   }
-  const bool u8 = ep.kind == OutKind::kU8;
-  f->lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - ep.y_zp));
-  f->hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - ep.y_zp));
-  f->zp = _mm512_set1_epi32(ep.y_zp);
+  f->u8 = ep.kind == OutKind::kU8;
+  f->full = nr >= 16 * static_cast<size_t>(V);
+  f->hi = _mm512_set1_ps(static_cast<float>((f->u8 ? 255 : 127) - ep.y_zp));
+  f->zp16 = _mm512_set1_epi16(static_cast<int16_t>(ep.y_zp));
+  f->order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   return true;
 }
 
-inline void FastStore(__m512i acc, const FastEpilogue& f, int v, void* y, ptrdiff_t o, const int32_t* zb_rows,
-                      size_t r) {
+// acc + bias, times the scale, rounded to int32 (MLAS's order); above the top clamp the top clamp
+// (min(hi, x): also NaN -> cvt's INT_MIN, which saturates to the bottom like the float clamp's lo).
+inline __m512i FastScaled(__m512i acc, const FastEpilogue& f, int v, const __m512i* zb) {
   acc = _mm512_add_epi32(acc, f.bias[v]);
-  if (zb_rows) acc = _mm512_add_epi32(acc, _mm512_set1_epi32(zb_rows[r]));
+  if (zb) acc = _mm512_add_epi32(acc, *zb);
+  return _mm512_cvtps_epi32(_mm512_min_ps(f.hi, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), f.scale[v])));
+}
+
+// One row of V accumulators: int32 stores, or requantized with saturating packs (int32 -> int16, + zero
+// point saturating, -> u8 / s8) of all V vectors at once and one masked store of the row's bytes. The
+// result equals clamp(round(x), lo, hi) + zp of the scalar epilogue for every x (packs saturate what
+// the float clamp cut at lo; the top clamp stays in float so x >= 2^31 is not cvt's INT_MIN).
+template <int V>
+inline void FastRow(const __m512i* acc, const FastEpilogue& f, void* y, ptrdiff_t o, const int32_t* zb_rows, size_t r) {
+  const __m512i zbv = _mm512_set1_epi32(zb_rows ? zb_rows[r] : 0);
+  const __m512i* zb = zb_rows ? &zbv : nullptr;
   if (!f.quant) {
-    _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + o, f.mask[v], acc);
+    for (int v = 0; v < V; ++v) {
+      __m512i a = _mm512_add_epi32(acc[v], f.bias[v]);
+      if (zb) a = _mm512_add_epi32(a, zbv);
+      _mm512_mask_storeu_epi32(static_cast<int32_t*>(y) + o + 16 * v, f.mask[v], a);
+    }
     return;
   }
-  __m512 x = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), f.scale[v]);
-  x = _mm512_min_ps(_mm512_max_ps(x, f.lo), f.hi);
-  __m128i q = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(x), f.zp));
-  KeepInRegister(q);
-  _mm_mask_storeu_epi8(static_cast<int8_t*>(y) + o, f.mask[v], q);
+  const __m512i q0 = FastScaled(acc[0], f, 0, zb);
+  const __m512i q1 = V > 1 ? FastScaled(acc[1], f, 1, zb) : q0;
+  const __m512i q2 = V > 2 ? FastScaled(acc[2], f, 2, zb) : q0;
+  const __m512i q3 = V > 3 ? FastScaled(acc[3], f, 3, zb) : q2;
+  const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(q0, q1), f.zp16);
+  const __m512i w23 = V > 2 ? _mm512_adds_epi16(_mm512_packs_epi32(q2, q3), f.zp16) : w01;
+  const __m512i b = f.u8 ? _mm512_packus_epi16(w01, w23) : _mm512_packs_epi16(w01, w23);
+  const __m512i row = _mm512_permutexvar_epi32(f.order, b);
+  int8_t* out = static_cast<int8_t*>(y) + o;
+  if (!f.full) {
+    _mm512_mask_storeu_epi8(out, f.bytes, row);
+  } else if constexpr (V == 4) {
+    _mm512_storeu_si512(out, row);
+  } else if constexpr (V >= 2) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_castsi512_si256(row));
+    if constexpr (V == 3) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32), _mm512_extracti32x4_epi32(row, 2));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_castsi512_si128(row));
+  }
 }
 
 inline __m512i BroadcastA(const uint8_t* p) {
@@ -130,16 +164,16 @@ inline __m512i BroadcastA(const uint8_t* p) {
 #define QIE_STORE(r) \
   if constexpr (R > r) { QIE_STORE1(r, 0) QIE_STORE1(r, 1) QIE_STORE1(r, 2) QIE_STORE1(r, 3) }
 #define QIE_DECL(p, r) __m512i p##r##0 = z, p##r##1 = z, p##r##2 = z, p##r##3 = z;
-#define QIE_FAST1(r, v) \
-  if constexpr (V > v) if (nr > 16 * v) FastStore(c##r##v, f, v, ep.y, static_cast<ptrdiff_t>(r) * ep.ldy + 16 * v, ep.zb_rows, r);
 #define QIE_FAST(r) \
-  if constexpr (R > r) { QIE_FAST1(r, 0) QIE_FAST1(r, 1) QIE_FAST1(r, 2) QIE_FAST1(r, 3) }
-#define QIE_EPILOGUE(FAST_ROWS, STORE_ROWS) \
-  FastEpilogue f;                          \
-  if (MakeFast<V>(nr, ep, &f)) {           \
-    FAST_ROWS                              \
-  } else {                                 \
-    STORE_ROWS                             \
+  if constexpr (R > r) { const __m512i row[4] = {c##r##0, c##r##1, c##r##2, c##r##3}; \
+                         FastRow<V>(row, f, ep.y, static_cast<ptrdiff_t>(r) * ep.ldy, ep.zb_rows, r); }
+#define QIE_EPILOGUE(FAST_ROWS, STORE_ROWS)             \
+  FastEpilogue own;                                    \
+  if (pre || MakeFast<V>(nr, ep, &own)) {              \
+    const FastEpilogue& f = pre ? *pre : own;          \
+    FAST_ROWS                                          \
+  } else {                                             \
+    STORE_ROWS                                         \
   }
 
 inline __mmask16 Mask(size_t nr, int v) {
@@ -147,8 +181,10 @@ inline __mmask16 Mask(size_t nr, int v) {
   return nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1);
 }
 
+// `pre`: the strip's epilogue constants (MakeFast already true for this panel), or nullptr.
 template <int R, int V>
-void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
+void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
+              const FastEpilogue* pre) {
   const __m512i z = _mm512_setzero_si512();
   QIE_DECL(c, 0) QIE_DECL(c, 1) QIE_DECL(c, 2) QIE_DECL(c, 3) QIE_DECL(c, 4) QIE_DECL(c, 5) QIE_DECL(c, 6) QIE_DECL(c, 7)
   const size_t kgroups = kp / 4;
@@ -163,7 +199,8 @@ void TileRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* 
 // 1-2 rows: too few independent accumulator chains to hide vpdpbusd's latency, so even and odd
 // K-groups go to two accumulator sets (c, d) summed before the epilogue.
 template <int R, int V>
-void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
+void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
+                 const FastEpilogue* pre) {
   static_assert(R <= 2, "few rows");
   const __m512i z = _mm512_setzero_si512();
   QIE_DECL(c, 0) QIE_DECL(c, 1) QIE_DECL(d, 0) QIE_DECL(d, 1)
@@ -186,22 +223,22 @@ void TileFewRows(size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_
 #undef QIE_STORE1
 #undef QIE_STORE
 #undef QIE_DECL
-#undef QIE_FAST1
 #undef QIE_FAST
 #undef QIE_EPILOGUE
 // clang-format on
 
 template <int V>
-void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
+void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
+           const FastEpilogue* pre) {
   switch (mr) {
-    case 1: TileFewRows<1, V>(nr, kp, a, lda, b, ep); break;
-    case 2: TileFewRows<2, V>(nr, kp, a, lda, b, ep); break;
-    case 3: TileRows<3, V>(nr, kp, a, lda, b, ep); break;
-    case 4: TileRows<4, V>(nr, kp, a, lda, b, ep); break;
-    case 5: TileRows<5, V>(nr, kp, a, lda, b, ep); break;
-    case 6: TileRows<6, V>(nr, kp, a, lda, b, ep); break;
-    case 7: TileRows<7, V>(nr, kp, a, lda, b, ep); break;
-    default: TileRows<8, V>(nr, kp, a, lda, b, ep); break;
+    case 1: TileFewRows<1, V>(nr, kp, a, lda, b, ep, pre); break;
+    case 2: TileFewRows<2, V>(nr, kp, a, lda, b, ep, pre); break;
+    case 3: TileRows<3, V>(nr, kp, a, lda, b, ep, pre); break;
+    case 4: TileRows<4, V>(nr, kp, a, lda, b, ep, pre); break;
+    case 5: TileRows<5, V>(nr, kp, a, lda, b, ep, pre); break;
+    case 6: TileRows<6, V>(nr, kp, a, lda, b, ep, pre); break;
+    case 7: TileRows<7, V>(nr, kp, a, lda, b, ep, pre); break;
+    default: TileRows<8, V>(nr, kp, a, lda, b, ep, pre); break;
   }
 }
 
@@ -209,17 +246,45 @@ void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const vo
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
   const int8_t* b = static_cast<const int8_t*>(b_v);
   if (nr > 32)
-    TileV<kVecs>(mr, nr, kp, a, lda, b, ep);
+    TileV<kVecs>(mr, nr, kp, a, lda, b, ep, nullptr);
   else if (nr > 16)
-    TileV<2>(mr, nr, kp, a, lda, b, ep);
+    TileV<2>(mr, nr, kp, a, lda, b, ep, nullptr);
   else
-    TileV<1>(mr, nr, kp, a, lda, b, ep);
+    TileV<1>(mr, nr, kp, a, lda, b, ep, nullptr);
+}
+
+template <int V>
+void StripV(size_t m, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
+  FastEpilogue f;
+  const FastEpilogue* pre = MakeFast<V>(nr, ep, &f) ? &f : nullptr;  // else each tile's own epilogue
+  const ptrdiff_t osz = ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8 ? 1 : 4;
+  Epilogue e = ep;
+  for (size_t m0 = 0; m0 < m; m0 += kMr) {
+    e.y = static_cast<char*>(ep.y) + static_cast<ptrdiff_t>(m0) * ep.ldy * osz;
+    if (ep.rs) e.rs = ep.rs + m0;
+    if (ep.zb_rows) e.zb_rows = ep.zb_rows + m0;
+    if (m - m0 >= kMr)
+      TileRows<kMr, V>(nr, kp, a + m0 * lda, lda, b, e, pre);
+    else
+      TileV<V>(m - m0, nr, kp, a + m0 * lda, lda, b, e, pre);
+  }
+}
+
+void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
+  const uint8_t* a = static_cast<const uint8_t*>(a_v);
+  const int8_t* b = static_cast<const int8_t*>(b_v);
+  if (nr > 32)
+    StripV<kVecs>(m, nr, kp, a, lda, b, ep);
+  else if (nr > 16)
+    StripV<2>(m, nr, kp, a, lda, b, ep);
+  else
+    StripV<1>(m, nr, kp, a, lda, b, ep);
 }
 
 }  // namespace
 
 extern const MicroKernel kGemmAvx512Vnni = {
-    Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_8x48c4__avx512vnni", kMr, kNr, 4, false, Tile};
+    Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_8x48c4__avx512vnni", kMr, kNr, 4, false, Tile, Strip};
 
 }  // namespace qie
 
