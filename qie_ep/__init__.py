@@ -66,7 +66,7 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
 
 
 _EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "tails": ("0", "1"), "min_region_convs": None, "profile": ("0", "1"),
-               "pacing": ("0", "1")}
+               "pacing": ("0", "1"), "conv_tables": ("0", "1")}
 
 
 def _ep_options(given: dict | None) -> dict:
@@ -142,8 +142,8 @@ def ep_stats() -> dict:
 
 
 def region_profile() -> dict:
-    """Time in the EP's regions per unit kind (conv, table, binary, gap, concat, maxpool, avgpool, and layout: the
-    NCHW <-> NHWC transposes at region edges) since load or ``reset_stats()``, for sessions whose EP was created
+    """Time in the EP's regions per unit kind (conv, table, binary, gap, concat, maxpool, avgpool, layout: the
+    NCHW <-> NHWC transposes at region edges, and conv+table: convs with the following table folded in) since load or ``reset_stats()``, for sessions whose EP was created
     with ``ep_options={"profile": "1"}``: {kind: {"runs": n, "ms": total}} for kinds that ran."""
     from qie_ep._lib import ep_lib
     h = ep_lib()

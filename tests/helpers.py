@@ -151,12 +151,13 @@ def assert_exact(got, want, context=""):
 
 
 def kernel_conv(isa, x, w, x_zp, w_zp, *, group=1, strides=None, dilations=None, pads=None, bias=None,
-                out="int32", scale=None, y_zp=0, threads=1, with_form=False):
+                out="int32", scale=None, y_zp=0, threads=1, with_form=False, lut=None):
     """Run qie's NHWC convolution kernel layer on ISA path `isa` (returns None if unsupported).
 
     ``x``: NHWC (N, *spatial, C) with 1-3 spatial dims; ``w``: ONNX (M, C/group, *kernel);
     ``pads``: ONNX [begin..., end...]. ``with_form``: also return whether a depthwise convolution ran on
-    its ISA's own weight form (the AVX-512 VNNI quad-tap kernel) rather than the int16 pair form.
+    its ISA's own weight form (the AVX-512 VNNI quad-tap kernel) rather than the int16 pair form. ``lut``: byte
+    tables applied to u8 / s8 output codes inside the kernel's tasks, (256,) for one or (M, 256) for one per channel.
     """
     from qie_ep.reference import conv_geometry
     x = np.ascontiguousarray(x)
@@ -174,9 +175,10 @@ def kernel_conv(isa, x, w, x_zp, w_zp, *, group=1, strides=None, dilations=None,
     bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.int32))
     ydt = {"int32": np.int32, "uint8": np.uint8, "int8": np.int8}[out]
     y, raw = guarded_output([n] + o + [m], ydt, 0x5A if ydt != np.int32 else 12345)
+    tables = None if lut is None else np.concatenate([np.asarray(lut, np.uint8).ravel(), np.zeros(3, np.uint8)])
     rc = testing_lib().qie_test_conv(isa.encode(), n, c, m, group, _ptr(geom), _ptr(x), int(x.dtype == np.int8), int(x_zp),
                              _ptr(w), int(w.dtype == np.int8), _ptr(w_zp), _ptr(bias), OUT_KINDS[out], _ptr(scale),
-                             int(y_zp), _ptr(y), threads)
+                             int(y_zp), _ptr(y), threads, _ptr(tables), 1 if lut is None else np.asarray(lut).size // 256)
     check_guards(raw, f"conv x{list(x.shape)} w{list(w.shape)} group={group} on {isa}")
     y = None if rc < 0 else y
     return (y, rc == 1) if with_form else y

@@ -75,7 +75,7 @@ QIE_EXPORT int qie_test_gemm(const char* isa_name, size_t M, size_t N, size_t K,
 QIE_EXPORT int qie_test_conv(const char* isa_name, size_t batch, size_t C, size_t M, size_t group, const size_t* geom,
                              const uint8_t* x, int x_signed, int32_t x_zp, const uint8_t* w, int w_signed,
                              const int32_t* w_zp, const int32_t* bias, int out_kind, const float* scale, int32_t y_zp,
-                             void* y, int threads) {
+                             void* y, int threads, const uint8_t* lut, size_t lut_tables) {
   qie::Isa isa;
   if (!qie::IsaFromName(isa_name, &isa) || !qie::IsaSupported(isa)) return -1;
   const qie::MicroKernel& uk = qie::GetMicroKernel(isa);
@@ -104,6 +104,8 @@ QIE_EXPORT int qie_test_conv(const char* isa_name, size_t batch, size_t C, size_
   a.scale = scale;
   a.y_zp = y_zp;
   a.y = y;
+  a.lut = lut;
+  a.lut_tables = lut_tables;
   qie::Conv(uk, s, pw, a, qie::ThreadPoolFor(threads));
   return pw.depthwise && !pw.dw_isa.empty() ? 1 : 0;
 }

@@ -99,6 +99,38 @@ def test_conv_requantized_saturates(isa, name, ydt):
     np.testing.assert_array_equal(got, want, err_msg=context(isa, name, np.uint8, np.int8, y=np.dtype(ydt).name))
 
 
+TABLE_CASES = ["pointwise", "pointwise_groups", "pointwise_strided", "3x3_nr_edges", "grouped", "depthwise",
+               "depthwise_odd_c_s2", "depthwise_c16", "conv3d", "big_weights"]
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("ydt", [np.uint8, np.int8], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", TABLE_CASES)
+def test_conv_following_table(isa, name, ydt, threads):
+    """A table after the convolution (the EP's conv + activation / per-channel affine) applied by the kernel's own
+    tasks on their output blocks: every driver path (pointwise GEMM, grouped GEMMs, per-task im2col, depthwise
+    forms, blocks of weights past L2) equals requantizing, then looking up, for one table and one per channel."""
+    rng = np.random.default_rng(zlib.crc32(f"{name}{np.dtype(ydt).name}".encode()))
+    if name == "big_weights":  # 3x3 x 256 -> 384: 884 KiB of packed weights, the block path
+        x, w = rand(rng, np.uint8, (1, 9, 10, 256)), rand(rng, np.int8, (384, 256, 3, 3))
+        x_zp, w_zp, bias, attrs = 7, np.zeros(384, np.int32), rng.integers(-5000, 5000, 384).astype(np.int32), \
+            dict(group=1, strides=None, dilations=None, pads=[1, 1, 1, 1])
+    else:
+        x, w, x_zp, w_zp, bias, attrs = make_case(rng, name, np.uint8, np.int8)
+    m = w.shape[0]
+    acc = R.conv_integer(x, w, np.array(x_zp), w_zp, bias=bias, channels_last=True, **attrs)
+    span = np.maximum(np.abs(acc.reshape(-1, m)).max(axis=0), 1).astype(np.float64)
+    scale = (150.0 / span).astype(np.float32)
+    y_zp = 3 if ydt == np.uint8 else -5
+    codes = R.requantize(acc, scale, np.array(y_zp, ydt), ydt).view(np.uint8)
+    for tables in (rng.permutation(256).astype(np.uint8), rng.integers(0, 256, (m, 256)).astype(np.uint8)):
+        want = (tables[codes] if tables.ndim == 1 else tables[np.arange(m), codes]).view(ydt)
+        got = kernel_conv(isa, x, w, x_zp, w_zp, bias=bias, out=np.dtype(ydt).name, scale=scale, y_zp=y_zp,
+                          threads=threads, lut=tables, **attrs)
+        np.testing.assert_array_equal(got, want, err_msg=f"isa={isa} case={name} tables={tables.shape} threads={threads}")
+
+
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("threads", [1, 2])
 def test_conv_many_im2col_blocks(isa, threads):

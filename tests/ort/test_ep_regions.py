@@ -167,6 +167,33 @@ def test_pacing_changes_no_result(tmp_path, spinning):
 
 
 @needs_ep
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv_tables_fold_into_convs_with_the_same_codes(tmp_path, threads):
+    """Option conv_tables (default on): a table step whose input only it reads from a conv runs in the conv's tasks;
+    on and off give the same bytes, and ORT's, on u8 / s8 networks, batches and sizes changing; off, the profile
+    has table steps and no conv+table (the kernel tests check every conv path with one and per-channel tables)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(21)
+    for model in (quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32)),
+                  quantize(cnn(rng, "HardSwish"), rng, False, True, tmp_path)):
+        feeds = [{"x": rng.normal(size=sz).astype(np.float32)} for sz in [(1, 3, 24, 20), (3, 3, 17, 9)]]
+        want = [run(model, f, "all", qie=False)[0][0] for f in feeds]
+        kinds = {}
+        for on in ("1", "0"):
+            so = options(qie=False, threads=threads)
+            qie_ep.register(so, ep_options={"conv_tables": on, "profile": "1"})
+            s = ort.InferenceSession(model.SerializeToString(), so)
+            qie_ep.reset_stats()
+            for f, w in zip(feeds, want):
+                assert_equals_ort(s.run(None, f)[0], w, f"conv_tables={on}")
+            kinds[on] = set(qie_ep.region_profile())
+        assert "conv+table" in kinds["1"] and "conv+table" not in kinds["0"] and "table" in kinds["0"], kinds
+    with pytest.raises(ValueError, match="'conv_tables' must be"):
+        qie_ep.register(options(), ep_options={"conv_tables": "yes"})
+
+
+@needs_ep
 def test_region_stops_at_a_graph_output(tmp_path):
     """An intermediate value that is also a graph output ends the chain there; both outputs equal ORT's."""
     rng = np.random.default_rng(9)
@@ -514,8 +541,10 @@ def test_region_profile_counts_unit_kinds(tmp_path):
         if profile == "0":
             assert p == {}
         else:
-            assert p["conv"]["runs"] == 3 * 8 and p["layout"]["runs"] == 3 * 2, p  # one input, one output
-            assert {"table", "binary", "gap", "concat", "maxpool"} <= set(p) and all(v["ms"] > 0 for v in p.values())
+            # 8 convs, those whose output only a table reads with the table folded in (conv+table)
+            assert p["conv"]["runs"] + p["conv+table"]["runs"] == 3 * 8 and p["conv+table"]["runs"] >= 3, p
+            assert p["layout"]["runs"] == 3 * 2, p  # one input, one output
+            assert {"binary", "gap", "concat", "maxpool"} <= set(p) and all(v["ms"] > 0 for v in p.values())
 
 
 @needs_ep
@@ -524,7 +553,8 @@ def test_region_profile_counts_unit_kinds(tmp_path):
 def test_silu_folds_into_one_table(tmp_path, level, extra_output):
     """SiLU as the quantizer leaves it (Mul(DQ(x), DQ(Q(Sigmoid(DQ(x)))))) is a binary unit whose operands are x
     and a table of x: the plan folds it into one table of x (no binary unit runs), with ORT's results. When the
-    Sigmoid's codes are also read outside the region (a graph output), its table step stays and the Mul still folds."""
+    Sigmoid's codes are also read outside the region (a graph output), its table step stays and the Mul still folds.
+    Tables whose input only they read from a conv are folded into that conv (conv+table)."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(5)
@@ -539,7 +569,8 @@ def test_silu_folds_into_one_table(tmp_path, level, extra_output):
     qie_ep.reset_stats()
     got = s.run(None, feeds)
     p = qie_ep.region_profile()
-    assert "binary" not in p and p["table"]["runs"] >= 3, p
+    # no binary unit runs; the convs' following tables (the folded SiLU among them) run inside the convs
+    assert "binary" not in p and p["conv+table"]["runs"] >= 3 and p["table"]["runs"] >= (3 if extra_output else 1), p
     want, _ = run(model, feeds, level, qie=False)
     for g, w in zip(got, want):
         assert np.abs(g - w).max() <= steps(model) * 1.0001

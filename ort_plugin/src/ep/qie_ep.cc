@@ -213,6 +213,8 @@ struct QieEp : OrtEp {
 //   profile "0" (default) / "1": time the regions' unit kinds (qie_ep_region_profile)
 //   pacing  "1" (default) / "0": each region step, MatMul / Gemm unit and Softmax unit learns from its first runs
 //           whether the intra-op pool pays for its work (pacing.h); "0": always the pool
+//   conv_tables "1" (default) / "0": a region's table step whose input only it reads from a conv runs inside the
+//           conv's tasks (FuseConvTables); "0": as its own step
 // A bad value fails the session creation with a message naming the option.
 std::string ConfigEntry(const OrtSessionOptions* so, const std::string& key, bool* found) {
   *found = false;
@@ -244,6 +246,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   flag("tails", &ep->tails_on);
   flag("profile", &ep->region_opts.profile);
   flag("pacing", &ep->region_opts.pacing);
+  flag("conv_tables", &ep->region_opts.conv_tables);
   for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
     bool found = false;
     const std::string v = ConfigEntry(so, std::string(prefix) + "min_region_convs", &found);

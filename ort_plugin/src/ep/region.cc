@@ -269,6 +269,35 @@ void ComposeTable(RegionPlan::Step* st, const std::vector<uint8_t>& t, size_t C)
   ComposeTables(&st->table, &st->tC, t, C);
 }
 
+// A table step whose input is a conv step's output that nothing else reads (no other step, not a fused output) is
+// folded into the conv: the conv's tasks look their output blocks up while they are in cache, which saves the table
+// step's pass over memory and its parallel section (the same codes: the same tables on the same conv codes).
+void FuseConvTables(RegionPlan* p) {
+  std::vector<int> reads(p->values.size(), 0);
+  for (const RegionPlan::Step& st : p->steps)
+    for (int v : st.in) ++reads[static_cast<size_t>(v)];
+  std::vector<int> producer(p->values.size(), -1);
+  for (size_t i = 0; i < p->steps.size(); ++i) producer[static_cast<size_t>(p->steps[i].out)] = static_cast<int>(i);
+  for (size_t i = 0; i < p->steps.size();) {
+    const RegionPlan::Step& tab = p->steps[i];
+    const size_t v = tab.kind == UnitKind::kTable ? static_cast<size_t>(tab.in[0]) : 0;
+    const int c = tab.kind == UnitKind::kTable ? producer[v] : -1;
+    if (c < 0 || p->steps[c].kind != UnitKind::kConv || !p->steps[c].post.empty() || reads[v] != 1 ||
+        p->values[v].output >= 0 || (tab.tC != 1 && tab.tC != p->steps[c].M)) {
+      ++i;
+      continue;
+    }
+    RegionPlan::Step& conv = p->steps[static_cast<size_t>(c)];
+    conv.post = tab.table;
+    conv.post.resize(tab.tC * 256 + 3, 0);  // the lookup kernels read 3 bytes past the last table
+    conv.post_tC = tab.tC;
+    conv.out = tab.out;
+    producer[static_cast<size_t>(tab.out)] = c;
+    p->steps.erase(p->steps.begin() + static_cast<std::ptrdiff_t>(i));
+    for (int& ps : producer) ps = ps > static_cast<int>(i) ? ps - 1 : ps;
+  }
+}
+
 // A binary unit whose operands are one value x and a table step's output t = T(x) (SiLU / Swish as x * Sigmoid(x),
 // x + f(x), ...) is itself a table of x: y[c][k] = Q(DQ_x(k) op DQ_t(T[c][k])), the same float32 operations as its
 // row kernel, so the same codes, at one lookup per element instead of two dequantizations, the operation and a
@@ -506,6 +535,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
   }
   for (size_t o = 0; o < outputs.size(); ++o)
     if (!ids.count(outputs[o])) throw Failure{"fused output '" + outputs[o] + "' is not a region value"};
+  if (opts.conv_tables) FuseConvTables(&p);
   // Per-channel tables of one unit of plain arithmetic run as float code: measured on Zen 4 (AVX-512), a bias Add
   // or BatchNormalization costs ~1.3 cycles per element as DequantizeLinear, f, QuantizeLinear (the division by
   // the output scale dominates) against ~2 for the dword gather; a chain of two units costs twice that while the
@@ -529,8 +559,9 @@ void ReleaseRegion(RegionPlan* plan) { delete plan; }
 
 namespace {
 
-constexpr size_t kKinds = static_cast<size_t>(UnitKind::kAvgPool) + 1;  // and one more: layout (transposes)
-std::atomic<int64_t> g_ns[kKinds + 1], g_calls[kKinds + 1];
+// and two more: layout (transposes), conv steps with a folded table (conv+table)
+constexpr size_t kKinds = static_cast<size_t>(UnitKind::kAvgPool) + 1, kConvTable = kKinds + 1;
+std::atomic<int64_t> g_ns[kKinds + 2], g_calls[kKinds + 2];
 
 // Adds the time since `t0` to kind `k` when `on`, and restarts `t0`.
 void Tick(bool on, size_t k, std::chrono::steady_clock::time_point* t0) {
@@ -549,16 +580,16 @@ std::string ShapeText(const std::vector<int64_t>& v) {
 
 }  // namespace
 
-const char* RegionProfileNames() { return "conv table binary gap concat maxpool avgpool layout"; }
+const char* RegionProfileNames() { return "conv table binary gap concat maxpool avgpool layout conv+table"; }
 size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
-  for (size_t k = 0; k < std::min(n, kKinds + 1); ++k) {
+  for (size_t k = 0; k < std::min(n, kKinds + 2); ++k) {
     ns[k] = g_ns[k].load();
     calls[k] = g_calls[k].load();
   }
-  return kKinds + 1;
+  return kKinds + 2;
 }
 void ResetRegionProfile() {
-  for (size_t k = 0; k <= kKinds; ++k) {
+  for (size_t k = 0; k < kKinds + 2; ++k) {
     g_ns[k].store(0);
     g_calls[k].store(0);
   }
@@ -641,7 +672,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
         }
       }
       pace.Done();
-      Tick(p.profile, static_cast<size_t>(s.kind), &t0);
+      Tick(p.profile, s.post.empty() ? static_cast<size_t>(s.kind) : kConvTable, &t0);
       const RegionPlan::Value& ov = p.values[s.out];
       if (ov.output < 0) continue;
       const int64_t shape[4] = {static_cast<int64_t>(od.n), static_cast<int64_t>(od.c), static_cast<int64_t>(od.h),

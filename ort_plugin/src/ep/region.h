@@ -23,6 +23,7 @@ struct RegionOptions {
   size_t min_conv_units = 2;
   bool profile = false;  // time each unit kind and the layout changes (RegionProfile)
   bool pacing = true;    // each step learns whether the intra-op pool pays off for it (RegionPlan::Pacing)
+  bool conv_tables = true;  // a table after a conv runs in the conv's tasks (FuseConvTables)
 };
 
 // What MatchRegions found, for the EP's log.

@@ -54,6 +54,10 @@ struct RegionPlan {
     qie::PackedConv packed;
     std::vector<int32_t> wzp, bias;
     std::vector<float> scale;
+    // a following table step folded into the conv (FuseConvTables): its tables (tC = post_tC: 1 or M), applied to
+    // the conv's codes by the conv's own tasks; empty: none
+    std::vector<uint8_t> post;
+    size_t post_tC = 1;
     // binary: the operation, and the float program of the activations after it (none: tail.steps empty)
     char op = '+';
     FloatProgram tail;

@@ -299,6 +299,8 @@ void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* o
   ca.scale = s.scale.data();
   ca.y_zp = s.qout.zp;
   ca.y = ybuf->data();
+  ca.lut = s.post.empty() ? nullptr : s.post.data();
+  ca.lut_tables = s.post_tC;
   qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA its weights were packed for
 }
 

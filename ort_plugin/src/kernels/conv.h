@@ -61,6 +61,10 @@ struct ConvArgs {
   const float* scale = nullptr;    // [M]
   int32_t y_zp = 0;
   void* y = nullptr;  // NHWC [batch, out..., M]
+  // u8 / s8 output: byte table(s) applied to the output codes by each task while its block is in cache: one
+  // table, or one per output channel (lut_tables = M), 3 readable bytes after. nullptr: none.
+  const uint8_t* lut = nullptr;
+  size_t lut_tables = 1;
 };
 void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const ConvArgs& a, const ParallelFor& pfor);
 

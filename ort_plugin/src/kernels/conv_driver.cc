@@ -20,6 +20,7 @@
 #endif
 
 #include "kernels/conv.h"
+#include "kernels/isa.h"
 
 namespace qie {
 
@@ -194,6 +195,12 @@ GemmArgs GroupGemm(const ConvShape& s, const ConvArgs& a, size_t g) {
 
 size_t OutBytes(OutKind k) { return k == OutKind::kInt32 || k == OutKind::kFloat ? 4 : 1; }
 
+// The following table (ConvArgs::lut) on output rows [r0, r0 + n) (pixels over the batch), all M channels.
+void LookupRows(Isa isa, const ConvArgs& a, const ConvShape& s, size_t r0, size_t n) {
+  if (a.lut && OutBytes(a.kind) == 1)
+    LookupBlock(isa, a.lut, a.lut_tables == 1 ? 1 : s.M, static_cast<uint8_t*>(a.y) + r0 * s.M, n, s.M, s.M);
+}
+
 template <class T>
 void TransposeT(const T* src, T* dst, size_t batch, size_t rows, size_t cols) {
   constexpr size_t kB = 32;  // cache blocks of kB x kB elements
@@ -296,7 +303,8 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     // and scales and its rows once, so fewer pixels per task than that costs more than its arithmetic (5x5 taps x
     // 256 channels gave tasks of two pixels); with the quad-tap kernel, 64k-MAC tasks measured 1.11-1.18x ORT on
     // PP-LCNet's depthwise layers at 2 threads, 256k ones 1.19-1.28x (same runs, interleaved).
-    const size_t chunk = std::min<size_t>(P, std::max<size_t>(32, 262144 / std::max<size_t>(1, s.C * s.taps())));
+    size_t chunk = std::min<size_t>(P, std::max<size_t>(32, 262144 / std::max<size_t>(1, s.C * s.taps())));
+    if (a.lut) chunk = std::min(P, RoundUp(chunk, kLutRows));  // whole lookup tiles per task
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
@@ -309,8 +317,9 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       if (w.dw_isa.empty() && ptrs.size() < (s.taps() + 1) * chunk) ptrs.resize((s.taps() + 1) * chunk);
       if (!w.dw_isa.empty() && words.size() < DepthwiseWords(s.taps(), chunk))
         words.resize(DepthwiseWords(s.taps(), chunk));
-      const size_t b = t / per_image, p0 = (t % per_image) * chunk;
-      fn(s, w, a, b, p0, std::min(P, p0 + chunk), DepthwiseScratch{acc.data(), zrow.data(), ptrs.data(), words.data()});
+      const size_t b = t / per_image, p0 = (t % per_image) * chunk, p1 = std::min(P, p0 + chunk);
+      fn(s, w, a, b, p0, p1, DepthwiseScratch{acc.data(), zrow.data(), ptrs.data(), words.data()});
+      LookupRows(w.isa, a, s, b * P + p0, p1 - p0);
     };
     if (tasks == 1)
       task(0);
@@ -330,6 +339,10 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       ga.za = &a.x_zp;
       ga.y = static_cast<char*>(a.y) + g * s.Mg() * osz;
       ga.b = &pb;
+      if (a.lut && osz == 1) {  // each GEMM task looks its block up
+        ga.lut = a.lut_tables == 1 ? a.lut : a.lut + g * s.Mg() * 256;
+        ga.lut_tables = a.lut_tables == 1 ? 1 : s.Mg();
+      }
       Gemm(uk, ga, pfor);
     }
     return;
@@ -339,8 +352,13 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
   const uint8_t flip = a.x_signed ? 0x80 : 0;
   const uint8_t pad_val = static_cast<uint8_t>(a.x_zp) ^ flip;
   const int32_t za = a.x_zp + (a.x_signed ? 128 : 0);
-  auto group_gemm = [&](size_t g, size_t r0, size_t nrows, const uint8_t* rows_buf, const ParallelFor& run) {
+  // `lut`: the GEMM's tasks apply the following table (the block path; the task path looks up its rows itself).
+  auto group_gemm = [&](size_t g, size_t r0, size_t nrows, const uint8_t* rows_buf, const ParallelFor& run, bool lut) {
     GemmArgs ga = GroupGemm(s, a, g);
+    if (lut && a.lut && osz == 1) {
+      ga.lut = a.lut_tables == 1 ? a.lut : a.lut + g * s.Mg() * 256;
+      ga.lut_tables = a.lut_tables == 1 ? 1 : s.Mg();
+    }
     const PackedB* pb = &w.groups[g];
     ga.M = nrows;
     ga.a = rows_buf;
@@ -359,7 +377,8 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
   size_t weight_bytes = 0;
   for (const PackedB& pb : w.groups) weight_bytes += pb.data.size();
   if (weight_bytes <= kTaskWeightBytes) {
-    const size_t task_rows = std::min(rows, RoundUp(std::max<size_t>(1, kTaskBytes / kp), uk.mr));
+    const size_t task_rows =
+        std::min(rows, RoundUp(std::max<size_t>(1, kTaskBytes / kp), a.lut ? kLutRows : size_t(uk.mr)));
     const size_t tasks = (rows + task_rows - 1) / task_rows;
     const ParallelFor inline_for = [](size_t n, const std::function<void(size_t)>& fn) {
       for (size_t i = 0; i < n; ++i) fn(i);
@@ -370,8 +389,9 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       const size_t r0 = t * task_rows, nrows = std::min(task_rows, rows - r0);
       for (size_t g = 0; g < s.group; ++g) {
         GatherRows(s, a.x, g, Cg, r0, nrows, flip, pad_val, kp, tbuf.data());
-        group_gemm(g, r0, nrows, tbuf.data(), inline_for);
+        group_gemm(g, r0, nrows, tbuf.data(), inline_for, false);
       }
+      LookupRows(uk.isa, a, s, r0, nrows);
     };
     if (tasks == 1)
       task(0);
@@ -395,7 +415,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
         gather(0);
       else
         pfor(chunks, gather);
-      group_gemm(g, r0, nrows, buf.data(), pfor);
+      group_gemm(g, r0, nrows, buf.data(), pfor, true);
     }
   }
 }

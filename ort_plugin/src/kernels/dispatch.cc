@@ -78,6 +78,18 @@ bool IsaFromName(const char* name, Isa* out) {
 
 bool IsaSupported(Isa isa) { return KernelsFor(isa).cpu_has(); }
 
+void LookupBlock(Isa isa, const uint8_t* t, size_t tables, uint8_t* y, size_t rows, size_t cols, size_t ldy) {
+  if (rows == 0 || cols == 0) return;
+  const ChannelLutFn lut = KernelsFor(isa).channel_lut;
+  const size_t C = tables == 1 ? 1 : cols;
+  auto run = [&](uint8_t* row, size_t n) {  // n rows of cols bytes, contiguous
+    if (lut) return lut(t, C, row, row, C == 1 ? n * cols : n);
+    for (size_t i = 0; i < n * cols; ++i) row[i] = t[(C == 1 ? 0 : i % cols) * 256 + row[i]];
+  };
+  if (ldy == cols) return run(y, rows);
+  for (size_t r = 0; r < rows; ++r) run(y + r * ldy, 1);
+}
+
 Isa ActiveIsa() {
   int v = g_active.load();
   if (v < 0) {

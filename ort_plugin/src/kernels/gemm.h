@@ -119,6 +119,10 @@ struct GemmArgs {
   ptrdiff_t y_batch_stride = 0;  // in elements
   size_t batch = 1;
   const PackedB* const* b = nullptr;  // [batch] packed B (entries may repeat)
+  // u8 / s8 output: byte table(s) applied to the codes in each task after its tiles (isa.h LookupBlock): one
+  // table, or one per column (lut_tables = N). nullptr: none.
+  const uint8_t* lut = nullptr;
+  size_t lut_tables = 1;
 };
 void Gemm(const MicroKernel& uk, const GemmArgs& args, const ParallelFor& pfor);
 

@@ -18,6 +18,7 @@
 #endif
 
 #include "kernels/gemm.h"
+#include "kernels/isa.h"
 
 namespace qie {
 namespace {
@@ -167,14 +168,18 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
 
   const size_t panels = (N + nr - 1) / nr, mtiles = (M + mr - 1) / mr;
   const size_t panel_bytes = g.b[0]->panel_bytes;
-  size_t nb = std::max<size_t>(1, std::min(panels, kL2Block / panel_bytes));
+  size_t nb = g.lut ? panels : std::max<size_t>(1, std::min(panels, kL2Block / panel_bytes));
   size_t mb = std::min<size_t>(mtiles, std::max<size_t>(1, 64 / mr));
   const double macs = double(M) * N * K * g.batch;
   auto count = [&] { return g.batch * ((mtiles + mb - 1) / mb) * ((panels + nb - 1) / nb); };
   if (macs > kSerialMacs) {
-    while (count() < 8 && (mb > 1 || nb > 1)) {
-      if (mb > 1)
-        mb = (mb + 1) / 2;
+    // With a following table the tasks keep whole rows (nb = every panel) and at least 64 of them where there
+    // are: per-channel tables look rows up in tiles of 64 (kLutRows), a row's part or a short tile costs about
+    // a whole tile.
+    const size_t mb_min = g.lut ? std::min(mb, std::max<size_t>(1, kLutRows / mr)) : 1;
+    while (count() < 8 && (mb > mb_min || (nb > 1 && !g.lut))) {
+      if (mb > mb_min)
+        mb = std::max(mb_min, (mb + 1) / 2);
       else
         nb = (nb + 1) / 2;
     }
@@ -298,18 +303,25 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
       return direct_a ? static_cast<const void*>(row_ptr(row0)) : aprep.data() + row0 * kp * elem;
     };
     const size_t lda = direct_a ? g.lda : kp;
+    const size_t p0 = nbi * nb, p1 = std::min(panels, (nbi + 1) * nb);
     if (strips) {
       const size_t m0 = mt0 * mr, rows = std::min(M, mt1 * mr) - m0;
-      for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p)
+      for (size_t p = p0; p < p1; ++p)
         uk.strip(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, nullptr));
-      return;
+    } else {
+      int32_t za[kMaxMr];
+      for (size_t mt = mt0; mt < mt1; ++mt) {
+        const size_t m0 = mt * mr, rows = std::min(mr, M - m0);
+        for (size_t r = 0; r < rows; ++r) za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
+        for (size_t p = p0; p < p1; ++p)
+          uk.tile(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, za));
+      }
     }
-    int32_t za[kMaxMr];
-    for (size_t mt = mt0; mt < mt1; ++mt) {
-      const size_t m0 = mt * mr, rows = std::min(mr, M - m0);
-      for (size_t r = 0; r < rows; ++r) za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
-      for (size_t p = nbi * nb; p < std::min(panels, (nbi + 1) * nb); ++p)
-        uk.tile(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, za));
+    if (g.lut && osz == 1) {  // the following table, on the task's block while it is in cache
+      const size_t r0 = mt0 * mr, r1 = std::min(M, mt1 * mr), c0 = p0 * nr, c1 = std::min(N, p1 * nr);
+      uint8_t* yb = static_cast<uint8_t*>(g.y) + static_cast<ptrdiff_t>(bi) * g.y_batch_stride + r0 * g.ldy + c0;
+      LookupBlock(uk.isa, g.lut_tables == 1 ? g.lut : g.lut + c0 * 256, g.lut_tables == 1 ? 1 : c1 - c0, yb, r1 - r0,
+                  c1 - c0, g.ldy);
     }
   };
   const size_t total = g.batch * mblocks * nblocks;

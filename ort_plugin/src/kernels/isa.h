@@ -28,4 +28,11 @@ struct IsaKernels {
 
 const IsaKernels& KernelsFor(Isa isa);
 
+// In place, y[r * ldy + j] = t[(tables == 1 ? 0 : j) * 256 + y[r * ldy + j]] for r < rows, j < cols, with ISA
+// `isa`'s byte-table kernel: one table, or one per column (t padded by 3 readable bytes, as ChannelLutFn's).
+// A convolution's or GEMM's following table (the EP's conv + activation) on a task's block while it is in cache.
+// Rows per tile of the per-channel lookups (ChannelLutFn): blocks of whole multiples of it cost the least.
+constexpr size_t kLutRows = 64;
+void LookupBlock(Isa isa, const uint8_t* t, size_t tables, uint8_t* y, size_t rows, size_t cols, size_t ldy);
+
 }  // namespace qie
