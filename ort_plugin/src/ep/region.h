@@ -21,8 +21,8 @@ struct RegionOptions {
   // A region needs this many convolutions. Measured on PP-OCRv6 rec: table-only islands (DQ -> Div -> Erf -> Q,
   // lone Sigmoids) and lone convs stopped ORT's own Gelu / QDQ fusions around them and made the model slower.
   size_t min_conv_units = 2;
-  bool profile = false;  // time each unit kind and the layout changes (RegionProfile)
-  bool pacing = true;    // each step learns whether the intra-op pool pays off for it (RegionPlan::Pacing)
+  bool profile = false;     // time each unit kind and the layout changes (RegionProfile)
+  bool pacing = true;       // each step learns whether the intra-op pool pays off for it (RegionPlan::Pacing)
   bool conv_tables = true;  // a table after a conv runs in the conv's tasks (FuseConvTables)
 };
 

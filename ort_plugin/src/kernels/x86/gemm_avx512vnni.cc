@@ -65,10 +65,10 @@ struct FastEpilogue {
   __mmask16 mask[4];
   __mmask64 bytes;  // the row's output bytes (V vectors of 16), for the packed store
   __m512 hi;
-  __m512i zp16;     // the output zero point in every int16 lane
-  __m512i order;    // vpermd: the packs' lane-interleaved dwords back into column order
+  __m512i zp16;   // the output zero point in every int16 lane
+  __m512i order;  // vpermd: the packs' lane-interleaved dwords back into column order
   bool quant, u8;
-  bool full;        // all 16 * V columns real: plain stores (masked byte stores cost more on Zen 4)
+  bool full;  // all 16 * V columns real: plain stores (masked byte stores cost more on Zen 4)
 };
 
 template <int V>
