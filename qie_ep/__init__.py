@@ -66,7 +66,7 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
 
 
 _EP_OPTIONS = {"units": ("0", "1"), "regions": ("0", "1"), "tails": ("0", "1"), "min_region_convs": None, "profile": ("0", "1"),
-               "pacing": ("0", "1"), "conv_tables": ("0", "1")}
+               "pacing": ("0", "1"), "conv_tables": ("0", "1"), "team": ("0", "1")}
 
 
 def _ep_options(given: dict | None) -> dict:

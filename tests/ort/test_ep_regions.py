@@ -194,6 +194,56 @@ def test_conv_tables_fold_into_convs_with_the_same_codes(tmp_path, threads):
 
 
 @needs_ep
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("spinning", [False, True])
+def test_team_runs_every_section_with_the_same_codes(tmp_path, threads, spinning):
+    """Option team (default on): a region run wakes the pool once and its members take every parallel section
+    (team.h). On and off, at 1, 2 and 4 threads (more than this host's cores), pools spinning or not, every run
+    (through the pool-size detection and the pacing calibration) equals ORT's, for batches and sizes changing;
+    a run whose input is wrong still fails with the step's error, never hangs, and the session runs on after it."""
+    rng = np.random.default_rng(23)
+    model = quantize(cnn(rng), rng, True, False, tmp_path)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"  # let ORT accept a wrong channel count
+    feeds = [{"x": rng.normal(size=sz).astype(np.float32)} for sz in [(1, 3, 24, 20), (3, 3, 17, 9), (2, 3, 40, 36)]]
+    want = [run(model, f, "all", qie=False)[0][0] for f in feeds]
+    for team in ("1", "0"):
+        so = options(qie=False, threads=threads, spinning=spinning, log_level=4)
+        qie_ep.register(so, ep_options={"team": team})
+        s = session(model, so)
+        for k in range(20):
+            f, w = feeds[k % 3], want[k % 3]
+            assert_equals_ort(s.run(None, f)[0], w, f"team={team} run {k}")
+            if k == 7:
+                with pytest.raises(Exception, match=r"channels|expects|X has"):
+                    s.run(None, {"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32)})
+    with pytest.raises(ValueError, match="'team' must be"):
+        qie_ep.register(options(), ep_options={"team": "2"})
+
+
+@needs_ep
+def test_team_with_concurrent_runs(tmp_path):
+    """Runs of one session from four Python threads at once, 2 intra-op threads: every team has its own leader,
+    buffers and sections, so every output equals ORT's (and nothing waits forever)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(24)
+    model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    feeds = [{"x": rng.normal(size=(1 + i % 2, 3, 20 + 4 * i, 24)).astype(np.float32)} for i in range(4)]
+    want = [run(model, f, "all", qie=False)[0][0] for f in feeds]
+    so = options(qie=False, threads=2)
+    qie_ep.register(so)
+    s = session(model, so)
+
+    def work(i):
+        for _ in range(10):
+            assert_equals_ort(s.run(None, feeds[i])[0], want[i], f"thread {i}")
+
+    with ThreadPoolExecutor(4) as ex:
+        for f in [ex.submit(work, i) for i in range(4)]:
+            f.result(timeout=120)
+
+
+@needs_ep
 def test_region_stops_at_a_graph_output(tmp_path):
     """An intermediate value that is also a graph output ends the chain there; both outputs equal ORT's."""
     rng = np.random.default_rng(9)

@@ -215,6 +215,8 @@ struct QieEp : OrtEp {
 //           whether the intra-op pool pays for its work (pacing.h); "0": always the pool
 //   conv_tables "1" (default) / "0": a region's table step whose input only it reads from a conv runs inside the
 //           conv's tasks (FuseConvTables); "0": as its own step
+//   team    "1" (default) / "0": a region run wakes the intra-op pool once and its members take every parallel
+//           section of the run (team.h); "0": one pool call per section
 // A bad value fails the session creation with a message naming the option.
 std::string ConfigEntry(const OrtSessionOptions* so, const std::string& key, bool* found) {
   *found = false;
@@ -247,6 +249,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   flag("profile", &ep->region_opts.profile);
   flag("pacing", &ep->region_opts.pacing);
   flag("conv_tables", &ep->region_opts.conv_tables);
+  flag("team", &ep->region_opts.team);
   for (const char* prefix : {"ep.qie.", "ep.QIE."}) {
     bool found = false;
     const std::string v = ConfigEntry(so, std::string(prefix) + "min_region_convs", &found);

@@ -27,9 +27,11 @@
 #include <map>
 #include <numeric>
 #include <set>
+#include <thread>
 
 #include "ep/graph.h"
 #include "ep/region_plan.h"
+#include "ep/team.h"
 #include "ep/units.h"
 #include "kernels/conv.h"
 #include "kernels/isa.h"
@@ -438,6 +440,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
   RegionPlan& p = *plan;
   p.profile = opts.profile;
   p.adaptive = opts.pacing;
+  p.team = opts.team;
   p.inputs.assign(inputs.size(), -1);
   std::map<std::string, int> ids;
   std::map<std::string, int> readers;  // how many unit operands read each value
@@ -595,13 +598,35 @@ void ResetRegionProfile() {
   }
 }
 
+void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
+              std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims);
+
 OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
   return Guard("region", [&] {
-    thread_local std::vector<std::vector<uint8_t>> slots;  // grown, never shrunk: nothing allocated once warm
-    thread_local std::vector<Dims> dims;
+    // The calling thread's buffers (the body may run on a pool thread: these references, not its thread_locals)
+    thread_local std::vector<std::vector<uint8_t>> tl_slots;  // grown, never shrunk: nothing allocated once warm
+    thread_local std::vector<Dims> tl_dims;
+    std::vector<std::vector<uint8_t>>& slots = tl_slots;
+    std::vector<Dims>& dims = tl_dims;
     if (slots.size() < p.slots) slots.resize(p.slots);
     dims.assign(p.values.size(), Dims{});
-    const qie::ParallelFor pool = CtxParallelFor(ctx);
+    const qie::ParallelFor ort_pool = CtxParallelFor(ctx);
+    if (!p.team || p.solo_runs.load(std::memory_order_relaxed) >= RegionPlan::kSoloRuns)
+      return RunSteps(p, ctx, ort_pool, slots, dims);
+    // One pool wake-up for the run (team.h); every task past the pool's threads finds the run done.
+    static const size_t width = std::min<size_t>(64, std::max(2u, std::thread::hardware_concurrency()));
+    const bool joined =
+        Team::Run(ort_pool, width, [&](const qie::ParallelFor& team) { RunSteps(p, ctx, team, slots, dims); });
+    if (joined)
+      p.solo_runs.store(INT32_MIN / 2, std::memory_order_relaxed);  // a pool of several threads: the team stays
+    else
+      p.solo_runs.fetch_add(1, std::memory_order_relaxed);
+  });
+}
+
+void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
+              std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims) {
+  {
     auto t0 = std::chrono::steady_clock::now();
     auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
     for (size_t i = 0; i < p.inputs.size(); ++i) {
@@ -686,7 +711,7 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
       out_pace.Done();
       Tick(p.profile, kKinds, &t0);
     }
-  });
+  }
 }
 
 }  // namespace qie_ep

@@ -24,6 +24,7 @@ struct RegionOptions {
   bool profile = false;     // time each unit kind and the layout changes (RegionProfile)
   bool pacing = true;       // each step learns whether the intra-op pool pays off for it (RegionPlan::Pacing)
   bool conv_tables = true;  // a table after a conv runs in the conv's tasks (FuseConvTables)
+  bool team = true;         // the run's parallel sections on one team of pool tasks (team.h)
 };
 
 // What MatchRegions found, for the EP's log.

@@ -77,6 +77,12 @@ struct RegionPlan {
   size_t slots = 0;
   bool profile = false;
   bool adaptive = true;  // EP option "pacing"
+  bool team = true;      // EP option "team": one pool wake-up per run (team.h)
+  // Team runs in a row in which no other pool task joined (the first runs: a member that exists joins a run of a
+  // region within microseconds); at kSoloRuns the pool is taken to run one thread and
+  // the plan calls it per section again (a team there only adds its bookkeeping).
+  static constexpr int kSoloRuns = 2;
+  std::atomic<int> solo_runs{0};
 };
 
 struct Dims {  // a value's NHWC dims
