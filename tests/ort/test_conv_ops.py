@@ -154,6 +154,29 @@ def test_conv_integer(geometry, xdt, wdt):
     check(model, {"x": x}, want, [("", "ConvInteger")], onnx_ref=True)
 
 
+@pytest.mark.parametrize("isa", qie_ep.ISAS)
+@pytest.mark.parametrize("xdt,wdt", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_conv_integer_pointwise_nchw(isa, xdt, wdt, restore_isa):
+    """Pointwise ConvInteger runs as NCHW GEMMs (weights as A, each image's channels x pixels packed as B): int32
+    written in NCHW without transposes. Exact on every ISA path, per-tensor and per-channel weight zero points,
+    groups, batches, channel counts off the K-group, pixels across several panels, 1 and 2 threads."""
+    if isa not in qie_ep.supported_isas():
+        pytest.skip(f"{isa} not on this CPU")
+    qie_ep.force_isa(isa)
+    rng = np.random.default_rng(13)
+    for xs, ws, group, per_channel in [((1, 32, 7, 7), (48, 32, 1, 1), 1, False), ((2, 13, 9, 11), (21, 13, 1, 1), 1, True),
+                                       ((3, 12, 5, 20), (18, 4, 1, 1), 3, True), ((1, 6, 1, 1), (5, 6, 1, 1), 1, False)]:
+        x, w = rand(rng, xdt, xs), rand(rng, wdt, ws)
+        zx, zw = rand(rng, xdt, ()), rand(rng, wdt, ws[0] if per_channel else ())
+        model = single_node_model("ConvInteger", [("x", x), ("w", w), ("x_zp", zx), ("w_zp", zw)],
+                                  {"w": w, "x_zp": zx, "w_zp": zw}, np.int32, attrs=dict(group=group))
+        want = R.conv_integer(x, w, zx, zw, group=group)
+        for threads in (1, 2):
+            qie_ep.reset_stats()
+            assert_exact(run(model, {"x": x}, qie=True, threads=threads)[0], want, f"{isa} {xs} {ws} group={group}")
+            assert qie_ep.stats()[("", "ConvInteger")] == {isa: 1}
+
+
 def test_conv_integer_per_channel_and_defaults():
     rng = np.random.default_rng(10)
     x, w = rand(rng, np.uint8, (1, 6, 7, 7)), rand(rng, np.uint8, (5, 6, 3, 3))

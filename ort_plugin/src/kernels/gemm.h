@@ -89,11 +89,12 @@ struct PackedB {
   size_t panel_bytes = 0;
   const void* panel(size_t p) const { return data.data() + offset + p * panel_bytes; }
 };
-// b: K x N with element (k, n) at b[k*ldb_k + n*ldb_n]; b_signed says int8 (else uint8).
-void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
-           PackedB* out);
-
 using ParallelFor = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
+
+// b: K x N with element (k, n) at b[k*ldb_k + n*ldb_n]; b_signed says int8 (else uint8). `pfor`: packs its panels
+// in parallel (nullptr: on the calling thread).
+void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
+           PackedB* out, const ParallelFor* pfor = nullptr);
 
 // A GEMM problem over `batch` independent matrices sharing one packed B per batch entry.
 struct GemmArgs {

@@ -97,7 +97,7 @@ struct GemmScratch {
 }  // namespace
 
 void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
-           PackedB* out) {
+           PackedB* out, const ParallelFor* pfor) {
   const size_t nr = uk.nr, kg = uk.kgroup;
   out->isa = uk.isa;
   out->K = K;
@@ -111,7 +111,7 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
   out->offset = (64 - reinterpret_cast<uintptr_t>(out->data.data()) % 64) % 64;
   out->cs.assign(N, 0);
   const uint8_t flip = b_signed ? 0 : 0x80;
-  for (size_t p = 0; p < panels; ++p) {
+  auto pack_panel = [&](size_t p) {
     int8_t* dst = out->data.data() + out->offset + p * out->panel_bytes;
     const size_t n0 = p * nr, width = std::min(nr, N - n0);
     int32_t* __restrict sums = out->cs.data() + n0;
@@ -142,7 +142,16 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
           dst[base + j * kg] = v;
       }
     }
-  }
+  };
+  // ~64 KiB of panels per task where a pool is given (the per-call packing of a large B: ConvInteger's NCHW
+  // pointwise layers)
+  const size_t per = std::max<size_t>(1, (size_t{1} << 16) / std::max<size_t>(1, out->panel_bytes));
+  if (pfor && panels > per)
+    (*pfor)((panels + per - 1) / per, [&](size_t t) {
+      for (size_t p = t * per; p < std::min(panels, (t + 1) * per); ++p) pack_panel(p);
+    });
+  else
+    for (size_t p = 0; p < panels; ++p) pack_panel(p);
 }
 
 void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {

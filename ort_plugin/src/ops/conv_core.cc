@@ -177,6 +177,48 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
   return s;
 }
 
+// ConvInteger's pointwise layers in NCHW as GEMMs with the weights as A and each image's channels x pixels as B
+// (packed per call: a byte pass over X), so the int32 output is written in NCHW directly: no NHWC transpose of X and
+// none of the int32 output (4x X's bytes), which cost ConvInteger's pointwise layers more than their GEMM. Per group:
+// Y[b][g] (Mg x HW) = W[g] (Mg x Cg) * X[b][g] (Cg x HW), W's zero points per row, X's one per column.
+void ConvCore::PointwiseNchw(const MicroKernel& uk, const ConvShape& s, const Tensor& x, int32_t x_zp, const Tensor& w,
+                             const std::vector<int32_t>& w_zp, int32_t* y, const ParallelFor& pfor) const {
+  const size_t HW = s.in_pixels(), Cg = s.Cg(), Mg = s.Mg();
+  std::vector<PackedB> packed(s.batch);
+  std::vector<const PackedB*> bs(s.batch);
+  const std::vector<int32_t> zb(HW, x_zp);
+  for (size_t g = 0; g < s.group; ++g) {
+    auto pack = [&](size_t b) {
+      PackB(uk, x.as<uint8_t>() + (b * s.C + g * Cg) * HW, x.is_int8(), Cg, HW, static_cast<ptrdiff_t>(HW), 1,
+            &packed[b], s.batch == 1 ? &pfor : nullptr);
+      bs[b] = &packed[b];
+    };
+    if (s.batch == 1)
+      pack(0);
+    else
+      pfor(s.batch, pack);
+    GemmArgs ga;
+    ga.M = Mg;
+    ga.N = HW;
+    ga.K = Cg;
+    ga.a = w.as<uint8_t>() + g * Mg * Cg;
+    ga.lda = Cg;
+    ga.a_signed = w.is_int8();
+    ga.za = w_zp.data() + g * Mg;
+    // one weight zero point for the group's rows: folded into the column terms (the kernels' fast epilogue)
+    ga.za_per_row =
+        std::any_of(w_zp.begin() + g * Mg, w_zp.begin() + (g + 1) * Mg, [&](int32_t z) { return z != ga.za[0]; });
+    ga.zb = zb.data();
+    ga.kind = OutKind::kInt32;
+    ga.y = y + g * Mg * HW;
+    ga.ldy = HW;
+    ga.y_batch_stride = static_cast<ptrdiff_t>(s.M * HW);
+    ga.batch = s.batch;
+    ga.b = bs.data();
+    Gemm(uk, ga, pfor);
+  }
+}
+
 Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w,
                   const std::vector<int32_t>& w_zp, const ConvOutput& out) {
   std::vector<int64_t> y_shape;
@@ -192,6 +234,10 @@ Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Te
     pw = &local;
   }
   const ParallelFor pfor = OrtParallelFor(ctx);
+  if (!channels_last_ && out.kind == OutKind::kInt32 && s.pointwise()) {
+    PointwiseNchw(uk, s, x, x_zp, w, w_zp, static_cast<int32_t*>(y), pfor);
+    return isa;
+  }
   const size_t osz = out.kind == OutKind::kInt32 ? 4 : 1;
   std::vector<uint8_t> x_nhwc, y_nhwc;
   ConvArgs a;

@@ -43,6 +43,8 @@ class ConvCore {
 
  private:
   ConvShape Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>* y_shape) const;
+  void PointwiseNchw(const MicroKernel& uk, const ConvShape& s, const Tensor& x, int32_t x_zp, const Tensor& w,
+                     const std::vector<int32_t>& w_zp, int32_t* y, const ParallelFor& pfor) const;
   ConvAttrs at_;
   bool channels_last_ = false;
   PackedConv pre_;
