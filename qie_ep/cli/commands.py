@@ -27,7 +27,8 @@ def _config(args) -> QuantizeConfig:
     ops = () if [o.lower() for o in args.op_types] == ["all"] else tuple(args.op_types)
     return QuantizeConfig(dynamic=args.dynamic, per_channel=args.per_channel, fmt=args.format, op_types=ops,
                           activation_type=args.activation_type, weight_type=args.weight_type,
-                          exclude=tuple(args.exclude), calibration=args.calibration)
+                          exclude=tuple(args.exclude), calibration=args.calibration,
+                          preprocess=getattr(args, "preprocess", True))
 
 
 def _out_dir(path: str) -> Path:

@@ -54,7 +54,8 @@ def _quantized(name: str, fp32: Path, calib: list, config, budget=None) -> tuple
 
     from qie_ep.quantization.quantizer import quantize_file
 
-    out = fetch.cache_dir() / "demo" / f"{name}-ort{ort.__version__}.onnx"
+    # "-pp": quantized after ORT's pre-processing (qie quantize's default since it folds BatchNormalization)
+    out = fetch.cache_dir() / "demo" / f"{name}-pp-ort{ort.__version__}.onnx"
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
         return out, json.loads(meta.read_text())

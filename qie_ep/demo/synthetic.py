@@ -148,7 +148,7 @@ def model(name: str) -> tuple[Path, Path]:
     from qie_ep.quantization.quantizer import quantize_file
 
     d = cache_dir() / "synthetic"
-    fp32, int8 = d / f"{name}.fp32.onnx", d / f"{name}.int8-ort{ort.__version__}.onnx"
+    fp32, int8 = d / f"{name}.fp32.onnx", d / f"{name}.int8-pp-ort{ort.__version__}.onnx"  # pp: pre-processed
     if fp32.exists() and int8.exists():
         return fp32, int8
     d.mkdir(parents=True, exist_ok=True)

@@ -18,3 +18,4 @@ class QuantizeConfig:
     weight_type: str = "s8"
     exclude: tuple = ()                    # node names kept in float
     calibration: str = "minmax"            # minmax | entropy | percentile
+    preprocess: bool = True                # ORT's quant_pre_process first where it folds BatchNormalization

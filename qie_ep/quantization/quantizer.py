@@ -4,6 +4,9 @@ qie does not re-implement calibration or graph rewriting: static models come fro
 ``quantize_static`` (MinMax calibration over the user's data, QDQ or QOperator format, per-tensor or
 per-channel weights) and dynamic ones from ``quantize_dynamic``. What qie adds:
 
+0. ONNX Runtime's recommended pre-processing first (``quant_pre_process``: shape inference, basic graph
+   optimization) for graphs with BatchNormalization, which it folds into the Conv before it, unless
+   ``--no-preprocess``.
 1. The defaults that suit its kernels: the op types qie has kernels for (MatMul, Conv, Gemm; ORT's
    default set also wraps Add, Softmax, pooling ... in Q/DQ pairs, which costs accuracy and buys
    nothing on CPU), uint8 activations and int8 weights (the u8 x s8 form VNNI multiplies natively).
@@ -50,14 +53,7 @@ class Quantizer:
             # Per-channel QuantizeLinear/DequantizeLinear (the axis attribute) needs opset 13.
             logging.getLogger("qie").info("converting %s from opset %d to 13 for per-channel weights", self.model_path, opset)
             model = onnx.version_converter.convert_version(model, 13)
-        names = set()
-        for i, n in enumerate(model.graph.node):
-            if not n.name or n.name in names:
-                n.name = f"{n.op_type}_{i}"
-            names.add(n.name)
-        self.source = Path(self._tmp.name) / "source.onnx"
-        onnx.save(model, str(self.source))
-        self.model = model
+        names = _name_nodes(model)
         self.cache = Path(self._tmp.name) / "calibration.json"
         unknown = [n for n in self.config.exclude if n not in names]
         if unknown:
@@ -66,6 +62,18 @@ class Quantizer:
             raise UserError(f"--format must be qdq or qoperator, not {self.config.fmt!r}")
         if not self.config.dynamic and not self.feeds:
             raise UserError("static quantization needs calibration data: --calib DIR (or --dynamic)")
+        self.source = Path(self._tmp.name) / "source.onnx"
+        onnx.save(model, str(self.source))
+        # Where it folds BatchNormalization (measured gains there); transformer graphs are quantized as given: ORT's
+        # basic optimizations rewrite their shape subgraphs into forms TVM 0.27's ONNX importer rejects (relax.concat).
+        self.preprocessed = (self.config.preprocess and any(n.op_type == "BatchNormalization" for n in model.graph.node)
+                             and _preprocess(self.source, self.model_path))
+        if self.preprocessed:  # the graph as quantized: its layers (BatchNormalization gone, names kept)
+            model = onnx.load(str(self.source))
+            before = [n.name for n in model.graph.node]
+            if _name_nodes(model) != set(before) or len(before) != len(set(before)):
+                onnx.save(model, str(self.source))
+        self.model = model
 
     def layers(self) -> list[tuple[str, str]]:
         """(node name, op type) of every node this configuration quantizes, in graph order."""
@@ -124,9 +132,9 @@ class Quantizer:
         return out
 
     def reference(self) -> list:
-        """FP32's float outputs for every feed (ORT's own kernels), computed once."""
+        """FP32's float outputs for every feed (ORT's own kernels, the user's model as given), computed once."""
         if not hasattr(self, "_ref"):
-            self._ref = run_outputs(self.source, self.feeds, qie=False)
+            self._ref = run_outputs(self.model_path, self.feeds, qie=False)
         return self._ref
 
     def tmp_path(self, name: str) -> Path:
@@ -134,6 +142,43 @@ class Quantizer:
 
     def close(self):
         self._tmp.cleanup()
+
+
+def _name_nodes(model) -> set:
+    """Names every unnamed or repeated node (op type and index), so every layer can be addressed; the names."""
+    names = set()
+    for i, n in enumerate(model.graph.node):
+        if not n.name or n.name in names:
+            n.name = f"{n.op_type}_{i}"
+        names.add(n.name)
+    return names
+
+
+# ONNX Runtime's pre-processing saves the model in one protobuf: larger models are quantized as given.
+_PREPROCESS_MAX_BYTES = 1 << 30
+
+
+def _preprocess(source: Path, model_path: Path) -> bool:
+    """ONNX Runtime's recommended quantization pre-processing (``quant_pre_process``) of ``source`` in place: ONNX
+    shape inference and ORT's basic graph optimizations, which fold BatchNormalization into the Conv before it (one
+    rounding fewer per layer: PP-OCRv6's line accuracy 94% -> 99% on the demo's lines, and the EP's per-channel
+    tables become single ones), fold constants and drop no-op nodes. Symbolic shape inference is skipped (it
+    fails on models with data-dependent shapes, PP-OCRv6's among them). Where pre-processing fails the model is
+    quantized as given; returns whether it ran."""
+    if source.stat().st_size > _PREPROCESS_MAX_BYTES:
+        logging.getLogger("qie").info("%s: over 1 GiB, quantized without pre-processing", model_path)
+        return False
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    done = source.with_name("preprocessed.onnx")
+    try:
+        quant_pre_process(str(source), str(done), skip_symbolic_shape=True)
+    except Exception as e:  # ORT's optimizer / onnx shape inference on a model they do not handle: quantize as given
+        logging.getLogger("qie").warning("%s: ONNX Runtime's quantization pre-processing failed (%s); quantizing the "
+                                         "model as given", model_path, str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+        return False
+    done.replace(source)
+    return True
 
 
 def _ort_errors() -> tuple:

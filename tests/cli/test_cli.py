@@ -144,6 +144,57 @@ def test_quantize_qoperator_and_dynamic(work):
     assert _ops(dyn).count("MatMulInteger") == 3 and "DynamicQuantizeLinear" in _ops(dyn)
 
 
+def _conv_bn(path: Path) -> Path:
+    """Conv -> BatchNormalization -> Relu -> Conv, as exporters without BN folding write it (PP-LCNet's form)."""
+    rng = np.random.default_rng(31)
+    f = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(v, n) for v, n in [
+        (f(8, 3, 3, 3) * 0.3, "w1"), (np.abs(f(8)) + 0.5, "g"), (f(8) * 0.1, "b"), (f(8) * 0.1, "m"),
+        (np.abs(f(8)) + 0.5, "v"), (f(4, 8, 1, 1) * 0.3, "w2")]]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["n1"], name="bn1"),
+             helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2")]
+    g = helper.make_graph(nodes, "convbn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_quantize_preprocesses_as_ort_recommends(tmp_path, monkeypatch, caplog):
+    """By default ONNX Runtime's quantization pre-processing runs first: BatchNormalization folds into its Conv (one
+    rounding fewer); --no-preprocess quantizes the graph as given; a pre-processing failure is a warning and the
+    model is quantized as given. Each result stays near FP32."""
+    model = _conv_bn(tmp_path / "convbn.onnx")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(32)
+    for i in range(4):
+        np.save(calib / f"{i}.npy", rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    want = _run(model, x, qie=False)
+    outs = {}
+    for flag in ([], ["--no-preprocess"]):
+        out = tmp_path / f"q{len(flag)}.onnx"
+        assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib), "--per-channel", *flag]) == 0
+        outs[bool(flag)] = out
+        got = _run(out, x)
+        assert np.corrcoef(got.ravel(), want.ravel())[0, 1] > 0.99
+    assert "BatchNormalization" not in _ops(outs[False]) and _ops(outs[False]).count("Conv") == 2
+    assert "BatchNormalization" in _ops(outs[True])
+
+    import onnxruntime.quantization.shape_inference as si
+
+    def broken(*a, **k):
+        raise RuntimeError("no optimizer today")
+
+    monkeypatch.setattr(si, "quant_pre_process", broken)
+    out = tmp_path / "q_fallback.onnx"
+    with caplog.at_level("WARNING"):
+        assert main(["quantize", str(model), "-o", str(out), "--calib", str(calib)]) == 0
+    assert "pre-processing failed (no optimizer today)" in caplog.text and "BatchNormalization" in _ops(out)
+
+
 def test_quantize_exclude_keeps_node_in_float(work):
     out = work["dir"] / "mlp.ex.onnx"
     assert main(["quantize", str(work["mlp"]), "-o", str(out), "--calib", str(work["calib"]), "--exclude", "fc2"]) == 0
