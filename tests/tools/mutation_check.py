@@ -26,7 +26,7 @@ TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.
          "tests/kernels/test_rounding_ties.py",
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
-         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py"]
+         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py", "tests/ort/test_ep_regions.py"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ MUTATIONS = [
              "_mm512_cvtps_epi32(v), _mm512_set1_epi32(ep.y_zp)", "_mm512_cvttps_epi32(v), _mm512_set1_epi32(ep.y_zp)",
              "avx512vnni"),
     Mutation("zmm fast requantize truncates", "kernels/x86/gemm_avx512vnni.cc",
-             "_mm512_cvtps_epi32(x), f.zp", "_mm512_cvttps_epi32(x), f.zp", "avx512vnni"),
+             "return _mm512_cvtps_epi32(_mm512_min_ps(f.hi,", "return _mm512_cvttps_epi32(_mm512_min_ps(f.hi,", "avx512vnni"),
     Mutation("depthwise zmm requantize truncates", "kernels/x86/dwconv_avx512.cc",
              "_mm512_cvtps_epi32(v), yzp", "_mm512_cvttps_epi32(v), yzp", "avx512vnni"),
     Mutation("depthwise quad-tap requantize truncates", "kernels/x86/dwconv_avx512.cc",
@@ -65,7 +65,11 @@ MUTATIONS = [
              "_mm512_cvtps_epi32(v), vzp", "_mm512_cvttps_epi32(v), vzp", "avx512vnni"),
     # zero points
     Mutation("zmm fast epilogue adds y_zero_point twice", "kernels/x86/gemm_avx512vnni.cc",
-             "f->zp = _mm512_set1_epi32(ep.y_zp);", "f->zp = _mm512_set1_epi32(2 * ep.y_zp);", "avx512vnni"),
+             "f->zp16 = _mm512_set1_epi16(static_cast<int16_t>(ep.y_zp));",
+             "f->zp16 = _mm512_set1_epi16(static_cast<int16_t>(2 * ep.y_zp));", "avx512vnni"),
+    Mutation("zmm packed row store ignores the column mask", "kernels/x86/gemm_avx512vnni.cc",
+             "f->full = nr >= 16 * static_cast<size_t>(V);", "f->full = nr + 15 >= 16 * static_cast<size_t>(V);",
+             "avx512vnni"),
     Mutation("per-row a_zero_point not repeated across batches", "ops/matmul_core.cc",
              "ep.za[r % plan.M]", "ep.za[r < plan.M ? r : plan.M - 1]"),
     Mutation("QGemm ignores b_zero_point", "ops/gemm_ops.cc",
@@ -80,9 +84,15 @@ MUTATIONS = [
              "ep->scale[n] = alpha_ * sa * sb[n];", "ep->scale[n] = alpha_ * sa * sb[0];"),
     # tile edges
     Mutation("row tiles lose their last row", "kernels/gemm_driver.cc",
-             "rows = std::min(mr, M - m0), row0", "rows = std::min(mr, M - m0) - (M - m0 < mr && M - m0 > 1), row0"),
+             "rows = std::min(mr, M - m0);", "rows = std::min(mr, M - m0) - (M - m0 < mr && M - m0 > 1);"),
+    Mutation("strips lose their last row", "kernels/gemm_driver.cc",
+             "rows = std::min(M, mt1 * mr) - m0;", "rows = std::min(M, mt1 * mr) - m0 - (M % mr > 1 && mt1 * mr >= M);"),
     Mutation("column tiles write one column past the right edge", "kernels/gemm_driver.cc",
-             "cols = std::min(nr, N - n0);", "cols = std::min(nr, N - n0 + 1);"),
+             "return std::min(nr, N - p * nr); };", "return std::min(nr, N - p * nr + 1); };"),
+    Mutation("conv tasks skip the following table", "kernels/conv_driver.cc",
+             "      LookupRows(uk.isa, a, s, r0, nrows);", "      (void)nrows;"),
+    Mutation("team member claims without checking the section", "ep/team.h",
+             "      if (index >= n) return ran;", "      if (index > n) return ran;"),
     # the execution provider's units
     Mutation("EP multiplier uses the first weight scale", "ep/matmul_unit.cc",
              "(fsx * static_cast<const float*>(o.sw.data)[i]) / fsy", "(fsx * static_cast<const float*>(o.sw.data)[0]) / fsy"),

@@ -313,17 +313,18 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
     };
     const size_t lda = direct_a ? g.lda : kp;
     const size_t p0 = nbi * nb, p1 = std::min(panels, (nbi + 1) * nb);
+    const auto cols = [&](size_t p) { return std::min(nr, N - p * nr); };  // panel p's real columns
     if (strips) {
       const size_t m0 = mt0 * mr, rows = std::min(M, mt1 * mr) - m0;
       for (size_t p = p0; p < p1; ++p)
-        uk.strip(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, nullptr));
+        uk.strip(rows, cols(p), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, nullptr));
     } else {
       int32_t za[kMaxMr];
       for (size_t mt = mt0; mt < mt1; ++mt) {
         const size_t m0 = mt * mr, rows = std::min(mr, M - m0);
         for (size_t r = 0; r < rows; ++r) za[r] = (g.za ? g.za[g.za_per_row ? m0 + r : 0] : 0) + za_shift;
         for (size_t p = p0; p < p1; ++p)
-          uk.tile(rows, std::min(nr, N - p * nr), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, za));
+          uk.tile(rows, cols(p), kp, a_at(m0), lda, pb.panel(p), epilogue(bi, m0, p, za));
       }
     }
     if (g.lut && osz == 1) {  // the following table, on the task's block while it is in cache
