@@ -598,8 +598,9 @@ void ResetRegionProfile() {
   }
 }
 
-void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
-              std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims);
+// The region's steps in order, their parallel sections on `pool` (ORT's, or a team's), buffers the caller's.
+static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
+                     std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims);
 
 OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
   return Guard("region", [&] {
@@ -624,93 +625,91 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
   });
 }
 
-void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
-              std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims) {
-  {
-    auto t0 = std::chrono::steady_clock::now();
-    auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
-    for (size_t i = 0; i < p.inputs.size(); ++i) {
-      const int v = p.inputs[i];
-      if (v < 0) continue;
-      const OrtValue* x = nullptr;
-      Check(g_api->KernelContext_GetInput(ctx, i, &x));
-      const std::vector<int64_t> shape = TensorShape(x);
-      if (shape.size() != 4)
-        throw Failure{"input '" + p.values[v].name + "' must be 4-D (N, C, H, W), got " + ShapeText(shape)};
-      Dims& d = dims[v];
-      d = {static_cast<size_t>(shape[0]), static_cast<size_t>(shape[2]), static_cast<size_t>(shape[3]),
-           static_cast<size_t>(shape[1])};
-      std::vector<uint8_t>& b = buf(v);
-      if (b.size() < d.count()) b.resize(d.count());
-      const void* xd = nullptr;
-      Check(g_api->GetTensorData(x, &xd));
-      Pace pace(p.pacing[p.steps.size() + i], p.adaptive, d.count(), pool);
-      ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pace.For());
-      pace.Done();
-      Tick(p.profile, kKinds, &t0);
-    }
-    for (size_t si = 0; si < p.steps.size(); ++si) {
-      const RegionPlan::Step& s = p.steps[si];
-      const Dims& d0 = dims[s.in[0]];
-      std::vector<uint8_t>& y = buf(s.out);
-      Dims& od = dims[s.out];
-      Pace pace(p.pacing[si], p.adaptive, d0.count(), pool);
-      const qie::ParallelFor& pfor = pace.For();  // this step's choice: the pool or the calling thread
-      switch (s.kind) {
-        case UnitKind::kTable: {
-          if (s.tC > 1 && d0.c != s.tC)
-            throw Failure{s.name + " has per-channel constants for " + std::to_string(s.tC) + " channels, got " +
-                          d0.Nchw()};
-          const Dims d = d0;
-          if (y.size() < d.count()) y.resize(d.count());  // in place: already large enough
-          if (s.arithmetic)
-            RunChannelPrograms(s, d, buf(s.in[0]).data(), y.data(), pfor);
-          else
-            ApplyLut(s.table.data(), s.tC, buf(s.in[0]).data(), y.data(), d.pixels(), d.c, pfor);
-          od = d;
-          break;
-        }
-        case UnitKind::kConv: RunConv(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
-        case UnitKind::kBinary:
-          if (s.has_pre)
-            RunBinaryFloat(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
-          else
-            RunBinary(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
-          break;
-        case UnitKind::kGap:
-          if (s.has_pre)
-            RunGapFloat(s, d0, buf(s.in[0]).data(), &od, &y, pfor);
-          else
-            RunGap(s, d0, buf(s.in[0]).data(), &od, &y, pfor);
-          break;
-        case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
-        case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
-        case UnitKind::kConcat: {
-          std::vector<const Dims*> ds;
-          std::vector<const uint8_t*> xs;
-          for (int v : s.in) {
-            ds.push_back(&dims[v]);
-            xs.push_back(buf(v).data());
-          }
-          RunConcat(s, ds, xs, &od, &y, pfor);
-          break;
-        }
+static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
+                     std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
+  for (size_t i = 0; i < p.inputs.size(); ++i) {
+    const int v = p.inputs[i];
+    if (v < 0) continue;
+    const OrtValue* x = nullptr;
+    Check(g_api->KernelContext_GetInput(ctx, i, &x));
+    const std::vector<int64_t> shape = TensorShape(x);
+    if (shape.size() != 4)
+      throw Failure{"input '" + p.values[v].name + "' must be 4-D (N, C, H, W), got " + ShapeText(shape)};
+    Dims& d = dims[v];
+    d = {static_cast<size_t>(shape[0]), static_cast<size_t>(shape[2]), static_cast<size_t>(shape[3]),
+         static_cast<size_t>(shape[1])};
+    std::vector<uint8_t>& b = buf(v);
+    if (b.size() < d.count()) b.resize(d.count());
+    const void* xd = nullptr;
+    Check(g_api->GetTensorData(x, &xd));
+    Pace pace(p.pacing[p.steps.size() + i], p.adaptive, d.count(), pool);
+    ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pace.For());
+    pace.Done();
+    Tick(p.profile, kKinds, &t0);
+  }
+  for (size_t si = 0; si < p.steps.size(); ++si) {
+    const RegionPlan::Step& s = p.steps[si];
+    const Dims& d0 = dims[s.in[0]];
+    std::vector<uint8_t>& y = buf(s.out);
+    Dims& od = dims[s.out];
+    Pace pace(p.pacing[si], p.adaptive, d0.count(), pool);
+    const qie::ParallelFor& pfor = pace.For();  // this step's choice: the pool or the calling thread
+    switch (s.kind) {
+      case UnitKind::kTable: {
+        if (s.tC > 1 && d0.c != s.tC)
+          throw Failure{s.name + " has per-channel constants for " + std::to_string(s.tC) + " channels, got " +
+                        d0.Nchw()};
+        const Dims d = d0;
+        if (y.size() < d.count()) y.resize(d.count());  // in place: already large enough
+        if (s.arithmetic)
+          RunChannelPrograms(s, d, buf(s.in[0]).data(), y.data(), pfor);
+        else
+          ApplyLut(s.table.data(), s.tC, buf(s.in[0]).data(), y.data(), d.pixels(), d.c, pfor);
+        od = d;
+        break;
       }
-      pace.Done();
-      Tick(p.profile, s.post.empty() ? static_cast<size_t>(s.kind) : kConvTable, &t0);
-      const RegionPlan::Value& ov = p.values[s.out];
-      if (ov.output < 0) continue;
-      const int64_t shape[4] = {static_cast<int64_t>(od.n), static_cast<int64_t>(od.c), static_cast<int64_t>(od.h),
-                                static_cast<int64_t>(od.w)};
-      OrtValue* out = nullptr;
-      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(ov.output), shape, 4, &out));
-      void* yd = nullptr;
-      Check(g_api->GetTensorMutableData(out, &yd));
-      Pace out_pace(p.pacing[p.steps.size() + p.inputs.size() + si], p.adaptive, od.count(), pool);
-      ToNchw(y.data(), static_cast<uint8_t*>(yd), od.n, od.c, od.h * od.w, out_pace.For());
-      out_pace.Done();
-      Tick(p.profile, kKinds, &t0);
+      case UnitKind::kConv: RunConv(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kBinary:
+        if (s.has_pre)
+          RunBinaryFloat(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
+        else
+          RunBinary(s, d0, buf(s.in[0]).data(), dims[s.in[1]], buf(s.in[1]).data(), &od, &y, pfor);
+        break;
+      case UnitKind::kGap:
+        if (s.has_pre)
+          RunGapFloat(s, d0, buf(s.in[0]).data(), &od, &y, pfor);
+        else
+          RunGap(s, d0, buf(s.in[0]).data(), &od, &y, pfor);
+        break;
+      case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kConcat: {
+        std::vector<const Dims*> ds;
+        std::vector<const uint8_t*> xs;
+        for (int v : s.in) {
+          ds.push_back(&dims[v]);
+          xs.push_back(buf(v).data());
+        }
+        RunConcat(s, ds, xs, &od, &y, pfor);
+        break;
+      }
     }
+    pace.Done();
+    Tick(p.profile, s.post.empty() ? static_cast<size_t>(s.kind) : kConvTable, &t0);
+    const RegionPlan::Value& ov = p.values[s.out];
+    if (ov.output < 0) continue;
+    const int64_t shape[4] = {static_cast<int64_t>(od.n), static_cast<int64_t>(od.c), static_cast<int64_t>(od.h),
+                              static_cast<int64_t>(od.w)};
+    OrtValue* out = nullptr;
+    Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(ov.output), shape, 4, &out));
+    void* yd = nullptr;
+    Check(g_api->GetTensorMutableData(out, &yd));
+    Pace out_pace(p.pacing[p.steps.size() + p.inputs.size() + si], p.adaptive, od.count(), pool);
+    ToNchw(y.data(), static_cast<uint8_t*>(yd), od.n, od.c, od.h * od.w, out_pace.For());
+    out_pace.Done();
+    Tick(p.profile, kKinds, &t0);
   }
 }
 

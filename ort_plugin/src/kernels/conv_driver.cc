@@ -175,9 +175,14 @@ void GatherRows(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, size_
   }
 }
 
-GemmArgs GroupGemm(const ConvShape& s, const ConvArgs& a, size_t g) {
+// `lut`: the GEMM's tasks apply the conv's following table (ConvArgs::lut) to their blocks.
+GemmArgs GroupGemm(const ConvShape& s, const ConvArgs& a, size_t g, bool lut) {
   const size_t Mg = s.Mg();
   GemmArgs ga;
+  if (lut && a.lut && a.kind != OutKind::kInt32 && a.kind != OutKind::kFloat) {
+    ga.lut = a.lut_tables == 1 ? a.lut : a.lut + g * Mg * 256;
+    ga.lut_tables = a.lut_tables == 1 ? 1 : Mg;
+  }
   ga.N = Mg;
   ga.K = s.taps() * s.Cg();
   ga.zb = a.w_zp ? a.w_zp + g * Mg : nullptr;
@@ -330,7 +335,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
 
   if (s.pointwise()) {
     for (size_t g = 0; g < s.group; ++g) {
-      GemmArgs ga = GroupGemm(s, a, g);
+      GemmArgs ga = GroupGemm(s, a, g, true);  // each GEMM task looks its block up
       const PackedB* pb = &w.groups[g];
       ga.M = rows;
       ga.a = a.x + g * s.Cg();
@@ -339,10 +344,6 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       ga.za = &a.x_zp;
       ga.y = static_cast<char*>(a.y) + g * s.Mg() * osz;
       ga.b = &pb;
-      if (a.lut && osz == 1) {  // each GEMM task looks its block up
-        ga.lut = a.lut_tables == 1 ? a.lut : a.lut + g * s.Mg() * 256;
-        ga.lut_tables = a.lut_tables == 1 ? 1 : s.Mg();
-      }
       Gemm(uk, ga, pfor);
     }
     return;
@@ -354,11 +355,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
   const int32_t za = a.x_zp + (a.x_signed ? 128 : 0);
   // `lut`: the GEMM's tasks apply the following table (the block path; the task path looks up its rows itself).
   auto group_gemm = [&](size_t g, size_t r0, size_t nrows, const uint8_t* rows_buf, const ParallelFor& run, bool lut) {
-    GemmArgs ga = GroupGemm(s, a, g);
-    if (lut && a.lut && osz == 1) {
-      ga.lut = a.lut_tables == 1 ? a.lut : a.lut + g * s.Mg() * 256;
-      ga.lut_tables = a.lut_tables == 1 ? 1 : s.Mg();
-    }
+    GemmArgs ga = GroupGemm(s, a, g, lut);
     const PackedB* pb = &w.groups[g];
     ga.M = nrows;
     ga.a = rows_buf;
