@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <thread>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -35,6 +36,9 @@ class Team {
   // Spins without a section before a member leaves (~0.1-1 ms: the leader's serial code between sections is short;
   // a member that leaves costs nothing but its help).
   static constexpr long kIdleSpins = 1L << 16;
+  // Pauses between yields of the CPU while waiting: with more pool threads than cores (oversubscribed sessions) a
+  // spinning member would otherwise take the leader's core for whole time slices.
+  static constexpr long kYieldEvery = 64;
 
   // Runs body(team_for) once on one of `width` pool tasks; rethrows what the body threw. Returns whether another task
   // joined before the body finished (never, on a pool of one thread: the caller runs the tasks one after another).
@@ -72,7 +76,7 @@ class Team {
     fn_.store(&fn, std::memory_order_release);
     next_.store(Word(s, 0), std::memory_order_release);
     Claim();
-    while (done_.load(std::memory_order_acquire) < n) QIE_TEAM_PAUSE();
+    for (long spins = 1; done_.load(std::memory_order_acquire) < n; ++spins) Wait(spins);
   }
 
   // Claims and runs indices of the current section until none is left; true if it ran any.
@@ -100,11 +104,16 @@ class Team {
     while (!finished_.load(std::memory_order_acquire) && idle < kIdleSpins) {
       if (Claim())
         idle = 0;
-      else {
-        ++idle;
-        QIE_TEAM_PAUSE();
-      }
+      else
+        Wait(++idle);
     }
+  }
+
+  static void Wait(long spins) {
+    if (spins % kYieldEvery == 0)
+      std::this_thread::yield();
+    else
+      QIE_TEAM_PAUSE();
   }
 
   std::atomic<bool> leader_taken_{false}, finished_{false}, joined_{false};
