@@ -7,9 +7,10 @@ strings (exact line match), pages rotated by a known angle (top-1); calibration 
 
 Each INT8 model is made by the same code as `qie quantize` (onnxruntime.quantization underneath;
 MiniLM three ways: dynamic, static QDQ of every MatMul, and static QDQ with ``--accuracy-budget 0.01``),
-then run like `qie compare`: FP32 on ORT, INT8 on ORT's built-in kernels, on ORT + qie and on TVM + qie,
-each host in its own process, timed in interleaved passes. Every figure in the table is computed in
-this run; models, data and quantized models are cached (~/.cache/qie) after the first run.
+then run like `qie compare`: FP32 on ORT, INT8 on ORT's built-in kernels, on ORT + qie, on TVM + qie and on
+OpenVINO (where installed: the Makefile installs it), each host in its own process, timed in interleaved
+passes. Every figure in the table is computed in this run; models, data and quantized models are cached
+(~/.cache/qie) after the first run.
 """
 from __future__ import annotations
 
@@ -182,16 +183,23 @@ def table(rows: list[dict]) -> str:
 
     body = []
     for row in rows:
-        c, f, o, q, t = (row["case"], *(row.get(k, {"failed": "not run"}) for k in ("fp32", "ort", "ort+qie", "tvm+qie")))
+        c, f, o, q, t, v = (row["case"], *(row.get(k, {"failed": "not run"})
+                                           for k in ("fp32", "ort", "ort+qie", "tvm+qie", "openvino")))
         size = f"{c.fp32.stat().st_size / 2**20:.1f} -> {c.int8.stat().st_size / 2**20:.1f}"
         int8 = q if "failed" not in q else o  # ORT + qie's figures; ORT INT8's if qie failed
         acc = "-" if "failed" in f or "failed" in int8 else f"{100 * f['accuracy']:.1f}% -> {100 * int8['accuracy']:.1f}%"
         if "failed" not in t and "failed" not in int8 and abs(t["accuracy"] - int8["accuracy"]) > 1e-9:
             acc += f" (TVM: {100 * t['accuracy']:.1f}%)"
-        body.append([c.model, c.scheme, acc, "-" if "failed" in int8 else f"{int8['cos_mean']:.4f}", _ms(f), _ms(o),
-                     _ms(q), _ms(t), _ratio(f, q), _ratio(o, q), size])
+        if "failed" not in v and "failed" not in int8 and abs(v["accuracy"] - int8["accuracy"]) > 1e-9:
+            acc += f" (OpenVINO: {100 * v['accuracy']:.1f}%)"
+        cells = [c.model, c.scheme, acc, "-" if "failed" in int8 else f"{int8['cos_mean']:.4f}", _ms(f), _ms(o), _ms(q),
+                 _ms(t)] + ([_ms(v)] if "openvino" in row else []) + [_ratio(f, q), _ratio(o, q)]
+        body.append(cells + ([_ratio(v, q)] if "openvino" in row else []) + [size])
+    ov = any("openvino" in r for r in rows)
     return markdown_table(["model", "INT8 model", "accuracy FP32 -> INT8", "cosine to FP32", "FP32 ms", "ORT INT8 ms",
-                           "ORT+qie ms", "TVM+qie ms", "ORT+qie vs FP32", "ORT+qie vs ORT INT8", "size MB"], body)
+                           "ORT+qie ms", "TVM+qie ms"] + (["OpenVINO ms"] if ov else []) +
+                          ["ORT+qie vs FP32", "ORT+qie vs ORT INT8"] + (["ORT+qie vs OpenVINO"] if ov else []) +
+                          ["size MB"], body)
 
 
 def write_data(folder: Path) -> None:
@@ -223,6 +231,7 @@ def main(argv=None) -> None:
     ap.add_argument("--timed", type=int, default=16, help="samples per timed pass (default 16)")
     ap.add_argument("--models", nargs="+", default=["minilm", "ppocr_rec", "orientation"])
     ap.add_argument("--no-tvm", action="store_true", help="skip the TVM + qie column")
+    ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column (run where installed)")
     ap.add_argument("--write-data", metavar="DIR", help="only write the models and data into DIR (for the CLI)")
     args = ap.parse_args(argv)
     if args.write_data:
@@ -234,7 +243,11 @@ def main(argv=None) -> None:
 
     _say(f"qie {qie_ep.__version__} | ONNX Runtime {ort.__version__} | {cpu_model()} | qie ISA {qie_ep.active_isa()} | "
          f"{threads} threads")
-    hosts = ["fp32", "ort", "ort+qie"] + ([] if args.no_tvm else ["tvm+qie"])
+    from qie_ep.hosts import has_module
+
+    # OpenVINO (the same INT8 file on its CPU plugin) where it is installed: the runtime users pick for INT8 on CPUs
+    hosts = ["fp32", "ort", "ort+qie"] + ([] if args.no_tvm else ["tvm+qie"]) + (
+        ["openvino"] if has_module("openvino") and not args.no_openvino else [])
     t0 = time.perf_counter()
     cases = []
     if "minilm" in args.models:
@@ -260,7 +273,7 @@ def main(argv=None) -> None:
             _say("  note: ORT INT8 and ORT + qie outputs differ on this model: the EP's regions compute Sigmoid / Erf "
                  "tables with libm and pooling / elementwise units in float, a step apart at most per unit, which a "
                  "deep network carries on (docs/numerics.md); compare the accuracy columns")
-        for k in ("ort+qie", "tvm+qie"):
+        for k in ("ort+qie", "tvm+qie", "openvino"):
             if "failed" in row.get(k, {}):
                 _say(f"  {k} failed: {row[k]['failed']}")
     _say(f"* Latency: median per sample (batch 1) over {args.runs} interleaved passes of {args.timed} samples, "
