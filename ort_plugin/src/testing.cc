@@ -5,6 +5,9 @@
 #include <thread>
 #include <vector>
 
+#include <stdexcept>
+
+#include "ep/team.h"
 #include "kernels/conv.h"
 #include "kernels/isa.h"
 
@@ -108,6 +111,25 @@ QIE_EXPORT int qie_test_conv(const char* isa_name, size_t batch, size_t C, size_
   a.lut_tables = lut_tables;
   qie::Conv(uk, s, pw, a, qie::ThreadPoolFor(threads));
   return pw.depthwise && !pw.dw_isa.empty() ? 1 : 0;
+}
+
+// The EP's region team (ep/team.h) on `threads` std::threads: `sections` sections of n indices, each index adding
+// s * n + i + 1 to a sum; the index numbered `throw_at` (if < sections * n) throws. Returns the sum (every index run
+// exactly once: sum of 1..sections*n), or -1 when the exception reached the caller (the run still ends: no index is
+// waited on forever).
+QIE_EXPORT long long qie_test_team(int threads, size_t sections, size_t n, long long throw_at) {
+  std::atomic<long long> sum{0};
+  try {
+    qie_ep::Team::Run(qie::ThreadPoolFor(threads), static_cast<size_t>(threads), [&](const qie::ParallelFor& team) {
+      for (size_t s = 0; s < sections; ++s)
+        team(n, [&, s](size_t i) {
+          const long long k = static_cast<long long>(s * n + i);
+          if (k == throw_at) throw std::runtime_error("index throws");
+          sum.fetch_add(k + 1);
+        });
+    });
+  } catch (const std::runtime_error&) { return -1; }
+  return sum.load();
 }
 
 // Measured single-core vpdpbusd peak (benchmarks); 0 when the CPU lacks AVX-512 VNNI.

@@ -1,6 +1,7 @@
 """The EP regions' byte kernels vs numpy, guard bytes around every output: the tables on every ISA path that has
 one (AVX-512: AVX512-VBMI permutes where the CPU has them, dword gathers otherwise; both checked), over table
-counts and lengths around the vector widths; the NCHW <-> NHWC byte transpose at the regions' edges."""
+counts and lengths around the vector widths; the NCHW <-> NHWC byte transpose at the regions' edges; the regions'
+team of pool tasks (ep/team.h)."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,3 +53,16 @@ def test_transpose_bytes_equals_numpy(rows, cols):
     check_guards(raw, "transpose_bytes")
     np.testing.assert_array_equal(dst[:, :rows], src[:, :cols].T)
     assert (dst[:, rows:] == 7).all()  # the stride's gap untouched
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4, 8])
+def test_team_runs_every_index_once_and_returns_errors(threads):
+    """The EP's region team (ep/team.h) on std::threads: every index of every section runs exactly once (sections of
+    1, 2, 3 ... 97 indices, more threads than cores), and an index that throws on any member ends its section and
+    reaches the caller instead of leaving the leader waiting on it."""
+    lib = _lib.testing_lib()
+    for sections, n in [(1, 1), (3, 2), (50, 3), (20, 97), (200, 7)]:
+        total = sections * n
+        assert lib.qie_test_team(threads, sections, n, -1) == total * (total + 1) // 2, (threads, sections, n)
+        for throw_at in (0, total // 2, total - 1):
+            assert lib.qie_test_team(threads, sections, n, throw_at) == -1, (threads, sections, n, throw_at)

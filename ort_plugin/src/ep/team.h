@@ -77,6 +77,12 @@ class Team {
     next_.store(Word(s, 0), std::memory_order_release);
     Claim();
     for (long spins = 1; done_.load(std::memory_order_acquire) < n; ++spins) Wait(spins);
+    if (section_error_) {  // an index threw (on any member): the section is over, the body sees the exception
+      std::exception_ptr e = section_error_;
+      section_error_ = nullptr;
+      failed_.store(false, std::memory_order_relaxed);
+      std::rethrow_exception(e);
+    }
   }
 
   // Claims and runs indices of the current section until none is left; true if it ran any.
@@ -91,7 +97,11 @@ class Team {
       // Success means the word is still v: v's section is current and fn / n are its own. Had the leader moved on,
       // the word would have changed (a later section's fn / n, once read, imply its locked word is visible).
       if (!next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-      (*fn)(static_cast<size_t>(index));
+      try {
+        (*fn)(static_cast<size_t>(index));
+      } catch (...) {  // kept for the leader (first one wins); the index still counts as done, so nobody waits on it
+        if (!failed_.exchange(true, std::memory_order_acq_rel)) section_error_ = std::current_exception();
+      }
       done_.fetch_add(1, std::memory_order_acq_rel);
       ran = true;
       v = next_.load(std::memory_order_acquire);
@@ -116,8 +126,9 @@ class Team {
       QIE_TEAM_PAUSE();
   }
 
-  std::atomic<bool> leader_taken_{false}, finished_{false}, joined_{false};
-  std::atomic<uint64_t> next_{0};  // (section, next index to claim)
+  std::atomic<bool> leader_taken_{false}, finished_{false}, joined_{false}, failed_{false};
+  std::exception_ptr section_error_;  // written by the first index that threw, read by the leader after done_
+  std::atomic<uint64_t> next_{0};     // (section, next index to claim)
   std::atomic<size_t> done_{0}, n_{0};
   std::atomic<const std::function<void(size_t)>*> fn_{nullptr};
   uint64_t section_ = 0;  // the leader's
