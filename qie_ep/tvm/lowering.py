@@ -150,14 +150,12 @@ class X86Conv2d:
                               tuple(pads), tuple(int(d) for d in at.dilation), groups, epi)
         oh, ow = spec.out_hw
         if spec.depthwise:
-            zwv = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (oc,))
-            wd32 = (w.astype(np.int32) - zwv.reshape(-1, 1, 1, 1)).reshape(oc, kh, kw)
             spec = tconv.ConvSpec(**{**spec.__dict__, "epi": Epilogue(epi.out, epi.per_channel, epi.bias, False)})
-            args = [x, relax.const(wd32), g.za]
+            args = [x, relax.const(tconv.pack(spec, rw.isa, w, zw)), g.za]
             func = tconv.scheduled(spec, rw.isa)
         else:
             tile = tconv.tile_for(spec, rw.isa)
-            packed = tgemm.pack_weights(tconv.weights_as_gemm(w, rw.isa), zw, rw.isa, tile)
+            packed = tconv.pack(spec, rw.isa, w, zw, tile)
             args = [x, relax.const(packed.packed), relax.const(packed.colsum), g.za]
             if epi.zb:
                 args.append(relax.const(packed.zb))

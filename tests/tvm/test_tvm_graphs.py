@@ -96,7 +96,8 @@ def test_qlinear_conv(geo):
     model = qlinear_conv_model(c, oc, hw, kernel, group, strides, pads)
     x = q(np.uint8, (1, c, *hw))
     (got,), (want,), kernels = both(model, {"x": x}, 1)
-    assert kernels[0].startswith("qie_dwconv_u8s8_u8_" if group > 1 else "qie_conv_u8s8_u8_"), kernels  # bias fused
+    want_kernel = ("qie_dwconv_u8s8_u8_",) if group > 1 else ("qie_conv_u8s8_u8_", "qie_pwconv_u8s8_u8_")
+    assert kernels[0].startswith(want_kernel), kernels  # bias fused
     np.testing.assert_array_equal(got, want)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tvm_helpers import HOST, assert_within_fma, tvm_isa_params  # noqa: F401  (imports TVM or skips)
 from qie_ep import reference as ref
-from qie_ep.tvm.schedules import conv, isa as tisa, kernels, matmul
+from qie_ep.tvm.schedules import conv, isa as tisa, kernels, matmul, pointwise
 from qie_ep.tvm.schedules.gemm import Epilogue, Tile
 
 QR = {"uint8": (0, 256), "int8": (-128, 128)}
@@ -172,6 +172,47 @@ def test_conv_requant(isa, group):
     want = ref.qlinear_conv(x, sx, np.uint8(100), wt, sw, np.zeros(oc, np.int8), sy, np.uint8(120), bias,
                             group=group, pads=[1, 1, 1, 1])
     check(got, want, f"{isa} conv requant group={group}")
+
+
+# Pointwise NCHW kernel (schedules/pointwise.py): pixels below / at / above a vector and the pixel tile,
+# channels not a multiple of 4 (a partial last group), output channels not a multiple of the row tile.
+POINTWISE = [(16, 32, 8, 8), (8, 20, 9, 9), (6, 7, 3, 5), (64, 13, 7, 7), (33, 64, 1, 1), (5, 12, 14, 14), (33, 20, 4, 8),
+             (3, 6, 16, 20)]
+
+
+@pytest.mark.parametrize("isa", tvm_isa_params())
+@pytest.mark.parametrize("geo", POINTWISE, ids=lambda g: "c{}o{}h{}w{}".format(*g))
+@pytest.mark.parametrize("out", ["int32", "uint8", "int8", "float32"])
+@pytest.mark.parametrize("xdt", ["uint8", "int8"])
+def test_pointwise_conv(isa, geo, out, xdt):
+    c, oc, h, w = geo
+    rng = np.random.default_rng(c * 1000 + oc * 10 + h)
+    x, wt = rand(rng, xdt, (2, c, h, w)), rand(rng, "int8", (oc, c, 1, 1))
+    zx = int(rand(rng, xdt, ()))
+    per_channel, has_bias = bool(oc % 2), True
+    spec = conv.ConvSpec(xdt, "int8", c, oc, h, w, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1,
+                         Epilogue(out, per_channel=per_channel, bias=has_bias))
+    kk = kernel(spec, isa)
+    name = kk.func.attrs["global_symbol"]
+    assert name.startswith("qie_pwconv_") == pointwise.applies(spec, tisa.ALL[isa]), name
+    acc = ref.conv_integer(x, wt, np.asarray(zx, xdt), np.int8(0))
+    bias = rng.integers(-3000, 3000, oc).astype(np.int32)
+    if out == "int32":
+        got, want = kk(x, kk.pack(wt, 0), zx), acc
+    elif out == "float32":
+        scale = rng.uniform(1e-4, 1e-3, oc if per_channel else 1).astype(np.float32)
+        fbias = (bias.astype(np.float32) * np.float32(1e-3)).reshape(1, -1, 1, 1)
+        got = kk(x, kk.pack(wt, 0), zx, scale=scale, fbias=fbias)
+        want = acc.astype(np.float32) * scale.reshape(1, -1, 1, 1) + fbias
+        assert_within_fma(got, want, fbias)
+        return
+    else:
+        span = float(np.abs(acc).max() + 3000) or 1.0
+        mult = (rng.uniform(150, 300, oc if per_channel else 1) / span).astype(np.float32)
+        zy = 3 if out == "uint8" else -5
+        got = kk(x, kk.pack(wt, 0), zx, mult=mult, bias=bias, zy=zy)
+        want = ref.requantize(acc + bias.reshape(1, -1, 1, 1), mult.reshape(1, -1, 1, 1), zy, out)
+    check(got, want, f"{isa} pointwise {geo} {xdt}->{out}")
 
 
 def test_bad_specs_raise():

@@ -56,7 +56,7 @@ def test_orientation_static_qdq_on_tvm_qie():
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(V.model_path(name))).graph.node)
     x, labels = V.dataset(name, 8, seed=1)
     fn, kernels = compile_model(model)
-    conv_kernels = [k for k in kernels if k.startswith(("qie_conv_", "qie_dwconv_"))]
+    conv_kernels = [k for k in kernels if k.startswith(("qie_conv_", "qie_pwconv_", "qie_dwconv_"))]
     assert len(conv_kernels) == convs, (len(conv_kernels), convs)
     assert any(k.startswith("qie_dwconv_") for k in kernels)
     got = fn({"x": x})[0]

@@ -22,7 +22,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from . import gemm, records
+from . import gemm, pointwise, records
 from .gemm import Epilogue, Tile
 from .isa import Isa
 
@@ -200,7 +200,20 @@ def schedule_depthwise(s: Schedule, lanes: int) -> None:
     gemm._vectorize_exact(s, xx, int(s.get(xx).extent), lanes)
 
 
+def pack(spec: ConvSpec, isa: Isa, w: np.ndarray, zw, tile: Tile | None = None):
+    """Constant OIHW weights in the layout ``scheduled(spec, isa, tile)`` takes: ``w - zw`` as int32
+    [C, KH, KW] (depthwise), the pointwise kernel's rows, or the im2col GEMM's packed panels."""
+    if spec.depthwise:
+        zw = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (w.shape[0],))
+        return (w.astype(np.int32) - zw.reshape(-1, 1, 1, 1)).reshape(w.shape[0], *w.shape[2:])
+    if pointwise.applies(spec, isa):
+        return pointwise.pack(w, zw, isa)
+    return gemm.pack_weights(weights_as_gemm(w, isa), zw, isa, tile or tile_for(spec, isa))
+
+
 def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | None = None) -> tirx.PrimFunc:
+    if pointwise.applies(spec, isa):
+        return pointwise.primfunc(spec, isa, batch)
     tile = tile or tile_for(spec, isa)
     f = primfunc(spec, isa, tile, batch)
     if spec.depthwise:

@@ -44,10 +44,7 @@ class Kernel:
     def pack(self, w: np.ndarray, zw) -> PackedWeights | np.ndarray:
         """Weights in the kernel's layout: packed GEMM panels, or (depthwise) ``w - zw`` as int32."""
         if isinstance(self.spec, conv.ConvSpec):
-            if self.spec.depthwise:
-                zw = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (w.shape[0],))
-                return (w.astype(np.int32) - zw.reshape(-1, 1, 1, 1)).reshape(w.shape[0], *w.shape[2:])
-            w = conv.weights_as_gemm(w, self.isa)
+            return conv.pack(self.spec, self.isa, w, zw, self.tile)
         return gemm.pack_weights(w, zw, self.isa, self.tile)
 
     def out_shape(self, x: np.ndarray) -> tuple:

@@ -1,0 +1,246 @@
+"""Pointwise (1x1, stride 1, no padding) quantized convolution in NCHW on the x86 dot-product ISAs.
+
+An NCHW pointwise convolution is a GEMM per image with the weights as the left operand:
+``acc[o, p] = sum_c (w[o, c] - zw[o]) (x[c, p] - zx)`` over the image's pixels ``p``. The im2col kernel
+(``conv.py``) turns it around (pixels as rows, channels as columns): it copies the input into a padded
+NHWC matrix, writes the int32 products to a scratch matrix and transposes them back to NCHW in a second
+pass, which made PP-LCNet's 1x1 layers 2-5x slower than they are here. This kernel keeps NCHW end to end:
+
+1. ``Xq``: each group of 4 channels is interleaved into one u32 per pixel (``x[4g + j, p]`` in byte j,
+   shifted to u8), a vectorized pass that reads the input once: ``vpdpbusd``'s unsigned operand is then
+   one plain vector load per 16 pixels (8 on ymm);
+2. a register tile of ``R`` output channels x ``V`` pixel vectors accumulates over the channel groups:
+   per group, V vector loads of Xq, R broadcasts of 4 weight bytes (the signed operand), R x V
+   ``vpdpbusd``. Tiles (image, pixel tile, channel tile) are the parallel tasks;
+3. the epilogue (zero-point column term, bias, requantization or float scale, as ``gemm.epilogue_stage``)
+   runs on the accumulators and stores whole NCHW row vectors; only the last vector of a row that is not
+   a multiple of the lanes is stored lane by lane.
+
+It applies to images of at least two vectors of pixels (below that most lanes would be padding: a 1x1
+image is a GEMV, where the im2col kernel's pixel rows waste nothing) when the weights need no row-sum term (``zw' = 0``: symmetric int8 weights, the quantizers'
+default) and the ISA packs 4 bytes per lane (AVX-512 VNNI, AVX-VNNI); other pointwise convolutions go to
+the im2col kernel. The PrimFunc is written directly as TIR (IRBuilder) rather than scheduled from TE: its
+loop nest, vector widths and register tile are the schedule.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from .gemm import PackedWeights, _ceil, shifts
+from .isa import Isa
+
+# Register tile (output channels x pixel vectors) per vector width: R * V accumulators + V input vectors
+# + 1 broadcast fit the register file (32 zmm, 16 ymm).
+TILES = {16: (6, 4), 8: (3, 3)}
+INTRIN = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
+
+
+def applies(spec, isa: Isa) -> bool:
+    """Whether ``spec`` (a ConvSpec) runs on this kernel on ``isa``."""
+    return (isa.kind == "x86" and isa.kpack == 4 and isa.lanes in TILES and spec.group == 1
+            and tuple(spec.kernel) == (1, 1) and tuple(spec.strides) == (1, 1) and tuple(spec.dilations) == (1, 1)
+            and not any(spec.pads) and not spec.epi.zb and spec.height * spec.width >= 2 * isa.lanes)
+
+
+def kernel_name(spec, isa: Isa) -> str:
+    xw = ("u8" if spec.x_dtype == "uint8" else "s8") + ("u8" if spec.w_dtype == "uint8" else "s8")
+    out = {"int32": "s32", "uint8": "u8", "int8": "s8", "float32": "f32"}[spec.epi.out]
+    return f"qie_pwconv_{xw}_{out}_c{spec.channels}o{spec.out_channels}h{spec.height}w{spec.width}__{isa.name}"
+
+
+def pack(w: np.ndarray, zw, isa: Isa) -> PackedWeights:
+    """OIHW (1x1) u8/s8 weights -> int8 ``[OCp, C/4, 4]`` (shifted to s8, rows padded to the tile with 0),
+    their per-row sums and ``zw + sb`` (all zero when this kernel applies)."""
+    oc, c = w.shape[:2]
+    rows, _ = TILES[isa.lanes]
+    _, sb = shifts(isa, "uint8", str(w.dtype))
+    ocp, kp = _ceil(oc, rows), _ceil(c, 4)
+    bs = np.zeros((ocp, kp), np.int8)
+    bs[:oc, :c] = (w.reshape(oc, c).astype(np.int32) + sb).astype(np.int8)
+    zbs = np.zeros(ocp, np.int32)
+    zbs[:oc] = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (oc,)) + sb
+    colsum = bs.astype(np.int32).sum(axis=1, dtype=np.int32)
+    return PackedWeights(np.ascontiguousarray(bs.reshape(ocp, kp // 4, 4)), colsum, zbs, c, oc)
+
+
+def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
+    """(X, Wp, colsum, za, epilogue operands..., O), scheduled; ``batch=None``: symbolic batch."""
+    if not applies(spec, isa):
+        raise ValueError(f"qie pointwise conv: {spec} does not fit {isa.name}")
+    c, oc, epi = spec.channels, spec.out_channels, spec.epi
+    p = spec.height * spec.width
+    lanes = isa.lanes
+    rows, vecs = TILES[lanes]
+    groups = _ceil(c, 4) // 4
+    nv = _ceil(p, lanes) // lanes                 # pixel vectors per image
+    pp = nv * lanes
+    vecs = min(vecs, nv)
+    ptiles = _ceil(nv, vecs) // vecs
+    last_vecs = nv - (ptiles - 1) * vecs
+    otiles = _ceil(oc, rows) // rows
+    ocp = otiles * rows
+    sa, _ = shifts(isa, spec.x_dtype, spec.w_dtype)
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    bv = tirx.Var("batch", "int64") if batch is None else i64(batch)
+    vu8, vu32, vi8, vi32, vf32 = (f"uint8x{lanes}", f"uint32x{lanes}", f"int8x{4 * lanes}", f"int32x{lanes}",
+                                  f"float32x{lanes}")
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(kernel_name(spec, isa))
+            x = T.arg("X", T.buffer((bv, i64(c), i64(spec.height), i64(spec.width)), spec.x_dtype))
+            wp = T.arg("Wp", T.buffer((i64(ocp), i64(groups), i64(4)), "int8"))
+            colsum = T.arg("colsum", T.buffer((i64(ocp),), "int32"))
+            za = T.arg("za", T.buffer((i64(1),), "int32"))
+            nsc = oc if epi.per_channel else 1
+            scale = mult = fbias = bias = zy = None
+            if epi.out == "float32":
+                scale = T.arg("scale", T.buffer((i64(nsc),), "float32"))
+                if epi.bias:
+                    fbias = T.arg("fbias", T.buffer((i64(oc),), "float32"))
+            elif epi.out != "int32":
+                mult = T.arg("mult", T.buffer((i64(nsc),), "float32"))
+                if epi.bias:
+                    bias = T.arg("bias", T.buffer((i64(oc),), "int32"))
+                zy = T.arg("zy", T.buffer((i64(1),), "int32"))
+            o = T.arg("O", T.buffer((bv, i64(oc), i64(spec.height), i64(spec.width)), epi.out))
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+
+            xf = T.decl_buffer((bv * c * p,), spec.x_dtype, data=x.data)
+            of = T.decl_buffer((bv * oc * p,), epi.out, data=o.data)
+            w32 = T.decl_buffer((i64(ocp * groups),), "int32", data=wp.data)
+            xq = T.decl_buffer((bv * groups * pp * 4,), "uint8")
+            xq32 = T.decl_buffer((bv * groups * pp,), "uint32", data=xq.data)
+
+            # 1. Xq: 4 channels interleaved per pixel (u32), shifted to u8.
+            flip = tirx.const(0x80808080 if sa else 0, "uint32")
+            with T.parallel(i64(0), bv * groups) as bg:
+                b, g = bg // groups, bg % groups
+                src = b * (c * p) + g * (4 * p)
+                dst = bg * pp
+
+                def pixels(count_full: bool):
+                    """The group's pixels: whole vectors, the scalar tail, then zero padding up to pp."""
+                    nch = 4 if count_full else c % 4
+
+                    def word(load, dtype):
+                        v = None
+                        for j in range(nch):
+                            part = load(src + j * p)
+                            part = part.astype(dtype.replace("uint32", "uint8")) if sa else part
+                            part = part.astype(dtype)
+                            part = part if j == 0 else part << tirx.const(8 * j, dtype)
+                            v = part if v is None else v | part
+                        return v ^ (flip if dtype == "uint32" else tirx.Broadcast(flip, lanes))
+
+                    if p // lanes:
+                        with T.serial(i64(0), i64(p // lanes)) as pv:
+                            i = pv * lanes
+                            T.buffer_store(xq32, word(lambda s: xf.vload([s + i], vec_dtype(spec.x_dtype, lanes)),
+                                                      vu32), [tirx.Ramp(dst + i, i64(1), lanes)])
+                    if p % lanes:
+                        with T.serial(i64(p // lanes * lanes), i64(p)) as pi:
+                            T.buffer_store(xq32, word(lambda s: xf[s + pi], "uint32"), [dst + pi])
+                        with T.serial(i64(p), i64(pp)) as pz:
+                            T.buffer_store(xq32, tirx.const(0, "uint32"), [dst + pz])
+
+                if c % 4 == 0:
+                    pixels(True)
+                else:
+                    with T.If(g < groups - 1):
+                        with T.Then():
+                            pixels(True)
+                        with T.Else():
+                            pixels(False)
+
+            # 2-3. Register tiles and their epilogue.
+            zap = za[0] + sa
+            with T.parallel(i64(0), bv * (ptiles * otiles)) as t:
+                b = t // (ptiles * otiles)
+                pt = (t % (ptiles * otiles)) // otiles
+                o0 = (t % otiles) * rows
+                p0 = pt * (vecs * lanes)
+
+                def tile(nvec: int, last: bool):
+                    acc = T.decl_buffer((rows * nvec * lanes,), "int32", scope="local")
+                    for r in range(rows):
+                        for v in range(nvec):
+                            T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "int32"), lanes),
+                                           [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
+                    xbase = b * (groups * pp * 4) + p0 * 4
+                    with T.serial(i64(0), i64(groups)) as g:
+                        xs = [tirx.reinterpret(vi8, xq.vload([xbase + g * (pp * 4) + v * lanes * 4], f"uint8x{4 * lanes}"))
+                              for v in range(nvec)]
+                        for r in range(rows):
+                            wb = tirx.reinterpret(vi8, tirx.Broadcast(w32[(o0 + r) * groups + g], lanes))
+                            for v in range(nvec):
+                                at = tirx.Ramp((r * nvec + v) * lanes, 1, lanes)
+                                cur = tirx.BufferLoad(acc, [at])
+                                T.buffer_store(acc, tirx.call_llvm_pure_intrin(
+                                    vi32, INTRIN[lanes], cur, xs[v], wb), [at])
+                    for r in range(rows):
+                        orow = o0 + r
+
+                        def store_row():
+                            for v in range(nvec):
+                                a = tirx.BufferLoad(acc, [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
+                                a = a - tirx.Broadcast(zap * colsum[orow], lanes)
+                                val = _epilogue(a, orow, epi, lanes, scale, fbias, mult, bias, zy)
+                                base = b * (oc * p) + orow * p + p0 + v * lanes
+                                whole = not (last and v == nvec - 1 and p % lanes)
+                                if whole:
+                                    T.buffer_store(of, val, [tirx.Ramp(base, i64(1), lanes)])
+                                else:
+                                    tmp = T.decl_buffer((lanes,), epi.out, scope="local")
+                                    T.buffer_store(tmp, val, [tirx.Ramp(0, 1, lanes)])
+                                    with T.serial(i64(0), i64(p % lanes)) as lane:
+                                        T.buffer_store(of, tmp[lane], [base + lane])
+
+                        if oc % rows == 0:
+                            store_row()
+                        else:
+                            with T.If(orow < oc):
+                                with T.Then():
+                                    store_row()
+
+                if ptiles == 1:
+                    tile(last_vecs, True)
+                elif last_vecs == vecs and p % lanes == 0:
+                    tile(vecs, False)
+                else:
+                    with T.If(pt < ptiles - 1):
+                        with T.Then():
+                            tile(vecs, False)
+                        with T.Else():
+                            tile(last_vecs, True)
+    return ib.get().with_attr("qie.kernel", kernel_name(spec, isa))
+
+
+def vec_dtype(dtype: str, lanes: int) -> str:
+    return f"{dtype}x{lanes}"
+
+
+def _epilogue(a, col, epi, lanes: int, scale, fbias, mult, bias, zy):
+    """``gemm.epilogue_stage``'s formula on one vector of accumulators of output channel ``col``."""
+    def bc(v):
+        return tirx.Broadcast(v, lanes)
+
+    def sc(buf):
+        return buf[col if epi.per_channel else 0]
+
+    if epi.out == "int32":
+        return a
+    if epi.out == "float32":
+        v = a.astype(f"float32x{lanes}") * bc(sc(scale))
+        return v + bc(fbias[col]) if epi.bias else v
+    if epi.bias:
+        a = a + bc(bias[col])
+    v = a.astype(f"float32x{lanes}") * bc(sc(mult))
+    lo, hi = (0, 255) if epi.out == "uint8" else (-128, 127)
+    zyf = zy[0].astype("float32")
+    v = tirx.max(tirx.min(v, bc(tirx.const(hi, "float32") - zyf)), bc(tirx.const(lo, "float32") - zyf))
+    return (tirx.nearbyint(v).astype(f"int32x{lanes}") + bc(zy[0])).astype(f"{epi.out}x{lanes}")
