@@ -17,10 +17,11 @@ pass, which made PP-LCNet's 1x1 layers 2-5x slower than they are here. This kern
    a multiple of the lanes is stored lane by lane.
 
 It applies to images of at least two vectors of pixels (below that most lanes would be padding: a 1x1
-image is a GEMV, where the im2col kernel's pixel rows waste nothing) when the weights need no row-sum term (``zw' = 0``: symmetric int8 weights, the quantizers'
-default) and the ISA packs 4 bytes per lane (AVX-512 VNNI, AVX-VNNI); other pointwise convolutions go to
-the im2col kernel. The PrimFunc is written directly as TIR (IRBuilder) rather than scheduled from TE: its
-loop nest, vector widths and register tile are the schedule.
+image is a GEMV, where the im2col kernel's pixel rows waste nothing) when the weights need no row-sum
+term (``zw' = 0``: symmetric int8 weights, the quantizers' default) and the ISA packs 4 bytes per lane
+(AVX-512 VNNI, AVX-VNNI); other pointwise convolutions go to the im2col kernel. The PrimFunc is written
+directly as TIR (IRBuilder) rather than scheduled from TE: its loop nest, vector widths and register tile
+are the schedule.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
     sa, _ = shifts(isa, spec.x_dtype, spec.w_dtype)
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     bv = tirx.Var("batch", "int64") if batch is None else i64(batch)
-    vu8, vu32, vi8, vi32, vf32 = (f"uint8x{lanes}", f"uint32x{lanes}", f"int8x{4 * lanes}", f"int32x{lanes}",
-                                  f"float32x{lanes}")
+    vu32, vi8, vi32 = f"uint32x{lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -140,7 +140,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                     if p // lanes:
                         with T.serial(i64(0), i64(p // lanes)) as pv:
                             i = pv * lanes
-                            T.buffer_store(xq32, word(lambda s: xf.vload([s + i], vec_dtype(spec.x_dtype, lanes)),
+                            T.buffer_store(xq32, word(lambda s: xf.vload([s + i], f"{spec.x_dtype}x{lanes}"),
                                                       vu32), [tirx.Ramp(dst + i, i64(1), lanes)])
                     if p % lanes:
                         with T.serial(i64(p // lanes * lanes), i64(p)) as pi:
@@ -173,7 +173,8 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                                            [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
                     xbase = b * (groups * pp * 4) + p0 * 4
                     with T.serial(i64(0), i64(groups)) as g:
-                        xs = [tirx.reinterpret(vi8, xq.vload([xbase + g * (pp * 4) + v * lanes * 4], f"uint8x{4 * lanes}"))
+                        xrow = xbase + g * (pp * 4)
+                        xs = [tirx.reinterpret(vi8, xq.vload([xrow + v * lanes * 4], f"uint8x{4 * lanes}"))
                               for v in range(nvec)]
                         for r in range(rows):
                             wb = tirx.reinterpret(vi8, tirx.Broadcast(w32[(o0 + r) * groups + g], lanes))
@@ -185,7 +186,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                     for r in range(rows):
                         orow = o0 + r
 
-                        def store_row():
+                        def store_row(r=r, orow=orow):
                             for v in range(nvec):
                                 a = tirx.BufferLoad(acc, [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
                                 a = a - tirx.Broadcast(zap * colsum[orow], lanes)
@@ -218,10 +219,6 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                         with T.Else():
                             tile(last_vecs, True)
     return ib.get().with_attr("qie.kernel", kernel_name(spec, isa))
-
-
-def vec_dtype(dtype: str, lanes: int) -> str:
-    return f"{dtype}x{lanes}"
 
 
 def _epilogue(a, col, epi, lanes: int, scale, fbias, mult, bias, zy):
