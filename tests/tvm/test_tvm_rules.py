@@ -63,6 +63,27 @@ def softmax_model(shape):
     return _model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [_vi("x", shape)], [_vi("y", None)])
 
 
+def qdq_softmax_model(shape):
+    """DQ -> Softmax -> Q (an attention softmax between QDQ pairs): the dequantized input read twice."""
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+             helper.make_node("Softmax", ["d"], ["p"], axis=-1),
+             helper.make_node("QuantizeLinear", ["p", "s2", "z"], ["y"])]
+    inits = [_const("s", np.float32(0.1)), _const("s2", np.float32(1 / 255)), _const("z", np.uint8(0))]
+    return _model(nodes, [_vi("x", shape, TensorProto.UINT8)], [_vi("y", None, TensorProto.UINT8)], inits)
+
+
+def layernorm_model(shape):
+    g = RNG.standard_normal(shape[-1]).astype(np.float32)
+    b = RNG.standard_normal(shape[-1]).astype(np.float32)
+    return _model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
+                  [_vi("x", shape)], [_vi("y", None)], [_const("g", g), _const("b", b)])
+
+
+def reduce_mean_model(shape):
+    return _model([helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=1)], [_vi("x", shape)],
+                  [_vi("y", None)], [_const("axes", np.array([-1], np.int64))], opset=18)
+
+
 def pool_model(kind, c, hw):
     attrs = {} if kind == "GlobalAveragePool" else {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1] * 4}
     return _model([helper.make_node(kind, ["x"], ["y"], **attrs)], [_vi("x", [1, c, *hw])], [_vi("y", None)])
@@ -143,6 +164,12 @@ CASES = {
     "elementwise_wide": (qdq_elementwise_model([2, 3, 64]), {"x": [2, 3, 64]}, "Injective"),
     "softmax": (softmax_model([6, 100]), {"x": [6, 100]}, "Reduction"),
     "softmax_odd_rows": (softmax_model([3, 37]), {"x": [3, 37]}, "Reduction"),
+    # Rows of >= RowReduction.ROW_MIN: vectorized reductions, with and without a scalar tail.
+    "softmax_long_rows": (softmax_model([5, 1000]), {"x": [5, 1000]}, "RowReduction"),
+    "softmax_long_exact": (softmax_model([1, 3, 512]), {"x": [1, 3, 512]}, "RowReduction"),
+    "qdq_softmax_long": (qdq_softmax_model([4, 300]), {"x": [4, 300]}, "RowReduction"),
+    "layernorm_long": (layernorm_model([6, 768]), {"x": [6, 768]}, None),
+    "reduce_mean_long": (reduce_mean_model([8, 1030]), {"x": [8, 1030]}, "RowReduction"),
     "maxpool": (pool_model("MaxPool", 8, (16, 16)), {"x": [1, 8, 16, 16]}, None),
     "global_avg_pool": (pool_model("GlobalAveragePool", 8, (7, 7)), {"x": [1, 8, 7, 7]}, None),
 }
