@@ -21,6 +21,7 @@ from .schedules import isa as _isa
 from .frontend import from_onnx
 from .legalize import legalize_map
 from .rewrite import Unsupported, rewrite
+from .tables import tables_pass
 
 _log = logging.getLogger("qie_ep.tvm")
 
@@ -68,7 +69,7 @@ def _pre_schedule(t: tvm.target.Target, fuse: bool) -> list:
                 relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
     if fuse:
         legalize += [_opaque_compound_shapes(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    return cpu_generic.library_dispatch_passes(t) + legalize + [_narrow_store_safe(t)]
+    return cpu_generic.library_dispatch_passes(t) + legalize + [tables_pass(t), _narrow_store_safe(t)]
 
 
 def _cpu_passes(t: tvm.target.Target, fuse: bool, database: str | None = None) -> list:

@@ -73,8 +73,9 @@ def qdq_softmax_model(shape):
 
 
 def layernorm_model(shape):
-    g = RNG.standard_normal(shape[-1]).astype(np.float32)
-    b = RNG.standard_normal(shape[-1]).astype(np.float32)
+    rng = np.random.default_rng(11)       # its own stream: the other cases' random data stay as they were
+    g = rng.standard_normal(shape[-1]).astype(np.float32)
+    b = rng.standard_normal(shape[-1]).astype(np.float32)
     return _model([helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)],
                   [_vi("x", shape)], [_vi("y", None)], [_const("g", g), _const("b", b)])
 
@@ -90,13 +91,15 @@ def pool_model(kind, c, hw):
 
 
 def fused_primfuncs(model, shapes):
-    """The module's PrimFuncs after qie's rewrite, legalization and fusion (before scheduling)."""
+    """The module's PrimFuncs after qie's rewrite, legalization and fusion (before scheduling; without
+    the tables pass, which would take the one-tensor elementwise functions away from the rules)."""
     from qie_ep.tvm import from_onnx
     mod = rewrite_pass(HOST)(from_onnx(model, shape_dict=shapes, fold_shapes=True))
     passes = _cpu_passes(HOST, fuse=True)
     with HOST:
         for p in passes[:passes.index(next(p for p in passes if p.info.name == "qie.NarrowStoreSafe")) + 1]:
-            mod = p(mod)
+            if p.info.name != "qie.Tables":
+                mod = p(mod)
     return {gv.name_hint: f for gv, f in mod.functions_items()
             if isinstance(f, tvm.tirx.PrimFunc) and "qie.kernel" not in (f.attrs or {})}
 
@@ -294,3 +297,81 @@ def test_tune_writes_a_database_the_pipeline_applies(tmp_path):
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="CPU"):
         qt.tune(mod, tvm.target.Target("cuda"), 1, str(tmp_path / "x"))
+
+
+def _qdq_unary_model(shape, op, in_t=TensorProto.UINT8, out_t=TensorProto.INT8, **attrs):
+    """DQ -> op -> Q: after fusion one function of one quantized tensor."""
+    zin = np.uint8(117) if in_t == TensorProto.UINT8 else np.int8(-9)
+    zout = np.uint8(3) if out_t == TensorProto.UINT8 else np.int8(5)
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+             helper.make_node(op, ["d"], ["a"], **attrs),
+             helper.make_node("QuantizeLinear", ["a", "s2", "z2"], ["y"])]
+    inits = [_const("s", np.float32(0.043)), _const("z", zin), _const("s2", np.float32(0.021)), _const("z2", zout)]
+    return _model(nodes, [_vi("x", shape, in_t)], [_vi("y", None, out_t)], inits, opset=20)
+
+
+def _tabled(model, shapes):
+    from qie_ep.tvm import from_onnx, _front, _pre_schedule
+    mod = from_onnx(model, shape_dict=shapes, fold_shapes=True)
+    with HOST:
+        mod = tvm.transform.Sequential(_front(HOST, True) + _pre_schedule(HOST, fuse=True))(mod)
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith("qie_table")]
+
+
+@pytest.mark.parametrize("shape,op,in_t,out_t,attrs", [
+    ([1, 16, 30, 40], "Gelu", TensorProto.UINT8, TensorProto.UINT8, {}),          # 19200: whole vectors
+    ([3, 7, 11, 13], "Sigmoid", TensorProto.INT8, TensorProto.UINT8, {}),         # 3003: a scalar tail
+    ([2, 64, 100], "HardSwish", TensorProto.UINT8, TensorProto.INT8, {}),         # 12800: parallel groups
+    ([1, 9000], "Tanh", TensorProto.INT8, TensorProto.INT8, {}),
+], ids=["gelu", "sigmoid_tail", "hardswish", "tanh_s8"])
+def test_elementwise_functions_become_tables(shape, op, in_t, out_t, attrs):
+    """A dequantize -> op -> quantize function is replaced by a 256-entry table: every output equal to
+    ORT's QDQ result but where ORT's own float op differs from TVM's (fast-math polynomials, within a code)."""
+    model = _qdq_unary_model(shape, op, in_t, out_t, **attrs)
+    assert _tabled(model, {"x": shape}), "no table"
+    lo, hi = (0, 256) if in_t == TensorProto.UINT8 else (-128, 128)
+    x = RNG.integers(lo, hi, shape).astype(np.uint8 if in_t == TensorProto.UINT8 else np.int8)
+    fn = compile_model(model, shape_dict={"x": shape})[0]
+    got = fn({"x": x})[0]
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= max(2, diff.size // 200), (diff.max(), np.count_nonzero(diff))
+    # The same value gives the same code everywhere (it is a table).
+    flat_x, flat_y = x.reshape(-1).view(np.uint8), got.reshape(-1)
+    for v in np.unique(flat_x)[:32]:
+        assert len(np.unique(flat_y[flat_x == v])) == 1
+
+
+def test_position_dependent_functions_are_not_tables():
+    """DQ -> Transpose -> Q is a function of one quantized tensor of the same (square) shape whose outputs
+    depend on position: the permuted probe rejects the table and the result stays exact."""
+    shape = [1, 1, 48, 48]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["d"]),
+             helper.make_node("Transpose", ["d"], ["t"], perm=[0, 1, 3, 2]),
+             helper.make_node("QuantizeLinear", ["t", "s", "z"], ["y"])]
+    model = _model(nodes, [_vi("x", shape, TensorProto.UINT8)], [_vi("y", None, TensorProto.UINT8)],
+                   [_const("s", np.float32(0.05)), _const("z", np.uint8(128))], opset=20)
+    assert not _tabled(model, {"x": shape})
+    x = RNG.integers(0, 256, shape).astype(np.uint8)
+    got = compile_model(model, shape_dict={"x": shape})[0]({"x": x})[0]
+    np.testing.assert_array_equal(got, x.transpose(0, 1, 3, 2))
+
+
+@pytest.mark.parametrize("vbmi", [True, False])
+@pytest.mark.parametrize("n", [1, 63, 64, 4097, 3 * 4096 + 65])
+def test_table_lookup_kernel(vbmi, n):
+    """The lookup PrimFunc on both paths (VBMI vpermi2b and scalar), whole vectors, tails, parallel groups,
+    u8 -> s8: equal to numpy's table[x], nothing written past the output."""
+    from qie_ep.tvm import tables
+    from qie_ep.tvm.schedules import isa as tisa
+    if vbmi and not tisa.has_features(HOST, ("avx512vbmi",)):
+        pytest.skip("no AVX-512 VBMI on this CPU")
+    f = tables.lookup_primfunc((n,), "uint8", "int8", vbmi)
+    x = RNG.integers(0, 256, n).astype(np.uint8)
+    tbl = RNG.integers(-128, 128, 256).astype(np.int8)
+    got = _run(f, [x, tbl, np.zeros(n, np.int8)])
+    np.testing.assert_array_equal(got, tbl[x])
