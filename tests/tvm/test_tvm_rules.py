@@ -375,3 +375,16 @@ def test_table_lookup_kernel(vbmi, n):
     tbl = RNG.integers(-128, 128, 256).astype(np.int8)
     got = _run(f, [x, tbl, np.zeros(n, np.int8)])
     np.testing.assert_array_equal(got, tbl[x])
+
+
+def test_matmul_rows_not_a_multiple_of_the_tile():
+    """15 rows (MiniLM's 15-token projections): the register tile takes 5 rows (no predicated last
+    tile) and computes what the unscheduled function computes."""
+    funcs = fused_primfuncs(matmul_model([15, 96], 80), {"x": [15, 96]})
+    assert cpu_rules._rows_dividing(15, 4, 4, 32) == 5 and cpu_rules._rows_dividing(16, 4, 4, 32) == 4
+    assert cpu_rules._rows_dividing(7, 4, 3, 32) == 7 and cpu_rules._rows_dividing(7, 4, 4, 32) == 4  # 33 registers
+    assert cpu_rules._rows_dividing(13, 4, 4, 32) == 4 and cpu_rules._rows_dividing(15, 4, 3, 16) == 3
+    for f in funcs.values():
+        rule, sched = scheduled_by(f)
+        assert rule == "Matmul"
+        assert_same_as_unscheduled(f, sched)
