@@ -95,6 +95,8 @@ bench: build
 	$(PY) -m bench.conv
 	$(PY) -m bench.models
 	$(PY) -m bench.tvm
+	$(PY) -m bench.tvm_models --threads 1
+	$(PY) -m bench.tvm_models --threads 2
 
 clean:
 	rm -rf build $(VENV) qie_ep/lib
