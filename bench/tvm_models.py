@@ -65,7 +65,7 @@ def model_rows(threads: int, target) -> list[dict]:
                 print(f"{c.model:>22} {c.scheme[:34]:34} {mode:8} TVM+qie failed: {row['failed']}", flush=True)
                 continue
             t_tvm, t_ort, t_qie = _median_of_blocks(
-                [comp.call, lambda f: ort_s.run(None, f), lambda f: qie_s.run(None, f)], feed)
+                [comp.call, lambda f, s=ort_s: s.run(None, f), lambda f, s=qie_s: s.run(None, f)], feed)
             row.update(tvm_qie_ms=t_tvm * 1e3, ort_ms=t_ort * 1e3, ort_qie_ms=t_qie * 1e3,
                        tvm_vs_ort_time=t_tvm / t_ort, compile_s=comp.compile_s)
             rows.append(row)
@@ -92,7 +92,7 @@ def float_rows(threads: int, target) -> list[dict]:
         feed = {"x": np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)}
         comp = compile_onnx(model, target, shape_dict={"x": [m, k]}, cache_inputs=True)
         s = session(model.SerializeToString(), False, threads)
-        t_tvm, t_ort = _median_of_blocks([comp.call, lambda f: s.run(None, f)], feed, block=40)
+        t_tvm, t_ort = _median_of_blocks([comp.call, lambda f, s=s: s.run(None, f)], feed, block=40)
         flops = 2.0 * m * k * n
         rows.append(dict(case=f"{m}x{k}x{n}", threads=threads, tvm_gflops=flops / t_tvm / 1e9,
                          mlas_gflops=flops / t_ort / 1e9, tvm_us=t_tvm * 1e6, mlas_us=t_ort * 1e6))
