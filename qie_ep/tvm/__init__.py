@@ -187,8 +187,8 @@ def tune(mod: tvm.IRModule, target, trials: int, work_dir: str, fast_math: bool 
     candidate in a worker process: about a second or more each on a small host; a useful search takes
     hundreds per task). Static shapes only (MetaSchedule's limit). Needs ``psutil`` (and ``xgboost`` for
     the default cost model; without it the search is random); ``tune_relax_options`` go to MetaSchedule's
-``tune_relax`` (``builder``, ``runner``, ``max_trials_per_task``, ...). Returns ``work_dir``. A function whose tuned
-    schedule is slower than the rule's is still applied: tune with enough trials, or not at all."""
+    ``tune_relax`` (``builder``, ``runner``, ``max_trials_per_task``, ...). Returns ``work_dir``. A function
+    whose tuned schedule is slower than the rule's is still applied: tune with enough trials, or not at all."""
     from tvm.s_tir import meta_schedule as ms
 
     t = _target(target)

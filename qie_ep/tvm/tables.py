@@ -35,7 +35,7 @@ CHUNK = 64 * VEC         # elements per parallel task
 def _buffers(f: tirx.PrimFunc):
     """The parameters as buffers (in TVM 0.27 a buffer parameter is the buffer itself), or None when one
     is a scalar (a symbolic size)."""
-    return [p for p in f.params] if all(hasattr(p, "shape") for p in f.params) else None
+    return list(f.params) if all(hasattr(p, "shape") for p in f.params) else None
 
 
 def candidate(f) -> bool:

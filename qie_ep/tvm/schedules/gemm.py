@@ -151,52 +151,52 @@ def epi_n(out_shape, out_index) -> int:
 
 
 def epilogue_stage(acc: Callable, col: Callable, epi: Epilogue, out_shape, n: int):
-    """The output block ``O`` from the int32 accumulator ``acc(*axes)`` of column ``col(*axes)``.
-
-    int32: acc. float32: ``float32(acc) * scale[n] (+ fbias[n])``. u8/s8: ``acc + bias[n]`` times
-    ``mult[n]`` in float32, clamped to ``[lo - zy, hi - zy]``, rounded half to even, plus ``zy`` (the clamp
-    before rounding equals saturating after, and keeps the float -> int conversion in range).
-    Per-tensor ``scale`` / ``mult`` have one element. Returns (params, O).
-    """
-    params = []
+    """The output block ``O`` from the int32 accumulator ``acc(*axes)`` of column ``col(*axes)``:
+    ``epilogue_value`` per element, its operands created here. Returns (params, O)."""
     nsc = n if epi.per_channel else 1
+    ops = {}
+    if epi.out == "float32":
+        ops["scale"] = te.placeholder((nsc,), "float32", name="scale")
+        if epi.bias:
+            ops["fbias"] = te.placeholder((n,), "float32", name="fbias")
+    elif epi.out != "int32":
+        ops["mult"] = te.placeholder((nsc,), "float32", name="mult")
+        if epi.bias:
+            ops["bias"] = te.placeholder((n,), "int32", name="bias")
+        ops["zy"] = te.placeholder((1,), "int32", name="zy")
+    return list(ops.values()), te.compute(out_shape, lambda *ax: epilogue_value(acc(*ax), col(*ax), epi, **ops),
+                                          name="O")
 
-    def sc(buf, ax):
-        return buf[col(*ax) if epi.per_channel else 0]
+
+def epilogue_value(a, col, epi: Epilogue, scale=None, fbias=None, mult=None, bias=None, zy=None, lanes: int = 1):
+    """What the GEMM writes for the int32 accumulator ``a`` of output column ``col`` (one value, or a vector
+    of ``lanes`` values of that column: the pointwise conv kernel).
+
+    int32: a. float32: ``float32(a) * scale[col] (+ fbias[col])``. u8/s8: ``a + bias[col]`` times
+    ``mult[col]`` in float32, clamped to ``[lo - zy, hi - zy]``, rounded half to even, plus ``zy`` (the clamp
+    before rounding equals saturating after, and keeps the float -> int conversion in range).
+    Per-tensor ``scale`` / ``mult`` have one element."""
+    def bc(v):
+        return v if lanes == 1 else tirx.Broadcast(v, lanes)
+
+    def vt(dtype: str) -> str:
+        return dtype if lanes == 1 else f"{dtype}x{lanes}"
+
+    def sc(buf):
+        return buf[col if epi.per_channel else 0]
 
     if epi.out == "int32":
-        def body(*ax):
-            return acc(*ax)
-    elif epi.out == "float32":
-        scale = te.placeholder((nsc,), "float32", name="scale")
-        params.append(scale)
-        if epi.bias:
-            fbias = te.placeholder((n,), "float32", name="fbias")
-            params.append(fbias)
-
-        def body(*ax):
-            v = acc(*ax).astype("float32") * sc(scale, ax)
-            return v + fbias[col(*ax)] if epi.bias else v
-    else:
-        mult = te.placeholder((nsc,), "float32", name="mult")
-        params.append(mult)
-        if epi.bias:
-            bias = te.placeholder((n,), "int32", name="bias")
-            params.append(bias)
-        zy = te.placeholder((1,), "int32", name="zy")
-        params.append(zy)
-        lo, hi = (0, 255) if epi.out == "uint8" else (-128, 127)
-
-        def body(*ax):
-            a = acc(*ax)
-            if epi.bias:
-                a = a + bias[col(*ax)]
-            v = a.astype("float32") * sc(mult, ax)
-            zyf = zy[0].astype("float32")
-            v = tirx.max(tirx.min(v, tirx.const(hi, "float32") - zyf), tirx.const(lo, "float32") - zyf)
-            return (tirx.nearbyint(v).astype("int32") + zy[0]).astype(epi.out)
-
-    return params, te.compute(out_shape, body, name="O")
+        return a
+    if epi.out == "float32":
+        v = a.astype(vt("float32")) * bc(sc(scale))
+        return v + bc(fbias[col]) if epi.bias else v
+    if epi.bias:
+        a = a + bc(bias[col])
+    v = a.astype(vt("float32")) * bc(sc(mult))
+    lo, hi = (0, 255) if epi.out == "uint8" else (-128, 127)
+    zyf = zy[0].astype("float32")
+    v = tirx.max(tirx.min(v, bc(tirx.const(hi, "float32") - zyf)), bc(tirx.const(lo, "float32") - zyf))
+    return (tirx.nearbyint(v).astype(vt("int32")) + bc(zy[0])).astype(vt(epi.out))
 
 
 def schedule_x86(s: Schedule, isa: Isa, tile: Tile, fuse_epilogue: bool = True, cols_outer: bool = True) -> None:

@@ -12,7 +12,7 @@ pass, which made PP-LCNet's 1x1 layers 2-5x slower than they are here. This kern
 2. a register tile of ``R`` output channels x ``V`` pixel vectors accumulates over the channel groups:
    per group, V vector loads of Xq, R broadcasts of 4 weight bytes (the signed operand), R x V
    ``vpdpbusd``. Tiles (image, pixel tile, channel tile) are the parallel tasks;
-3. the epilogue (zero-point column term, bias, requantization or float scale, as ``gemm.epilogue_stage``)
+3. the epilogue (zero-point column term, then ``gemm.epilogue_value``: bias, requantization or float scale)
    runs on the accumulators and stores whole NCHW row vectors; only the last vector of a row that is not
    a multiple of the lanes is stored lane by lane.
 
@@ -31,7 +31,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .gemm import PackedWeights, _ceil, shifts
+from .gemm import PackedWeights, _ceil, epilogue_value, shifts
 from .isa import Isa
 
 # Register tile (output channels x pixel vectors) per vector width: R * V accumulators + V input vectors
@@ -190,7 +190,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                             for v in range(nvec):
                                 a = tirx.BufferLoad(acc, [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
                                 a = a - tirx.Broadcast(zap * colsum[orow], lanes)
-                                val = _epilogue(a, orow, epi, lanes, scale, fbias, mult, bias, zy)
+                                val = epilogue_value(a, orow, epi, scale, fbias, mult, bias, zy, lanes)
                                 base = b * (oc * p) + orow * p + p0 + v * lanes
                                 whole = not (last and v == nvec - 1 and p % lanes)
                                 if whole:
@@ -219,25 +219,3 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                         with T.Else():
                             tile(last_vecs, True)
     return ib.get().with_attr("qie.kernel", kernel_name(spec, isa))
-
-
-def _epilogue(a, col, epi, lanes: int, scale, fbias, mult, bias, zy):
-    """``gemm.epilogue_stage``'s formula on one vector of accumulators of output channel ``col``."""
-    def bc(v):
-        return tirx.Broadcast(v, lanes)
-
-    def sc(buf):
-        return buf[col if epi.per_channel else 0]
-
-    if epi.out == "int32":
-        return a
-    if epi.out == "float32":
-        v = a.astype(f"float32x{lanes}") * bc(sc(scale))
-        return v + bc(fbias[col]) if epi.bias else v
-    if epi.bias:
-        a = a + bc(bias[col])
-    v = a.astype(f"float32x{lanes}") * bc(sc(mult))
-    lo, hi = (0, 255) if epi.out == "uint8" else (-128, 127)
-    zyf = zy[0].astype("float32")
-    v = tirx.max(tirx.min(v, bc(tirx.const(hi, "float32") - zyf)), bc(tirx.const(lo, "float32") - zyf))
-    return (tirx.nearbyint(v).astype(f"int32x{lanes}") + bc(zy[0])).astype(f"{epi.out}x{lanes}")
