@@ -125,6 +125,15 @@ def vectorize_with_tail(sch: s_tir.Schedule, loop, lanes: int):
     return None
 
 
+def _work(sch: s_tir.Schedule, loops) -> int | None:
+    """The number of iterations of a loop nest, or None when an extent is symbolic."""
+    work = 1
+    for lp in loops:
+        e = _const(get_extent(sch, lp))
+        work = None if e is None or work is None else work * e
+    return work
+
+
 def _parallel(sch: s_tir.Schedule, loop, work) -> None:
     if loop is not None and (work is None or work >= PARALLEL_MIN):
         sch.parallel(loop)
@@ -137,10 +146,7 @@ def _spatial_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
-    total = 1
-    for lp in loops:
-        e = _const(get_extent(sch, lp))
-        total = None if e is None or total is None else total * e
+    total = _work(sch, loops)
     bits = _bits(_write_dtype(sch, block))
     width = min(64, lanes * 32 // bits) if bits < 32 else lanes
     rest = vectorize_with_tail(sch, loops[-1], width)
@@ -423,10 +429,7 @@ def _vector_reduction(sch, block, lanes: int) -> None:
     loops = sch.get_loops(block)
     k = loops[-1]
     row = _const(get_extent(sch, k))
-    work = row
-    for lp in loops[:-1]:
-        e = _const(get_extent(sch, lp))
-        work = None if e is None or work is None else work * e
+    work = _work(sch, loops)
     _, ki = sch.split(k, factors=[None, lanes])
     rf = sch.rfactor(ki, len(sch.get(block).writes[0].source.shape))
     *rows, rko, rki = sch.get_loops(rf)
@@ -458,11 +461,7 @@ class Fallback(CpuRule):
             if lead == 0 or len(loops) != len(kinds):
                 continue
             outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
-            work = 1
-            for lp in loops:
-                e = _const(get_extent(sch, lp))
-                work = None if e is None or work is None else work * e
-            _parallel(sch, outer, work)
+            _parallel(sch, outer, _work(sch, loops))
         return sch
 
 
