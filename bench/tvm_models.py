@@ -43,17 +43,19 @@ def _median_of_blocks(fns: list, feeds: dict, rounds: int = 3, block: int = 15) 
     return [float(np.median(t)) for t in times]
 
 
-def model_rows(threads: int, target) -> list[dict]:
+def model_rows(threads: int, target, only: str = "", modes=("static", "dynamic")) -> list[dict]:
     from qie_ep.demo import __main__ as demo
     from qie_ep.tvm.runner import compile_onnx
     cases = demo.minilm_cases() + [demo.vision_case("ppocr_rec", 2), demo.vision_case("orientation", 2)]
     rows = []
     for c in cases:
+        if only and only.lower() not in f"{c.model} {c.scheme}".lower():
+            continue
         feed = max(c.feeds, key=lambda f: max(v.size for v in f.values()))
         model = onnx.load(str(c.int8))
         data = model.SerializeToString()
         ort_s, qie_s = session(data, False, threads), session(data, True, threads)
-        for mode in ("static", "dynamic"):
+        for mode in modes:
             row = dict(model=c.model, scheme=c.scheme, shapes=mode, threads=threads,
                        shape={k: list(v.shape) for k, v in feed.items()})
             try:
@@ -106,6 +108,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-models", dest="models", action="store_false")
+    ap.add_argument("--no-float", dest="float", action="store_false")
+    ap.add_argument("--only", default="", help="models whose name or quantization contains this text")
+    ap.add_argument("--shapes", choices=["static", "dynamic", "both"], default="both")
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)      # read when TVM's pool starts
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,8 +121,9 @@ def main(argv=None) -> None:
     env = environment()
     env["tvm"] = tvm.__version__
     print(f"# {env['cpu']} | TVM {env['tvm']} | ORT {env['onnxruntime']} | {args.threads} threads")
-    frows = float_rows(args.threads, target)
-    mrows = model_rows(args.threads, target) if args.models else []
+    frows = float_rows(args.threads, target) if args.float else []
+    modes = ("static", "dynamic") if args.shapes == "both" else (args.shapes,)
+    mrows = model_rows(args.threads, target, args.only, modes) if args.models else []
     write_jsonl(OUT / f"tvm_models_{args.threads}t.jsonl", [dict(r, **env) for r in mrows + frows])
     lines = [f"Measured {env['date']} on {env['cpu']} (TVM {env['tvm']}, ORT {env['onnxruntime']}, commit "
              f"{env['commit']}); {args.threads} thread(s), one process, median of 3 rounds x 15 runs per host.", "",

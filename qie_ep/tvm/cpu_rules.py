@@ -239,7 +239,7 @@ def _finish_tile(sch, block, r_first, ri, cvo, cv, at, vector: bool = True):
     """Accumulators in a local buffer written back per tile under ``at``; the reduction's body unrolled
     over the tile and vectorized (before the init is split off: TVM vectorizes a reduction block only
     while it is whole). ``vector=False``: the tile's columns are unrolled instead (a predicated tail)."""
-    wb = sch.cache_write(block, 0, "local")
+    wb = sch.cache_write(block, 0, "global")
     sch.reverse_compute_at(wb, at)
     for lp in (ri, cvo) if vector else (ri, cvo, cv):
         sch.unroll(lp)

@@ -38,17 +38,34 @@ def _buffers(f: tirx.PrimFunc):
     return list(f.params) if all(hasattr(p, "shape") for p in f.params) else None
 
 
+def _dims(buf) -> list[int | None] | None:
+    """A buffer's dimensions: ints, None for a symbolic dimension (a plain variable), or None overall when
+    some dimension is a compound expression."""
+    out = []
+    for d in buf.shape:
+        if isinstance(d, tirx.IntImm):
+            out.append(int(d.value))
+        elif isinstance(d, tirx.Var):
+            out.append(None)
+        else:
+            return None
+    return out
+
+
 def candidate(f) -> bool:
-    """An unscheduled function of one u8/s8 tensor into a u8/s8 tensor of the same static shape whose
-    blocks are all spatial."""
+    """An unscheduled function of one u8/s8 tensor into a u8/s8 tensor of the same shape (static, or with
+    plain symbolic dimensions such as a batch) whose blocks are all spatial."""
     if not isinstance(f, tirx.PrimFunc) or (f.attrs is not None and ("qie.kernel" in f.attrs
                                                                      or "tirx.is_scheduled" in f.attrs)):
         return False
     bufs = _buffers(f)
     if bufs is None or len(bufs) != 2 or any(str(b.dtype) not in QDTYPES for b in bufs):
         return False
-    shapes = [[d.value if isinstance(d, tirx.IntImm) else None for d in b.shape] for b in bufs]
-    if None in shapes[0] or shapes[0] != shapes[1] or int(np.prod(shapes[0])) < MIN_ELEMENTS:
+    dims = [_dims(b) for b in bufs]
+    if dims[0] is None or dims[0] != dims[1] or not all(
+            a.same_as(b) for a, b in zip(bufs[0].shape, bufs[1].shape) if isinstance(a, tirx.Var)):
+        return False
+    if int(np.prod([d or 1 for d in dims[0]])) < MIN_ELEMENTS:     # symbolic dims counted as 1
         return False
     from tvm import s_tir
     from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -63,7 +80,7 @@ def table(f: tirx.PrimFunc) -> np.ndarray | None:
     """The function's 256 outputs (indexed by the input byte), or None when it is not a function of the
     byte alone (or cannot be run on this machine)."""
     bufs = _buffers(f)
-    shape = [int(d) for d in bufs[0].shape]
+    shape = [d or 1 for d in _dims(bufs[0])]          # symbolic dimensions probed at 1
     n = int(np.prod(shape))
     in_dt, out_dt = str(bufs[0].dtype), str(bufs[1].dtype)
     try:
@@ -87,27 +104,35 @@ def table(f: tirx.PrimFunc) -> np.ndarray | None:
 
 
 def lookup_primfunc(shape, in_dt: str, out_dt: str, vbmi: bool) -> tirx.PrimFunc:
-    """``O[i] = T[byte(X[i])]`` over a tensor of ``shape``: (X, T[256], O)."""
-    n = int(np.prod(shape))
+    """``O[i] = T[byte(X[i])]`` over a tensor of ``shape`` (ints, None for a symbolic dimension):
+    (X, T[256], O)."""
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    name = f"qie_table_{in_dt}_{out_dt}_{'x'.join(str(d) for d in shape)}"
+    dims = [i64(d) if d is not None else tirx.Var(f"n{k}", "int64") for k, d in enumerate(shape)]
+    n = i64(int(np.prod([d for d in shape if d is not None])))
+    for d in dims:
+        if isinstance(d, tirx.Var):
+            n = n * d
+    static = isinstance(n, tirx.IntImm)
+    name = f"qie_table_{in_dt}_{out_dt}_{'x'.join(str(d) if d is not None else 'n' for d in shape)}"
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
-            x = T.arg("X", T.buffer([i64(d) for d in shape], in_dt))
+            x = T.arg("X", T.buffer(dims, in_dt))
             tb = T.arg("T", T.buffer((i64(256),), out_dt))
-            o = T.arg("O", T.buffer([i64(d) for d in shape], out_dt))
+            o = T.arg("O", T.buffer(dims, out_dt))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            xf = T.decl_buffer((i64(n),), "uint8", data=x.data)
-            of = T.decl_buffer((i64(n),), "int8", data=o.data)
+            xf = T.decl_buffer((n,), "uint8", data=x.data)
+            of = T.decl_buffer((n,), "int8", data=o.data)
             ti = T.decl_buffer((i64(256),), "int8", data=tb.data)
-            nvec = n // VEC if vbmi else 0
-            if nvec:
+            nvec = (n // VEC if vbmi else 0) if static else (tvm.tirx.floordiv(n, VEC) if vbmi else None)
+            if static:
+                nvec = int(nvec)
+            if nvec is not None and not (static and nvec == 0):
                 v8 = f"int8x{VEC}"
                 tabs = [ti.vload([i64(j * VEC)], v8) for j in range(4)]
                 groups = (nvec + CHUNK // VEC - 1) // (CHUNK // VEC)
-                loop = T.parallel if groups > 1 else T.serial
-                with loop(i64(0), i64(groups)) as g:
+                loop = T.parallel if not static or groups > 1 else T.serial
+                with loop(i64(0), i64(groups) if static else groups) as g:
                     with T.serial(i64(0), i64(CHUNK // VEC)) as j:
                         v = g * (CHUNK // VEC) + j
                         with T.If(v < nvec):
@@ -119,10 +144,14 @@ def lookup_primfunc(shape, in_dt: str, out_dt: str, vbmi: bool) -> tirx.PrimFunc
                                                                 tabs[2], idx, tabs[3])
                                 neg = idx < tirx.Broadcast(tirx.const(0, "int8"), VEC)
                                 T.buffer_store(of, tirx.Select(neg, hi, lo), [tirx.Ramp(v * VEC, i64(1), VEC)])
-            rest = n - nvec * VEC
-            if rest:
-                loop = T.parallel if rest >= 4 * CHUNK else T.serial
-                with loop(i64(nvec * VEC), i64(n)) as i:
+            start = i64(0) if nvec is None or (static and nvec == 0) else nvec * VEC
+            if not static:
+                loop = T.parallel if not vbmi else T.serial     # the tail: all of it without VBMI
+                with loop(start, n) as i:
+                    T.buffer_store(of, ti[xf[i].astype("int64")], [i])
+            elif int(n) - int(start):
+                loop = T.parallel if int(n) - int(start) >= 4 * CHUNK else T.serial
+                with loop(i64(int(start)), n) as i:
                     T.buffer_store(of, ti[xf[i].astype("int64")], [i])
     return ib.get()
 
@@ -160,8 +189,7 @@ def tables_pass(target: tvm.target.Target) -> tvm.transform.Pass:
                 tbl = table(f)
                 if tbl is not None:
                     b = _buffers(f)
-                    tables[gv.name_hint] = (tbl, (tuple(int(d) for d in b[0].shape), str(b[0].dtype),
-                                                  str(b[1].dtype), vbmi))
+                    tables[gv.name_hint] = (tbl, (tuple(_dims(b[0])), str(b[0].dtype), str(b[1].dtype), vbmi))
         if not tables:
             return mod
         rw = _Calls(mod, tables, {})

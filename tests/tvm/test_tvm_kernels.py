@@ -215,6 +215,60 @@ def test_pointwise_conv(isa, geo, out, xdt):
     check(got, want, f"{isa} pointwise {geo} {xdt}->{out}")
 
 
+# Depthwise kernel (schedules/depthwise.py): rows below / at / past a vector (overlapping last vector),
+# stride 2 read directly as int16 pairs, stride 3 and dilated strides through pair planes, odd and even
+# kernel widths (a tap paired with a zero weight), 1x1 outputs, rows narrower than the stride, tiny planes
+# grouped several per task (64 channels of 3x3), asymmetric padding.
+DEPTHWISE = [
+    # c, h, w, kernel, strides, pads (t, l, b, r), dilations
+    (8, 15, 33, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),
+    (5, 1, 1, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (4, 3, 2, (3, 3), (2, 2), (1, 1, 1, 0), (1, 1)),
+    (3, 9, 4, (1, 3), (1, 1), (0, 1, 0, 1), (1, 1)),
+    (4, 13, 19, (3, 3), (3, 3), (1, 1, 1, 1), (1, 1)),
+    (4, 12, 20, (3, 5), (1, 2), (1, 2, 1, 2), (1, 2)),
+    (16, 9, 40, (7, 7), (1, 1), (3, 3, 3, 3), (1, 1)),
+    (8, 5, 1, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1)),
+    (64, 4, 4, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    (6, 17, 18, (4, 2), (2, 1), (2, 0, 1, 1), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("isa", tvm_isa_params())
+@pytest.mark.parametrize("geo", DEPTHWISE, ids=lambda g: "c{}h{}w{}k{}x{}s{}x{}d{}".format(*g[:3], *g[3], *g[4], g[6][1]))
+@pytest.mark.parametrize("out", ["int32", "uint8", "int8", "float32"])
+@pytest.mark.parametrize("xw", ["u8s8", "s8u8"])
+def test_depthwise_conv(isa, geo, out, xw):
+    c, h, w, kern, strides, pads, dil = geo
+    xdt, wdt = ("uint8", "int8") if xw == "u8s8" else ("int8", "uint8")
+    rng = np.random.default_rng(c * 1000 + h * 10 + w)
+    x, wt = rand(rng, xdt, (2, c, h, w)), rand(rng, wdt, (c, 1, *kern))
+    zx, zw = int(rand(rng, xdt, ())), rand(rng, wdt, (c,))
+    per_channel = bool(c % 2)
+    spec = conv.ConvSpec(xdt, wdt, c, c, h, w, kern, strides, pads, dil, c,
+                         Epilogue(out, per_channel=per_channel, bias=out != "int32"))
+    kk = kernel(spec, isa)
+    assert kk.func.attrs["global_symbol"].startswith("qie_dwconv_")
+    acc = ref.conv_integer(x, wt, np.asarray(zx, xdt), zw, group=c, strides=list(strides), pads=list(pads),
+                           dilations=list(dil))
+    bias = rng.integers(-3000, 3000, c).astype(np.int32)
+    if out == "int32":
+        got, want = kk(x, kk.pack(wt, zw), zx), acc
+    elif out == "float32":
+        scale = rng.uniform(1e-4, 1e-3, c if per_channel else 1).astype(np.float32)
+        fbias = (bias.astype(np.float32) * np.float32(1e-3)).reshape(1, -1, 1, 1)
+        got = kk(x, kk.pack(wt, zw), zx, scale=scale, fbias=fbias)
+        assert_within_fma(got, acc.astype(np.float32) * scale.reshape(1, -1, 1, 1) + fbias, fbias)
+        return
+    else:
+        span = float(np.abs(acc).max() + 3000) or 1.0
+        mult = (rng.uniform(150, 300, c if per_channel else 1) / span).astype(np.float32)
+        zy = 3 if out == "uint8" else -5
+        got = kk(x, kk.pack(wt, zw), zx, mult=mult, bias=bias, zy=zy)
+        want = ref.requantize(acc + bias.reshape(1, -1, 1, 1), mult.reshape(1, -1, 1, 1), zy, out)
+    check(got, want, f"{isa} depthwise {geo} {xw}->{out}")
+
+
 def test_bad_specs_raise():
     with pytest.raises(ValueError, match="uint8 or int8"):
         matmul.MatmulSpec("int16", "int8", 4, 4, Epilogue("int32"))

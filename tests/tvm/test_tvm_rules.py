@@ -312,7 +312,7 @@ def _qdq_unary_model(shape, op, in_t=TensorProto.UINT8, out_t=TensorProto.INT8, 
 
 def _tabled(model, shapes):
     from qie_ep.tvm import from_onnx, _front, _pre_schedule
-    mod = from_onnx(model, shape_dict=shapes, fold_shapes=True)
+    mod = from_onnx(model, shape_dict=shapes, fold_shapes=shapes is not None)
     with HOST:
         mod = tvm.transform.Sequential(_front(HOST, True) + _pre_schedule(HOST, fuse=True))(mod)
     return [gv.name_hint for gv, f in mod.functions_items()
@@ -330,9 +330,21 @@ def test_elementwise_functions_become_tables(shape, op, in_t, out_t, attrs):
     ORT's QDQ result but where ORT's own float op differs from TVM's (fast-math polynomials, within a code)."""
     model = _qdq_unary_model(shape, op, in_t, out_t, **attrs)
     assert _tabled(model, {"x": shape}), "no table"
+    _check_table_against_ort(model, compile_model(model, shape_dict={"x": shape})[0], shape, in_t)
+
+
+def test_tables_with_a_symbolic_batch():
+    """A symbolic batch: the function is probed at batch 1 and one lookup serves every batch."""
+    model = _qdq_unary_model(["N", 16, 30, 40], "Sigmoid", TensorProto.UINT8, TensorProto.INT8)
+    assert _tabled(model, None), "no table"
+    fn = compile_model(model)[0]
+    for n in (1, 3):
+        _check_table_against_ort(model, fn, [n, 16, 30, 40], TensorProto.UINT8)
+
+
+def _check_table_against_ort(model, fn, shape, in_t):
     lo, hi = (0, 256) if in_t == TensorProto.UINT8 else (-128, 128)
     x = RNG.integers(lo, hi, shape).astype(np.uint8 if in_t == TensorProto.UINT8 else np.int8)
-    fn = compile_model(model, shape_dict={"x": shape})[0]
     got = fn({"x": x})[0]
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -370,11 +382,12 @@ def test_table_lookup_kernel(vbmi, n):
     from qie_ep.tvm.schedules import isa as tisa
     if vbmi and not tisa.has_features(HOST, ("avx512vbmi",)):
         pytest.skip("no AVX-512 VBMI on this CPU")
-    f = tables.lookup_primfunc((n,), "uint8", "int8", vbmi)
-    x = RNG.integers(0, 256, n).astype(np.uint8)
     tbl = RNG.integers(-128, 128, 256).astype(np.int8)
-    got = _run(f, [x, tbl, np.zeros(n, np.int8)])
-    np.testing.assert_array_equal(got, tbl[x])
+    for shape in ((n,), (None,)):           # static, and the symbolic-size kernel run at n
+        f = tables.lookup_primfunc(shape, "uint8", "int8", vbmi)
+        x = RNG.integers(0, 256, n).astype(np.uint8)
+        got = _run(f, [x, tbl, np.zeros(n, np.int8)])
+        np.testing.assert_array_equal(got, tbl[x])
 
 
 def test_matmul_rows_not_a_multiple_of_the_tile():

@@ -9,8 +9,7 @@ Two kernels:
    the patches ``Ap[b*RPI + oh*OW + ow, (kh*KW + kw)*Cp + c]`` (RPI: OH*OW padded to the row tile), one
    contiguous run of Xp per tap; the weights are packed in the same K order, and the epilogue writes
    NCHW directly.
-2. depthwise (``group == C == OC``): a zero-padded int32 plane per (b, c) task, then each output pixel
-   is one sum over the taps, vectorized along the row.
+2. depthwise (``group == C == OC``): ``depthwise.py`` (explicit-vector TIR, one task per plane).
 Other grouped convolutions are left to TVM's own lowering by the Relax pass (it logs the fallback).
 """
 
@@ -22,7 +21,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from . import gemm, pointwise, records
+from . import depthwise, gemm, pointwise, records
 from .gemm import Epilogue, Tile
 from .isa import Isa
 
@@ -101,7 +100,7 @@ def _shift(v, sa: int, dtype: str):
 def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> tirx.PrimFunc:
     """Unscheduled PrimFunc (X, Wp, colsum, za, [zb], epilogue operands..., O); ``batch=None``: symbolic."""
     if spec.depthwise:
-        return _depthwise(spec, isa, batch)
+        return depthwise.primfunc(spec, isa, spec.kernel_name(isa, Tile(1, 1)), batch)
     bv = tirx.Var("batch", "int64") if batch is None else batch
     c, h, w = spec.channels, spec.height, spec.width
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
@@ -156,56 +155,11 @@ def schedule_im2col(s: Schedule, cp: int, lanes: int) -> None:
     gemm._vectorize_exact(s, cin, cp, lanes)
 
 
-def _depthwise(spec: ConvSpec, isa: Isa, batch) -> tirx.PrimFunc:
-    """Depthwise: ``Xp`` = the zero-point-subtracted input plane, zero padded (int32), then every output
-    pixel is one expression over the KH*KW taps (no reduction loop, so the pixel loop vectorizes)."""
-    bv = tirx.Var("batch", "int64") if batch is None else batch
-    c, h, w = spec.channels, spec.height, spec.width
-    (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
-    pt, pl, pb, pr = spec.pads
-    oh, ow = spec.out_hw
-    x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
-    wt = te.placeholder((c, kh, kw), "int32", name="Wd")       # w - zw, widened once at compile time
-    za = te.placeholder((1,), "int32", name="za")
-
-    def padded(b, ch, yy, xx):
-        inside = tirx.all(yy >= pt, yy < h + pt, xx >= pl, xx < w + pl)
-        return tirx.if_then_else(inside, x[b, ch, yy - pt, xx - pl].astype("int32") - za[0], 0)
-
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - one index type (mixed int32/int64 indices
-    # under a fused batch x channel loop made TVM 0.27 emit a 4-byte store for a uint8 output element)
-    xp = te.compute((bv, i64(c), i64(h + pt + pb), i64(w + pl + pr)), padded, name="Xp")
-
-    def acc(b, ch, y, xx):
-        terms = [xp[b, ch, y * sh + i * dh, xx * sw + j * dw] * wt[ch, i, j] for i in range(kh) for j in range(kw)]
-        total = terms[0]
-        for t in terms[1:]:
-            total = total + t
-        return total
-
-    params, o = gemm.epilogue_stage(acc, lambda b, ch, y, xx: ch, spec.epi, (bv, i64(c), i64(oh), i64(ow)), c)
-    return gemm.build_primfunc([x, wt, za, *params, o], spec.kernel_name(isa, Tile(1, 1)))
-
-
-def schedule_depthwise(s: Schedule, lanes: int) -> None:
-    """1. one task per (b, c) plane, parallel; 2. the padded plane Xp is built inside the task (it stays in
-    cache); 3. output pixels of a row are vectorized where no lane would be masked."""
-    ob = s.get_sblock("O")
-    b, ch, y, xx = s.get_loops(ob)
-    bc = s.fuse(b, ch)
-    s.parallel(bc)
-    xb = s.get_sblock("Xp")
-    s.compute_at(xb, bc)
-    gemm._vectorize_exact(s, s.get_loops(xb)[-1], int(s.get(s.get_loops(xb)[-1]).extent), lanes)
-    gemm._vectorize_exact(s, xx, int(s.get(xx).extent), lanes)
-
-
 def pack(spec: ConvSpec, isa: Isa, w: np.ndarray, zw, tile: Tile | None = None):
     """Constant OIHW weights in the layout ``scheduled(spec, isa, tile)`` takes: ``w - zw`` as int32
     [C, KH, KW] (depthwise), the pointwise kernel's rows, or the im2col GEMM's packed panels."""
     if spec.depthwise:
-        zw = np.broadcast_to(np.asarray(zw, np.int32).reshape(-1), (w.shape[0],))
-        return (w.astype(np.int32) - zw.reshape(-1, 1, 1, 1)).reshape(w.shape[0], *w.shape[2:])
+        return depthwise.pack(w, zw)
     if pointwise.applies(spec, isa):
         return pointwise.pack(w, zw, isa)
     return gemm.pack_weights(weights_as_gemm(w, isa), zw, isa, tile or tile_for(spec, isa))
@@ -214,12 +168,9 @@ def pack(spec: ConvSpec, isa: Isa, w: np.ndarray, zw, tile: Tile | None = None):
 def scheduled(spec: ConvSpec, isa: Isa, tile: Tile | None = None, batch: int | None = None) -> tirx.PrimFunc:
     if pointwise.applies(spec, isa):
         return pointwise.primfunc(spec, isa, batch)
+    if spec.depthwise:
+        return primfunc(spec, isa, Tile(1, 1), batch)
     tile = tile or tile_for(spec, isa)
     f = primfunc(spec, isa, tile, batch)
-    if spec.depthwise:
-        s = Schedule(f)
-        schedule_depthwise(s, max(isa.lanes, 8))
-        out = s.mod["main"].with_attr("tirx.is_scheduled", True)
-        return out.with_attr("qie.kernel", f.attrs["global_symbol"])
     return gemm.schedule_primfunc(f, isa, tile, fuse_epilogue=False, cols_outer=False,
                                   then=lambda s: schedule_im2col(s, cpad(spec.channels, isa), isa.lanes))

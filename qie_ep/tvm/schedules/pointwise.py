@@ -166,11 +166,16 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                 p0 = pt * (vecs * lanes)
 
                 def tile(nvec: int, last: bool):
-                    acc = T.decl_buffer((rows * nvec * lanes,), "int32", scope="local")
+                    # One small "global"-scope buffer per accumulator: TVM 0.27 puts global buffers under
+                    # 1 KB on the stack (alloca, which LLVM promotes to registers) and every "local" one,
+                    # or one buffer for the whole tile (1.5 KB), on its workspace heap, where LLVM could
+                    # not always keep the accumulators in registers (2x slower with a symbolic batch).
+                    acc = [[T.decl_buffer((lanes,), "int32") for _ in range(nvec)]
+                           for _ in range(rows)]
+                    lane_ix = [tirx.Ramp(0, 1, lanes)]
                     for r in range(rows):
                         for v in range(nvec):
-                            T.buffer_store(acc, tirx.Broadcast(tirx.const(0, "int32"), lanes),
-                                           [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
+                            T.buffer_store(acc[r][v], tirx.Broadcast(tirx.const(0, "int32"), lanes), lane_ix)
                     xbase = b * (groups * pp * 4) + p0 * 4
                     with T.serial(i64(0), i64(groups)) as g:
                         xrow = xbase + g * (pp * 4)
@@ -179,16 +184,15 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                         for r in range(rows):
                             wb = tirx.reinterpret(vi8, tirx.Broadcast(w32[(o0 + r) * groups + g], lanes))
                             for v in range(nvec):
-                                at = tirx.Ramp((r * nvec + v) * lanes, 1, lanes)
-                                cur = tirx.BufferLoad(acc, [at])
-                                T.buffer_store(acc, tirx.call_llvm_pure_intrin(
-                                    vi32, INTRIN[lanes], cur, xs[v], wb), [at])
+                                cur = tirx.BufferLoad(acc[r][v], lane_ix)
+                                T.buffer_store(acc[r][v], tirx.call_llvm_pure_intrin(
+                                    vi32, INTRIN[lanes], cur, xs[v], wb), lane_ix)
                     for r in range(rows):
                         orow = o0 + r
 
                         def store_row(r=r, orow=orow):
                             for v in range(nvec):
-                                a = tirx.BufferLoad(acc, [tirx.Ramp((r * nvec + v) * lanes, 1, lanes)])
+                                a = tirx.BufferLoad(acc[r][v], lane_ix)
                                 a = a - tirx.Broadcast(zap * colsum[orow], lanes)
                                 val = epilogue_value(a, orow, epi, scale, fbias, mult, bias, zy, lanes)
                                 base = b * (oc * p) + orow * p + p0 + v * lanes
@@ -196,7 +200,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                                 if whole:
                                     T.buffer_store(of, val, [tirx.Ramp(base, i64(1), lanes)])
                                 else:
-                                    tmp = T.decl_buffer((lanes,), epi.out, scope="local")
+                                    tmp = T.decl_buffer((lanes,), epi.out)
                                     T.buffer_store(tmp, val, [tirx.Ramp(0, 1, lanes)])
                                     with T.serial(i64(0), i64(p % lanes)) as lane:
                                         T.buffer_store(of, tmp[lane], [base + lane])
