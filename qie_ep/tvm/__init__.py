@@ -21,6 +21,7 @@ from .schedules import isa as _isa
 from .frontend import from_onnx
 from .legalize import legalize_map
 from .rewrite import Unsupported, rewrite
+from .shapes import fold_shapes_pass
 from .tables import tables_pass
 
 _log = logging.getLogger("qie_ep.tvm")
@@ -38,14 +39,15 @@ def isa_for(target) -> str:
 
 
 def rewrite_pass(target) -> tvm.transform.Pass:
-    """qie's Relax pass alone: quantized groups -> calls to qie's scheduled PrimFuncs."""
+    """qie's Relax pass alone: sizes the graph computes from its input shapes folded into expressions
+    (``qie_ep.tvm.shapes``), then quantized groups -> calls to qie's scheduled PrimFuncs."""
     t = _target(target)
     isa = _isa.for_target(t)
     ktarget = _isa.kernel_target(t) if t.kind.name == "llvm" else None
 
     @tvm.transform.module_pass(opt_level=0, name="qie.RewriteQuantized")
     def _rewrite(mod, _ctx):
-        return rewrite(mod, isa, ktarget, t)
+        return rewrite(fold_shapes_pass()(mod), isa, ktarget, t)
 
     return _rewrite
 

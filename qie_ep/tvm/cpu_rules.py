@@ -46,6 +46,7 @@ class CpuParams:
     conv_oc: int          # conv2d register tile output channels
 
 
+STACK_BYTES = 1024     # TVM 0.27 allocates a constant-size "global" buffer under this on the stack
 PARAMS = {512: CpuParams(16, 4, 4, 6), 256: CpuParams(8, 4, 3, 6), 128: CpuParams(4, 4, 3, 4)}
 
 
@@ -180,11 +181,20 @@ def _one_float_reduction(sch):
     return infos[:i], infos[i], infos[i + 1:]
 
 
-def _producers(sch, before, lanes) -> bool:
-    """Producers (padding, dequantize) stay materialised, each a parallel vectorized nest."""
+def _producers(sch, before, lanes, main=None) -> bool:
+    """Producers of the reduction's operands (padding, dequantize) stay materialised, each a parallel
+    vectorized nest; a producer only the epilogue reads (a dequantized residual) is inlined into it, since
+    the epilogue runs per tile inside the reduction's loops where a root block cannot be reached."""
+    reads = {r.source.name for r in sch.get(main.block_rv).reads} if main is not None else None
     for b in before:
         if not all(k == "S" for k in b.dom_kind()):
             return False
+        if reads is not None and sch.get(b.block_rv).writes[0].source.name not in reads:
+            try:
+                sch.compute_inline(b.block_rv)
+                continue
+            except Exception:  # noqa: BLE001 - not inlinable: the rule declines below
+                return False
         _spatial_nest(sch, b.block_rv, lanes)
     return True
 
@@ -193,11 +203,18 @@ def _shape(sch, info) -> list:
     return [_const(d) for d in sch.get(info.block_rv).writes[0].source.shape]
 
 
-def _epilogue_at(sch, main, after, loop, lanes) -> None:
+class _Block:
+    """A block made by a schedule primitive, where the helpers take a dlight BlockInfo."""
+
+    def __init__(self, block_rv):
+        self.block_rv = block_rv
+
+
+def _epilogue_at(sch, main, after, loop, lanes, shape=None) -> None:
     """Consumers of ``main``'s output shape (an elementwise chain) inlined into the chain's last block,
     which is computed per tile under ``loop``; consumers of another shape (padding for the next layer)
     stay at the root as parallel vectorized nests."""
-    shape = _shape(sch, main)
+    shape = shape or _shape(sch, main)
     n = 0
     while n < len(after) and _shape(sch, after[n]) == shape:
         n += 1
@@ -295,16 +312,31 @@ class Matmul(CpuRule):
         if len(loops) != len(kinds):
             return None
         tile = _col_tile(_const(get_extent(sch, loops[-2])), p.lanes, p.mm_vecs)
-        if tile is None or not _producers(sch, before, p.lanes):
+        if tile is None or not _producers(sch, before, p.lanes, mm):
             return None
         v, nv = tile
-        rows = _rows_dividing(_const(get_extent(sch, loops[-3])), p.mm_rows, nv, 32 if p.lanes == 16 else 16)
+        m = _const(get_extent(sch, loops[-3]))
+        rows = _rows_dividing(m, p.mm_rows, nv, 32 if p.lanes == 16 else 16)
+        shape = _shape(sch, mm)
+        if m is None:
+            # A symbolic row count: rows padded to the register tile (the operand copied into a padded
+            # buffer, the result read back for the epilogue). Split unpadded, the last row tile was
+            # predicated and its accumulators could not be given a constant-size (register) buffer:
+            # 35 GFLOPS instead of ~110 on 15 x 1536 x 384. The accumulator tile is kept under 1 KB so
+            # TVM allocates it on the stack: on its workspace heap LLVM cannot tell it from the padded
+            # operand (another workspace buffer) and keeps it in memory.
+            rows = max(1, min(rows, (STACK_BYTES - 1) // (nv * v * 4)))
+            sch.pad_einsum(mm.block_rv, [1] * (len(loops) - 3) + [rows, 1, 1])
+            for pad in sch.get_producers(mm.block_rv):
+                _spatial_nest(sch, pad, p.lanes)
+            after = [_Block(b) for b in sch.get_consumers(mm.block_rv)] + list(after)
+            loops = sch.get_loops(mm.block_rv)
         batch, (ro, ri, co, cvo, cv) = loops[:-3], _register_tile(sch, loops[-3], rows, loops[-2], v, nv)
         sch.reorder(*batch, co, ro, loops[-1], ri, cvo, cv)
         sch.parallel(sch.fuse(*batch, co) if batch else co)
         _finish_tile(sch, mm.block_rv, loops[-1], ri, cvo, cv, ro)
         if after:
-            _epilogue_at(sch, mm, after, ro, p.lanes)
+            _epilogue_at(sch, mm, after, ro, p.lanes, shape)
         return sch
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import onnx
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as _F
 
 
@@ -192,7 +192,54 @@ class QGemm(_F.OnnxOpConverter):
         return _q(out, sy, zy) if sy is not None else out
 
 
+def _same_pads(attr, shape) -> tuple | None:
+    """Explicit pads for ``auto_pad`` SAME_UPPER / SAME_LOWER where TVM's converter needs every spatial size
+    as an int: an axis of stride 1 pads ``(k - 1) * d`` whatever its size, a static axis as ONNX says; None
+    when a symbolic axis has a stride (its padding depends on the size at run time)."""
+    mode = attr.get("auto_pad", b"NOTSET").decode("utf-8")
+    kernel = list(attr["kernel_shape"])
+    nd = len(kernel)
+    strides = list(attr.get("strides", [1] * nd))
+    dil = list(attr.get("dilations", [1] * nd))
+    before, after = [], []
+    for i in range(nd):
+        size = shape[2 + i]
+        if strides[i] == 1:
+            total = (kernel[i] - 1) * dil[i]
+        elif isinstance(size, tirx.IntImm):
+            n = int(size.value)
+            total = max((-(-n // strides[i]) - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - n, 0)
+        else:
+            return None
+        lo, hi = total // 2, total - total // 2
+        before.append(hi if mode == "SAME_LOWER" else lo)
+        after.append(lo if mode == "SAME_LOWER" else hi)
+    return tuple(before + after)
+
+
+def _same_pool(base):
+    """TVM's Max/AveragePool converter, with SAME auto-padding given as explicit pads where the input has
+    symbolic spatial sizes (its converter calls int() on them: PP-OCRv6's MaxPool with a dynamic width)."""
+
+    class SamePool(base):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            mode = attr.get("auto_pad", b"NOTSET").decode("utf-8")
+            shape = getattr(inputs[0].ty.shape, "values", None)
+            if mode.startswith("SAME") and shape is not None and any(
+                    not isinstance(d, tirx.IntImm) for d in shape[2:]):
+                pads = _same_pads(attr, shape)
+                if pads is not None:
+                    attr = dict(attr, auto_pad=b"NOTSET", pads=pads)
+            return super()._impl_v1(bb, inputs, attr, params)
+
+    SamePool.__name__ = base.__name__
+    return SamePool
+
+
 CONVERTERS = {
+    "MaxPool": _same_pool(_F.MaxPool),
+    "AveragePool": _same_pool(_F.AveragePool),
     "QLinearMatMul": QLinearMatMul,
     "QLinearConv": QLinearConv,
     "ConvInteger": ConvInteger,

@@ -94,7 +94,7 @@ def fused_primfuncs(model, shapes):
     """The module's PrimFuncs after qie's rewrite, legalization and fusion (before scheduling; without
     the tables pass, which would take the one-tensor elementwise functions away from the rules)."""
     from qie_ep.tvm import from_onnx
-    mod = rewrite_pass(HOST)(from_onnx(model, shape_dict=shapes, fold_shapes=True))
+    mod = rewrite_pass(HOST)(from_onnx(model, shape_dict=shapes, fold_shapes=shapes is not None))
     passes = _cpu_passes(HOST, fuse=True)
     with HOST:
         for p in passes[:passes.index(next(p for p in passes if p.info.name == "qie.NarrowStoreSafe")) + 1]:
@@ -104,11 +104,13 @@ def fused_primfuncs(model, shapes):
             if isinstance(f, tvm.tirx.PrimFunc) and "qie.kernel" not in (f.attrs or {})}
 
 
-def _random_args(func):
+def _random_args(func, sizes=None):
+    """Random operands; ``sizes``: values of the symbolic dimensions by name."""
     args = []
     for p in func.params:
         b = p if hasattr(p, "shape") else func.buffer_map[p]
-        shape, dt = [int(d) for d in b.shape], str(b.dtype)
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else sizes[d.name] for d in b.shape]
+        dt = str(b.dtype)
         args.append(RNG.standard_normal(shape).astype(dt) * 3 if "float" in dt
                     else RNG.integers(0, 255, shape).astype(dt))
     return args
@@ -141,8 +143,8 @@ def scheduled_by(func):
     return None, None
 
 
-def assert_same_as_unscheduled(func, scheduled):
-    args = _random_args(func)
+def assert_same_as_unscheduled(func, scheduled, sizes=None):
+    args = _random_args(func, sizes)
     want, got = _run(func, args), _run(scheduled, args)
     if want.dtype.kind == "f":
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-4)
@@ -256,6 +258,73 @@ def test_symbolic_shapes_compile_without_fusion(caplog):
         x = RNG.standard_normal(shape).astype(np.float32)
         np.testing.assert_allclose(run({"x": x})[0], np.maximum(x @ w, 0).reshape(shape[0], -1), rtol=1e-5,
                                    atol=1e-5)
+
+
+def _range_mask_model():
+    """A transformer's shape arithmetic: position ids ``Range(0, Shape(x)[1])`` added to the input, a
+    causal mask from the same range (LessOrEqual -> Where) on ``x x^T``, and the input reshaped to
+    ``Concat(Shape(x)[0:1], -1)``."""
+    nodes = [helper.make_node("Shape", ["x"], ["sh"]),
+             helper.make_node("Gather", ["sh", "i1"], ["s"]),
+             helper.make_node("Range", ["zero", "s", "one"], ["r"]),
+             helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["rf", "ax02"], ["pos"]),
+             helper.make_node("Add", ["x", "pos"], ["xp"]),
+             helper.make_node("Unsqueeze", ["r", "ax0"], ["row"]),
+             helper.make_node("Unsqueeze", ["r", "ax1"], ["col"]),
+             helper.make_node("LessOrEqual", ["row", "col"], ["keep"]),
+             helper.make_node("Where", ["keep", "fzero", "fneg"], ["mask"]),
+             helper.make_node("Transpose", ["xp"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["xp", "xt"], ["att"]),
+             helper.make_node("Add", ["att", "mask"], ["y"]),
+             helper.make_node("Slice", ["sh", "st0", "en1"], ["b"]),
+             helper.make_node("Concat", ["b", "n1"], ["sh2"], axis=0),
+             helper.make_node("Reshape", ["x", "sh2"], ["y2"])]
+    inits = [_const("i1", np.int64(1)), _const("zero", np.int64(0)), _const("one", np.int64(1)),
+             _const("ax02", np.array([0, 2], np.int64)), _const("ax0", np.array([0], np.int64)),
+             _const("ax1", np.array([1], np.int64)), _const("fzero", np.float32(0)),
+             _const("fneg", np.float32(-1e4)), _const("st0", np.array([0], np.int64)),
+             _const("en1", np.array([1], np.int64)), _const("n1", np.array([-1], np.int64))]
+    return _model(nodes, [_vi("x", ["batch", "seq", 8])], [_vi("y", None), _vi("y2", None)], inits)
+
+
+def test_shape_arithmetic_folds_and_the_model_fuses(caplog):
+    """Sizes the graph computes from its input shapes (Range over Shape(x)[1]) are given back to TVM as
+    expressions of the input's sizes: no size is bound by a run-time ``match_cast`` any more, the fused
+    lowering succeeds (it failed in VMShapeLower and the model ran unfused), and the results equal ORT's."""
+    import onnxruntime as ort
+    from qie_ep.tvm import from_onnx
+    from qie_ep.tvm.shapes import fold_function
+    m = _range_mask_model()
+    f = from_onnx(m)["main"]
+    assert "range_len" in f.script()
+    folded = fold_function(f).script()
+    assert "range_len" not in folded and "R.Tensor((seq,)" in folded
+    with caplog.at_level(logging.INFO, logger="qie_ep.tvm"):
+        run = compile_model(m)[0]
+    assert "fused lowering failed" not in caplog.text
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for shape in ((1, 3, 8), (2, 6, 8)):
+        x = RNG.standard_normal(shape).astype(np.float32)
+        for got, want in zip(run({"x": x}), sess.run(None, {"x": x})):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("op,attrs", [
+    ("MaxPool", dict(auto_pad="SAME_UPPER", kernel_shape=[2, 2], strides=[1, 1])),          # PP-OCRv6's
+    ("MaxPool", dict(auto_pad="SAME_LOWER", kernel_shape=[3, 3], strides=[2, 1])),          # stride on static H
+    ("AveragePool", dict(auto_pad="SAME_UPPER", kernel_shape=[3, 2], strides=[1, 1])),
+], ids=["max_upper", "max_lower_strided_h", "avg_upper"])
+def test_same_padded_pools_with_a_symbolic_width(op, attrs):
+    """TVM's converter needs every spatial size as an int for SAME auto-padding; qie's gives it explicit pads
+    where they do not depend on the size (stride 1, or a static axis). Equal to ORT at two widths."""
+    import onnxruntime as ort
+    m = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [_vi("x", ["n", 4, 9, "w"])], [_vi("y", None)], [])
+    run = compile_model(m)[0]
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for w in (7, 12):
+        x = RNG.standard_normal((2, 4, 9, w)).astype(np.float32)
+        np.testing.assert_allclose(run({"x": x})[0], sess.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
 
 
 def test_whole_model_every_primfunc_scheduled():
@@ -388,6 +457,29 @@ def test_table_lookup_kernel(vbmi, n):
         x = RNG.integers(0, 256, n).astype(np.uint8)
         got = _run(f, [x, tbl, np.zeros(n, np.int8)])
         np.testing.assert_array_equal(got, tbl[x])
+
+
+def test_matmul_with_a_symbolic_row_count():
+    """Rows unknown at compile time (a dynamic sequence length), with a dequantized residual added in the
+    epilogue: the Matmul rule pads the rows to its register tile (no predicated tile in the K loop) and
+    inlines the residual's dequantize into the per-tile epilogue; equal to the unscheduled function for
+    row counts below, at and past the tile."""
+    rng = np.random.default_rng(41)
+    k, n = 96, 80
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("DequantizeLinear", ["r", "s", "z"], ["d"]), helper.make_node("Add", ["a", "d"], ["y"])]
+    inits = [_const("w", rng.standard_normal((k, n)).astype(np.float32) * 0.1),
+             _const("b", rng.standard_normal(n).astype(np.float32)), _const("s", np.float32(0.05)),
+             _const("z", np.uint8(120))]
+    model = _model(nodes, [_vi("x", ["M", k]), _vi("r", ["M", n], TensorProto.UINT8)], [_vi("y", None)], inits)
+    funcs = [f for f in fused_primfuncs(model, None).values() if "matmul" in str(f)]
+    assert funcs
+    for f in funcs:
+        rule, sched = scheduled_by(f)
+        assert rule == "Matmul"
+        assert "pad" in sched.script()
+        for m in (1, 3, 4, 15, 16):
+            assert_same_as_unscheduled(f, sched, {"M": m})
 
 
 def test_matmul_rows_not_a_multiple_of_the_tile():
