@@ -327,6 +327,18 @@ def test_same_padded_pools_with_a_symbolic_width(op, attrs):
         np.testing.assert_allclose(run({"x": x})[0], sess.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
 
 
+def test_conv2d_rule_declines_symbolic_sizes():
+    """A float conv with a symbolic batch goes to dlight's rules: the Conv2d rule's schedule of such a
+    function corrupted the heap on a dynamic-width PP-OCRv6 (found this session, not yet explained)."""
+    m = conv_model(16, 16, (12, 16), 3, group=16)
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+    funcs = [f for f in fused_primfuncs(m, None).values() if "conv2d" in str(f)]
+    assert funcs
+    for f in funcs:
+        assert cpu_rules.Conv2d().apply(f, HOST, False) is None
+        assert scheduled_by(f)[0] not in (None, "Conv2d")
+
+
 def test_whole_model_every_primfunc_scheduled():
     """After the pipeline no PrimFunc is left as TVM wrote it (each is qie's kernel or rule-scheduled)."""
     from qie_ep.tvm import pipeline, from_onnx
