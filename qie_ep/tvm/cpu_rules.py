@@ -362,8 +362,10 @@ class Conv2d(CpuRule):
         p = params(target)
         batch, (c, h, w), red = loops[:ns - 3], loops[ns - 3:ns], loops[ns:]
         if any(_const(get_extent(sch, lp)) is None for lp in loops) or not _producers(sch, before, p.lanes):
-            # Symbolic sizes: declined (a dynamic-width PP-OCRv6 corrupted the heap with this rule's
-            # schedule of a symbolic-batch conv; not yet understood, so dlight's rules take them).
+            # Symbolic sizes: declined. The rule also takes batch matmuls the Matmul rule declines (4
+            # spatial axes + 1 reduction): on a dynamic-width PP-OCRv6 its schedule of the attention's
+            # probabilities x V ([n, 8, 40, 15], sizes from the symbolic width) wrote out of bounds and
+            # corrupted the heap. Not yet explained; dlight's rules take such functions.
             return None
         # a width no vector divides: one 16-wide tile per step, unrolled, its tail predicated
         v, nv = _col_tile(_const(get_extent(sch, w)), p.lanes, 2) or (p.lanes, 0)

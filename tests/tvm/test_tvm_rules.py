@@ -328,8 +328,9 @@ def test_same_padded_pools_with_a_symbolic_width(op, attrs):
 
 
 def test_conv2d_rule_declines_symbolic_sizes():
-    """A float conv with a symbolic batch goes to dlight's rules: the Conv2d rule's schedule of such a
-    function corrupted the heap on a dynamic-width PP-OCRv6 (found this session, not yet explained)."""
+    """A float conv with a symbolic batch goes to dlight's rules: the Conv2d rule (which also takes batch
+    matmuls the Matmul rule declines) wrote out of bounds on a dynamic-width PP-OCRv6's attention matmul
+    (found in session 29 by bisecting the rules, not yet explained)."""
     m = conv_model(16, 16, (12, 16), 3, group=16)
     m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
     funcs = [f for f in fused_primfuncs(m, None).values() if "conv2d" in str(f)]
