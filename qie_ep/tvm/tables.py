@@ -124,17 +124,18 @@ def lookup_primfunc(shape, in_dt: str, out_dt: str, vbmi: bool) -> tirx.PrimFunc
             xf = T.decl_buffer((n,), "uint8", data=x.data)
             of = T.decl_buffer((n,), "int8", data=o.data)
             ti = T.decl_buffer((i64(256),), "int8", data=tb.data)
-            nvec = (n // VEC if vbmi else 0) if static else (tvm.tirx.floordiv(n, VEC) if vbmi else None)
-            if static:
-                nvec = int(nvec)
-            if nvec is not None and not (static and nvec == 0):
+            # Whole 64-byte vectors (VBMI), then the rest one element at a time; with a symbolic size
+            # both loops are emitted (either may be empty), parallel where they can be long.
+            nvec = n.value // VEC if static and vbmi else (n // VEC if vbmi else 0)
+            if vbmi and (not static or nvec):
                 v8 = f"int8x{VEC}"
                 tabs = [ti.vload([i64(j * VEC)], v8) for j in range(4)]
-                groups = (nvec + CHUNK // VEC - 1) // (CHUNK // VEC)
+                per = CHUNK // VEC
+                groups = (nvec + per - 1) // per
                 loop = T.parallel if not static or groups > 1 else T.serial
-                with loop(i64(0), i64(groups) if static else groups) as g:
-                    with T.serial(i64(0), i64(CHUNK // VEC)) as j:
-                        v = g * (CHUNK // VEC) + j
+                with loop(i64(0), i64(groups) if isinstance(groups, int) else groups) as g:
+                    with T.serial(i64(0), i64(per)) as j:
+                        v = g * per + j
                         with T.If(v < nvec):
                             with T.Then():
                                 idx = tirx.reinterpret(v8, xf.vload([v * VEC], f"uint8x{VEC}"))
@@ -144,14 +145,10 @@ def lookup_primfunc(shape, in_dt: str, out_dt: str, vbmi: bool) -> tirx.PrimFunc
                                                                 tabs[2], idx, tabs[3])
                                 neg = idx < tirx.Broadcast(tirx.const(0, "int8"), VEC)
                                 T.buffer_store(of, tirx.Select(neg, hi, lo), [tirx.Ramp(v * VEC, i64(1), VEC)])
-            start = i64(0) if nvec is None or (static and nvec == 0) else nvec * VEC
-            if not static:
-                loop = T.parallel if not vbmi else T.serial     # the tail: all of it without VBMI
-                with loop(start, n) as i:
-                    T.buffer_store(of, ti[xf[i].astype("int64")], [i])
-            elif int(n) - int(start):
-                loop = T.parallel if int(n) - int(start) >= 4 * CHUNK else T.serial
-                with loop(i64(int(start)), n) as i:
+            start = i64(nvec * VEC) if isinstance(nvec, int) else nvec * VEC
+            if not static or n.value > nvec * VEC:
+                long_tail = not vbmi if not static else n.value - nvec * VEC >= 4 * CHUNK
+                with (T.parallel if long_tail else T.serial)(start, n) as i:
                     T.buffer_store(of, ti[xf[i].astype("int64")], [i])
     return ib.get()
 

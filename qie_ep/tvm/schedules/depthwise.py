@@ -31,7 +31,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .gemm import epilogue_value
+from .gemm import epilogue_args, epilogue_value
 from .isa import Isa
 
 
@@ -74,8 +74,6 @@ class _Bound:
 
 def _store(buf, value, at, n: int):
     T.buffer_store(buf, value, [at] if n == 1 else [tirx.Ramp(at, tirx.IntImm("int64", 1), n)])
-
-
 
 
 def pack(w: np.ndarray, zw) -> np.ndarray:
@@ -148,17 +146,7 @@ def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFu
             x = T.arg("X", T.buffer((bv, i64(c), i64(h), i64(w)), xdt))
             wt = T.arg("Wd", T.buffer((i64(c), i64(kh), i64(npairs)), "int32"))
             za = T.arg("za", T.buffer((i64(1),), "int32"))
-            nsc = c if epi.per_channel else 1
-            scale = mult = fbias = bias = zy = None
-            if epi.out == "float32":
-                scale = T.arg("scale", T.buffer((i64(nsc),), "float32"))
-                if epi.bias:
-                    fbias = T.arg("fbias", T.buffer((i64(c),), "float32"))
-            elif epi.out != "int32":
-                mult = T.arg("mult", T.buffer((i64(nsc),), "float32"))
-                if epi.bias:
-                    bias = T.arg("bias", T.buffer((i64(c),), "int32"))
-                zy = T.arg("zy", T.buffer((i64(1),), "int32"))
+            ops = epilogue_args(epi, c)
             o = T.arg("O", T.buffer((bv, i64(c), i64(oh), i64(ow)), epi.out))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
             xf = T.decl_buffer((bv * (c * h * w),), xdt, data=x.data)
@@ -189,9 +177,8 @@ def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFu
                     wvs = [[T.bind(tirx.reinterpret(f"int16x{2 * v}", _bcast(
                         wf[ch * (kh * npairs) + i * npairs + pi], v))) for pi in range(npairs)] for i in range(kh)]
                     col = ch if epi.per_channel else 0
-                    consts = {k: _Bound(T.bind(buf[at])) for k, buf, at in (
-                        ("scale", scale, col), ("mult", mult, col), ("fbias", fbias, ch), ("bias", bias, ch),
-                        ("zy", zy, 0)) if buf is not None}
+                    at = {"scale": col, "mult": col, "fbias": ch, "bias": ch, "zy": 0}
+                    consts = {k: _Bound(T.bind(buf[at[k]])) for k, buf in ops.items()}
                     with T.serial(i64(0), i64(oh)) as oy:
                         def out_vec(x0):
                             acc = _bcast(tirx.const(0, "int32"), v)

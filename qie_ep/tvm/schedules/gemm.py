@@ -168,6 +168,25 @@ def epilogue_stage(acc: Callable, col: Callable, epi: Epilogue, out_shape, n: in
                                           name="O")
 
 
+def epilogue_args(epi: Epilogue, n: int) -> dict:
+    """The epilogue operands as arguments of a PrimFunc being written with TVM's IRBuilder (inside
+    ``T.prim_func()``), in ``epilogue_stage``'s order: {name: buffer} for ``epilogue_value``."""
+    from tvm.script.ir_builder import tirx as T
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    nsc = n if epi.per_channel else 1
+    ops = {}
+    if epi.out == "float32":
+        ops["scale"] = T.arg("scale", T.buffer((i64(nsc),), "float32"))
+        if epi.bias:
+            ops["fbias"] = T.arg("fbias", T.buffer((i64(n),), "float32"))
+    elif epi.out != "int32":
+        ops["mult"] = T.arg("mult", T.buffer((i64(nsc),), "float32"))
+        if epi.bias:
+            ops["bias"] = T.arg("bias", T.buffer((i64(n),), "int32"))
+        ops["zy"] = T.arg("zy", T.buffer((i64(1),), "int32"))
+    return ops
+
+
 def epilogue_value(a, col, epi: Epilogue, scale=None, fbias=None, mult=None, bias=None, zy=None, lanes: int = 1):
     """What the GEMM writes for the int32 accumulator ``a`` of output column ``col`` (one value, or a vector
     of ``lanes`` values of that column: the pointwise conv kernel).

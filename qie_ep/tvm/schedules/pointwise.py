@@ -31,7 +31,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .gemm import PackedWeights, _ceil, epilogue_value, shifts
+from .gemm import PackedWeights, _ceil, epilogue_args, epilogue_value, shifts
 from .isa import Isa
 
 # Register tile (output channels x pixel vectors) per vector width: R * V accumulators + V input vectors
@@ -96,17 +96,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
             wp = T.arg("Wp", T.buffer((i64(ocp), i64(groups), i64(4)), "int8"))
             colsum = T.arg("colsum", T.buffer((i64(ocp),), "int32"))
             za = T.arg("za", T.buffer((i64(1),), "int32"))
-            nsc = oc if epi.per_channel else 1
-            scale = mult = fbias = bias = zy = None
-            if epi.out == "float32":
-                scale = T.arg("scale", T.buffer((i64(nsc),), "float32"))
-                if epi.bias:
-                    fbias = T.arg("fbias", T.buffer((i64(oc),), "float32"))
-            elif epi.out != "int32":
-                mult = T.arg("mult", T.buffer((i64(nsc),), "float32"))
-                if epi.bias:
-                    bias = T.arg("bias", T.buffer((i64(oc),), "int32"))
-                zy = T.arg("zy", T.buffer((i64(1),), "int32"))
+            ops = epilogue_args(epi, oc)
             o = T.arg("O", T.buffer((bv, i64(oc), i64(spec.height), i64(spec.width)), epi.out))
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
 
@@ -194,7 +184,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                             for v in range(nvec):
                                 a = tirx.BufferLoad(acc[r][v], lane_ix)
                                 a = a - tirx.Broadcast(zap * colsum[orow], lanes)
-                                val = epilogue_value(a, orow, epi, scale, fbias, mult, bias, zy, lanes)
+                                val = epilogue_value(a, orow, epi, lanes=lanes, **ops)
                                 base = b * (oc * p) + orow * p + p0 + v * lanes
                                 whole = not (last and v == nvec - 1 and p % lanes)
                                 if whole:
