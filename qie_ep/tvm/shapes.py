@@ -10,7 +10,7 @@ TVM issues 20195 / 20177); qie then compiled the whole model unfused. And every 
 checked and allocated at run time as if its value were unknown.
 
 This pass evaluates that shape arithmetic symbolically (the ops such subgraphs use, on int64 tensors of at
-most 8 elements: shape_of, shape_to_tensor, reshape, astype, take, strided_slice, concat, add / subtract /
+most 8 elements: shape_of, shape_to_tensor, reshape, integer astype, take, concat, add / subtract /
 multiply / floor_divide / negative / maximum / minimum, constants) and replaces each variable a
 ``match_cast`` binds to a known value by that value (``seq`` instead of ``range_len_0``). The ``match_cast``
 itself stays, now a check. Anything it cannot evaluate is left as it was.
@@ -76,6 +76,8 @@ class _Eval:
             shape = getattr(ty, "shape", None)
             values = getattr(shape, "values", None) if shape is not None else None
             return (list(values), False) if values is not None and len(values) <= MAX_LEN else None
+        if op == "relax.astype" and not str(getattr(call.attrs, "dtype", "")).startswith(("int", "uint")):
+            return None                 # a float cast: its arithmetic is not integer arithmetic
         if op in ("relax.shape_to_tensor", "relax.tensor_to_shape", "relax.astype"):
             v = self.value(args[0])
             return None if v is None else (v[0], v[1] and op != "relax.tensor_to_shape")
@@ -109,19 +111,6 @@ class _Eval:
             if not parts or any(p is None for p in parts):
                 return None
             return [x for p in parts for x in p[0]], False
-        if op == "relax.strided_slice":
-            v = self.value(args[0])
-            a = call.attrs
-            if v is None or v[1] or a is None:
-                return None
-            try:
-                axes, begin, end = ([int(x) for x in a.axes], [int(x) for x in a.begin], [int(x) for x in a.end])
-                strides = [int(x) for x in a.strides] if a.strides else [1]
-            except (TypeError, AttributeError, ValueError):
-                return None
-            if axes != [0] or strides not in ([1], []):
-                return None
-            return v[0][slice(begin[0], end[0])], False
         return None
 
     def simplify(self, e):
