@@ -47,10 +47,14 @@ def _width(n: int, widest: int) -> int:
     return 1
 
 
-def _chunks(n: int, v: int) -> tuple[int, int | None]:
-    """Whole chunks of ``v`` in ``n`` and the start of one more chunk that ends at ``n`` (overlapping the
-    previous one), or None when the chunks cover ``n`` exactly."""
-    return n // v, (n - v if n % v else None)
+def _each_chunk(n: int, v: int, body) -> None:
+    """``body(start)`` for every whole chunk of ``v`` in ``n`` (a loop), then once more for a chunk that ends
+    at ``n`` and overlaps the previous one when ``v`` does not divide ``n`` (callers write the same values
+    twice there, never past ``n``)."""
+    with T.serial(tirx.IntImm("int64", 0), tirx.IntImm("int64", n // v)) as k:
+        body(k * v)
+    if n % v:
+        body(tirx.IntImm("int64", n - v))
 
 
 def _vec(buf, at, n: int):
@@ -188,11 +192,7 @@ def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFu
                             val = epilogue_value(acc, 0, epi, lanes=v, **consts)
                             _store(of, val, t * (oh * ow) + oy * ow + x0, v)
 
-                        full, last = _chunks(ow, v)
-                        with T.serial(i64(0), i64(full)) as k:
-                            out_vec(k * v)
-                        if last is not None:
-                            out_vec(i64(last))
+                        _each_chunk(ow, v, out_vec)
     return ib.get().with_attr("qie.kernel", name)
 
 
@@ -205,15 +205,10 @@ def _fill(xf, sp, zav, t, h: int, w: int, pt: int, pl: int, wp: int, widest: int
 
         def chunk(c0):
             vt = "int16" if fv == 1 else f"int16x{fv}"
-            val = _vec(xf, src + c0, fv).astype(vt) - (tirx.Cast("int16", zav) if fv == 1
-                                                      else tirx.Broadcast(tirx.Cast("int16", zav), fv))
+            val = _vec(xf, src + c0, fv).astype(vt) - _bcast(tirx.Cast("int16", zav), fv)
             _store(sp, val, dst + c0, fv)
 
-        full, last = _chunks(w, fv)
-        with T.serial(tirx.IntImm("int64", 0), tirx.IntImm("int64", full)) as k:
-            chunk(k * fv)
-        if last is not None:
-            chunk(tirx.IntImm("int64", last))
+        _each_chunk(w, fv, chunk)
 
 
 def _pairs(sp, base: int, cls: int, pt: int, h: int, wp: int, wq: int, sw: int, dw: int, v: int) -> None:
@@ -230,8 +225,4 @@ def _pairs(sp, base: int, cls: int, pt: int, h: int, wp: int, wq: int, sw: int, 
             pair = tirx.Shuffle([a, b], [j for i in range(v) for j in (i, v + i)])
             _store(sp, pair, base + 2 * (r * wq + k0), 2 * v)
 
-        full, last = _chunks(wq, v)
-        with T.serial(tirx.IntImm("int64", 0), tirx.IntImm("int64", full)) as k:
-            chunk(k * v)
-        if last is not None:
-            chunk(tirx.IntImm("int64", last))
+        _each_chunk(wq, v, chunk)
