@@ -57,6 +57,13 @@ class _Eval:
         for v in sig_vars:
             self.ana.update(v, ConstIntBound(0, ConstIntBound.POS_INF))
 
+    def safe_value(self, e):
+        """``value``, or None where the evaluator cannot read the expression: it is then simply not folded."""
+        try:
+            return self.value(e)
+        except Exception:  # noqa: BLE001 - TVM raises builtin types on attrs / fields it lacks
+            return None
+
     def value(self, e):
         if isinstance(e, tvm.ir.Constant):
             return _const_values(e)
@@ -137,7 +144,7 @@ def fold_function(f: relax.Function) -> relax.Function:
     for blk in getattr(body, "blocks", []):
         for b in blk.bindings:
             if isinstance(b, relax.MatchCast):
-                known = ev.value(b.value)
+                known = ev.safe_value(b.value)
                 target = b.ty
                 values = getattr(target, "values", None) if isinstance(target, relax.ShapeType) else None
                 if known is not None and values is not None and len(values) == len(known[0]):
@@ -149,10 +156,7 @@ def fold_function(f: relax.Function) -> relax.Function:
                 if values is not None:
                     defined += [v for v in values if isinstance(v, tirx.Var)]
             else:
-                try:
-                    val = ev.value(b.value)
-                except Exception:  # noqa: BLE001 - an op the evaluator misreads is simply not folded
-                    val = None
+                val = ev.safe_value(b.value)
                 if val is not None:
                     ev.vals[b.var] = val
     if not mapping:
