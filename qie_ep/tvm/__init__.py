@@ -62,19 +62,20 @@ def _default(target: tvm.target.Target) -> tvm.transform.Pass:
     return relax.get_pipeline("default")
 
 
-def _pre_schedule(t: tvm.target.Target, fuse: bool) -> list:
-    """Library dispatch, legalize (+ fuse): the module whose PrimFuncs the rules (or a tuning database)
-    schedule."""
+def _pre_schedule(t: tvm.target.Target, fuse: bool, opaque_compound: bool = False) -> list:
+    """Library dispatch, legalize (+ fuse; ``opaque_compound``: not the operators with compound symbolic
+    sizes): the module whose PrimFuncs the rules (or a tuning database) schedule."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     legalize = [relax.transform.DecomposeOpsForInference(), relax.transform.LegalizeOps(legalize_map()),
                 relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant()]
     if fuse:
-        legalize += [_opaque_compound_shapes(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+        legalize += [*([_opaque_compound_shapes()] if opaque_compound else []), relax.transform.FuseOps(),
+                     relax.transform.FuseTIR()]
     return cpu_generic.library_dispatch_passes(t) + legalize + [tables_pass(t), _narrow_store_safe(t)]
 
 
-def _cpu_passes(t: tvm.target.Target, fuse: bool, database: str | None = None) -> list:
+def _cpu_passes(t: tvm.target.Target, fuse: bool, database: str | None = None, opaque_compound: bool = False) -> list:
     """Legalize (+ fuse), schedule with qie's CPU rules, lower: TVM's CPU pipeline with a scheduler.
     ``database``: a MetaSchedule work directory (``tune``) whose schedules are applied first; the rules
     schedule what it does not hold."""
@@ -83,7 +84,7 @@ def _cpu_passes(t: tvm.target.Target, fuse: bool, database: str | None = None) -
     from . import cpu_rules
 
     tuned = [relax.transform.MetaScheduleApplyDatabase(database)] if database else []
-    return (_pre_schedule(t, fuse) + tuned + [dlight.ApplyDefaultSchedule(*cpu_rules.rules())]
+    return (_pre_schedule(t, fuse, opaque_compound) + tuned + [dlight.ApplyDefaultSchedule(*cpu_rules.rules())]
             + cpu_generic.dataflow_lower_passes(t) + cpu_generic.finalize_passes(t))
 
 
@@ -121,15 +122,36 @@ def _opaque_compound_shapes() -> tvm.transform.Pass:
     return _pass
 
 
+def _stores_narrow(f: tvm.tirx.PrimFunc) -> bool:
+    """Whether ``f`` writes any element narrower than 32 bits: every store and every block's write region
+    in its statement tree (TVM 0.27 exposes no TIR visitor to Python)."""
+    stack = [f.body]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            continue
+        if isinstance(node, tvm.tirx.BufferStore) and tvm.DataType(node.buffer.dtype).bits < 32:
+            return True
+        for region in getattr(node, "writes", None) or []:
+            if tvm.DataType(region.source.dtype).bits < 32:
+                return True
+        for field in ("body", "block", "init", "then_case", "else_case"):
+            stack.append(getattr(node, field, None))
+        stack.extend(getattr(node, "seq", None) or [])
+    return False
+
+
 def _narrow_store_safe(t: tvm.target.Target) -> tvm.transform.Pass:
-    """Every PrimFunc compiled with LLVM's loop vectorizer off (qie's rules vectorize explicitly): LLVM 22
-    miscompiles the scalar remainder of auto-vectorized uint8/int8 stores on AVX-512."""
+    """Every PrimFunc that stores 8- or 16-bit elements compiled with LLVM's loop vectorizer off (qie's
+    rules vectorize explicitly): LLVM 22 miscompiles the scalar remainder of auto-vectorized uint8/int8
+    stores on AVX-512. The others keep it: it vectorizes the loops no rule could (a symbolic width)."""
     kt = _isa.kernel_target(t)
 
     @tvm.transform.module_pass(opt_level=0, name="qie.NarrowStoreSafe")
     def _pass(mod, _ctx):
         for gv, f in list(mod.functions_items()):
-            if isinstance(f, tvm.tirx.PrimFunc) and (f.attrs is None or "target" not in f.attrs):
+            if (isinstance(f, tvm.tirx.PrimFunc) and (f.attrs is None or "target" not in f.attrs)
+                    and _stores_narrow(f)):
                 mod[gv] = f.with_attr("target", kt)
         return mod
 
@@ -137,20 +159,27 @@ def _narrow_store_safe(t: tvm.target.Target) -> tvm.transform.Pass:
 
 
 def _cpu_pipeline(t: tvm.target.Target, database: str | None = None) -> tvm.transform.Pass:
-    """Fused when TVM can lower the fused module, else unfused (logged on ``qie_ep.tvm``). With symbolic
-    shapes TVM 0.27's FuseOps may move a binding that uses a size bound by a later ``match_cast`` (a
-    data-dependent ``arange`` length) above that ``match_cast``; VMShapeLower then fails with "PrimExpr ...
-    has not been computed" (TVM issues 20195 / 20177)."""
+    """Fused when TVM can lower the fused module; else fused but for the operators with compound symbolic
+    sizes; else unfused (each fallback logged on ``qie_ep.tvm``). With symbolic shapes TVM 0.27's FuseOps
+    may move a binding that uses a size bound by a later ``match_cast`` (a data-dependent ``arange``
+    length) above that ``match_cast``; VMShapeLower then fails with "PrimExpr ... has not been computed"
+    (TVM issues 20195 / 20177). ``qie_ep.tvm.shapes`` folds the shape arithmetic that caused it in the
+    demo's models (which now all fuse whole: PP-OCRv6 with a symbolic width ran ~2,000 operator calls
+    unfused, ~1 ms of VM overhead)."""
+    attempts = [dict(fuse=True), dict(fuse=True, opaque_compound=True), dict(fuse=False)]
 
     @tvm.transform.module_pass(opt_level=0, name="qie.CpuPipeline")
     def _pass(mod, _ctx):
         with t:
-            try:
-                return tvm.transform.Sequential(_cpu_passes(t, fuse=True, database=database))(mod)
-            except Exception as e:  # noqa: BLE001 - TVM raises builtin error types; the unfused module lowers
-                _log.info("qie: fused lowering failed (%s); compiling without operator fusion",
-                          str(e).splitlines()[0] if str(e) else type(e).__name__)
-                return tvm.transform.Sequential(_cpu_passes(t, fuse=False, database=database))(mod)
+            for i, how in enumerate(attempts):
+                try:
+                    return tvm.transform.Sequential(_cpu_passes(t, database=database, **how))(mod)
+                except Exception as e:  # noqa: BLE001 - TVM raises builtin error types; the next one lowers
+                    if i == len(attempts) - 1:
+                        raise
+                    _log.info("qie: lowering (%s) failed (%s); trying %s", how, str(e).splitlines()[0] if str(e)
+                              else type(e).__name__, attempts[i + 1])
+        return mod
 
     return _pass
 

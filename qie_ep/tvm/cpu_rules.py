@@ -148,6 +148,12 @@ def _spatial_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
     if not loops:
         return
     total = _work(sch, loops)
+    if len(loops) > 1 and _const(get_extent(sch, loops[-1])) is None:
+        # A symbolic innermost extent (a text line's width): the other loops fused and parallel, the
+        # innermost one left whole (LLVM vectorizes it where the function stores no 8-bit type, see
+        # ``qie_ep.tvm._narrow_store_safe``); fused with the others it would cost a division per element.
+        _parallel(sch, sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0], total)
+        return
     bits = _bits(_write_dtype(sch, block))
     width = min(64, lanes * 32 // bits) if bits < 32 else lanes
     rest = vectorize_with_tail(sch, loops[-1], width)
@@ -361,11 +367,9 @@ class Conv2d(CpuRule):
             return None
         p = params(target)
         batch, (c, h, w), red = loops[:ns - 3], loops[ns - 3:ns], loops[ns:]
-        if any(_const(get_extent(sch, lp)) is None for lp in loops) or not _producers(sch, before, p.lanes):
-            # Symbolic sizes: declined. The rule also takes batch matmuls the Matmul rule declines (4
-            # spatial axes + 1 reduction): on a dynamic-width PP-OCRv6 its schedule of the attention's
-            # probabilities x V ([n, 8, 40, 15], sizes from the symbolic width) wrote out of bounds and
-            # corrupted the heap. Not yet explained; dlight's rules take such functions.
+        if any(_const(get_extent(sch, lp)) is None for lp in loops):
+            return self._symbolic(sch, cv_, before, after, batch, c, h, w, red, p)
+        if not _producers(sch, before, p.lanes):
             return None
         # a width no vector divides: one 16-wide tile per step, unrolled, its tail predicated
         v, nv = _col_tile(_const(get_extent(sch, w)), p.lanes, 2) or (p.lanes, 0)
@@ -376,6 +380,29 @@ class Conv2d(CpuRule):
         _finish_tile(sch, cv_.block_rv, red[0], ri, cvo, cvi, co, vector=nv > 0)
         if after:
             _epilogue_at(sch, cv_, after, co, p.lanes)
+        return sch
+
+
+    @staticmethod
+    def _symbolic(sch, cv_, before, after, batch, c, h, w, red, p):
+        """Symbolic sizes (a text line's width): per (n, channel tile, h) task, the output row accumulated
+        in place over the reduction, ``conv_oc`` channels a task where they divide the channel count; the
+        row loop is left whole for LLVM's loop vectorizer (the function stores float32 only, so
+        ``qie_ep.tvm._narrow_store_safe`` leaves it on). Windowed functions only (two or three reduction
+        axes): the register-tile schedule's predicated tiles wrote out of bounds on a batch matmul with
+        sizes from a symbolic width (PP-OCRv6's attention probabilities x V, 4 spatial axes + 1 reduction:
+        heap corruption), so those are left to dlight's rules."""
+        if len(red) not in (2, 3) or not _producers(sch, before, p.lanes):
+            return None
+        oc = _const(get_extent(sch, c))
+        rows = p.conv_oc if len(red) == 3 and oc is not None and oc % p.conv_oc == 0 else 1
+        co, ci = sch.split(c, factors=[None, rows])
+        sch.reorder(*batch, co, h, *red, ci, w)
+        sch.parallel(sch.fuse(*batch, co, h))
+        sch.unroll(ci)
+        sch.decompose_reduction(cv_.block_rv, red[0])
+        for b in after:
+            _spatial_nest(sch, b.block_rv, p.lanes)
         return sch
 
 
@@ -496,8 +523,8 @@ class Fallback(CpuRule):
             lead = len(kinds) - len(kinds.lstrip("S"))
             if lead == 0 or len(loops) != len(kinds):
                 continue
-            outer = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
-            _parallel(sch, outer, _work(sch, loops))
+            work = _work(sch, loops)    # before fusing: the fused loops are gone after
+            _parallel(sch, sch.fuse(*loops[:lead]) if lead > 1 else loops[0], work)
         return sch
 
 

@@ -7,6 +7,7 @@ A rule that applies but cannot take the group (layout, dynamic shapes, grouped c
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,9 +138,11 @@ class X86Conv2d:
         if (str(at.data_layout), str(at.kernel_layout), str(at.out_layout)) != ("NCHW", "OIHW", "NCHW"):
             raise Unsupported("conv2d layout other than NCHW/OIHW")
         sh = _shape(x)
-        if sh is None or len(sh) != 4 or any(_static(d) is None for d in sh[1:]):
-            raise Unsupported("conv2d input needs static C, H, W")
-        c, h, wd = (int(d) for d in sh[1:])
+        if sh is None or len(sh) != 4 or any(_static(d) is None for d in sh[1:3]):
+            raise Unsupported("conv2d input needs static C and H")
+        c, h = (int(d) for d in sh[1:3])
+        # A symbolic width (a text line's length): the kernel takes any width through its own variable.
+        wd = _static(sh[3]) if _static(sh[3]) is not None else tirx.Var("width", "int64")
         oc, cg, kh, kw = w.shape
         pads = [int(p) for p in at.padding]
         pads = pads * 2 if len(pads) == 2 else pads
@@ -148,7 +151,9 @@ class X86Conv2d:
             raise Unsupported(f"grouped conv2d (groups={groups}) that is not depthwise")
         spec = tconv.ConvSpec(_dtype(x), str(w.dtype), c, oc, h, wd, (kh, kw), tuple(int(s) for s in at.strides),
                               tuple(pads), tuple(int(d) for d in at.dilation), groups, epi)
-        oh, ow = spec.out_hw
+        oh, ow = dataclasses.replace(spec, width=sh[3]).out_hw if spec.symbolic else spec.out_hw
+        if spec.depthwise and spec.symbolic:
+            raise Unsupported("depthwise conv2d needs a static width")
         if spec.depthwise:
             spec = tconv.ConvSpec(**{**spec.__dict__, "epi": Epilogue(epi.out, epi.per_channel, epi.bias, False)})
             args = [x, relax.const(tconv.pack(spec, rw.isa, w, zw)), g.za]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
@@ -49,7 +50,7 @@ class _Rewriter(PyExprMutator):
     def __init__(self, mod, isa: Isa, phase: str, kernel_target=None, target=None):
         super().__init__(mod)
         self.isa, self.phase, self.kernel_target, self.target = isa, phase, kernel_target, target
-        self.funcs: dict[str, relax.GlobalVar] = {}
+        self.funcs: dict[str, list] = {}   # kernel name -> [(GlobalVar, PrimFunc)]
         self.rewritten = 0
 
     # -- binding resolution ---------------------------------------------------------------------
@@ -150,10 +151,13 @@ class _Rewriter(PyExprMutator):
         func = func.with_attr("op_pattern", 8)
         if self.kernel_target is not None:
             func = func.with_attr("target", self.kernel_target)
-        gv = self.funcs.get(name)
+        # Shared by name only where the PrimFunc is the same: a name that does not carry every parameter
+        # of a kernel (two convs alike but for their padding once shared one kernel) gets a suffix instead.
+        same = self.funcs.setdefault(name, [])
+        gv = next((g for g, f in same if tvm_ffi.structural_equal(f, func)), None)
         if gv is None:
-            gv = self.builder_.add_func(func, name)
-            self.funcs[name] = gv
+            gv = self.builder_.add_func(func, name if not same else f"{name}_{len(same)}")
+            same.append((gv, func))
         return relax.call_tir(gv, args, relax.TensorType(out_shape, dtype))
 
     # -- the groups -----------------------------------------------------------------------------

@@ -101,6 +101,44 @@ def test_qlinear_conv(geo):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("geo", [(3, 16, 17, (3, 3), (2, 2)), (16, 24, 9, (1, 1), (1, 1)), (8, 12, 6, (3, 3), (1, 2))],
+                         ids=["stem3x3s2", "pointwise", "3x3_stride_1x2"])
+def test_qlinear_conv_with_a_symbolic_width(geo):
+    """A text line's width (and a batch) symbolic: one im2col kernel takes every width through its own size
+    variable (the output width an expression of it), exact at widths from 1 to past several row tiles."""
+    c, oc, h, kernel, strides = geo
+    model = qlinear_conv_model(c, oc, (h, 8), kernel, 1, strides, [kernel[0] // 2] * 4)
+    model.graph.input[0].type.tensor_type.shape.CopyFrom(
+        helper.make_tensor_type_proto(TensorProto.UINT8, ["n", c, h, "w"]).tensor_type.shape)
+    fn, kernels = compile_model(model)
+    assert len(kernels) == 1 and "wdyn" in kernels[0], kernels
+    for n, w in ((1, 1), (2, 7), (1, 33), (3, 64), (1, 321)):
+        x = q(np.uint8, (n, c, h, w))
+        got, = fn({"x": x})
+        want, = ort_ref(model, {"x": x})
+        np.testing.assert_array_equal(got, want)
+
+
+def test_convs_differing_only_in_padding_get_their_own_kernels():
+    """Kernels are shared by name: the name carries every geometry parameter (pads, both strides,
+    dilations), so two convs alike but for their padding do not share one."""
+    w = q(np.int8, (8, 8, 3, 3))
+    inits = {"x_scale": np.float32(0.02), "x_zp": np.uint8(120), "w": w,
+             "w_scale": np.float32(0.01), "w_zp": np.int8(0), "y_scale": np.float32(0.05), "y_zp": np.uint8(100)}
+    ins = ["x_scale", "x_zp", "w", "w_scale", "w_zp", "y_scale", "y_zp"]
+    nodes = [helper.make_node("QLinearConv", ["x", *ins], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("QLinearConv", ["x", *ins], ["b"], pads=[1, 0, 1, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 8, 10, 10])],
+                              [helper.make_tensor_value_info(o, TensorProto.UINT8, None) for o in "ab"],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    x = q(np.uint8, (1, 8, 10, 10))
+    got, want, kernels = both(model, {"x": x}, 2)
+    assert len(set(kernels)) == 2, kernels
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(g, w_)
+
+
 def test_conv_integer():
     w = q(np.uint8, (10, 4, 3, 3))
     model = single_node_model("ConvInteger", [("x", np.zeros((2, 4, 8, 9), np.uint8)), ("w", 0), ("x_zp", 0),

@@ -104,12 +104,28 @@ def fused_primfuncs(model, shapes):
             if isinstance(f, tvm.tirx.PrimFunc) and "qie.kernel" not in (f.attrs or {})}
 
 
+def _size(d, sizes) -> int:
+    """A dimension's value: constant, a symbolic variable named in ``sizes``, or an expression of them."""
+    if isinstance(d, tvm.tirx.IntImm):
+        return int(d)
+    if isinstance(d, tvm.tirx.Var):
+        return sizes[d.name]
+    ana = tvm.sym.analyzer.Analyzer()
+    for v in tvm.tirx.analysis.undefined_vars(d):
+        ana.bind(v, tvm.tirx.IntImm("int64", sizes[v.name]))
+    return int(ana.simplify(d))
+
+
 def _random_args(func, sizes=None):
-    """Random operands; ``sizes``: values of the symbolic dimensions by name."""
+    """Random operands; ``sizes``: values of the symbolic dimensions by name (a scalar parameter, as
+    TVM adds for a size no buffer has by itself, gets its value)."""
     args = []
     for p in func.params:
+        if not hasattr(p, "shape") and p not in func.buffer_map:
+            args.append(sizes[p.name])
+            continue
         b = p if hasattr(p, "shape") else func.buffer_map[p]
-        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else sizes[d.name] for d in b.shape]
+        shape = [_size(d, sizes) for d in b.shape]
         dt = str(b.dtype)
         args.append(RNG.standard_normal(shape).astype(dt) * 3 if "float" in dt
                     else RNG.integers(0, 255, shape).astype(dt))
@@ -302,7 +318,7 @@ def test_shape_arithmetic_folds_and_the_model_fuses(caplog):
     assert "range_len" not in folded and "R.Tensor((seq,)" in folded
     with caplog.at_level(logging.INFO, logger="qie_ep.tvm"):
         run = compile_model(m)[0]
-    assert "fused lowering failed" not in caplog.text
+    assert "failed" not in caplog.text
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     for shape in ((1, 3, 8), (2, 6, 8)):
         x = RNG.standard_normal(shape).astype(np.float32)
@@ -327,17 +343,42 @@ def test_same_padded_pools_with_a_symbolic_width(op, attrs):
         np.testing.assert_allclose(run({"x": x})[0], sess.run(None, {"x": x})[0], rtol=1e-6, atol=1e-6)
 
 
-def test_conv2d_rule_declines_symbolic_sizes():
-    """A float conv with a symbolic batch goes to dlight's rules: the Conv2d rule (which also takes batch
-    matmuls the Matmul rule declines) wrote out of bounds on a dynamic-width PP-OCRv6's attention matmul
-    (found in session 29 by bisecting the rules, not yet explained)."""
-    m = conv_model(16, 16, (12, 16), 3, group=16)
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "n"
+@pytest.mark.parametrize("c,oc,k,group,pad", [(16, 24, 3, 1, 1), (16, 16, 3, 16, 1), (8, 12, 2, 1, 0)],
+                         ids=["conv3x3", "depthwise", "conv2x2_no_pad"])
+def test_conv2d_rule_with_symbolic_sizes(c, oc, k, group, pad):
+    """A symbolic batch and width (a text line's length): the Conv2d rule's row schedule (each output row
+    accumulated in place over the window, rows left to LLVM's loop vectorizer), equal to the unscheduled
+    function at widths below, at and past a vector, output checked for stores past its end."""
+    m = conv_model(c, oc, (12, 16), k, group=group, pad=pad)
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param, dims[3].dim_param = "n", "w"
     funcs = [f for f in fused_primfuncs(m, None).values() if "conv2d" in str(f)]
     assert funcs
     for f in funcs:
+        sch = cpu_rules.Conv2d().apply(f, HOST, False)
+        assert sch is not None
+        for n, w in ((1, 2), (2, 17), (1, 40)):
+            assert_same_as_unscheduled(f, sch.mod["main"], {"n": n, "w": w})
+
+
+def _symbolic_batch_matmul():
+    """Attention's probabilities x V with sizes from a symbolic width: [n, 8, 40, w] x [n, 8, w, 15]."""
+    m = _model([helper.make_node("MatMul", ["p", "v"], ["y"])],
+               [_vi("p", ["n", 8, 40, "w"]), _vi("v", ["n", 8, "w", 15])], [_vi("y", None)])
+    return m
+
+
+def test_conv2d_rule_declines_a_symbolic_batch_matmul():
+    """4 spatial axes + 1 reduction with symbolic sizes: not a window, and the Conv2d rule's register tile
+    wrote out of bounds on one (a dynamic-width PP-OCRv6's attention, found in session 29 by bisecting the
+    rules); dlight's rules take it, and the result is still right."""
+    funcs = [f for f in fused_primfuncs(_symbolic_batch_matmul(), None).values() if "matmul" in str(f)]
+    assert funcs
+    for f in funcs:
         assert cpu_rules.Conv2d().apply(f, HOST, False) is None
-        assert scheduled_by(f)[0] not in (None, "Conv2d")
+        name, sch = scheduled_by(f)
+        assert name not in (None, "Conv2d")
+        assert_same_as_unscheduled(f, sch, {"n": 2, "w": 15})
 
 
 def test_whole_model_every_primfunc_scheduled():
@@ -506,3 +547,28 @@ def test_matmul_rows_not_a_multiple_of_the_tile():
         rule, sched = scheduled_by(f)
         assert rule == "Matmul"
         assert_same_as_unscheduled(f, sched)
+
+
+def _float_elementwise_model(shape):
+    """Sigmoid(x) * x + 1 over a float tensor: one fused injective function storing float32 only."""
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Mul", ["s", "x"], ["m"]),
+             helper.make_node("Add", ["m", "one"], ["y"])]
+    return _model(nodes, [_vi("x", shape)], [_vi("y", None)], [_const("one", np.float32(1))])
+
+
+@pytest.mark.parametrize("model", [qdq_elementwise_model, _float_elementwise_model], ids=["u8_store", "f32_store"])
+def test_injective_with_a_symbolic_width(model):
+    """A symbolic innermost extent: the other loops fused and parallel, the row left whole (fused with
+    the others it cost a division per element: PP-OCRv6's elementwise functions ran 20x slower). LLVM's
+    loop vectorizer stays off exactly where the function stores an 8-bit type (the remainder miscompile)."""
+    from qie_ep.tvm import _stores_narrow
+    funcs = fused_primfuncs(model(["n", 8, 6, "w"]), None)
+    assert funcs
+    for f in funcs.values():
+        assert ("target" in f.attrs) == _stores_narrow(f) == (model is qdq_elementwise_model)
+        name, sch = scheduled_by(f)
+        assert name == "Injective"
+        loops = [ln for ln in sch.script().splitlines() if " in T." in ln or " in range(" in ln]
+        assert "T.parallel" in loops[0] and "range(" in loops[-1] and "w" in loops[-1], loops
+        for n, w in ((1, 1), (2, 17), (1, 67)):
+            assert_same_as_unscheduled(f, sch, {"n": n, "w": w})

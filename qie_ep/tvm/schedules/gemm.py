@@ -56,6 +56,11 @@ class Epilogue:
         if self.out not in ("int32", "uint8", "int8", "float32"):
             raise ValueError(f"qie GEMM: unsupported output dtype {self.out}")
 
+    @property
+    def tag(self) -> str:
+        """The operands in a kernel's name: per-channel (c) or per-tensor (t) scale, bias (b), row sums (z)."""
+        return ("c" if self.per_channel else "t") + ("b" if self.bias else "") + ("z" if self.zb else "")
+
 
 @dataclass(frozen=True)
 class PackedWeights:
@@ -277,21 +282,25 @@ def _epilogue(s: Schedule, column_tile, lanes: int, fuse: bool, out_cols: int, o
         _vectorize_exact(s, s.get_loops(ob)[-1], out_cols, lanes)
 
 
-def _vectorize_exact(s: Schedule, loop, extent: int, lanes: int) -> None:
+def _vectorize_exact(s: Schedule, loop, extent: int | None, lanes: int) -> None:
     """Vectorize only where no lane is masked (a predicated vector loop of u8/s8 stores wrote past the
-    row here, like the LLVM remainder bug ``isa.kernel_target`` works around); other loops stay scalar."""
+    row here, like the LLVM remainder bug ``isa.kernel_target`` works around); other loops (and those of
+    a symbolic ``extent=None``) stay scalar."""
     for width in (lanes, 8, 4):
-        if extent % width == 0:
+        if extent is not None and extent % width == 0:
             _, vec = s.split(loop, [None, width])
             s.vectorize(vec)
             return
 
 
-def _out_extents(s: Schedule, tile: Tile, isa: Isa) -> tuple[int, int]:
+def _out_extents(s: Schedule, tile: Tile, isa: Isa) -> tuple[int, int | None]:
     """(columns a fused tile's epilogue sweeps without a mask, the output's innermost extent)."""
     f = s.mod["main"]
     out = f.params[-1]          # buffers are the params themselves in TVM 0.27
-    last = int(out.shape[-1])
+    last = out.shape[-1]
+    if not isinstance(last, tirx.IntImm):   # a symbolic width (conv): no exact vector is known
+        return 1, None
+    last = int(last)
     width = tile.vecs * isa.lanes if isa.kind == "x86" else isa.lanes
     return (width if last % width == 0 else 1), last
 

@@ -30,7 +30,7 @@ class MatmulSpec:
         ab = ("u8" if self.a_dtype == "uint8" else "s8") + ("u8" if self.b_dtype == "uint8" else "s8")
         out = {"int32": "s32", "uint8": "u8", "int8": "s8", "float32": "f32"}[self.epi.out]
         return (f"qie_matmul_{ab}_{out}_{tile.rows}x{tile.vecs * isa.lanes}c{isa.kpack}"
-                f"_k{self.k}n{self.n}__{isa.name}")
+                f"_k{self.k}n{self.n}_{self.epi.tag}__{isa.name}")
 
 
 def tile_for(spec: MatmulSpec, isa: Isa, m_hint: int | None = None) -> Tile:

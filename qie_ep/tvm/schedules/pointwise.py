@@ -44,13 +44,16 @@ def applies(spec, isa: Isa) -> bool:
     """Whether ``spec`` (a ConvSpec) runs on this kernel on ``isa``."""
     return (isa.kind == "x86" and isa.kpack == 4 and isa.lanes in TILES and spec.group == 1
             and tuple(spec.kernel) == (1, 1) and tuple(spec.strides) == (1, 1) and tuple(spec.dilations) == (1, 1)
-            and not any(spec.pads) and not spec.epi.zb and spec.height * spec.width >= 2 * isa.lanes)
+            and not any(spec.pads) and not spec.epi.zb
+            and (spec.symbolic or spec.height * spec.width >= 2 * isa.lanes))
 
 
 def kernel_name(spec, isa: Isa) -> str:
     xw = ("u8" if spec.x_dtype == "uint8" else "s8") + ("u8" if spec.w_dtype == "uint8" else "s8")
     out = {"int32": "s32", "uint8": "u8", "int8": "s8", "float32": "f32"}[spec.epi.out]
-    return f"qie_pwconv_{xw}_{out}_c{spec.channels}o{spec.out_channels}h{spec.height}w{spec.width}__{isa.name}"
+    width = "dyn" if spec.symbolic else spec.width
+    return (f"qie_pwconv_{xw}_{out}_c{spec.channels}o{spec.out_channels}h{spec.height}w{width}"
+            f"_{spec.epi.tag}__{isa.name}")
 
 
 def pack(w: np.ndarray, zw, isa: Isa) -> PackedWeights:
@@ -68,24 +71,35 @@ def pack(w: np.ndarray, zw, isa: Isa) -> PackedWeights:
     return PackedWeights(np.ascontiguousarray(bs.reshape(ocp, kp // 4, 4)), colsum, zbs, c, oc)
 
 
+def _branch(cond, then, otherwise) -> None:
+    """``if cond: then() else: otherwise()`` in the PrimFunc being built."""
+    with T.If(cond):
+        with T.Then():
+            then()
+        with T.Else():
+            otherwise()
+
+
 def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
     """(X, Wp, colsum, za, epilogue operands..., O), scheduled; ``batch=None``: symbolic batch."""
     if not applies(spec, isa):
         raise ValueError(f"qie pointwise conv: {spec} does not fit {isa.name}")
     c, oc, epi = spec.channels, spec.out_channels, spec.epi
+    sym = spec.symbolic                           # a symbolic width: p, nv, ptiles... are expressions
     p = spec.height * spec.width
     lanes = isa.lanes
     rows, vecs = TILES[lanes]
     groups = _ceil(c, 4) // 4
     nv = _ceil(p, lanes) // lanes                 # pixel vectors per image
     pp = nv * lanes
-    vecs = min(vecs, nv)
-    ptiles = _ceil(nv, vecs) // vecs
+    vecs = vecs if sym else min(vecs, nv)
+    ptiles = _ceil(nv, vecs) // vecs              # (static widths)
     last_vecs = nv - (ptiles - 1) * vecs
+    tail = p % lanes                              # pixels in a row's last, partial vector (0: none)
     otiles = _ceil(oc, rows) // rows
     ocp = otiles * rows
     sa, _ = shifts(isa, spec.x_dtype, spec.w_dtype)
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    i64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731
     bv = tirx.Var("batch", "int64") if batch is None else i64(batch)
     vu32, vi8, vi32 = f"uint32x{lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
 
@@ -127,12 +141,12 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                             v = part if v is None else v | part
                         return v ^ (flip if dtype == "uint32" else tirx.Broadcast(flip, lanes))
 
-                    if p // lanes:
+                    if sym or p // lanes:
                         with T.serial(i64(0), i64(p // lanes)) as pv:
                             i = pv * lanes
                             T.buffer_store(xq32, word(lambda s: xf.vload([s + i], f"{spec.x_dtype}x{lanes}"),
                                                       vu32), [tirx.Ramp(dst + i, i64(1), lanes)])
-                    if p % lanes:
+                    if sym or p % lanes:
                         with T.serial(i64(p // lanes * lanes), i64(p)) as pi:
                             T.buffer_store(xq32, word(lambda s: xf[s + pi], "uint32"), [dst + pi])
                         with T.serial(i64(p), i64(pp)) as pz:
@@ -147,15 +161,20 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                         with T.Else():
                             pixels(False)
 
-            # 2-3. Register tiles and their epilogue.
+            # 2-3. Register tiles and their epilogue. A symbolic width: an image's pixel vectors are
+            # ``full`` tiles of ``vecs`` and then ``rem`` tiles of one vector (two tile bodies instead of one
+            # per possible last-tile size, whose equality branches TVM's buffer compaction failed on).
             zap = za[0] + sa
-            with T.parallel(i64(0), bv * (ptiles * otiles)) as t:
-                b = t // (ptiles * otiles)
-                pt = (t % (ptiles * otiles)) // otiles
+            full, rem = (nv // vecs, nv % vecs) if sym else (ptiles, 0)
+            per_image = (full + rem) * otiles
+            with T.parallel(i64(0), bv * per_image) as t:
+                b = t // per_image
+                pt = (t % per_image) // otiles
                 o0 = (t % otiles) * rows
-                p0 = pt * (vecs * lanes)
 
-                def tile(nvec: int, last: bool):
+                def tile(nvec: int, p0, last: bool):
+                    """``nvec`` pixel vectors from pixel ``p0``; ``last``: its last vector may be the row's
+                    partial one."""
                     # One small "global"-scope buffer per accumulator: TVM 0.27 puts global buffers under
                     # 1 KB on the stack (alloca, which LLVM promotes to registers) and every "local" one,
                     # or one buffer for the whole tile (1.5 KB), on its workspace heap, where LLVM could
@@ -186,14 +205,23 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                                 a = a - tirx.Broadcast(zap * colsum[orow], lanes)
                                 val = epilogue_value(a, orow, epi, lanes=lanes, **ops)
                                 base = b * (oc * p) + orow * p + p0 + v * lanes
-                                whole = not (last and v == nvec - 1 and p % lanes)
-                                if whole:
+
+                                def whole(val=val, base=base):
                                     T.buffer_store(of, val, [tirx.Ramp(base, i64(1), lanes)])
-                                else:
+
+                                def partial(val=val, base=base, v=v):
                                     tmp = T.decl_buffer((lanes,), epi.out)
                                     T.buffer_store(tmp, val, [tirx.Ramp(0, 1, lanes)])
-                                    with T.serial(i64(0), i64(p % lanes)) as lane:
+                                    count = p - (p0 + v * lanes) if sym else tail
+                                    with T.serial(i64(0), i64(count)) as lane:
                                         T.buffer_store(of, tmp[lane], [base + lane])
+
+                                if not (last and v == nvec - 1) or (not sym and not tail):
+                                    whole()
+                                elif not sym:
+                                    partial()
+                                else:
+                                    _branch(p0 + (v + 1) * lanes <= p, whole, partial)
 
                         if oc % rows == 0:
                             store_row()
@@ -202,14 +230,14 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                                 with T.Then():
                                     store_row()
 
-                if ptiles == 1:
-                    tile(last_vecs, True)
+                if sym:
+                    _branch(pt < full, lambda: tile(vecs, pt * (vecs * lanes), True),
+                            lambda: tile(1, full * (vecs * lanes) + (pt - full) * lanes, True))
+                elif ptiles == 1:
+                    tile(last_vecs, 0, True)
                 elif last_vecs == vecs and p % lanes == 0:
-                    tile(vecs, False)
+                    tile(vecs, pt * (vecs * lanes), False)
                 else:
-                    with T.If(pt < ptiles - 1):
-                        with T.Then():
-                            tile(vecs, False)
-                        with T.Else():
-                            tile(last_vecs, True)
+                    _branch(pt < ptiles - 1, lambda: tile(vecs, pt * (vecs * lanes), False),
+                            lambda: tile(last_vecs, pt * (vecs * lanes), True))
     return ib.get().with_attr("qie.kernel", kernel_name(spec, isa))
