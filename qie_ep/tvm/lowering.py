@@ -152,8 +152,6 @@ class X86Conv2d:
         spec = tconv.ConvSpec(_dtype(x), str(w.dtype), c, oc, h, wd, (kh, kw), tuple(int(s) for s in at.strides),
                               tuple(pads), tuple(int(d) for d in at.dilation), groups, epi)
         oh, ow = dataclasses.replace(spec, width=sh[3]).out_hw if spec.symbolic else spec.out_hw
-        if spec.depthwise and spec.symbolic:
-            raise Unsupported("depthwise conv2d needs a static width")
         if spec.depthwise:
             spec = tconv.ConvSpec(**{**spec.__dict__, "epi": Epilogue(epi.out, epi.per_channel, epi.bias, False)})
             args = [x, relax.const(tconv.pack(spec, rw.isa, w, zw)), g.za]

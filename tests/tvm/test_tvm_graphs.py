@@ -101,17 +101,22 @@ def test_qlinear_conv(geo):
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("geo", [(3, 16, 17, (3, 3), (2, 2)), (16, 24, 9, (1, 1), (1, 1)), (8, 12, 6, (3, 3), (1, 2))],
-                         ids=["stem3x3s2", "pointwise", "3x3_stride_1x2"])
+@pytest.mark.parametrize("geo", [(3, 16, 17, (3, 3), 1, (2, 2)), (16, 24, 9, (1, 1), 1, (1, 1)),
+                                 (8, 12, 6, (3, 3), 1, (1, 2)), (16, 16, 7, (3, 3), 16, (1, 1)),
+                                 (8, 8, 9, (5, 5), 8, (2, 2)), (8, 8, 6, (3, 3), 8, (1, 3))],
+                         ids=["stem3x3s2", "pointwise", "3x3_stride_1x2", "depthwise3x3", "depthwise5x5s2",
+                              "depthwise_stride_1x3"])
 def test_qlinear_conv_with_a_symbolic_width(geo):
-    """A text line's width (and a batch) symbolic: one im2col kernel takes every width through its own size
-    variable (the output width an expression of it), exact at widths from 1 to past several row tiles."""
-    c, oc, h, kernel, strides = geo
-    model = qlinear_conv_model(c, oc, (h, 8), kernel, 1, strides, [kernel[0] // 2] * 4)
+    """A text line's width (and a batch) symbolic: one kernel (im2col, pointwise or depthwise) takes every
+    width through its own size variable (the output width an expression of it), exact at widths from 1 (rows
+    narrower than a vector run element by element) to past several row tiles."""
+    c, oc, h, kernel, group, strides = geo
+    model = qlinear_conv_model(c, oc, (h, 8), kernel, group, strides, [kernel[0] // 2] * 4)
     model.graph.input[0].type.tensor_type.shape.CopyFrom(
         helper.make_tensor_type_proto(TensorProto.UINT8, ["n", c, h, "w"]).tensor_type.shape)
     fn, kernels = compile_model(model)
     assert len(kernels) == 1 and "wdyn" in kernels[0], kernels
+    assert kernels[0].startswith("qie_dwconv" if group > 1 else ("qie_conv", "qie_pwconv"))
     for n, w in ((1, 1), (2, 7), (1, 33), (3, 64), (1, 321)):
         x = q(np.uint8, (n, c, h, w))
         got, = fn({"x": x})

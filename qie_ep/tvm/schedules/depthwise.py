@@ -47,14 +47,41 @@ def _width(n: int, widest: int) -> int:
     return 1
 
 
-def _each_chunk(n: int, v: int, body) -> None:
+def _i64(n):
+    return tirx.IntImm("int64", n) if isinstance(n, int) else n
+
+
+def _max(*xs):
+    """max of ints, or of int64 expressions (a symbolic width)."""
+    if all(isinstance(x, int) for x in xs):
+        return max(xs)
+    out = _i64(xs[0])
+    for x in xs[1:]:
+        out = tirx.max(out, _i64(x))
+    return out
+
+
+def _each_chunk(n, v: int, body) -> None:
     """``body(start)`` for every whole chunk of ``v`` in ``n`` (a loop), then once more for a chunk that ends
     at ``n`` and overlaps the previous one when ``v`` does not divide ``n`` (callers write the same values
-    twice there, never past ``n``)."""
-    with T.serial(tirx.IntImm("int64", 0), tirx.IntImm("int64", n // v)) as k:
+    twice there, never past ``n``). A symbolic ``n`` (at least ``v``): the last chunk is always rewritten."""
+    with T.serial(_i64(0), _i64(n // v)) as k:
         body(k * v)
-    if n % v:
-        body(tirx.IntImm("int64", n - v))
+    if not isinstance(n, int) or n % v:
+        body(_i64(n - v))
+
+
+def _chunks(n, v: int, body) -> None:
+    """``_each_chunk`` with ``v``-wide chunks where ``n >= v``; a symbolic ``n`` below ``v`` one element at a
+    time (``body(start, width)``)."""
+    if isinstance(n, int):
+        _each_chunk(n, v, lambda at: body(at, v))
+        return
+    with T.If(n >= v):
+        with T.Then():
+            _each_chunk(n, v, lambda at: body(at, v))
+        with T.Else():
+            _each_chunk(n, 1, lambda at: body(at, 1))
 
 
 def _vec(buf, at, n: int):
@@ -119,30 +146,33 @@ def _dot(isa: Isa, acc, a, b, v: int):
 
 
 def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFunc:
-    """(X, Wd, za, epilogue operands..., O), scheduled; ``batch=None``: symbolic batch."""
+    """(X, Wd, za, epilogue operands..., O), scheduled; ``batch=None``: symbolic batch. A symbolic width
+    (``spec.width`` an int64 variable): the plane buffers' sizes are expressions of it, rows at least a
+    vector wide run on vectors and narrower ones element by element (a branch per row loop)."""
     if not applies(spec, isa):
         raise ValueError(f"qie depthwise conv: {spec} does not fit {isa.name}")
     c, h, w, epi = spec.channels, spec.height, spec.width, spec.epi
     (kh, kw), (sh, sw), (dh, dw) = spec.kernel, spec.strides, spec.dilations
     pt, pl, _, _ = spec.pads
     oh, ow = spec.out_hw
+    sym = spec.symbolic
     widest = 16 if isa.lanes >= 16 else 8
-    v = _width(ow, widest)                                   # int32 lanes per output vector
+    v = widest if sym else _width(ow, widest)                # int32 lanes per output vector
     npairs = (kw + 1) // 2
     starts = [2 * p * dw for p in range(npairs)]             # column offset of each pair's first tap
     direct = sw == 2 and dw == 1                             # pairs are Xp's own adjacent int16s
     classes = [] if direct else sorted({e % sw for e in starts})
     wq = ow + max(starts) // sw                              # pair plane width (k < wq is read)
-    wp = max(pl + w, sw * (ow - 1) + max(starts) + dw + 1, sw * wq + sw + dw)   # Xp row width (int16)
-    wp += wp % 2
+    wp = _max(pl + w, sw * (ow - 1) + max(starts) + dw + 1, sw * wq + sw + dw)   # Xp row width (int16)
+    wp = wp + wp % 2
     hp = max(pt + h, (oh - 1) * sh + (kh - 1) * dh + 1)
-    xp_len = -(-hp * wp // 32) * 32                           # int16 elements, Q planes start aligned
+    xp_len = (hp * wp + 31) // 32 * 32                       # int16 elements, Q planes start aligned
     q_len = hp * wq * 2                                       # int16 elements per pair plane
-    total = -(-(xp_len + len(classes) * q_len) // 32) * 32
-    i64 = lambda val: tirx.IntImm("int64", val)  # noqa: E731
+    total = (xp_len + len(classes) * q_len + 31) // 32 * 32
+    i64 = _i64
     bv = tirx.Var("batch", "int64") if batch is None else i64(batch)
     xdt = spec.x_dtype
-    g = _planes_per_task(c, oh * ow * kh * kw)
+    g = _planes_per_task(c, oh * (64 if sym else ow) * kh * kw)     # (any divisor of C is right)
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -169,60 +199,61 @@ def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFu
                     for ci, cls in enumerate(classes):
                         _pairs(sp, xp_len + ci * q_len, cls, pt, h, wp, wq, sw, dw, v)
 
-                    def operand(r, x0, e):
+                    def operand(r, x0, e, n):
                         if direct:
-                            return _vec(sp, r * wp + sw * x0 + e, 2 * v)
+                            return _vec(sp, r * wp + sw * x0 + e, 2 * n)
                         base = xp_len + classes.index(e % sw) * q_len
-                        return _vec(sp, base + 2 * (r * wq + x0 + e // sw), 2 * v)
+                        return _vec(sp, base + 2 * (r * wq + x0 + e // sw), 2 * n)
 
                     ch = T.bind(t % c)
                     # The plane's weights and epilogue constants bound once (SSA values): read from their
                     # buffers inside the loops, LLVM reloaded them after every output store.
-                    wvs = [[T.bind(tirx.reinterpret(f"int16x{2 * v}", _bcast(
-                        wf[ch * (kh * npairs) + i * npairs + pi], v))) for pi in range(npairs)] for i in range(kh)]
+                    wvs = {n: [[T.bind(tirx.reinterpret(f"int16x{2 * n}", _bcast(
+                        wf[ch * (kh * npairs) + i * npairs + pi], n))) for pi in range(npairs)] for i in range(kh)]
+                        for n in ((v, 1) if sym else (v,))}
                     col = ch if epi.per_channel else 0
                     at = {"scale": col, "mult": col, "fbias": ch, "bias": ch, "zy": 0}
                     consts = {k: _Bound(T.bind(buf[at[k]])) for k, buf in ops.items()}
                     with T.serial(i64(0), i64(oh)) as oy:
-                        def out_vec(x0):
-                            acc = _bcast(tirx.const(0, "int32"), v)
+                        def out_vec(x0, n):
+                            acc = _bcast(tirx.const(0, "int32"), n)
                             for i in range(kh):
                                 for pi, e in enumerate(starts):
-                                    acc = _dot(isa, acc, operand(oy * sh + i * dh, x0, e), wvs[i][pi], v)
-                            val = epilogue_value(acc, 0, epi, lanes=v, **consts)
-                            _store(of, val, t * (oh * ow) + oy * ow + x0, v)
+                                    acc = _dot(isa, acc, operand(oy * sh + i * dh, x0, e, n), wvs[n][i][pi], n)
+                            val = epilogue_value(acc, 0, epi, lanes=n, **consts)
+                            _store(of, val, t * (oh * ow) + oy * ow + x0, n)
 
-                        _each_chunk(ow, v, out_vec)
+                        _chunks(ow, v, out_vec)
     return ib.get().with_attr("qie.kernel", name)
 
 
-def _fill(xf, sp, zav, t, h: int, w: int, pt: int, pl: int, wp: int, widest: int) -> None:
+def _fill(xf, sp, zav, t, h: int, w, pt: int, pl: int, wp, widest: int) -> None:
     """Plane ``t`` of the input into Xp's inner rows / columns: widened to int16, zero point subtracted."""
-    fv = _width(w, 2 * widest)
+    fv = 2 * widest if not isinstance(w, int) else _width(w, 2 * widest)
     with T.serial(tirx.IntImm("int64", 0), tirx.IntImm("int64", h)) as y:
         src = t * (h * w) + y * w
         dst = (y + pt) * wp + pl
 
-        def chunk(c0):
-            vt = "int16" if fv == 1 else f"int16x{fv}"
-            val = _vec(xf, src + c0, fv).astype(vt) - _bcast(tirx.Cast("int16", zav), fv)
-            _store(sp, val, dst + c0, fv)
+        def chunk(c0, n):
+            vt = "int16" if n == 1 else f"int16x{n}"
+            val = _vec(xf, src + c0, n).astype(vt) - _bcast(tirx.Cast("int16", zav), n)
+            _store(sp, val, dst + c0, n)
 
-        _each_chunk(w, fv, chunk)
+        _chunks(w, fv, chunk)
 
 
-def _pairs(sp, base: int, cls: int, pt: int, h: int, wp: int, wq: int, sw: int, dw: int, v: int) -> None:
+def _pairs(sp, base, cls: int, pt: int, h: int, wp, wq, sw: int, dw: int, v: int) -> None:
     """Pair plane ``Q_cls[r, k] = (Xp[r, sw*k + cls], Xp[r, sw*k + cls + dw])`` for the inner rows (the
     padding rows stay zero), ``v`` pairs per step, as int16 at ``sp[base + 2 * (r * wq + k)]``."""
     with T.serial(tirx.IntImm("int64", pt), tirx.IntImm("int64", pt + h)) as r:
-        def chunk(k0):
+        def chunk(k0, n):
             def strided(off):
                 if sw == 1:
-                    return _vec(sp, r * wp + k0 + off, v)
-                raw = _vec(sp, r * wp + sw * k0 + off, sw * v)
-                return tirx.Shuffle([raw], [sw * i for i in range(v)]) if v > 1 else tirx.Shuffle([raw], [0])
+                    return _vec(sp, r * wp + k0 + off, n)
+                raw = _vec(sp, r * wp + sw * k0 + off, sw * n)
+                return tirx.Shuffle([raw], [sw * i for i in range(n)]) if n > 1 else tirx.Shuffle([raw], [0])
             a, b = strided(cls), strided(cls + dw)
-            pair = tirx.Shuffle([a, b], [j for i in range(v) for j in (i, v + i)])
-            _store(sp, pair, base + 2 * (r * wq + k0), 2 * v)
+            pair = tirx.Shuffle([a, b], [j for i in range(n) for j in (i, n + i)])
+            _store(sp, pair, base + 2 * (r * wq + k0), 2 * n)
 
-        _each_chunk(wq, v, chunk)
+        _chunks(wq, v, chunk)
