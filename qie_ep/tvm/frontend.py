@@ -266,6 +266,39 @@ def _with_converters():
         _F._get_convert_map = original
 
 
+def _drop_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Identity nodes removed (their consumers read the input), except where the output is a graph output
+    or a subgraph reads it. TVM 0.27's importer lets only a fixed list of ops take a shape value, and
+    Identity is not on it: an exported model that passes a shape through one (PP-OCRv6's recogniser as
+    ``qie quantize`` writes it without pre-processing) failed to import with symbolic sizes ("Node Identity
+    ... cannot handle ShapeExpr inputs")."""
+    g = model.graph
+    keep = {o.name for o in g.output}
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                keep |= {i for sn in sub.node for i in sn.input}
+    alias = {n.output[0]: n.input[0] for n in g.node
+             if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and n.output[0] not in keep}
+    if not alias:
+        return model
+
+    def root(name):
+        while name in alias:
+            name = alias[name]
+        return name
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = [n for n in out.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for n in nodes:
+        for i, name in enumerate(n.input):
+            n.input[i] = root(name)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 def _fold_constant_of_shape(model: onnx.ModelProto) -> onnx.ModelProto:
     """ConstantOfShape of a constant shape -> a Constant. TVM 0.27 fails on an empty shape (a scalar
     result: "broadcast_to expects the input shape to have the number of ndim at least ..."), which
@@ -362,7 +395,7 @@ def from_onnx(model, shape_dict=None, dtype_dict="float32", fold_shapes: bool | 
         except Exception:  # noqa: BLE001 - by default folding is best effort (ORT may not load the file)
             if fold_shapes:
                 raise
-    model = _fold_constant_of_shape(model)
+    model = _drop_identities(_fold_constant_of_shape(model))
     try:
         with _with_converters():
             return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)
