@@ -179,7 +179,6 @@ def _cpu_pipeline(t: tvm.target.Target, database: str | None = None) -> tvm.tran
                         raise
                     _log.info("qie: lowering (%s) failed (%s); trying %s", how, str(e).splitlines()[0] if str(e)
                               else type(e).__name__, attempts[i + 1])
-        return mod
 
     return _pass
 

@@ -382,7 +382,6 @@ class Conv2d(CpuRule):
             _epilogue_at(sch, cv_, after, co, p.lanes)
         return sch
 
-
     @staticmethod
     def _symbolic(sch, cv_, before, after, batch, c, h, w, red, p):
         """Symbolic sizes (a text line's width): per (n, channel tile, h) task, the output row accumulated
@@ -391,7 +390,7 @@ class Conv2d(CpuRule):
         ``qie_ep.tvm._narrow_store_safe`` leaves it on). Windowed functions only (two or three reduction
         axes): the register-tile schedule's predicated tiles wrote out of bounds on a batch matmul with
         sizes from a symbolic width (PP-OCRv6's attention probabilities x V, 4 spatial axes + 1 reduction:
-        heap corruption), so those are left to dlight's rules."""
+        heap corruption), so those are left to the rules after this one."""
         if len(red) not in (2, 3) or not _producers(sch, before, p.lanes):
             return None
         oc = _const(get_extent(sch, c))

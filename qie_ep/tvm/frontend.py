@@ -269,9 +269,9 @@ def _with_converters():
 def _drop_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     """Identity nodes removed (their consumers read the input), except where the output is a graph output
     or a subgraph reads it. TVM 0.27's importer lets only a fixed list of ops take a shape value, and
-    Identity is not on it: an exported model that passes a shape through one (PP-OCRv6's recogniser as
-    ``qie quantize`` writes it without pre-processing) failed to import with symbolic sizes ("Node Identity
-    ... cannot handle ShapeExpr inputs")."""
+    Identity is not on it: a model that passes a shape through one (PP-OCRv6's recogniser as ORT's
+    quantize_static writes it) failed to import even with a fixed input shape unless its shape arithmetic
+    was folded ("Node Identity ... cannot handle ShapeExpr inputs")."""
     g = model.graph
     keep = {o.name for o in g.output}
     for n in g.node:

@@ -129,7 +129,8 @@ class CudaMatmul:
 
 
 class X86Conv2d:
-    """conv2d (NCHW / OIHW, group 1 or depthwise, static C/H/W) on the x86 (and generic) conv kernels."""
+    """conv2d (NCHW / OIHW, group 1 or depthwise, static C and H, any width) on the x86 (and generic) conv
+    kernels."""
 
     def lower(self, rw, g: Group):
         if g.op != "conv2d" or rw.isa.kind == "cuda":

@@ -33,7 +33,7 @@ class ConvSpec:
     channels: int               # C
     out_channels: int           # OC
     height: int
-    width: int | tirx.PrimExpr     # an int64 variable: any width (the im2col kernel only)
+    width: int | tirx.PrimExpr     # or an int64 variable: any width
     kernel: tuple[int, int]
     strides: tuple[int, int]
     pads: tuple[int, int, int, int]   # top, left, bottom, right
@@ -120,7 +120,7 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
     sa, _ = gemm.shifts(isa, spec.x_dtype, spec.w_dtype)
     x = te.placeholder((bv, c, h, w), spec.x_dtype, name="X")
     za = te.placeholder((1,), "int32", name="za")
-    i64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731 - one index type
+    i64 = gemm.i64
     zero = tirx.const(0, isa.a_dtype)
 
     def padded(b, yy, xx, ci):
@@ -131,7 +131,7 @@ def primfunc(spec: ConvSpec, isa: Isa, tile: Tile, batch: int | None = None) -> 
 
     xp = te.compute((bv, i64(h + pt + pb), i64(w + pl + pr), i64(cp)), padded, name="Xp")
     # Rows are padded per image (to the row tile), so the row count is a multiple of the batch that
-    # TVM can prove covers every output row; padded rows are zero and never written out.
+    # TVM can prove covers every output row; padded rows are never written out.
     rpi = gemm._ceil(oh * ow, tile.rows)
     mp = bv * rpi
 

@@ -26,16 +26,13 @@ import tvm
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
+from .gemm import i64
 from .isa import Isa
 
 KPAD = 16      # K padding of the CUDA core (16 k per shared-memory stage)
 NPAD = 64      # column padding (one block tile)
 
 _PIPELINE_KEYS = ("software_pipeline_stage", "software_pipeline_order", "software_pipeline_async_stages")
-
-
-def _i64(v: int):
-    return tirx.IntImm("int64", v)
 
 
 def _dp4a_emulated(a, b):
@@ -59,21 +56,21 @@ def core_primfunc(kp: int, np_: int, name: str, dp4a: bool, emulate: bool = Fals
         # a plain symbolic row count TVM sizes the shared-memory tiles dynamically and its CUDA codegen
         # fails ("bad optional access").
         mt = tirx.Var("mt", "int64")
-        a = te.placeholder((mt * 64, _i64(kp // 4)), "int32", name="A")
-        b = te.placeholder((_i64(np_), _i64(kp // 4)), "int32", name="B")
-        q = te.reduce_axis((_i64(0), _i64(kp // 4)), name="q")
+        a = te.placeholder((mt * 64, i64(kp // 4)), "int32", name="A")
+        b = te.placeholder((i64(np_), i64(kp // 4)), "int32", name="B")
+        q = te.reduce_axis((i64(0), i64(kp // 4)), name="q")
         def step(i, j):
             if emulate:
                 return _dp4a_emulated(a[i, q], b[j, q])
             return tirx.call_pure_extern("int32", "__dp4a", a[i, q], b[j, q], tirx.const(0, "int32"))
-        c = te.compute((mt * 64, _i64(np_)), lambda i, j: te.sum(step(i, j), axis=q), name="C")
+        c = te.compute((mt * 64, i64(np_)), lambda i, j: te.sum(step(i, j), axis=q), name="C")
         return te.create_prim_func([a, b, mt, c]).with_attr("global_symbol", name)
     else:
         m = tirx.Var("m", "int64")
-        a = te.placeholder((m, _i64(kp)), "int8", name="A")
-        b = te.placeholder((_i64(np_), _i64(kp)), "int8", name="B")
-        k = te.reduce_axis((_i64(0), _i64(kp)), name="k")
-        c = te.compute((m, _i64(np_)), lambda i, j: te.sum(
+        a = te.placeholder((m, i64(kp)), "int8", name="A")
+        b = te.placeholder((i64(np_), i64(kp)), "int8", name="B")
+        k = te.reduce_axis((i64(0), i64(kp)), name="k")
+        c = te.compute((m, i64(np_)), lambda i, j: te.sum(
             a[i, k].astype("int32") * b[j, k].astype("int32"), axis=k), name="C")
     return te.create_prim_func([a, b, c]).with_attr("global_symbol", name)
 
@@ -171,7 +168,7 @@ def prep_primfunc(a_dtype: str, k: int, kp: int, isa: Isa) -> tirx.PrimFunc:
     from . import gemm
     sa, _ = gemm.shifts(isa, a_dtype, "int8")
     m = tirx.Var("m", "int64")
-    a = te.placeholder((m, _i64(k)), a_dtype, name="A")
+    a = te.placeholder((m, i64(k)), a_dtype, name="A")
 
     def byte(i, kk):
         v = a[i, kk].astype("int32") + sa
@@ -179,19 +176,19 @@ def prep_primfunc(a_dtype: str, k: int, kp: int, isa: Isa) -> tirx.PrimFunc:
 
     if isa.name == "cuda_dp4a":
         mt = tirx.Var("mt", "int64")
-        out = te.compute((mt * 64, _i64(kp // 4)), lambda i, w: (
+        out = te.compute((mt * 64, i64(kp // 4)), lambda i, w: (
             (byte(i, w * 4) & 0xFF) | ((byte(i, w * 4 + 1) & 0xFF) << 8) | ((byte(i, w * 4 + 2) & 0xFF) << 16)
             | (byte(i, w * 4 + 3) << 24)), name="A32")
         return te.create_prim_func([a, mt, out]).with_attr("global_symbol", f"qie_prep_{a_dtype}_k{k}__{isa.name}")
-    out = te.compute((m, _i64(kp)), lambda i, kk: byte(i, kk).astype("int8"), name="Ap")
+    out = te.compute((m, i64(kp)), lambda i, kk: byte(i, kk).astype("int8"), name="Ap")
     return te.create_prim_func([a, out]).with_attr("global_symbol", f"qie_prep_{a_dtype}_k{k}__{isa.name}")
 
 
 def rowsum_primfunc(a_dtype: str, k: int, sa: int) -> tirx.PrimFunc:
     """rowsum(a')[m] = sum_k (a[m, k] + sa), for the zero-point term of weights with zb' != 0."""
     m = tirx.Var("m", "int64")
-    a = te.placeholder((m, _i64(k)), a_dtype, name="A")
-    r = te.reduce_axis((_i64(0), _i64(k)), name="r")
+    a = te.placeholder((m, i64(k)), a_dtype, name="A")
+    r = te.reduce_axis((i64(0), i64(k)), name="r")
     out = te.compute((m,), lambda i: te.sum(a[i, r].astype("int32") + sa, axis=r), name="rowsum")
     return te.create_prim_func([a, out]).with_attr("global_symbol", f"qie_rowsum_{a_dtype}_k{k}")
 
@@ -200,12 +197,12 @@ def epilogue_primfunc(k: int, n: int, np_: int, epi, sa: int, name: str) -> tirx
     """(C [rows, Np] int32, colsum, za, [zb, rowsum], epilogue operands...) -> O [m, N]."""
     from . import gemm
     m, rows = tirx.Var("m", "int64"), tirx.Var("rows", "int64")
-    c = te.placeholder((rows, _i64(np_)), "int32", name="C")
-    colsum = te.placeholder((_i64(np_),), "int32", name="colsum")
-    za = te.placeholder((_i64(1),), "int32", name="za")
+    c = te.placeholder((rows, i64(np_)), "int32", name="C")
+    colsum = te.placeholder((i64(np_),), "int32", name="colsum")
+    za = te.placeholder((i64(1),), "int32", name="za")
     params = [c, colsum, za]
     if epi.zb:
-        zb = te.placeholder((_i64(np_),), "int32", name="zb")
+        zb = te.placeholder((i64(np_),), "int32", name="zb")
         rowsum = te.placeholder((m,), "int32", name="rowsum")
         params += [zb, rowsum]
     zap = za[0] + sa
@@ -216,5 +213,5 @@ def epilogue_primfunc(k: int, n: int, np_: int, epi, sa: int, name: str) -> tirx
             v = v - zb[j] * rowsum[i] + tirx.const(k, "int32") * zap * zb[j]
         return v
 
-    eparams, o = gemm.epilogue_stage(acc, lambda i, j: j, epi, (m, _i64(n)), n)
+    eparams, o = gemm.epilogue_stage(acc, lambda i, j: j, epi, (m, i64(n)), n)
     return te.create_prim_func([*params, *eparams, o]).with_attr("global_symbol", name)

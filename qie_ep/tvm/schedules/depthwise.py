@@ -31,7 +31,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .gemm import epilogue_args, epilogue_value
+from .gemm import branch, epilogue_args, epilogue_value, i64
 from .isa import Isa
 
 
@@ -47,17 +47,13 @@ def _width(n: int, widest: int) -> int:
     return 1
 
 
-def _i64(n):
-    return tirx.IntImm("int64", n) if isinstance(n, int) else n
-
-
 def _max(*xs):
     """max of ints, or of int64 expressions (a symbolic width)."""
     if all(isinstance(x, int) for x in xs):
         return max(xs)
-    out = _i64(xs[0])
+    out = i64(xs[0])
     for x in xs[1:]:
-        out = tirx.max(out, _i64(x))
+        out = tirx.max(out, i64(x))
     return out
 
 
@@ -65,10 +61,10 @@ def _each_chunk(n, v: int, body) -> None:
     """``body(start)`` for every whole chunk of ``v`` in ``n`` (a loop), then once more for a chunk that ends
     at ``n`` and overlaps the previous one when ``v`` does not divide ``n`` (callers write the same values
     twice there, never past ``n``). A symbolic ``n`` (at least ``v``): the last chunk is always rewritten."""
-    with T.serial(_i64(0), _i64(n // v)) as k:
+    with T.serial(i64(0), i64(n // v)) as k:
         body(k * v)
     if not isinstance(n, int) or n % v:
-        body(_i64(n - v))
+        body(i64(n - v))
 
 
 def _chunks(n, v: int, body) -> None:
@@ -77,16 +73,12 @@ def _chunks(n, v: int, body) -> None:
     if isinstance(n, int):
         _each_chunk(n, v, lambda at: body(at, v))
         return
-    with T.If(n >= v):
-        with T.Then():
-            _each_chunk(n, v, lambda at: body(at, v))
-        with T.Else():
-            _each_chunk(n, 1, lambda at: body(at, 1))
+    branch(n >= v, lambda: _each_chunk(n, v, lambda at: body(at, v)), lambda: _each_chunk(n, 1, lambda at: body(at, 1)))
 
 
 def _vec(buf, at, n: int):
     """``n`` consecutive elements of ``buf`` from the int64 index ``at`` (a scalar when n == 1)."""
-    return buf[at] if n == 1 else tirx.BufferLoad(buf, [tirx.Ramp(at, tirx.IntImm("int64", 1), n)])
+    return buf[at] if n == 1 else tirx.BufferLoad(buf, [tirx.Ramp(at, i64(1), n)])
 
 
 def _bcast(value, n: int):
@@ -104,7 +96,7 @@ class _Bound:
 
 
 def _store(buf, value, at, n: int):
-    T.buffer_store(buf, value, [at] if n == 1 else [tirx.Ramp(at, tirx.IntImm("int64", 1), n)])
+    T.buffer_store(buf, value, [at] if n == 1 else [tirx.Ramp(at, i64(1), n)])
 
 
 def pack(w: np.ndarray, zw) -> np.ndarray:
@@ -169,7 +161,6 @@ def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFu
     xp_len = (hp * wp + 31) // 32 * 32                       # int16 elements, Q planes start aligned
     q_len = hp * wq * 2                                       # int16 elements per pair plane
     total = (xp_len + len(classes) * q_len + 31) // 32 * 32
-    i64 = _i64
     bv = tirx.Var("batch", "int64") if batch is None else i64(batch)
     xdt = spec.x_dtype
     g = _planes_per_task(c, oh * (64 if sym else ow) * kh * kw)     # (any divisor of C is right)
@@ -230,7 +221,7 @@ def primfunc(spec, isa: Isa, name: str, batch: int | None = None) -> tirx.PrimFu
 def _fill(xf, sp, zav, t, h: int, w, pt: int, pl: int, wp, widest: int) -> None:
     """Plane ``t`` of the input into Xp's inner rows / columns: widened to int16, zero point subtracted."""
     fv = 2 * widest if not isinstance(w, int) else _width(w, 2 * widest)
-    with T.serial(tirx.IntImm("int64", 0), tirx.IntImm("int64", h)) as y:
+    with T.serial(i64(0), i64(h)) as y:
         src = t * (h * w) + y * w
         dst = (y + pt) * wp + pl
 
@@ -245,7 +236,7 @@ def _fill(xf, sp, zav, t, h: int, w, pt: int, pl: int, wp, widest: int) -> None:
 def _pairs(sp, base, cls: int, pt: int, h: int, wp, wq, sw: int, dw: int, v: int) -> None:
     """Pair plane ``Q_cls[r, k] = (Xp[r, sw*k + cls], Xp[r, sw*k + cls + dw])`` for the inner rows (the
     padding rows stay zero), ``v`` pairs per step, as int16 at ``sp[base + 2 * (r * wq + k)]``."""
-    with T.serial(tirx.IntImm("int64", pt), tirx.IntImm("int64", pt + h)) as r:
+    with T.serial(i64(pt), i64(pt + h)) as r:
         def chunk(k0, n):
             def strided(off):
                 if sw == 1:

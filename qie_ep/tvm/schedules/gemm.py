@@ -83,6 +83,23 @@ def _ceil(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
+def i64(v):
+    """An int as an int64 constant (one index type keeps index maps affine); an expression (a symbolic size)
+    as it is."""
+    return tirx.IntImm("int64", v) if isinstance(v, int) else v
+
+
+def branch(cond, then: Callable, otherwise: Callable) -> None:
+    """``if cond: then() else: otherwise()`` in the PrimFunc being built (IRBuilder)."""
+    from tvm.script.ir_builder import tirx as T
+
+    with T.If(cond):
+        with T.Then():
+            then()
+        with T.Else():
+            otherwise()
+
+
 def shifts(isa: Isa, a_dtype: str, b_dtype: str) -> tuple[int, int]:
     """(sa, sb): what to add to a and b to reach the ISA's operand types."""
     sa = (128 if a_dtype == "int8" else 0) if isa.a_dtype == "uint8" else (-128 if a_dtype == "uint8" else 0)
@@ -177,7 +194,6 @@ def epilogue_args(epi: Epilogue, n: int) -> dict:
     """The epilogue operands as arguments of a PrimFunc being written with TVM's IRBuilder (inside
     ``T.prim_func()``), in ``epilogue_stage``'s order: {name: buffer} for ``epilogue_value``."""
     from tvm.script.ir_builder import tirx as T
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     nsc = n if epi.per_channel else 1
     ops = {}
     if epi.out == "float32":

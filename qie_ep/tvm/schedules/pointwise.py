@@ -31,7 +31,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from .gemm import PackedWeights, _ceil, epilogue_args, epilogue_value, shifts
+from .gemm import PackedWeights, _ceil, branch, epilogue_args, epilogue_value, i64, shifts
 from .isa import Isa
 
 # Register tile (output channels x pixel vectors) per vector width: R * V accumulators + V input vectors
@@ -71,15 +71,6 @@ def pack(w: np.ndarray, zw, isa: Isa) -> PackedWeights:
     return PackedWeights(np.ascontiguousarray(bs.reshape(ocp, kp // 4, 4)), colsum, zbs, c, oc)
 
 
-def _branch(cond, then, otherwise) -> None:
-    """``if cond: then() else: otherwise()`` in the PrimFunc being built."""
-    with T.If(cond):
-        with T.Then():
-            then()
-        with T.Else():
-            otherwise()
-
-
 def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
     """(X, Wp, colsum, za, epilogue operands..., O), scheduled; ``batch=None``: symbolic batch."""
     if not applies(spec, isa):
@@ -99,7 +90,6 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
     otiles = _ceil(oc, rows) // rows
     ocp = otiles * rows
     sa, _ = shifts(isa, spec.x_dtype, spec.w_dtype)
-    i64 = lambda v: tirx.IntImm("int64", v) if isinstance(v, int) else v  # noqa: E731
     bv = tirx.Var("batch", "int64") if batch is None else i64(batch)
     vu32, vi8, vi32 = f"uint32x{lanes}", f"int8x{4 * lanes}", f"int32x{lanes}"
 
@@ -221,7 +211,7 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                                 elif not sym:
                                     partial()
                                 else:
-                                    _branch(p0 + (v + 1) * lanes <= p, whole, partial)
+                                    branch(p0 + (v + 1) * lanes <= p, whole, partial)
 
                         if oc % rows == 0:
                             store_row()
@@ -231,13 +221,13 @@ def primfunc(spec, isa: Isa, batch: int | None = None) -> tirx.PrimFunc:
                                     store_row()
 
                 if sym:
-                    _branch(pt < full, lambda: tile(vecs, pt * (vecs * lanes), True),
+                    branch(pt < full, lambda: tile(vecs, pt * (vecs * lanes), True),
                             lambda: tile(1, full * (vecs * lanes) + (pt - full) * lanes, True))
                 elif ptiles == 1:
                     tile(last_vecs, 0, True)
                 elif last_vecs == vecs and p % lanes == 0:
                     tile(vecs, pt * (vecs * lanes), False)
                 else:
-                    _branch(pt < ptiles - 1, lambda: tile(vecs, pt * (vecs * lanes), False),
+                    branch(pt < ptiles - 1, lambda: tile(vecs, pt * (vecs * lanes), False),
                             lambda: tile(last_vecs, pt * (vecs * lanes), True))
     return ib.get().with_attr("qie.kernel", kernel_name(spec, isa))
