@@ -60,10 +60,11 @@ def _max(*xs):
 def _each_chunk(n, v: int, body) -> None:
     """``body(start)`` for every whole chunk of ``v`` in ``n`` (a loop), then once more for a chunk that ends
     at ``n`` and overlaps the previous one when ``v`` does not divide ``n`` (callers write the same values
-    twice there, never past ``n``). A symbolic ``n`` (at least ``v``): the last chunk is always rewritten."""
+    twice there, never past ``n``). A symbolic ``n`` (at least ``v``): the last chunk is always rewritten
+    (``v == 1`` has no last chunk: with ``n == 0`` it would have been written at -1)."""
     with T.serial(i64(0), i64(n // v)) as k:
         body(k * v)
-    if not isinstance(n, int) or n % v:
+    if v > 1 and (not isinstance(n, int) or n % v):
         body(i64(n - v))
 
 
