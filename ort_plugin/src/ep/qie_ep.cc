@@ -1,6 +1,7 @@
 // qie as an ONNX Runtime plugin execution provider (libqie_ep.so, built against the API-27 headers; ORT >= 1.27):
 // the factory, the CPU device, the EP's options, GetCapability (which node groups it claims: regions, region.h;
-// Softmax units, softmax.h; MatMul / Gemm units with their tails, matmul_unit.h; in that order, each group's nodes
+// attention units, attention.h; Softmax units, softmax.h; MatMul / Gemm units with their tails, matmul_unit.h; in that
+// order, each group's nodes
 // claimed once) and Compile (one compiled form per fused node). A group qie cannot prove it computes exactly is
 // left to ORT; GetCapability never guesses, and a node whose reading fails is left to ORT too.
 #include <onnxruntime_c_api.h>  // includes onnxruntime_ep_c_api.h
@@ -15,6 +16,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "ep/attention.h"
 #include "ep/graph.h"
 #include "ep/matmul_unit.h"
 #include "ep/region.h"
@@ -30,11 +32,13 @@ using namespace qie_ep;  // NOLINT: the EP's own graph helpers
 std::atomic<long> g_claimed{0}, g_runs{0}, g_regions{0}, g_region_runs{0};
 constexpr const char* kEpName = "QIE";
 
-// One fused node: a MatMul/Gemm unit, a Softmax unit or a region.
+// One fused node: a MatMul/Gemm unit, a Softmax unit, an attention unit or a region.
 struct ComputeInfo : OrtNodeComputeInfo {
   CompiledMatMul unit;
   bool is_softmax = false;
   CompiledSoftmax softmax;
+  bool is_attention = false;
+  CompiledAttention attention;
   std::unique_ptr<RegionPlan, void (*)(RegionPlan*)> region{nullptr, ReleaseRegion};
   ComputeInfo() : OrtNodeComputeInfo{} {
     ort_version_supported = ORT_API_VERSION;
@@ -44,8 +48,8 @@ struct ComputeInfo : OrtNodeComputeInfo {
     };
     Compute = [](OrtNodeComputeInfo*, void* state, OrtKernelContext* ctx) noexcept -> OrtStatus* {
       auto* self = static_cast<ComputeInfo*>(state);
-      if (self->is_softmax) {
-        OrtStatus* st = ComputeSoftmax(self->softmax, ctx);
+      if (self->is_softmax || self->is_attention) {
+        OrtStatus* st = self->is_softmax ? ComputeSoftmax(self->softmax, ctx) : ComputeAttention(self->attention, ctx);
         if (!st) g_runs.fetch_add(1);
         return st;
       }
@@ -68,6 +72,7 @@ struct QieEp : OrtEp {
   bool units_on = true;
   bool regions_on = true;
   bool tails_on = true;
+  bool attention_on = true;
   const OrtLogger* logger = nullptr;  // the session's, from CreateEp
   void Log(OrtLoggingLevel level, const std::string& msg) const {
     if (!logger) return;
@@ -85,8 +90,8 @@ struct QieEp : OrtEp {
         OrtNodeFusionOptions opts{};
         opts.ort_version_supported = ORT_API_VERSION;
         opts.drop_constant_initializers = true;  // weights and scales are read (and packed) at Compile
-        // Regions first; then the Softmax and the MatMul / Gemm units of the nodes left (a MatMul unit's trailing
-        // DequantizeLinear that a region or a Softmax unit reads stays with it: the unit then outputs the codes).
+        // Regions first; then the attention, Softmax and MatMul / Gemm units of the nodes left (a MatMul unit's
+        // trailing DequantizeLinear that another group reads stays with it: the unit then outputs the codes).
         RegionReport report;
         size_t region_nodes = 0;
         std::unordered_set<const OrtNode*> claimed;
@@ -101,6 +106,22 @@ struct QieEp : OrtEp {
         auto outside = [&](const std::vector<const OrtNode*>& group) {
           return std::none_of(group.begin(), group.end(), [&](const OrtNode* n) { return claimed.count(n) > 0; });
         };
+        size_t attentions = 0;
+        for (const OrtNode* node : nodes) {
+          if (!self->units_on || !self->attention_on) break;
+          AttentionUnit u;
+          std::vector<const OrtNode*> group;
+          try {
+            if (!MatchAttention(node, &u)) continue;
+            group = u.Nodes();
+            if (std::any_of(group.begin(), group.end(), Assigned)) continue;
+          } catch (const Failure&) { continue; }
+          if (!outside(group)) continue;
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+          claimed.insert(group.begin(), group.end());
+          g_claimed.fetch_add(1);
+          ++attentions;
+        }
         size_t softmaxes = 0;
         for (const OrtNode* node : nodes) {
           if (!self->units_on) break;
@@ -154,11 +175,13 @@ struct QieEp : OrtEp {
         if (!self->regions_on)
           return self->Log(ORT_LOGGING_LEVEL_INFO, "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" +
                                                        std::to_string(segments) + " tail segments) and " +
-                                                       std::to_string(softmaxes) +
-                                                       " Softmax units claimed; regions off");
+                                                       std::to_string(softmaxes) + " Softmax and " +
+                                                       std::to_string(attentions) +
+                                                       " attention units claimed; regions off");
         self->Log(ORT_LOGGING_LEVEL_INFO,
                   "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +
-                      " tail segments) and " + std::to_string(softmaxes) + " Softmax units claimed; " +
+                      " tail segments), " + std::to_string(softmaxes) + " Softmax and " + std::to_string(attentions) +
+                      " attention units claimed; " +
                       std::to_string(regions.size()) + " regions of " + std::to_string(region_nodes) + " nodes hold " +
                       std::to_string(report.units_claimed) + " of the " + std::to_string(report.units) +
                       " QDQ units found (the rest: fewer than " + std::to_string(self->region_opts.min_conv_units) +
@@ -178,11 +201,17 @@ struct QieEp : OrtEp {
           auto info = std::make_unique<ComputeInfo>();
           const std::vector<const OrtNode*> nodes = GraphNodes(graphs[i]);
           bool matmul = false, softmax = false;
+          size_t matmuls = 0;
           for (const OrtNode* n : nodes) {
             matmul = matmul || OpType(n) == "MatMul" || OpType(n) == "Gemm";
+            matmuls += OpType(n) == "MatMul";
             softmax = softmax || OpType(n) == "Softmax";
           }
-          if (softmax && nodes.size() == 3) {
+          if (softmax && matmuls == 2) {
+            info->is_attention = true;
+            CompileAttention(graphs[i], fused[i], &info->attention);
+            info->attention.adaptive = self->region_opts.pacing;
+          } else if (softmax && nodes.size() == 3) {
             info->is_softmax = true;
             CompileSoftmax(nodes, &info->softmax);
             info->softmax.adaptive = self->region_opts.pacing;
@@ -206,7 +235,8 @@ struct QieEp : OrtEp {
 };
 
 // The EP's options (`register(so, ep_options={...})`, stored by ORT as session config "ep.qie.<key>"):
-//   units   "1" (default) / "0": claim MatMul / Gemm and Softmax units
+//   units   "1" (default) / "0": claim MatMul / Gemm, Softmax and attention units
+//   attention "1" (default) / "0": claim attention units (units on)
 //   regions "1" (default) / "0": claim conv regions
 //   tails   "1" (default) / "0": MatMul / Gemm units take the elementwise DQ -> f -> Q segments after them
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
@@ -246,6 +276,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   flag("units", &ep->units_on);
   flag("regions", &ep->regions_on);
   flag("tails", &ep->tails_on);
+  flag("attention", &ep->attention_on);
   flag("profile", &ep->region_opts.profile);
   flag("pacing", &ep->region_opts.pacing);
   flag("conv_tables", &ep->region_opts.conv_tables);
