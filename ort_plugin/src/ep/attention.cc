@@ -313,9 +313,7 @@ void QuantizedMatMul(const qie::MatMulPlan& plan, const uint8_t* a, const QParam
 qie::MatMulPlan Plan(const std::vector<int64_t>& a, const std::vector<int64_t>& b, const std::string& what) {
   try {
     return qie::PlanMatMul(a, b);
-  } catch (const qie::OpError& e) {
-    throw Failure{what + ": " + e.what()};
-  }
+  } catch (const qie::OpError& e) { throw Failure{what + ": " + e.what()}; }
 }
 
 // Numpy broadcasting of two shapes, each operand's element strides in the result's axes (0 where it repeats).
@@ -513,8 +511,8 @@ OrtStatus* ComputeAttention(const CompiledAttention& c, OrtKernelContext* ctx) {
     if (bc.shape.empty()) throw Failure{c.name + ": Softmax input must have rank >= 1"};
     const qie::MatMulPlan p2 = Plan(bc.shape, v.shape, c.name + ": the output's MatMul");
     OrtValue* yv = nullptr;
-    Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.y_output), p2.out_shape.data(),
-                                         p2.out_shape.size(), &yv));
+    Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.y_output), p2.out_shape.data(), p2.out_shape.size(),
+                                         &yv));
     void* yd = nullptr;
     Check(g_api->GetTensorMutableData(yv, &yd));
     size_t n1 = 1, np = 1;

@@ -41,14 +41,14 @@ struct CompiledAttention {
   QParams a, b, scores, p, v, y;
   float mult1 = 0.0f, mult2 = 0.0f;  // (s_a * s_b) / s_scores, (s_p * s_v) / s_y in float32
   struct Step {
-    char op = '+';             // + - * /
-    bool value_first = true;   // the running value is the op's first operand
-    bool mask = false;         // the other operand is the mask (else `scalar`)
+    char op = '+';            // + - * /
+    bool value_first = true;  // the running value is the op's first operand
+    bool mask = false;        // the other operand is the mask (else `scalar`)
     float scalar = 0.0f;
   };
   std::vector<Step> steps;
-  int mask_input = -1;                  // the fused node's input holding the mask (-1: constant or none)
-  std::vector<float> mask_const;        // a constant mask
+  int mask_input = -1;            // the fused node's input holding the mask (-1: constant or none)
+  std::vector<float> mask_const;  // a constant mask
   std::vector<int64_t> mask_const_shape;
   bool nan_where = false;
   float nan_value = 0.0f;

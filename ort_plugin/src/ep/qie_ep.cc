@@ -173,18 +173,17 @@ struct QieEp : OrtEp {
           segments += u.tail.size();
         }
         if (!self->regions_on)
-          return self->Log(ORT_LOGGING_LEVEL_INFO, "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" +
-                                                       std::to_string(segments) + " tail segments) and " +
-                                                       std::to_string(softmaxes) + " Softmax and " +
-                                                       std::to_string(attentions) +
-                                                       " attention units claimed; regions off");
+          return self->Log(ORT_LOGGING_LEVEL_INFO,
+                           "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +
+                               " tail segments) and " + std::to_string(softmaxes) + " Softmax and " +
+                               std::to_string(attentions) + " attention units claimed; regions off");
         self->Log(ORT_LOGGING_LEVEL_INFO,
                   "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +
                       " tail segments), " + std::to_string(softmaxes) + " Softmax and " + std::to_string(attentions) +
-                      " attention units claimed; " +
-                      std::to_string(regions.size()) + " regions of " + std::to_string(region_nodes) + " nodes hold " +
-                      std::to_string(report.units_claimed) + " of the " + std::to_string(report.units) +
-                      " QDQ units found (the rest: fewer than " + std::to_string(self->region_opts.min_conv_units) +
+                      " attention units claimed; " + std::to_string(regions.size()) + " regions of " +
+                      std::to_string(region_nodes) + " nodes hold " + std::to_string(report.units_claimed) +
+                      " of the " + std::to_string(report.units) + " QDQ units found (the rest: fewer than " +
+                      std::to_string(self->region_opts.min_conv_units) +
                       " convolutions in their group, or cut so the fused graph stays acyclic; " +
                       std::to_string(report.dropped_cycles) + " regions dropped for a cycle)");
       });
