@@ -1,8 +1,8 @@
 """MatMul / Gemm unit tails, the residual LayerNorm: after a unit's float output, [Add(bias)] -> Add(residual) ->
-LayerNormalization(last axis) -> Q (BERT's output projections) joins the unit when the residual's shape is provably
-the unit's. Computed per row in float32 in ORT's LayerNormalization kernel's order, then quantized: within one step
-of the float graph and of ORT (whose SkipLayerNormalization at EXTENDED / ALL sums its own way); a residual that
-might broadcast, a read Mean output, or a residual from inside the unit leave it to ORT.
+LayerNormalization(last axis) -> Q (BERT's output projections) joins the unit when the residual has the unit's rank
+(broadcast at run time as ORT's Add does). Computed per row in float32 in ORT's LayerNormalization kernel's order,
+then quantized: within one step of the float graph and of ORT (whose SkipLayerNormalization at EXTENDED / ALL sums its own way); a residual of
+another rank, a read Mean output, or a residual from inside the unit leave it to ORT.
 """
 from __future__ import annotations
 
@@ -103,20 +103,47 @@ def test_residual_from_a_node_compiles_quietly(capfd):
 
 
 @needs_ep
-@pytest.mark.parametrize("case", ["residual of unproven shape", "LayerNorm's mean read"])
+@pytest.mark.parametrize("case", ["residual of another rank", "LayerNorm's mean read"])
 def test_layernorm_tails_the_unit_must_not_take(case):
-    """A residual whose shape ORT cannot prove equal (other symbols: it might broadcast), a LayerNormalization whose
-    Mean output is read: the unit outputs its float values (DQ taken, 5 nodes) and ORT runs the rest."""
+    """A residual of another rank (its Add would raise the rank LayerNormalization's axis counts from), a
+    LayerNormalization whose Mean output is read: the unit outputs its float values (DQ taken, 5 nodes) and ORT runs
+    the rest."""
     rng = np.random.default_rng(64)
-    model, _ = _norm_model(rng, residual_dims=("B2", "S2") if case.startswith("residual") else ("B", "S"),
+    model, _ = _norm_model(rng, residual_dims=("U", "B", "S") if case.startswith("residual") else ("B", "S"),
                            mean_output=case.startswith("LayerNorm"))
-    x, res = rand(rng, np.uint8, (2, 5, 40)), rng.normal(0, 1, (2, 5, 64)).astype(np.float32)
+    x = rand(rng, np.uint8, (2, 5, 40))
+    res = rng.normal(0, 1, (1, 2, 5, 64) if case.startswith("residual") else (2, 5, 64)).astype(np.float32)
     for level in ("disable", "all"):
         sess = ep_session(model, level)
         assert assigned_to_qie(sess) == 5, (case, sess.get_provider_graph_assignment_info())
         if COMPARE_BUILTIN:
             for got, want in zip(sess.run(None, {"x": x, "res": res}), session(model, level=level).run(None, {"x": x, "res": res})):
                 np.testing.assert_array_equal(got, want, f"({case}, level={level})")
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+def test_residual_of_unproven_shape_broadcasts_as_ort_does(level):
+    """A residual whose dims ORT cannot prove equal to the unit's (other symbols: BERT's attention output, whose head
+    merge Reshape leaves the unit's dims unknown) joins the unit; at run time it is broadcast as ORT's Add does: the
+    same shape, a residual repeated along an axis, one that widens the output (the unit's rows repeated);
+    one that cannot broadcast is an error naming the LayerNormalization (ORT's Add fails there too)."""
+    rng = np.random.default_rng(64)
+    model, _ = _norm_model(rng, residual_dims=("B2", "S2"))
+    sess, plain = ep_session(model, level), session(model, level=level)
+    assert assigned_to_qie(sess) == 9, sess.get_provider_graph_assignment_info()
+    for xs, rs in (((2, 5), (2, 5, 64)), ((2, 5), (1, 5, 64)), ((2, 5), (2, 1, 64)),
+                   ((1, 5), (3, 5, 64)), ((2, 1), (2, 4, 64)), ((0, 5), (1, 5, 64))):
+        x, res = rand(rng, np.uint8, (*xs, 40)), rng.normal(0, 1, rs).astype(np.float32)
+        got = sess.run(None, {"x": x, "res": res})[0]
+        assert got.shape == np.broadcast_shapes((*xs, 64), rs), (xs, rs, got.shape)
+        if COMPARE_BUILTIN and got.size:
+            want = plain.run(None, {"x": x, "res": res})[0]
+            diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+            assert diff.max() <= (2 if level == "disable" else 1) and diff.mean() < 0.02, (xs, rs, diff.max())
+    x, res = rand(rng, np.uint8, (2, 5, 40)), rng.normal(0, 1, (3, 5, 64)).astype(np.float32)
+    with pytest.raises(Exception, match="LayerNormalization '.*': the residual of shape \\[3,5,64\\] does not broadcast"):
+        sess.run(None, {"x": x, "res": res})
 
 
 @st.composite

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <unordered_set>
 
+#include "ep/broadcast.h"
 #include "ep/matmul_unit.h"
 #include "ops/matmul_core.h"
 
@@ -316,34 +317,6 @@ qie::MatMulPlan Plan(const std::vector<int64_t>& a, const std::vector<int64_t>& 
   } catch (const qie::OpError& e) { throw Failure{what + ": " + e.what()}; }
 }
 
-// Numpy broadcasting of two shapes, each operand's element strides in the result's axes (0 where it repeats).
-struct Broadcast {
-  std::vector<int64_t> shape;
-  std::vector<size_t> sx, sm;
-};
-Broadcast BroadcastOf(const std::vector<int64_t>& x, const std::vector<int64_t>& m, const std::string& name) {
-  const size_t r = std::max(x.size(), m.size());
-  Broadcast b;
-  b.shape.assign(r, 1);
-  b.sx.assign(r, 0);
-  b.sm.assign(r, 0);
-  size_t kx = 1, km = 1;
-  for (size_t i = r; i-- > 0;) {
-    const size_t ix = i + x.size() >= r ? i + x.size() - r : SIZE_MAX;
-    const size_t im = i + m.size() >= r ? i + m.size() - r : SIZE_MAX;
-    const int64_t dx = ix == SIZE_MAX ? 1 : x[ix], dm = im == SIZE_MAX ? 1 : m[im];
-    if (dx != dm && dx != 1 && dm != 1)
-      throw Failure{name + ": the attention mask of shape " + qie::ShapeStr(m) + " does not broadcast to the scores' " +
-                    qie::ShapeStr(x)};
-    b.shape[i] = dx == 1 ? dm : dx;
-    b.sx[i] = dx == 1 ? 0 : kx;
-    b.sm[i] = dm == 1 ? 0 : km;
-    kx *= static_cast<size_t>(dx);
-    km *= static_cast<size_t>(dm);
-  }
-  return b;
-}
-
 // exp(x) in float32 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times 2^n), ~1 ulp; 0 below -87,
 // NaN for NaN. Plain arithmetic so that the row loops below vectorize (libm's expf is a call per element).
 inline float ExpApprox(float x) {
@@ -376,15 +349,6 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     size_t L, float* x, float* row_scale, uint8_t* y) {
   const size_t R = bc.shape.size(), n = (r1 - r0) * L;
   const size_t xs = bc.sx[R - 1], ms = bc.sm[R - 1];
-  auto offsets = [&](size_t r, size_t* ox, size_t* om) {  // the row's first score code and mask value
-    *ox = *om = 0;
-    for (size_t d = R - 1; d-- > 0;) {
-      const size_t i = r % static_cast<size_t>(bc.shape[d]);
-      r /= static_cast<size_t>(bc.shape[d]);
-      *ox += i * bc.sx[d];
-      *om += i * bc.sm[d];
-    }
-  };
   const float s = c.scores.scale;
   const int32_t z = c.scores.zp;
   const bool sgn = c.scores.is_signed;
@@ -400,7 +364,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   } else {
     for (size_t r = r0; r < r1; ++r) {
       size_t ox, om;
-      offsets(r, &ox, &om);
+      bc.RowOffsets(r, &ox, &om);
       float* v = x + (r - r0) * L;
       for (size_t j = 0; j < L; ++j) v[j] = static_cast<float>(Code(codes[ox + j * xs], sgn) - z) * s;
     }
@@ -410,7 +374,7 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     if (st.mask) {  // Add only
       for (size_t r = r0; r < r1; ++r) {
         size_t ox, om;
-        offsets(r, &ox, &om);
+        bc.RowOffsets(r, &ox, &om);
         float* v = x + (r - r0) * L;
         const float* m = mask + om;
         if (ms)
@@ -507,7 +471,10 @@ OrtStatus* ComputeAttention(const CompiledAttention& c, OrtKernelContext* ctx) {
       mshape = c.mask_const_shape;
       mask = c.mask_const.data();
     }
-    const Broadcast bc = BroadcastOf(p1.out_shape, mshape, c.name);
+    Broadcast bc;
+    if (!BroadcastOf(p1.out_shape, mshape, &bc))
+      throw Failure{c.name + ": the attention mask of shape " + qie::ShapeStr(mshape) +
+                    " does not broadcast to the scores' " + qie::ShapeStr(p1.out_shape)};
     if (bc.shape.empty()) throw Failure{c.name + ": Softmax input must have rank >= 1"};
     const qie::MatMulPlan p2 = Plan(bc.shape, v.shape, c.name + ": the output's MatMul");
     OrtValue* yv = nullptr;

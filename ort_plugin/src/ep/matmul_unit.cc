@@ -24,6 +24,7 @@
 #include <cstring>
 #include <unordered_set>
 
+#include "ep/broadcast.h"
 #include "ep/region_plan.h"
 
 namespace qie_ep {
@@ -134,7 +135,10 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   if (!IsOp(c, "Add")) return;
   const OrtValueInfo* r = other(c, v);
   Constant k;
-  if (!r || r == v || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || !SameShape(r, v))
+  // The residual's shape need not be provably the unit's (a head merge's Reshape leaves the unit's dims unknown to
+  // ORT's shape inference): any float tensor of the same rank; the run broadcasts it as ORT's Add does.
+  if (!r || r == v || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
+      ValueRank(r) != rank || rank < 1)
     return;
   const std::vector<const OrtNode*> mine = u->Nodes();  // the residual must come from outside the unit
   // (a fused graph's input has no producer there: ORT logs a warning for asking)
@@ -334,29 +338,48 @@ std::vector<std::vector<int64_t>> LayoutShapes(const CompiledMatMul& c, std::vec
   return shapes;
 }
 
-// The norm tail over `rows` rows of N float values x (the unit's dequantized output): per row, + bias, + the
-// residual, LayerNormalization as ORT's CPU kernel computes it in float32 (sums in order, mean and variance from
-// them, (x - mean) / sqrt(var + eps) * gamma + beta), then the QuantizeLinear.
-void NormRows(const CompiledMatMul& c, float* x, size_t rows, OrtKernelContext* ctx, const std::vector<int64_t>& dims,
-              uint8_t* y, const qie::ParallelFor& pfor) {
+// The residual's shape and the norm tail's output shape (`dims`, the MatMul's, broadcast with the residual's as
+// ORT's Add does: LayerNormalization then runs over the broadcast rows), checked.
+Broadcast NormShape(const CompiledMatMul& c, OrtKernelContext* ctx, const std::vector<int64_t>& dims,
+                    const float** residual) {
   const CompiledMatMul::CompiledNorm& nm = c.norm;
   const OrtValue* rv = nullptr;
   Check(g_api->KernelContext_GetInput(ctx, static_cast<size_t>(nm.residual), &rv));
-  if (TensorShape(rv) != dims)
-    throw Failure{"LayerNormalization '" + nm.name + "': the residual's shape differs from the MatMul's output"};
+  const std::vector<int64_t> rd = TensorShape(rv);
+  Broadcast bc;
+  if (!BroadcastOf(dims, rd, &bc) || bc.shape.empty() || bc.shape.back() != static_cast<int64_t>(c.N))
+    throw Failure{"LayerNormalization '" + nm.name + "': the residual of shape " + qie::ShapeStr(rd) +
+                  " does not broadcast to the MatMul's output " + qie::ShapeStr(dims) + " along its rows"};
   const void* rp = nullptr;
   Check(g_api->GetTensorData(rv, &rp));
-  const auto* res = static_cast<const float*>(rp);
+  *residual = static_cast<const float*>(rp);
+  return bc;
+}
+
+// The norm tail over the broadcast rows of N float values (x: the unit's dequantized output; res: the residual):
+// per row, + bias, + the residual, LayerNormalization as ORT's CPU kernel computes it in float32 (sums in order,
+// mean and variance from them, (x - mean) / sqrt(var + eps) * gamma + beta), then the QuantizeLinear.
+void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, const float* res, uint8_t* y,
+              const qie::ParallelFor& pfor) {
+  const CompiledMatMul::CompiledNorm& nm = c.norm;
   const size_t N = c.N;
+  size_t rows = 1;
+  for (size_t d = 0; d + 1 < bc.shape.size(); ++d) rows *= static_cast<size_t>(bc.shape[d]);
+  const size_t rs = bc.sm.back();  // the residual's stride along the row: 1, or 0 for one value per row
   const Quantizer q(nm.out);
   const size_t per = std::max<size_t>(1, 16384 / std::max<size_t>(N, 1));  // rows per task
   auto task = [&](size_t t) {
+    thread_local std::vector<float> row;
+    row.resize(N);
+    float* v = row.data();
     for (size_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
-      float* v = x + r * N;
-      const float* e = res + r * N;
+      size_t ox = 0, oe = 0;
+      bc.RowOffsets(r, &ox, &oe);
+      std::copy(x + ox, x + ox + N, v);
+      const float* e = res + oe;
       if (!nm.bias.empty())
         for (size_t h = 0; h < N; ++h) v[h] = v[h] + nm.bias[h];
-      for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h];
+      for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h * rs];
       float mean = 0.0f, square = 0.0f;
       for (size_t h = 0; h < N; ++h) {
         mean += v[h];
@@ -375,7 +398,7 @@ void NormRows(const CompiledMatMul& c, float* x, size_t rows, OrtKernelContext* 
   const size_t tasks = (rows + per - 1) / per;
   if (tasks == 1)
     task(0);
-  else
+  else if (tasks > 1)
     pfor(tasks, task);
 }
 
@@ -411,9 +434,12 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       Check(g_api->GetTensorMutableData(v, &p));
       if (len) std::memcpy(p, d.data() + b, static_cast<size_t>(len) * sizeof(int64_t));
     }
+    // The norm tail's output: the MatMul's broadcast with the residual (the same shape unless ORT's Add broadcasts).
+    const float* residual = nullptr;
+    const Broadcast norm_bc = c.norm.on ? NormShape(c, ctx, shapes.back(), &residual) : Broadcast{};
+    const std::vector<int64_t>& y_dims = c.norm.on ? norm_bc.shape : shapes.back();
     OrtValue* y = nullptr;
-    Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.y_output), shapes.back().data(),
-                                         shapes.back().size(), &y));
+    Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.y_output), y_dims.data(), y_dims.size(), &y));
     void* ydata = nullptr;
     Check(g_api->GetTensorMutableData(y, &ydata));
     const void* xdata = nullptr;
@@ -486,7 +512,7 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       thread_local std::vector<float> values;
       values.resize(n);
       DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
-      NormRows(c, values.data(), rows, ctx, shapes.back(), static_cast<uint8_t*>(ydata), pfor);
+      NormRows(c, values.data(), norm_bc, residual, static_cast<uint8_t*>(ydata), pfor);
     } else if (c.float_out) {
       DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
     }
