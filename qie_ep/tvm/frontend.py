@@ -299,6 +299,40 @@ def _drop_identities(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv / QLinearConv / ConvInteger nodes with ``auto_pad`` SAME_UPPER / SAME_LOWER and every stride 1 get the
+    explicit ``pads`` ONNX defines for them (``(k - 1) * d`` per axis, the odd one after for SAME_UPPER, before for
+    SAME_LOWER: the same at every input size). TVM's Conv converter turns auto_pad into a separate pad of the
+    dequantized input, which hid such convolutions from qie's quantized-conv matcher (PP-OCRv6's two 2x2 stem
+    convolutions ran as float conv2d); with explicit pads they are ordinary QDQ convolutions."""
+    from onnx import helper
+
+    changed = False
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in out.graph.node:
+        if n.op_type not in ("Conv", "QLinearConv", "ConvInteger") or n.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        mode = helper.get_attribute_value(attrs["auto_pad"]).decode() if "auto_pad" in attrs else "NOTSET"
+        if mode not in ("SAME_UPPER", "SAME_LOWER") or "kernel_shape" not in attrs:
+            continue
+        kernel = list(helper.get_attribute_value(attrs["kernel_shape"]))
+        strides = list(helper.get_attribute_value(attrs["strides"])) if "strides" in attrs else [1] * len(kernel)
+        dil = list(helper.get_attribute_value(attrs["dilations"])) if "dilations" in attrs else [1] * len(kernel)
+        if any(s != 1 for s in strides):
+            continue
+        total = [(k - 1) * d for k, d in zip(kernel, dil)]
+        small = [t // 2 for t in total]
+        before = small if mode == "SAME_UPPER" else [t - h for t, h in zip(total, small)]
+        after = [t - b for t, b in zip(total, before)]
+        kept = [a for a in n.attribute if a.name not in ("auto_pad", "pads")]
+        del n.attribute[:]
+        n.attribute.extend(kept + [helper.make_attribute("pads", before + after)])
+        changed = True
+    return out if changed else model
+
+
 def _fold_constant_of_shape(model: onnx.ModelProto) -> onnx.ModelProto:
     """ConstantOfShape of a constant shape -> a Constant. TVM 0.27 fails on an empty shape (a scalar
     result: "broadcast_to expects the input shape to have the number of ndim at least ..."), which
@@ -395,7 +429,7 @@ def from_onnx(model, shape_dict=None, dtype_dict="float32", fold_shapes: bool | 
         except Exception:  # noqa: BLE001 - by default folding is best effort (ORT may not load the file)
             if fold_shapes:
                 raise
-    model = _drop_identities(_fold_constant_of_shape(model))
+    model = _drop_identities(_explicit_same_pads(_fold_constant_of_shape(model)))
     try:
         with _with_converters():
             return _F.from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, **kwargs)

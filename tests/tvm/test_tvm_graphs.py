@@ -147,6 +147,35 @@ def test_convs_differing_only_in_padding_get_their_own_kernels():
         np.testing.assert_array_equal(g, w_)
 
 
+@pytest.mark.parametrize("mode,kernel,dil", [("SAME_UPPER", (2, 2), (1, 1)), ("SAME_LOWER", (3, 2), (1, 1))])
+def test_qdq_conv_with_same_auto_pad_runs_on_qie(mode, kernel, dil):
+    """A QDQ Conv with auto_pad SAME_* and stride 1 (PP-OCRv6's 2x2 stem convolutions): TVM's converter pads the
+    dequantized input as a separate op, which hid the convolution from qie's matcher; qie's import gives it the
+    explicit pads ONNX defines (the odd one after for SAME_UPPER, before for SAME_LOWER): one qie kernel, the
+    codes equal ORT's, at any width (symbolic here)."""
+    c, o = 6, 8
+    w = q(np.int8, (o, c, *kernel))
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "sw", "zw"], ["wf"], axis=0),
+             helper.make_node("Conv", ["xf", "wf"], ["y"], auto_pad=mode, kernel_shape=list(kernel),
+                              dilations=list(dil)),
+             helper.make_node("QuantizeLinear", ["y", "sy", "zy"], ["yq"])]
+    inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in [
+        ("sx", np.float32(0.02)), ("zx", np.uint8(120)), ("w", w), ("sw", RNG.uniform(0.005, 0.01, o).astype(np.float32)),
+        ("zw", np.zeros(o, np.int8)), ("sy", np.float32(0.05)), ("zy", np.uint8(100))]]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, 12, "W"])],
+                          [helper.make_tensor_value_info("yq", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    fn, kernels = compile_model(model)
+    assert len(kernels) == 1 and kernels[0].startswith("qie_conv"), kernels
+    for width in (1, 9, 20):
+        x = q(np.uint8, (1, c, 12, width))
+        got, = fn({"x": x})
+        want, = ort_ref(model, {"x": x})
+        assert got.shape == (1, o, 12, width)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_conv_integer():
     w = q(np.uint8, (10, 4, 3, 3))
     model = single_node_model("ConvInteger", [("x", np.zeros((2, 4, 8, 9), np.uint8)), ("w", 0), ("x_zp", 0),
