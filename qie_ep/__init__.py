@@ -129,18 +129,22 @@ EP_NAME = "QIE"
 
 
 def ep_stats() -> dict:
-    """qie EP counters since the library was loaded: MatMul/Gemm units claimed by GetCapability and their runs,
-    regions (connected groups of QDQ units with convolutions) claimed and their runs. Runs restart at ``reset_stats()``."""
+    """qie EP counters since the library was loaded: MatMul/Gemm and Softmax units claimed by GetCapability and
+    their runs, attention units (two MatMuls and the softmax between them) and their runs, regions (connected groups
+    of QDQ units with convolutions) and their runs. Runs restart at ``reset_stats()``."""
     from qie_ep._lib import ep_lib
     h = ep_lib()
     if h is None:
-        return {"claimed": 0, "runs": 0, "regions": 0, "region_runs": 0}
+        return {"claimed": 0, "runs": 0, "attention": 0, "attention_runs": 0, "regions": 0, "region_runs": 0}
     import ctypes
     claimed, runs = ctypes.c_long(), ctypes.c_long()
     h.qie_ep_counters(ctypes.byref(claimed), ctypes.byref(runs))
     regions, region_runs = ctypes.c_long(), ctypes.c_long()
     h.qie_ep_region_counters(ctypes.byref(regions), ctypes.byref(region_runs))
-    return {"claimed": claimed.value, "runs": runs.value, "regions": regions.value, "region_runs": region_runs.value}
+    attention, attention_runs = ctypes.c_long(), ctypes.c_long()
+    h.qie_ep_attention_counters(ctypes.byref(attention), ctypes.byref(attention_runs))
+    return {"claimed": claimed.value, "runs": runs.value, "attention": attention.value,
+            "attention_runs": attention_runs.value, "regions": regions.value, "region_runs": region_runs.value}
 
 
 def region_profile() -> dict:
@@ -206,14 +210,15 @@ def stats() -> dict[tuple[str, str], dict[str, int]]:
     """Kernel invocations since load or the last ``reset_stats()``: {(domain, op): {isa: count}}.
 
     The domain of standard ONNX ops is "" (as in the graph); contrib ops have "com.microsoft". Units run by
-    qie's execution provider are counted under (EP_NAME, "QDQ GEMM").
+    qie's execution provider are counted under (EP_NAME, "QDQ GEMM") (MatMul / Gemm and Softmax units),
+    (EP_NAME, "QDQ attention") (attention units: two MatMuls each) and (EP_NAME, "QDQ region").
     """
     out: dict[tuple[str, str], dict[str, int]] = {}
     for line in _read_lines(lib().qie_stats_snapshot):
         domain, op, isa, count = line.split("\t")
         out.setdefault((domain, op), {})[isa] = int(count)
     eps = ep_stats()
-    for key, name in (("runs", "QDQ GEMM"), ("region_runs", "QDQ region")):
+    for key, name in (("runs", "QDQ GEMM"), ("attention_runs", "QDQ attention"), ("region_runs", "QDQ region")):
         if eps[key]:
             from qie_ep._lib import ep_lib
             out[(EP_NAME, name)] = {ep_lib().qie_ep_active_isa().decode(): eps[key]}

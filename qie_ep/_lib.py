@@ -85,6 +85,8 @@ def ep_lib() -> ctypes.CDLL | None:
     h.qie_ep_counters.restype = None
     h.qie_ep_region_counters.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     h.qie_ep_region_counters.restype = None
+    h.qie_ep_attention_counters.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    h.qie_ep_attention_counters.restype = None
     h.qie_ep_region_profile.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     h.qie_ep_region_profile.restype = ctypes.c_size_t
     h.qie_ep_region_profile_names.argtypes = []

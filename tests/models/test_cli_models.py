@@ -52,6 +52,8 @@ def test_minilm_accuracy_budget_reaches_cosine_099(tmp_path, capsys):
     qie_ep.reset_stats()
     _embeddings(out, qie=True)
     st = qie_ep.stats()  # every quantized MatMul on qie: QDQ units with constant weights on its EP (where ORT
-    # has the EP API), the attention MatMuls (two activations) as ORT's QLinearMatMul on its custom op
-    on_qie = sum(st.get(("", "QLinearMatMul"), {}).values()) + sum(st.get((qie_ep.EP_NAME, "QDQ GEMM"), {}).values())
+    # has the EP API), the attention MatMuls (two activations) in its attention units (two each), or as ORT's
+    # QLinearMatMul on its custom op
+    on_qie = (sum(st.get(("", "QLinearMatMul"), {}).values()) + sum(st.get((qie_ep.EP_NAME, "QDQ GEMM"), {}).values())
+              + 2 * sum(st.get((qie_ep.EP_NAME, "QDQ attention"), {}).values()))
     assert on_qie == (48 - len(kept)) * 2 * len(models.PARAPHRASES), st

@@ -106,7 +106,7 @@ def test_attention_unit_is_claimed_and_within_one_step(level, dt, pdt):
     model = attention_model(dt, pdt)
     sess, plain, floats = ep_session(model, level), session(model, level=level), session(model, level="disable")
     assert assigned_to_qie(sess) == UNIT_NODES, sess.get_provider_graph_assignment_info()
-    before = qie_ep.ep_stats()["runs"]
+    before = qie_ep.ep_stats()["attention_runs"]
     for batch, seq in ((1, 11), (2, 37), (1, 1), (1, 130)):
         f = feeds(rng, dt, batch, 4, seq, mask_shape=(batch, 1, 1, seq))
         f["m"][..., 0] = 0  # no fully masked rows here (the test below has them)
@@ -115,7 +115,7 @@ def test_attention_unit_is_claimed_and_within_one_step(level, dt, pdt):
         if COMPARE_BUILTIN:  # the float graph, and ORT at this level (QLinearMatMul from EXTENDED on)
             within_one_step(got, floats.run(None, f)[0], f"float graph batch={batch} seq={seq}")
             within_one_step(got, plain.run(None, f)[0], f"level={level} batch={batch} seq={seq}")
-    assert qie_ep.ep_stats()["runs"] >= before + 4
+    assert qie_ep.ep_stats()["attention_runs"] >= before + 4
 
 
 @needs_ep

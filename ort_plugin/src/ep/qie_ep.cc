@@ -29,7 +29,7 @@ namespace {
 
 using namespace qie_ep;  // NOLINT: the EP's own graph helpers
 
-std::atomic<long> g_claimed{0}, g_runs{0}, g_regions{0}, g_region_runs{0};
+std::atomic<long> g_claimed{0}, g_runs{0}, g_regions{0}, g_region_runs{0}, g_attentions{0}, g_attention_runs{0};
 constexpr const char* kEpName = "QIE";
 
 // One fused node: a MatMul/Gemm unit, a Softmax unit, an attention unit or a region.
@@ -50,7 +50,7 @@ struct ComputeInfo : OrtNodeComputeInfo {
       auto* self = static_cast<ComputeInfo*>(state);
       if (self->is_softmax || self->is_attention) {
         OrtStatus* st = self->is_softmax ? ComputeSoftmax(self->softmax, ctx) : ComputeAttention(self->attention, ctx);
-        if (!st) g_runs.fetch_add(1);
+        if (!st) (self->is_softmax ? g_runs : g_attention_runs).fetch_add(1);
         return st;
       }
       if (!self->region) {
@@ -119,7 +119,7 @@ struct QieEp : OrtEp {
           if (!outside(group)) continue;
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
           claimed.insert(group.begin(), group.end());
-          g_claimed.fetch_add(1);
+          g_attentions.fetch_add(1);
           ++attentions;
         }
         size_t softmaxes = 0;
@@ -385,8 +385,14 @@ __attribute__((visibility("default"))) void qie_ep_counters(long* claimed, long*
   *claimed = g_claimed.load();
   *runs = g_runs.load();
 }
+// Attention units claimed and their runs.
+__attribute__((visibility("default"))) void qie_ep_attention_counters(long* claimed, long* runs) {
+  *claimed = g_attentions.load();
+  *runs = g_attention_runs.load();
+}
 __attribute__((visibility("default"))) void qie_ep_reset() {
   g_runs.store(0);
+  g_attention_runs.store(0);
   g_region_runs.store(0);
   ResetRegionProfile();
 }
