@@ -49,7 +49,7 @@ ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
               tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
               tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py tests/ort/test_ep_tails.py tests/ort/test_ep_norm_tails.py \
-              tests/ort/test_ep_attention.py
+              tests/ort/test_ep_attention.py tests/ort/test_ep_shapes.py
 ORT_INC = $$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie)
 # cmake_lib FOLDER BUILD_TYPE EXTRA_FLAGS: configure and build the library out of the package.
 define cmake_lib
@@ -79,7 +79,8 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   'tests/ort/test_ep_attention.py::test_attention_unit_is_claimed_and_within_one_step[u8-all]' \
                   'tests/ort/test_ep_attention.py::test_attention_unit_is_claimed_and_within_one_step[s8-u8p-disable]' \
                   tests/ort/test_ep_attention.py::test_masks_steps_and_shapes tests/ort/test_ep_attention.py::test_zero_size_sequence_or_batch \
-                  tests/ort/test_ep_attention.py::test_a_mask_that_does_not_broadcast_is_an_error_naming_the_node
+                  tests/ort/test_ep_attention.py::test_a_mask_that_does_not_broadcast_is_an_error_naming_the_node \
+                  tests/ort/test_ep_shapes.py::test_forms tests/ort/test_ep_shapes.py::test_an_index_out_of_range_is_an_error_naming_the_shape
 valgrind: build
 	$(call cmake_lib,build/valgrind,RelWithDebInfo,)
 	rm -f build/valgrind/vg-*.xml

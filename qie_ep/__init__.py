@@ -48,7 +48,8 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
     Registering twice on the same options is a no-op.
 
     ``ep_options`` (strings) tune the EP: ``units`` ("1"/"0": claim MatMul / Gemm, Softmax and attention units),
-    ``attention`` ("1"/"0": claim the QDQ attention core, scores MatMul -> mask -> Softmax -> MatMul), ``regions`` ("1"/"0":
+    ``attention`` ("1"/"0": claim the QDQ attention core, scores MatMul -> mask -> Softmax -> MatMul), ``shapes``
+    ("1"/"0": claim Shape -> Gather -> Unsqueeze chains, with a DequantizeLinear only the Shape reads), ``regions`` ("1"/"0":
     claim conv regions), ``tails`` ("1"/"0": MatMul / Gemm units take the QDQ segments after them: bias Add, Gelu,
     head splits, the residual LayerNorm ...), ``min_region_convs`` (convolutions a region needs, default "2"),
     ``profile`` ("1": time the regions' unit kinds, see ``region_profile()``), ``pacing`` ("1"/"0": each region step,
@@ -66,7 +67,7 @@ def register(sess_options, ep: bool | None = None, ep_options: dict | None = Non
         sess_options.add_session_config_entry(_EP_REGISTERED_KEY, "1")
 
 
-_EP_OPTIONS = {"units": ("0", "1"), "attention": ("0", "1"), "regions": ("0", "1"), "tails": ("0", "1"),
+_EP_OPTIONS = {"units": ("0", "1"), "attention": ("0", "1"), "shapes": ("0", "1"), "regions": ("0", "1"), "tails": ("0", "1"),
                "min_region_convs": None, "profile": ("0", "1"),
                "pacing": ("0", "1"), "conv_tables": ("0", "1"), "team": ("0", "1")}
 

@@ -21,6 +21,7 @@
 #include "ep/matmul_unit.h"
 #include "ep/region.h"
 #include "ep/region_plan.h"
+#include "ep/shapes.h"
 #include "ep/softmax.h"
 #include "kernels/gemm.h"
 #include "ops/common.h"
@@ -39,6 +40,8 @@ struct ComputeInfo : OrtNodeComputeInfo {
   CompiledSoftmax softmax;
   bool is_attention = false;
   CompiledAttention attention;
+  bool is_shapes = false;
+  CompiledShapes shapes;
   std::unique_ptr<RegionPlan, void (*)(RegionPlan*)> region{nullptr, ReleaseRegion};
   ComputeInfo() : OrtNodeComputeInfo{} {
     ort_version_supported = ORT_API_VERSION;
@@ -48,6 +51,7 @@ struct ComputeInfo : OrtNodeComputeInfo {
     };
     Compute = [](OrtNodeComputeInfo*, void* state, OrtKernelContext* ctx) noexcept -> OrtStatus* {
       auto* self = static_cast<ComputeInfo*>(state);
+      if (self->is_shapes) return ComputeShapes(self->shapes, ctx);
       if (self->is_softmax || self->is_attention) {
         OrtStatus* st = self->is_softmax ? ComputeSoftmax(self->softmax, ctx) : ComputeAttention(self->attention, ctx);
         if (!st) (self->is_softmax ? g_runs : g_attention_runs).fetch_add(1);
@@ -73,6 +77,7 @@ struct QieEp : OrtEp {
   bool regions_on = true;
   bool tails_on = true;
   bool attention_on = true;
+  bool shapes_on = true;
   const OrtLogger* logger = nullptr;  // the session's, from CreateEp
   void Log(OrtLoggingLevel level, const std::string& msg) const {
     if (!logger) return;
@@ -172,18 +177,36 @@ struct QieEp : OrtEp {
           ++units;
           segments += u.tail.size();
         }
+        // Shape units on what is left: a Shape, the Gather -> Unsqueeze nodes picking its dims and the
+        // DequantizeLinear only it reads (the units above took the Shapes reading their own values).
+        size_t shape_units = 0;
+        for (const OrtNode* node : nodes) {
+          if (!self->units_on || !self->shapes_on) break;
+          ShapeUnit u;
+          std::vector<const OrtNode*> group;
+          try {
+            if (!MatchShapeUnit(node, &u)) continue;
+            group = u.Nodes();
+            if (std::any_of(group.begin(), group.end(), Assigned)) continue;
+          } catch (const Failure&) { continue; }
+          if (!outside(group)) continue;
+          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+          claimed.insert(group.begin(), group.end());
+          ++shape_units;
+        }
         if (!self->regions_on)
           return self->Log(ORT_LOGGING_LEVEL_INFO,
                            "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +
                                " tail segments) and " + std::to_string(softmaxes) + " Softmax and " +
-                               std::to_string(attentions) + " attention units claimed; regions off");
+                               std::to_string(attentions) + " attention units, " + std::to_string(shape_units) +
+                               " shape units claimed; regions off");
         self->Log(ORT_LOGGING_LEVEL_INFO,
                   "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +
                       " tail segments), " + std::to_string(softmaxes) + " Softmax and " + std::to_string(attentions) +
-                      " attention units claimed; " + std::to_string(regions.size()) + " regions of " +
-                      std::to_string(region_nodes) + " nodes hold " + std::to_string(report.units_claimed) +
-                      " of the " + std::to_string(report.units) + " QDQ units found (the rest: fewer than " +
-                      std::to_string(self->region_opts.min_conv_units) +
+                      " attention units, " + std::to_string(shape_units) + " shape units claimed; " +
+                      std::to_string(regions.size()) + " regions of " + std::to_string(region_nodes) + " nodes hold " +
+                      std::to_string(report.units_claimed) + " of the " + std::to_string(report.units) +
+                      " QDQ units found (the rest: fewer than " + std::to_string(self->region_opts.min_conv_units) +
                       " convolutions in their group, or cut so the fused graph stays acyclic; " +
                       std::to_string(report.dropped_cycles) + " regions dropped for a cycle)");
       });
@@ -199,14 +222,19 @@ struct QieEp : OrtEp {
         for (size_t i = 0; i < count; ++i) {
           auto info = std::make_unique<ComputeInfo>();
           const std::vector<const OrtNode*> nodes = GraphNodes(graphs[i]);
-          bool matmul = false, softmax = false;
+          bool matmul = false, softmax = false, shape_only = !nodes.empty();
           size_t matmuls = 0;
           for (const OrtNode* n : nodes) {
+            const std::string t = OpType(n);
+            shape_only = shape_only && (t == "Shape" || t == "Gather" || t == "Unsqueeze" || t == "DequantizeLinear");
             matmul = matmul || OpType(n) == "MatMul" || OpType(n) == "Gemm";
             matmuls += OpType(n) == "MatMul";
             softmax = softmax || OpType(n) == "Softmax";
           }
-          if (softmax && matmuls == 2) {
+          if (shape_only) {
+            info->is_shapes = true;
+            CompileShapes(graphs[i], fused[i], &info->shapes);
+          } else if (softmax && matmuls == 2) {
             info->is_attention = true;
             CompileAttention(graphs[i], fused[i], &info->attention);
             info->attention.adaptive = self->region_opts.pacing;
@@ -236,6 +264,7 @@ struct QieEp : OrtEp {
 // The EP's options (`register(so, ep_options={...})`, stored by ORT as session config "ep.qie.<key>"):
 //   units   "1" (default) / "0": claim MatMul / Gemm, Softmax and attention units
 //   attention "1" (default) / "0": claim attention units (units on)
+//   shapes  "1" (default) / "0": claim shape units, Shape -> Gather -> Unsqueeze (units on)
 //   regions "1" (default) / "0": claim conv regions
 //   tails   "1" (default) / "0": MatMul / Gemm units take the elementwise DQ -> f -> Q segments after them
 //   min_region_convs: convolutions a region needs (default 2, >= 1)
@@ -276,6 +305,7 @@ void ReadOptions(const OrtSessionOptions* so, QieEp* ep) {
   flag("regions", &ep->regions_on);
   flag("tails", &ep->tails_on);
   flag("attention", &ep->attention_on);
+  flag("shapes", &ep->shapes_on);
   flag("profile", &ep->region_opts.profile);
   flag("pacing", &ep->region_opts.pacing);
   flag("conv_tables", &ep->region_opts.conv_tables);

@@ -1,0 +1,109 @@
+"""qie's EP shape units: Shape -> Gather(constant index) -> Unsqueeze(axes [0]), with the DequantizeLinear that only the
+Shape reads, claimed as one fused node that reads its input's dims (the Reshape targets of a torch export with dynamic
+axes, as BERT computes them). Integers: the outputs equal ORT's exactly, at every level, as shapes change; what ORT
+reads besides (the Shape's own output, a Gather's) is output too; an index out of range is an error naming the Shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qie_ep
+from helpers import OPT_LEVELS
+from qie_ep.session import options, session
+from test_ep import assigned_to_qie, ep_session, needs_ep, rand
+
+
+def shape_model(opset=17, start=None, end=None, indices=(0, 1), vector_index=False, dq_shared=False,
+                gather_output=False, shape_output=False):
+    """y = Reshape(f, Concat(Unsqueeze(Gather(Shape(DQ(x)), i)) for i, [4, 16])): BERT's head split. f's dims have
+    their own names, so ORT's ReshapeFusion cannot prove them x's (where it can, it folds the chain to 0s itself)."""
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z"),
+             numpy_helper.from_array(np.array([4, 16], np.int64), "tail")]
+    shape_attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
+             helper.make_node("Shape", ["xf"], ["dims"], **shape_attrs)]
+    parts = []
+    for k, i in enumerate(indices):
+        inits.append(numpy_helper.from_array(np.array([i] if vector_index else i, np.int64), f"i{k}"))
+        nodes.append(helper.make_node("Gather", ["dims", f"i{k}"], [f"g{k}"], axis=0))
+        if vector_index:
+            parts.append(f"g{k}")
+            continue
+        if opset >= 13:
+            inits.append(numpy_helper.from_array(np.array([0], np.int64), f"ax{k}"))
+            nodes.append(helper.make_node("Unsqueeze", [f"g{k}", f"ax{k}"], [f"u{k}"]))
+        else:
+            nodes.append(helper.make_node("Unsqueeze", [f"g{k}"], [f"u{k}"], axes=[0]))
+        parts.append(f"u{k}")
+    nodes += [helper.make_node("Concat", [*parts, "tail"], ["target"], axis=0),
+              helper.make_node("Reshape", ["f", "target"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if dq_shared:  # the dequantized tensor is a graph output too
+        outputs.append(helper.make_tensor_value_info("xf", TensorProto.FLOAT, None))
+    if gather_output:
+        outputs.append(helper.make_tensor_value_info("g0", TensorProto.INT64, None))
+    if shape_output:
+        outputs.append(helper.make_tensor_value_info("dims", TensorProto.INT64, None))
+    g = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["B", "S", 64]),
+                                            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["P", "Q", 64])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def feeds(rng, b, s):
+    return {"x": rand(rng, np.uint8, (b, s, 64)), "f": rng.normal(size=(b, s, 64)).astype(np.float32)}
+
+
+def check(model, level, expect_nodes, shapes=((1, 11), (2, 5), (3, 1))):
+    sess, plain = ep_session(model, level), session(model, level=level)
+    assert assigned_to_qie(sess) == expect_nodes, sess.get_provider_graph_assignment_info()
+    rng = np.random.default_rng(0)
+    for b, s in shapes:
+        f = feeds(rng, b, s)
+        for got, want in zip(sess.run(None, f), plain.run(None, f)):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+def test_head_split_shape_chain_is_one_unit(level):
+    check(shape_model(), level, 6)  # DQ, Shape, 2 Gathers, 2 Unsqueezes
+
+
+@needs_ep
+@pytest.mark.parametrize("case", ["opset11_axes_attribute", "start_end", "negative_index", "vector_index",
+                                  "dq_is_an_output", "gather_is_an_output", "shape_is_an_output"])
+def test_forms(case):
+    kw, nodes = {
+        "opset11_axes_attribute": (dict(opset=11), 6),
+        "start_end": (dict(opset=15, start=-3, end=2, indices=(0, -1)), 6),
+        "negative_index": (dict(indices=(-3, -2)), 6),
+        "vector_index": (dict(vector_index=True), 4),
+        # the dequantized tensor is a graph output too: ORT gives the Shape its own DequantizeLinear (as it does for
+        # every reader of a DQ's output), which joins the unit; the output is ORT's
+        "dq_is_an_output": (dict(dq_shared=True), 6),
+        "gather_is_an_output": (dict(gather_output=True), 6),
+        "shape_is_an_output": (dict(shape_output=True), 6),
+    }[case]
+    check(shape_model(**kw), "all", nodes)
+
+
+@needs_ep
+def test_an_index_out_of_range_is_an_error_naming_the_shape():
+    model = shape_model(indices=(0, 5))
+    model.graph.node[1].name = "head_dims"
+    sess = ep_session(model)
+    with pytest.raises(Exception, match="head_dims: a Gather index 5 is out of range for its 3 dims"):
+        sess.run(None, feeds(np.random.default_rng(1), 1, 4))
+
+
+@needs_ep
+def test_option_off_leaves_the_chain_to_ort():
+    so = options()
+    so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    qie_ep.register(so, ep=True, ep_options={"shapes": "0"})
+    sess = session(shape_model(), so)
+    assert assigned_to_qie(sess) == 0
