@@ -22,6 +22,7 @@ import qie_ep
 from helpers import COMPARE_BUILTIN, OPT_LEVELS
 from qie_ep.session import options, session
 from test_ep import T, assigned_to_qie, ep_session, needs_ep, rand
+from test_ep_softmax import within_one_step as _within_one_step
 
 UNIT_NODES = 14  # DQ a, DQ b, MatMul, Q, DQ, Add(mask), Softmax, IsNaN, Where, Q, DQ, DQ v, MatMul, Q
 
@@ -89,12 +90,8 @@ def feeds(rng, dt, batch, heads, seq, d=16, mask_shape=None, masked=0.3):
     return f
 
 
-def within_one_step(got, want, what, frac_max=0.02):
-    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
-    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
-    assert diff.max(initial=0) <= 1, (what, diff.max())
-    frac = float((diff > 0).mean()) if diff.size else 0.0
-    assert frac <= frac_max, (what, frac)
+def within_one_step(got, want, what, frac_max=0.02):  # a probability code one step off moves a row's outputs
+    _within_one_step(got, want, what, frac_max)
 
 
 @needs_ep

@@ -285,29 +285,18 @@ void QuantizedMatMul(const qie::MatMulPlan& plan, const uint8_t* a, const QParam
   bt.shape = b.shape;
   bt.data = b.data;
   qie::PackAllB(uk, bt, false, &pk);
-  std::vector<const qie::PackedB*> bptrs(batch);
-  for (size_t i = 0; i < batch; ++i) bptrs[i] = pk.mats[plan.folded ? 0 : plan.b_idx[i]].get();
+  std::vector<const qie::PackedB*> bptrs;
   const std::vector<int32_t> zb(plan.N, pb.zp);
   const std::vector<float> scale(plan.N, mult);
   const int32_t za = pa.zp;
   qie::GemmArgs g;
-  g.M = rows;
-  g.N = plan.N;
-  g.K = plan.K;
-  g.a = a;
-  g.lda = plan.K;
-  g.a_offsets = plan.folded ? nullptr : plan.a_off.data();
+  qie::PlanArgs(plan, a, y, pk.mats, &bptrs, &g);
   g.a_signed = pa.is_signed;
   g.za = &za;
   g.zb = zb.data();
   g.kind = py.is_signed ? qie::OutKind::kS8 : qie::OutKind::kU8;
   g.scale = scale.data();
   g.y_zp = py.zp;
-  g.y = y;
-  g.ldy = plan.N;
-  g.y_batch_stride = static_cast<ptrdiff_t>(plan.M * plan.N);
-  g.batch = batch;
-  g.b = bptrs.data();
   qie::Gemm(uk, g, pfor);
 }
 
@@ -443,18 +432,12 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 OrtStatus* ComputeAttention(const CompiledAttention& c, OrtKernelContext* ctx) {
   return Guard("Attention", [&] {
     const Codes a = InputCodes(ctx, c.a_input), b = InputCodes(ctx, c.b_input), v = InputCodes(ctx, c.v_input);
-    for (const CompiledAttention::ShapeOut& so : c.shape_outs) {  // ONNX Shape: dims[start:end], clamped
-      const std::vector<int64_t>& d = so.of == 0 ? a.shape : so.of == 1 ? b.shape : v.shape;
-      const auto r = static_cast<int64_t>(d.size());
-      int64_t s = so.start < 0 ? so.start + r : so.start, e = so.end < 0 ? so.end + r : so.end;
-      s = std::min(std::max<int64_t>(s, 0), r);
-      e = std::min(std::max<int64_t>(e, 0), r);
-      const int64_t len = std::max<int64_t>(e - s, 0);
-      OrtValue* out = nullptr;
-      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(so.output), &len, 1, &out));
-      void* p = nullptr;
-      Check(g_api->GetTensorMutableData(out, &p));
-      if (len) std::memcpy(p, d.data() + s, static_cast<size_t>(len) * sizeof(int64_t));
+    for (const CompiledAttention::ShapeOut& so : c.shape_outs) {
+      const std::vector<int64_t> d = ShapeSlice(so.of == 0   ? a.shape
+                                                : so.of == 1 ? b.shape
+                                                             : v.shape,
+                                                so.start, so.end);
+      Int64Output(ctx, so.output, {static_cast<int64_t>(d.size())}, d);
     }
     const qie::MatMulPlan p1 = Plan(a.shape, b.shape, c.name + ": the scores' MatMul");
     // The mask (runtime input, constant or none) and the probabilities' shape: the scores' broadcast with it.

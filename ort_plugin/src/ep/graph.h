@@ -4,7 +4,9 @@
 #pragma once
 #include <onnxruntime_c_api.h>  // includes onnxruntime_ep_c_api.h
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -190,6 +192,24 @@ inline bool SameShape(const OrtValueInfo* a, const OrtValueInfo* b) {
   }
   return true;
 }
+// ONNX Shape's output for dims `d`: d[start:end], each bound made non-negative and clamped to the rank.
+inline std::vector<int64_t> ShapeSlice(const std::vector<int64_t>& d, int64_t start, int64_t end) {
+  const auto r = static_cast<int64_t>(d.size());
+  int64_t s = start < 0 ? start + r : start, e = end < 0 ? end + r : end;
+  s = std::min(std::max<int64_t>(s, 0), r);
+  e = std::min(std::max<int64_t>(e, 0), r);
+  return std::vector<int64_t>(d.begin() + s, d.begin() + std::max(s, e));
+}
+// Fused-node output `index` as an int64 tensor of `shape` holding `values`.
+inline void Int64Output(OrtKernelContext* ctx, int index, const std::vector<int64_t>& shape,
+                        const std::vector<int64_t>& values) {
+  OrtValue* v = nullptr;
+  Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(index), shape.data(), shape.size(), &v));
+  void* p = nullptr;
+  Check(g_api->GetTensorMutableData(v, &p));
+  if (!values.empty()) std::memcpy(p, values.data(), values.size() * sizeof(int64_t));
+}
+
 // A run-time tensor's shape.
 inline std::vector<int64_t> TensorShape(const OrtValue* v) {
   OrtTensorTypeAndShapeInfo* info = nullptr;

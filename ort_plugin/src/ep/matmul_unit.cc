@@ -421,18 +421,9 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     else
       gemm_shape.back() = static_cast<int64_t>(c.N);
     const std::vector<std::vector<int64_t>> shapes = LayoutShapes(c, gemm_shape, ctx);
-    for (const CompiledMatMul::ShapeOut& so : c.shape_outs) {  // ONNX Shape: dims[start:end], clamped
-      const std::vector<int64_t>& d = shapes[so.steps];
-      const auto r = static_cast<int64_t>(d.size());
-      int64_t b = so.start < 0 ? so.start + r : so.start, e = so.end < 0 ? so.end + r : so.end;
-      b = std::min(std::max<int64_t>(b, 0), r);
-      e = std::min(std::max<int64_t>(e, 0), r);
-      const int64_t len = std::max<int64_t>(e - b, 0);
-      OrtValue* v = nullptr;
-      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(so.output), &len, 1, &v));
-      void* p = nullptr;
-      Check(g_api->GetTensorMutableData(v, &p));
-      if (len) std::memcpy(p, d.data() + b, static_cast<size_t>(len) * sizeof(int64_t));
+    for (const CompiledMatMul::ShapeOut& so : c.shape_outs) {
+      const std::vector<int64_t> d = ShapeSlice(shapes[so.steps], so.start, so.end);
+      Int64Output(ctx, so.output, {static_cast<int64_t>(d.size())}, d);
     }
     // The norm tail's output: the MatMul's broadcast with the residual (the same shape unless ORT's Add broadcasts).
     const float* residual = nullptr;

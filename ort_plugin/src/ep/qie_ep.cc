@@ -111,36 +111,36 @@ struct QieEp : OrtEp {
         auto outside = [&](const std::vector<const OrtNode*>& group) {
           return std::none_of(group.begin(), group.end(), [&](const OrtNode* n) { return claimed.count(n) > 0; });
         };
-        size_t attentions = 0;
-        for (const OrtNode* node : nodes) {
-          if (!self->units_on || !self->attention_on) break;
+        // Attention, then Softmax units: each group whose nodes are all free, claimed whole.
+        auto claim_each = [&](bool on, auto match) {
+          size_t count = 0;
+          for (const OrtNode* node : nodes) {
+            if (!on) break;
+            std::vector<const OrtNode*> group;
+            try {
+              if (!match(node, &group) || std::any_of(group.begin(), group.end(), Assigned)) continue;
+            } catch (const Failure&) { continue; }
+            if (!outside(group)) continue;
+            Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
+            claimed.insert(group.begin(), group.end());
+            ++count;
+          }
+          return count;
+        };
+        const size_t attentions = claim_each(self->units_on && self->attention_on, [](const OrtNode* n, auto* g) {
           AttentionUnit u;
-          std::vector<const OrtNode*> group;
-          try {
-            if (!MatchAttention(node, &u)) continue;
-            group = u.Nodes();
-            if (std::any_of(group.begin(), group.end(), Assigned)) continue;
-          } catch (const Failure&) { continue; }
-          if (!outside(group)) continue;
-          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
-          claimed.insert(group.begin(), group.end());
-          g_attentions.fetch_add(1);
-          ++attentions;
-        }
-        size_t softmaxes = 0;
-        for (const OrtNode* node : nodes) {
-          if (!self->units_on) break;
+          if (!MatchAttention(n, &u)) return false;
+          *g = u.Nodes();
+          return true;
+        });
+        g_attentions.fetch_add(static_cast<long>(attentions));
+        const size_t softmaxes = claim_each(self->units_on, [](const OrtNode* n, auto* g) {
           SoftmaxUnit u;
-          try {
-            if (!MatchSoftmax(node, &u)) continue;
-          } catch (const Failure&) { continue; }
-          const std::vector<const OrtNode*> group = u.Nodes();
-          if (!outside(group)) continue;
-          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
-          claimed.insert(group.begin(), group.end());
-          g_claimed.fetch_add(1);
-          ++softmaxes;
-        }
+          if (!MatchSoftmax(n, &u)) return false;
+          *g = u.Nodes();
+          return true;
+        });
+        g_claimed.fetch_add(static_cast<long>(softmaxes));
         // MatMul / Gemm units: matched first, so that a unit's trailing DequantizeLinear that another unit reads as
         // its input (two units in a chain) is left to that one (the codes pass between them).
         std::vector<MatMulUnit> matched;
@@ -179,21 +179,12 @@ struct QieEp : OrtEp {
         }
         // Shape units on what is left: a Shape, the Gather -> Unsqueeze nodes picking its dims and the
         // DequantizeLinear only it reads (the units above took the Shapes reading their own values).
-        size_t shape_units = 0;
-        for (const OrtNode* node : nodes) {
-          if (!self->units_on || !self->shapes_on) break;
+        const size_t shape_units = claim_each(self->units_on && self->shapes_on, [](const OrtNode* n, auto* g) {
           ShapeUnit u;
-          std::vector<const OrtNode*> group;
-          try {
-            if (!MatchShapeUnit(node, &u)) continue;
-            group = u.Nodes();
-            if (std::any_of(group.begin(), group.end(), Assigned)) continue;
-          } catch (const Failure&) { continue; }
-          if (!outside(group)) continue;
-          Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
-          claimed.insert(group.begin(), group.end());
-          ++shape_units;
-        }
+          if (!MatchShapeUnit(n, &u)) return false;
+          *g = u.Nodes();
+          return true;
+        });
         if (!self->regions_on)
           return self->Log(ORT_LOGGING_LEVEL_INFO,
                            "qie EP: " + std::to_string(units) + " MatMul/Gemm units (" + std::to_string(segments) +

@@ -126,12 +126,7 @@ OrtStatus* ComputeShapes(const CompiledShapes& c, OrtKernelContext* ctx) {
   return Guard("Shape", [&] {
     const OrtValue* x = nullptr;
     Check(g_api->KernelContext_GetInput(ctx, 0, &x));
-    const std::vector<int64_t> all = TensorShape(x);
-    const auto r = static_cast<int64_t>(all.size());
-    int64_t s = c.start < 0 ? c.start + r : c.start, e = c.end < 0 ? c.end + r : c.end;
-    s = std::min(std::max<int64_t>(s, 0), r);
-    e = std::min(std::max<int64_t>(e, 0), r);
-    const std::vector<int64_t> dims(all.begin() + s, all.begin() + std::max(s, e));
+    const std::vector<int64_t> dims = ShapeSlice(TensorShape(x), c.start, c.end);
     const auto n = static_cast<int64_t>(dims.size());
     for (const CompiledShapes::Out& o : c.outs) {
       std::vector<int64_t> values, out_shape;
@@ -150,11 +145,7 @@ OrtStatus* ComputeShapes(const CompiledShapes& c, OrtKernelContext* ctx) {
         else if (!o.scalar)
           out_shape = {static_cast<int64_t>(values.size())};
       }
-      OrtValue* y = nullptr;
-      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(o.output), out_shape.data(), out_shape.size(), &y));
-      void* p = nullptr;
-      Check(g_api->GetTensorMutableData(y, &p));
-      if (!values.empty()) std::memcpy(p, values.data(), values.size() * sizeof(int64_t));
+      Int64Output(ctx, o.output, out_shape, values);
     }
   });
 }

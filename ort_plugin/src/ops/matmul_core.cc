@@ -69,6 +69,24 @@ MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int
   return p;
 }
 
+void PlanArgs(const MatMulPlan& plan, const uint8_t* a, void* y, const std::vector<std::unique_ptr<PackedB>>& mats,
+              std::vector<const PackedB*>* b, GemmArgs* g) {
+  const size_t batch = plan.folded ? 1 : plan.a_off.size();
+  b->resize(batch);
+  for (size_t i = 0; i < batch; ++i) (*b)[i] = mats[plan.folded ? 0 : plan.b_idx[i]].get();
+  g->M = plan.folded ? plan.rows : plan.M;
+  g->N = plan.N;
+  g->K = plan.K;
+  g->a = a;
+  g->lda = plan.K;
+  g->a_offsets = plan.folded ? nullptr : plan.a_off.data();
+  g->y = y;
+  g->ldy = plan.N;
+  g->y_batch_stride = static_cast<ptrdiff_t>(plan.M * plan.N);
+  g->batch = batch;
+  g->b = b->data();
+}
+
 void PackAllB(const MicroKernel& uk, const Tensor& b, bool trans_b, PrepackedB* out) {
   out->isa = uk.isa;
   out->shape = b.shape;
@@ -118,17 +136,10 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
     PackAllB(uk, b, trans_b_, &local);
     pb = &local;
   }
-  std::vector<const PackedB*> bptrs(batch);
-  for (size_t i = 0; i < batch; ++i) bptrs[i] = pb->mats[plan.folded ? 0 : plan.b_idx[i]].get();
-
+  std::vector<const PackedB*> bptrs;
   std::vector<int32_t> za_rows;
   GemmArgs g;
-  g.M = rows;
-  g.N = plan.N;
-  g.K = plan.K;
-  g.a = a;
-  g.lda = plan.K;
-  g.a_offsets = plan.folded ? nullptr : plan.a_off.data();
+  PlanArgs(plan, a, y, pb->mats, &bptrs, &g);
   g.a_signed = a_signed;
   if (ep.za.size() > 1) {  // per-row zero point: repeat it for every folded batch
     za_rows.resize(rows);
@@ -146,11 +157,6 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
   g.scale = ep.scale.empty() ? nullptr : ep.scale.data();
   g.fbias = ep.fbias;
   g.y_zp = ep.y_zp;
-  g.y = y;
-  g.ldy = plan.N;
-  g.y_batch_stride = static_cast<ptrdiff_t>(plan.M * plan.N);
-  g.batch = batch;
-  g.b = bptrs.data();
   Gemm(uk, g, OrtParallelFor(ctx));
   if (!ep.post_scale.empty())
     ScaleColumns(static_cast<float*>(y), rows * batch, plan.N, ep.post_scale.data(), ep.post_bias);

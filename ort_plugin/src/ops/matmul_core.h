@@ -16,6 +16,12 @@ struct MatMulPlan {
 // a_shape x b_shape with numpy matmul semantics; shapes that cannot multiply raise OpError.
 MatMulPlan PlanMatMul(const std::vector<int64_t>& a_shape, const std::vector<int64_t>& b_shape);
 
+// The plan's part of a GEMM's arguments: sizes (a folded plan's rows as M), A with its per-batch offsets, the
+// output's row stride and batch stride, the batch count; `b` gets one packed B per batch (from `mats`, by the plan's
+// B index). The epilogue and zero points are the caller's.
+void PlanArgs(const MatMulPlan& plan, const uint8_t* a, void* y, const std::vector<std::unique_ptr<PackedB>>& mats,
+              std::vector<const PackedB*>* b, GemmArgs* g);
+
 // Output epilogue of one matmul call, already validated and expanded.
 struct MatMulEpilogue {
   OutKind kind = OutKind::kInt32;
