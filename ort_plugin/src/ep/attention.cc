@@ -198,22 +198,10 @@ void CompileAttention(const OrtGraph* graph, const OrtNode* fused, CompiledAtten
   c->y = OutputParams(u.q3);
   c->mult1 = (c->a.scale * c->b.scale) / c->scores.scale;
   c->mult2 = (c->p.scale * c->v.scale) / c->y.scale;
-  const auto fin = Inputs(fused);
-  auto input_index = [&](const OrtValueInfo* v) {
-    for (size_t i = 0; i < fin.size(); ++i)
-      if (fin[i] && Name(fin[i]) == Name(v)) return static_cast<int>(i);
-    throw Failure{"fused node has no input '" + Name(v) + "'"};
-  };
-  const auto fout = Outputs(fused);
-  auto output_index = [&](const OrtValueInfo* v) {
-    for (size_t i = 0; i < fout.size(); ++i)
-      if (fout[i] && Name(fout[i]) == Name(v)) return static_cast<int>(i);
-    throw Failure{"fused node has no output '" + Name(v) + "'"};
-  };
-  c->a_input = input_index(Inputs(u.dq_a)[0]);
-  c->b_input = input_index(Inputs(u.dq_b)[0]);
-  c->v_input = input_index(Inputs(u.dq_v)[0]);
-  c->y_output = output_index(Outputs(u.q3)[0]);
+  c->a_input = FusedInput(fused, Inputs(u.dq_a)[0]);
+  c->b_input = FusedInput(fused, Inputs(u.dq_b)[0]);
+  c->v_input = FusedInput(fused, Inputs(u.dq_v)[0]);
+  c->y_output = FusedOutput(fused, Outputs(u.q3)[0]);
   c->steps.clear();
   const OrtValueInfo* v = Outputs(u.dq1)[0];
   for (const OrtNode* n : u.steps) {
@@ -232,7 +220,7 @@ void CompileAttention(const OrtGraph* graph, const OrtNode* fused, CompiledAtten
         c->mask_const.assign(d, d + k.count());
         c->mask_const_shape = k.shape;
       } else {
-        c->mask_input = input_index(other);
+        c->mask_input = FusedInput(fused, other);
       }
     }
     c->steps.push_back(st);
@@ -244,7 +232,7 @@ void CompileAttention(const OrtGraph* graph, const OrtNode* fused, CompiledAtten
   c->shape_outs.clear();
   for (const OrtNode* s : u.shape_reads) {
     CompiledAttention::ShapeOut so;
-    so.output = output_index(Outputs(s)[0]);
+    so.output = FusedOutput(fused, Outputs(s)[0]);
     const OrtValueInfo* read = Inputs(s)[0];
     so.of = read == Outputs(u.dq_a)[0] ? 0 : read == Outputs(u.dq_b)[0] ? 1 : 2;
     so.start = AttrInt(s, "start", 0);

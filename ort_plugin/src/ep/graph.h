@@ -98,6 +98,24 @@ inline std::string Name(const OrtValueInfo* vi) {
   Check(g_api->GetValueInfoName(vi, &s));
   return s ? s : "";
 }
+// The position of `v` (by name) among a fused node's inputs or outputs `vs`, or -1.
+inline int IndexByName(const std::vector<const OrtValueInfo*>& vs, const OrtValueInfo* v) {
+  for (size_t i = 0; i < vs.size(); ++i)
+    if (vs[i] && Name(vs[i]) == Name(v)) return static_cast<int>(i);
+  return -1;
+}
+// The fused node's input (or output) holding `v`, which it must have.
+inline int FusedInput(const OrtNode* fused, const OrtValueInfo* v) {
+  const int i = IndexByName(Inputs(fused), v);
+  if (i < 0) throw Failure{"fused node has no input '" + Name(v) + "'"};
+  return i;
+}
+inline int FusedOutput(const OrtNode* fused, const OrtValueInfo* v) {
+  const int i = IndexByName(Outputs(fused), v);
+  if (i < 0) throw Failure{"fused node has no output '" + Name(v) + "'"};
+  return i;
+}
+
 // Optional node input i (absent, or the empty name of an omitted optional input) -> nullptr.
 inline const OrtValueInfo* Input(const std::vector<const OrtValueInfo*>& in, size_t i) {
   return i < in.size() && in[i] && !Name(in[i]).empty() ? in[i] : nullptr;

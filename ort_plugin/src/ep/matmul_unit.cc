@@ -582,21 +582,9 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->float_out = u.dq_out != nullptr;
   c->out = OutputParams(u.last_q());
   PlanTail(u, c);
-  const auto fin = Inputs(fused);
-  auto input_index = [&](const OrtValueInfo* v) {
-    for (size_t i = 0; i < fin.size(); ++i)
-      if (fin[i] && Name(fin[i]) == Name(v)) return static_cast<int>(i);
-    throw Failure{"fused node has no input '" + Name(v) + "'"};
-  };
-  c->x_input = input_index(Inputs(u.dq_x)[0]);
+  c->x_input = FusedInput(fused, Inputs(u.dq_x)[0]);
   c->x_name = Name(Inputs(u.dq_x)[0]);
-  const auto fout = Outputs(fused);
-  auto output_index = [&](const OrtValueInfo* v) {
-    for (size_t i = 0; i < fout.size(); ++i)
-      if (fout[i] && Name(fout[i]) == Name(v)) return static_cast<int>(i);
-    throw Failure{"fused node has no output '" + Name(v) + "'"};
-  };
-  c->y_output = output_index(Outputs(u.norm.q ? u.norm.q : u.dq_out ? u.dq_out : u.last_q())[0]);
+  c->y_output = FusedOutput(fused, Outputs(u.norm.q ? u.norm.q : u.dq_out ? u.dq_out : u.last_q())[0]);
   c->norm = {};
   if (u.norm.q) {
     CompiledMatMul::CompiledNorm& nm = c->norm;
@@ -611,7 +599,7 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
         (Input(lin, 2) && !ColumnConstant(lin[2], c->N, 1, &nm.beta)))
       throw Failure{"LayerNormalization '" + nm.name + "': its constants changed"};
     nm.epsilon = AttrFloat(u.norm.ln, "epsilon", 1e-5f);
-    nm.residual = input_index(u.norm.residual);
+    nm.residual = FusedInput(fused, u.norm.residual);
     nm.out = OutputParams(u.norm.q);
   }
   c->layout.clear();
@@ -619,7 +607,7 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   for (const Unit& seg : u.tail) {
     for (const auto& [node, moves] : seg.shape_reads) {
       CompiledMatMul::ShapeOut so;
-      so.output = output_index(Outputs(node)[0]);
+      so.output = FusedOutput(fused, Outputs(node)[0]);
       so.steps = c->layout.size() + moves;
       so.start = AttrInt(node, "start", 0);
       so.end = AttrInt(node, "end", INT64_MAX);
@@ -643,7 +631,7 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
             throw Failure{"Reshape '" + st.name + "': its shape must be a 1-D int64 tensor"};
           st.shape.assign(static_cast<const int64_t*>(k.data), static_cast<const int64_t*>(k.data) + k.count());
         } else {
-          st.input = input_index(sv);
+          st.input = FusedInput(fused, sv);
         }
       }
       c->layout.push_back(std::move(st));

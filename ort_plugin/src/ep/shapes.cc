@@ -100,15 +100,9 @@ void CompileShapes(const OrtGraph* graph, const OrtNode* fused, CompiledShapes* 
   c->name = NodeName(shape);
   c->start = AttrInt(shape, "start", 0);
   c->end = AttrInt(shape, "end", INT64_MAX);
-  const auto fout = Outputs(fused);
-  auto output_index = [&](const OrtValueInfo* v) {
-    for (size_t i = 0; i < fout.size(); ++i)
-      if (fout[i] && Name(fout[i]) == Name(v)) return static_cast<int>(i);
-    return -1;  // read inside the fused node only
-  };
   c->outs.clear();
   auto add = [&](const OrtNode* n, int kind, const std::vector<int64_t>& index, bool scalar) {
-    const int o = output_index(Outputs(n)[0]);
+    const int o = IndexByName(Outputs(fused), Outputs(n)[0]);  // -1: read inside the node only
     if (o >= 0) c->outs.push_back({o, kind, index, scalar});
   };
   add(shape, 0, {}, false);
