@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import qie_ep
@@ -107,3 +109,52 @@ def test_option_off_leaves_the_chain_to_ort():
     qie_ep.register(so, ep=True, ep_options={"shapes": "0"})
     sess = session(shape_model(), so)
     assert assigned_to_qie(sess) == 0
+
+
+@st.composite
+def shape_cases(draw):
+    """A Shape of a tensor of rank 1-4 (a DequantizeLinear's output or the tensor itself), opset 13 / 15 start and end,
+    Gathers of random in-range indices (scalar or 1-D), each scalar one Unsqueezed or not, and every value read by
+    Concats that are the graph's outputs; the input fed at two shapes."""
+    rank = draw(st.integers(1, 4))
+    opset = draw(st.sampled_from([13, 15]))
+    start = draw(st.sampled_from([None, 0, 1, -1, -rank])) if opset >= 15 else None
+    end = draw(st.sampled_from([None, rank, -1, 1])) if opset >= 15 else None
+    n = len(range(rank)[slice(start, end)])
+    dq = draw(st.booleans())
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(3, np.uint8), "z"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax")]
+    attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
+    nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"])] if dq else []
+    nodes.append(helper.make_node("Shape", ["xf" if dq else "x"], ["dims"], **attrs))
+    outs = ["dims"]
+    for k in range(draw(st.integers(0, 3)) if n else 0):
+        vector = draw(st.booleans())
+        idx = [draw(st.integers(-n, n - 1)) for _ in range(draw(st.integers(1, 2)) if vector else 1)]
+        inits.append(numpy_helper.from_array(np.array(idx if vector else idx[0], np.int64), f"i{k}"))
+        nodes.append(helper.make_node("Gather", ["dims", f"i{k}"], [f"g{k}"], axis=0))
+        if not vector and draw(st.booleans()):
+            nodes.append(helper.make_node("Unsqueeze", [f"g{k}", "ax"], [f"u{k}"]))
+            outs.append(f"u{k}")
+        else:
+            outs.append(f"g{k}")
+    g = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.UINT8, [f"d{i}" for i in range(rank)])],
+                          [helper.make_tensor_value_info(o, TensorProto.INT64, None) for o in outs], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    shapes = [tuple(draw(st.integers(0, 4)) for _ in range(rank)) for _ in range(2)]
+    return model, shapes
+
+
+@needs_ep
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(shape_cases(), st.sampled_from(list(OPT_LEVELS)))
+def test_property_shape_units_equal_ort(case, level):
+    model, shapes = case
+    sess, plain = ep_session(model, level), session(model, level=level)
+    fusable = any(n.op_type in ("DequantizeLinear", "Gather") for n in model.graph.node)
+    assert (assigned_to_qie(sess) > 0) == fusable, sess.get_provider_graph_assignment_info()
+    for shape in shapes:
+        x = np.zeros(shape, np.uint8)
+        for got, want in zip(sess.run(None, {"x": x}), plain.run(None, {"x": x})):
+            assert got.shape == want.shape and got.dtype == want.dtype, (shape, got.shape, want.shape)
+            np.testing.assert_array_equal(got, want)
