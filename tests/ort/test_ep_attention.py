@@ -186,6 +186,26 @@ def test_zero_size_sequence_or_batch(seq, batch):
 
 
 @needs_ep
+def test_keys_of_another_length_and_none():
+    """Cross attention: K keys / values for S queries, K = 0 included (empty softmax rows: the second product sums
+    nothing and gives the zero point's codes, as ORT does)."""
+    model = attention_model(np.uint8, mask=None, nan_where=False)
+    g = model.graph
+    g.input[1].type.tensor_type.shape.dim[3].dim_param = "K"
+    g.input[2].type.tensor_type.shape.dim[2].dim_param = "K"
+    sess, plain = ep_session(model), session(model, level="disable")
+    assert assigned_to_qie(sess) == UNIT_NODES - 3  # no mask Add, IsNaN, Where
+    rng = np.random.default_rng(9)
+    for s, k in ((3, 0), (0, 3), (4, 5), (1, 1)):
+        f = {"a": rand(rng, np.uint8, (1, 4, s, 16)), "b": rand(rng, np.uint8, (1, 4, 16, k)),
+             "v": rand(rng, np.uint8, (1, 4, k, 16))}
+        got = sess.run(None, f)[0]
+        assert got.shape == (1, 4, s, 16)
+        if COMPARE_BUILTIN:
+            within_one_step(got, plain.run(None, f)[0], f"S={s} K={k}")
+
+
+@needs_ep
 def test_a_mask_that_does_not_broadcast_is_an_error_naming_the_node():
     model = attention_model(np.uint8, mask_shape=("B", 1, 1, "M"))
     sess = ep_session(model)
