@@ -29,8 +29,10 @@ UNIT_NODES = 14  # DQ a, DQ b, MatMul, Q, DQ, Add(mask), Softmax, IsNaN, Where, 
 
 def attention_model(dt=np.uint8, pdt=np.uint8, mask="input", mask_shape=("B", 1, 1, "S"), nan_where=True, steps=(),
                     heads=4, d=16, batch="B", opset=21, const_mask=None, shape_read=False, probs_output=False,
-                    per_axis_a=False, softmax_axis=-1):
-    """The attention core of one layer; `steps`: (op, scalar, value_first) before the mask Add."""
+                    per_axis_a=False, softmax_axis=-1, bdt=None, vdt=None):
+    """The attention core of one layer; `steps`: (op, scalar, value_first) before the mask Add; `bdt` / `vdt`: the
+    keys' / values' type where it is not `dt`'s."""
+    bdt, vdt = bdt or dt, vdt or dt
     def zp(dtype, v):
         return np.array(v if dtype == np.uint8 else v - 128, dtype)
     inits = [numpy_helper.from_array(np.array(s, np.float32), n) for n, s in
@@ -38,8 +40,8 @@ def attention_model(dt=np.uint8, pdt=np.uint8, mask="input", mask_shape=("B", 1,
     inits.append(numpy_helper.from_array(np.full(heads, 0.02, np.float32) if per_axis_a else np.array(0.02, np.float32),
                                          "sa"))
     inits += [numpy_helper.from_array(np.full(heads, zp(dt, 120)) if per_axis_a else zp(dt, 120), "za"),
-              numpy_helper.from_array(zp(dt, 131), "zb"), numpy_helper.from_array(zp(dt, 140), "z1"),
-              numpy_helper.from_array(zp(pdt, 0), "zp"), numpy_helper.from_array(zp(dt, 125), "zv"),
+              numpy_helper.from_array(zp(bdt, 131), "zb"), numpy_helper.from_array(zp(dt, 140), "z1"),
+              numpy_helper.from_array(zp(pdt, 0), "zp"), numpy_helper.from_array(zp(vdt, 125), "zv"),
               numpy_helper.from_array(zp(dt, 128), "zy")]
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"], **({"axis": 1} if per_axis_a else {})),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
@@ -52,8 +54,8 @@ def attention_model(dt=np.uint8, pdt=np.uint8, mask="input", mask_shape=("B", 1,
         nodes.append(helper.make_node(op, [cur, f"k{i}"] if first else [f"k{i}", cur], [f"st{i}"]))
         cur = f"st{i}"
     inputs = [helper.make_tensor_value_info("a", T[dt], [batch, heads, "S", d]),
-              helper.make_tensor_value_info("b", T[dt], [batch, heads, d, "S"]),
-              helper.make_tensor_value_info("v", T[dt], [batch, heads, "S", d])]
+              helper.make_tensor_value_info("b", T[bdt], [batch, heads, d, "S"]),
+              helper.make_tensor_value_info("v", T[vdt], [batch, heads, "S", d])]
     if mask:
         if mask == "const":
             inits.append(numpy_helper.from_array(const_mask.astype(np.float32), "m"))
@@ -82,9 +84,9 @@ def attention_model(dt=np.uint8, pdt=np.uint8, mask="input", mask_shape=("B", 1,
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
-def feeds(rng, dt, batch, heads, seq, d=16, mask_shape=None, masked=0.3):
-    f = {"a": rand(rng, dt, (batch, heads, seq, d)), "b": rand(rng, dt, (batch, heads, d, seq)),
-         "v": rand(rng, dt, (batch, heads, seq, d))}
+def feeds(rng, dt, batch, heads, seq, d=16, mask_shape=None, masked=0.3, bdt=None, vdt=None):
+    f = {"a": rand(rng, dt, (batch, heads, seq, d)), "b": rand(rng, bdt or dt, (batch, heads, d, seq)),
+         "v": rand(rng, vdt or dt, (batch, heads, seq, d))}
     if mask_shape is not None:  # BERT's additive mask: 0 where attended, a large negative value elsewhere
         f["m"] = np.where(rng.random(mask_shape) < masked, np.float32(-3.4e38), np.float32(0)).astype(np.float32)
     return f
@@ -241,16 +243,16 @@ def test_groups_it_cannot_prove_stay_on_ort(case):
 
 @st.composite
 def attention_cases(draw):
-    dt = draw(st.sampled_from([np.uint8, np.int8]))
-    pdt = draw(st.sampled_from([np.uint8, np.int8]))
+    dt, pdt, bdt, vdt = (draw(st.sampled_from([np.uint8, np.int8])) for _ in range(4))  # queries, probs, keys, values
     heads, d = draw(st.sampled_from([1, 3])), draw(st.sampled_from([1, 8, 20]))
     batch, seq = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 15, 16, 17, 70]))
     mask = draw(st.sampled_from(["key", "query_key", None]))
     mshape = {"key": (batch, 1, 1, seq), "query_key": (batch, 1, seq, seq), None: None}[mask]
     decl = {"key": ("B", 1, 1, "S"), "query_key": ("B", 1, "S", "S"), None: None}[mask]
     model = attention_model(dt, pdt, mask="input" if mask else None, mask_shape=decl or (), heads=heads, d=d,
-                            nan_where=draw(st.booleans()))
-    f = feeds(np.random.default_rng(draw(st.integers(0, 2**16))), dt, batch, heads, seq, d=d, mask_shape=mshape)
+                            nan_where=draw(st.booleans()), bdt=bdt, vdt=vdt)
+    f = feeds(np.random.default_rng(draw(st.integers(0, 2**16))), dt, batch, heads, seq, d=d, mask_shape=mshape,
+              bdt=bdt, vdt=vdt)
     if "m" in f:
         f["m"].reshape(-1, seq)[:, 0] = 0
     return model, f
