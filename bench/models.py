@@ -1,7 +1,8 @@
 """Whole-model latency of the demo's real models: `python -m bench.models`.
 
 PP-OCRv6 text recogniser (one 48x320 line) and PP-LCNet orientation classifier (one 224x224 page), each as FP32 on
-ORT and INT8 (quantize_static per-channel with ORT's op set, QDQ and QOperator); MiniLM-L6 (one sentence) as the
+ORT and INT8 (quantize_static per-channel with ORT's op set, QDQ and QOperator; and the demo's `qie quantize
+--per-channel` file, "qdq qie-quantize"); MiniLM-L6 (one sentence) as the
 demo quantizes it (`qie quantize`'s code: static QDQ of every MatMul, and with --accuracy-budget 0.01); two
 torch-built architectures the demo lacks (qie_ep.demo.synthetic: a TransformerEncoder, a MobileNetV2-like CNN;
 seeded weights, `qie quantize --per-channel`). Each INT8
@@ -147,6 +148,12 @@ def cases(names):
         for fmt in ("qdq", "qoperator"):
             int8 = qie_ep.with_contrib_opset(onnx.load(str(V.quantized(name, fmt)))).SerializeToString()
             yield name, fmt, V.model_path(name).read_bytes(), int8, {"x": x}
+        # The same model as `qie quantize --per-channel` writes it (the demo's file: ORT's pre-processing folds
+        # BatchNormalization into the convs, only Conv / MatMul / Gemm quantized), what a new user runs.
+        from qie_ep.demo.__main__ import vision_case
+
+        int8 = qie_ep.with_contrib_opset(onnx.load(str(vision_case(name, 1).int8))).SerializeToString()
+        yield name, "qdq qie-quantize", V.model_path(name).read_bytes(), int8, {"x": x}
 
 
 def region_shares(model: bytes, threads: int, feeds: dict, runs: int = 20) -> dict:

@@ -52,38 +52,63 @@ int32_t RowSum(const uint8_t* __restrict src, size_t K, uint8_t flip) {
 
 // Interleaves groups of four rows of row-major B into a K-group-of-4 panel (element (k, j) at
 // ((k/4)*nr + j)*4 + k%4), XORed with `flip`; returns the rows done (whole groups of four).
-size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, size_t nr, uint8_t flip, int8_t* dst) {
+// Packs the K / 4 whole groups of rows of one panel (cols <= nr columns) into the kernel's K-groups of four, and
+// adds each column's sum of the packed values to sums[j]. Returns the rows packed.
+size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, size_t nr, uint8_t flip, int8_t* dst,
+                      int32_t* sums) {
   const size_t groups = K / 4;
-  for (size_t g = 0; g < groups; ++g) {
-    const uint8_t* r0 = b + static_cast<ptrdiff_t>(4 * g) * ldb_k;
-    const uint8_t* r1 = r0 + ldb_k;
-    const uint8_t* r2 = r1 + ldb_k;
-    const uint8_t* r3 = r2 + ldb_k;
-    int8_t* d = dst + g * nr * 4;
-    size_t j = 0;
+  size_t j = 0;
 #if defined(__SSE2__)
-    const __m128i f = _mm_set1_epi8(static_cast<char>(flip));
-    for (; j + 16 <= cols; j += 16) {
-      const __m128i a = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + j)), f);
-      const __m128i bb = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1 + j)), f);
-      const __m128i c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r2 + j)), f);
-      const __m128i e = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r3 + j)), f);
+  // Sixteen columns at a time, all groups down: the four rows interleaved into place, and their sums (sign-extended
+  // to int16, four rows added, then widened to int32) kept in registers until the column block ends.
+  const __m128i f = _mm_set1_epi8(static_cast<char>(flip)), zero = _mm_setzero_si128();
+  auto widen = [&](__m128i v, __m128i* lo, __m128i* hi) {
+    const __m128i sign = _mm_cmpgt_epi8(zero, v);
+    *lo = _mm_unpacklo_epi8(v, sign);
+    *hi = _mm_unpackhi_epi8(v, sign);
+  };
+  for (; j + 16 <= cols; j += 16) {
+    __m128i s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    for (size_t g = 0; g < groups; ++g) {
+      const uint8_t* r0 = b + static_cast<ptrdiff_t>(4 * g) * ldb_k + j;
+      const __m128i a = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)), f);
+      const __m128i bb = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + ldb_k)), f);
+      const __m128i c = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 2 * ldb_k)), f);
+      const __m128i e = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 3 * ldb_k)), f);
       const __m128i ab_lo = _mm_unpacklo_epi8(a, bb), ab_hi = _mm_unpackhi_epi8(a, bb);
       const __m128i ce_lo = _mm_unpacklo_epi8(c, e), ce_hi = _mm_unpackhi_epi8(c, e);
-      __m128i* o = reinterpret_cast<__m128i*>(d + j * 4);
+      __m128i* o = reinterpret_cast<__m128i*>(dst + g * nr * 4 + j * 4);
       _mm_storeu_si128(o + 0, _mm_unpacklo_epi16(ab_lo, ce_lo));
       _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(ab_lo, ce_lo));
       _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(ab_hi, ce_hi));
       _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(ab_hi, ce_hi));
+      __m128i lo[4], hi[4];
+      widen(a, &lo[0], &hi[0]);
+      widen(bb, &lo[1], &hi[1]);
+      widen(c, &lo[2], &hi[2]);
+      widen(e, &lo[3], &hi[3]);
+      const __m128i tl = _mm_add_epi16(_mm_add_epi16(lo[0], lo[1]), _mm_add_epi16(lo[2], lo[3]));
+      const __m128i th = _mm_add_epi16(_mm_add_epi16(hi[0], hi[1]), _mm_add_epi16(hi[2], hi[3]));
+      const __m128i sl = _mm_cmpgt_epi16(zero, tl), sh = _mm_cmpgt_epi16(zero, th);
+      s0 = _mm_add_epi32(s0, _mm_unpacklo_epi16(tl, sl));
+      s1 = _mm_add_epi32(s1, _mm_unpackhi_epi16(tl, sl));
+      s2 = _mm_add_epi32(s2, _mm_unpacklo_epi16(th, sh));
+      s3 = _mm_add_epi32(s3, _mm_unpackhi_epi16(th, sh));
     }
-#endif
-    for (; j < cols; ++j) {
-      d[j * 4 + 0] = static_cast<int8_t>(r0[j] ^ flip);
-      d[j * 4 + 1] = static_cast<int8_t>(r1[j] ^ flip);
-      d[j * 4 + 2] = static_cast<int8_t>(r2[j] ^ flip);
-      d[j * 4 + 3] = static_cast<int8_t>(r3[j] ^ flip);
-    }
+    __m128i* sp = reinterpret_cast<__m128i*>(sums + j);
+    _mm_storeu_si128(sp + 0, _mm_add_epi32(_mm_loadu_si128(sp + 0), s0));
+    _mm_storeu_si128(sp + 1, _mm_add_epi32(_mm_loadu_si128(sp + 1), s1));
+    _mm_storeu_si128(sp + 2, _mm_add_epi32(_mm_loadu_si128(sp + 2), s2));
+    _mm_storeu_si128(sp + 3, _mm_add_epi32(_mm_loadu_si128(sp + 3), s3));
   }
+#endif
+  for (; j < cols; ++j)
+    for (size_t g = 0; g < groups; ++g)
+      for (size_t i = 0; i < 4; ++i) {
+        const int8_t v = static_cast<int8_t>(b[static_cast<ptrdiff_t>(4 * g + i) * ldb_k + static_cast<ptrdiff_t>(j)] ^ flip);
+        dst[g * nr * 4 + j * 4 + i] = v;
+        sums[j] += v;
+      }
   return groups * 4;
 }
 
@@ -107,22 +132,30 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
   const size_t elem = uk.wide ? 2 : 1;
   out->panel_bytes = RoundUp(out->kp * nr * elem, 64);
   const size_t panels = (N + nr - 1) / nr;
-  out->data.assign(panels * out->panel_bytes + 64, 0);
+  // Resized, not cleared: a buffer packed again (ConvInteger's per-call input, an attention's operands) keeps its
+  // memory, and each panel zeroes only what packing leaves unwritten (K's padding rows, a short panel's columns).
+  out->data.resize(panels * out->panel_bytes + 64);
   out->offset = (64 - reinterpret_cast<uintptr_t>(out->data.data()) % 64) % 64;
   out->cs.assign(N, 0);
   const uint8_t flip = b_signed ? 0 : 0x80;
+  const size_t group_bytes = nr * kg * elem;
   auto pack_panel = [&](size_t p) {
     int8_t* dst = out->data.data() + out->offset + p * out->panel_bytes;
     const size_t n0 = p * nr, width = std::min(nr, N - n0);
+    if (width < nr)
+      std::memset(dst, 0, out->panel_bytes);
+    else if (out->kp > K)
+      std::memset(dst + (out->kp / kg - 1) * group_bytes, 0, group_bytes);
     int32_t* __restrict sums = out->cs.data() + n0;
     const uint8_t* panel_b = b + static_cast<ptrdiff_t>(n0) * ldb_n;
-    size_t k_done = 0;
-    if (ldb_n == 1) {  // row-major B (MatMul's): column sums row by row over contiguous bytes (vectorized)
+    size_t k_done = 0, summed = K;  // rows packed by the fast path; rows whose sums are done
+    if (ldb_n == 1 && !uk.wide && kg == 4) {  // row-major B (MatMul's, ConvInteger's input): packed with its sums
+      k_done = summed = PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst, sums);
+    } else if (ldb_n == 1) {  // column sums row by row over contiguous bytes (vectorized)
       for (size_t k = 0; k < K; ++k) {
         const uint8_t* __restrict src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
         for (size_t j = 0; j < width; ++j) sums[j] += static_cast<int8_t>(src[j] ^ flip);
       }
-      if (!uk.wide && kg == 4) k_done = PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst);
     } else {
       for (size_t k = 0; k < K; ++k)
         for (size_t j = 0; j < width; ++j)
@@ -136,6 +169,7 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
       const size_t base = (k / kg) * nr * kg + k % kg;
       for (size_t j = 0; j < width; ++j) {
         const int8_t v = static_cast<int8_t>(src[static_cast<ptrdiff_t>(j) * ldb_n] ^ flip);
+        if (k >= summed) sums[j] += v;
         if (uk.wide)
           dst16[base + j * kg] = v;
         else

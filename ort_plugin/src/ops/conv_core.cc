@@ -184,9 +184,17 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
 void ConvCore::PointwiseNchw(const MicroKernel& uk, const ConvShape& s, const Tensor& x, int32_t x_zp, const Tensor& w,
                              const std::vector<int32_t>& w_zp, int32_t* y, const ParallelFor& pfor) const {
   const size_t HW = s.in_pixels(), Cg = s.Cg(), Mg = s.Mg();
-  std::vector<PackedB> packed(s.batch);
-  std::vector<const PackedB*> bs(s.batch);
-  const std::vector<int32_t> zb(HW, x_zp);
+  // This thread's buffers, kept between calls (the packed input is ~X's size: no allocation once warm); referenced
+  // through locals, so the packing tasks on pool threads use these and not their own thread's.
+  thread_local std::vector<PackedB> tl_packed;
+  thread_local std::vector<const PackedB*> tl_bs;
+  thread_local std::vector<int32_t> tl_zb;
+  std::vector<PackedB>& packed = tl_packed;
+  std::vector<const PackedB*>& bs = tl_bs;
+  std::vector<int32_t>& zb = tl_zb;
+  if (packed.size() < s.batch) packed.resize(s.batch);
+  bs.assign(s.batch, nullptr);
+  zb.assign(HW, x_zp);
   for (size_t g = 0; g < s.group; ++g) {
     auto pack = [&](size_t b) {
       PackB(uk, x.as<uint8_t>() + (b * s.C + g * Cg) * HW, x.is_int8(), Cg, HW, static_cast<ptrdiff_t>(HW), 1,
