@@ -20,7 +20,7 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import qie_ep
-from helpers import COMPARE_BUILTIN, OPT_LEVELS, assert_exact, run, single_node_model
+from helpers import COMPARE_BUILTIN, OPT_LEVELS, assert_exact, run, session, single_node_model
 from qie_ep import reference as R
 
 LEVELS = list(OPT_LEVELS)
@@ -175,6 +175,28 @@ def test_conv_integer_pointwise_nchw(isa, xdt, wdt, restore_isa):
             qie_ep.reset_stats()
             assert_exact(run(model, {"x": x}, qie=True, threads=threads)[0], want, f"{isa} {xs} {ws} group={group}")
             assert qie_ep.stats()[("", "ConvInteger")] == {isa: 1}
+
+
+@pytest.mark.parametrize("isa", qie_ep.ISAS)
+def test_conv_integer_pointwise_nchw_shapes_change(isa, restore_isa):
+    """The NCHW pointwise path keeps its packed input between runs: one session fed images whose pixel counts
+    (full and short panels) and batch sizes change, smaller after larger, stays exact on every run (no stale
+    bytes of an earlier, larger input in the padding of channels off the K-group or of a short last panel)."""
+    if isa not in qie_ep.supported_isas():
+        pytest.skip(f"{isa} not on this CPU")
+    qie_ep.force_isa(isa)
+    rng = np.random.default_rng(21)
+    for c in (30, 32):  # off and on the K-group of four
+        w, zx, zw = rand(rng, np.uint8, (7, c, 1, 1)), np.array(131, np.uint8), np.array(120, np.uint8)
+        model = single_node_model("ConvInteger", [("x", np.zeros((1, c, 1, 1), np.uint8)), ("w", w), ("x_zp", zx),
+                                                  ("w_zp", zw)], {"w": w, "x_zp": zx, "w_zp": zw}, np.int32)
+        model.graph.input[0].type.tensor_type.shape.Clear()  # rank only: any batch and size
+        for d in ("n", "c", "h", "w"):
+            model.graph.input[0].type.tensor_type.shape.dim.add().dim_param = d
+        s = session(model, qie=True)
+        for shape in [(2, c, 13, 11), (1, c, 3, 5), (1, c, 10, 10), (3, c, 2, 1), (1, c, 12, 12), (1, c, 1, 1)]:
+            x = rand(rng, np.uint8, shape)
+            assert_exact(s.run(None, {"x": x})[0], R.conv_integer(x, w, zx, zw), f"{isa} C={c} {shape}")
 
 
 def test_conv_integer_per_channel_and_defaults():

@@ -96,6 +96,10 @@ using ParallelFor = std::function<void(size_t total, const std::function<void(si
 void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, size_t N, ptrdiff_t ldb_k, ptrdiff_t ldb_n,
            PackedB* out, const ParallelFor* pfor = nullptr);
 
+// The AVX-512 VNNI kernel's packing of one full panel (48 columns) of row-major B, K / 4 groups of four rows, with
+// the column sums added to sums[0..48); the rows packed. Only where that kernel runs.
+size_t PackRowsByFour48(const uint8_t* b, ptrdiff_t ldb_k, size_t K, uint8_t flip, int8_t* dst, int32_t* sums);
+
 // A GEMM problem over `batch` independent matrices sharing one packed B per batch entry.
 struct GemmArgs {
   size_t M = 0, N = 0, K = 0;

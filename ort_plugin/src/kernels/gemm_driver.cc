@@ -105,7 +105,8 @@ size_t PackRowsByFour(const uint8_t* b, ptrdiff_t ldb_k, size_t K, size_t cols, 
   for (; j < cols; ++j)
     for (size_t g = 0; g < groups; ++g)
       for (size_t i = 0; i < 4; ++i) {
-        const int8_t v = static_cast<int8_t>(b[static_cast<ptrdiff_t>(4 * g + i) * ldb_k + static_cast<ptrdiff_t>(j)] ^ flip);
+        const int8_t v =
+            static_cast<int8_t>(b[static_cast<ptrdiff_t>(4 * g + i) * ldb_k + static_cast<ptrdiff_t>(j)] ^ flip);
         dst[g * nr * 4 + j * 4 + i] = v;
         sums[j] += v;
       }
@@ -148,9 +149,11 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
       std::memset(dst + (out->kp / kg - 1) * group_bytes, 0, group_bytes);
     int32_t* __restrict sums = out->cs.data() + n0;
     const uint8_t* panel_b = b + static_cast<ptrdiff_t>(n0) * ldb_n;
-    size_t k_done = 0, summed = K;  // rows packed by the fast path; rows whose sums are done
+    size_t k_done = 0, summed = K;            // rows packed by the fast path; rows whose sums are done
     if (ldb_n == 1 && !uk.wide && kg == 4) {  // row-major B (MatMul's, ConvInteger's input): packed with its sums
-      k_done = summed = PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst, sums);
+      k_done = summed = uk.isa == Isa::kAvx512Vnni && nr == 48 && width == nr
+                            ? PackRowsByFour48(panel_b, ldb_k, K, flip, dst, sums)
+                            : PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst, sums);
     } else if (ldb_n == 1) {  // column sums row by row over contiguous bytes (vectorized)
       for (size_t k = 0; k < K; ++k) {
         const uint8_t* __restrict src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
@@ -204,7 +207,10 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   zb_s.clear();
   if (any_zb) {
     zb_s.resize(N);
-    for (size_t n = 0; n < N; ++n) zb_s[n] = (g.zb ? g.zb[n] : 0) - zb_shift;
+    if (g.zb)
+      for (size_t n = 0; n < N; ++n) zb_s[n] = g.zb[n] - zb_shift;
+    else
+      std::fill(zb_s.begin(), zb_s.end(), -zb_shift);
   }
   const int32_t za_shift = g.a_signed ? 128 : 0;
   const bool direct_a = !uk.wide && !g.a_signed && K > 0 && (K % uk.kgroup == 0 || g.a_rows_padded);
@@ -295,14 +301,27 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   std::vector<int32_t>& folded_all = sc.folded;
   csk_all.resize(distinct.size() * N);
   folded_all.resize(fold ? distinct.size() * N : 0);
-  for (size_t d = 0; d < distinct.size(); ++d)
-    for (size_t n = 0; n < N; ++n) {
-      const int32_t csk = distinct[d]->cs[n] - (any_zb ? static_cast<int32_t>(K) * zb_s[n] : 0);
-      csk_all[d * N + n] = csk;
-      if (fold)
-        folded_all[d * N + n] = static_cast<int32_t>(static_cast<uint32_t>(g.bias ? g.bias[n] : 0) -
-                                                     static_cast<uint32_t>(za0) * static_cast<uint32_t>(csk));
+  // Branch-free loops over the columns (vectorized: ConvInteger's NCHW pointwise layers have N = H*W columns).
+  const uint32_t k32 = static_cast<uint32_t>(K), za32 = static_cast<uint32_t>(za0);
+  for (size_t d = 0; d < distinct.size(); ++d) {
+    const int32_t* __restrict cs = distinct[d]->cs.data();
+    int32_t* __restrict csk = csk_all.data() + d * N;
+    if (any_zb) {
+      const int32_t* __restrict zb = zb_s.data();
+      for (size_t n = 0; n < N; ++n)
+        csk[n] = static_cast<int32_t>(static_cast<uint32_t>(cs[n]) - k32 * static_cast<uint32_t>(zb[n]));
+    } else {
+      std::copy(cs, cs + N, csk);
     }
+    if (!fold) continue;
+    int32_t* __restrict folded = folded_all.data() + d * N;
+    const int32_t* __restrict bias = g.bias;
+    if (bias)
+      for (size_t n = 0; n < N; ++n)
+        folded[n] = static_cast<int32_t>(static_cast<uint32_t>(bias[n]) - za32 * static_cast<uint32_t>(csk[n]));
+    else
+      for (size_t n = 0; n < N; ++n) folded[n] = static_cast<int32_t>(0u - za32 * static_cast<uint32_t>(csk[n]));
+  }
   const size_t osz = g.kind == OutKind::kU8 || g.kind == OutKind::kS8 ? 1 : 4;
   // The tile's epilogue for panel p at rows m0.. of batch entry bi (za: the tile's zero points, unused when folded).
   auto epilogue = [&](size_t bi, size_t m0, size_t p, const int32_t* za) {

@@ -283,6 +283,45 @@ void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const vo
 
 }  // namespace
 
+// PackB's fast path for this kernel's full panels (48 columns): per K-group of four rows, the rows' 48 bytes
+// interleaved into the panel's 192 (unpacks within 128-bit lanes, then a 4 x 4 transpose of the lanes), and the
+// column sums of the stored values accumulated by vpdpbusd with ones (u8 ones x s8 values, four per dword).
+size_t PackRowsByFour48(const uint8_t* b, ptrdiff_t ldb_k, size_t K, uint8_t flip, int8_t* dst, int32_t* sums) {
+  constexpr __mmask64 kCols = (uint64_t{1} << kNr) - 1;
+  const __m512i f = _mm512_set1_epi8(static_cast<char>(flip)), ones = _mm512_set1_epi8(1);
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0;
+  const size_t groups = K / 4;
+  for (size_t g = 0; g < groups; ++g) {
+    const uint8_t* r = b + static_cast<ptrdiff_t>(4 * g) * ldb_k;
+    const __m512i a = _mm512_xor_si512(_mm512_maskz_loadu_epi8(kCols, r), f);
+    const __m512i bb = _mm512_xor_si512(_mm512_maskz_loadu_epi8(kCols, r + ldb_k), f);
+    const __m512i c = _mm512_xor_si512(_mm512_maskz_loadu_epi8(kCols, r + 2 * ldb_k), f);
+    const __m512i e = _mm512_xor_si512(_mm512_maskz_loadu_epi8(kCols, r + 3 * ldb_k), f);
+    const __m512i ab_lo = _mm512_unpacklo_epi8(a, bb), ab_hi = _mm512_unpackhi_epi8(a, bb);
+    const __m512i ce_lo = _mm512_unpacklo_epi8(c, e), ce_hi = _mm512_unpackhi_epi8(c, e);
+    // o_k lane L: columns 16L + 4k .. 16L + 4k + 3, four bytes each
+    const __m512i o0 = _mm512_unpacklo_epi16(ab_lo, ce_lo), o1 = _mm512_unpackhi_epi16(ab_lo, ce_lo);
+    const __m512i o2 = _mm512_unpacklo_epi16(ab_hi, ce_hi), o3 = _mm512_unpackhi_epi16(ab_hi, ce_hi);
+    const __m512i t0 = _mm512_shuffle_i64x2(o0, o1, 0x44), t1 = _mm512_shuffle_i64x2(o0, o1, 0xEE);
+    const __m512i t2 = _mm512_shuffle_i64x2(o2, o3, 0x44);
+    const __m512i t3 = _mm512_shuffle_i64x2(o2, o3, 0xEE);
+    const __m512i c0 = _mm512_shuffle_i64x2(t0, t2, 0x88);  // columns 0..15
+    const __m512i c1 = _mm512_shuffle_i64x2(t0, t2, 0xDD);  // 16..31
+    const __m512i c2 = _mm512_shuffle_i64x2(t1, t3, 0x88);  // 32..47
+    int8_t* d = dst + g * kNr * 4;
+    _mm512_store_si512(d, c0);
+    _mm512_store_si512(d + 64, c1);
+    _mm512_store_si512(d + 128, c2);
+    s0 = _mm512_dpbusd_epi32(s0, ones, c0);
+    s1 = _mm512_dpbusd_epi32(s1, ones, c1);
+    s2 = _mm512_dpbusd_epi32(s2, ones, c2);
+  }
+  _mm512_storeu_si512(sums, _mm512_add_epi32(_mm512_loadu_si512(sums), s0));
+  _mm512_storeu_si512(sums + 16, _mm512_add_epi32(_mm512_loadu_si512(sums + 16), s1));
+  _mm512_storeu_si512(sums + 32, _mm512_add_epi32(_mm512_loadu_si512(sums + 32), s2));
+  return groups * 4;
+}
+
 extern const MicroKernel kGemmAvx512Vnni = {
     Isa::kAvx512Vnni, "qie_gemm_u8s8_s32_8x48c4__avx512vnni", kMr, kNr, 4, false, Tile, Strip};
 
