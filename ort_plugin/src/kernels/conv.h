@@ -69,7 +69,8 @@ struct ConvArgs {
 void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const ConvArgs& a, const ParallelFor& pfor);
 
 // [batch][rows][cols] -> [batch][cols][rows] of `elem`-byte elements (1 or 4): NCHW <-> NHWC.
-void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem);
+void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem,
+                 const ParallelFor* pfor = nullptr);
 // dst[j][i] = src[i][j] for i < rows, j < cols, bytes, with row strides (16 x 16 SSE2 blocks, scalar edges).
 void TransposeBytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride, size_t rows, size_t cols);
 

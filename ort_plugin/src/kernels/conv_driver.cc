@@ -206,14 +206,35 @@ void LookupRows(Isa isa, const ConvArgs& a, const ConvShape& s, size_t r0, size_
     LookupBlock(isa, a.lut, a.lut_tables == 1 ? 1 : s.M, static_cast<uint8_t*>(a.y) + r0 * s.M, n, s.M, s.M);
 }
 
-template <class T>
-void TransposeT(const T* src, T* dst, size_t batch, size_t rows, size_t cols) {
-  constexpr size_t kB = 32;  // cache blocks of kB x kB elements
-  for (size_t b = 0; b < batch; ++b, src += rows * cols, dst += rows * cols)
-    for (size_t i0 = 0; i0 < rows; i0 += kB)
-      for (size_t j0 = 0; j0 < cols; j0 += kB)
-        for (size_t i = i0; i < std::min(rows, i0 + kB); ++i)
-          for (size_t j = j0; j < std::min(cols, j0 + kB); ++j) dst[j * rows + i] = src[i * cols + j];
+// dst (cols x rows) = src (rows x cols) transposed, rows [i0, i1) of one matrix of 32-bit elements: 4 x 4 blocks
+// by SSE2 unpacks within 32 x 32 cache blocks, the edges element by element.
+void Transpose32Rows(const uint32_t* src, uint32_t* dst, size_t rows, size_t cols, size_t i0, size_t i1) {
+  constexpr size_t kB = 32;
+  for (size_t j0 = 0; j0 < cols; j0 += kB) {
+    const size_t j1 = std::min(cols, j0 + kB);
+    size_t i = i0;
+#if defined(__SSE2__)
+    for (; i + 4 <= i1; i += 4) {
+      size_t j = j0;
+      for (; j + 4 <= j1; j += 4) {
+        const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * cols + j));
+        const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (i + 1) * cols + j));
+        const __m128i r2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (i + 2) * cols + j));
+        const __m128i r3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (i + 3) * cols + j));
+        const __m128i a = _mm_unpacklo_epi32(r0, r1), b = _mm_unpackhi_epi32(r0, r1);
+        const __m128i c = _mm_unpacklo_epi32(r2, r3), d = _mm_unpackhi_epi32(r2, r3);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j * rows + i), _mm_unpacklo_epi64(a, c));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (j + 1) * rows + i), _mm_unpackhi_epi64(a, c));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (j + 2) * rows + i), _mm_unpacklo_epi64(b, d));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (j + 3) * rows + i), _mm_unpackhi_epi64(b, d));
+      }
+      for (; j < j1; ++j)
+        for (size_t k = i; k < i + 4; ++k) dst[j * rows + k] = src[k * cols + j];
+    }
+#endif
+    for (; i < i1; ++i)
+      for (size_t j = j0; j < j1; ++j) dst[j * rows + i] = src[i * cols + j];
+  }
 }
 
 #if defined(__SSE2__)
@@ -259,14 +280,25 @@ void TransposeBytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t 
     for (size_t j = 0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
 }
 
-void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem) {
-  if (elem == 4) {
-    TransposeT(static_cast<const uint32_t*>(src), static_cast<uint32_t*>(dst), batch, rows, cols);
-    return;
-  }
-  for (size_t b = 0; b < batch; ++b)
-    TransposeBytes(static_cast<const uint8_t*>(src) + b * rows * cols, cols,
-                   static_cast<uint8_t*>(dst) + b * rows * cols, rows, rows, cols);
+void Transpose2D(const void* src, void* dst, size_t batch, size_t rows, size_t cols, size_t elem,
+                 const ParallelFor* pfor) {
+  // Tasks of 64 rows (a conv's output pixels: ~64 x M x 4 bytes read, whole cache lines written per column run)
+  constexpr size_t kRows = 64;
+  const size_t blocks = (rows + kRows - 1) / kRows, total = batch * blocks;
+  auto task = [&](size_t t) {
+    const size_t b = t / blocks, i0 = (t % blocks) * kRows, i1 = std::min(rows, i0 + kRows);
+    if (elem == 4) {
+      Transpose32Rows(static_cast<const uint32_t*>(src) + b * rows * cols,
+                      static_cast<uint32_t*>(dst) + b * rows * cols, rows, cols, i0, i1);
+    } else {
+      TransposeBytes(static_cast<const uint8_t*>(src) + b * rows * cols + i0 * cols, cols,
+                     static_cast<uint8_t*>(dst) + b * rows * cols + i0, rows, i1 - i0, cols);
+    }
+  };
+  if (pfor && total > 1 && batch * rows * cols * elem > (size_t{64} << 10))
+    (*pfor)(total, task);
+  else
+    for (size_t t = 0; t < total; ++t) task(t);
 }
 
 void PackConv(const MicroKernel& uk, const ConvShape& s, const uint8_t* w, bool w_signed, const int32_t* w_zp,

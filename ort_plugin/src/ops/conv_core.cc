@@ -247,12 +247,13 @@ Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Te
     return isa;
   }
   const size_t osz = out.kind == OutKind::kInt32 ? 4 : 1;
-  std::vector<uint8_t> x_nhwc, y_nhwc;
+  // This thread's NHWC buffers, kept between calls (no allocation, no page faults once warm)
+  thread_local std::vector<uint8_t> x_nhwc, y_nhwc;
   ConvArgs a;
   a.x = x.as<uint8_t>();
   if (!channels_last_) {
     x_nhwc.resize(s.batch * s.C * s.in_pixels());
-    Transpose2D(x.data, x_nhwc.data(), s.batch, s.C, s.in_pixels(), 1);
+    Transpose2D(x.data, x_nhwc.data(), s.batch, s.C, s.in_pixels(), 1, &pfor);
     a.x = x_nhwc.data();
     y_nhwc.resize(s.batch * s.out_pixels() * s.M * osz);
   }
@@ -265,7 +266,7 @@ Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Te
   a.y_zp = out.y_zp;
   a.y = channels_last_ ? y : y_nhwc.data();
   Conv(uk, s, *pw, a, pfor);
-  if (!channels_last_) Transpose2D(y_nhwc.data(), y, s.batch, s.out_pixels(), s.M, osz);
+  if (!channels_last_) Transpose2D(y_nhwc.data(), y, s.batch, s.out_pixels(), s.M, osz, &pfor);
   return isa;
 }
 
