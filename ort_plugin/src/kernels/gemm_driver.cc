@@ -154,6 +154,24 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
       k_done = summed = uk.isa == Isa::kAvx512Vnni && nr == 48 && width == nr
                             ? PackRowsByFour48(panel_b, ldb_k, K, flip, dst, sums)
                             : PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst, sums);
+    } else if (ldb_k == 1 && !uk.wide && kg == 4) {  // columns contiguous (a transposed B: attention's keys)
+      // each column's four bytes of a K-group are one dword of the source: copied whole, their sum added
+      const uint32_t flip4 = 0x01010101u * flip;
+      const size_t groups = K / 4;
+      for (size_t j = 0; j < width; ++j) {
+        const uint8_t* col = panel_b + static_cast<ptrdiff_t>(j) * ldb_n;
+        int32_t sum = 0;
+        for (size_t gi = 0; gi < groups; ++gi) {
+          uint32_t v;
+          std::memcpy(&v, col + 4 * gi, 4);
+          v ^= flip4;
+          std::memcpy(dst + gi * nr * 4 + j * 4, &v, 4);
+          sum += static_cast<int8_t>(v) + static_cast<int8_t>(v >> 8) + static_cast<int8_t>(v >> 16) +
+                 static_cast<int8_t>(v >> 24);
+        }
+        sums[j] += sum;
+      }
+      k_done = summed = groups * 4;
     } else if (ldb_n == 1) {  // column sums row by row over contiguous bytes (vectorized)
       for (size_t k = 0; k < K; ++k) {
         const uint8_t* __restrict src = panel_b + static_cast<ptrdiff_t>(k) * ldb_k;
