@@ -76,7 +76,7 @@ MUTATIONS = [
              'ep->zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point");',
              'ep->zb = ZeroPoints(Input(ctx, 5), N, b.type, "b_zero_point"); std::fill(ep->zb.begin(), ep->zb.end(), 0);'),
     Mutation("column term uses K-1 zero-point rows", "kernels/gemm_driver.cc",
-             "static_cast<int32_t>(K) * zb_s[n]", "static_cast<int32_t>(K - 1) * zb_s[n]"),
+             "k32 * static_cast<uint32_t>(zb[n])", "(k32 - 1) * static_cast<uint32_t>(zb[n])"),
     # scales
     Mutation("float output uses b_scale[0] for every column", "ops/matmul_ops.cc",
              "twice ? a_scale : a_scale * sb[n];", "twice ? a_scale : a_scale * sb[0];"),
