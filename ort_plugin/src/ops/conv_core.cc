@@ -181,33 +181,34 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
 // (packed per call: a byte pass over X), so the int32 output is written in NCHW directly: no NHWC transpose of X and
 // none of the int32 output (4x X's bytes), which cost ConvInteger's pointwise layers more than their GEMM. Per group:
 // Y[b][g] (Mg x HW) = W[g] (Mg x Cg) * X[b][g] (Cg x HW), W's zero points per row, X's one per column.
+// One parallel section: each task packs a block of its image's and group's columns (~32 KiB packed) and multiplies
+// it at once, while it is in cache (one pool wake-up per call where packing and multiplying were two).
 void ConvCore::PointwiseNchw(const MicroKernel& uk, const ConvShape& s, const Tensor& x, int32_t x_zp, const Tensor& w,
                              const std::vector<int32_t>& w_zp, int32_t* y, const ParallelFor& pfor) const {
   const size_t HW = s.in_pixels(), Cg = s.Cg(), Mg = s.Mg();
-  // This thread's buffers, kept between calls (the packed input is ~X's size: no allocation once warm); referenced
-  // through locals, so the packing tasks on pool threads use these and not their own thread's.
+  const size_t kp = (Cg + uk.kgroup - 1) / uk.kgroup * uk.kgroup;
+  const size_t per = std::max<size_t>(1, (size_t{32} << 10) / std::max<size_t>(1, kp * uk.nr)) * uk.nr;  // columns
+  const size_t chunks = (HW + per - 1) / per, tasks = s.batch * s.group * chunks;
+  // This thread's buffers, kept between calls (no allocation once warm); referenced through locals, so the tasks on
+  // pool threads use these and not their own thread's.
   thread_local std::vector<PackedB> tl_packed;
-  thread_local std::vector<const PackedB*> tl_bs;
   thread_local std::vector<int32_t> tl_zb;
   std::vector<PackedB>& packed = tl_packed;
-  std::vector<const PackedB*>& bs = tl_bs;
   std::vector<int32_t>& zb = tl_zb;
-  if (packed.size() < s.batch) packed.resize(s.batch);
-  bs.assign(s.batch, nullptr);
-  zb.assign(HW, x_zp);
-  for (size_t g = 0; g < s.group; ++g) {
-    auto pack = [&](size_t b) {
-      PackB(uk, x.as<uint8_t>() + (b * s.C + g * Cg) * HW, x.is_int8(), Cg, HW, static_cast<ptrdiff_t>(HW), 1,
-            &packed[b], s.batch == 1 ? &pfor : nullptr);
-      bs[b] = &packed[b];
-    };
-    if (s.batch == 1)
-      pack(0);
-    else
-      pfor(s.batch, pack);
+  if (packed.size() < tasks) packed.resize(tasks);
+  zb.assign(std::min(HW, per), x_zp);
+  const ParallelFor inline_for = [](size_t n, const std::function<void(size_t)>& fn) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+  };
+  auto task = [&](size_t t) {
+    const size_t c = t % chunks, g = t / chunks % s.group, b = t / chunks / s.group;
+    const size_t n0 = c * per, n = std::min(HW, n0 + per) - n0;
+    PackB(uk, x.as<uint8_t>() + (b * s.C + g * Cg) * HW + n0, x.is_int8(), Cg, n, static_cast<ptrdiff_t>(HW), 1,
+          &packed[t]);
+    const PackedB* bp = &packed[t];
     GemmArgs ga;
     ga.M = Mg;
-    ga.N = HW;
+    ga.N = n;
     ga.K = Cg;
     ga.a = w.as<uint8_t>() + g * Mg * Cg;
     ga.lda = Cg;
@@ -218,13 +219,16 @@ void ConvCore::PointwiseNchw(const MicroKernel& uk, const ConvShape& s, const Te
         std::any_of(w_zp.begin() + g * Mg, w_zp.begin() + (g + 1) * Mg, [&](int32_t z) { return z != ga.za[0]; });
     ga.zb = zb.data();
     ga.kind = OutKind::kInt32;
-    ga.y = y + g * Mg * HW;
+    ga.y = y + (b * s.M + g * Mg) * HW + n0;
     ga.ldy = HW;
-    ga.y_batch_stride = static_cast<ptrdiff_t>(s.M * HW);
-    ga.batch = s.batch;
-    ga.b = bs.data();
-    Gemm(uk, ga, pfor);
-  }
+    ga.b = &bp;
+    Gemm(uk, ga, inline_for);
+  };
+  // Small layers (under ~1 us of multiply-adds per task on average) on the calling thread: a wake-up costs more.
+  if (tasks > 1 && static_cast<double>(s.batch) * s.M * HW * Cg > 262144.0 * 2)
+    pfor(tasks, task);
+  else
+    for (size_t t = 0; t < tasks; ++t) task(t);
 }
 
 Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Tensor& w,
