@@ -421,9 +421,10 @@ def test_region_that_a_path_leaves_and_reenters_is_cut(tmp_path, level):
     assert_equals_ort(got, run(model, feeds, level, qie=False)[0][0])
 
 
-def random_network(seed, c=8):
+def random_network(seed, c=8, inline_hardswish=False):
     """A random stack of blocks (strided / grouped / dilated convs, residual Adds, squeeze-excitation, Concat,
-    MaxPool, AveragePool, per-channel bias Adds, exact activations) from one seed, for property-style region checks."""
+    MaxPool, AveragePool, per-channel bias Adds, exact activations) from one seed, for property-style region checks.
+    ``inline_hardswish``: HardSwish written x * HardSigmoid(x), as ORT's pre-processing leaves it (same draws)."""
     rng = np.random.default_rng(seed)
     inits, nodes, count = [], [], [0]
 
@@ -455,6 +456,8 @@ def random_network(seed, c=8):
             lo, hi = fresh("lo"), fresh("hi")
             inits.extend([nh.from_array(np.array(0, np.float32), lo), nh.from_array(np.array(6, np.float32), hi)])
             return op("Clip", [x, lo, hi])
+        if kind == "HardSwish" and inline_hardswish:
+            return op("Mul", [x, op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)])
         return op(kind, [x], **({"alpha": 0.1} if kind == "LeakyRelu" else {})) if kind else x
 
     x = act(conv("x", 3, c, 3, stride=2))
@@ -502,6 +505,33 @@ def test_random_networks_equal_ort(tmp_path, seed):
             (got,), _ = run(model, feeds, level, qie=True)
             (want,), _ = run(model, feeds, level, qie=False)
             assert_equals_ort(got, want, f"seed {seed} level {level} shape {shape}")
+
+
+@needs_ep
+@pytest.mark.parametrize("seed", range(8))
+def test_random_networks_as_qie_quantize_leaves_them(tmp_path, seed):
+    """The random block stacks with HardSwish inlined as ORT's pre-processing leaves it, quantized as `qie quantize`
+    does (MatMul / Conv / Gemm only: activations, GlobalAveragePool, the squeeze-excitation's Mul stay float, read
+    through float prefixes that may read their tensor twice): every conv in qie's regions, and the results equal
+    ORT's at DISABLE_ALL and ALL for two input shapes but where a float step of ours (a GlobalAveragePool's sum in
+    another order) rounds a code the other way: then within a step of the output's scale on a few elements."""
+    rng = np.random.default_rng(300 + seed)
+    model = quantize(random_network(seed, inline_hardswish=True), rng, bool(seed % 2), False, tmp_path,
+                     shape=(1, 3, 24, 24), op_types=QIE_QUANTIZE_OPS)
+    step = steps(model)
+    for level in ("disable", "all") if COMPARE_BUILTIN else ("disable",):
+        ours, theirs = claimed_ops(model, level)
+        # Left to ORT, up to two convs: those around a float Concat of an activated branch (no quantized form for
+        # an input through a float prefix), a squeeze-excitation of another's output (its GAP reads a float Mul of
+        # two tensors: not a prefix of one) and a lone conv between them (seed 6).
+        assert ours.count("Conv") >= sum(n.op_type == "Conv" for n in model.graph.node) - 2, (ours, theirs)
+        for shape in ((1, 3, 24, 24), (2, 3, 13, 18)):
+            feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+            (got,), _ = run(model, feeds, level, qie=True)
+            (want,), _ = run(model, feeds, level, qie=False)
+            diff = np.abs(got.astype(np.float64) - want)
+            assert diff.max() <= 1.0001 * step and (diff > 0).mean() <= 0.02, (seed, level, shape, diff.max() / step,
+                                                                              (diff > 0).mean())
 
 
 @needs_ep
@@ -779,12 +809,15 @@ def test_silu_as_qie_quantize_leaves_it(tmp_path, level, form):
 
 @needs_ep
 @pytest.mark.parametrize("level", ["disable", "all"])
-def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path, level):
+@pytest.mark.parametrize("form", ["HardSwish", "x*HardSigmoid(x)", "HardSigmoid(x)*x"])
+def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path, level, form):
     """PP-LCNet's block quantized the way `qie quantize` does by default (MatMul / Conv / Gemm only): a conv's
     BatchNormalization and HardSwish stay float and their result is read twice, by the squeeze-excitation's
     GlobalAveragePool and by its Mul. GAP and Mul take BatchNormalization -> HardSwish as a float prefix of their
     operand (computed as ORT's float kernels do), so the block is one region; results equal ORT's (the GAP's sum
-    in another order could move a mean by a step: none here)."""
+    in another order could move a mean by a step: none here). HardSwish also as ORT's pre-processing leaves it,
+    inlined as x * HardSigmoid(x): a prefix that reads its tensor twice (through two copies of its
+    DequantizeLinear where ORT gives each reader its own)."""
     rng = np.random.default_rng(41)
     c, inits, nodes = 16, [], []
 
@@ -799,7 +832,12 @@ def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path
         names = [f"{name}_{p}" for p in ("s", "b", "m", "v")]
         inits.extend(nh.from_array(v.astype(np.float32), n) for v, n in zip(vals, names))
         nodes.append(h.make_node("BatchNormalization", [x, *names], [name + "_bn"]))
-        nodes.append(h.make_node("HardSwish", [name + "_bn"], [name]))
+        if form == "HardSwish":
+            nodes.append(h.make_node("HardSwish", [name + "_bn"], [name]))
+        else:
+            nodes.append(h.make_node("HardSigmoid", [name + "_bn"], [name + "_hs"], alpha=1 / 6, beta=0.5))
+            pair = [name + "_bn", name + "_hs"]
+            nodes.append(h.make_node("Mul", pair if form.startswith("x") else pair[::-1], [name]))
         return name
 
     x = bn_hswish(conv("x", 3, c, 3, "c1"), "a1")
@@ -815,7 +853,7 @@ def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path
                      tmp_path, op_types=QIE_QUANTIZE_OPS)
     ours, theirs = claimed_ops(model, level)
     assert sorted(theirs) == ["DequantizeLinear", "QuantizeLinear"], theirs
-    assert {"GlobalAveragePool", "Mul", "HardSwish", "BatchNormalization"} <= set(ours), ours
+    assert {"GlobalAveragePool", "Mul", form if form == "HardSwish" else "HardSigmoid", "BatchNormalization"} <= set(ours), ours
     for shape in ((1, 3, 16, 16), (2, 3, 9, 12)):
         feeds = {"x": rng.normal(size=shape).astype(np.float32)}
         (got,), _ = run(model, feeds, level, qie=True)

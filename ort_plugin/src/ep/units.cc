@@ -275,6 +275,72 @@ namespace {
 
 bool MatchTable(const OrtNode* dq, Unit* u) { return MatchElementwise(dq, ConstLayout{}, u); }
 
+// The elementwise float nodes `v` is computed by from one quantized tensor (and plain constants), back to that
+// tensor's DequantizeLinear (*dq): a chain, or a small graph whose nodes read the tensor more than once (HardSwish
+// written x * HardSigmoid(x), ORT giving each reader its own copy of the DequantizeLinear: the copies join the
+// prefix, read as the tensor itself). `prefix`: the copies, then the nodes in topological order.
+bool ElementwisePrefix(const OrtValueInfo* v, const OrtNode** dq, std::vector<const OrtNode*>* prefix) {
+  constexpr size_t kMaxNodes = 8;
+  std::vector<const OrtNode*> nodes, copies, stack = {Producer(v)};
+  const OrtNode* src = nullptr;
+  std::vector<const OrtNode*> dqs;  // every DequantizeLinear the nodes read
+  while (!stack.empty()) {
+    const OrtNode* n = stack.back();
+    stack.pop_back();
+    if (std::find(nodes.begin(), nodes.end(), n) != nodes.end()) continue;
+    if (!IsTableOp(n) || nodes.size() >= kMaxNodes || Outputs(n).empty() || !Outputs(n)[0]) return false;
+    for (size_t i = 1; i < Outputs(n).size(); ++i)
+      if (Outputs(n)[i] && !Name(Outputs(n)[i]).empty()) return false;
+    nodes.push_back(n);
+    for (const OrtValueInfo* x : Inputs(n)) {
+      Constant c;
+      if (!x || Name(x).empty() || ReadConstant(x, &c)) continue;
+      const OrtNode* p = Producer(x);  // (a graph input has none: null)
+      if (p && IsOp(p, "DequantizeLinear")) {
+        if (std::find(dqs.begin(), dqs.end(), p) == dqs.end()) dqs.push_back(p);
+      } else if (p) {
+        stack.push_back(p);
+      } else {
+        return false;
+      }
+    }
+  }
+  for (const OrtNode* d : dqs) {  // one tensor: the first DequantizeLinear, the others copies of it
+    if (!src) {
+      if (!InputDq(d)) return false;
+      src = d;
+    } else if (!SameDequantize(Outputs(d)[0], src)) {
+      return false;
+    } else {
+      copies.push_back(d);
+    }
+  }
+  if (!src) return false;
+  // Topological order: a node once every node it reads is placed.
+  std::vector<const OrtNode*> order;
+  std::set<const OrtValueInfo*> ready;
+  while (order.size() < nodes.size()) {
+    bool progress = false;
+    for (const OrtNode* n : nodes) {
+      if (std::find(order.begin(), order.end(), n) != order.end()) continue;
+      bool ok = true;
+      for (const OrtValueInfo* x : Inputs(n)) {
+        const OrtNode* p = x ? Producer(x) : nullptr;
+        if (p && std::find(nodes.begin(), nodes.end(), p) != nodes.end() && !ready.count(x)) ok = false;
+      }
+      if (!ok) continue;
+      order.push_back(n);
+      ready.insert(Outputs(n)[0]);
+      progress = true;
+    }
+    if (!progress) return false;
+  }
+  *dq = src;
+  *prefix = copies;
+  prefix->insert(prefix->end(), order.begin(), order.end());
+  return true;
+}
+
 // op(DQ(x_0), DQ(x_1), ...) -> Q for a node whose every input is a runtime 4-D DequantizeLinear.
 bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t max_inputs, Unit* u) {
   const auto in = Inputs(n);
@@ -288,26 +354,12 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
     std::vector<const OrtNode*> prefix;
     if (!v || !Rank4(v)) return false;
     const OrtNode* dq = Producer(v);
-    if (kind == UnitKind::kBinary || kind == UnitKind::kGap) {
-      // back from the op through elementwise nodes of one tensor (and plain constants) to a DequantizeLinear
-      while (dq && !IsOp(dq, "DequantizeLinear") && IsTableOp(dq) && prefix.size() < 8) {
-        const OrtValueInfo* tensor = nullptr;
-        for (const OrtValueInfo* x : Inputs(dq)) {
-          Constant c;
-          if (!x || Name(x).empty() || ReadConstant(x, &c)) continue;
-          if (tensor) return false;  // two tensor operands: not a prefix
-          tensor = x;
-        }
-        if (!tensor || Outputs(dq).empty() || !Outputs(dq)[0]) return false;
-        prefix.insert(prefix.begin(), dq);
-        dq = Producer(tensor);
-      }
-      if (!prefix.empty()) {
-        if (!InputDq(dq) || !Rank4(Outputs(dq)[0])) return false;  // (a graph input has no producer: null)
-        try {
-          if (!CompileProgramTo(Outputs(dq)[0], prefix, v).arithmetic) return false;
-        } catch (const Failure&) { return false; }
-      }
+    if ((kind == UnitKind::kBinary || kind == UnitKind::kGap) && dq && !IsOp(dq, "DequantizeLinear")) {
+      if (!ElementwisePrefix(v, &dq, &prefix)) return false;
+      if (!Rank4(Outputs(dq)[0])) return false;
+      try {
+        if (!CompileProgramTo(Outputs(dq)[0], prefix, v).arithmetic) return false;
+      } catch (const Failure&) { return false; }
     }
     if (!InputDq(dq)) return false;
     dqs.push_back(dq);
