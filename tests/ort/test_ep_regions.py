@@ -861,6 +861,60 @@ def test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it(tmp_path
 
 
 @needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("opset", [13, 18])
+def test_spatial_reduce_mean_and_prefixed_concat_as_qie_quantize_leaves_them(tmp_path, level, opset):
+    """PP-OCRv6's stem and blocks as `qie quantize` leaves them (Conv only quantized): a Concat of a conv's output
+    and a Relu'd conv branch (the Relu float, before the Concat's Q: the input's requantization table takes it),
+    and squeeze-excitations that pool with ReduceMean over H and W keeping dims (axes as the attribute, or at
+    opset 18 as a constant input): one region, results equal ORT's. A ReduceMean over other axes or without its
+    dims is no GlobalAveragePool: left to ORT, the results still ORT's."""
+    rng = np.random.default_rng(61)
+    c, inits, nodes = 8, [], []
+
+    def conv(x, cin, cout, k, name):
+        w = (rng.normal(size=(cout, cin, k, k)) * (1.4 / np.sqrt(cin * k * k))).astype(np.float32)
+        inits.append(nh.from_array(w, name + "_w"))
+        nodes.append(h.make_node("Conv", [x, name + "_w"], [name], pads=[k // 2] * 4))
+        return name
+
+    def mean(x, name, axes, keepdims=1):
+        if opset >= 18:
+            inits.append(nh.from_array(np.array(axes, np.int64), name + "_axes"))
+            nodes.append(h.make_node("ReduceMean", [x, name + "_axes"], [name], keepdims=keepdims))
+        else:
+            nodes.append(h.make_node("ReduceMean", [x], [name], axes=axes, keepdims=keepdims))
+        return name
+
+    a = conv("x", 3, c, 3, "c1")
+    nodes.append(h.make_node("Relu", [conv(a, c, c, 3, "c2")], ["r"]))
+    nodes.append(h.make_node("Concat", [conv(a, c, c, 1, "c1b"), "r"], ["cat"], axis=1))
+    v = conv("cat", 2 * c, c, 1, "c3")
+    for i, axes in enumerate(([2, 3], [-1, -2])):
+        nodes.append(h.make_node("HardSigmoid", [conv(mean(v, f"m{i}", axes), c, c, 1, f"se{i}")], [f"s{i}"]))
+        nodes.append(h.make_node("Mul", [v, f"s{i}"], [f"v{i}"]))
+        v = conv(f"v{i}", c, c, 3, f"c{4 + i}")
+    other = mean(v, "rows", [3])  # over W only: a row mean, not a GlobalAveragePool
+    flat = mean(v, "flat", [2, 3], keepdims=0)
+    g = h.make_graph(nodes, "stem", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info(y, T.FLOAT, None) for y in (other, flat)], inits)
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=8), rng, True, False,
+                     tmp_path, op_types=QIE_QUANTIZE_OPS)
+    ours, theirs = claimed_ops(model, level)
+    assert ours.count("Conv") == 8 and ours.count("ReduceMean") == 2 and "Concat" in ours and "Relu" in ours, ours
+    assert theirs.count("ReduceMean") == 2, theirs
+    before = qie_ep.ep_stats()["regions"]
+    claimed_ops(model, level)
+    assert qie_ep.ep_stats()["regions"] - before == 1
+    for shape in ((1, 3, 16, 16), (2, 3, 9, 12)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        got, _ = run(model, feeds, level, qie=True)
+        want, _ = run(model, feeds, level, qie=False)
+        for g_, w_ in zip(got, want):
+            assert_equals_ort(g_, w_, f"{shape}")
+
+
+@needs_ep
 def test_prefix_from_a_graph_input_is_not_a_unit():
     """A Mul whose float operand comes from a graph input through Relu (no DequantizeLinear to start a prefix at):
     not a unit; the session builds and equals ORT."""

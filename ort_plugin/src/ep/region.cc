@@ -266,6 +266,22 @@ std::vector<uint8_t> Requant(const QParams& from, const QParams& to) {
   return t;
 }
 
+// Input k of a Concat unit through its float prefix (scalar constants), requantized to the output: one table,
+// Q(prefix(DQ(code))) for every code, the float steps ORT runs on each element.
+std::vector<uint8_t> PrefixTable(const Unit& u, size_t k, const QParams& from, const QParams& to) {
+  FloatProgram f = CompileProgramTo(Outputs(u.in_dqs[k])[0], u.prefix[k], Inputs(u.op)[k]);
+  if (f.C != 1) throw Failure{OpType(u.op) + " '" + NodeName(u.op) + "': per-channel constants before a Concat"};
+  f.Expand(1, 256);
+  std::vector<float> x(256);
+  for (int b = 0; b < 256; ++b)
+    x[b] = static_cast<float>(Code(static_cast<uint8_t>(b), from.is_signed) - from.zp) * from.scale;
+  std::vector<std::vector<float>> regs;
+  const float* y = RunProgram(f, x.data(), 256, &regs);
+  std::vector<uint8_t> t(256 + 3);
+  for (int b = 0; b < 256; ++b) t[b] = QuantizeOne(y[b], to);
+  return t;
+}
+
 // `st`'s tables followed by `t` ([C][256], C = 1 for one table), composed in place.
 void ComposeTable(RegionPlan::Step* st, const std::vector<uint8_t>& t, size_t C) {
   ComposeTables(&st->table, &st->tC, t, C);
@@ -525,7 +541,11 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
         for (int& ps : producer_step) ps = ps == dead ? -1 : ps > dead ? ps - 1 : ps;
       }
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
-      for (const QParams& q : s.qin) s.requant.push_back(Requant(q, s.qout));
+      for (size_t k = 0; k < s.qin.size(); ++k)
+        s.requant.push_back(k < u.prefix.size() && !u.prefix[k].empty() ? PrefixTable(u, k, s.qin[k], s.qout)
+                                                                        : Requant(s.qin[k], s.qout));
+      s.pre.clear();  // a Concat input's prefix is in its table
+      s.has_pre = false;
     }
     if (u.kind == UnitKind::kMaxPool || u.kind == UnitKind::kAvgPool) {
       s.at = PoolAttrs(u.op);

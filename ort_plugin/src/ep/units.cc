@@ -341,11 +341,14 @@ bool ElementwisePrefix(const OrtValueInfo* v, const OrtNode** dq, std::vector<co
   return true;
 }
 
-// op(DQ(x_0), DQ(x_1), ...) -> Q for a node whose every input is a runtime 4-D DequantizeLinear.
-bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t max_inputs, Unit* u) {
-  const auto in = Inputs(n);
+// op(DQ(x_0), DQ(x_1), ...) -> Q for a node whose every input is a runtime 4-D DequantizeLinear (`tensors`: only
+// the first so many inputs; the node's own checks read the constants after them, e.g. ReduceMean's axes).
+bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t max_inputs, Unit* u,
+                     size_t tensors = SIZE_MAX) {
+  auto in = Inputs(n);
   const auto out = Outputs(n);
   if (in.size() < min_inputs || in.size() > max_inputs || out.empty() || !out[0]) return false;
+  if (in.size() > tensors) in.resize(tensors);
   for (size_t i = 1; i < out.size(); ++i)
     if (out[i] && !Name(out[i]).empty()) return false;
   std::vector<const OrtNode*> dqs;
@@ -354,11 +357,14 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
     std::vector<const OrtNode*> prefix;
     if (!v || !Rank4(v)) return false;
     const OrtNode* dq = Producer(v);
-    if ((kind == UnitKind::kBinary || kind == UnitKind::kGap) && dq && !IsOp(dq, "DequantizeLinear")) {
+    const bool prefixed = kind == UnitKind::kBinary || kind == UnitKind::kGap || kind == UnitKind::kConcat;
+    if (prefixed && dq && !IsOp(dq, "DequantizeLinear")) {
       if (!ElementwisePrefix(v, &dq, &prefix)) return false;
       if (!Rank4(Outputs(dq)[0])) return false;
       try {
-        if (!CompileProgramTo(Outputs(dq)[0], prefix, v).arithmetic) return false;
+        const FloatProgram f = CompileProgramTo(Outputs(dq)[0], prefix, v);
+        // a Concat input's prefix becomes its requantization table: scalar constants only
+        if (!f.arithmetic || (kind == UnitKind::kConcat && f.C != 1)) return false;
       } catch (const Failure&) { return false; }
     }
     if (!InputDq(dq)) return false;
@@ -489,6 +495,22 @@ bool MatchConv(const OrtNode* conv, Unit* u, ConvOperands* o) {
   return true;
 }
 
+// ReduceMean over H and W of a 4-D tensor keeping its dims: GlobalAveragePool (squeeze-excitation blocks written
+// with ReduceMean). Axes from the attribute (opset < 18) or a constant second input (opset 18).
+bool SpatialMean(const OrtNode* n) {
+  if (AttrInt(n, "keepdims", 1) != 1) return false;
+  std::vector<int64_t> axes = AttrInts(n, "axes");
+  const auto in = Inputs(n);
+  if (Input(in, 1)) {
+    Constant c;
+    if (!axes.empty() || !ReadConstant(in[1], &c) || c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) return false;
+    axes.assign(static_cast<const int64_t*>(c.data), static_cast<const int64_t*>(c.data) + c.count());
+  }
+  for (int64_t& a : axes) a = a < 0 ? a + 4 : a;
+  std::sort(axes.begin(), axes.end());
+  return axes == std::vector<int64_t>{2, 3};
+}
+
 std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
   std::vector<Unit> units;
   std::set<const OrtNode*> used;
@@ -506,6 +528,8 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
         ok = MatchMultiInput(n, UnitKind::kBinary, 2, 2, &u);
       else if (op == "GlobalAveragePool")
         ok = MatchMultiInput(n, UnitKind::kGap, 1, 1, &u);
+      else if (op == "ReduceMean")
+        ok = SpatialMean(n) && MatchMultiInput(n, UnitKind::kGap, 1, 2, &u, 1);
       else if (op == "Concat") {
         const int64_t axis = AttrInt(n, "axis", 0);
         ok = (axis == 1 || axis == -3) && MatchMultiInput(n, UnitKind::kConcat, 1, 64, &u);
