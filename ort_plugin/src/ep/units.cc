@@ -127,6 +127,33 @@ bool ConstantOperand(const std::string& op, size_t i) {
 
 }  // namespace
 
+namespace {
+
+// `nodes` (single-output nodes) in topological order: each after every node of the set whose output it reads.
+// False on a cycle (which a valid graph cannot have: refused rather than looped on).
+bool OrderNodes(const std::vector<const OrtNode*>& nodes, std::vector<const OrtNode*>* order) {
+  std::set<const OrtValueInfo*> produced, ready;
+  for (const OrtNode* n : nodes) produced.insert(Outputs(n)[0]);
+  order->clear();
+  while (order->size() < nodes.size()) {
+    bool progress = false;
+    for (const OrtNode* n : nodes) {
+      if (std::find(order->begin(), order->end(), n) != order->end()) continue;
+      bool ok = true;
+      for (const OrtValueInfo* in : Inputs(n))
+        if (in && produced.count(in) && !ready.count(in)) ok = false;
+      if (!ok) continue;
+      order->push_back(n);
+      ready.insert(Outputs(n)[0]);
+      progress = true;
+    }
+    if (!progress) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 // DQ(x) -> f -> Q with f an elementwise subgraph of the DQ's output and constants; every consumer of the DQ's
 // output is in f. Fills the unit (nodes: constant DQs, f's nodes in topological order, Q).
 bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
@@ -207,23 +234,8 @@ bool MatchElementwise(const OrtNode* dq, const ConstLayout& layout, Unit* u) {
   }
   Constant sy, zy;
   if (!QOperands(q, &sy, &zy) || !values.count(Inputs(q)[0])) return false;
-  // Topological order of f's nodes.
   std::vector<const OrtNode*> order;
-  std::set<const OrtValueInfo*> ready = {v0};
-  while (order.size() < body.size()) {
-    bool progress = false;
-    for (const OrtNode* n : body) {
-      if (std::find(order.begin(), order.end(), n) != order.end()) continue;
-      bool ok = true;
-      for (const OrtValueInfo* in : Inputs(n))
-        if (in && values.count(in) && !ready.count(in)) ok = false;
-      if (!ok) continue;
-      order.push_back(n);
-      ready.insert(Outputs(n)[0]);
-      progress = true;
-    }
-    if (!progress) return false;  // a cycle cannot happen in a valid graph; refuse rather than loop
-  }
+  if (!OrderNodes(body, &order)) return false;
   // Layout nodes (tails): one chain of them; every value carries the number of layout nodes before it, a node's
   // tensor operands carry the same, and after the first one the constants are plain scalars (f then runs on the
   // [rows][N] values, the bytes are moved once at the end).
@@ -316,25 +328,8 @@ bool ElementwisePrefix(const OrtValueInfo* v, const OrtNode** dq, std::vector<co
     }
   }
   if (!src) return false;
-  // Topological order: a node once every node it reads is placed.
   std::vector<const OrtNode*> order;
-  std::set<const OrtValueInfo*> ready;
-  while (order.size() < nodes.size()) {
-    bool progress = false;
-    for (const OrtNode* n : nodes) {
-      if (std::find(order.begin(), order.end(), n) != order.end()) continue;
-      bool ok = true;
-      for (const OrtValueInfo* x : Inputs(n)) {
-        const OrtNode* p = x ? Producer(x) : nullptr;
-        if (p && std::find(nodes.begin(), nodes.end(), p) != nodes.end() && !ready.count(x)) ok = false;
-      }
-      if (!ok) continue;
-      order.push_back(n);
-      ready.insert(Outputs(n)[0]);
-      progress = true;
-    }
-    if (!progress) return false;
-  }
+  if (!OrderNodes(nodes, &order)) return false;
   *dq = src;
   *prefix = copies;
   prefix->insert(prefix->end(), order.begin(), order.end());
