@@ -39,6 +39,21 @@ constexpr size_t kTaskWeightBytes = 768 << 10;  // packed weights up to this: pe
 
 size_t RoundUp(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
+// Items per task for `total` items in tasks of about `chunk` (a multiple of `align`), so that the tasks split
+// evenly over 2 or 4 threads: a count under 16 is rounded up to 2, 4 or a multiple of 4 (the pool's width is not
+// known here). PP-LCNet's 14x14 layers made 4 tasks of 64, 64, 64 and 4 pixels: one of two threads ran 3 of them.
+size_t BalancedChunk(size_t total, size_t chunk, size_t align) {
+  chunk = std::max(chunk, align);
+  size_t n = (total + chunk - 1) / chunk;
+  if (n <= 1) return RoundUp(std::max<size_t>(total, 1), align);
+  n = n <= 2 ? 2 : n <= 4 ? 4 : n < 16 ? RoundUp(n, 4) : n;
+  return RoundUp((total + n - 1) / n, align);
+}
+
+// Rows a task's following table is looked up in: per-channel tables cost about a whole kLutRows tile per call,
+// one table is a flat lookup.
+size_t LutAlign(const ConvArgs& a, size_t other) { return a.lut && a.lut_tables != 1 ? kLutRows : other; }
+
 // An output pixel (image b, od, oh, ow), walked row by row without a division per row.
 struct OutPixel {
   size_t b;
@@ -340,8 +355,8 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     // and scales and its rows once, so fewer pixels per task than that costs more than its arithmetic (5x5 taps x
     // 256 channels gave tasks of two pixels); with the quad-tap kernel, 64k-MAC tasks measured 1.11-1.18x ORT on
     // PP-LCNet's depthwise layers at 2 threads, 256k ones 1.19-1.28x (same runs, interleaved).
-    size_t chunk = std::min<size_t>(P, std::max<size_t>(32, 262144 / std::max<size_t>(1, s.C * s.taps())));
-    if (a.lut) chunk = std::min(P, RoundUp(chunk, kLutRows));  // whole lookup tiles per task
+    const size_t want = std::max<size_t>(32, 262144 / std::max<size_t>(1, s.C * s.taps()));
+    const size_t chunk = std::min(P, BalancedChunk(P, want, LutAlign(a, 1)));  // whole lookup tiles per task
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
@@ -407,7 +422,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
   for (const PackedB& pb : w.groups) weight_bytes += pb.data.size();
   if (weight_bytes <= kTaskWeightBytes) {
     const size_t task_rows =
-        std::min(rows, RoundUp(std::max<size_t>(1, kTaskBytes / kp), a.lut ? kLutRows : size_t(uk.mr)));
+        std::min(rows, BalancedChunk(rows, std::max<size_t>(1, kTaskBytes / kp), LutAlign(a, uk.mr)));
     const size_t tasks = (rows + task_rows - 1) / task_rows;
     const ParallelFor inline_for = [](size_t n, const std::function<void(size_t)>& fn) {
       for (size_t i = 0; i < n; ++i) fn(i);

@@ -235,16 +235,17 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
 
   const size_t panels = (N + nr - 1) / nr, mtiles = (M + mr - 1) / mr;
   const size_t panel_bytes = g.b[0]->panel_bytes;
-  size_t nb = g.lut ? panels : std::max<size_t>(1, std::min(panels, kL2Block / panel_bytes));
+  // Per-channel tables are looked up in tiles of 64 rows (kLutRows): a row's part or a short tile costs about a
+  // whole tile, so their tasks keep whole rows (nb = every panel) and at least 64 of them where there are. One
+  // table is a flat lookup: its blocks are split as without one.
+  const bool lut_rows = g.lut && g.lut_tables != 1;
+  size_t nb = lut_rows ? panels : std::max<size_t>(1, std::min(panels, kL2Block / panel_bytes));
   size_t mb = std::min<size_t>(mtiles, std::max<size_t>(1, 64 / mr));
   const double macs = double(M) * N * K * g.batch;
   auto count = [&] { return g.batch * ((mtiles + mb - 1) / mb) * ((panels + nb - 1) / nb); };
   if (macs > kSerialMacs) {
-    // With a following table the tasks keep whole rows (nb = every panel) and at least 64 of them where there
-    // are: per-channel tables look rows up in tiles of 64 (kLutRows), a row's part or a short tile costs about
-    // a whole tile.
-    const size_t mb_min = g.lut ? std::min(mb, std::max<size_t>(1, kLutRows / mr)) : 1;
-    while (count() < 8 && (mb > mb_min || (nb > 1 && !g.lut))) {
+    const size_t mb_min = lut_rows ? std::min(mb, std::max<size_t>(1, kLutRows / mr)) : 1;
+    while (count() < 8 && (mb > mb_min || (nb > 1 && !lut_rows))) {
       if (mb > mb_min)
         mb = std::max(mb_min, (mb + 1) / 2);
       else
