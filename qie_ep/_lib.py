@@ -122,7 +122,7 @@ def testing_lib() -> ctypes.CDLL:
     h.qie_test_team.restype = c.c_longlong
     h.qie_test_quantize_dynamic.argtypes = [c.c_char_p, p, c.c_size_t, p, p, p]
     h.qie_test_quantize_dynamic.restype = c.c_int
-    h.qie_test_channel_lut.argtypes = [c.c_char_p, p, c.c_size_t, p, p, c.c_size_t, c.c_int]
+    h.qie_test_channel_lut.argtypes = [c.c_char_p, p, c.c_size_t, p, p, c.c_size_t, c.c_size_t, c.c_int]
     h.qie_test_channel_lut.restype = c.c_int
     h.qie_test_transpose_bytes.argtypes = [p, c.c_size_t, p, c.c_size_t, c.c_size_t, c.c_size_t]
     h.qie_test_transpose_bytes.restype = None

@@ -161,16 +161,16 @@ QIE_EXPORT int qie_test_microkernel(const char* isa_name, int* mr, int* nr, int*
 }
 
 // Kernel-level entry for the byte-table tests: y[p][c] = t[c][x[p][c]] (t: C tables of 256 bytes and 3 bytes of
-// padding, or one table when C == 1) on a named ISA path, with or without AVX512-VBMI. Returns 0, or -1 when the
-// ISA is unknown, unsupported here, or has no table kernel.
+// padding, or one table when C == 1; rows ld bytes apart) on a named ISA path, with or without AVX512-VBMI.
+// Returns 0, or -1 when the ISA is unknown, unsupported here, or has no table kernel.
 QIE_EXPORT int qie_test_channel_lut(const char* isa_name, const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y,
-                                    size_t pixels, int vbmi) {
+                                    size_t pixels, size_t ld, int vbmi) {
   qie::Isa isa;
   if (!qie::IsaFromName(isa_name, &isa) || !qie::IsaSupported(isa)) return -1;
   const qie::ChannelLutFn lut = qie::KernelsFor(isa).channel_lut;
   if (!lut) return -1;
   qie::SetLutVbmi(vbmi != 0);
-  lut(t, C, x, y, pixels);
+  lut(t, C, x, y, pixels, ld);
   qie::SetLutVbmi(true);
   return 0;
 }

@@ -100,7 +100,7 @@ def test_conv_requantized_saturates(isa, name, ydt):
 
 
 TABLE_CASES = ["pointwise", "pointwise_groups", "pointwise_strided", "3x3_nr_edges", "grouped", "depthwise",
-               "depthwise_odd_c_s2", "depthwise_c16", "conv3d", "big_weights"]
+               "depthwise_odd_c_s2", "depthwise_c16", "conv3d", "big_weights", "pointwise_7x7_wide", "depthwise_7x7_k5"]
 
 
 @pytest.mark.parametrize("isa", isa_params())
@@ -116,6 +116,11 @@ def test_conv_following_table(isa, name, ydt, threads):
         x, w = rand(rng, np.uint8, (1, 5, 6, 256)), rand(rng, np.int8, (384, 256, 3, 3))
         x_zp, w_zp, bias, attrs = 7, np.zeros(384, np.int32), rng.integers(-5000, 5000, 384).astype(np.int32), \
             dict(group=1, strides=None, dilations=None, pads=[1, 1, 1, 1])
+    elif name in ("pointwise_7x7_wide", "depthwise_7x7_k5"):  # under 2 x 64 rows: tasks split columns / short tiles
+        dw = name.startswith("depthwise")
+        x, w = rand(rng, np.uint8, (1, 7, 7, 512 if dw else 256)), rand(rng, np.int8, (512, 1, 5, 5) if dw else (512, 256, 1, 1))
+        x_zp, w_zp, bias, attrs = 5, np.zeros(512, np.int32), rng.integers(-5000, 5000, 512).astype(np.int32), \
+            dict(group=512 if dw else 1, strides=None, dilations=None, pads=[2, 2, 2, 2] if dw else [0, 0, 0, 0])
     else:
         x, w, x_zp, w_zp, bias, attrs = make_case(rng, name, np.uint8, np.int8)
     m = w.shape[0]

@@ -12,10 +12,12 @@ from helpers import _ptr, check_guards, guarded_output
 from qie_ep import _lib
 
 
-def lut(isa, t, C, x, vbmi):
+def lut(isa, t, C, x, vbmi, ld=None):
+    """The ISA's table kernel on x (pixels rows of ld bytes, the first C of each looked up)."""
     y, raw = guarded_output(x.shape, np.uint8, 0)
-    pixels = x.size // C
-    rc = _lib.testing_lib().qie_test_channel_lut(isa.encode(), _ptr(t), C, _ptr(x), _ptr(y), pixels, int(vbmi))
+    ld = ld or C
+    pixels = x.size // ld
+    rc = _lib.testing_lib().qie_test_channel_lut(isa.encode(), _ptr(t), C, _ptr(x), _ptr(y), pixels, ld, int(vbmi))
     if rc != 0:
         return None
     check_guards(raw, f"channel_lut {isa} C={C}")
@@ -38,6 +40,25 @@ def test_channel_lut_equals_numpy(isa, vbmi, C):
         np.testing.assert_array_equal(y, want, err_msg=f"{isa} vbmi={vbmi} C={C} pixels={pixels}")
         ran = True
     assert ran
+
+
+@pytest.mark.parametrize("isa", list(qie_ep.ISAS))
+@pytest.mark.parametrize("vbmi", [True, False])
+@pytest.mark.parametrize("C,ld", [(3, 5), (16, 48), (17, 20), (48, 512), (96, 100)])
+def test_channel_lut_strided_rows(isa, vbmi, C, ld):
+    """Per-channel tables on rows wider than the channels looked up (a GEMM task's column block of its output,
+    looked up in place): each row's first C bytes from the tables, the rest of the row not written."""
+    rng = np.random.default_rng(C * 1000 + ld)
+    t = np.concatenate([rng.integers(0, 256, size=C * 256), np.zeros(3, np.int64)]).astype(np.uint8)
+    for pixels in (1, 5, 63, 64, 65, 130):
+        x = rng.integers(0, 256, size=(pixels, ld)).astype(np.uint8)
+        y = lut(isa, t, C, x.ravel(), vbmi, ld)
+        if y is None:
+            pytest.skip(f"{isa}: no table kernel here (the region uses its scalar loop)")
+        y = y.reshape(pixels, ld)
+        want = t[:C * 256].reshape(C, 256)[np.arange(C), x[:, :C]]
+        np.testing.assert_array_equal(y[:, :C], want, err_msg=f"{isa} vbmi={vbmi} C={C} ld={ld} pixels={pixels}")
+        assert (y[:, C:] == 0).all(), "bytes between the rows were written"
 
 
 @pytest.mark.parametrize("rows", [1, 3, 15, 16, 17, 33, 64])

@@ -210,7 +210,7 @@ void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t 
   const size_t per = pixels * C < kSerialBytes ? pixels : std::max<size_t>(1, (size_t{1} << 15) / C);
   pfor((pixels + per - 1) / per, [&](size_t b) {
     const size_t p0 = b * per, p1 = std::min(pixels, p0 + per);
-    if (lut) return lut(t, C, x + p0 * C, y + p0 * C, p1 - p0);
+    if (lut) return lut(t, C, x + p0 * C, y + p0 * C, p1 - p0, C);
     for (size_t p = p0; p < p1; ++p)
       for (size_t c = 0; c < C; ++c) y[p * C + c] = t[c * 256 + x[p * C + c]];
   });
@@ -473,7 +473,7 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
       if (!s.requant[i].empty() && np * C > 0) {
         if (tmp.size() < np * C) tmp.resize(np * C);
         if (lut) {
-          lut(s.requant[i].data(), 1, px, tmp.data(), np * C);
+          lut(s.requant[i].data(), 1, px, tmp.data(), np * C, 1);
         } else {
           for (size_t k = 0; k < np * C; ++k) tmp[k] = s.requant[i][px[k]];
         }

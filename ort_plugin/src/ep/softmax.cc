@@ -99,7 +99,7 @@ void SoftmaxRow(const CompiledSoftmax& c, qie::ChannelLutFn lut, const uint8_t* 
   for (int b = 0; b < 256; ++b)
     if (count[0][b]) table[b] = quant(c.exp[top - (b ^ flip)] * inv);
   if (lut)
-    lut(table, 1, x, y, D);
+    lut(table, 1, x, y, D, 1);
   else
     for (size_t k = 0; k < D; ++k) y[k] = table[x[k]];
 }

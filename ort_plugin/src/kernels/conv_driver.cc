@@ -50,9 +50,12 @@ size_t BalancedChunk(size_t total, size_t chunk, size_t align) {
   return RoundUp((total + n - 1) / n, align);
 }
 
-// Rows a task's following table is looked up in: per-channel tables cost about a whole kLutRows tile per call,
-// one table is a flat lookup.
-size_t LutAlign(const ConvArgs& a, size_t other) { return a.lut && a.lut_tables != 1 ? kLutRows : other; }
+// Rows a task's following table is looked up in: per-channel tables cost about a whole kLutRows tile per call, so
+// tasks take whole tiles where there are two or more (fewer rows: tasks of partial tiles, each paying a tile's
+// lookup, still finish sooner than one task); one table is a flat lookup.
+size_t LutAlign(const ConvArgs& a, size_t total, size_t other) {
+  return a.lut && a.lut_tables != 1 && total >= 2 * kLutRows ? kLutRows : other;
+}
 
 // An output pixel (image b, od, oh, ow), walked row by row without a division per row.
 struct OutPixel {
@@ -356,7 +359,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     // 256 channels gave tasks of two pixels); with the quad-tap kernel, 64k-MAC tasks measured 1.11-1.18x ORT on
     // PP-LCNet's depthwise layers at 2 threads, 256k ones 1.19-1.28x (same runs, interleaved).
     const size_t want = std::max<size_t>(32, 262144 / std::max<size_t>(1, s.C * s.taps()));
-    const size_t chunk = std::min(P, BalancedChunk(P, want, LutAlign(a, 1)));  // whole lookup tiles per task
+    const size_t chunk = std::min(P, BalancedChunk(P, want, LutAlign(a, P, 1)));  // whole lookup tiles per task
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {
@@ -422,7 +425,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
   for (const PackedB& pb : w.groups) weight_bytes += pb.data.size();
   if (weight_bytes <= kTaskWeightBytes) {
     const size_t task_rows =
-        std::min(rows, BalancedChunk(rows, std::max<size_t>(1, kTaskBytes / kp), LutAlign(a, uk.mr)));
+        std::min(rows, BalancedChunk(rows, std::max<size_t>(1, kTaskBytes / kp), LutAlign(a, rows, uk.mr)));
     const size_t tasks = (rows + task_rows - 1) / task_rows;
     const ParallelFor inline_for = [](size_t n, const std::function<void(size_t)>& fn) {
       for (size_t i = 0; i < n; ++i) fn(i);

@@ -14,7 +14,7 @@ extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
 extern const DepthwisePackFn kDepthwisePackAvx512;
 void MinMaxAvx512(const float* x, size_t n, float* lo, float* hi);
 void QuantizeLinearU8Avx512(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
-void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels);
+void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels, size_t ld);
 
 namespace {
 bool CpuScalar() { return true; }
@@ -81,13 +81,18 @@ bool IsaSupported(Isa isa) { return KernelsFor(isa).cpu_has(); }
 void LookupBlock(Isa isa, const uint8_t* t, size_t tables, uint8_t* y, size_t rows, size_t cols, size_t ldy) {
   if (rows == 0 || cols == 0) return;
   const ChannelLutFn lut = KernelsFor(isa).channel_lut;
-  const size_t C = tables == 1 ? 1 : cols;
-  auto run = [&](uint8_t* row, size_t n) {  // n rows of cols bytes, contiguous
-    if (lut) return lut(t, C, row, row, C == 1 ? n * cols : n);
-    for (size_t i = 0; i < n * cols; ++i) row[i] = t[(C == 1 ? 0 : i % cols) * 256 + row[i]];
+  if (tables != 1) {  // per column: the rows ldy apart in one call
+    if (lut) return lut(t, cols, y, y, rows, ldy);
+    for (size_t r = 0; r < rows; ++r)
+      for (size_t j = 0; j < cols; ++j) y[r * ldy + j] = t[j * 256 + y[r * ldy + j]];
+    return;
+  }
+  auto run = [&](uint8_t* row, size_t n) {  // one table over n contiguous bytes
+    if (lut) return lut(t, 1, row, row, n, 1);
+    for (size_t i = 0; i < n; ++i) row[i] = t[row[i]];
   };
-  if (ldy == cols) return run(y, rows);
-  for (size_t r = 0; r < rows; ++r) run(y + r * ldy, 1);
+  if (ldy == cols) return run(y, rows * cols);
+  for (size_t r = 0; r < rows; ++r) run(y + r * ldy, cols);
 }
 
 Isa ActiveIsa() {

@@ -235,9 +235,10 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
 
   const size_t panels = (N + nr - 1) / nr, mtiles = (M + mr - 1) / mr;
   const size_t panel_bytes = g.b[0]->panel_bytes;
-  // Per-channel tables are looked up in tiles of 64 rows (kLutRows): a row's part or a short tile costs about a
-  // whole tile, so their tasks keep whole rows (nb = every panel) and at least 64 of them where there are. One
-  // table is a flat lookup: its blocks are split as without one.
+  // Per-channel tables are looked up in tiles of 64 rows (kLutRows) by 16 columns: a short tile costs about a
+  // whole one, so their tasks keep at least 64 rows where there are, and split the columns (whole panels) only
+  // when that leaves too few tasks (PP-LCNet's 7x7 layers: 49 rows, 512 channels were one task). One table is a
+  // flat lookup: its blocks are split as without one.
   const bool lut_rows = g.lut && g.lut_tables != 1;
   size_t nb = lut_rows ? panels : std::max<size_t>(1, std::min(panels, kL2Block / panel_bytes));
   size_t mb = std::min<size_t>(mtiles, std::max<size_t>(1, 64 / mr));
@@ -245,7 +246,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   auto count = [&] { return g.batch * ((mtiles + mb - 1) / mb) * ((panels + nb - 1) / nb); };
   if (macs > kSerialMacs) {
     const size_t mb_min = lut_rows ? std::min(mb, std::max<size_t>(1, kLutRows / mr)) : 1;
-    while (count() < 8 && (mb > mb_min || (nb > 1 && !lut_rows))) {
+    while (count() < 8 && (mb > mb_min || nb > 1)) {
       if (mb > mb_min)
         mb = std::max(mb_min, (mb + 1) / 2);
       else

@@ -8,8 +8,9 @@ namespace qie {
 
 using MinMaxFn = void (*)(const float* x, size_t n, float* lo, float* hi);
 using QuantizeU8Fn = void (*)(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
-// y[p * C + c] = t[c * 256 + x[p * C + c]] for p < pixels (t padded by 3 readable bytes); C = 1: one table.
-using ChannelLutFn = void (*)(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels);
+// y[p * ld + c] = t[c * 256 + x[p * ld + c]] for p < pixels, c < C (t padded by 3 readable bytes; rows ld >= C
+// bytes apart, the bytes between them untouched); C = 1: one table over `pixels` contiguous bytes (ld unused).
+using ChannelLutFn = void (*)(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels, size_t ld);
 // Whether the AVX-512 byte tables may use AVX512-VBMI where the CPU has it (default on; the kernel tests turn it
 // off to check the gather path).
 void SetLutVbmi(bool on);

@@ -73,11 +73,11 @@ __attribute__((target("avx512f,avx512bw"))) inline void Transpose16x16x4(__m512i
 template <bool kFull>  // kFull: 64 pixels x 16 channels, plain loads and stores
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void LutTile(const uint8_t* t, size_t C,
                                                                                     const uint8_t* xs, uint8_t* ys,
-                                                                                    size_t np, size_t n) {
+                                                                                    size_t np, size_t n, size_t ld) {
   const __mmask16 cm = n == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
   auto load = [&](size_t row) {
-    if (kFull) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + row * C));
-    return row < np ? _mm_maskz_loadu_epi8(cm, xs + row * C) : _mm_setzero_si128();
+    if (kFull) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(xs + row * ld));
+    return row < np ? _mm_maskz_loadu_epi8(cm, xs + row * ld) : _mm_setzero_si128();
   };
   __m512i r[16];
   for (size_t i = 0; i < 16; ++i) {
@@ -95,9 +95,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void LutT
   Transpose16x16x4(r);
   auto store = [&](size_t row, __m128i v) {
     if (kFull)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(ys + row * C), v);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ys + row * ld), v);
     else if (row < np)
-      _mm_mask_storeu_epi8(ys + row * C, cm, v);
+      _mm_mask_storeu_epi8(ys + row * ld, cm, v);
   };
   for (size_t i = 0; i < 16; ++i) {
     store(i, _mm512_castsi512_si128(r[i]));
@@ -109,15 +109,15 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void LutT
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void ChannelLutVbmi(const uint8_t* t, size_t C,
                                                                                     const uint8_t* x, uint8_t* y,
-                                                                                    size_t pixels) {
+                                                                                    size_t pixels, size_t ld) {
   for (size_t p0 = 0; p0 < pixels; p0 += 64) {
     const size_t np = pixels - p0 < 64 ? pixels - p0 : 64;
     for (size_t c0 = 0; c0 < C; c0 += 16) {
       const size_t n = C - c0 < 16 ? C - c0 : 16;
       if (np == 64 && n == 16)
-        LutTile<true>(t + c0 * 256, C, x + p0 * C + c0, y + p0 * C + c0, np, n);
+        LutTile<true>(t + c0 * 256, C, x + p0 * ld + c0, y + p0 * ld + c0, np, n, ld);
       else
-        LutTile<false>(t + c0 * 256, C, x + p0 * C + c0, y + p0 * C + c0, np, n);
+        LutTile<false>(t + c0 * 256, C, x + p0 * ld + c0, y + p0 * ld + c0, np, n, ld);
     }
   }
 }
@@ -133,7 +133,7 @@ bool HasVbmi() {
 
 void SetLutVbmi(bool on) { g_vbmi_off.store(!on); }
 
-void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels) {
+void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels, size_t ld) {
   if (C == 1 && HasVbmi()) {
     LutVbmi(t, x, y, pixels);
     _mm256_zeroupper();
@@ -150,7 +150,7 @@ void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, 
     return;
   }
   if (HasVbmi()) {
-    ChannelLutVbmi(t, C, x, y, pixels);
+    ChannelLutVbmi(t, C, x, y, pixels, ld);
     _mm256_zeroupper();
     return;
   }
@@ -160,10 +160,10 @@ void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, 
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
     const __m512i base = _mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c0))), 8);
     auto one = [&](size_t p) {
-      const __m128i xb = _mm_maskz_loadu_epi8(m, x + p * C + c0);
+      const __m128i xb = _mm_maskz_loadu_epi8(m, x + p * ld + c0);
       const __m512i idx = _mm512_add_epi32(_mm512_cvtepu8_epi32(xb), base);
       const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, t, 1);
-      _mm_mask_storeu_epi8(y + p * C + c0, m, _mm512_cvtepi32_epi8(v));
+      _mm_mask_storeu_epi8(y + p * ld + c0, m, _mm512_cvtepi32_epi8(v));
     };
     size_t p = 0;
     for (; p + 4 <= pixels; p += 4) {  // four independent gathers in flight
