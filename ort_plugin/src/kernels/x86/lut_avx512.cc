@@ -2,7 +2,8 @@
 //
 // One table (C = 1): 64 bytes per two vpermi2b where the CPU has AVX512-VBMI, else sixteen contiguous bytes per
 // gather. Per channel with AVX512-VBMI: 64-pixel tiles transposed to channel rows in registers, each row looked up
-// with its channel's table by vpermi2b (ChannelLutVbmi). Per channel without it:
+// with its channel's table by vpermi2b (ChannelLutVbmi); a tile of under kGatherRows pixels is gathered as below
+// (a transposed tile costs as much as 64 pixels). Per channel without it:
 // 1. Sixteen channels at a time: their 16 input bytes widened to int32 indices (vpmovzxbd).
 // 2. Each lane's index offset by its channel's table base (c * 256, a constant vector per channel block).
 // 3. One dword gather (scale 1) from the byte table, padded by 3 bytes so every dword read stays inside it;
@@ -107,11 +108,46 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void LutT
   }
 }
 
+// Per-channel tables by dword gathers: sixteen channels of a pixel per gather (each lane's index offset by its
+// channel's table base), four pixels' gathers in flight.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void ChannelLutGather(const uint8_t* t, size_t C,
+                                                                          const uint8_t* x, uint8_t* y,
+                                                                          size_t pixels, size_t ld) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (size_t c0 = 0; c0 < C; c0 += 16) {
+    const size_t n = C - c0 < 16 ? C - c0 : 16;
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    const __m512i base = _mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c0))), 8);
+    auto one = [&](size_t p) {
+      const __m128i xb = _mm_maskz_loadu_epi8(m, x + p * ld + c0);
+      const __m512i idx = _mm512_add_epi32(_mm512_cvtepu8_epi32(xb), base);
+      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, t, 1);
+      _mm_mask_storeu_epi8(y + p * ld + c0, m, _mm512_cvtepi32_epi8(v));
+    };
+    size_t p = 0;
+    for (; p + 4 <= pixels; p += 4) {  // four independent gathers in flight
+      one(p);
+      one(p + 1);
+      one(p + 2);
+      one(p + 3);
+    }
+    for (; p < pixels; ++p) one(p);
+  }
+}
+
+// Rows under which a tile's rows are gathered instead (measured on Zen 4: one 64-row tile of 512 channels ~2.4 us
+// whatever its rows, a gathered row ~0.18 us).
+constexpr size_t kGatherRows = 12;
+
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) void ChannelLutVbmi(const uint8_t* t, size_t C,
                                                                                     const uint8_t* x, uint8_t* y,
                                                                                     size_t pixels, size_t ld) {
   for (size_t p0 = 0; p0 < pixels; p0 += 64) {
     const size_t np = pixels - p0 < 64 ? pixels - p0 : 64;
+    if (np < kGatherRows) {  // a few rows: gathers cost per row, a transposed tile as much as 64 rows
+      ChannelLutGather(t, C, x + p0 * ld, y + p0 * ld, np, ld);
+      continue;
+    }
     for (size_t c0 = 0; c0 < C; c0 += 16) {
       const size_t n = C - c0 < 16 ? C - c0 : 16;
       if (np == 64 && n == 16)
@@ -154,26 +190,7 @@ void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, 
     _mm256_zeroupper();
     return;
   }
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (size_t c0 = 0; c0 < C; c0 += 16) {
-    const size_t n = C - c0 < 16 ? C - c0 : 16;
-    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
-    const __m512i base = _mm512_slli_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c0))), 8);
-    auto one = [&](size_t p) {
-      const __m128i xb = _mm_maskz_loadu_epi8(m, x + p * ld + c0);
-      const __m512i idx = _mm512_add_epi32(_mm512_cvtepu8_epi32(xb), base);
-      const __m512i v = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, t, 1);
-      _mm_mask_storeu_epi8(y + p * ld + c0, m, _mm512_cvtepi32_epi8(v));
-    };
-    size_t p = 0;
-    for (; p + 4 <= pixels; p += 4) {  // four independent gathers in flight
-      one(p);
-      one(p + 1);
-      one(p + 2);
-      one(p + 3);
-    }
-    for (; p < pixels; ++p) one(p);
-  }
+  ChannelLutGather(t, C, x, y, pixels, ld);
   _mm256_zeroupper();
 }
 
