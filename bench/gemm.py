@@ -52,7 +52,7 @@ def plot(rows: list[dict], path) -> None:
         sub = [r for r in rows if r["threads"] == threads]
         shapes = sorted({(r["m"], r["n"], r["k"]) for r in sub}, key=lambda s: (s[0] * s[1] * s[2], s))
         x = np.arange(len(shapes))
-        for i, combo in enumerate(COMBOS):
+        for i, combo in enumerate(c for c in COMBOS if any(r["combo"] == c for r in sub)):  # those measured
             ratio = [next(r["ratio"] for r in sub if (r["m"], r["n"], r["k"]) == s and r["combo"] == combo) for s in shapes]
             ax.bar(x + (i - 1) * 0.27, ratio, 0.27, label=combo)
         ax.axhline(1.0, color="k", lw=0.8)

@@ -232,6 +232,23 @@ def test_threads_honoured():
     check_op(model, feeds, want, ("", "QLinearMatMul"), levels=["all"], threads=2)
 
 
+@pytest.mark.parametrize("spinning", [False, True])
+def test_pacing_through_calibration_changes_no_result(spinning):
+    """The custom ops learn per input size from their first runs (2 warm-up, then 6 each way, alternating) whether
+    ORT's pool pays for a call (kernels/pacing.h): at 2 threads, pools spinning or not, every run through and past
+    the calibration equals the reference, for a GEMV and a 96-row product (size classes learnt apart)."""
+    import onnxruntime as ort
+
+    from qie_ep.session import options
+
+    rng = np.random.default_rng(23)
+    for shape in ((1, 300), (96, 300)):
+        model, feeds, want = qlinear_matmul_case(rng, np.uint8, np.int8, np.uint8, shape, (300, 200), True)
+        s = ort.InferenceSession(model.SerializeToString(), options(qie=True, threads=2, spinning=spinning, ep=False))
+        for i in range(18):
+            assert_exact(s.run(None, feeds)[0], want, f"{shape} run {i}")
+
+
 @pytest.mark.parametrize("isa", qie_ep.ISAS)
 def test_forced_isa_runs_and_is_reported(isa, restore_isa):
     if isa not in qie_ep.supported_isas():

@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "ep/graph.h"
-#include "ep/pacing.h"
+#include "kernels/pacing.h"
 #include "ep/units.h"
 
 namespace qie_ep {

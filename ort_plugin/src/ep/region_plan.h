@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "ep/pacing.h"
+#include "kernels/pacing.h"
 #include "ep/units.h"
 #include "kernels/conv.h"
 #include "kernels/gemm.h"

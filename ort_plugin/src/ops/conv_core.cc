@@ -245,9 +245,12 @@ Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Te
     PackConv(uk, s, w.as<uint8_t>(), w.is_int8(), w_zp.data(), &local);
     pw = &local;
   }
-  const ParallelFor pfor = OrtParallelFor(ctx);
+  const ParallelFor pool = OrtParallelFor(ctx);
+  Pace pace(*pacing_, true, s.batch * s.C * s.in_pixels(), pool);
+  const ParallelFor& pfor = pace.For();
   if (!channels_last_ && out.kind == OutKind::kInt32 && s.pointwise()) {
     PointwiseNchw(uk, s, x, x_zp, w, w_zp, static_cast<int32_t*>(y), pfor);
+    pace.Done();
     return isa;
   }
   const size_t osz = out.kind == OutKind::kInt32 ? 4 : 1;
@@ -271,6 +274,7 @@ Isa ConvCore::Run(OrtKernelContext* ctx, const Tensor& x, int32_t x_zp, const Te
   a.y = channels_last_ ? y : y_nhwc.data();
   Conv(uk, s, *pw, a, pfor);
   if (!channels_last_) Transpose2D(y_nhwc.data(), y, s.batch, s.out_pixels(), s.M, osz, &pfor);
+  pace.Done();
   return isa;
 }
 

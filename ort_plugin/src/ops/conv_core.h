@@ -2,9 +2,11 @@
 // shape inference), validation of X/W against them, weight prepacking at kernel creation, and the
 // NCHW <-> NHWC layout around the NHWC kernel layer.
 #pragma once
+#include <memory>
 #include <string>
 
 #include "kernels/conv.h"
+#include "kernels/pacing.h"
 #include "ops/common.h"
 
 namespace qie {
@@ -51,6 +53,8 @@ class ConvCore {
   std::vector<int64_t> pre_shape_;
   std::vector<int32_t> pre_zp_;
   bool has_pre_ = false;
+  // Whether a call runs on the intra-op pool or the calling thread, learnt per input size (pacing.h)
+  std::unique_ptr<Pacing> pacing_ = std::make_unique<Pacing>();
 };
 
 }  // namespace qie

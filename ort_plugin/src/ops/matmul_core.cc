@@ -157,7 +157,10 @@ Isa MatMulCore::Run(OrtKernelContext* ctx, const MatMulPlan& plan, const uint8_t
   g.scale = ep.scale.empty() ? nullptr : ep.scale.data();
   g.fbias = ep.fbias;
   g.y_zp = ep.y_zp;
-  Gemm(uk, g, OrtParallelFor(ctx));
+  const ParallelFor pool = OrtParallelFor(ctx);
+  Pace pace(*pacing_, true, rows * batch * plan.K, pool);
+  Gemm(uk, g, pace.For());
+  pace.Done();
   if (!ep.post_scale.empty())
     ScaleColumns(static_cast<float*>(y), rows * batch, plan.N, ep.post_scale.data(), ep.post_bias);
   return isa;

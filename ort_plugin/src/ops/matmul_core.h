@@ -2,6 +2,9 @@
 // operands), prepacking a constant B at kernel creation, per-call packing otherwise, and one call of
 // the kernel layer per batch matrix (or one folded call when B has no batch).
 #pragma once
+#include <memory>
+
+#include "kernels/pacing.h"
 #include "ops/common.h"
 
 namespace qie {
@@ -54,6 +57,9 @@ class MatMulCore {
   PrepackedB pre_;
   bool has_pre_ = false;
   bool trans_b_ = false;
+  // Whether a call runs on the intra-op pool or the calling thread, learnt per size of A (pacing.h): a pool that does
+  // not spin costs a ~10 us wake-up, more than a GEMV's work (1 x 768 x 768: 11 us at one thread, 29 at two).
+  std::unique_ptr<Pacing> pacing_ = std::make_unique<Pacing>();
 };
 
 // Packs every batch matrix of B (`trans_b`: a 2-D B stored [N, K]).

@@ -110,9 +110,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi"))) inline void LutT
 
 // Per-channel tables by dword gathers: sixteen channels of a pixel per gather (each lane's index offset by its
 // channel's table base), four pixels' gathers in flight.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void ChannelLutGather(const uint8_t* t, size_t C,
-                                                                          const uint8_t* x, uint8_t* y,
-                                                                          size_t pixels, size_t ld) {
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void ChannelLutGather(const uint8_t* t, size_t C, const uint8_t* x,
+                                                                           uint8_t* y, size_t pixels, size_t ld) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (size_t c0 = 0; c0 < C; c0 += 16) {
     const size_t n = C - c0 < 16 ? C - c0 : 16;

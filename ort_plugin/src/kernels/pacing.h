@@ -1,6 +1,7 @@
-// Pacing: whether a fused step runs on the intra-op pool or on the calling thread, learnt per step from its first
-// runs. A pool that does not spin costs a wake-up per parallel section (~10 us on the development VM, as much as a
-// small step's work), one that spins much less; no step's results depend on how its work is split.
+// Pacing: whether a fused step (the EP's region steps and units) or a custom op's kernel runs on the intra-op pool or
+// on the calling thread, learnt per step from its first runs. A pool that does not spin costs a wake-up per parallel
+// section (~10 us on the development VM, as much as a small step's work), one that spins much less; no step's results
+// depend on how its work is split.
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -10,7 +11,7 @@
 
 #include "kernels/gemm.h"
 
-namespace qie_ep {
+namespace qie {
 
 // Per power-of-two size class of the step's input (so sequences of varying length share decisions instead of
 // learning again at every length).
@@ -77,4 +78,9 @@ class Pace {
   std::chrono::steady_clock::time_point t0_;
 };
 
+}  // namespace qie
+
+namespace qie_ep {
+using qie::Pace;
+using qie::Pacing;
 }  // namespace qie_ep
