@@ -407,12 +407,11 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
   const Quantizer quant(c.p);
   uint8_t* out = y + r0 * L;
-  if (c.nan_where) {
+  if (c.nan_where) {  // Where(IsNaN(p), c, p), in place
     const float nv = c.nan_value;
-    for (size_t i = 0; i < n; ++i) out[i] = quant(x[i] != x[i] ? nv : x[i]);
-  } else {
-    for (size_t i = 0; i < n; ++i) out[i] = quant(x[i]);
+    for (size_t i = 0; i < n; ++i) x[i] = x[i] != x[i] ? nv : x[i];
   }
+  QuantizeBlock(x, n, quant, out);
 }
 
 }  // namespace

@@ -359,6 +359,12 @@ Broadcast NormShape(const CompiledMatMul& c, OrtKernelContext* ctx, const std::v
 // The norm tail over the broadcast rows of N float values (x: the unit's dequantized output; res: the residual):
 // per row, + bias, + the residual, LayerNormalization as ORT's CPU kernel computes it in float32 (sums in order,
 // mean and variance from them, (x - mean) / sqrt(var + eps) * gamma + beta), then the QuantizeLinear.
+// Each row's two sums are chains of N dependent float adds (in order, as ORT's kernel adds them): rows go in blocks
+// of kNormLanes, the block's values stored transposed ([h][row]), so the chains of a block's rows advance together
+// in vector lanes (each lane the same float32 operations in the same order as one row alone); the rest of the work
+// is elementwise along the row and left to the compiler's vectorizer.
+constexpr size_t kNormLanes = 16;
+
 void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, const float* res, uint8_t* y,
               const qie::ParallelFor& pfor) {
   const CompiledMatMul::CompiledNorm& nm = c.norm;
@@ -367,31 +373,57 @@ void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, cons
   for (size_t d = 0; d + 1 < bc.shape.size(); ++d) rows *= static_cast<size_t>(bc.shape[d]);
   const size_t rs = bc.sm.back();  // the residual's stride along the row: 1, or 0 for one value per row
   const Quantizer q(nm.out);
-  const size_t per = std::max<size_t>(1, 16384 / std::max<size_t>(N, 1));  // rows per task
+  // rows per task: whole blocks of lanes, ~16k values
+  const size_t per = std::max<size_t>(1, 16384 / std::max<size_t>(N * kNormLanes, 1)) * kNormLanes;
   auto task = [&](size_t t) {
-    thread_local std::vector<float> row;
-    row.resize(N);
-    float* v = row.data();
-    for (size_t r = t * per; r < std::min(rows, (t + 1) * per); ++r) {
-      size_t ox = 0, oe = 0;
-      bc.RowOffsets(r, &ox, &oe);
-      std::copy(x + ox, x + ox + N, v);
-      const float* e = res + oe;
-      if (!nm.bias.empty())
-        for (size_t h = 0; h < N; ++h) v[h] = v[h] + nm.bias[h];
-      for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h * rs];
-      float mean = 0.0f, square = 0.0f;
-      for (size_t h = 0; h < N; ++h) {
-        mean += v[h];
-        square += v[h] * v[h];
+    thread_local std::vector<float> tl_v, tl_vt, tl_o;
+    tl_v.resize(kNormLanes * N);
+    tl_vt.resize(kNormLanes * N);
+    tl_o.resize(N);
+    float* __restrict vb = tl_v.data();
+    float* __restrict vt = tl_vt.data();
+    float* __restrict o = tl_o.data();
+    const float* __restrict bias = nm.bias.empty() ? nullptr : nm.bias.data();
+    const float* __restrict gamma = nm.gamma.data();
+    const float* __restrict beta = nm.beta.empty() ? nullptr : nm.beta.data();
+    const size_t r_end = std::min(rows, (t + 1) * per);
+    for (size_t r0 = t * per; r0 < r_end; r0 += kNormLanes) {
+      const size_t nr = std::min(kNormLanes, r_end - r0);
+      for (size_t i = 0; i < nr; ++i) {  // the block's rows: x (+ bias) + the residual
+        size_t ox = 0, oe = 0;
+        bc.RowOffsets(r0 + i, &ox, &oe);
+        float* __restrict v = vb + i * N;
+        const float* __restrict xr = x + ox;
+        const float* __restrict e = res + oe;
+        if (bias)
+          for (size_t h = 0; h < N; ++h) v[h] = xr[h] + bias[h];
+        else
+          for (size_t h = 0; h < N; ++h) v[h] = xr[h];
+        if (rs == 1)
+          for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h];
+        else
+          for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[0];
+        for (size_t h = 0; h < N; ++h) vt[h * kNormLanes + i] = v[h];
       }
-      mean = mean / static_cast<float>(N);
-      const float denom = std::sqrt(square / static_cast<float>(N) - mean * mean + nm.epsilon);
-      uint8_t* out = y + r * N;
+      for (size_t i = nr; i < kNormLanes; ++i)  // unused lanes: zeros (their sums are not read)
+        for (size_t h = 0; h < N; ++h) vt[h * kNormLanes + i] = 0.0f;
+      float mean[kNormLanes] = {}, square[kNormLanes] = {};
       for (size_t h = 0; h < N; ++h) {
-        float o = (v[h] - mean) / denom * nm.gamma[h];
-        if (!nm.beta.empty()) o = o + nm.beta[h];
-        out[h] = q(o);
+        const float* __restrict col = vt + h * kNormLanes;
+        for (size_t i = 0; i < kNormLanes; ++i) {
+          mean[i] = mean[i] + col[i];
+          const float sq = col[i] * col[i];
+          square[i] = square[i] + sq;
+        }
+      }
+      for (size_t i = 0; i < nr; ++i) {
+        const float m = mean[i] / static_cast<float>(N);
+        const float denom = std::sqrt(square[i] / static_cast<float>(N) - m * m + nm.epsilon);
+        const float* __restrict v = vb + i * N;
+        for (size_t h = 0; h < N; ++h) o[h] = (v[h] - m) / denom * gamma[h];
+        if (beta)
+          for (size_t h = 0; h < N; ++h) o[h] = o[h] + beta[h];
+        QuantizeBlock(o, N, q, y + (r0 + i) * N);
       }
     }
   };

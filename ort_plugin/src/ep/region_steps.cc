@@ -27,11 +27,6 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
     y[i] = static_cast<float>((Signed ? static_cast<int32_t>(static_cast<int8_t>(x[i])) : x[i]) - zp) * scale;
 }
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QuantizeBlock(
-    const float* __restrict x, size_t n, const Quantizer& q, uint8_t* __restrict y) {
-  for (size_t i = 0; i < n; ++i) y[i] = q(x[i]);
-}
-
 // NumPy broadcasting of a binary unit's two NHWC operands: the output dims and each operand's element strides
 // (0 along its broadcast axes); shapes that do not broadcast are an error naming the node.
 struct Broadcast {
@@ -184,6 +179,12 @@ struct PoolWindow {
 };
 
 }  // namespace
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QuantizeBlock(
+    const float* __restrict x, size_t n, const Quantizer& q, uint8_t* __restrict y) {
+  const Quantizer local = q;  // not reloaded after each byte store
+  for (size_t i = 0; i < n; ++i) y[i] = local(x[i]);
+}
 
 void DequantizeCodes(const uint8_t* q, size_t n, bool is_signed, int32_t zp, float scale, float* y) {
   if (is_signed)

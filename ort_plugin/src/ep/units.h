@@ -105,6 +105,9 @@ struct Quantizer {
   }
 };
 inline uint8_t QuantizeOne(float v, const QParams& p) { return Quantizer(p)(v); }
+// y[i] = q(x[i]) for i < n, vectorized for the CPU (region_steps.cc). A loop of q's calls writing bytes through a
+// pointer that may alias q stays scalar, reloading q's fields on every element.
+void QuantizeBlock(const float* x, size_t n, const Quantizer& q, uint8_t* y);
 // The code of byte b.
 inline int32_t Code(uint8_t b, bool is_signed) { return is_signed ? static_cast<int8_t>(b) : b; }
 
