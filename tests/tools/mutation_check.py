@@ -100,9 +100,11 @@ MUTATIONS = [
     Mutation("EP tail skips its per-column programs", "ep/matmul_unit.cc",
              "RunChannelPrograms(c.programs, d, src, dst, pfor);", "std::memcpy(dst, src, rows * c.N);"),
     Mutation("EP norm tail drops LayerNorm's beta", "ep/matmul_unit.cc",
-             "if (!nm.beta.empty()) o = o + nm.beta[h];", "if (nm.beta.empty()) o = o + nm.beta[h];"),
+             "for (size_t h = 0; h < N; ++h) o[h] = o[h] + beta[h];", "for (size_t h = 0; h < N; ++h) o[h] = o[h];"),
     Mutation("EP layout tail forgets its transpose", "ep/matmul_unit.cc",
              "PermuteBytes(out_codes, shapes[i], perm, dst);", "std::memcpy(dst, out_codes, n);"),
+    Mutation("per-channel tables on a column block ignore the row stride", "kernels/dispatch.cc",
+             "if (lut) return lut(t, cols, y, y, rows, ldy);", "if (lut) return lut(t, cols, y, y, rows, cols);"),
     # dispatch
     Mutation("AVX-512 VNNI never detected", "kernels/dispatch.cc",
              '__builtin_cpu_supports("avx512vnni");', '__builtin_cpu_supports("avx512vnni") && false;'),
