@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import onnx
+import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as _F
 
@@ -237,7 +238,27 @@ def _same_pool(base):
     return SamePool
 
 
+class Reshape(_F.Reshape):
+    """TVM's Reshape converter, plus a symbolic scalar (a shape element computed from a symbolic dim, e.g.
+    PP-OCRv6's sequence length from its dynamic width) reshaped to a scalar (itself) or to one element (a
+    one-element shape value, as TVM's Unsqueeze gives for axis 0): its Reshape refused the scalar ("Reshape requires
+    the input data to be Tensor")."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        if tvm.ir.is_prim_expr(data):
+            target = _F.get_constant(inputs[1], params)
+            dims = target.value.numpy().tolist() if isinstance(target, tvm.ir.GenericConst) else None
+            if dims == []:  # a scalar stays the scalar
+                return data
+            if dims in ([1], [-1]):
+                return relax.ShapeExpr([data])
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
 CONVERTERS = {
+    "Reshape": Reshape,
     "MaxPool": _same_pool(_F.MaxPool),
     "AveragePool": _same_pool(_F.AveragePool),
     "QLinearMatMul": QLinearMatMul,

@@ -176,6 +176,41 @@ def test_qdq_conv_with_same_auto_pad_runs_on_qie(mode, kernel, dil):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("target", [[], [1], [-1]], ids=["scalar", "one", "minus_one"])
+def test_symbolic_scalar_reshaped_in_a_shape_subgraph(target):
+    """A shape element computed from a symbolic dim and reshaped (to a scalar or to one element) before it joins a
+    Reshape target, as PP-OCRv6's recogniser (quantize_static's file) computes its sequence length from its width:
+    TVM's importer refused the Reshape of a scalar ("Reshape requires the input data to be Tensor"); qie's
+    converter keeps it a shape value. Compiled once with the symbolic width, equal to ORT at three widths."""
+    c = 4
+    as_int = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("Gather", ["s", "i3"], ["w"], axis=0),              # the width, a scalar
+             helper.make_node("Sub", ["w", "one"], ["w1"]),
+             helper.make_node("Div", ["w1", "two"], ["w2"]),
+             helper.make_node("Add", ["w2", "one"], ["len"]),                  # (W - 1) // 2 + 1
+             helper.make_node("Reshape", ["len", "tgt"], ["len_r"])]
+    if target == []:
+        nodes.append(helper.make_node("Unsqueeze", ["len_r", "ax0"], ["len_1"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["len_r"], ["len_1"]))
+    nodes += [helper.make_node("Concat", ["head", "len_1"], ["shape"], axis=0),
+              helper.make_node("Slice", ["x", "zero", "len_1", "ax3"], ["xs"]),          # the first len columns
+              helper.make_node("Reshape", ["xs", "shape"], ["y"])]
+    inits = [as_int("i3", 3), as_int("one", 1), as_int("two", 2), as_int("tgt", target), as_int("ax0", [0]),
+             as_int("head", [1, c * 2]), as_int("zero", [0]), as_int("ax3", [3])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    fn, _ = compile_model(model, qie=False)
+    for width in (1, 7, 12):
+        x = RNG.normal(size=(1, c, 2, width)).astype(np.float32)
+        got, = fn({"x": x})
+        want, = ort_ref(model, {"x": x})
+        assert got.shape == want.shape == (1, c * 2, (width - 1) // 2 + 1)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_conv_integer():
     w = q(np.uint8, (10, 4, 3, 3))
     model = single_node_model("ConvInteger", [("x", np.zeros((2, 4, 8, 9), np.uint8)), ("w", 0), ("x_zp", 0),
