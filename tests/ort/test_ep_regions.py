@@ -564,6 +564,37 @@ def test_average_pool_without_padding_within_one_step(tmp_path, level, stride):
 
 
 @needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("pool", [dict(kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_UPPER"),
+                                  dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+                                  dict(kernel_shape=[2, 3], strides=[2, 1], pads=[0, 2, 1, 0]),
+                                  dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
+                         ids=["2x2_same", "3x3_s1", "2x3_s21_pads", "3x3_s2"])
+def test_max_pool_in_a_region_equals_ort(tmp_path, level, signed, pool):
+    """MaxPool inside a region (between two convs, so its output is requantized to the next conv's input scale
+    only where the quantizer gave it another): unit-stride widths take whole spans of the output row per tap
+    (pads on either side, rows the kernel overhangs), other strides each pixel's taps; equal to ORT."""
+    if level != "disable" and not COMPARE_BUILTIN:
+        pytest.skip("ORT's own QLinearConv is not the reference here (valgrind / no VNNI)")
+    rng = np.random.default_rng(31)
+    ws = [(rng.normal(size=(16, 3 if i == 0 else 16, 3, 3)) * 0.3).astype(np.float32) for i in range(2)]
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 4), h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("MaxPool", ["r"], ["p"], **pool), h.make_node("Conv", ["p", "w1"], ["y"], pads=[1] * 4)]
+    g = h.make_graph(nodes, "maxpool", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, signed, tmp_path,
+                     shape=(1, 3, 11, 13))
+    ours, _ = claimed_ops(model, level)
+    assert "MaxPool" in ours, ours
+    for shape in ((1, 3, 11, 13), (2, 3, 5, 7)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        assert_equals_ort(got, want, level)
+
+
+@needs_ep
 def test_ep_options_turn_regions_off_and_are_checked(tmp_path):
     """`register(so, ep_options=...)`: regions off or a higher conv minimum leave the model to ORT (same results);
     bad keys and values are ValueErrors naming them; a bad value that reaches the library fails the EP's creation
