@@ -500,8 +500,8 @@ def _topo(nodes):
 @pytest.mark.parametrize("case", ["per-column after Reshape", "two layouts meet"])
 def test_layout_segments_the_tail_must_not_take(case):
     """A [N] constant after the layout (its columns moved), two differently moved values meeting: no segment is
-    claimed (the unit takes its DequantizeLinear, whose
-    float value its float ops read), plain ORT's results."""
+    claimed (the unit takes its DequantizeLinear, whose float value its float ops read, and the bias Add after it:
+    it outputs the biased float values the layout reads), plain ORT's results."""
     rng = np.random.default_rng(61)
     model, _ = _key_path(rng, "constant", then_mul=False)
     g = model.graph
@@ -522,7 +522,7 @@ def test_layout_segments_the_tail_must_not_take(case):
     g.node.extend(extra)
     model = _rebuilt(model)
     x = rand(rng, np.uint8, (2, 5, 40))
-    _claims_and_equals_plain(model, x, 5, case)
+    _claims_and_equals_plain(model, x, 6, case)
 
 
 @needs_ep
@@ -546,3 +546,45 @@ def test_shape_reading_a_tail_value_joins_the_unit(level, start, end):
         got, dims = sess.run(None, feeds)
         assert_exact(got, want(x), f"(level={level}, batch={batch})")
         np.testing.assert_array_equal(dims, np.array([batch, 5, 4, 12], np.int64)[slice(start, end)])
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "basic", "all"])
+@pytest.mark.parametrize("case", ["[N] bias -> Softmax", "bias first, [1,N]", "one value", "also an output",
+                                  "-> Reshape", "-> Gelu: not taken", "-> Add: not taken"])
+def test_bias_add_after_the_float_output(level, case):
+    """unit -> Q -> DQ -> Add(a constant of 1 or N values along N) read by float ops ORT fuses nothing with (a
+    classifier's logits -> Softmax, a projection -> Reshape): the unit outputs the biased values, one float32 add after
+    the dequantization as ORT's Add; an Add that ORT would fuse with what reads it (BiasGelu, SkipLayerNormalization)
+    stays ORT's. Results equal plain ORT's at every level."""
+    rng = np.random.default_rng(71)
+    n = 48
+    model, _ = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, n, True, x_shape=("B", 5))
+    g = model.graph
+    bias = rng.normal(0, 1, (1 if case == "one value" else n,)).astype(np.float32)
+    g.initializer.append(numpy_helper.from_array(bias.reshape(1, -1) if case.startswith("bias first") else bias, "b"))
+    nodes = [helper.make_node("DequantizeLinear", ["y", "sy", "zy"], ["d"]),
+             helper.make_node("Add", ["b", "d"] if case.startswith("bias first") else ["d", "b"], ["a"])]
+    outputs = ["o"]
+    if case == "-> Reshape":
+        g.initializer.append(numpy_helper.from_array(np.array([0, 0, 4, 12], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["a", "shape"], ["o"]))
+    elif case == "-> Gelu: not taken":
+        nodes.append(helper.make_node("Gelu", ["a"], ["o"]))
+    elif case == "-> Add: not taken":
+        g.initializer.append(numpy_helper.from_array(rng.normal(0, 1, (5, n)).astype(np.float32), "c"))
+        nodes.append(helper.make_node("Add", ["a", "c"], ["o"]))
+    else:
+        nodes.append(helper.make_node("Softmax", ["a"], ["o"], axis=-1))
+    if case == "also an output":
+        outputs.append("a")
+    g.node.extend(nodes)
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs)
+    sess = ep_session(model, level)
+    taken = "not taken" not in case
+    assert assigned_to_qie(sess) == 5 + taken, (case, level)  # DQ x, DQ w, MatMul, Q, DQ (+ Add)
+    x = rand(rng, np.uint8, (3, 5, 40))
+    if COMPARE_BUILTIN:
+        for got, want in zip(sess.run(None, {"x": x}), session(model, level=level).run(None, {"x": x})):
+            assert_exact(got, want, f"({case}, level={level})")

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <set>
 #include <unordered_set>
 
 #include "ep/broadcast.h"
@@ -166,6 +167,29 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   u->norm = n;
 }
 
+// The bias Add after the unit's float output when no norm tail took it (MatMulUnit::out_bias), read only by ops
+// ORT fuses nothing with.
+void MatchOutBias(MatMulUnit* u, size_t N) {
+  u->out_bias = nullptr;
+  if (!u->dq_out || u->norm.q) return;
+  for (const Unit& seg : u->tail)  // the bias runs along N only while no Reshape / Transpose moved it
+    if (std::any_of(seg.nodes.begin(), seg.nodes.end(), IsLayoutOp)) return;
+  const OrtValueInfo* v = Outputs(u->dq_out)[0];
+  const OrtNode* add = v && !IsGraphOutput(v) ? SoleConsumer(v) : nullptr;
+  if (!IsOp(add, "Add")) return;
+  const auto in = Inputs(add);
+  std::vector<float> unused;
+  const int64_t rank = ValueRank(Outputs(u->matmul)[0]);
+  if (in.size() != 2 || in[0] == in[1] || rank < 1 || !ColumnConstant(in[0] == v ? in[1] : in[0], N, rank, &unused))
+    return;
+  // Only where ORT fuses nothing with the Add: its SkipLayerNormalization ((x + skip) + bias, another float order
+  // than the graph's), BiasGelu and the like would run on values the unit already biased.
+  static const std::set<std::string> kAfter = {"Softmax", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"};
+  for (const OrtNode* r : AllConsumers(Outputs(add)[0]))
+    if (!r || !Domain(r).empty() || !kAfter.count(OpType(r))) return;
+  u->out_bias = add;
+}
+
 }  // namespace
 
 bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
@@ -221,6 +245,7 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   if (!QOperands(u->last_q(), &sy_last, &zy_last)) return false;
   u->dq_out = DequantizedBySame(u->last_q(), sy_last, zy_last);
   MatchNorm(u, o->N);
+  MatchOutBias(u, o->N);
   return true;
 }
 
@@ -537,7 +562,14 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
       NormRows(c, values.data(), norm_bc, residual, static_cast<uint8_t*>(ydata), pfor);
     } else if (c.float_out) {
-      DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, static_cast<float*>(ydata));
+      float* y = static_cast<float*>(ydata);
+      DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, y);
+      const float* __restrict b = c.out_bias.data();
+      if (!c.out_bias.empty())  // ORT's Add after the DequantizeLinear: one float32 add per value
+        for (size_t i = 0; i < n; i += c.N) {
+          float* __restrict row = y + i;
+          for (size_t j = 0; j < c.N; ++j) row[j] = row[j] + b[j];
+        }
     }
     pace.Done();
   });
@@ -616,7 +648,17 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   PlanTail(u, c);
   c->x_input = FusedInput(fused, Inputs(u.dq_x)[0]);
   c->x_name = Name(Inputs(u.dq_x)[0]);
-  c->y_output = FusedOutput(fused, Outputs(u.norm.q ? u.norm.q : u.dq_out ? u.dq_out : u.last_q())[0]);
+  c->y_output = FusedOutput(fused, Outputs(u.norm.q     ? u.norm.q
+                                           : u.out_bias ? u.out_bias
+                                           : u.dq_out   ? u.dq_out
+                                                        : u.last_q())[0]);
+  c->out_bias.clear();
+  if (u.out_bias) {
+    const int64_t rank = ValueRank(Outputs(u.matmul)[0]);
+    for (const OrtValueInfo* in : Inputs(u.out_bias))
+      if (ColumnConstant(in, c->N, rank, &c->out_bias)) break;
+    if (c->out_bias.size() != c->N) throw Failure{"Add '" + NodeName(u.out_bias) + "': its constant changed"};
+  }
   c->norm = {};
   if (u.norm.q) {
     CompiledMatMul::CompiledNorm& nm = c->norm;

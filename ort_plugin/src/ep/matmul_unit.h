@@ -28,10 +28,14 @@ struct MatMulUnit {
     const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *q = nullptr;
     const OrtValueInfo* residual = nullptr;
   } norm;
+  // Else, after dq_out, an Add of a float constant of 1 or N values along the last axis (a Linear's bias before float
+  // ops: a classifier's logits): the unit outputs that sum (nullptr: none).
+  const OrtNode* out_bias = nullptr;
   const OrtNode* last_q() const { return tail.empty() ? q : tail.back().q; }
-  void DropOutput() {  // the unit outputs the codes: neither dq_out nor the norm tail is its to take
+  void DropOutput() {  // the unit outputs the codes: neither dq_out nor the norm or bias tail is its to take
     dq_out = nullptr;
     norm = {};
+    out_bias = nullptr;
   }
   std::vector<const OrtNode*> Nodes() const {
     std::vector<const OrtNode*> v = {dq_x, dq_w};
@@ -46,6 +50,7 @@ struct MatMulUnit {
     if (dq_out) v.push_back(dq_out);
     for (const OrtNode* n : {norm.add_bias, norm.add_res, norm.ln, norm.q})
       if (norm.q && n) v.push_back(n);
+    if (out_bias) v.push_back(out_bias);
     return v;
   }
 };
@@ -72,6 +77,7 @@ void TrimTail(MatMulUnit* u, Pred gone) {
     for (const OrtNode* n : {u->norm.add_bias, u->norm.add_res, u->norm.ln, u->norm.q}) out = out || (n && gone(n));
     if (out || (u->dq_out && gone(u->dq_out))) u->norm = {};
   }
+  if (u->out_bias && (gone(u->out_bias) || (u->dq_out && gone(u->dq_out)))) u->out_bias = nullptr;
   for (size_t i = 0; i < u->tail.size(); ++i) {
     bool out = gone(u->tail[i].in_dqs[0]);
     for (const OrtNode* m : u->tail[i].nodes) out = out || gone(m);
@@ -79,6 +85,7 @@ void TrimTail(MatMulUnit* u, Pred gone) {
     if (!out) continue;
     u->tail.resize(i);
     u->norm = {};
+    u->out_bias = nullptr;
     Constant sy, zy;  // what reads the codes now: perhaps a DequantizeLinear that `gone` also says is not the unit's
     u->dq_out = QOperands(u->last_q(), &sy, &zy) ? DequantizedBySame(u->last_q(), sy, zy) : nullptr;
     return;
@@ -124,10 +131,11 @@ struct CompiledMatMul {
     int64_t start = 0, end = INT64_MAX;
   };
   std::vector<ShapeOut> shape_outs;
-  int y_output = 0;        // the fused node's output of the codes (or their float values)
-  QParams out;             // the last QuantizeLinear's scale, zero point and type
-  bool float_out = false;  // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
-  int x_input = 0;         // the fused node's input holding x
+  int y_output = 0;             // the fused node's output of the codes (or their float values)
+  QParams out;                  // the last QuantizeLinear's scale, zero point and type
+  bool float_out = false;       // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
+  std::vector<float> out_bias;  // [N]: then outputs (q - zp) * scale + out_bias[n] (MatMulUnit::out_bias)
+  int x_input = 0;              // the fused node's input holding x
   // The norm tail (MatMulUnit::Norm): y = Q(LayerNorm(float(q - zp) * scale + bias[n] + residual) * gamma + beta).
   struct CompiledNorm {
     bool on = false;
