@@ -359,7 +359,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     // 256 channels gave tasks of two pixels); with the quad-tap kernel, 64k-MAC tasks measured 1.11-1.18x ORT on
     // PP-LCNet's depthwise layers at 2 threads, 256k ones 1.19-1.28x (same runs, interleaved).
     const size_t want = std::max<size_t>(32, 262144 / std::max<size_t>(1, s.C * s.taps()));
-    const size_t chunk = std::min(P, BalancedChunk(P, want, LutAlign(a, P, 1)));  // whole lookup tiles per task
+    const size_t chunk = std::min(P, BalancedChunk(P, want, LutAlign(a, P, 1)));
     const size_t per_image = (P + chunk - 1) / chunk, tasks = s.batch * per_image;
     const std::vector<uint8_t> zrow(s.C + 64, static_cast<uint8_t>(a.x_zp));
     auto task = [&](size_t t) {

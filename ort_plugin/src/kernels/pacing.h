@@ -35,8 +35,7 @@ struct Pacing {
 
 // One run of a step (construct before, Done() after): while its size class calibrates, alternate runs take each way
 // (the class's first kWarmup runs are not counted), kCalibration of each are timed, then the way with the faster
-// best run is kept. Races
-// between concurrent runs of one session only cost calibration runs.
+// best run is kept. Races between concurrent runs of one session only cost calibration runs.
 class Pace {
  public:
   static constexpr int kWarmup = 2, kCalibration = 6;
