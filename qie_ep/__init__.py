@@ -148,15 +148,23 @@ def ep_stats() -> dict:
             "attention_runs": attention_runs.value, "regions": regions.value, "region_runs": region_runs.value}
 
 
-def region_profile() -> dict:
+def region_profile(steps: bool = False) -> dict:
     """Time in the EP's regions per unit kind (conv, table, binary, gap, concat, maxpool, avgpool, layout: the
     NCHW <-> NHWC transposes at region edges, and conv+table: convs with the following table folded in) since load
     or ``reset_stats()``, for sessions whose EP was created
-    with ``ep_options={"profile": "1"}``: {kind: {"runs": n, "ms": total}} for kinds that ran."""
+    with ``ep_options={"profile": "1"}``: {kind: {"runs": n, "ms": total}} for kinds that ran. ``steps``: per step
+    instead, keyed by its unit's op node (``"Conv 'stem'"``; a name several regions share adds up), the layout
+    changes at region edges left out: which layer is slow, and which does not speed up with a second thread."""
     from qie_ep._lib import ep_lib
     h = ep_lib()
     if h is None:
         return {}
+    if steps:
+        out = {}
+        for line in h.qie_ep_region_step_profile().decode().splitlines():
+            name, ns, runs = line.rsplit("\t", 2)
+            out[name] = {"runs": int(runs), "ms": int(ns) / 1e6}
+        return out
     import ctypes
     names = h.qie_ep_region_profile_names().decode().split()
     ns, calls = (ctypes.c_int64 * len(names))(), (ctypes.c_int64 * len(names))()

@@ -91,6 +91,8 @@ def ep_lib() -> ctypes.CDLL | None:
     h.qie_ep_region_profile.restype = ctypes.c_size_t
     h.qie_ep_region_profile_names.argtypes = []
     h.qie_ep_region_profile_names.restype = ctypes.c_char_p
+    h.qie_ep_region_step_profile.argtypes = []
+    h.qie_ep_region_step_profile.restype = ctypes.c_char_p
     h.qie_ep_reset.argtypes = []
     h.qie_ep_reset.restype = None
     h.qie_ep_active_isa.argtypes = []

@@ -634,12 +634,16 @@ def test_ep_options_turn_regions_off_and_are_checked(tmp_path):
 
 @needs_ep
 def test_region_profile_counts_unit_kinds(tmp_path):
-    """With ep_options={"profile": "1"} the regions time each unit kind and the layout changes at their edges;
-    without it nothing is recorded."""
+    """With ep_options={"profile": "1"} the regions time each unit kind and the layout changes at their edges, and
+    each step (``region_profile(steps=True)``, keyed by its unit's op node: every claimed Conv of the model there,
+    each run once per session run, the steps' time within the kinds'); without it nothing is recorded."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(3)
-    model = quantize(resnet_like(rng), rng, True, False, tmp_path, shape=(1, 3, 32, 32))
+    fp32 = resnet_like(rng)
+    for i, n in enumerate(fp32.graph.node):  # the steps are keyed by node name
+        n.name = n.name or f"{n.op_type.lower()}{i}"
+    model = quantize(fp32, rng, True, False, tmp_path, shape=(1, 3, 32, 32))
     feeds = {"x": rng.normal(size=(1, 3, 20, 20)).astype(np.float32)}
     for profile in ("0", "1"):
         so = ort.SessionOptions()
@@ -656,6 +660,17 @@ def test_region_profile_counts_unit_kinds(tmp_path):
             assert p["conv"]["runs"] + p["conv+table"]["runs"] == 3 * 8 and p["conv+table"]["runs"] >= 3, p
             assert p["layout"]["runs"] == 3 * 2, p  # one input, one output
             assert {"binary", "gap", "concat", "maxpool"} <= set(p) and all(v["ms"] > 0 for v in p.values())
+        steps = qie_ep.region_profile(steps=True)
+        if profile == "0":
+            assert steps == {}
+            continue
+        convs = {f"Conv '{n.name}'" for n in model.graph.node if n.op_type == "Conv"}
+        assert len(convs) == 8 and convs <= set(steps), (convs, steps)
+        assert all(v["runs"] == 3 and v["ms"] > 0 for v in steps.values()), steps
+        kinds_ms = sum(v["ms"] for k, v in p.items() if k != "layout")
+        assert sum(v["ms"] for v in steps.values()) == pytest.approx(kinds_ms, rel=1e-6), (steps, p)
+        qie_ep.reset_stats()
+        assert qie_ep.region_profile(steps=True) == {}
 
 
 @needs_ep

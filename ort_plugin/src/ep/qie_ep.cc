@@ -427,6 +427,12 @@ __attribute__((visibility("default"))) const char* qie_ep_region_profile_names()
 __attribute__((visibility("default"))) size_t qie_ep_region_profile(int64_t* ns, int64_t* calls, size_t n) {
   return RegionProfile(ns, calls, n);
 }
+// The same per step: lines "name\tnanoseconds\truns" (valid until this thread's next call).
+__attribute__((visibility("default"))) const char* qie_ep_region_step_profile() {
+  thread_local std::string text;
+  text = RegionStepProfile();
+  return text.c_str();
+}
 // The ISA path the EP's kernels use (its library has its own dispatch state; QIE_ISA applies to it too).
 __attribute__((visibility("default"))) const char* qie_ep_active_isa() { return qie::IsaName(qie::ActiveIsa()); }
 

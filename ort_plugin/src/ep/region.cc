@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <set>
 #include <thread>
@@ -586,13 +587,26 @@ namespace {
 constexpr size_t kKinds = static_cast<size_t>(UnitKind::kAvgPool) + 1, kConvTable = kKinds + 1;
 std::atomic<int64_t> g_ns[kKinds + 2], g_calls[kKinds + 2];
 
-// Adds the time since `t0` to kind `k` when `on`, and restarts `t0`.
-void Tick(bool on, size_t k, std::chrono::steady_clock::time_point* t0) {
-  if (!on) return;
+// Per step (its unit's op node, e.g. "Conv 'stem'"): nanoseconds and runs, merged across regions of that name.
+std::mutex g_steps_mu;
+std::map<std::string, std::pair<int64_t, int64_t>> g_steps;
+
+// Adds the time since `t0` to kind `k` when `on`, and restarts `t0`; returns that time (0 when off).
+int64_t Tick(bool on, size_t k, std::chrono::steady_clock::time_point* t0) {
+  if (!on) return 0;
   const auto t1 = std::chrono::steady_clock::now();
-  g_ns[k].fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - *t0).count());
+  const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - *t0).count();
+  g_ns[k].fetch_add(ns);
   g_calls[k].fetch_add(1);
   *t0 = t1;
+  return ns;
+}
+
+void TickStep(const std::string& name, int64_t ns) {
+  const std::lock_guard<std::mutex> lock(g_steps_mu);
+  std::pair<int64_t, int64_t>& e = g_steps[name];
+  e.first += ns;
+  ++e.second;
 }
 
 std::string ShapeText(const std::vector<int64_t>& v) {
@@ -611,11 +625,20 @@ size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
   }
   return kKinds + 2;
 }
+std::string RegionStepProfile() {
+  const std::lock_guard<std::mutex> lock(g_steps_mu);
+  std::string out;
+  for (const auto& [name, e] : g_steps)
+    out += name + "\t" + std::to_string(e.first) + "\t" + std::to_string(e.second) + "\n";
+  return out;
+}
 void ResetRegionProfile() {
   for (size_t k = 0; k < kKinds + 2; ++k) {
     g_ns[k].store(0);
     g_calls[k].store(0);
   }
+  const std::lock_guard<std::mutex> lock(g_steps_mu);
+  g_steps.clear();
 }
 
 // The region's steps in order, their parallel sections on `pool` (ORT's, or a team's), buffers the caller's.
@@ -717,7 +740,8 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
       }
     }
     pace.Done();
-    Tick(p.profile, s.post.empty() ? static_cast<size_t>(s.kind) : kConvTable, &t0);
+    const int64_t ns = Tick(p.profile, s.post.empty() ? static_cast<size_t>(s.kind) : kConvTable, &t0);
+    if (p.profile) TickStep(s.name, ns);
     const RegionPlan::Value& ov = p.values[s.out];
     if (ov.output < 0) continue;
     const int64_t shape[4] = {static_cast<int64_t>(od.n), static_cast<int64_t>(od.c), static_cast<int64_t>(od.h),

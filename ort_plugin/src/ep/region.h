@@ -50,6 +50,8 @@ void ReleaseRegion(RegionPlan* plan);
 // separated ("conv table binary gap concat maxpool avgpool layout"), and per kind nanoseconds and runs.
 const char* RegionProfileNames();
 size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n);
+// The same per step, one line each: its unit's op node ("Conv 'name'"), nanoseconds and runs, tab separated.
+std::string RegionStepProfile();
 void ResetRegionProfile();
 
 }  // namespace qie_ep
