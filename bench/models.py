@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--steps", type=int, default=0, help="also list each EP row's N slowest region steps")
     ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm", "encoder", "mbnet", "detector"],
                     help="demo models, and qie_ep.demo.synthetic's torch-built encoder / mbnet / detector (seeded weights)")
     args = ap.parse_args(argv)
@@ -70,8 +71,10 @@ def main(argv=None) -> None:
                        openvino_ms=t_ov * 1e3 if t_ov else None, openvino_failed=ov_failed, openvino_cosine=ov_cosine,
                        openvino_precision=ov_model.precision if ov_model else None,
                        ep_vs_openvino=t_ov / t_ep if t_ov and ep else None,
-                       region_shares=region_shares(int8, threads, feeds) if ep and fmt != "qoperator" else None,
                        **env)
+            if ep and fmt != "qoperator":
+                row["region_shares"], steps = region_shares(int8, threads, feeds, steps=True)
+                row["region_steps"] = sorted(steps.items(), key=lambda kv: -kv[1])[:args.steps]
             rows.append(row)
             ep_txt = (f" | ORT+qie EP {row['qie_ep_ms']:7.2f} ms ({row['ratio_ep']:.2f}x ORT INT8, "
                       f"{row['ep_vs_fp32']:.2f}x FP32, cosine {cosine:.5f})") if ep else ""
@@ -115,6 +118,13 @@ def main(argv=None) -> None:
             sh = r["region_shares"]
             lines.append(f"| {r['model']} | {r['threads']} | " + " | ".join(f"{100 * sh.get(k, 0):.0f}%" for k in kinds) +
                          f" | {100 * max(0.0, 1 - sum(sh.values())):.0f}% |")
+    if args.steps:
+        lines += ["", f"The {args.steps} slowest region steps of each EP row (us per run; a step is its unit's op node):",
+                  "", "| model | INT8 format | threads | steps |", "|---|---|---|---|"]
+        for r in rows:
+            if r.get("region_steps"):
+                lines.append(f"| {r['model']} | {r['format']} | {r['threads']} | " +
+                             ", ".join(f"{k} {us:.0f}" for k, us in r["region_steps"]) + " |")
     (OUT / "models.md").write_text("\n".join(lines) + "\n")
 
 
@@ -156,8 +166,9 @@ def cases(names):
         yield name, "qdq qie-quantize", V.model_path(name).read_bytes(), int8, {"x": x}
 
 
-def region_shares(model: bytes, threads: int, feeds: dict, runs: int = 20) -> dict:
-    """Fraction of an EP run's time spent in each region unit kind, from a session with the EP's profile option."""
+def region_shares(model: bytes, threads: int, feeds: dict, runs: int = 20, steps: bool = False):
+    """Fraction of an EP run's time spent in each region unit kind, from a session with the EP's profile option;
+    ``steps``: also each region step's microseconds per run ({step: us})."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -170,7 +181,10 @@ def region_shares(model: bytes, threads: int, feeds: dict, runs: int = 20) -> di
     for _ in range(runs):
         s.run(None, feeds)
     wall = time.perf_counter() - t0  # this session's own time: the shares are of it
-    return {k: v["ms"] / 1e3 / wall for k, v in qie_ep.region_profile().items()}
+    shares = {k: v["ms"] / 1e3 / wall for k, v in qie_ep.region_profile().items()}
+    if not steps:
+        return shares
+    return shares, {k: v["ms"] * 1e3 / runs for k, v in qie_ep.region_profile(steps=True).items()}
 
 
 if __name__ == "__main__":
