@@ -130,6 +130,8 @@ def testing_lib() -> ctypes.CDLL:
     h.qie_test_transpose_bytes.restype = None
     h.qie_test_microkernel.argtypes = [c.c_char_p, p, p, p]
     h.qie_test_microkernel.restype = c.c_int
+    h.qie_test_amx_foreign_config.argtypes = []
+    h.qie_test_amx_foreign_config.restype = c.c_int
     h.qie_bench_vnni_peak_gops.argtypes = []
     h.qie_bench_vnni_peak_gops.restype = c.c_double
     return h

@@ -150,13 +150,22 @@ QIE_EXPORT int qie_test_quantize_dynamic(const char* isa_name, const float* x, s
 
 // The GEMM microkernel of ISA path `isa_name`: its tile (rows x columns) and K-group, from which the
 // kernel tests generate their tile-edge shapes. Returns 0, or -1 when the ISA is unknown.
+namespace qie {
+int AmxForeignConfigCheck();
+}
+// The AMX kernel on a thread with another library's tile configuration: -1 without AMX, else
+// qie::AmxForeignConfigCheck's code (0: right output, configuration put back).
+QIE_EXPORT int qie_test_amx_foreign_config() {
+  return qie::IsaSupported(qie::Isa::kAmx) ? qie::AmxForeignConfigCheck() : -1;
+}
+
 QIE_EXPORT int qie_test_microkernel(const char* isa_name, int* mr, int* nr, int* kgroup) {
   qie::Isa isa;
   if (!qie::IsaFromName(isa_name, &isa)) return -1;
   const qie::MicroKernel& uk = qie::GetMicroKernel(isa);
   *mr = uk.mr;
   *nr = uk.nr;
-  *kgroup = uk.kgroup;
+  *kgroup = static_cast<int>(uk.PaddedK(1));  // the K step its tiles work in (AMX: 64)
   return 0;
 }
 

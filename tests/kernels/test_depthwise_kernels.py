@@ -52,7 +52,7 @@ def case(seed, c, geom, xdt, wdt, w_zp, batch=1):
 
 def expect_form(isa, form, fits, ctx):
     """The quad-tap form runs exactly where the VNNI path has it and the weights fit."""
-    assert form == (isa == "avx512vnni" and fits), f"{ctx}: quad-tap form used={form}"
+    assert form == (isa in ("avx512vnni", "amx") and fits), f"{ctx}: quad-tap form used={form}"
 
 
 @pytest.mark.parametrize("isa", isa_params())

@@ -18,6 +18,7 @@ NEEDS = {
     "avx2": {"avx2", "fma"},
     "avxvnni": {"avx2", "fma", "avx_vnni"},
     "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+    "amx": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "amx_tile", "amx_int8"},
 }
 
 

@@ -399,7 +399,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
     return;
   }
 
-  const size_t Cg = s.Cg(), K = s.taps() * Cg, kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
+  const size_t Cg = s.Cg(), K = s.taps() * Cg, kp = uk.PaddedK(K);
   const uint8_t flip = a.x_signed ? 0x80 : 0;
   const uint8_t pad_val = static_cast<uint8_t>(a.x_zp) ^ flip;
   const int32_t za = a.x_zp + (a.x_signed ? 128 : 0);

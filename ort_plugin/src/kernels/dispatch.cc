@@ -1,5 +1,9 @@
 // ISA dispatch: the one table of ISA paths and their kernels (isa.h), the active entry chosen once from
 // cpuid (best available) unless the QIE_ISA environment variable names another path this CPU supports.
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -9,7 +13,7 @@
 
 namespace qie {
 
-extern const MicroKernel kGemmScalar, kGemmAvx2, kGemmAvxVnni, kGemmAvx512Vnni;
+extern const MicroKernel kGemmScalar, kGemmAvx2, kGemmAvxVnni, kGemmAvx512Vnni, kGemmAmx;
 extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
 extern const DepthwisePackFn kDepthwisePackAvx512;
 void MinMaxAvx512(const float* x, size_t n, float* lo, float* hi);
@@ -29,15 +33,36 @@ bool CpuAvx512Vnni() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
 }
+// AMX-INT8 with AVX-512 VNNI (its epilogue and small tiles), the OS saving the tile state (XCR0 bits 17-18), and
+// this process allowed to use tile data (Linux's ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; ONNX Runtime asks the
+// same). Valgrind hides AVX-512, so it never runs this path.
+bool CpuAmx() {
+  static const bool ok = [] {
+    if (!CpuAvx512Vnni()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = d & (1u << 24), int8 = d & (1u << 25);
+    if (!tile || !int8) return false;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
 
-// Indexed by Isa; best path last. AVX-VNNI keeps AVX2's depthwise kernel (VNNI has no 16-bit form that
-// helps it) and the scalar dynamic quantization (its AVX-512 form is the only vector one).
+// Indexed by Isa; best path last. AMX keeps every AVX-512 kernel but GEMM's. AVX-VNNI keeps AVX2's depthwise kernel
+// (VNNI has no 16-bit form that helps it) and the scalar dynamic quantization (its AVX-512 form is the only vector
+// one).
 const IsaKernels kTable[kIsaCount] = {
     {Isa::kScalar, "scalar", CpuScalar, &kGemmScalar, kDepthwiseScalar, nullptr, nullptr, nullptr, nullptr},
     {Isa::kAvx2, "avx2", CpuAvx2, &kGemmAvx2, kDepthwiseAvx2, nullptr, nullptr, nullptr, nullptr},
     {Isa::kAvxVnni, "avxvnni", CpuAvxVnni, &kGemmAvxVnni, kDepthwiseAvx2, nullptr, nullptr, nullptr, nullptr},
     {Isa::kAvx512Vnni, "avx512vnni", CpuAvx512Vnni, &kGemmAvx512Vnni, kDepthwiseAvx512, kDepthwisePackAvx512,
      MinMaxAvx512, QuantizeLinearU8Avx512, ChannelLutAvx512},
+    {Isa::kAmx, "amx", CpuAmx, &kGemmAmx, kDepthwiseAvx512, kDepthwisePackAvx512, MinMaxAvx512, QuantizeLinearU8Avx512,
+     ChannelLutAvx512},
 };
 
 std::string g_env_error;
@@ -53,7 +78,7 @@ Isa ChooseAtLoad() {
   if (env && *env) {
     Isa want;
     if (!IsaFromName(env, &want))
-      g_env_error = std::string("QIE_ISA='") + env + "' is not one of scalar, avx2, avxvnni, avx512vnni";
+      g_env_error = std::string("QIE_ISA='") + env + "' is not one of scalar, avx2, avxvnni, avx512vnni, amx";
     else if (!IsaSupported(want))
       g_env_error = std::string("QIE_ISA='") + env + "' is not supported by this CPU";
     else

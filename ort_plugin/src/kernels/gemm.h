@@ -12,6 +12,7 @@
 // or requantized u8/s8 (saturate(round_half_even(float(acc) * scale[n]) + y_zp)), all in float32
 // with the multiply rounded before the add, as ONNX Runtime's MLAS does.
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -19,8 +20,11 @@
 
 namespace qie {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
-constexpr int kIsaCount = 4;
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
+constexpr int kIsaCount = 5;
+// Paths with AVX-512 (BW, VL, DQ, VNNI) and its kernels: AVX-512 VNNI, and AMX, which keeps them for all but GEMM
+// tiles.
+inline bool HasAvx512(Isa isa) { return isa == Isa::kAvx512Vnni || isa == Isa::kAmx; }
 const char* IsaName(Isa isa);
 bool IsaFromName(const char* name, Isa* out);
 bool IsaSupported(Isa isa);  // by this CPU (cpuid + OS state)
@@ -45,8 +49,10 @@ struct Epilogue {
   const float* scale;      // [nr] output multipliers (float/quantized outputs)
   const float* fbias;      // [nr] float bias added after scaling, or nullptr
   int32_t y_zp;
-  void* y;        // output at (m0, n0)
-  ptrdiff_t ldy;  // in elements
+  void* y;              // output at (m0, n0)
+  ptrdiff_t ldy;        // in elements
+  uint64_t a_call = 0;  // this GEMM call's number (A is unchanged within it: kernels may reuse what they made of a
+                        // tile's rows for its other panels), or 0
 };
 
 // One tile: rows [0, mr) of A (row stride lda bytes, or int16 elements for wide kernels), one packed
@@ -75,6 +81,12 @@ struct MicroKernel {
   bool wide;  // operands widened to int16 (AVX2's exact vpmaddwd path)
   TileFn tile;
   StripFn strip = nullptr;  // optional (nullptr: tile by tile)
+  int kalign = 0;           // K is padded to a multiple of this (0: kgroup); AMX's tiles take 64 bytes of K
+  // K padded as this kernel's packed B and A rows hold it.
+  size_t PaddedK(size_t K) const {
+    const size_t m = static_cast<size_t>(kalign > kgroup ? kalign : kgroup);
+    return (std::max<size_t>(K, 1) + m - 1) / m * m;
+  }
 };
 const MicroKernel& GetMicroKernel(Isa isa);
 

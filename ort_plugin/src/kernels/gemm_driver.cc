@@ -10,6 +10,7 @@
 //     only when B has a non-zero zero point); then within a task each MR-row A tile sweeps every
 //     panel of the task's B block with the microkernel, whose epilogue writes the final output.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <unordered_map>
 
@@ -128,7 +129,7 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
   out->isa = uk.isa;
   out->K = K;
   out->N = N;
-  out->kp = RoundUp(std::max<size_t>(K, 1), kg);
+  out->kp = uk.PaddedK(K);
   out->shifted = !b_signed;
   const size_t elem = uk.wide ? 2 : 1;
   out->panel_bytes = RoundUp(out->kp * nr * elem, 64);
@@ -145,13 +146,13 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
     const size_t n0 = p * nr, width = std::min(nr, N - n0);
     if (width < nr)
       std::memset(dst, 0, out->panel_bytes);
-    else if (out->kp > K)
-      std::memset(dst + (out->kp / kg - 1) * group_bytes, 0, group_bytes);
+    else if (out->kp > K)  // the groups from K's on (K padded to the K-group, or to the kernel's alignment)
+      std::memset(dst + (K / kg) * group_bytes, 0, (out->kp / kg - K / kg) * group_bytes);
     int32_t* __restrict sums = out->cs.data() + n0;
     const uint8_t* panel_b = b + static_cast<ptrdiff_t>(n0) * ldb_n;
     size_t k_done = 0, summed = K;            // rows packed by the fast path; rows whose sums are done
     if (ldb_n == 1 && !uk.wide && kg == 4) {  // row-major B (MatMul's, ConvInteger's input): packed with its sums
-      k_done = summed = uk.isa == Isa::kAvx512Vnni && nr == 48 && width == nr
+      k_done = summed = HasAvx512(uk.isa) && nr == 48 && width == nr
                             ? PackRowsByFour48(panel_b, ldb_k, K, flip, dst, sums)
                             : PackRowsByFour(panel_b, ldb_k, K, width, nr, flip, dst, sums);
     } else if (ldb_k == 1 && !uk.wide && kg == 4) {  // columns contiguous (a transposed B: attention's keys)
@@ -212,7 +213,9 @@ void PackB(const MicroKernel& uk, const uint8_t* b, bool b_signed, size_t K, siz
 void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
   const size_t M = g.M, N = g.N, K = g.K, mr = uk.mr, nr = uk.nr;
   if (M == 0 || N == 0 || g.batch == 0) return;
-  const size_t kp = RoundUp(std::max<size_t>(K, 1), uk.kgroup);
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
+  const size_t kp = uk.PaddedK(K);
 
   // Per-column terms, shared by all tasks.
   const int32_t zb_shift = g.b[0]->shifted ? 128 : 0;
@@ -231,7 +234,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
       std::fill(zb_s.begin(), zb_s.end(), -zb_shift);
   }
   const int32_t za_shift = g.a_signed ? 128 : 0;
-  const bool direct_a = !uk.wide && !g.a_signed && K > 0 && (K % uk.kgroup == 0 || g.a_rows_padded);
+  const bool direct_a = !uk.wide && !g.a_signed && K > 0 && (kp == K || g.a_rows_padded);
 
   const size_t panels = (N + nr - 1) / nr, mtiles = (M + mr - 1) / mr;
   const size_t panel_bytes = g.b[0]->panel_bytes;
@@ -371,6 +374,7 @@ void Gemm(const MicroKernel& uk, const GemmArgs& g, const ParallelFor& pfor) {
     ep.y = static_cast<char*>(g.y) +
            (static_cast<ptrdiff_t>(bi) * g.y_batch_stride + static_cast<ptrdiff_t>(m0 * g.ldy + n0)) * osz;
     ep.ldy = static_cast<ptrdiff_t>(g.ldy);
+    ep.a_call = call;
     return ep;
   };
   // Small K with a folded epilogue: each panel sweeps the task's rows as one strip (the A block, <= 64 rows of

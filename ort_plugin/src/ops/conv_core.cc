@@ -186,7 +186,7 @@ ConvShape ConvCore::Plan(const Tensor& x, const Tensor& w, std::vector<int64_t>*
 void ConvCore::PointwiseNchw(const MicroKernel& uk, const ConvShape& s, const Tensor& x, int32_t x_zp, const Tensor& w,
                              const std::vector<int32_t>& w_zp, int32_t* y, const ParallelFor& pfor) const {
   const size_t HW = s.in_pixels(), Cg = s.Cg(), Mg = s.Mg();
-  const size_t kp = (Cg + uk.kgroup - 1) / uk.kgroup * uk.kgroup;
+  const size_t kp = uk.PaddedK(Cg);
   const size_t per = std::max<size_t>(1, (size_t{32} << 10) / std::max<size_t>(1, kp * uk.nr)) * uk.nr;  // columns
   const size_t chunks = (HW + per - 1) / per, tasks = s.batch * s.group * chunks;
   // This thread's buffers, kept between calls (no allocation once warm); referenced through locals, so the tasks on

@@ -1,0 +1,243 @@
+// AMX-INT8 microkernel: qie_gemm_u8s8_s32_16x48c4k64__amx. Compiled with this file's own flags (AVX-512 and AMX).
+//
+// Tiling, in steps:
+//  1. B is the AVX-512 VNNI kernel's panel (48 columns, K-groups of four bytes per column, 192 bytes per group) with
+//     K padded to 64 (MicroKernel::kalign): 16 groups of one panel's 16 columns are one AMX B tile (16 rows x 64
+//     bytes, 192 bytes apart), so the panel needs no other layout and the two kernels share PackB.
+//  2. A tile of 16 rows x 48 columns is three int32 C tiles (tmm0-2); per 64 bytes of K one A tile (tmm3, 16 rows
+//     x 64 bytes, lda apart) and three B tiles (tmm4-6) feed three tdpbusd (u8 x s8 -> s32, exact: no
+//     intermediate saturation).
+//  3. The C tiles are stored to a 16 x 48 int32 block and each row goes through the AVX-512 epilogue (zero points,
+//     bias, int32 / float / requantized output) that the VNNI kernel uses.
+// A tile of under 16 rows reads its rows from a zero-padded copy (tileloadd reads all 16): made once per GEMM call,
+// A tile and K position (Epilogue::a_call), and reused by the tile's other panels. Tiles of few rows, where AMX's
+// fixed 16-row work costs more than the vector kernel's, run the AVX-512 VNNI tile.
+//
+// Tile configuration: all eight tiles 16 rows x 64 bytes, which is what MLAS (ONNX Runtime's kernels) loads once
+// per thread and then assumes (its AMX kernels never reload it). Each call checks the thread's configuration
+// (sttilecfg), loads this one only when it differs, and puts back a different one it found (another library's) when
+// it returns, so ORT's AMX kernels and qie's can share a thread in any order.
+#include <immintrin.h>
+
+#include <cstring>
+#include <vector>
+
+#include "kernels/gemm.h"
+#include "kernels/x86/epilogue_avx512_inl.h"
+
+namespace qie {
+
+extern const MicroKernel kGemmAvx512Vnni;
+
+namespace {
+
+constexpr size_t kMr = 16, kNr = 48, kKTile = 64;
+constexpr size_t kGroupBytes = kNr * 4;  // one K-group (four rows of K) of a panel
+// Tiles of fewer rows run the AVX-512 VNNI tile (each AMX tile multiply costs the same for 1 row as for 16).
+constexpr size_t kMinAmxRows = 4;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+TileConfig Standard() {
+  TileConfig c;
+  std::memset(&c, 0, sizeof(c));
+  c.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = 64;
+  }
+  return c;
+}
+const TileConfig kStandard = Standard();
+
+// The standard configuration for the scope of one kernel call (see the file comment).
+class TileScope {
+ public:
+  TileScope() {
+    _tile_storeconfig(&saved_);
+    if (std::memcmp(&saved_, &kStandard, sizeof(TileConfig)) != 0) {
+      changed_ = true;
+      _tile_loadconfig(&kStandard);
+    }
+  }
+  ~TileScope() {
+    if (changed_ && saved_.palette_id != 0) _tile_loadconfig(&saved_);
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  TileConfig saved_;
+  bool changed_ = false;
+};
+
+// A's rows for a tile of under 16 rows: kp bytes each, zero below the real rows, kept for the tile's other panels.
+struct ShortTile {
+  std::vector<uint8_t> rows;
+  uint64_t call = 0;
+  const void* a = nullptr;
+  size_t lda = 0, mr = 0, kp = 0;
+};
+
+const uint8_t* ShortRows(size_t mr, size_t kp, const uint8_t* a, size_t lda, uint64_t call) {
+  thread_local ShortTile t;
+  if (call != 0 && t.call == call && t.a == a && t.lda == lda && t.mr == mr && t.kp == kp) return t.rows.data();
+  t.rows.assign(kMr * kp, 0);
+  for (size_t r = 0; r < mr; ++r) std::memcpy(t.rows.data() + r * kp, a + r * lda, kp);
+  t.call = call;
+  t.a = a;
+  t.lda = lda;
+  t.mr = mr;
+  t.kp = kp;
+  return t.rows.data();
+}
+
+// C tiles 0..V-1 = 16 rows of A (lda apart, kp bytes each: kp a multiple of 64) x the panel's first 16 * V columns.
+template <int V>
+inline void Multiply(size_t kp, const uint8_t* a, size_t lda, const int8_t* b) {
+  _tile_zero(0);
+  if constexpr (V > 1) _tile_zero(1);
+  if constexpr (V > 2) _tile_zero(2);
+  for (size_t k0 = 0; k0 < kp; k0 += kKTile) {
+    const int8_t* bk = b + (k0 / 4) * kGroupBytes;
+    _tile_loadd(3, a + k0, static_cast<long>(lda));
+    _tile_loadd(4, bk, static_cast<long>(kGroupBytes));
+    _tile_dpbusd(0, 3, 4);
+    if constexpr (V > 1) {
+      _tile_loadd(5, bk + 64, static_cast<long>(kGroupBytes));
+      _tile_dpbusd(1, 3, 5);
+    }
+    if constexpr (V > 2) {
+      _tile_loadd(6, bk + 128, static_cast<long>(kGroupBytes));
+      _tile_dpbusd(2, 3, 6);
+    }
+  }
+}
+
+// One tile of mr <= 16 rows (A readable for 16 rows) x nr <= 48 columns, then its epilogue; `pre`: the strip's
+// epilogue constants, or nullptr.
+template <int V>
+void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
+           const FastEpilogue* pre) {
+  alignas(64) int32_t c[kMr * kNr];
+  Multiply<V>(kp, a, lda, b);
+  constexpr long ldc = static_cast<long>(kNr * sizeof(int32_t));
+  _tile_stored(0, c, ldc);
+  if constexpr (V > 1) _tile_stored(1, c + 16, ldc);
+  if constexpr (V > 2) _tile_stored(2, c + 32, ldc);
+  FastEpilogue own;
+  if (pre || MakeFast<V>(nr, ep, &own)) {
+    const FastEpilogue& f = pre ? *pre : own;
+    for (size_t r = 0; r < mr; ++r) {
+      __m512i row[4];
+      for (int v = 0; v < V; ++v) row[v] = _mm512_load_si512(c + r * kNr + 16 * v);
+      FastRow<V>(row, f, ep.y, static_cast<ptrdiff_t>(r) * ep.ldy, ep.zb_rows, r);
+    }
+    return;
+  }
+  for (size_t r = 0; r < mr; ++r)
+    for (int v = 0; v < V; ++v)
+      if (nr > 16 * static_cast<size_t>(v))
+        StoreRow(_mm512_load_si512(c + r * kNr + 16 * v), r, 16 * v, Mask(nr, v), ep);
+}
+
+template <int V>
+void TileAny(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
+             const FastEpilogue* pre) {
+  if (mr < kMr) {
+    a = ShortRows(mr, kp, a, lda, ep.a_call);
+    lda = kp;
+  }
+  TileV<V>(mr, nr, kp, a, lda, b, ep, pre);
+}
+
+void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
+  if (mr < kMinAmxRows) return kGemmAvx512Vnni.tile(mr, nr, kp, a_v, lda, b_v, ep);
+  const uint8_t* a = static_cast<const uint8_t*>(a_v);
+  const int8_t* b = static_cast<const int8_t*>(b_v);
+  TileScope scope;
+  if (nr > 32)
+    TileAny<3>(mr, nr, kp, a, lda, b, ep, nullptr);
+  else if (nr > 16)
+    TileAny<2>(mr, nr, kp, a, lda, b, ep, nullptr);
+  else
+    TileAny<1>(mr, nr, kp, a, lda, b, ep, nullptr);
+}
+
+template <int V>
+void StripV(size_t m, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
+  FastEpilogue f;
+  const FastEpilogue* pre = MakeFast<V>(nr, ep, &f) ? &f : nullptr;  // else each tile's own epilogue
+  const ptrdiff_t osz = ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8 ? 1 : 4;
+  Epilogue e = ep;
+  for (size_t m0 = 0; m0 < m; m0 += kMr) {
+    const size_t rows = std::min(kMr, m - m0);
+    e.y = static_cast<char*>(ep.y) + static_cast<ptrdiff_t>(m0) * ep.ldy * osz;
+    if (ep.rs) e.rs = ep.rs + m0;
+    if (ep.zb_rows) e.zb_rows = ep.zb_rows + m0;
+    if (rows < kMinAmxRows)
+      kGemmAvx512Vnni.tile(rows, nr, kp, a + m0 * lda, lda, b, e);
+    else
+      TileAny<V>(rows, nr, kp, a + m0 * lda, lda, b, e, pre);
+  }
+}
+
+void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
+  if (m < kMinAmxRows) return kGemmAvx512Vnni.strip(m, nr, kp, a_v, lda, b_v, ep);
+  const uint8_t* a = static_cast<const uint8_t*>(a_v);
+  const int8_t* b = static_cast<const int8_t*>(b_v);
+  TileScope scope;
+  if (nr > 32)
+    StripV<3>(m, nr, kp, a, lda, b, ep);
+  else if (nr > 16)
+    StripV<2>(m, nr, kp, a, lda, b, ep);
+  else
+    StripV<1>(m, nr, kp, a, lda, b, ep);
+}
+
+}  // namespace
+
+extern const MicroKernel kGemmAmx = {
+    Isa::kAmx, "qie_gemm_u8s8_s32_16x48c4k64__amx", kMr, kNr, 4, false, Tile, Strip, static_cast<int>(kKTile)};
+
+}  // namespace qie
+
+namespace qie {
+// For the tests: one 16 x 48 x 64 tile (A all 1, B all 2: every int32 output 128) run on a thread whose tiles hold a
+// foreign configuration (8-row tiles, as another library might leave them). 0: the output right and the foreign
+// configuration back in place; 1: the configuration changed; 2: a wrong output.
+int AmxForeignConfigCheck() {
+  TileConfig foreign = Standard();
+  for (int t = 0; t < 8; ++t) foreign.rows[t] = 8;
+  _tile_loadconfig(&foreign);
+  alignas(64) uint8_t a[kMr * kKTile];
+  alignas(64) int8_t b[kKTile / 4 * kGroupBytes];
+  std::memset(a, 1, sizeof(a));
+  std::memset(b, 2, sizeof(b));
+  int32_t y[kMr * kNr], zero[kNr] = {};
+  Epilogue ep{};
+  ep.kind = OutKind::kInt32;
+  ep.csk = zero;
+  ep.folded = true;
+  ep.bias = zero;
+  ep.bias_cs = 1;
+  ep.y = y;
+  ep.ldy = kNr;
+  Tile(kMr, kNr, kKTile, a, kKTile, b, ep);
+  TileConfig now;
+  _tile_storeconfig(&now);
+  const bool kept = std::memcmp(&now, &foreign, sizeof(TileConfig)) == 0;
+  _tile_release();
+  if (!kept) return 1;
+  for (int32_t v : y)
+    if (v != 128) return 2;
+  return 0;
+}
+}  // namespace qie
