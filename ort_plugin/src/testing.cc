@@ -165,7 +165,7 @@ QIE_EXPORT int qie_test_microkernel(const char* isa_name, int* mr, int* nr, int*
   const qie::MicroKernel& uk = qie::GetMicroKernel(isa);
   *mr = uk.mr;
   *nr = uk.nr;
-  *kgroup = static_cast<int>(uk.PaddedK(1));  // the K step its tiles work in (AMX: 64)
+  *kgroup = uk.kgroup;
   return 0;
 }
 

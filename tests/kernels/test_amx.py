@@ -20,9 +20,9 @@ from qie_ep import reference as R
 pytestmark = pytest.mark.skipif("amx" not in SUPPORTED, reason="CPU or OS lacks AMX-INT8")
 
 
-def test_tile_step_is_amx_tile():
-    """16 rows, the VNNI kernel's 48-column panels, K in steps of 64 (one tile row of bytes)."""
-    assert microkernel_tile("amx") == (16, 48, 64)
+def test_tile_rows_and_panel():
+    """16-row tiles on the VNNI kernel's 48-column panels of K-groups of four (K from 33 on padded to 64)."""
+    assert microkernel_tile("amx") == (16, 48, 4)
 
 
 def test_foreign_tile_configuration_is_put_back():

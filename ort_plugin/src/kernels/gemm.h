@@ -81,11 +81,16 @@ struct MicroKernel {
   bool wide;  // operands widened to int16 (AVX2's exact vpmaddwd path)
   TileFn tile;
   StripFn strip = nullptr;  // optional (nullptr: tile by tile)
-  int kalign = 0;           // K is padded to a multiple of this (0: kgroup); AMX's tiles take 64 bytes of K
+  // K from kalign_min on is padded to a multiple of kalign (AMX's tiles take 64 bytes of K), shorter K to the
+  // K-group (0: always the K-group). A kernel with a kalign runs its products whose kp is not a multiple of it
+  // another way (AMX: the AVX-512 VNNI tiles, for which padding K = 16 or 32 to 64 would cost more than it gains).
+  int kalign = 0;
+  size_t kalign_min = 0;
   // K padded as this kernel's packed B and A rows hold it.
   size_t PaddedK(size_t K) const {
-    const size_t m = static_cast<size_t>(kalign > kgroup ? kalign : kgroup);
-    return (std::max<size_t>(K, 1) + m - 1) / m * m;
+    K = std::max<size_t>(K, 1);
+    const size_t m = static_cast<size_t>(kalign > kgroup && K >= kalign_min ? kalign : kgroup);
+    return (K + m - 1) / m * m;
   }
 };
 const MicroKernel& GetMicroKernel(Isa isa);
