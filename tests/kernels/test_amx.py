@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif("amx" not in SUPPORTED, reason="CPU or OS lacks 
 
 
 def test_tile_rows_and_panel():
-    """16-row tiles on the VNNI kernel's 48-column panels of K-groups of four (K from 33 on padded to 64)."""
-    assert microkernel_tile("amx") == (16, 48, 4)
+    """32-row tiles (two of AMX's 16) on the VNNI kernel's 48-column panels of K-groups of four (K from 33 on
+    padded to 64)."""
+    assert microkernel_tile("amx") == (32, 48, 4)
 
 
 def test_foreign_tile_configuration_is_put_back():

@@ -24,7 +24,7 @@
 namespace qie {
 namespace {
 
-constexpr int kMaxMr = 16;
+constexpr int kMaxMr = 32;
 constexpr size_t kL2Block = 256 * 1024;
 // Products of up to this many multiply-adds (~1 us of one core) run on the calling thread.
 constexpr double kSerialMacs = 262144.0;

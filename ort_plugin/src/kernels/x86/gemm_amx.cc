@@ -31,13 +31,18 @@ extern const MicroKernel kGemmAvx512Vnni;
 
 namespace {
 
-constexpr size_t kMr = 16, kNr = 48, kKTile = 64;
-constexpr size_t kGroupBytes = kNr * 4;  // one K-group (four rows of K) of a panel
+constexpr size_t kMr = 32, kTileRows = 16, kNr = 48, kKTile = 64;  // two tiles of rows per call
+constexpr size_t kGroupBytes = kNr * 4;                            // one K-group (four rows of K) of a panel
 // Tiles of fewer rows run the AVX-512 VNNI tile (each AMX tile multiply costs the same for 1 row as for 16).
 constexpr size_t kMinAmxRows = 4;
 // K from which products run on tiles (padded to 64); shorter K keeps the VNNI tiles, whose epilogue stays in
 // registers (PP-LCNet's pointwise 16 -> 32 convolution: 84-108 us on VNNI, 204-224 us padded to 64 on AMX).
 constexpr size_t kMinAmxK = 33;
+// K from which a 32-row tile runs as one snake (Multiply2: half the B traffic, but its one A and one B register
+// serialize loads and multiplies) instead of two 16-row passes over the panel (which then comes from L1).
+// Measured (bench.gemm, 1 thread, against MLAS's AMX path): K = 768 two passes 1.05-1.06x, the snake 0.86-0.94x;
+// K = 1024 two passes 1.55x, the snake 1.20x; K = 3072 the snake 1.01-1.05x, two passes 0.93x.
+constexpr size_t kSnakeK = 2048;
 
 struct alignas(64) TileConfig {
   uint8_t palette_id;
@@ -81,7 +86,8 @@ class TileScope {
   bool changed_ = false;
 };
 
-// A's rows for a tile of under 16 rows: kp bytes each, zero below the real rows, kept for the tile's other panels.
+// A's rows for a tile of other than 16 or 32 rows: kp bytes each, zero below the real rows (32 rows: read as 16 or 32),
+// kept for the tile's other panels.
 struct ShortTile {
   std::vector<uint8_t> rows;
   uint64_t call = 0;
@@ -124,17 +130,75 @@ inline void Multiply(size_t kp, const uint8_t* a, size_t lda, const int8_t* b) {
   }
 }
 
-// One tile of mr <= 16 rows (A readable for 16 rows) x nr <= 48 columns, then its epilogue; `pre`: the strip's
-// epilogue constants, or nullptr.
+// C tiles 0..V-1 (rows 0..15) and 3..3+V-1 (rows 16..31) = 32 rows of A x the panel's first 16 * V columns: one A
+// and one B register (tmm6, tmm7) walked in a snake (B0: A0, A1; B1: A1, A0; B2: A0, A1), so each B tile read from
+// L2 serves 32 rows (half the B traffic per multiply-add of the 16-row form, which large K makes L2-bound).
+template <int V>
+inline void Multiply2(size_t kp, const uint8_t* a, size_t lda, const int8_t* b) {
+  _tile_zero(0);
+  _tile_zero(3);
+  if constexpr (V > 1) {
+    _tile_zero(1);
+    _tile_zero(4);
+  }
+  if constexpr (V > 2) {
+    _tile_zero(2);
+    _tile_zero(5);
+  }
+  const uint8_t* a1 = a + kTileRows * lda;
+  const long ls = static_cast<long>(lda), bs = static_cast<long>(kGroupBytes);
+  for (size_t k0 = 0; k0 < kp; k0 += kKTile) {
+    const int8_t* bk = b + (k0 / 4) * kGroupBytes;
+    _tile_loadd(7, bk, bs);
+    _tile_loadd(6, a + k0, ls);
+    _tile_dpbusd(0, 6, 7);
+    _tile_loadd(6, a1 + k0, ls);
+    _tile_dpbusd(3, 6, 7);
+    if constexpr (V > 1) {
+      _tile_loadd(7, bk + 64, bs);
+      _tile_dpbusd(4, 6, 7);
+      _tile_loadd(6, a + k0, ls);
+      _tile_dpbusd(1, 6, 7);
+    }
+    if constexpr (V > 2) {
+      _tile_loadd(7, bk + 128, bs);
+      _tile_dpbusd(2, 6, 7);
+      _tile_loadd(6, a1 + k0, ls);
+      _tile_dpbusd(5, 6, 7);
+    }
+  }
+}
+
+constexpr long kLdc = static_cast<long>(kNr * sizeof(int32_t));
+// C tiles 0..V-1 to 16 rows of a 16 x 48 int32 block.
+template <int V>
+inline void StoreC(int32_t* c) {
+  _tile_stored(0, c, kLdc);
+  if constexpr (V > 1) _tile_stored(1, c + 16, kLdc);
+  if constexpr (V > 2) _tile_stored(2, c + 32, kLdc);
+}
+
+// One tile of mr <= 32 rows (A readable for 16 rows, or 32 where mr > 16) x nr <= 48 columns, then its epilogue; `pre`:
+// the strip's epilogue constants, or nullptr.
 template <int V>
 void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
            const FastEpilogue* pre) {
   alignas(64) int32_t c[kMr * kNr];
-  Multiply<V>(kp, a, lda, b);
-  constexpr long ldc = static_cast<long>(kNr * sizeof(int32_t));
-  _tile_stored(0, c, ldc);
-  if constexpr (V > 1) _tile_stored(1, c + 16, ldc);
-  if constexpr (V > 2) _tile_stored(2, c + 32, ldc);
+  int32_t* c1 = c + kTileRows * kNr;
+  if (mr > kTileRows && kp >= kSnakeK) {
+    Multiply2<V>(kp, a, lda, b);
+    _tile_stored(3, c1, kLdc);
+    if constexpr (V > 1) _tile_stored(4, c1 + 16, kLdc);
+    if constexpr (V > 2) _tile_stored(5, c1 + 32, kLdc);
+    StoreC<V>(c);
+  } else {
+    Multiply<V>(kp, a, lda, b);
+    StoreC<V>(c);
+    if (mr > kTileRows) {
+      Multiply<V>(kp, a + kTileRows * lda, lda, b);
+      StoreC<V>(c1);
+    }
+  }
   FastEpilogue own;
   if (pre || MakeFast<V>(nr, ep, &own)) {
     const FastEpilogue& f = pre ? *pre : own;
@@ -154,7 +218,7 @@ void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const 
 template <int V>
 void TileAny(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
              const FastEpilogue* pre) {
-  if (mr < kMr) {
+  if (mr != kMr && mr != kTileRows) {  // tileloadd reads 16 or 32 rows
     a = ShortRows(mr, kp, a, lda, ep.a_call);
     lda = kp;
   }
