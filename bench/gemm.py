@@ -3,7 +3,7 @@
 Each case is one QLinearMatMul node (constant B, prepacked by both) run as two sessions in one process,
 interleaved and warm, median of >= 25 runs, at 1 and 2 intra-op threads, for u8s8, u8u8 and s8s8.
 Writes bench/out/gemm.jsonl, gemm.md (the README table) and gemm.png, and prints GOPS, the ratio to
-ORT and the % of the measured per-core vpdpbusd peak.
+ORT and the % of the active path's measured per-core peak (tdpbusd on AMX, vpdpbusd on AVX-512 VNNI).
 """
 from __future__ import annotations
 
@@ -37,9 +37,15 @@ def qlinear_matmul(m: int, n: int, k: int, adt, bdt, seed: int = 0) -> tuple[byt
     return model.SerializeToString(), {"a": a}
 
 
-def vnni_peak_gops() -> float:
-    """Measured single-core vpdpbusd (zmm) throughput, 2 ops per multiply-add; 0 without AVX-512 VNNI."""
-    return float(testing_lib().qie_bench_vnni_peak_gops()) if "avx512vnni" in qie_ep.supported_isas() else 0.0
+def peak_gops() -> tuple[str, float]:
+    """The active path's measured single-core peak, 2 ops per multiply-add: tdpbusd on AMX, vpdpbusd (zmm) on
+    AVX-512 VNNI; 0 on the others."""
+    isa = qie_ep.active_isa()
+    if isa == "amx":
+        return "tdpbusd", float(testing_lib().qie_bench_amx_peak_gops())
+    if isa == "avx512vnni":
+        return "vpdpbusd", float(testing_lib().qie_bench_vnni_peak_gops())
+    return "no", 0.0
 
 
 def plot(rows: list[dict], path) -> None:
@@ -74,9 +80,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="only the first four shapes")
     args = ap.parse_args(argv)
     env = environment()
-    peak = vnni_peak_gops()
+    unit, peak = peak_gops()
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | "
-          f"measured per-core vpdpbusd peak {peak:.0f} GOPS")
+          f"measured per-core {unit} peak {peak:.0f} GOPS")
     rows = []
     shapes = read_shapes("gemm")[: 4 if args.quick else None]
     hdr = f"{'shape MxKxN':>16} {'combo':>5} {'thr':>3} {'ORT GOPS':>9} {'qie GOPS':>9} {'ratio':>6} {'%peak':>6}"
@@ -100,7 +106,7 @@ def main(argv=None) -> None:
     ratios = np.array([r["ratio"] for r in rows])
     geo = float(np.exp(np.log(ratios).mean()))
     lines = [f"Measured {env['date']} on {env['cpu']} (ORT {env['onnxruntime']}, qie {env['commit']}, ISA {env['isa']}); "
-             f"per-core vpdpbusd peak {peak:.0f} GOPS. QLinearMatMul, median of >= {args.runs} interleaved runs.", "",
+             f"per-core {unit} peak {peak:.0f} GOPS. QLinearMatMul, median of >= {args.runs} interleaved runs.", "",
              "| M x K x N | combo | threads | ORT GOPS | qie GOPS | qie / ORT | % of peak |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -134,4 +134,6 @@ def testing_lib() -> ctypes.CDLL:
     h.qie_test_amx_foreign_config.restype = c.c_int
     h.qie_bench_vnni_peak_gops.argtypes = []
     h.qie_bench_vnni_peak_gops.restype = c.c_double
+    h.qie_bench_amx_peak_gops.argtypes = []
+    h.qie_bench_amx_peak_gops.restype = c.c_double
     return h

@@ -132,6 +132,14 @@ QIE_EXPORT long long qie_test_team(int threads, size_t sections, size_t n, long 
   return sum.load();
 }
 
+namespace qie {
+double MeasureAmxPeakGops();
+}
+// Measured single-core tdpbusd peak (benchmarks); 0 without AMX-INT8.
+QIE_EXPORT double qie_bench_amx_peak_gops() {
+  return qie::IsaSupported(qie::Isa::kAmx) ? qie::MeasureAmxPeakGops() : 0.0;
+}
+
 // Measured single-core vpdpbusd peak (benchmarks); 0 when the CPU lacks AVX-512 VNNI.
 QIE_EXPORT double qie_bench_vnni_peak_gops() {
   return qie::IsaSupported(qie::Isa::kAvx512Vnni) ? qie::MeasureVnniPeakGops() : 0.0;
