@@ -60,6 +60,20 @@ def test_int32_all_tile_edges(isa, adt, bdt):
 
 
 @pytest.mark.parametrize("isa", isa_params())
+def test_long_k_around_two_tiles_of_rows(isa):
+    """K past 2048 (AMX runs 32-row tiles as one pass of six C tiles there, two 16-row passes below), rows around
+    one and two 16-row tiles, a short last panel; per-row and per-column zero points."""
+    rng = np.random.default_rng(11)
+    for m, k in itertools.product((15, 16, 17, 31, 32, 33), (2047, 2048, 2112)):
+        a, b = rand(rng, np.uint8, (m, k)), rand(rng, np.int8, (k, 53))
+        za, zb = rand(rng, np.uint8, (m,)).astype(np.int32), rand(rng, np.int8, (53,)).astype(np.int32)
+        want = (a.astype(np.int64) - za[:, None]) @ (b.astype(np.int64) - zb[None, :])
+        check(kernel_gemm(isa, a, b, za, zb), want.astype(np.int32), isa=isa, m=m, k=k)
+        za1 = za[:1]  # one A zero point: the folded epilogue
+        check(kernel_gemm(isa, a, b, za1, zb), R.gemm_u8s8(a, b, za1[0], zb), isa=isa, m=m, k=k)
+
+
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("adt,bdt", SIGNS, ids=SIGN_IDS)
 @pytest.mark.parametrize("out", ["uint8", "int8"])
 def test_requantize_saturates(isa, adt, bdt, out):

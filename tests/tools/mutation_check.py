@@ -26,7 +26,8 @@ TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.
          "tests/kernels/test_rounding_ties.py",
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
-         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py", "tests/ort/test_ep_regions.py"]
+         "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py", "tests/ort/test_ep_regions.py",
+         "tests/kernels/test_amx.py"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,10 @@ MUTATIONS = [
     Mutation("ymm requantize truncates", "kernels/x86/gemm_ymm_inl.h",
              "_mm256_cvtps_epi32(v), _mm256_set1_epi32(ep.y_zp)", "_mm256_cvttps_epi32(v), _mm256_set1_epi32(ep.y_zp)",
              "avx2"),
-    Mutation("zmm general requantize truncates", "kernels/x86/gemm_avx512vnni.cc",
+    Mutation("zmm general requantize truncates", "kernels/x86/epilogue_avx512_inl.h",
              "_mm512_cvtps_epi32(v), _mm512_set1_epi32(ep.y_zp)", "_mm512_cvttps_epi32(v), _mm512_set1_epi32(ep.y_zp)",
              "avx512vnni"),
-    Mutation("zmm fast requantize truncates", "kernels/x86/gemm_avx512vnni.cc",
+    Mutation("zmm fast requantize truncates", "kernels/x86/epilogue_avx512_inl.h",
              "return _mm512_cvtps_epi32(_mm512_min_ps(f.hi,", "return _mm512_cvttps_epi32(_mm512_min_ps(f.hi,", "avx512vnni"),
     Mutation("depthwise zmm requantize truncates", "kernels/x86/dwconv_avx512.cc",
              "_mm512_cvtps_epi32(v), yzp", "_mm512_cvttps_epi32(v), yzp", "avx512vnni"),
@@ -64,10 +65,10 @@ MUTATIONS = [
     Mutation("dynamic quantization zmm truncates", "kernels/x86/quantize_avx512.cc",
              "_mm512_cvtps_epi32(v), vzp", "_mm512_cvttps_epi32(v), vzp", "avx512vnni"),
     # zero points
-    Mutation("zmm fast epilogue adds y_zero_point twice", "kernels/x86/gemm_avx512vnni.cc",
+    Mutation("zmm fast epilogue adds y_zero_point twice", "kernels/x86/epilogue_avx512_inl.h",
              "f->zp16 = _mm512_set1_epi16(static_cast<int16_t>(ep.y_zp));",
              "f->zp16 = _mm512_set1_epi16(static_cast<int16_t>(2 * ep.y_zp));", "avx512vnni"),
-    Mutation("zmm packed row store ignores the column mask", "kernels/x86/gemm_avx512vnni.cc",
+    Mutation("zmm packed row store ignores the column mask", "kernels/x86/epilogue_avx512_inl.h",
              "f->full = nr >= 16 * static_cast<size_t>(V);", "f->full = nr + 15 >= 16 * static_cast<size_t>(V);",
              "avx512vnni"),
     Mutation("per-row a_zero_point not repeated across batches", "ops/matmul_core.cc",
@@ -105,6 +106,14 @@ MUTATIONS = [
              "PermuteBytes(out_codes, shapes[i], perm, dst);", "std::memcpy(dst, out_codes, n);"),
     Mutation("per-channel tables on a column block ignore the row stride", "kernels/dispatch.cc",
              "if (lut) return lut(t, cols, y, y, rows, ldy);", "if (lut) return lut(t, cols, y, y, rows, cols);"),
+    # AMX (checked only where the CPU has it)
+    Mutation("AMX snake multiplies its second 16 rows with the first's A", "kernels/x86/gemm_amx.cc",
+             "const uint8_t* a1 = a + kTileRows * lda;", "const uint8_t* a1 = a;", "amx"),
+    Mutation("AMX second 16-row pass reads the first rows", "kernels/x86/gemm_amx.cc",
+             "Multiply<V>(kp, a + kTileRows * lda, lda, b);", "Multiply<V>(kp, a, lda, b);", "amx"),
+    Mutation("AMX leaves a foreign tile configuration behind", "kernels/x86/gemm_amx.cc",
+             "if (changed_ && saved_.palette_id != 0) _tile_loadconfig(&saved_);", "if (false) _tile_loadconfig(&saved_);",
+             "amx"),
     # dispatch
     Mutation("AVX-512 VNNI never detected", "kernels/dispatch.cc",
              '__builtin_cpu_supports("avx512vnni");', '__builtin_cpu_supports("avx512vnni") && false;'),
@@ -122,7 +131,8 @@ def cpu_flags() -> set[str]:
 
 
 def runs_here(isa: str, flags: set[str]) -> bool:
-    need = {"": set(), "avx2": {"avx2", "fma"}, "avx512vnni": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}}
+    avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+    need = {"": set(), "avx2": {"avx2", "fma"}, "avx512vnni": avx512, "amx": avx512 | {"amx_tile", "amx_int8"}}
     return need[isa] <= flags
 
 
