@@ -60,6 +60,8 @@ MUTATIONS = [
     Mutation("depthwise quad-tap stores a vector's missing pixels", "kernels/x86/dwconv_avx512.cc",
              "for (size_t k = 0; k < nv; ++k) StoreLaneBytes", "for (size_t k = 0; k < kPpv; ++k) StoreLaneBytes",
              "avx512vnni"),
+    Mutation("depthwise quad-tap loads pixels that are not side by side as one", "kernels/x86/dwconv_avx512.cc",
+             "contiguous = pl[k] == pl[0] && pb[k] == pb[0] + k * C;", "contiguous = pl[k] == pl[0];", "avx512vnni"),
     Mutation("dynamic quantization rounds half away", "kernels/quantize.cc",
              "static_cast<int32_t>(std::nearbyint(v)) + zp", "static_cast<int32_t>(std::round(v)) + zp"),
     Mutation("dynamic quantization zmm truncates", "kernels/x86/quantize_avx512.cc",

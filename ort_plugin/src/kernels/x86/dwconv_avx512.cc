@@ -477,13 +477,21 @@ void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_
       pb[k] = r.base[p] + c0;
       pl[k] = r.words + r.start[p];
     }
+    // Whole pixels side by side in the input (unit stride along the width, the same tap list): each tap of the
+    // vector is the 64 bytes from its first pixel's row, one load where LoadTap makes kPpv and inserts them.
+    bool contiguous = kPpv > 1 && whole && nv == kPpv;
+    for (size_t k = 1; k < kPpv && contiguous; ++k) contiguous = pl[k] == pl[0] && pb[k] == pb[0] + k * C;
     __m512i acc0 = init[0], acc1 = init[1], acc2 = init[2], acc3 = init[3];
     for (size_t q = 0; q < quads; ++q) {
       __m512i t[4];
       for (size_t u = 0; u < 4; ++u) {
-        const uint8_t* rows[kPpv];
-        for (size_t k = 0; k < kPpv; ++k) rows[k] = reinterpret_cast<const uint8_t*>(pb[k] + pl[k][4 * q + u]);
-        t[u] = LoadTap<kPpv>(rows, m);
+        if (contiguous) {
+          t[u] = _mm512_loadu_si512(reinterpret_cast<const void*>(pb[0] + pl[0][4 * q + u]));
+        } else {
+          const uint8_t* rows[kPpv];
+          for (size_t k = 0; k < kPpv; ++k) rows[k] = reinterpret_cast<const uint8_t*>(pb[k] + pl[k][4 * q + u]);
+          t[u] = LoadTap<kPpv>(rows, m);
+        }
         if (kSigned) t[u] = _mm512_xor_si512(t[u], flip);
       }
       const __m512i p_lo = _mm512_unpacklo_epi8(t[0], t[1]), p_hi = _mm512_unpackhi_epi8(t[0], t[1]);
