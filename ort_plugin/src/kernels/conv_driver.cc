@@ -180,6 +180,16 @@ void GatherRows(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, size_
   const ptrdiff_t pd = ptrdiff_t(s.pad[0]), ph = ptrdiff_t(s.pad[1]), pw = ptrdiff_t(s.pad[2]);
   const ptrdiff_t span_d = ptrdiff_t((s.k[0] - 1) * s.dil[0]), span_h = ptrdiff_t((s.k[1] - 1) * s.dil[1]);
   const ptrdiff_t span_w = ptrdiff_t(s.k[2] - 1);
+  // Short runs (a stem's 3 channels x 3 taps: 9 bytes) as whole 16-byte copies, in order, each run's excess
+  // overwritten by the next run, the last one's by the zero tail, and that one's (< 16 bytes past the row) by the
+  // next row: so not on a buffer's last row, not for rows under 16 bytes, and only where 16-byte source reads stay
+  // in the input.
+#if defined(__SSE2__)
+  const size_t chunks = (run + 15) / 16;
+  const bool wide_copies = run <= 64 && kp >= 16;
+  const uint8_t* x_end = x + s.batch * s.in_pixels() * C;
+  const __m128i zero = _mm_setzero_si128();
+#endif
   for (size_t r = 0; r < n; ++r, o.Next(s)) {
     uint8_t* d = dst + r * kp;
     const ptrdiff_t id0 = o.od * st_d - pd, ih0 = o.oh * st_h - ph, iw0 = o.ow * st_w - pw;
@@ -188,6 +198,16 @@ void GatherRows(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, size_
       continue;
     }
     const uint8_t* base = x + (((o.b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] + size_t(iw0)) * C;
+#if defined(__SSE2__)
+    if (wide_copies && r + 1 < n && base + off[runs - 1] + chunks * 16 <= x_end) {
+      for (size_t j = 0; j < runs; ++j)
+        for (size_t c = 0; c < chunks; ++c)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * run + 16 * c),
+                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + off[j] + 16 * c)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + K), zero);
+      continue;
+    }
+#endif
     for (size_t j = 0; j < runs; ++j) CopyBytes(d + j * run, base + off[j], run);
     for (size_t k = K; k < kp; ++k) d[k] = 0;
   }
