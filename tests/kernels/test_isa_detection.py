@@ -46,3 +46,24 @@ def test_default_isa_is_the_best_supported(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "import qie_ep; print(qie_ep.active_isa())"], capture_output=True,
                          text=True, check=True).stdout.strip()
     assert out == qie_ep.supported_isas()[-1]
+
+
+def test_isa_specific_files_run_nothing_at_load():
+    """Files compiled with an ISA's flags (kernels/x86/*.cc) have no static initializers: one would run that ISA's
+    instructions when the library loads, on every CPU (an AMX file's constant table built at load time was an
+    illegal instruction without AVX-512; valgrind, which hides AVX-512, found it). Read from the unstripped
+    libraries `make build` leaves in build/."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    libs = sorted(root.glob("build/*/libqie_ort.so")) + sorted(root.glob("build/*/libqie_ep.so"))
+    if not libs or not shutil.which("nm"):
+        pytest.skip("no unstripped build in build/ or no nm")
+    isa_files = {p.name for p in (root / "ort_plugin/src/kernels/x86").glob("*.cc")}
+    assert {"gemm_amx.cc", "gemm_avx512vnni.cc", "gemm_avx2.cc"} <= isa_files
+    for lib in libs:
+        syms = subprocess.run(["nm", str(lib)], capture_output=True, text=True, check=True).stdout
+        inits = {line.split("_GLOBAL__sub_I_", 1)[1] for line in syms.splitlines() if "_GLOBAL__sub_I_" in line}
+        assert not (inits & isa_files), f"{lib.name}: static initializers in {sorted(inits & isa_files)}"
+        assert inits, f"{lib.name}: no static initializers at all: the symbol table was not read"

@@ -54,9 +54,10 @@ struct alignas(64) TileConfig {
 };
 static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
 
-TileConfig Standard() {
-  TileConfig c;
-  std::memset(&c, 0, sizeof(c));
+// constexpr: constant-initialized, no load-time code. A dynamic initializer in this file would run this file's
+// AVX-512 instructions when the library loads, on every CPU (valgrind, which hides AVX-512, caught one: SIGILL).
+constexpr TileConfig Standard() {
+  TileConfig c{};
   c.palette_id = 1;
   for (int t = 0; t < 8; ++t) {
     c.rows[t] = 16;
@@ -64,7 +65,7 @@ TileConfig Standard() {
   }
   return c;
 }
-const TileConfig kStandard = Standard();
+constexpr TileConfig kStandard = Standard();
 
 // The standard configuration for the scope of one kernel call (see the file comment).
 class TileScope {
