@@ -4,6 +4,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "kernels/gemm.h"
 
 namespace qie {
@@ -127,6 +129,30 @@ inline void FastRow(const __m512i* acc, const FastEpilogue& f, void* y, ptrdiff_
 inline __mmask16 Mask(size_t nr, int v) {
   const size_t c0 = 16 * static_cast<size_t>(v);
   return nr - c0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (nr - c0)) - 1);
+}
+
+// The epilogue of the rows from r0 of ep's tile: output, row sums, zero points and bias rows moved down.
+inline Epilogue RowsFrom(const Epilogue& ep, size_t r0) {
+  Epilogue e = ep;
+  const ptrdiff_t r = static_cast<ptrdiff_t>(r0);
+  const ptrdiff_t osz = ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8 ? 1 : 4;
+  e.y = static_cast<char*>(ep.y) + r * ep.ldy * osz;
+  if (ep.rs) e.rs = ep.rs + r0;
+  if (ep.za) e.za = ep.za + r0;
+  if (ep.zb_rows) e.zb_rows = ep.zb_rows + r0;
+  if (ep.bias) e.bias = ep.bias + r * ep.bias_rs;
+  return e;
+}
+
+// f(std::integral_constant<int, V>{}) with V the column vectors of 16 that a panel's nr real columns need (1-3).
+template <class F>
+inline void ByVectors(size_t nr, F&& f) {
+  if (nr > 32)
+    f(std::integral_constant<int, 3>{});
+  else if (nr > 16)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace

@@ -227,46 +227,28 @@ void TileAny(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, cons
   TileV<V>(mr, nr, kp, a, lda, b, ep, pre);
 }
 
-// The AVX-512 VNNI tile over mr <= 16 rows, in its tiles of up to 8.
+// The AVX-512 VNNI tile over mr <= 32 rows, in its tiles of up to 8.
 void VnniRows(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const void* b, const Epilogue& ep) {
   const size_t vmr = static_cast<size_t>(kGemmAvx512Vnni.mr);
-  const ptrdiff_t osz = ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8 ? 1 : 4;
-  for (size_t r0 = 0; r0 < mr; r0 += vmr) {
-    Epilogue e = ep;
-    const ptrdiff_t r = static_cast<ptrdiff_t>(r0);
-    e.y = static_cast<char*>(ep.y) + r * ep.ldy * osz;
-    if (ep.rs) e.rs = ep.rs + r0;
-    if (ep.za) e.za = ep.za + r0;
-    if (ep.zb_rows) e.zb_rows = ep.zb_rows + r0;
-    if (ep.bias) e.bias = ep.bias + r * ep.bias_rs;
-    kGemmAvx512Vnni.tile(std::min(vmr, mr - r0), nr, kp, a + r0 * lda, lda, b, e);
-  }
+  for (size_t r0 = 0; r0 < mr; r0 += vmr)
+    kGemmAvx512Vnni.tile(std::min(vmr, mr - r0), nr, kp, a + r0 * lda, lda, b, RowsFrom(ep, r0));
 }
 
 void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
-  if (mr < kMinAmxRows || kp % kKTile != 0) return VnniRows(mr, nr, kp, static_cast<const uint8_t*>(a_v), lda, b_v, ep);
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
+  if (mr < kMinAmxRows || kp % kKTile != 0) return VnniRows(mr, nr, kp, a, lda, b_v, ep);
   const int8_t* b = static_cast<const int8_t*>(b_v);
   TileScope scope;
-  if (nr > 32)
-    TileAny<3>(mr, nr, kp, a, lda, b, ep, nullptr);
-  else if (nr > 16)
-    TileAny<2>(mr, nr, kp, a, lda, b, ep, nullptr);
-  else
-    TileAny<1>(mr, nr, kp, a, lda, b, ep, nullptr);
+  ByVectors(nr, [&](auto v) { TileAny<decltype(v)::value>(mr, nr, kp, a, lda, b, ep, nullptr); });
 }
 
 template <int V>
 void StripV(size_t m, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   FastEpilogue f;
   const FastEpilogue* pre = MakeFast<V>(nr, ep, &f) ? &f : nullptr;  // else each tile's own epilogue
-  const ptrdiff_t osz = ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8 ? 1 : 4;
-  Epilogue e = ep;
   for (size_t m0 = 0; m0 < m; m0 += kMr) {
     const size_t rows = std::min(kMr, m - m0);
-    e.y = static_cast<char*>(ep.y) + static_cast<ptrdiff_t>(m0) * ep.ldy * osz;
-    if (ep.rs) e.rs = ep.rs + m0;
-    if (ep.zb_rows) e.zb_rows = ep.zb_rows + m0;
+    const Epilogue e = RowsFrom(ep, m0);
     if (rows < kMinAmxRows)
       VnniRows(rows, nr, kp, a + m0 * lda, lda, b, e);
     else
@@ -279,12 +261,7 @@ void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const vo
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
   const int8_t* b = static_cast<const int8_t*>(b_v);
   TileScope scope;
-  if (nr > 32)
-    StripV<3>(m, nr, kp, a, lda, b, ep);
-  else if (nr > 16)
-    StripV<2>(m, nr, kp, a, lda, b, ep);
-  else
-    StripV<1>(m, nr, kp, a, lda, b, ep);
+  ByVectors(nr, [&](auto v) { StripV<decltype(v)::value>(m, nr, kp, a, lda, b, ep); });
 }
 
 }  // namespace

@@ -126,24 +126,15 @@ void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const 
 void Tile(size_t mr, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
   const int8_t* b = static_cast<const int8_t*>(b_v);
-  if (nr > 32)
-    TileV<kVecs>(mr, nr, kp, a, lda, b, ep, nullptr);
-  else if (nr > 16)
-    TileV<2>(mr, nr, kp, a, lda, b, ep, nullptr);
-  else
-    TileV<1>(mr, nr, kp, a, lda, b, ep, nullptr);
+  ByVectors(nr, [&](auto v) { TileV<decltype(v)::value>(mr, nr, kp, a, lda, b, ep, nullptr); });
 }
 
 template <int V>
 void StripV(size_t m, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep) {
   FastEpilogue f;
   const FastEpilogue* pre = MakeFast<V>(nr, ep, &f) ? &f : nullptr;  // else each tile's own epilogue
-  const ptrdiff_t osz = ep.kind == OutKind::kU8 || ep.kind == OutKind::kS8 ? 1 : 4;
-  Epilogue e = ep;
   for (size_t m0 = 0; m0 < m; m0 += kMr) {
-    e.y = static_cast<char*>(ep.y) + static_cast<ptrdiff_t>(m0) * ep.ldy * osz;
-    if (ep.rs) e.rs = ep.rs + m0;
-    if (ep.zb_rows) e.zb_rows = ep.zb_rows + m0;
+    const Epilogue e = RowsFrom(ep, m0);
     if (m - m0 >= kMr)
       TileRows<kMr, V>(nr, kp, a + m0 * lda, lda, b, e, pre);
     else
@@ -154,12 +145,7 @@ void StripV(size_t m, size_t nr, size_t kp, const uint8_t* a, size_t lda, const 
 void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const void* b_v, const Epilogue& ep) {
   const uint8_t* a = static_cast<const uint8_t*>(a_v);
   const int8_t* b = static_cast<const int8_t*>(b_v);
-  if (nr > 32)
-    StripV<kVecs>(m, nr, kp, a, lda, b, ep);
-  else if (nr > 16)
-    StripV<2>(m, nr, kp, a, lda, b, ep);
-  else
-    StripV<1>(m, nr, kp, a, lda, b, ep);
+  ByVectors(nr, [&](auto v) { StripV<decltype(v)::value>(m, nr, kp, a, lda, b, ep); });
 }
 
 }  // namespace
