@@ -27,7 +27,9 @@ def tile_edges(isa: str) -> tuple[list[int], list[int], list[int]]:
     mr, nr, kg = microkernel_tile(isa)
     # K past 256 runs tile by tile, K up to 256 as strips (the small-K path): both around every edge
     # (AMX: K from 33 on padded to 64 and run on tiles, shorter K on the VNNI tiles: both sides of each step)
-    return around(mr), around(nr), sorted({0, 1, kg - 1, kg, kg + 1, 2 * kg + 1, 31, 32, 33, 63, 64, 65, 129, 300} - {-1})
+    # M also around half a tile (AMX's 32-row tiles are two 16-row passes; a second pass of 1-3 rows runs on VNNI)
+    ms = sorted(set(around(mr)) | {mr // 2 + d for d in (-1, 0, 1, 2, 3, 4)})
+    return ms, around(nr), sorted({0, 1, kg - 1, kg, kg + 1, 2 * kg + 1, 31, 32, 33, 63, 64, 65, 129, 300} - {-1})
 SIGNS = [(np.uint8, np.int8), (np.uint8, np.uint8), (np.int8, np.int8), (np.int8, np.uint8)]
 SIGN_IDS = ["u8s8", "u8u8", "s8s8", "s8u8"]
 

@@ -217,9 +217,15 @@ void TileV(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const 
         StoreRow(_mm512_load_si512(c + r * kNr + 16 * v), r, 16 * v, Mask(nr, v), ep);
 }
 
+void VnniRows(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const void* b, const Epilogue& ep);
+
 template <int V>
 void TileAny(size_t mr, size_t nr, size_t kp, const uint8_t* a, size_t lda, const int8_t* b, const Epilogue& ep,
              const FastEpilogue* pre) {
+  if (mr > kTileRows && mr - kTileRows < kMinAmxRows) {  // a few rows past one tile (17-19 tokens): on VNNI tiles
+    TileAny<V>(kTileRows, nr, kp, a, lda, b, ep, pre);
+    return VnniRows(mr - kTileRows, nr, kp, a + kTileRows * lda, lda, b, RowsFrom(ep, kTileRows));
+  }
   if (mr != kMr && mr != kTileRows) {  // tileloadd reads 16 or 32 rows
     a = ShortRows(mr, kp, a, lda, ep.a_call);
     lda = kp;
