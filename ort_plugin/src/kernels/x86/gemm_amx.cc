@@ -1,17 +1,20 @@
-// AMX-INT8 microkernel: qie_gemm_u8s8_s32_16x48c4k64__amx. Compiled with this file's own flags (AVX-512 and AMX).
+// AMX-INT8 microkernel: qie_gemm_u8s8_s32_32x48c4k64__amx (32-row tiles: two of AMX's 16). Compiled with this
+// file's own flags (AVX-512 and AMX).
 //
 // Tiling, in steps:
 //  1. B is the AVX-512 VNNI kernel's panel (48 columns, K-groups of four bytes per column, 192 bytes per group) with
-//     K padded to 64 (MicroKernel::kalign): 16 groups of one panel's 16 columns are one AMX B tile (16 rows x 64
-//     bytes, 192 bytes apart), so the panel needs no other layout and the two kernels share PackB.
-//  2. A tile of 16 rows x 48 columns is three int32 C tiles (tmm0-2); per 64 bytes of K one A tile (tmm3, 16 rows
-//     x 64 bytes, lda apart) and three B tiles (tmm4-6) feed three tdpbusd (u8 x s8 -> s32, exact: no
-//     intermediate saturation).
-//  3. The C tiles are stored to a 16 x 48 int32 block and each row goes through the AVX-512 epilogue (zero points,
+//     K from 33 on padded to 64 (MicroKernel::kalign / kalign_min): 16 groups of one panel's 16 columns are one AMX
+//     B tile (16 rows x 64 bytes, 192 bytes apart), so the panel needs no other layout and the two kernels share
+//     PackB.
+//  2. 16 rows x 48 columns are three int32 C tiles (tmm0-2); per 64 bytes of K one A tile (tmm3, 16 rows x 64 bytes,
+//     lda apart) and three B tiles (tmm4-6) feed three tdpbusd (u8 x s8 -> s32, exact: no intermediate
+//     saturation). A 32-row tile is two such passes over the panel, or from K = 2048 one pass of six C tiles with
+//     one A and one B register (Multiply2).
+//  3. The C tiles are stored to a 32 x 48 int32 block and each row goes through the AVX-512 epilogue (zero points,
 //     bias, int32 / float / requantized output) that the VNNI kernel uses.
-// A tile of under 16 rows reads its rows from a zero-padded copy (tileloadd reads all 16): made once per GEMM call,
-// A tile and K position (Epilogue::a_call), and reused by the tile's other panels. Tiles of few rows, where AMX's
-// fixed 16-row work costs more than the vector kernel's, run the AVX-512 VNNI tile.
+// A tile of other than 16 or 32 rows reads its rows from a zero-padded copy (tileloadd reads all 16): made once per
+// GEMM call and tile (Epilogue::a_call) and reused by the tile's other panels. Where AMX's fixed 16-row work costs
+// more than the vector kernel's (under 4 rows, 1-3 rows past 16, K under 33) the AVX-512 VNNI tiles run.
 //
 // Tile configuration: all eight tiles 16 rows x 64 bytes, which is what MLAS (ONNX Runtime's kernels) loads once
 // per thread and then assumes (its AMX kernels never reload it). Each call checks the thread's configuration
@@ -273,7 +276,7 @@ void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const vo
 }  // namespace
 
 extern const MicroKernel kGemmAmx = {
-    Isa::kAmx, "qie_gemm_u8s8_s32_16x48c4k64__amx", kMr, kNr, 4, false, Tile, Strip, static_cast<int>(kKTile),
+    Isa::kAmx, "qie_gemm_u8s8_s32_32x48c4k64__amx", kMr, kNr, 4, false, Tile, Strip, static_cast<int>(kKTile),
     kMinAmxK};
 
 }  // namespace qie
