@@ -92,6 +92,25 @@ def test_depthwise_requantized_saturates(isa, geom, c, ydt):
 
 
 @pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("ydt", [np.uint8, np.int8], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("c", [16, 64, 144])
+def test_depthwise_requantized_extreme_scales(isa, c, ydt):
+    """Scaled accumulators far outside int16 and past 2^31 (a tiny output scale): the kernels' saturating packs
+    and top clamp give the reference's clamp (cvt of x >= 2^31 alone would be INT_MIN, the bottom)."""
+    x, w, x_zp, wz, bias, attrs = case(zlib.crc32(f"ex{c}".encode()), c, "3x3_pad", np.uint8, np.int8, 0)
+    acc = R.conv_integer(x, w, np.array(x_zp), wz, bias=bias, channels_last=True, **attrs)
+    span = np.maximum(np.abs(acc.reshape(-1, c)).max(axis=0), 1).astype(np.float64)
+    scale = (np.geomspace(1e2, 1e7, c) / span).astype(np.float32)  # |x| up to ~1e7 (past int16) ...
+    scale[::3] = np.float32(1e6)  # ... and, on every third channel, up to ~1e11 (past int32)
+    y_zp = 7 if ydt == np.uint8 else -9
+    want = R.requantize(acc, scale, np.array(y_zp, ydt), ydt)
+    got = kernel_conv(isa, x, w, x_zp, wz, bias=bias, out=np.dtype(ydt).name, scale=scale, y_zp=y_zp, **attrs)
+    lo, hi = np.iinfo(ydt).min, np.iinfo(ydt).max
+    assert (want == lo).any() and (want == hi).any()
+    np.testing.assert_array_equal(got, want, err_msg=f"isa={isa} C={c} y={np.dtype(ydt).name}")
+
+
+@pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("c", [16, 32, 96])
 def test_depthwise_threads_many_tasks(isa, c, threads):

@@ -670,6 +670,8 @@ OrtStatus* RunRegion(RegionPlan& p, OrtKernelContext* ctx) {
 
 static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFor& pool,
                      std::vector<std::vector<uint8_t>>& slots, std::vector<Dims>& dims) {
+  // The steps' kernels on this thread share one kernel set-up (pool threads: each task its own).
+  const qie::KernelScope scope(qie::GetMicroKernel(qie::ActiveIsa()));
   auto t0 = std::chrono::steady_clock::now();
   auto buf = [&](int v) -> std::vector<uint8_t>& { return slots[static_cast<size_t>(p.values[v].slot)]; };
   for (size_t i = 0; i < p.inputs.size(); ++i) {

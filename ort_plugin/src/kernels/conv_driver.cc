@@ -451,6 +451,7 @@ void Conv(const MicroKernel& uk, const ConvShape& s, const PackedConv& w, const 
       for (size_t i = 0; i < n; ++i) fn(i);
     };
     auto task = [&](size_t t) {
+      const KernelScope scope(uk);  // one tile set-up for the task's groups
       thread_local std::vector<uint8_t> tbuf;
       tbuf.resize(task_rows * kp);
       const size_t r0 = t * task_rows, nrows = std::min(task_rows, rows - r0);

@@ -86,6 +86,10 @@ struct MicroKernel {
   // another way (AMX: the AVX-512 VNNI tiles, for which padding K = 16 or 32 to 64 would cost more than it gains).
   int kalign = 0;
   size_t kalign_min = 0;
+  // Optional per-thread state around a run of tiles (AMX: the tile configuration). Nested scopes are free; the
+  // outermost one pays (see KernelScope).
+  void (*enter)() = nullptr;
+  void (*leave)() = nullptr;
   // K padded as this kernel's packed B and A rows hold it.
   size_t PaddedK(size_t K) const {
     K = std::max<size_t>(K, 1);
@@ -94,6 +98,24 @@ struct MicroKernel {
   }
 };
 const MicroKernel& GetMicroKernel(Isa isa);
+
+// A kernel's per-thread state (MicroKernel::enter / leave) for a scope on this thread: drivers open one around each
+// task, so the tiles inside share one set-up (the AMX kernel otherwise checks, and may swap, the tile configuration
+// per tile: with another library's configuration on the thread that was two ldtilecfg per tile).
+class KernelScope {
+ public:
+  explicit KernelScope(const MicroKernel& uk) : uk_(uk) {
+    if (uk_.enter) uk_.enter();
+  }
+  ~KernelScope() {
+    if (uk_.enter) uk_.leave();
+  }
+  KernelScope(const KernelScope&) = delete;
+  KernelScope& operator=(const KernelScope&) = delete;
+
+ private:
+  const MicroKernel& uk_;
+};
 
 // B packed once (constant weights) or per call: panels of NR columns, K padded to the K-group.
 struct PackedB {

@@ -402,10 +402,10 @@ QuadRows BuildQuadRows(const ConvShape& s, const ConvArgs& a, const uint8_t* zro
   size_t ow_lo = 0, ow_hi = 0;
   while (ow_lo < s.out[2] && !width_in(ow_lo)) ++ow_lo;
   for (ow_hi = ow_lo; ow_hi < s.out[2] && width_in(ow_hi);) ++ow_hi;
-  const size_t step = s.stride[2] * s.C;
+  const size_t step = s.stride[2] * s.C, out_w = s.out[2];
   PixelWalk walk(s, p0);
   for (size_t i = 0; i < np;) {  // the range's part of one output row at a time
-    const size_t ow0 = size_t(walk.ow), n = std::min(np - i, s.out[2] - ow0);
+    const size_t ow0 = size_t(walk.ow), n = std::min(np - i, out_w - ow0), end = ow0 + n;
     const ptrdiff_t id0 = walk.od * ptrdiff_t(s.stride[0]) - ptrdiff_t(s.pad[0]);
     const ptrdiff_t ih0 = walk.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
     const bool rows_in = id0 >= 0 && id0 + ptrdiff_t((s.k[0] - 1) * s.dil[0]) < ptrdiff_t(s.in[0]) && ih0 >= 0 &&
@@ -416,19 +416,29 @@ QuadRows BuildQuadRows(const ConvShape& s, const ConvArgs& a, const uint8_t* zro
             ? reinterpret_cast<uintptr_t>(a.x + ((b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] * s.C) -
                   s.pad[2] * s.C
             : 0;
-    for (size_t j = 0; j < n; ++j, ++i, walk.Next(s)) {
-      const size_t ow = ow0 + j;
-      if (rows_in && ow >= ow_lo && ow < ow_hi) {
-        base[i] = origin + ow * step;
-        start[i] = 0;
-        continue;
-      }
-      base[i] = 0;
-      start[i] = uintptr_t(next - words);
-      TapPointers(s, a, zrow, b, walk, next);
+    // Columns [lo, hi) of the segment have their window inside the image; the others are borders.
+    const size_t lo = rows_in ? std::min(std::max(ow_lo, ow0), end) : end;
+    const size_t hi = rows_in ? std::max(lo, std::min(ow_hi, end)) : end;
+    const auto border = [&](size_t ow, size_t k) {
+      PixelWalk at = walk;
+      at.ow = ptrdiff_t(ow);
+      base[k] = 0;
+      start[k] = uintptr_t(next - words);
+      TapPointers(s, a, zrow, b, at, next);
       for (size_t u = taps; u < group_taps; ++u) next[u] = reinterpret_cast<uintptr_t>(zrow);
       next += group_taps;
+    };
+    size_t k = i;
+    for (size_t ow = ow0; ow < lo; ++ow) border(ow, k++);
+    uintptr_t at = origin + lo * step;  // the interior: a tight loop (no walk, no stores the shape could alias)
+    for (size_t ow = lo; ow < hi; ++ow, ++k, at += step) {
+      base[k] = at;
+      start[k] = 0;
     }
+    for (size_t ow = hi; ow < end; ++ow) border(ow, k++);
+    i += n;
+    walk.ow = ptrdiff_t(end) - 1;  // the segment's last pixel, then on to the next row's first
+    walk.Next(s);
   }
   return QuadRows{words, base, start};
 }
@@ -464,9 +474,9 @@ void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_
     LaneTranspose(in, sc);
     for (size_t j = 0; j < 4; ++j) scale[j] = _mm512_castsi512_ps(sc[j]);
   }
-  const __m512 lo = _mm512_set1_ps(static_cast<float>((u8 ? 0 : -128) - a.y_zp));
   const __m512 hi = _mm512_set1_ps(static_cast<float>((u8 ? 255 : 127) - a.y_zp));
-  const __m512i yzp = _mm512_set1_epi32(a.y_zp), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i zp16 = _mm512_set1_epi16(static_cast<int16_t>(a.y_zp)),
+                flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const bool whole = c0 == 0 && C == 16 * lpp;  // a vector of whole pixels: one contiguous store
   for (size_t i = 0; i < np; i += kPpv) {
     const size_t nv = np - i < kPpv ? np - i : kPpv;
@@ -511,13 +521,14 @@ void QuadBlock(const ConvShape& s, const PackedConv& w, const ConvArgs& a, size_
           _mm512_mask_storeu_epi32(static_cast<int32_t*>(a.y) + o + (L / lpp) * C + 16 * (L % lpp), lane_mask[L], v[L]);
       continue;
     }
+    // As the GEMM's fast epilogue (FastRow): the top clamp in float (x >= 2^31 would be cvt's INT_MIN; NaN
+    // becomes INT_MIN), the bottom one by the saturating packs (int32 -> int16, + zero point saturating, -> 8
+    // bits), which also undo the unpacks' in-lane order: clamp(round(x), lo, hi) + zp for every x.
     const auto requant = [&](__m512i acc, __m512 sc) {
-      const __m512 f = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), sc), lo), hi);
-      return _mm512_add_epi32(_mm512_cvtps_epi32(f), yzp);
+      return _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sc)));
     };
-    // In range already: the saturating packs only narrow, and undo the unpacks' in-lane order.
-    const __m512i w01 = _mm512_packs_epi32(requant(acc0, scale[0]), requant(acc1, scale[1]));
-    const __m512i w23 = _mm512_packs_epi32(requant(acc2, scale[2]), requant(acc3, scale[3]));
+    const __m512i w01 = _mm512_adds_epi16(_mm512_packs_epi32(requant(acc0, scale[0]), requant(acc1, scale[1])), zp16);
+    const __m512i w23 = _mm512_adds_epi16(_mm512_packs_epi32(requant(acc2, scale[2]), requant(acc3, scale[3])), zp16);
     const __m512i bytes = u8 ? _mm512_packus_epi16(w01, w23) : _mm512_packs_epi16(w01, w23);
     int8_t* y = static_cast<int8_t*>(a.y) + o;
     if (kPpv == 1)

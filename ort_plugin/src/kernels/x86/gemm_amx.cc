@@ -70,25 +70,35 @@ constexpr TileConfig Standard() {
 }
 constexpr TileConfig kStandard = Standard();
 
-// The standard configuration for the scope of one kernel call (see the file comment).
+// The standard configuration for a scope on this thread (see the file comment). Scopes nest (a driver's task
+// around its tiles' own): only the outermost checks the configuration and puts back a foreign one, so another
+// library's configuration left on the thread costs two ldtilecfg per task, not per tile.
+struct TileState {
+  TileConfig saved;
+  int depth = 0;
+  bool changed = false;
+};
+thread_local TileState tl_tiles;  // constant-initialized: no load-time code (see kStandard)
+
+void EnterTiles() {
+  TileState& t = tl_tiles;
+  if (t.depth++ != 0) return;
+  _tile_storeconfig(&t.saved);
+  t.changed = std::memcmp(&t.saved, &kStandard, sizeof(TileConfig)) != 0;
+  if (t.changed) _tile_loadconfig(&kStandard);
+}
+void LeaveTiles() {
+  TileState& t = tl_tiles;
+  if (--t.depth != 0) return;
+  if (t.changed && t.saved.palette_id != 0) _tile_loadconfig(&t.saved);
+}
+
 class TileScope {
  public:
-  TileScope() {
-    _tile_storeconfig(&saved_);
-    if (std::memcmp(&saved_, &kStandard, sizeof(TileConfig)) != 0) {
-      changed_ = true;
-      _tile_loadconfig(&kStandard);
-    }
-  }
-  ~TileScope() {
-    if (changed_ && saved_.palette_id != 0) _tile_loadconfig(&saved_);
-  }
+  TileScope() { EnterTiles(); }
+  ~TileScope() { LeaveTiles(); }
   TileScope(const TileScope&) = delete;
   TileScope& operator=(const TileScope&) = delete;
-
- private:
-  TileConfig saved_;
-  bool changed_ = false;
 };
 
 // A's rows for a tile of other than 16 or 32 rows: kp bytes each, zero below the real rows (32 rows: read as 16 or 32),
@@ -275,9 +285,18 @@ void Strip(size_t m, size_t nr, size_t kp, const void* a_v, size_t lda, const vo
 
 }  // namespace
 
-extern const MicroKernel kGemmAmx = {
-    Isa::kAmx, "qie_gemm_u8s8_s32_32x48c4k64__amx", kMr, kNr, 4, false, Tile, Strip, static_cast<int>(kKTile),
-    kMinAmxK};
+extern const MicroKernel kGemmAmx = {Isa::kAmx,
+                                     "qie_gemm_u8s8_s32_32x48c4k64__amx",
+                                     kMr,
+                                     kNr,
+                                     4,
+                                     false,
+                                     Tile,
+                                     Strip,
+                                     static_cast<int>(kKTile),
+                                     kMinAmxK,
+                                     EnterTiles,
+                                     LeaveTiles};
 
 }  // namespace qie
 
