@@ -29,7 +29,7 @@ UNIT_NODES = 14  # DQ a, DQ b, MatMul, Q, DQ, Add(mask), Softmax, IsNaN, Where, 
 
 def attention_model(dt=np.uint8, pdt=np.uint8, mask="input", mask_shape=("B", 1, 1, "S"), nan_where=True, steps=(),
                     heads=4, d=16, batch="B", opset=21, const_mask=None, shape_read=False, probs_output=False,
-                    per_axis_a=False, softmax_axis=-1, bdt=None, vdt=None):
+                    per_axis_a=False, softmax_axis=-1, bdt=None, vdt=None, p_zp=0):
     """The attention core of one layer; `steps`: (op, scalar, value_first) before the mask Add; `bdt` / `vdt`: the
     keys' / values' type where it is not `dt`'s."""
     bdt, vdt = bdt or dt, vdt or dt
@@ -41,7 +41,7 @@ def attention_model(dt=np.uint8, pdt=np.uint8, mask="input", mask_shape=("B", 1,
                                          "sa"))
     inits += [numpy_helper.from_array(np.full(heads, zp(dt, 120)) if per_axis_a else zp(dt, 120), "za"),
               numpy_helper.from_array(zp(bdt, 131), "zb"), numpy_helper.from_array(zp(dt, 140), "z1"),
-              numpy_helper.from_array(zp(pdt, 0), "zp"), numpy_helper.from_array(zp(vdt, 125), "zv"),
+              numpy_helper.from_array(zp(pdt, p_zp), "zp"), numpy_helper.from_array(zp(vdt, 125), "zv"),
               numpy_helper.from_array(zp(dt, 128), "zy")]
     nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"], **({"axis": 1} if per_axis_a else {})),
              helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
@@ -162,11 +162,13 @@ def test_masks_steps_and_shapes(case):
 
 @needs_ep
 @pytest.mark.parametrize("nan_where", [True, False], ids=["where", "no-where"])
-def test_fully_masked_rows(nan_where):
+@pytest.mark.parametrize("p_zp", [0, 10])
+def test_fully_masked_rows(nan_where, p_zp):
     """A row whose mask is -inf everywhere: softmax gives NaN; with torch's Where(IsNaN) those become 0 (the codes of
-    0), without it QuantizeLinear takes NaN to the zero point; either way what ORT gives."""
+    0), without it QuantizeLinear takes NaN to the bottom code (MLAS clamps max(x / s, lo) first: 0, not the zero
+    point where that is not 0); either way what ORT gives."""
     rng = np.random.default_rng(11)
-    model = attention_model(np.uint8, mask_shape=("B", 1, "S", "S"), nan_where=nan_where)
+    model = attention_model(np.uint8, mask_shape=("B", 1, "S", "S"), nan_where=nan_where, p_zp=p_zp)
     sess, plain = ep_session(model), session(model, level="disable")
     assert assigned_to_qie(sess) == UNIT_NODES - (0 if nan_where else 2)
     f = feeds(rng, np.uint8, 1, 4, 6, mask_shape=(1, 1, 6, 6), masked=0.0)

@@ -27,7 +27,7 @@ TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
          "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py", "tests/ort/test_ep_regions.py",
-         "tests/kernels/test_amx.py"]
+         "tests/kernels/test_amx.py", "tests/ort/test_ep_attention.py"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,14 @@ MUTATIONS = [
              "PermuteBytes(out_codes, shapes[i], perm, dst);", "std::memcpy(dst, out_codes, n);"),
     Mutation("per-channel tables on a column block ignore the row stride", "kernels/dispatch.cc",
              "if (lut) return lut(t, cols, y, y, rows, ldy);", "if (lut) return lut(t, cols, y, y, rows, cols);"),
+    Mutation("EP quantizer takes NaN to the zero point (ORT: the bottom code)", "ep/units.h",
+             "x = x == x ? x : lo;", "x = x == x ? x : 0.0f;"),
+    Mutation("region input quantizer (C = 3) keeps each pixel's fourth byte", "kernels/x86/quantize_avx512.cc",
+             "if (C == 3) w = _mm512_permutexvar_epi32", "if (C == 5) w = _mm512_permutexvar_epi32", "avx512vnni"),
+    Mutation("region input quantizer clamps NaN to the top code", "kernels/x86/quantize_avx512.cc",
+             "_mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, plane + p), vs), vlo), vhi)",
+             "_mm512_min_ps(_mm512_max_ps(vlo, _mm512_div_ps(_mm512_maskz_loadu_ps(m, plane + p), vs)), vhi)",
+             "avx512vnni"),
     # AMX (checked only where the CPU has it)
     Mutation("AMX snake multiplies its second 16 rows with the first's A", "kernels/x86/gemm_amx.cc",
              "const uint8_t* a1 = a + kTileRows * lda;", "const uint8_t* a1 = a;", "amx"),

@@ -213,6 +213,37 @@ void DropCycles(const std::vector<const OrtNode*>& nodes, std::vector<std::set<c
   }
 }
 
+// The QuantizeLinear producing a region input (`dq` reads it) that the region can run itself, on entry: a 4-D float
+// tensor quantized per tensor (an image's input Q) whose codes nothing outside `group` reads. It then quantizes
+// straight into the region's NHWC buffer (one pass, no separate QuantizeLinear node and NCHW -> NHWC transpose).
+const OrtNode* InputQuantizer(const OrtNode* dq, const std::set<const OrtNode*>& group,
+                              const std::set<const OrtNode*>& candidates) {
+  const OrtValueInfo* v = Inputs(dq)[0];
+  if (!v || IsGraphOutput(v)) return nullptr;
+  const OrtNode* q = Producer(v);
+  Constant sy, zy;
+  if (!q || !candidates.count(q) || group.count(q) || !QOperands(q, &sy, &zy)) return nullptr;
+  const OrtValueInfo* x = Inputs(q)[0];
+  if (!x || ValueType(x) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || ValueRank(x) != 4) return nullptr;
+  for (const OrtValueInfo* o : Outputs(q))
+    if (o && o != v && Consumers(o) > 0) return nullptr;
+  for (const OrtNode* c : AllConsumers(v))
+    if (!group.count(c)) return nullptr;
+  // Nothing of the region upstream of x (the fused node would feed itself): x's producers, back to the inputs.
+  std::vector<const OrtNode*> todo;
+  std::set<const OrtNode*> seen;
+  if (const OrtNode* n = Producer(x)) todo.push_back(n);
+  while (!todo.empty()) {
+    const OrtNode* n = todo.back();
+    todo.pop_back();
+    if (!seen.insert(n).second) continue;
+    if (group.count(n)) return nullptr;
+    for (const OrtValueInfo* in : Inputs(n))
+      if (const OrtNode* up = in ? Producer(in) : nullptr) todo.push_back(up);
+  }
+  return q;
+}
+
 }  // namespace
 
 std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const OrtNode*>& nodes,
@@ -232,6 +263,18 @@ std::vector<std::vector<const OrtNode*>> MatchRegions(const std::vector<const Or
         for (const auto& pre : units[i].prefix) group.insert(pre.begin(), pre.end());
       }
       regions.push_back(std::move(group));
+    }
+  }
+  const std::set<const OrtNode*> candidates(nodes.begin(), nodes.end());
+  for (auto& group : regions) {  // input QuantizeLinears joining their region
+    std::vector<const OrtNode*> take;
+    for (const OrtNode* n : group)
+      if (IsOp(n, "DequantizeLinear"))
+        if (const OrtNode* q = InputQuantizer(n, group, candidates)) take.push_back(q);
+    for (const OrtNode* q : take) {
+      bool free = true;  // not already taken by another region
+      for (const auto& other : regions) free = free && !other.count(q);
+      if (free) group.insert(q);
     }
   }
   const size_t formed = regions.size();
@@ -451,6 +494,12 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     covered.insert(u.in_dqs.begin(), u.in_dqs.end());
     for (const auto& pre : u.prefix) covered.insert(pre.begin(), pre.end());
   }
+  std::map<std::string, const OrtNode*> quantizers;  // input QuantizeLinears: their output's name -> the node
+  for (const OrtNode* n : nodes)
+    if (!covered.count(n) && IsOp(n, "QuantizeLinear") && Outputs(n).size() >= 1 && Outputs(n)[0]) {
+      quantizers[Name(Outputs(n)[0])] = n;
+      covered.insert(n);
+    }
   if (units.empty() || covered.size() != nodes.size())
     throw Failure{"fused graph is not the region GetCapability claimed"};
   auto plan = std::make_unique<RegionPlan>();
@@ -486,10 +535,16 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.qin.push_back(InputParams(dq));
       const bool fresh = !ids.count(name);
       const int v = value(name, s.qin.back().is_signed);
-      if (fresh) {  // read from outside: a fused-node input
-        auto in = std::find(inputs.begin(), inputs.end(), name);
+      if (fresh) {  // read from outside: a fused-node input, or the codes of one quantized on entry
+        auto q = quantizers.find(name);
+        const std::string outer = q != quantizers.end() ? Name(Inputs(q->second)[0]) : name;
+        auto in = std::find(inputs.begin(), inputs.end(), outer);
         if (in == inputs.end()) throw Failure{"region value '" + name + "' is neither produced nor an input"};
         p.values[v].input = static_cast<int>(in - inputs.begin());
+        if (q != quantizers.end()) {
+          p.values[v].quantize = true;
+          p.values[v].q = OutputParams(q->second);
+        }
         p.inputs[in - inputs.begin()] = v;
       }
       s.in.push_back(v);
@@ -679,9 +734,9 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
     if (v < 0) continue;
     const OrtValue* x = nullptr;
     Check(g_api->KernelContext_GetInput(ctx, i, &x));
+    const RegionPlan::Value& val = p.values[v];
     const std::vector<int64_t> shape = TensorShape(x);
-    if (shape.size() != 4)
-      throw Failure{"input '" + p.values[v].name + "' must be 4-D (N, C, H, W), got " + ShapeText(shape)};
+    if (shape.size() != 4) throw Failure{"input '" + val.name + "' must be 4-D (N, C, H, W), got " + ShapeText(shape)};
     Dims& d = dims[v];
     d = {static_cast<size_t>(shape[0]), static_cast<size_t>(shape[2]), static_cast<size_t>(shape[3]),
          static_cast<size_t>(shape[1])};
@@ -690,7 +745,10 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
     const void* xd = nullptr;
     Check(g_api->GetTensorData(x, &xd));
     Pace pace(p.pacing[p.steps.size() + i], p.adaptive, d.count(), pool);
-    ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pace.For());
+    if (val.quantize)
+      QuantizeInput(static_cast<const float*>(xd), b.data(), d, val.q, pace.For());
+    else
+      ToNhwc(static_cast<const uint8_t*>(xd), b.data(), d.n, d.c, d.h * d.w, pace.For());
     pace.Done();
     Tick(p.profile, kKinds, &t0);
   }

@@ -31,6 +31,8 @@ struct RegionPlan {
     bool is_signed = false;
     int input = -1, output = -1;  // the fused node's input / output index
     int slot = -1;
+    bool quantize = false;  // the fused input is the float tensor of an input QuantizeLinear with `q`, run on entry
+    QParams q;
   };
   struct Step {
     UnitKind kind = UnitKind::kTable;
@@ -103,6 +105,8 @@ void ApplyLut(const uint8_t* t, size_t tC, const uint8_t* x, uint8_t* y, size_t 
 
 // NCHW -> NHWC and back for n images of c channels and hw pixels, in parallel over blocks of pixels.
 void ToNhwc(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor);
+// An input QuantizeLinear run on entry: float NCHW x of dims d quantized with q into NHWC codes y.
+void QuantizeInput(const float* x, uint8_t* y, const Dims& d, const QParams& q, const qie::ParallelFor& pfor);
 
 void ToNchw(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor);
 

@@ -228,6 +228,16 @@ void ToNhwc(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const q
   });
 }
 
+void QuantizeInput(const float* x, uint8_t* y, const Dims& d, const QParams& q, const qie::ParallelFor& pfor) {
+  constexpr size_t kPix = 1024;
+  const size_t hw = d.h * d.w, blocks = (hw + kPix - 1) / kPix;
+  if (d.count() == 0) return;
+  pfor(d.n * blocks, [&](size_t t) {
+    const size_t b = t / blocks, p0 = (t % blocks) * kPix, p1 = std::min(hw, p0 + kPix);
+    qie::QuantizeToNhwc(x + b * d.c * hw, d.c, hw, p0, p1, q.scale, q.zp, q.is_signed, y + b * hw * d.c);
+  });
+}
+
 void ToNchw(const uint8_t* x, uint8_t* y, size_t n, size_t c, size_t hw, const qie::ParallelFor& pfor) {
   constexpr size_t kPix = 512;
   const size_t blocks = (hw + kPix - 1) / kPix;

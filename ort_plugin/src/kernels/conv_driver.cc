@@ -306,6 +306,20 @@ inline void Transpose16x16(const uint8_t* src, size_t ss, uint8_t* dst, size_t d
 void TransposeBytes(const uint8_t* src, size_t src_stride, uint8_t* dst, size_t dst_stride, size_t rows, size_t cols) {
   size_t i0 = 0;
 #if defined(__SSE2__)
+  // Few rows into dense columns (an image's 3 channels to NHWC: dst_stride == rows < 16): 16 columns at a time from
+  // a zero-padded 16 x 16 block, each column stored as 16 bytes in order, so each store's excess is overwritten by
+  // the next column's; the last 16 columns, whose excess would land past them, exactly.
+  if (rows < 16 && dst_stride == rows && cols >= 32) {
+    alignas(16) uint8_t blk[256] = {};
+    size_t j0 = 0;
+    for (; j0 + 32 <= cols; j0 += 16) {
+      for (size_t i = 0; i < rows; ++i) std::memcpy(blk + 16 * i, src + i * src_stride + j0, 16);
+      Transpose16x16(blk, 16, dst + j0 * dst_stride, dst_stride);
+    }
+    for (size_t i = 0; i < rows; ++i)
+      for (size_t j = j0; j < cols; ++j) dst[j * dst_stride + i] = src[i * src_stride + j];
+    return;
+  }
   for (; i0 + 16 <= rows; i0 += 16) {
     size_t j0 = 0;
     for (; j0 + 16 <= cols; j0 += 16)

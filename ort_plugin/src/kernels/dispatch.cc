@@ -18,6 +18,8 @@ extern const DepthwiseFn kDepthwiseScalar, kDepthwiseAvx2, kDepthwiseAvx512;
 extern const DepthwisePackFn kDepthwisePackAvx512;
 void MinMaxAvx512(const float* x, size_t n, float* lo, float* hi);
 void QuantizeLinearU8Avx512(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
+void QuantizeNhwcAvx512(const float* x, size_t C, size_t hw, size_t p0, size_t p1, float scale, int32_t zp,
+                        bool is_signed, uint8_t* y);
 void ChannelLutAvx512(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels, size_t ld);
 
 namespace {
@@ -60,9 +62,9 @@ const IsaKernels kTable[kIsaCount] = {
     {Isa::kAvx2, "avx2", CpuAvx2, &kGemmAvx2, kDepthwiseAvx2, nullptr, nullptr, nullptr, nullptr},
     {Isa::kAvxVnni, "avxvnni", CpuAvxVnni, &kGemmAvxVnni, kDepthwiseAvx2, nullptr, nullptr, nullptr, nullptr},
     {Isa::kAvx512Vnni, "avx512vnni", CpuAvx512Vnni, &kGemmAvx512Vnni, kDepthwiseAvx512, kDepthwisePackAvx512,
-     MinMaxAvx512, QuantizeLinearU8Avx512, ChannelLutAvx512},
+     MinMaxAvx512, QuantizeLinearU8Avx512, ChannelLutAvx512, QuantizeNhwcAvx512},
     {Isa::kAmx, "amx", CpuAmx, &kGemmAmx, kDepthwiseAvx512, kDepthwisePackAvx512, MinMaxAvx512, QuantizeLinearU8Avx512,
-     ChannelLutAvx512},
+     ChannelLutAvx512, QuantizeNhwcAvx512},
 };
 
 std::string g_env_error;

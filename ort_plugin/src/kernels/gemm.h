@@ -181,6 +181,11 @@ inline void KeepInRegister(V& v) {
 // (range widened to include 0), then q = saturate(round_half_even(x / scale) + zp).
 void DynamicQuantizeParams(const float* x, size_t n, float* scale, uint8_t* zp);
 void QuantizeLinearU8(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
+// QuantizeLinear of one image's pixels [p0, p1) from NCHW floats x (C planes of hw) into NHWC bytes y (the image's
+// start): y[p * C + c] = saturate(round_half_even(x[c * hw + p] / scale) + zp) as u8 or s8; NaN -> the bottom code
+// (0 / -128), as ORT's QuantizeLinear (MLAS: max(x / scale, lo) first) gives it, whatever the zero point.
+void QuantizeToNhwc(const float* x, size_t C, size_t hw, size_t p0, size_t p1, float scale, int32_t zp, bool is_signed,
+                    uint8_t* y);
 
 // y[r, n] = y[r, n] * scale[n] (+ bias[n]) over a rows x n row-major float matrix: the second rounding
 // of the float outputs ORT computes as (float(acc) * a_scale) * b_scale[n].

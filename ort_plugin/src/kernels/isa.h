@@ -10,6 +10,10 @@ using MinMaxFn = void (*)(const float* x, size_t n, float* lo, float* hi);
 using QuantizeU8Fn = void (*)(const float* x, size_t n, float scale, uint8_t zp, uint8_t* q);
 // y[p * ld + c] = t[c * 256 + x[p * ld + c]] for p < pixels, c < C (t padded by 3 readable bytes; rows ld >= C
 // bytes apart, the bytes between them untouched); C = 1: one table over `pixels` contiguous bytes (ld unused).
+// One image's pixels [p0, p1) of x (NCHW floats, C planes of hw) quantized into y (NHWC bytes, C per pixel) as
+// QuantizeLinear does: saturate(round_half_even(x / scale) + zp), NaN -> the bottom code (QuantizeToNhwc).
+using QuantizeNhwcFn = void (*)(const float* x, size_t C, size_t hw, size_t p0, size_t p1, float scale, int32_t zp,
+                                bool is_signed, uint8_t* y);
 using ChannelLutFn = void (*)(const uint8_t* t, size_t C, const uint8_t* x, uint8_t* y, size_t pixels, size_t ld);
 // Whether the AVX-512 byte tables may use AVX512-VBMI where the CPU has it (default on; the kernel tests turn it
 // off to check the gather path).
@@ -25,6 +29,7 @@ struct IsaKernels {
   MinMaxFn minmax;                 // dynamic quantization's range; nullptr: the scalar loop
   QuantizeU8Fn quantize_u8;        // dynamic quantization's q = saturate(round(x / scale) + zp); nullptr: scalar
   ChannelLutFn channel_lut;        // the EP's (per-channel) byte tables; nullptr: the scalar loop
+  QuantizeNhwcFn quantize_nhwc;    // the EP's region inputs (an image's QuantizeLinear); nullptr: the scalar loop
 };
 
 const IsaKernels& KernelsFor(Isa isa);

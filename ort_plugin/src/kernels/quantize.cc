@@ -40,4 +40,18 @@ void QuantizeLinearU8(const float* x, size_t n, float scale, uint8_t zp, uint8_t
   }
 }
 
+void QuantizeToNhwc(const float* x, size_t C, size_t hw, size_t p0, size_t p1, float scale, int32_t zp, bool is_signed,
+                    uint8_t* y) {
+  if (const QuantizeNhwcFn vec = KernelsFor(ActiveIsa()).quantize_nhwc)
+    return vec(x, C, hw, p0, p1, scale, zp, is_signed, y);
+  const float lo = static_cast<float>((is_signed ? -128 : 0) - zp),
+              hi = static_cast<float>((is_signed ? 127 : 255) - zp);
+  for (size_t p = p0; p < p1; ++p)
+    for (size_t c = 0; c < C; ++c) {
+      const float f = x[c * hw + p] / scale;
+      const float clamped = f == f ? std::min(std::max(f, lo), hi) : lo;  // NaN: the bottom code, as ORT's
+      y[p * C + c] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(clamped)) + zp);
+    }
+}
+
 }  // namespace qie
