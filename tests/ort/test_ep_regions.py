@@ -1063,3 +1063,34 @@ def test_input_quantize_read_outside_stays_with_ort():
     want = session(model, options(qie=False)).run(None, {"x": x})
     for g, w in zip(got, want):
         assert_equals_ort(g, w)
+
+
+@needs_ep
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_input_quantize_portable_path(isa):
+    """The input quantizer's portable loop (ISA paths without a vector one; the EP library reads QIE_ISA when it
+    loads, hence a fresh process): ORT's codes for C = 3 and 5, u8 and s8, with the special values."""
+    import subprocess
+    import sys
+
+    if isa not in qie_ep.supported_isas():
+        pytest.skip(f"{isa} not on this CPU")
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "import numpy as np\n"
+        "from test_ep_regions import input_q_model, special_input, assert_equals_ort\n"
+        "from qie_ep.session import options, session\n"
+        "rng = np.random.default_rng(9)\n"
+        "for c in (3, 5):\n"
+        "    for signed in (False, True):\n"
+        "        m = input_q_model(rng, c, signed)\n"
+        "        x = special_input(rng, (2, c, 9, 7), 0.037, 3 if signed else 131, signed)\n"
+        "        assert_equals_ort(session(m, options(qie=True)).run(None, {'x': x})[0],\n"
+        "                          session(m, options(qie=False)).run(None, {'x': x})[0], f'{c} {signed}')\n"
+        "import qie_ep; assert qie_ep.ep_stats()['region_runs'] >= 4, qie_ep.ep_stats()\n"
+        "print('ok')\n")
+    here = __import__("pathlib").Path(__file__).resolve().parent
+    env = dict(__import__("os").environ, QIE_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code, str(here), str(here.parent)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-2000:]

@@ -118,6 +118,8 @@ MUTATIONS = [
              "if (lut) return lut(t, cols, y, y, rows, ldy);", "if (lut) return lut(t, cols, y, y, rows, cols);"),
     Mutation("EP quantizer takes NaN to the zero point (ORT: the bottom code)", "ep/units.h",
              "x = x == x ? x : lo;", "x = x == x ? x : 0.0f;"),
+    Mutation("portable input quantizer takes NaN to the zero point", "kernels/quantize.cc",
+             "std::min(std::max(f, lo), hi) : lo;", "std::min(std::max(f, lo), hi) : 0.0f;"),
     Mutation("region input quantizer (C = 3) keeps each pixel's fourth byte", "kernels/x86/quantize_avx512.cc",
              "if (C == 3) w = _mm512_permutexvar_epi32", "if (C == 5) w = _mm512_permutexvar_epi32", "avx512vnni"),
     Mutation("region input quantizer clamps NaN to the top code", "kernels/x86/quantize_avx512.cc",
