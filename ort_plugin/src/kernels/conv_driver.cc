@@ -190,26 +190,46 @@ void GatherRows(const ConvShape& s, const uint8_t* x, size_t g, size_t Cg, size_
   const uint8_t* x_end = x + s.batch * s.in_pixels() * C;
   const __m128i zero = _mm_setzero_si128();
 #endif
-  for (size_t r = 0; r < n; ++r, o.Next(s)) {
-    uint8_t* d = dst + r * kp;
-    const ptrdiff_t id0 = o.od * st_d - pd, ih0 = o.oh * st_h - ph, iw0 = o.ow * st_w - pw;
-    if (id0 < 0 || id0 + span_d >= in_d || ih0 < 0 || ih0 + span_h >= in_h || iw0 < 0 || iw0 + span_w >= in_w) {
-      GatherRow(s, x, g, Cg, o, flip, pad_val, kp, d);
-      continue;
+  // Output columns whose window's width lies inside the image: [first, last] (an interval, maybe empty).
+  const ptrdiff_t first = (pw + st_w - 1) / st_w;
+  const ptrdiff_t last = in_w - 1 - span_w + pw >= 0 ? (in_w - 1 - span_w + pw) / st_w : -1;
+  const size_t step = size_t(st_w) * C;
+  for (size_t r = 0; r < n;) {  // the range's part of one output row at a time
+    const ptrdiff_t ow0 = o.ow, ow_end = ow0 + ptrdiff_t(std::min<size_t>(n - r, s.out[2] - size_t(o.ow)));
+    const ptrdiff_t id0 = o.od * st_d - pd, ih0 = o.oh * st_h - ph;
+    const bool rows_in = id0 >= 0 && id0 + span_d < in_d && ih0 >= 0 && ih0 + span_h < in_h;
+    const ptrdiff_t lo = rows_in ? std::min(std::max(first, ow0), ow_end) : ow_end;
+    const ptrdiff_t hi = rows_in ? std::max(lo, std::min(last + 1, ow_end)) : ow_end;
+    OutPixel at = o;
+    for (ptrdiff_t ow = ow0; ow < lo; ++ow, ++r) {  // borders (and rows outside): GatherRow
+      at.ow = ow;
+      GatherRow(s, x, g, Cg, at, flip, pad_val, kp, dst + r * kp);
     }
-    const uint8_t* base = x + (((o.b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] + size_t(iw0)) * C;
+    // The interior: a tight loop, the window's first byte one stride along per pixel.
+    const uint8_t* base =
+        lo < hi ? x + (((o.b * s.in[0] + size_t(id0)) * s.in[1] + size_t(ih0)) * s.in[2] + size_t(lo * st_w - pw)) * C
+                : nullptr;
+    for (ptrdiff_t ow = lo; ow < hi; ++ow, ++r, base += step) {
+      uint8_t* d = dst + r * kp;
 #if defined(__SSE2__)
-    if (wide_copies && r + 1 < n && base + off[runs - 1] + chunks * 16 <= x_end) {
-      for (size_t j = 0; j < runs; ++j)
-        for (size_t c = 0; c < chunks; ++c)
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * run + 16 * c),
-                           _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + off[j] + 16 * c)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + K), zero);
-      continue;
-    }
+      if (wide_copies && r + 1 < n && base + off[runs - 1] + chunks * 16 <= x_end) {
+        for (size_t j = 0; j < runs; ++j)
+          for (size_t c = 0; c < chunks; ++c)
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(d + j * run + 16 * c),
+                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + off[j] + 16 * c)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + K), zero);
+        continue;
+      }
 #endif
-    for (size_t j = 0; j < runs; ++j) CopyBytes(d + j * run, base + off[j], run);
-    for (size_t k = K; k < kp; ++k) d[k] = 0;
+      for (size_t j = 0; j < runs; ++j) CopyBytes(d + j * run, base + off[j], run);
+      for (size_t k = K; k < kp; ++k) d[k] = 0;
+    }
+    for (ptrdiff_t ow = hi; ow < ow_end; ++ow, ++r) {
+      at.ow = ow;
+      GatherRow(s, x, g, Cg, at, flip, pad_val, kp, dst + r * kp);
+    }
+    o.ow = ow_end - 1;  // the segment's last pixel, then on to the next row's first
+    o.Next(s);
   }
 }
 
