@@ -44,17 +44,26 @@ inline void SetRow(uintptr_t& dst, const uint8_t* row) { dst = reinterpret_cast<
 template <class Row>
 inline void TapPointers(const ConvShape& s, const ConvArgs& a, const uint8_t* zrow, size_t b, const PixelWalk& w,
                         Row* ptrs) {
-  const ptrdiff_t od = w.od, oh = w.oh, ow = w.ow;
+  // The shape in locals: the stores through ptrs (uintptr_t, the type of size_t) could otherwise alias its fields and
+  // reload them on every tap (5x5 windows at the borders of small images made this a visible cost).
+  const ptrdiff_t in_d = ptrdiff_t(s.in[0]), in_h = ptrdiff_t(s.in[1]), in_w = ptrdiff_t(s.in[2]);
+  const size_t kd_n = s.k[0], kh_n = s.k[1], kw_n = s.k[2], C = s.C;
+  const ptrdiff_t dil_d = ptrdiff_t(s.dil[0]), dil_h = ptrdiff_t(s.dil[1]), dil_w = ptrdiff_t(s.dil[2]);
+  const ptrdiff_t id0 = w.od * ptrdiff_t(s.stride[0]) - ptrdiff_t(s.pad[0]);
+  const ptrdiff_t ih0 = w.oh * ptrdiff_t(s.stride[1]) - ptrdiff_t(s.pad[1]);
+  const ptrdiff_t iw0 = w.ow * ptrdiff_t(s.stride[2]) - ptrdiff_t(s.pad[2]);
+  const uint8_t* x = a.x;
   size_t t = 0;
-  for (size_t kd = 0; kd < s.k[0]; ++kd) {
-    const ptrdiff_t id = od * ptrdiff_t(s.stride[0]) + ptrdiff_t(kd * s.dil[0]) - ptrdiff_t(s.pad[0]);
-    for (size_t kh = 0; kh < s.k[1]; ++kh) {
-      const ptrdiff_t ih = oh * ptrdiff_t(s.stride[1]) + ptrdiff_t(kh * s.dil[1]) - ptrdiff_t(s.pad[1]);
-      const bool row_in = id >= 0 && id < ptrdiff_t(s.in[0]) && ih >= 0 && ih < ptrdiff_t(s.in[1]);
-      const size_t base = row_in ? ((b * s.in[0] + size_t(id)) * s.in[1] + size_t(ih)) * s.in[2] : 0;
-      for (size_t kw = 0; kw < s.k[2]; ++kw, ++t) {
-        const ptrdiff_t iw = ow * ptrdiff_t(s.stride[2]) + ptrdiff_t(kw * s.dil[2]) - ptrdiff_t(s.pad[2]);
-        SetRow(ptrs[t], row_in && iw >= 0 && iw < ptrdiff_t(s.in[2]) ? a.x + (base + size_t(iw)) * s.C : zrow);
+  for (size_t kd = 0; kd < kd_n; ++kd) {
+    const ptrdiff_t id = id0 + ptrdiff_t(kd) * dil_d;
+    for (size_t kh = 0; kh < kh_n; ++kh) {
+      const ptrdiff_t ih = ih0 + ptrdiff_t(kh) * dil_h;
+      const bool row_in = id >= 0 && id < in_d && ih >= 0 && ih < in_h;
+      const uint8_t* row = row_in ? x + ((b * size_t(in_d) + size_t(id)) * size_t(in_h) + size_t(ih)) * size_t(in_w) * C
+                                  : nullptr;
+      for (size_t kw = 0; kw < kw_n; ++kw, ++t) {
+        const ptrdiff_t iw = iw0 + ptrdiff_t(kw) * dil_w;
+        SetRow(ptrs[t], row_in && iw >= 0 && iw < in_w ? row + size_t(iw) * C : zrow);
       }
     }
   }
