@@ -59,8 +59,8 @@ inline void TapPointers(const ConvShape& s, const ConvArgs& a, const uint8_t* zr
     for (size_t kh = 0; kh < kh_n; ++kh) {
       const ptrdiff_t ih = ih0 + ptrdiff_t(kh) * dil_h;
       const bool row_in = id >= 0 && id < in_d && ih >= 0 && ih < in_h;
-      const uint8_t* row = row_in ? x + ((b * size_t(in_d) + size_t(id)) * size_t(in_h) + size_t(ih)) * size_t(in_w) * C
-                                  : nullptr;
+      const uint8_t* row =
+          row_in ? x + ((b * size_t(in_d) + size_t(id)) * size_t(in_h) + size_t(ih)) * size_t(in_w) * C : nullptr;
       for (size_t kw = 0; kw < kw_n; ++kw, ++t) {
         const ptrdiff_t iw = iw0 + ptrdiff_t(kw) * dil_w;
         SetRow(ptrs[t], row_in && iw >= 0 && iw < in_w ? row + size_t(iw) * C : zrow);
