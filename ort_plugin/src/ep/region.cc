@@ -13,7 +13,9 @@
 //
 // The step kernels are in region_steps.cc, the compiled form in region_plan.h.
 //
-// Execution: each region input is transposed once from NCHW to NHWC into a buffer slot; units run in
+// Execution: each region input is transposed once from NCHW to NHWC into a buffer slot (an input that a QuantizeLinear
+// of a 4-D float tensor produced, read only by the region, is that float tensor quantized straight into the slot: the
+// QuantizeLinear joins the region, see InputQuantizer); units run in
 // topological order on slots (per-thread, planned at Compile by liveness, grown and never shrunk: no steady-state
 // allocation); consecutive tables are composed at Compile and applied in place; each region output is
 // transposed back to NCHW into the fused node's output as soon as it is produced.

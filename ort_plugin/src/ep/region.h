@@ -3,9 +3,12 @@
 //
 // A region is a set of units whose input DequantizeLinears have all their consumers in the region, convex in
 // the graph (no path leaves it and comes back), with at least `min_conv_units` convolutions. Its inputs are the
-// quantized tensors its DequantizeLinears read from outside; its outputs are its QuantizeLinears' results that
-// nodes outside (or the graph's outputs) read. Matching (which nodes) is here; planning (shapes, packed weights,
-// composed tables, buffer slots) happens at Compile; execution runs the units in topological order.
+// quantized tensors its DequantizeLinears read from outside (or, where such a tensor is a per-tensor QuantizeLinear's
+// output of a 4-D float tensor that only the region reads and that depends on nothing in it, that float tensor: the
+// QuantizeLinear joins the region and runs on entry, an image's input quantization); its outputs are its
+// QuantizeLinears' results that nodes outside (or the graph's outputs) read. Matching (which nodes) is here; planning
+// (shapes, packed weights, composed tables, buffer slots) happens at Compile; execution runs the units in topological
+// order.
 #pragma once
 #include <onnxruntime_c_api.h>
 
