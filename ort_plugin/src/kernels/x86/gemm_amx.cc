@@ -17,9 +17,10 @@
 // more than the vector kernel's (under 4 rows, 1-3 rows past 16, K under 33) the AVX-512 VNNI tiles run.
 //
 // Tile configuration: all eight tiles 16 rows x 64 bytes, which is what MLAS (ONNX Runtime's kernels) loads once
-// per thread and then assumes (its AMX kernels never reload it). Each call checks the thread's configuration
-// (sttilecfg), loads this one only when it differs, and puts back a different one it found (another library's) when
-// it returns, so ORT's AMX kernels and qie's can share a thread in any order.
+// per thread and then assumes (its AMX kernels never reload it). The outermost tile scope on a thread (a driver's
+// task, a region run, or a kernel call made outside both) checks the thread's configuration (sttilecfg), loads this
+// one only when it differs, and puts back a different one it found (another library's) when it ends, so ORT's AMX
+// kernels and qie's can share a thread in any order.
 #include <immintrin.h>
 
 #include <chrono>
