@@ -18,6 +18,7 @@ from tvm import relax
 
 from .schedules import isa as _isa
 
+from .dynamic import dynamic_range_pass
 from .frontend import from_onnx
 from .legalize import legalize_map
 from .rewrite import Unsupported, rewrite
@@ -40,14 +41,16 @@ def isa_for(target) -> str:
 
 def rewrite_pass(target) -> tvm.transform.Pass:
     """qie's Relax pass alone: sizes the graph computes from its input shapes folded into expressions
-    (``qie_ep.tvm.shapes``), then quantized groups -> calls to qie's scheduled PrimFuncs."""
+    (``qie_ep.tvm.shapes``), then quantized groups -> calls to qie's scheduled PrimFuncs; on CPU targets
+    DynamicQuantizeLinear's scale and zero point from one vectorized pass (``qie_ep.tvm.dynamic``)."""
     t = _target(target)
     isa = _isa.for_target(t)
     ktarget = _isa.kernel_target(t) if t.kind.name == "llvm" else None
 
     @tvm.transform.module_pass(opt_level=0, name="qie.RewriteQuantized")
     def _rewrite(mod, _ctx):
-        return rewrite(fold_shapes_pass()(mod), isa, ktarget, t)
+        mod = rewrite(fold_shapes_pass()(mod), isa, ktarget, t)
+        return dynamic_range_pass(ktarget)(mod) if ktarget is not None else mod
 
     return _rewrite
 

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tvm_helpers import HOST, compile_model, tvm
+from tvm_helpers import HOST, compile_model, qtvm, tvm
+
+from qie_ep import reference
 
 from qie_ep.tvm import cpu_rules
 from qie_ep.tvm import _cpu_passes, rewrite_pass  # noqa: PLC2701 - the pipeline's own stages
@@ -237,21 +239,66 @@ def test_quantize_rounds_half_to_even_like_ort():
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("x", [np.zeros((4, 8), np.float32), np.full((4, 8), 0.0, np.float32) - 0.5,
-                               np.linspace(-1.0, 3.0, 32, dtype=np.float32).reshape(4, 8)])
-def test_dynamic_quantize_linear_like_ort(x):
+def _dql_inputs():
+    """Sizes around the range kernel's 64-element blocks and 16-lane vectors (below one vector, exact
+    multiples, one more / fewer), and values where the range is empty, one-sided, or has its min / max in
+    the last element (the overlapping last vector) or the first."""
+    out = [np.zeros((4, 8), np.float32), np.full((4, 8), -0.5, np.float32),
+           np.linspace(-1.0, 3.0, 32, dtype=np.float32).reshape(4, 8)]
+    for n in (1, 7, 15, 16, 17, 63, 64, 65, 80, 127, 1000, 15 * 1536):
+        x = RNG.standard_normal((1, n)).astype(np.float32)
+        out.append(x)
+        y = np.abs(x) + 0.25
+        y[0, -1] = 9.0               # max in the last element, range all positive
+        out.append(y)
+        z = -np.abs(x) - 0.125
+        z[0, 0] = -7.0               # min in the first element, range all negative
+        out.append(z)
+    return out
+
+
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic"])
+@pytest.mark.parametrize("x", _dql_inputs(), ids=lambda x: "x".join(map(str, x.shape)))
+def test_dynamic_quantize_linear_like_ort(x, symbolic):
     """ORT: scale 1 when the range is empty (TVM's converter divided by zero), zero point rounded half to
-    even, as qie_ep.reference.dynamic_quantize_linear."""
+    even, as qie_ep.reference.dynamic_quantize_linear; the scale and zero point from qie's one-pass range
+    kernel (``qie_ep.tvm.dynamic``), for static and symbolic sizes."""
     import onnxruntime as ort
-    from qie_ep import reference
-    m = _model([helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])], [_vi("x", [4, 8])],
+    shape = ["a", "b"] if symbolic else list(x.shape)
+    m = _model([helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])], [_vi("x", shape)],
                [_vi("y", None, TensorProto.UINT8), _vi("s", None), _vi("z", None, TensorProto.UINT8)])
     want = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    got = compile_model(m)[0]({"x": x})
+    run, kernels = compile_model(m)
+    assert [k.startswith("qie_dynamic_range_") for k in kernels] == [True]
+    got = run({"x": x})
     ref = reference.dynamic_quantize_linear(x)
     for g, w, r in zip(got, want, ref):
         np.testing.assert_array_equal(g, w)
         np.testing.assert_array_equal(g, r)
+
+
+def test_dynamic_range_kernel_shared_and_declined():
+    """Two DynamicQuantizeLinear of one tensor share one range call; a range whose pieces are not exactly
+    the frontend's (a hand-written min / max with another divisor) is left to TVM's lowering."""
+    from qie_ep.tvm.dynamic import dynamic_range_pass
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"]),
+             helper.make_node("DynamicQuantizeLinear", ["x"], ["y2", "s2", "z2"]),
+             helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0), helper.make_node("ReduceMin", ["x"], ["mn"], keepdims=0),
+             helper.make_node("Sub", ["mx", "mn"], ["span"]), helper.make_node("Div", ["span", "d"], ["s3"])]
+    m = _model(nodes, [_vi("x", [3, 40])], [_vi("y", None, TensorProto.UINT8), _vi("s", None), _vi("z", None, TensorProto.UINT8),
+                                           _vi("y2", None, TensorProto.UINT8), _vi("s3", None)],
+               [_const("d", np.float32(255.0))])
+    mod = dynamic_range_pass()(qtvm.from_onnx(m))
+    ranges = [gv for gv, f in mod.functions_items() if "qie_dynamic_range" in gv.name_hint]
+    assert len(ranges) == 1
+    text = mod["main"].script()
+    assert text.count("qie_dynamic_range") == 1 and "R.max(" in text and "R.min(" in text
+    x = RNG.standard_normal((3, 40)).astype(np.float32)
+    y, s, z, y2, s3 = compile_model(m)[0]({"x": x})
+    ry, rs, rz = reference.dynamic_quantize_linear(x)
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(y2, ry)
+    assert s == rs and z == rz and s3 == np.float32(np.float32(x.max() - x.min()) / np.float32(255))
 
 
 def test_symbolic_shapes_compile_without_fusion(caplog):
