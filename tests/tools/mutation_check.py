@@ -131,6 +131,8 @@ MUTATIONS = [
              "_mm512_min_ps(_mm512_max_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, plane + p), vs), vlo), vhi)",
              "_mm512_min_ps(_mm512_max_ps(vlo, _mm512_div_ps(_mm512_maskz_loadu_ps(m, plane + p), vs)), vhi)",
              "avx512vnni"),
+    Mutation("EP takes a two-input Sum as a product", "ep/region.cc",
+             "s.op = op == \"Add\" || op == \"Sum\" ? '+'", "s.op = op == \"Add\" ? '+'"),
     # AMX (checked only where the CPU has it)
     Mutation("AMX snake multiplies its second 16 rows with the first's A", "kernels/x86/gemm_amx.cc",
              "const uint8_t* a1 = a + kTileRows * lda;", "const uint8_t* a1 = a;", "amx"),

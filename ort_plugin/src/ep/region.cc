@@ -587,7 +587,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       PlanConv(u, &s);
     } else if (u.kind == UnitKind::kBinary) {
       const std::string op = OpType(u.op);
-      s.op = op == "Add" ? '+' : op == "Sub" ? '-' : '*';
+      s.op = op == "Add" || op == "Sum" ? '+' : op == "Sub" ? '-' : '*';
       if (u.nodes.size() > 2) {
         const std::vector<const OrtNode*> tail(u.nodes.begin() + 1, u.nodes.end() - 1);
         s.tail = CompileProgram(Outputs(u.op)[0], tail, u.q);

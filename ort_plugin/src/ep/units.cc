@@ -519,7 +519,7 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
         ok = MatchConv(n, &u, &o);
       else if (op == "DequantizeLinear")
         ok = MatchTable(n, &u);
-      else if (op == "Add" || op == "Sub" || op == "Mul")
+      else if (op == "Add" || op == "Sub" || op == "Mul" || op == "Sum")  // Sum of two: Add (opset <= 12 exports)
         ok = MatchMultiInput(n, UnitKind::kBinary, 2, 2, &u);
       else if (op == "GlobalAveragePool")
         ok = MatchMultiInput(n, UnitKind::kGap, 1, 1, &u);
