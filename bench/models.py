@@ -5,7 +5,8 @@ ORT and INT8 (quantize_static per-channel with ORT's op set, QDQ and QOperator; 
 --per-channel` file, "qdq qie-quantize"); MiniLM-L6 (one sentence) as the
 demo quantizes it (`qie quantize`'s code: static QDQ of every MatMul, and with --accuracy-budget 0.01); two
 torch-built architectures the demo lacks (qie_ep.demo.synthetic: a TransformerEncoder, a MobileNetV2-like CNN;
-seeded weights, `qie quantize --per-channel`). Each INT8
+seeded weights, `qie quantize --per-channel`); on request (`--models resnet50 ...`) the onnx wheel's Caffe2 CNNs
+(qie_ep.demo.zoo, random weights, `qie quantize --per-channel`). Each INT8
 model on ORT's built-in kernels, on ORT + qie's custom ops alone and with qie's execution provider (where ORT has
 the EP API), and the same INT8 file on OpenVINO where it is installed (its CPU plugin's latency defaults, in the
 same process, interleaved); ORT_ENABLE_ALL, 1 and 2 threads, sessions in one process, interleaved (pools not spinning, so no
@@ -26,6 +27,7 @@ import onnx
 import qie_ep
 from bench.common import OUT, environment, interleaved_median, session, write_jsonl
 from qie_ep.demo import vision as V
+from qie_ep.demo import zoo
 from qie_ep.hosts import OpenVINOModel, failure_line, has_module
 
 
@@ -35,7 +37,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--steps", type=int, default=0, help="also list each EP row's N slowest region steps")
     ap.add_argument("--models", nargs="+", default=["ppocr_rec", "orientation", "minilm", "encoder", "mbnet", "detector"],
-                    help="demo models, and qie_ep.demo.synthetic's torch-built encoder / mbnet / detector (seeded weights)")
+                    help="demo models, qie_ep.demo.synthetic's torch-built encoder / mbnet / detector (seeded weights), and "
+                         f"the onnx wheel's Caffe2 CNNs (qie_ep.demo.zoo: {', '.join(zoo.NAMES)})")
     args = ap.parse_args(argv)
     env = environment()
     print(f"# {env['cpu']} | ORT {env['onnxruntime']} | qie {env['qie']} ({env['isa']}) | ORT_ENABLE_ALL, batch 1")
@@ -145,6 +148,11 @@ def cases(names):
             fp32, int8 = synthetic.model(name)
             int8_bytes = qie_ep.with_contrib_opset(onnx.load(str(int8))).SerializeToString()  # the custom-ops column
             yield name, "qdq", fp32.read_bytes(), int8_bytes, {"x": synthetic.inputs(name, 1, seed=5)[0]}
+            continue
+        if name in zoo.NAMES:  # the onnx wheel's Caffe2 CNNs, random weights, qie quantize'd (qie_ep.demo.zoo)
+            fp32, int8 = zoo.model(name)
+            model = qie_ep.with_contrib_opset(onnx.load(str(int8)))
+            yield name, "qdq", fp32.read_bytes(), model.SerializeToString(), zoo.inputs(model, 1, seed=5)[0]
             continue
         if name == "minilm":
             from qie_ep.demo.__main__ import minilm_cases
