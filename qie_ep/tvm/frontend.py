@@ -257,7 +257,21 @@ class Reshape(_F.Reshape):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
+class Sum(_F.Sum):
+    """Pairwise adds, left to right (ONNX's broadcasting Sum; ORT's order). TVM's converter stacks the
+    inputs (each broadcast to the output shape, copied) and reduces over the new axis: a residual Sum of two
+    56 x 56 x 256 activations took ~1.5 ms on it, ~16 of ResNet-50's (Caffe2 export) 47 ms; as an add it
+    fuses with its neighbours."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if all(isinstance(i, tvm.ir.GenericConst) for i in inputs):
+            return super()._impl_v1(bb, inputs, attr, params)
+        return cls._impl_dynamic(bb, inputs)
+
+
 CONVERTERS = {
+    "Sum": Sum,
     "Reshape": Reshape,
     "MaxPool": _same_pool(_F.MaxPool),
     "AveragePool": _same_pool(_F.AveragePool),

@@ -97,6 +97,18 @@ class _Rewriter(PyExprMutator):
             return None
         return _Operand(c.args[0], c.args[2], c.args[1], int(c.attrs.axis))
 
+    def _transposed_dequant(self, e) -> _Operand | None:
+        """``permute_dims(dequantize(W), [1, 0])`` of a 2-D constant W (a Gemm with transB = 1): the dequantize
+        of W's transpose (its per-channel axis swapped), so the weights pack like a MatMul's."""
+        t = self._call(e, "relax.permute_dims")
+        if t is None:
+            return None
+        dq = self._dequant(t.args[0])
+        axes = None if t.attrs.axes is None else [int(a) for a in t.attrs.axes]
+        if dq is None or axes not in (None, [1, 0]) or len(_shape(dq.data) or []) != 2:
+            return None
+        return _Operand(relax.op.permute_dims(dq.data, [1, 0]), dq.zp, dq.scale, 1 - dq.axis % 2)
+
     def _widened(self, e) -> _Operand | None:
         """``[sub](astype(x, int32), zp)`` with x u8/s8."""
         zp = None
@@ -197,6 +209,8 @@ class _Rewriter(PyExprMutator):
     def _group(self, call, quant):
         x, w = call.args[0], call.args[1]
         xo, wo = self._dequant(x), self._dequant(w)
+        if wo is None and call.op.same_as(_op("relax.matmul")):
+            wo = self._transposed_dequant(w)
         integer = False
         if xo is None or wo is None:
             if quant is not None:

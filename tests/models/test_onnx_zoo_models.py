@@ -6,6 +6,7 @@ DenseNet included); at the other levels within cosine 0.9999 of the QDQ graph's 
 the spec: a fused region's codes may sit one step from the float graph's); the EP claims the convolutions (ShuffleNet
 and ResNet-50's residuals once `Sum` became a binary unit: 33 of ShuffleNet's 49 convolutions were ORT's before).
 Without the EP (custom ops only), the model importing the com.microsoft opset (``with_contrib_opset``): equal to ORT.
+TVM + qie on ResNet-50: every convolution and the classifier on qie's kernels, outputs as ORT INT8's.
 """
 from __future__ import annotations
 
@@ -73,3 +74,19 @@ def test_custom_ops_only_equal_ort(quantized):
     sess, ref = session(model, so), session(model, level="all")
     for x in xs:
         np.testing.assert_array_equal(sess.run(None, x)[0], ref.run(None, x)[0], err_msg=name)
+
+
+def test_resnet50_on_tvm_qie():
+    """TVM + qie imports the Caffe2 ResNet-50 as `qie quantize` wrote it: every convolution and the transB
+    classifier Gemm on qie's kernels (the Gemm's weights reach the rewrite transposed), its Sum residuals as adds;
+    outputs as ORT INT8's (measured: equal)."""
+    pytest.importorskip("tvm")
+    from qie_ep.tvm.runner import compile_onnx
+
+    fp32, int8 = zoo.model("resnet50")
+    model = onnx.load(str(int8))
+    c = compile_onnx(model)
+    assert len(c.kernels) == 54, c.kernels
+    ref = session(str(int8), level="all")
+    for x in zoo.inputs(model, 2, seed=2):
+        assert _cos(c.run(x)[0], ref.run(None, x)[0]) > 0.9999

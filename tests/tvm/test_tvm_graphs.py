@@ -275,17 +275,23 @@ def test_dynamic_quantize_matmul():
     np.testing.assert_allclose(got, want, atol=bound, rtol=0)
 
 
-def qdq_mlp(tmp_path, rng):
-    """A float MLP quantized by ORT's quantize_static (QDQ, per-channel)."""
+def qdq_mlp(tmp_path, rng, gemm=False):
+    """A float MLP quantized by ORT's quantize_static (QDQ, per-channel); ``gemm``: Gemm layers with transB = 1
+    and a bias (weights stored [N, K], as Caffe2 and torch.nn.Linear exports write them)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     k, h, n = 64, 96, 40
     w1 = rng.standard_normal((k, h)).astype(np.float32) * 0.2
     w2 = rng.standard_normal((h, n)).astype(np.float32) * 0.2
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(w1.T.copy() if gemm else w1, "w1"), numpy_helper.from_array(w2.T.copy() if gemm else w2, "w2")]
+    if gemm:
+        inits += [numpy_helper.from_array(rng.standard_normal(h).astype(np.float32), "b1"),
+                  numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b2")]
+        layer = lambda x, i, y: helper.make_node("Gemm", [x, f"w{i}", f"b{i}"], [y], transB=1)  # noqa: E731
+    else:
+        layer = lambda x, i, y: helper.make_node("MatMul", [x, f"w{i}"], [y])  # noqa: E731
+    nodes = [layer("x", 1, "h"), helper.make_node("Relu", ["h"], ["r"]), layer("r", 2, "y")]
     g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
-                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])], inits)
     fp32 = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     fp32.ir_version = 8
     src, dst = tmp_path / "mlp.onnx", tmp_path / "mlp.qdq.onnx"
@@ -303,10 +309,13 @@ def qdq_mlp(tmp_path, rng):
     return onnx.load(dst)
 
 
-def test_qdq_graph_matches_ort(tmp_path):
+@pytest.mark.parametrize("gemm", [False, True], ids=["matmul", "gemm_transB"])
+def test_qdq_graph_matches_ort(tmp_path, gemm):
     """quantize_static QDQ: both MatMuls become requantizing qie kernels; ORT (EXTENDED) fuses the same
-    groups into QLinearMatMul. Inputs and outputs are float, so Q/DQ at the edges run in each host."""
-    model = qdq_mlp(tmp_path, np.random.default_rng(1))
+    groups into QLinearMatMul. Inputs and outputs are float, so Q/DQ at the edges run in each host. A Gemm with
+    transB = 1 reaches the rewrite as matmul(x, permute_dims(dequantize(W))): the same kernels (it was left
+    float, and constant folding then dequantized its weights: ResNet-50's classifier, 3.9 ms as a float matmul)."""
+    model = qdq_mlp(tmp_path, np.random.default_rng(1), gemm)
     fn, kernels = compile_model(model)
     assert len(kernels) == 2 and all(k.startswith("qie_matmul_u8s8_u8") for k in kernels), kernels
     x = np.random.default_rng(2).standard_normal((5, 64)).astype(np.float32)
@@ -317,6 +326,24 @@ def test_qdq_graph_matches_ort(tmp_path):
     # other way (float32 x / scale computed as a multiply by 1/scale): at most one output step.
     assert np.abs(got - want).max() <= y_scale * 1.0001
     assert np.mean(got == want) > 0.95
+
+
+@pytest.mark.parametrize("shapes", [[(2, 8, 5, 5), (2, 8, 5, 5)], [(2, 8, 5, 5), (1, 8, 1, 1), (5,)]],
+                         ids=["two", "three_broadcast"])
+def test_sum_is_pairwise_adds(shapes):
+    """ONNX Sum (opset <= 12 exports' residuals) imports as adds, left to right: TVM's converter stacked the
+    broadcast inputs and reduced them (a copy of every input per call); the result is ORT's."""
+    names = [f"x{i}" for i in range(len(shapes))]
+    g = helper.make_graph([helper.make_node("Sum", names, ["y"])], "s",
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in zip(names, shapes)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)], ir_version=8)
+    text = qtvm.from_onnx(model)["main"].script()
+    assert "R.stack" not in text and text.count("R.add(") == len(shapes) - 1, text
+    feeds = {n: RNG.standard_normal(s).astype(np.float32) for n, s in zip(names, shapes)}
+    got, = compile_model(model)[0](feeds)
+    want, = run(model, feeds, qie=False, level="all")
+    np.testing.assert_array_equal(got, want)
 
 
 def test_float_graph_is_untouched():
