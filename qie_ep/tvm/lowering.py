@@ -129,8 +129,8 @@ class CudaMatmul:
 
 
 class X86Conv2d:
-    """conv2d (NCHW / OIHW, group 1 or depthwise, static C and H, any width) on the x86 (and generic) conv
-    kernels."""
+    """conv2d (NCHW / OIHW, group 1, depthwise, or up to 4 groups as one dense kernel; static C and H, any
+    width) on the x86 (and generic) conv kernels."""
 
     def lower(self, rw, g: Group):
         if g.op != "conv2d" or rw.isa.kind == "cuda":
@@ -149,7 +149,7 @@ class X86Conv2d:
         pads = pads * 2 if len(pads) == 2 else pads
         groups = int(at.groups)
         if groups != 1 and not groups == c == oc:
-            raise Unsupported(f"grouped conv2d (groups={groups}) that is not depthwise")
+            return self._per_group(rw, g, groups, c, oc)
         spec = tconv.ConvSpec(_dtype(x), str(w.dtype), c, oc, h, wd, (kh, kw), tuple(int(s) for s in at.strides),
                               tuple(pads), tuple(int(d) for d in at.dilation), groups, epi)
         oh, ow = dataclasses.replace(spec, width=sh[3]).out_hw if spec.symbolic else spec.out_hw
@@ -165,6 +165,29 @@ class X86Conv2d:
                 args.append(relax.const(packed.zb))
             func = tconv.scheduled(spec, rw.isa, tile)
         return rw._emit(func, args + g.epi_ops, [sh[0], oc, oh, ow], epi.out)
+
+    MAX_DENSE_GROUPS = 4
+
+    def _per_group(self, rw, g: Group, groups: int, c: int, oc: int):
+        """A grouped conv2d that is not depthwise (ShuffleNet's 1x1 convolutions in 3 or 4 groups) as one dense
+        group-1 kernel whose weights outside each group's block are its output channel's zero point, so
+        ``w - zw`` is 0 there: the same integers, ``groups`` times the multiply-adds, one call. (TVM's own
+        lowering ran them as float conv2d; one kernel per group on channel slices, concatenated, was slower:
+        the concat fused into the next elementwise function.) More groups (ResNeXt's 32) stay TVM's."""
+        if c % groups or oc % groups or groups > self.MAX_DENSE_GROUPS:
+            raise Unsupported(f"grouped conv2d ({c} -> {oc} channels in {groups} groups)")
+        cin, cout = c // groups, oc // groups
+        zw = np.broadcast_to(np.asarray(g.zb).reshape(-1), (oc,))
+        dense = np.empty((oc, c) + g.b.shape[2:], g.b.dtype)
+        dense[...] = zw.reshape(-1, 1, 1, 1)
+        for gi in range(groups):
+            dense[gi * cout:(gi + 1) * cout, gi * cin:(gi + 1) * cin] = g.b[gi * cout:(gi + 1) * cout]
+        at = g.call.attrs
+        call = relax.op.nn.conv2d(g.a, relax.const(dense), strides=[int(v) for v in at.strides],
+                                  padding=[int(v) for v in at.padding], dilation=[int(v) for v in at.dilation], groups=1,
+                                  data_layout=str(at.data_layout), kernel_layout=str(at.kernel_layout),
+                                  out_layout=str(at.out_layout))
+        return self.lower(rw, dataclasses.replace(g, call=call, b=dense))
 
 
 # Tried in order; the first that returns a result lowers the group. (No CUDA conv2d family yet: such a

@@ -10,7 +10,8 @@ Two kernels:
    contiguous run of Xp per tap; the weights are packed in the same K order, and the epilogue writes
    NCHW directly.
 2. depthwise (``group == C == OC``): ``depthwise.py`` (explicit-vector TIR, one task per plane).
-Other grouped convolutions are left to TVM's own lowering by the Relax pass (it logs the fallback).
+Other grouped convolutions: up to 4 groups as kernel 1 with block-diagonal weights (``lowering.X86Conv2d``),
+more are left to TVM's own lowering by the Relax pass (it logs the fallback).
 """
 
 from __future__ import annotations
