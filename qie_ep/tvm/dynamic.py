@@ -22,6 +22,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from .lowering import _dtype, _shape, _static
+from .tables import flat_shape
 
 log = logging.getLogger("qie_ep.tvm")
 
@@ -36,13 +37,8 @@ def _i64(v):
 def range_primfunc(shape) -> tirx.PrimFunc:
     """``(X, S, Z)``: ``S = scale`` (float32 scalar), ``Z = zero point`` (uint8 scalar) of DynamicQuantizeLinear
     over ``X`` (float32 of ``shape``; None for a symbolic dimension), as qie's frontend writes them."""
-    dims = [_i64(d) if d is not None else tirx.Var(f"n{k}", "int64") for k, d in enumerate(shape)]
-    n = _i64(int(np.prod([d for d in shape if d is not None])))
-    for d in dims:
-        if isinstance(d, tirx.Var):
-            n = n * d
-    static = isinstance(n, tirx.IntImm)
-    name = f"qie_dynamic_range_{'x'.join(str(d) if d is not None else 'n' for d in shape)}"
+    dims, n, static, suffix = flat_shape(shape)
+    name = f"qie_dynamic_range_{suffix}"
     block = LANES * ACCS
     zero = tirx.const(0.0, "float32")
     with IRBuilder() as ib:

@@ -103,17 +103,24 @@ def table(f: tirx.PrimFunc) -> np.ndarray | None:
     return tbl
 
 
-def lookup_primfunc(shape, in_dt: str, out_dt: str, vbmi: bool) -> tirx.PrimFunc:
-    """``O[i] = T[byte(X[i])]`` over a tensor of ``shape`` (ints, None for a symbolic dimension):
-    (X, T[256], O)."""
+def flat_shape(shape) -> tuple[list, tirx.PrimExpr, bool, str]:
+    """A PrimFunc argument's ``shape`` (ints, None for a symbolic dimension) as (its int64 dims, a variable
+    for each symbolic one; the element count; whether that is static; the shape as a name suffix)."""
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     dims = [i64(d) if d is not None else tirx.Var(f"n{k}", "int64") for k, d in enumerate(shape)]
     n = i64(int(np.prod([d for d in shape if d is not None])))
     for d in dims:
         if isinstance(d, tirx.Var):
             n = n * d
-    static = isinstance(n, tirx.IntImm)
-    name = f"qie_table_{in_dt}_{out_dt}_{'x'.join(str(d) if d is not None else 'n' for d in shape)}"
+    return dims, n, isinstance(n, tirx.IntImm), "x".join(str(d) if d is not None else "n" for d in shape)
+
+
+def lookup_primfunc(shape, in_dt: str, out_dt: str, vbmi: bool) -> tirx.PrimFunc:
+    """``O[i] = T[byte(X[i])]`` over a tensor of ``shape`` (ints, None for a symbolic dimension):
+    (X, T[256], O)."""
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    dims, n, static, suffix = flat_shape(shape)
+    name = f"qie_table_{in_dt}_{out_dt}_{suffix}"
     with IRBuilder() as ib:
         with T.prim_func():
             T.func_name(name)
