@@ -149,7 +149,7 @@ class X86Conv2d:
         pads = pads * 2 if len(pads) == 2 else pads
         groups = int(at.groups)
         if groups != 1 and not groups == c == oc:
-            return self._per_group(rw, g, groups, c, oc)
+            return self._dense_groups(rw, g, groups, c, oc)
         spec = tconv.ConvSpec(_dtype(x), str(w.dtype), c, oc, h, wd, (kh, kw), tuple(int(s) for s in at.strides),
                               tuple(pads), tuple(int(d) for d in at.dilation), groups, epi)
         oh, ow = dataclasses.replace(spec, width=sh[3]).out_hw if spec.symbolic else spec.out_hw
@@ -168,7 +168,7 @@ class X86Conv2d:
 
     MAX_DENSE_GROUPS = 4
 
-    def _per_group(self, rw, g: Group, groups: int, c: int, oc: int):
+    def _dense_groups(self, rw, g: Group, groups: int, c: int, oc: int):
         """A grouped conv2d that is not depthwise (ShuffleNet's 1x1 convolutions in 3 or 4 groups) as one dense
         group-1 kernel whose weights outside each group's block are its output channel's zero point, so
         ``w - zw`` is 0 there: the same integers, ``groups`` times the multiply-adds, one call. (TVM's own
