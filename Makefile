@@ -70,7 +70,7 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py tests/ort/test_conv_errors.py tests/ort/test_ep.py \
                   tests/kernels/test_region_kernels.py 'tests/ort/test_ep_regions.py::test_resnet_like_region_equals_ort[True-False-disable]' \
                   'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[3]' 'tests/ort/test_ep_regions.py::test_random_networks_equal_ort[9]' \
-                  'tests/ort/test_ep_regions.py::test_residual_add_with_float_activation_as_qie_quantize_leaves_it[Relu-disable]' \
+                  'tests/ort/test_ep_regions.py::test_residual_add_with_float_activation_as_qie_quantize_leaves_it[Relu-Sum-disable]' \
                   'tests/ort/test_ep_regions.py::test_squeeze_excitation_with_float_prefix_as_qie_quantize_leaves_it[x*HardSigmoid(x)-disable]' \
                   'tests/ort/test_ep_regions.py::test_spatial_reduce_mean_and_prefixed_concat_as_qie_quantize_leaves_them[18-disable]' \
                   tests/ort/test_ep_softmax.py::test_softmax_unit_is_claimed_and_within_one_step tests/ort/test_ep_softmax.py::test_zero_size_rows_and_dims \

@@ -1,6 +1,7 @@
 """Classic CNNs qie was not written against: the onnx wheel's Caffe2 exports (qie_ep.demo.zoo: ResNet-50 with
 two-input Sum residuals, SqueezeNet's Concat fire modules, ShuffleNet's grouped 1x1 convolutions, channel shuffles and
-AveragePool + Concat downsampling), seeded random weights, quantized by `qie quantize --per-channel`. With qie's EP:
+AveragePool + Concat downsampling, Inception v1 / v2's branch concatenations and LRN, DenseNet-121's float dense
+blocks), seeded random weights, quantized by `qie quantize --per-channel`. With qie's EP:
 at ORT_ENABLE_ALL every output equals ORT's own INT8 run to the bit (measured on all six, ShuffleNet, Inception and
 DenseNet included); at the other levels within cosine 0.9999 of the QDQ graph's float semantics (ORT_DISABLE_ALL,
 the spec: a fused region's codes may sit one step from the float graph's); the EP claims the convolutions (ShuffleNet
@@ -22,8 +23,10 @@ pytestmark = pytest.mark.slow
 needs_ep = pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here")
 
 # convolutions the EP must take (of the model's own): ShuffleNet leaves the three 1x1 convolutions after its
-# AveragePool + Concat downsampling units (each alone between float ops) to ORT
-MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 46}
+# AveragePool + Concat downsampling units (each alone between float ops) to ORT, DenseNet-121 5 of 121 and
+# Inception v1 1 of 57 (each alone between float ops: concatenations, LRN)
+MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 46, "inception_v1": 56, "inception_v2": 69,
+                     "densenet121": 116}
 
 
 @pytest.fixture(scope="module", params=sorted(MIN_CLAIMED_CONVS))
