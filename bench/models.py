@@ -167,7 +167,8 @@ def cases(names):
             int8 = qie_ep.with_contrib_opset(onnx.load(str(V.quantized(name, fmt)))).SerializeToString()
             yield name, fmt, V.model_path(name).read_bytes(), int8, {"x": x}
         # The same model as `qie quantize --per-channel` writes it (the demo's file: ORT's pre-processing folds
-        # BatchNormalization into the convs, only Conv / MatMul / Gemm quantized), what a new user runs.
+        # BatchNormalization into the convs; Conv / MatMul / Gemm and the feature-map ops between them quantized),
+        # what a new user runs.
         from qie_ep.demo.__main__ import vision_case
 
         int8 = qie_ep.with_contrib_opset(onnx.load(str(vision_case(name, 1).int8))).SerializeToString()

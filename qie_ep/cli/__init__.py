@@ -38,13 +38,14 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
-    from qie_ep.quantization.config import DEFAULT_OP_TYPES
+    from qie_ep.quantization.config import DEFAULT_OP_TYPES, FEATURE_MAP_OP_TYPES
 
     p.add_argument("--dynamic", action="store_true", help="dynamic quantization (activations quantized at run time)")
     p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
     p.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static model format (default qdq)")
-    p.add_argument("--op-types", nargs="+", default=list(DEFAULT_OP_TYPES), metavar="OP",
-                   help=f"op types to quantize (default: {' '.join(DEFAULT_OP_TYPES)}, what qie has kernels for; "
+    p.add_argument("--op-types", nargs="+", default=None, metavar="OP",
+                   help=f"op types to quantize, exactly (default: {' '.join(DEFAULT_OP_TYPES)}, what qie has kernels "
+                        f"for, and in static QDQ models {' '.join(FEATURE_MAP_OP_TYPES)} on convolutional feature maps; "
                         "'all' for ORT's default set)")
     p.add_argument("--activation-type", choices=("u8", "s8"), default="u8", help="static activations (default u8)")
     p.add_argument("--weight-type", choices=("u8", "s8"), default="s8", help="weights (default s8)")

@@ -24,8 +24,12 @@ def _image_options(args) -> D.ImageOptions:
 
 
 def _config(args) -> QuantizeConfig:
-    ops = () if [o.lower() for o in args.op_types] == ["all"] else tuple(args.op_types)
-    return QuantizeConfig(dynamic=args.dynamic, per_channel=args.per_channel, fmt=args.format, op_types=ops,
+    if args.op_types is None:  # qie's default: its kernels' op types and the feature-map ops around them
+        ops = {}
+    else:  # exactly what was asked
+        ops = {"op_types": () if [o.lower() for o in args.op_types] == ["all"] else tuple(args.op_types),
+               "feature_maps": False}
+    return QuantizeConfig(dynamic=args.dynamic, per_channel=args.per_channel, fmt=args.format, **ops,
                           activation_type=args.activation_type, weight_type=args.weight_type,
                           exclude=tuple(args.exclude), calibration=args.calibration,
                           preprocess=getattr(args, "preprocess", True))
@@ -66,8 +70,9 @@ def quantize(args) -> int:
     res = quantize_file(args.model, args.output, feeds, cfg, args.accuracy_budget, progress=True, log=print)
     kind = "dynamic" if cfg.dynamic else f"static {cfg.fmt.upper()}, {cfg.calibration} calibration"
     print(f"wrote {args.output}: {kind}, {'per-channel' if cfg.per_channel else 'per-tensor'} "
-          f"{cfg.weight_type} weights, {res['layers'] - len(res['kept_float'])} of {res['layers']} layers quantized "
-          f"({time.perf_counter() - t0:.1f} s)")
+          f"{cfg.weight_type} weights, {res['layers'] - len(res['kept_float'])} of {res['layers']} layers quantized"
+          + (f" and {res['feature_maps']} feature-map ops between them" if res["feature_maps"] else "")
+          + f" ({time.perf_counter() - t0:.1f} s)")
     print(f"size: {model_size_mb(args.model):.1f} MB -> {model_size_mb(args.output):.1f} MB")
     if "agreement" in res:
         a = res["agreement"]

@@ -53,10 +53,10 @@ def _quantized(name: str, fp32: Path, calib: list, config, budget=None) -> tuple
     """The model quantized by `qie quantize`'s code, cached by name and ORT version."""
     import json
 
+    from qie_ep.quantization.config import DEFAULTS_TAG
     from qie_ep.quantization.quantizer import quantize_file
 
-    # "-pp": quantized after ORT's pre-processing (qie quantize's default since it folds BatchNormalization)
-    out = fetch.cache_dir() / "demo" / f"{name}-pp-ort{ort.__version__}.onnx"
+    out = fetch.cache_dir() / "demo" / f"{name}-{DEFAULTS_TAG}-ort{ort.__version__}.onnx"
     meta = out.with_suffix(".json")
     if out.exists() and meta.exists():
         return out, json.loads(meta.read_text())

@@ -144,11 +144,11 @@ def model(name: str) -> tuple[Path, Path]:
     import onnxruntime as ort
     import torch
 
-    from qie_ep.quantization.config import QuantizeConfig
+    from qie_ep.quantization.config import DEFAULTS_TAG, QuantizeConfig
     from qie_ep.quantization.quantizer import quantize_file
 
     d = cache_dir() / "synthetic"
-    fp32, int8 = d / f"{name}.fp32.onnx", d / f"{name}.int8-pp-ort{ort.__version__}.onnx"  # pp: pre-processed
+    fp32, int8 = d / f"{name}.fp32.onnx", d / f"{name}.int8-{DEFAULTS_TAG}-ort{ort.__version__}.onnx"
     if fp32.exists() and int8.exists():
         return fp32, int8
     d.mkdir(parents=True, exist_ok=True)

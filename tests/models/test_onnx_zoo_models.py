@@ -1,11 +1,15 @@
 """Classic CNNs qie was not written against: the onnx wheel's Caffe2 exports (qie_ep.demo.zoo: ResNet-50 with
 two-input Sum residuals, SqueezeNet's Concat fire modules, ShuffleNet's grouped 1x1 convolutions, channel shuffles and
-AveragePool + Concat downsampling, Inception v1 / v2's branch concatenations and LRN, DenseNet-121's float dense
-blocks), seeded random weights, quantized by `qie quantize --per-channel`. With qie's EP:
-at ORT_ENABLE_ALL every output equals ORT's own INT8 run to the bit (measured on all six, ShuffleNet, Inception and
-DenseNet included); at the other levels within cosine 0.9999 of the QDQ graph's float semantics (ORT_DISABLE_ALL,
-the spec: a fused region's codes may sit one step from the float graph's); the EP claims the convolutions (ShuffleNet
-and ResNet-50's residuals once `Sum` became a binary unit: 33 of ShuffleNet's 49 convolutions were ORT's before).
+AveragePool + Concat downsampling, Inception v1 / v2's branch concatenations and LRN, DenseNet-121's dense blocks
+of Concat + BatchNormalization + Mul + Add + Relu), seeded random weights, quantized by `qie quantize --per-channel`
+(its default op set: the convolutions and the feature-map ops between them). With qie's EP: at ORT_ENABLE_ALL every
+output equals ORT's own INT8 run to the bit, except DenseNet-121's, which equals the QDQ graph's float semantics
+(ORT_DISABLE_ALL) to the bit where ORT INT8 does not: ORT fuses its DQ -> Add / Mul -> Q into QLinearAdd / QLinearMul,
+whose rounding puts 39 of the 1000 outputs one step off the float graph; at the other levels within cosine 0.9999
+of the QDQ graph's float semantics (the spec: a fused region's codes may sit one step from the float graph's); the
+EP claims every convolution but Inception v1's one between its two float LRNs (ShuffleNet and ResNet-50's residuals
+once `Sum` became a binary unit: 33 of ShuffleNet's 49 convolutions were ORT's before; DenseNet-121's 5 alone
+between float concatenations before the feature-map ops were quantized).
 Without the EP (custom ops only), the model importing the com.microsoft opset (``with_contrib_opset``): equal to ORT.
 TVM + qie on ResNet-50: every convolution and the classifier on qie's kernels, outputs as ORT INT8's.
 """
@@ -22,11 +26,12 @@ from qie_ep.session import options, session
 pytestmark = pytest.mark.slow
 needs_ep = pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here")
 
-# convolutions the EP must take (of the model's own): ShuffleNet leaves the three 1x1 convolutions after its
-# AveragePool + Concat downsampling units (each alone between float ops) to ORT, DenseNet-121 5 of 121 and
-# Inception v1 1 of 57 (each alone between float ops: concatenations, LRN)
-MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 46, "inception_v1": 56, "inception_v2": 69,
-                     "densenet121": 116}
+# convolutions the EP must take (of the model's own): all but Inception v1's 1 of 57 (alone between float LRNs)
+MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 49, "inception_v1": 56, "inception_v2": 69,
+                     "densenet121": 121}
+# what the EP's outputs at ORT_ENABLE_ALL equal to the bit: ORT INT8's, or (DenseNet-121) the QDQ graph's float
+# semantics, which ORT INT8's QLinearAdd / QLinearMul rounding misses by a step on some outputs
+EQUAL_TO = {"densenet121": "disable"}
 
 
 @pytest.fixture(scope="module", params=sorted(MIN_CLAIMED_CONVS))
@@ -48,15 +53,15 @@ def _ep_session(int8, level):
 
 
 @needs_ep
-def test_equal_to_ort_int8_at_enable_all(quantized):
+def test_equal_to_the_bit_at_enable_all(quantized):
     name, _, int8, xs = quantized
     sess = _ep_session(int8, "all")
     claimed = [n.op_type for a in sess.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME
                for n in a.get_nodes()]
     assert claimed.count("Conv") >= MIN_CLAIMED_CONVS[name], (name, claimed.count("Conv"))
-    ort_int8 = session(str(int8), level="all")
+    ref = session(str(int8), level=EQUAL_TO.get(name, "all"))
     for x in xs:
-        np.testing.assert_array_equal(sess.run(None, x)[0], ort_int8.run(None, x)[0], err_msg=name)
+        np.testing.assert_array_equal(sess.run(None, x)[0], ref.run(None, x)[0], err_msg=name)
 
 
 @needs_ep

@@ -71,7 +71,7 @@ def cnn(rng, act="HardSwish", c=8, extra_output=False):
 def quantize(model, rng, per_channel, activation_signed, tmp_path, shape=(1, 3, 16, 16), op_types=None,
              inputs=("x",)):
     """``model`` through ``quantize_static`` as a user would (QDQ, s8 weights) on six random batches of ``shape`` per
-    input; ``op_types``: ORT's default set, or e.g. qie quantize's default (MatMul, Conv, Gemm)."""
+    input; ``op_types``: ORT's default set, or e.g. qie's kernels' op types only (MatMul, Conv, Gemm)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -89,7 +89,7 @@ def quantize(model, rng, per_channel, activation_signed, tmp_path, shape=(1, 3, 
     return onnx.load(dst)
 
 
-QIE_QUANTIZE_OPS = ["MatMul", "Conv", "Gemm"]  # `qie quantize`'s default op types
+QIE_QUANTIZE_OPS = ["MatMul", "Conv", "Gemm"]  # `qie quantize --op-types MatMul Conv Gemm` (its default before session 37)
 
 
 def run(model, feeds, level, qie, threads=1):
