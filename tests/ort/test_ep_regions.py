@@ -595,6 +595,67 @@ def test_max_pool_in_a_region_equals_ort(tmp_path, level, signed, pool):
         assert_equals_ort(got, want, level)
 
 
+def shuffle_model(groups, first, second, perm=(0, 2, 1, 3, 4), H=10, W=12, C=12):
+    """conv 3 -> C, Relu, ShuffleNet's channel shuffle (Reshape ``first`` -> Transpose ``perm`` -> Reshape ``second``),
+    conv C -> 8, on x[N, 3, H, W] (H, W static or symbolic: None)."""
+    rng = np.random.default_rng(40 + groups)
+    ws = [(rng.normal(size=(C, 3, 3, 3)) * 0.3).astype(np.float32), (rng.normal(size=(8, C, 1, 1)) * 0.3).astype(np.float32)]
+    inits = [nh.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+    inits += [nh.from_array(np.array(first, np.int64), "s1"), nh.from_array(np.array(second, np.int64), "s2")]
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 4), h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("Reshape", ["r", "s1"], ["r5"]), h.make_node("Transpose", ["r5"], ["t5"], perm=list(perm)),
+             h.make_node("Reshape", ["t5", "s2"], ["sh"]), h.make_node("Conv", ["sh", "w1"], ["y"])]
+    g = h.make_graph(nodes, "shuffle", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, H or "H", W or "W"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("groups,first,second", [(2, [0, 2, 6, 10, 12], [0, -1, 10, 12]),
+                                                 (3, [-1, 3, 4, 10, 12], [-1, 12, 10, 12]),
+                                                 (4, [0, 4, 3, 10, 12], [0, 12, 10, 12]),
+                                                 (6, [-1, 6, 2, 10, 12], [0, -1, 10, 12])],
+                         ids=["g2", "g3_inferred_batch", "g4", "g6"])
+def test_channel_shuffle_in_a_region_equals_ort(tmp_path, level, signed, groups, first, second):
+    """ShuffleNet's channel shuffle between two convs (float between a DequantizeLinear and the next conv's
+    QuantizeLinear, as `qie quantize` leaves it): a region step moving each pixel's codes (output channel j * g + i
+    is input channel i * C / g + j) and requantizing them where the scales differ, so the convs on either side are
+    one region; equal to ORT at every batch size."""
+    if level != "disable" and not COMPARE_BUILTIN:
+        pytest.skip("ORT's own QLinearConv is not the reference here (valgrind / no VNNI)")
+    rng = np.random.default_rng(41)
+    model = quantize(shuffle_model(groups, first, second), rng, True, signed, tmp_path, shape=(1, 3, 10, 12),
+                     op_types=QIE_QUANTIZE_OPS)
+    ours, theirs = claimed_ops(model, level)
+    assert "Transpose" in ours and ours.count("Conv") == 2, (ours, theirs)
+    for n in (1, 2, 3):
+        feeds = {"x": rng.normal(size=(n, 3, 10, 12)).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        assert_equals_ort(got, want, level)
+
+
+@needs_ep
+@pytest.mark.parametrize("case", ["symbolic_spatial", "other_perm", "groups_mismatch"])
+def test_reshape_transpose_that_is_no_channel_shuffle_stays_ort(tmp_path, case):
+    """Only the exact shuffle is a unit: with symbolic H / W (the targets' sizes are not provably the input's), a
+    Transpose that moves other axes, or groups that do not multiply to C, ORT runs the Reshape / Transpose nodes;
+    the results stay ORT's."""
+    kw = {"symbolic_spatial": dict(groups=2, first=[0, 2, 6, 10, 12], second=[0, -1, 10, 12], H=None, W=None),
+          "other_perm": dict(groups=2, first=[0, 2, 6, 10, 12], second=[0, 12, 12, 10], perm=(0, 2, 1, 4, 3)),
+          "groups_mismatch": dict(groups=2, first=[0, 2, 3, 20, 12], second=[0, 12, 10, 12], C=12)}[case]
+    rng = np.random.default_rng(42)
+    model = quantize(shuffle_model(**kw), rng, True, False, tmp_path, shape=(1, 3, 10, 12), op_types=QIE_QUANTIZE_OPS)
+    ours, theirs = claimed_ops(model, "all")
+    assert "Transpose" not in ours and "Transpose" in theirs, (ours, theirs)
+    feeds = {"x": rng.normal(size=(2, 3, 10, 12)).astype(np.float32)}
+    (got,), _ = run(model, feeds, "all", qie=True)
+    (want,), _ = run(model, feeds, "all", qie=False)
+    assert_equals_ort(got, want)
+
+
 @needs_ep
 def test_ep_options_turn_regions_off_and_are_checked(tmp_path):
     """`register(so, ep_options=...)`: regions off or a higher conv minimum leave the model to ORT (same results);

@@ -180,6 +180,19 @@ inline int64_t ValueRank(const OrtValueInfo* vi) {
   }
   return static_cast<int64_t>(rank);
 }
+// A tensor value's dims from its type info, -1 where unknown or symbolic; empty when the rank is unknown.
+inline std::vector<int64_t> StaticDims(const OrtValueInfo* vi) {
+  const OrtTensorTypeAndShapeInfo* tsi = vi ? TensorInfo(vi) : nullptr;
+  size_t rank = 0;
+  if (!tsi) return {};
+  if (OrtStatus* st = g_api->GetDimensionsCount(tsi, &rank)) {
+    g_api->ReleaseStatus(st);
+    return {};
+  }
+  std::vector<int64_t> dims(rank);
+  if (rank) Check(g_api->GetDimensions(tsi, dims.data(), rank));
+  return dims;
+}
 // Whether two tensor values provably have one shape: known ranks, and per axis the same fixed size or the same
 // (named) symbol, which ORT's shape inference gives only to equal sizes.
 inline bool SameShape(const OrtValueInfo* a, const OrtValueInfo* b) {

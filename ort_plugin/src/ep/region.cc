@@ -9,7 +9,7 @@
 // the dequantized window in float32, rows then columns, and divides: equal to ORT with count_include_pad, within
 // one step at the borders without it (measured; ORT's float kernel sums border windows in another order). Concat and
 // MaxPool move codes (max of codes = code of the max: DequantizeLinear is increasing) and requantize them by
-// table where the output's scale or zero point differs, exactly as the QDQ graph.
+// table where the output's scale or zero point differs, exactly as the QDQ graph; so does a channel shuffle.
 //
 // The step kernels are in region_steps.cc, the compiled form in region_plan.h.
 //
@@ -312,11 +312,12 @@ std::vector<uint8_t> Requant(const QParams& from, const QParams& to) {
   return t;
 }
 
-// Input k of a Concat unit through its float prefix (scalar constants), requantized to the output: one table,
-// Q(prefix(DQ(code))) for every code, the float steps ORT runs on each element.
+// Input k of a Concat or shuffle unit through its float prefix (scalar constants), requantized to the output: one
+// table, Q(prefix(DQ(code))) for every code, the float steps ORT runs on each element.
 std::vector<uint8_t> PrefixTable(const Unit& u, size_t k, const QParams& from, const QParams& to) {
   FloatProgram f = CompileProgramTo(Outputs(u.in_dqs[k])[0], u.prefix[k], Inputs(u.op)[k]);
-  if (f.C != 1) throw Failure{OpType(u.op) + " '" + NodeName(u.op) + "': per-channel constants before a Concat"};
+  if (f.C != 1)
+    throw Failure{OpType(u.op) + " '" + NodeName(u.op) + "': per-channel constants before a Concat or channel shuffle"};
   f.Expand(1, 256);
   std::vector<float> x(256);
   for (int b = 0; b < 256; ++b)
@@ -598,6 +599,14 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
         p.steps.erase(p.steps.begin() + dead);
         for (int& ps : producer_step) ps = ps == dead ? -1 : ps > dead ? ps - 1 : ps;
       }
+    } else if (u.kind == UnitKind::kShuffle) {
+      const ShuffleShape sh = ShuffleOf(u);
+      s.C = sh.C;
+      s.M = sh.groups;
+      s.k = {static_cast<int64_t>(sh.H), static_cast<int64_t>(sh.W)};
+      s.requant.push_back(u.prefix[0].empty() ? Requant(s.qin[0], s.qout) : PrefixTable(u, 0, s.qin[0], s.qout));
+      s.pre.clear();  // the prefix is in the table
+      s.has_pre = false;
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
       for (size_t k = 0; k < s.qin.size(); ++k)
         s.requant.push_back(k < u.prefix.size() && !u.prefix[k].empty() ? PrefixTable(u, k, s.qin[k], s.qout)
@@ -641,7 +650,7 @@ void ReleaseRegion(RegionPlan* plan) { delete plan; }
 namespace {
 
 // and two more: layout (transposes), conv steps with a folded table (conv+table)
-constexpr size_t kKinds = static_cast<size_t>(UnitKind::kAvgPool) + 1, kConvTable = kKinds + 1;
+constexpr size_t kKinds = static_cast<size_t>(UnitKind::kShuffle) + 1, kConvTable = kKinds + 1;
 std::atomic<int64_t> g_ns[kKinds + 2], g_calls[kKinds + 2];
 
 // Per step (its unit's op node, e.g. "Conv 'stem'"): nanoseconds and runs, merged across regions of that name.
@@ -674,7 +683,7 @@ std::string ShapeText(const std::vector<int64_t>& v) {
 
 }  // namespace
 
-const char* RegionProfileNames() { return "conv table binary gap concat maxpool avgpool layout conv+table"; }
+const char* RegionProfileNames() { return "conv table binary gap concat maxpool avgpool shuffle layout conv+table"; }
 size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
   for (size_t k = 0; k < std::min(n, kKinds + 2); ++k) {
     ns[k] = g_ns[k].load();
@@ -790,6 +799,7 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
         break;
       case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kShuffle: RunShuffle(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kConcat: {
         std::vector<const Dims*> ds;
         std::vector<const uint8_t*> xs;

@@ -49,7 +49,7 @@ struct RegionPlan {
     std::vector<Chained> chain;
     bool arithmetic = false;
     bool lookup_only = false;  // the tables hold more than `chain` (a binary unit folded into them): looked up
-    // conv
+    // conv (shuffle: C channels in M groups, k = {H, W})
     qie::ConvAttrs at;
     std::vector<int64_t> k;
     size_t C = 0, M = 0;
@@ -68,7 +68,7 @@ struct RegionPlan {
     bool has_pre = false;
     // average pool: padding counted in the divisor
     bool include_pad = false;
-    // concat / maxpool: per input, code -> output code (empty: the identity)
+    // concat / maxpool / shuffle: per input, code -> output code (empty: the identity)
     std::vector<std::vector<uint8_t>> requant;
   };
   std::vector<Value> values;
@@ -137,6 +137,10 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
                Dims* od, std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor);
 
 void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                const qie::ParallelFor& pfor);
+
+// A channel shuffle: y[p][j * g + i] = requant(x[p][i * C / g + j]) for each pixel p (g = s.M groups).
+void RunShuffle(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor);
 
 // y = Q(sum of the window's dequantized values / count), summed in float32 in ORT's order (rows, then columns).

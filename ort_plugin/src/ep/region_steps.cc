@@ -497,6 +497,31 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
   });
 }
 
+void RunShuffle(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+                const qie::ParallelFor& pfor) {
+  const size_t C = s.C, g = s.M, cg = g ? C / g : 0;
+  if (d.c != C || d.h != static_cast<size_t>(s.k[0]) || d.w != static_cast<size_t>(s.k[1]))
+    throw Failure{s.name + ": a channel shuffle of [N," + std::to_string(C) + "," + std::to_string(s.k[0]) + "," +
+                  std::to_string(s.k[1]) + "] in " + std::to_string(g) + " groups, got " + d.Nchw()};
+  *od = d;
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  const size_t pixels = d.pixels(), per = std::max<size_t>(qie::kLutRows, (size_t{1} << 14) / std::max<size_t>(1, C));
+  if (od->count() == 0) return;
+  const std::vector<uint8_t>& rq = s.requant[0];
+  const qie::Isa isa = qie::ActiveIsa();
+  pfor((pixels + per - 1) / per, [&](size_t b) {
+    const size_t p0 = b * per, np = std::min(pixels, p0 + per) - p0;
+    for (size_t p = p0; p < p0 + np; ++p) {
+      const uint8_t* px = x + p * C;
+      uint8_t* py = y + p * C;
+      for (size_t j = 0; j < cg; ++j)
+        for (size_t i = 0; i < g; ++i) py[j * g + i] = px[i * cg + j];
+    }
+    if (!rq.empty()) qie::LookupBlock(isa, rq.data(), 1, y + p0 * C, np, C, C);
+  });
+}
+
 void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
   const PoolWindow win(s, d, x, od, ybuf);

@@ -404,6 +404,92 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
   return true;
 }
 
+// A Reshape's constant int64 target shape (allowzero off: 0 copies the input's size at that axis).
+bool ReshapeTarget(const OrtNode* r, std::vector<int64_t>* target) {
+  if (!IsOp(r, "Reshape") || AttrInt(r, "allowzero", 0) != 0) return false;
+  const auto in = Inputs(r);
+  Constant c;
+  if (in.size() != 2 || !in[0] || !ReadConstant(in[1], &c) || c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ||
+      c.shape.size() != 1)
+    return false;
+  target->assign(static_cast<const int64_t*>(c.data), static_cast<const int64_t*>(c.data) + c.count());
+  return true;
+}
+
+// The node reading `v`, past a QuantizeLinear -> DequantizeLinear pair of one scale and zero point (ORT's QDQ
+// propagation puts one after each Reshape / Transpose of a quantized tensor from ORT_ENABLE_BASIC on: the identity
+// on codes), which is appended to `pair`; nullptr unless the one reader (and a pair's) is sole.
+const OrtNode* PastQdqPair(const OrtValueInfo* v, std::vector<const OrtNode*>* pair, int64_t* at) {
+  const OrtNode* n = v ? SoleConsumer(v, at) : nullptr;
+  if (!IsOp(n, "QuantizeLinear")) return n;
+  Constant sy, zy;
+  const OrtNode* d = SoleConsumer(Outputs(n)[0]);
+  if (!QOperands(n, &sy, &zy) || !IsOp(d, "DequantizeLinear") || !InputDq(d)) return nullptr;
+  const QParams a = OutputParams(n), b = InputParams(d);
+  if (a.scale != b.scale || a.zp != b.zp || a.is_signed != b.is_signed) return nullptr;
+  pair->push_back(n);
+  pair->push_back(d);
+  return SoleConsumer(Outputs(d)[0], at);
+}
+
+// The channel shuffle of `r1` (r1 -> Transpose -> Reshape, each maybe followed by an identity Q -> DQ pair) for an
+// input of static C, H, W: its C / g groups, and the nodes after r1 up to the last Reshape (`body`, the last);
+// false when the chain or a size is not the shuffle's for every batch size.
+bool ShuffleChain(const OrtNode* r1, ShuffleShape* sh, std::vector<const OrtNode*>* body) {
+  std::vector<int64_t> s1, s2;
+  if (!ReshapeTarget(r1, &s1) || s1.size() != 5 || Outputs(r1).size() != 1) return false;
+  const std::vector<int64_t> x = StaticDims(Inputs(r1)[0]);
+  if (x.size() != 4 || x[1] <= 0 || x[2] <= 0 || x[3] <= 0) return false;
+  const int64_t N = x[0], C = x[1], H = x[2], W = x[3];
+  // the batch axis: copied (0), inferred (-1: every other size is fixed) or the static batch size
+  auto batch = [&](int64_t t, bool inferred_ok) { return t == 0 || (t == -1 && inferred_ok) || (N > 0 && t == N); };
+  if (!batch(s1[0], true) || s1[1] <= 0 || s1[2] <= 0 || s1[1] * s1[2] != C || s1[3] != H || s1[4] != W) return false;
+  body->clear();
+  int64_t at = -1;
+  const OrtNode* t = PastQdqPair(Outputs(r1)[0], body, &at);
+  if (!IsOp(t, "Transpose") || AttrInts(t, "perm") != std::vector<int64_t>{0, 2, 1, 3, 4} || Outputs(t).size() != 1)
+    return false;
+  body->push_back(t);
+  const OrtNode* r = PastQdqPair(Outputs(t)[0], body, &at);
+  if (!ReshapeTarget(r, &s2) || s2.size() != 4 || at != 0 || Outputs(r).size() != 1) return false;
+  if (!batch(s2[0], s2[1] != -1) || (s2[1] != C && !(s2[1] == -1 && s2[0] != -1)) || s2[2] != H || s2[3] != W)
+    return false;
+  body->push_back(r);
+  *sh = {static_cast<size_t>(C), static_cast<size_t>(s1[1]), static_cast<size_t>(H), static_cast<size_t>(W)};
+  return true;
+}
+
+// DQ(x) [-> elementwise float nodes, scalar constants] -> Reshape -> Transpose -> Reshape -> Q, a channel shuffle
+// (ShuffleChain).
+bool MatchShuffle(const OrtNode* r1, Unit* u) {
+  ShuffleShape sh;
+  std::vector<const OrtNode*> body;
+  if (!ShuffleChain(r1, &sh, &body)) return false;
+  const OrtValueInfo* x = Inputs(r1)[0];
+  const OrtNode* dq = Producer(x);
+  std::vector<const OrtNode*> prefix;  // elementwise float nodes after the DequantizeLinear (a Relu): in the table
+  if (dq && !IsOp(dq, "DequantizeLinear")) {
+    if (!ElementwisePrefix(x, &dq, &prefix)) return false;
+    try {
+      const FloatProgram f = CompileProgramTo(Outputs(dq)[0], prefix, x);
+      if (!f.arithmetic || f.C != 1) return false;
+    } catch (const Failure&) { return false; }
+  }
+  const OrtNode* r2 = body.back();
+  const OrtNode* q = SoleConsumer(Outputs(r2)[0]);
+  Constant sy, zy;
+  if (!InputDq(dq) || !QOperands(q, &sy, &zy)) return false;
+  u->kind = UnitKind::kShuffle;
+  u->in_dqs = {dq};
+  u->prefix = {prefix};
+  u->op = r1;
+  u->q = q;
+  u->nodes = {r1};
+  u->nodes.insert(u->nodes.end(), body.begin(), body.end());
+  u->nodes.push_back(q);
+  return true;
+}
+
 // DQ(x) -> MaxPool | AveragePool -> Q, 2-D, floor mode (MaxPool: no indices output).
 bool MatchPool(const OrtNode* n, Unit* u) {
   const bool max = IsOp(n, "MaxPool");
@@ -430,6 +516,13 @@ qie::ConvAttrs PoolAttrs(const OrtNode* n) {
   at.strides = AttrInts(n, "strides");
   at.dilations = AttrInts(n, "dilations");
   return at;
+}
+
+ShuffleShape ShuffleOf(const Unit& u) {
+  ShuffleShape sh;
+  std::vector<const OrtNode*> body;
+  if (u.kind != UnitKind::kShuffle || !ShuffleChain(u.op, &sh, &body)) throw Failure{"channel shuffle changed"};
+  return sh;
 }
 
 QParams InputParams(const OrtNode* dq) {
@@ -530,6 +623,8 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
         ok = (axis == 1 || axis == -3) && MatchMultiInput(n, UnitKind::kConcat, 1, 64, &u);
       } else if (op == "MaxPool" || op == "AveragePool")
         ok = MatchPool(n, &u);
+      else if (op == "Reshape")
+        ok = MatchShuffle(n, &u);
       if (!ok) continue;
       bool free = true;
       for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);

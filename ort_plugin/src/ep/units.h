@@ -10,10 +10,14 @@
 //   binary: DQ(a), DQ(b) -> Add | Sub | Mul [-> unary activations] -> Q, 4-D with broadcasting
 //                                                                     = the float QDQ arithmetic per element
 //   gap:    DQ(x) -> GlobalAveragePool -> Q                           = integer sum, float mean, QuantizeLinear
-//   (binary and gap operands may pass through an elementwise float prefix after their DQ: then in float32)
 //   concat: DQ(x_i) -> Concat(axis 1) -> Q                            = each input requantized to the output's scale
 //   maxpool: DQ(x) -> MaxPool -> Q (2-D, no indices output)             = max of the codes, requantized
 //   avgpool: DQ(x) -> AveragePool -> Q (2-D)                          = integer window sums, float mean, Q
+//   shuffle: DQ(x) -> Reshape [N, g, C/g, H, W] -> Transpose (0, 2, 1, 3, 4) -> Reshape [N, C, H, W] -> Q
+//            (ShuffleNet's channel shuffle; static C, H, W; an identity Q -> DQ pair after the first two nodes,
+//            ORT's QDQ propagation, joins the unit)                  = codes moved, requantized by table
+//   (binary and gap operands may pass through an elementwise float prefix after their DQ: then in float32; concat
+//   and shuffle operands through one of scalar constants: then in their requantization table)
 // A unit's input DequantizeLinears may be shared with other units (a value read by a conv and a residual Add); a
 // region takes a DequantizeLinear only with every one of its consumers.
 #pragma once
@@ -25,7 +29,7 @@
 
 namespace qie_ep {
 
-enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool };
+enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle };
 
 // Where a table unit's per-channel constants run: along NCHW's axis 1 ([1,C,1,1], [C,1,1]; regions), or along the
 // last axis ([N], [1,..,1,N]; the segments after a MatMul / Gemm unit, whose output is [rows][N]). `max_rank`: the
@@ -71,6 +75,11 @@ struct ConvOperands {
   qie::ConvAttrs at;
 };
 bool MatchConv(const OrtNode* conv, Unit* u, ConvOperands* o);
+// A shuffle unit's channels and groups (output channel j * g + i is input channel i * C / g + j).
+struct ShuffleShape {
+  size_t C = 0, groups = 0, H = 0, W = 0;
+};
+ShuffleShape ShuffleOf(const Unit& u);
 // A MaxPool's or AveragePool's window attributes in the conv geometry's terms.
 qie::ConvAttrs PoolAttrs(const OrtNode* n);
 
