@@ -7,9 +7,10 @@ output equals ORT's own INT8 run to the bit, except DenseNet-121's, which equals
 (ORT_DISABLE_ALL) to the bit where ORT INT8 does not: ORT fuses its DQ -> Add / Mul -> Q into QLinearAdd / QLinearMul,
 whose rounding puts 39 of the 1000 outputs one step off the float graph; at the other levels within cosine 0.9999
 of the QDQ graph's float semantics (the spec: a fused region's codes may sit one step from the float graph's); the
-EP claims every convolution but Inception v1's one between its two float LRNs (ShuffleNet and ResNet-50's residuals
-once `Sum` became a binary unit: 33 of ShuffleNet's 49 convolutions were ORT's before; DenseNet-121's 5 alone
-between float concatenations before the feature-map ops were quantized).
+EP claims every convolution (ShuffleNet and ResNet-50's residuals once `Sum` became a binary unit: 33 of ShuffleNet's
+49 convolutions were ORT's before; DenseNet-121's 5 alone between float concatenations before the feature-map ops
+were quantized; Inception v1's one between its two LRNs before LRN became a region unit), Inception v1's LRNs and
+ShuffleNet's channel shuffles with them.
 Without the EP (custom ops only), the model importing the com.microsoft opset (``with_contrib_opset``): equal to ORT.
 TVM + qie on ResNet-50: every convolution and the classifier on qie's kernels, outputs as ORT INT8's.
 """
@@ -26,9 +27,10 @@ from qie_ep.session import options, session
 pytestmark = pytest.mark.slow
 needs_ep = pytest.mark.skipif(not qie_ep.ep_available(), reason="no plugin EP here")
 
-# convolutions the EP must take (of the model's own): all but Inception v1's 1 of 57 (alone between float LRNs)
-MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 49, "inception_v1": 56, "inception_v2": 69,
+# convolutions the EP must take (of the model's own: all), and other ops it must take with them
+MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 49, "inception_v1": 57, "inception_v2": 69,
                      "densenet121": 121}
+CLAIMED_TOO = {"shufflenet": {"Transpose": 16}, "inception_v1": {"LRN": 2}}
 # what the EP's outputs at ORT_ENABLE_ALL equal to the bit: ORT INT8's, or (DenseNet-121) the QDQ graph's float
 # semantics, which ORT INT8's QLinearAdd / QLinearMul rounding misses by a step on some outputs
 EQUAL_TO = {"densenet121": "disable"}
@@ -59,6 +61,8 @@ def test_equal_to_the_bit_at_enable_all(quantized):
     claimed = [n.op_type for a in sess.get_provider_graph_assignment_info() if a.ep_name == qie_ep.EP_NAME
                for n in a.get_nodes()]
     assert claimed.count("Conv") >= MIN_CLAIMED_CONVS[name], (name, claimed.count("Conv"))
+    for op, n in CLAIMED_TOO.get(name, {}).items():
+        assert claimed.count(op) == n, (name, op, claimed.count(op))
     ref = session(str(int8), level=EQUAL_TO.get(name, "all"))
     for x in xs:
         np.testing.assert_array_equal(sess.run(None, x)[0], ref.run(None, x)[0], err_msg=name)

@@ -657,6 +657,45 @@ def test_reshape_transpose_that_is_no_channel_shuffle_stays_ort(tmp_path, case):
 
 
 @needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("size,channels,alpha,beta,bias", [(5, 16, 1e-2, 0.75, 1.0), (3, 12, 0.5, 0.6, 2.0),
+                                                           (1, 8, 0.1, 1.0, 1.0), (7, 5, 1e-3, 0.75, 1.0)],
+                         ids=["googlenet", "size3", "size1", "window_over_channels"])
+def test_lrn_in_a_region_within_one_step_of_ort(tmp_path, level, size, channels, alpha, beta, bias):
+    """GoogLeNet / AlexNet's LRN between two convs (float between a DequantizeLinear and the next conv's
+    QuantizeLinear; a Relu before it: the prefix at ORT_DISABLE_ALL, its own table unit above): computed in the region
+    as ORT's float kernel does (window sums in its order, powf; ORT's pow is Eigen's), so each of its codes is
+    within one step of ORT's and nearly all equal. The LRN's codes are read out (its Q's DequantizeLinear made a
+    graph output)."""
+    rng = np.random.default_rng(50 + size)
+    ws = [(rng.normal(size=(channels, 3, 3, 3)) * 0.4).astype(np.float32),
+          (rng.normal(size=(8, channels, 1, 1)) * 0.3).astype(np.float32)]
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 4), h.make_node("Relu", ["a"], ["r"]),
+             h.make_node("LRN", ["r"], ["n"], size=size, alpha=alpha, beta=beta, bias=bias),
+             h.make_node("Conv", ["n", "w1"], ["y"])]
+    g = h.make_graph(nodes, "lrn", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], [nh.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False, tmp_path,
+                     shape=(1, 3, 9, 11), op_types=QIE_QUANTIZE_OPS)
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "n")
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    step = float(nh.to_array(next(i for i in model.graph.initializer if i.name == q.input[1])))
+    model.graph.output.append(h.make_tensor_value_info(dq.output[0], T.FLOAT, None))
+    ours, theirs = claimed_ops(model, level)
+    assert "LRN" in ours and ours.count("Conv") == 2, (ours, theirs)
+    apart = []
+    for shape in ((1, 3, 9, 11), (2, 3, 4, 6)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (_, got), _ = run(model, feeds, level, qie=True)
+        (_, want), _ = run(model, feeds, level, qie=False)
+        apart.append((np.abs(got - want) / step).ravel())
+    apart = np.concatenate(apart)
+    assert apart.max() <= 1.0001, apart.max()
+    assert (apart > 0.5).mean() < 0.01, (apart > 0.5).mean()
+    print(f"LRN {size} {level}: {int((apart > 0.5).sum())} of {apart.size} codes one step apart")
+
+
+@needs_ep
 def test_ep_options_turn_regions_off_and_are_checked(tmp_path):
     """`register(so, ep_options=...)`: regions off or a higher conv minimum leave the model to ORT (same results);
     bad keys and values are ValueErrors naming them; a bad value that reaches the library fails the EP's creation

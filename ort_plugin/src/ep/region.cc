@@ -614,6 +614,12 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.pre.clear();  // a Concat input's prefix is in its table
       s.has_pre = false;
     }
+    if (u.kind == UnitKind::kLrn) {
+      s.lrn_size = AttrInt(u.op, "size", 1);
+      s.lrn_alpha = AttrFloat(u.op, "alpha", 1e-4f);
+      s.lrn_beta = AttrFloat(u.op, "beta", 0.75f);
+      s.lrn_bias = AttrFloat(u.op, "bias", 1.0f);
+    }
     if (u.kind == UnitKind::kMaxPool || u.kind == UnitKind::kAvgPool) {
       s.at = PoolAttrs(u.op);
       s.k = s.at.kernel_shape;
@@ -650,7 +656,7 @@ void ReleaseRegion(RegionPlan* plan) { delete plan; }
 namespace {
 
 // and two more: layout (transposes), conv steps with a folded table (conv+table)
-constexpr size_t kKinds = static_cast<size_t>(UnitKind::kShuffle) + 1, kConvTable = kKinds + 1;
+constexpr size_t kKinds = static_cast<size_t>(UnitKind::kLrn) + 1, kConvTable = kKinds + 1;
 std::atomic<int64_t> g_ns[kKinds + 2], g_calls[kKinds + 2];
 
 // Per step (its unit's op node, e.g. "Conv 'stem'"): nanoseconds and runs, merged across regions of that name.
@@ -683,7 +689,9 @@ std::string ShapeText(const std::vector<int64_t>& v) {
 
 }  // namespace
 
-const char* RegionProfileNames() { return "conv table binary gap concat maxpool avgpool shuffle layout conv+table"; }
+const char* RegionProfileNames() {
+  return "conv table binary gap concat maxpool avgpool shuffle lrn layout conv+table";
+}
 size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
   for (size_t k = 0; k < std::min(n, kKinds + 2); ++k) {
     ns[k] = g_ns[k].load();
@@ -800,6 +808,7 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
       case UnitKind::kMaxPool: RunMaxPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kShuffle: RunShuffle(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kLrn: RunLrn(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kConcat: {
         std::vector<const Dims*> ds;
         std::vector<const uint8_t*> xs;

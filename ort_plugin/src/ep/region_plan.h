@@ -68,6 +68,9 @@ struct RegionPlan {
     bool has_pre = false;
     // average pool: padding counted in the divisor
     bool include_pad = false;
+    // LRN: its attributes
+    int64_t lrn_size = 1;
+    float lrn_alpha = 0, lrn_beta = 0, lrn_bias = 0;
     // concat / maxpool / shuffle: per input, code -> output code (empty: the identity)
     std::vector<std::vector<uint8_t>> requant;
   };
@@ -142,6 +145,12 @@ void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
 // A channel shuffle: y[p][j * g + i] = requant(x[p][i * C / g + j]) for each pixel p (g = s.M groups).
 void RunShuffle(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor);
+
+// LRN as ORT's float kernel computes it on the dequantized codes, per pixel (NHWC: its channel window contiguous):
+// squares, the window sum started at bias and slid by adding the head and subtracting the tail (ORT's order),
+// y = Q(x * powf(sum, -beta)).
+void RunLrn(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+            const qie::ParallelFor& pfor);
 
 // y = Q(sum of the window's dequantized values / count), summed in float32 in ORT's order (rows, then columns).
 void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,

@@ -352,7 +352,8 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
     std::vector<const OrtNode*> prefix;
     if (!v || !Rank4(v)) return false;
     const OrtNode* dq = Producer(v);
-    const bool prefixed = kind == UnitKind::kBinary || kind == UnitKind::kGap || kind == UnitKind::kConcat;
+    const bool prefixed =
+        kind == UnitKind::kBinary || kind == UnitKind::kGap || kind == UnitKind::kConcat || kind == UnitKind::kLrn;
     if (prefixed && dq && !IsOp(dq, "DequantizeLinear")) {
       if (!ElementwisePrefix(v, &dq, &prefix)) return false;
       if (!Rank4(Outputs(dq)[0])) return false;
@@ -625,6 +626,8 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
         ok = MatchPool(n, &u);
       else if (op == "Reshape")
         ok = MatchShuffle(n, &u);
+      else if (op == "LRN")
+        ok = AttrInt(n, "size", 0) % 2 == 1 && MatchMultiInput(n, UnitKind::kLrn, 1, 1, &u);  // odd, as ORT requires
       if (!ok) continue;
       bool free = true;
       for (const OrtNode* m : u.nodes) free = free && !used.count(m) && !Assigned(m);

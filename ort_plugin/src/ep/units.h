@@ -16,7 +16,9 @@
 //   shuffle: DQ(x) -> Reshape [N, g, C/g, H, W] -> Transpose (0, 2, 1, 3, 4) -> Reshape [N, C, H, W] -> Q
 //            (ShuffleNet's channel shuffle; static C, H, W; an identity Q -> DQ pair after the first two nodes,
 //            ORT's QDQ propagation, joins the unit)                  = codes moved, requantized by table
-//   (binary and gap operands may pass through an elementwise float prefix after their DQ: then in float32; concat
+//   lrn:    DQ(x) -> LRN -> Q                                        = ORT's float LRN on the dequantized codes
+//           (its channel-window sums in its order, powf), Q: within one step of ORT's (its pow is Eigen's)
+//   (binary, gap and lrn operands may pass through an elementwise float prefix after their DQ: then in float32; concat
 //   and shuffle operands through one of scalar constants: then in their requantization table)
 // A unit's input DequantizeLinears may be shared with other units (a value read by a conv and a residual Add); a
 // region takes a DequantizeLinear only with every one of its consumers.
@@ -29,7 +31,7 @@
 
 namespace qie_ep {
 
-enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle };
+enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle, kLrn };
 
 // Where a table unit's per-channel constants run: along NCHW's axis 1 ([1,C,1,1], [C,1,1]; regions), or along the
 // last axis ([N], [1,..,1,N]; the segments after a MatMul / Gemm unit, whose output is [rows][N]). `max_rank`: the
