@@ -28,7 +28,7 @@ import qie_ep
 from bench.common import OUT, environment, interleaved_median, session, write_jsonl
 from qie_ep.demo import vision as V
 from qie_ep.demo import zoo
-from qie_ep.hosts import OpenVINOModel, failure_line, has_module
+from qie_ep.hosts import OpenVINOModel, failure_line, has_module, openvino_crash
 
 
 def main(argv=None) -> None:
@@ -59,8 +59,9 @@ def main(argv=None) -> None:
             ov_model, ov_failed, ov_cosine = None, None, None
             if ov:
                 try:
-                    ov_model = OpenVINOModel(int8, threads)
-                    ov_cosine = _agreement(want, ov_model.run(None, feeds)[0])[0]
+                    ov_failed = openvino_crash(int8, threads)  # a crash would end this process: probed apart
+                    ov_model = None if ov_failed else OpenVINOModel(int8, threads)
+                    ov_cosine = _agreement(want, ov_model.run(None, feeds)[0])[0] if ov_model else None
                 except Exception as e:  # a model OpenVINO cannot read or compile: said in the row, not a crash
                     ov_model, ov_failed = None, failure_line(e)
             t = interleaved_median(sessions + ([ov_model] if ov_model else []), feeds, runs=args.runs)

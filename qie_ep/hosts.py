@@ -120,6 +120,25 @@ class OpenVINOModel:
         return [np.asarray(result[o]) for o in self.outputs]
 
 
+def openvino_crash(model: bytes, threads: int) -> str | None:
+    """Whether OpenVINO's CPU plugin crashes the process compiling ``model`` (OpenVINO 2026.4 segfaults on some QDQ
+    files, e.g. DenseNet-121 with its concatenations quantized): compiled once in a child process first, so that an
+    in-process user (bench.models) reports it instead of dying. The crash as one line, or None."""
+    import signal
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="qie-ov-") as d:
+        path = os.path.join(d, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(model)
+        code = "import sys; from qie_ep.hosts import OpenVINOModel; OpenVINOModel(sys.argv[1], int(sys.argv[2]))"
+        r = subprocess.run([sys.executable, "-c", code, path, str(threads)], capture_output=True, timeout=1800)
+    if r.returncode >= 0:
+        return None
+    return f"OpenVINO crashed compiling the model ({signal.Signals(-r.returncode).name})"
+
+
 def failure_line(e: Exception) -> str:
     """One line for a runtime's exception: OpenVINO's importer puts the ops it could not convert on a
     "Conversion is failed for:" line after pages of checks; otherwise the message's first line."""

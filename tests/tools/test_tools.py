@@ -36,3 +36,17 @@ def test_each_mutation_applies_to_the_sources(m):
     text = (ROOT / "ort_plugin/src" / m.path).read_text()
     assert text.count(m.old) == 1, f"{m.path}: {m.old!r} occurs {text.count(m.old)} times"
     assert m.new != m.old
+
+
+def test_openvino_crash_probe(tmp_path, monkeypatch):
+    """bench.models compiles each file on OpenVINO in a child first (OpenVINO 2026.4 segfaults on DenseNet-121's
+    QDQ file): a child killed by a signal is reported by name, a child that ran (or raised) is not a crash."""
+    import subprocess
+
+    from qie_ep.hosts import openvino_crash
+
+    codes = iter([-11, 1, 0])
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, next(codes), b"", b""))
+    assert openvino_crash(b"model", 1) == "OpenVINO crashed compiling the model (SIGSEGV)"
+    assert openvino_crash(b"model", 1) is None  # an exception there: the in-process compile reports it
+    assert openvino_crash(b"model", 2) is None
