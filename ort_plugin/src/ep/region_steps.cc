@@ -639,6 +639,15 @@ void RunMaxPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
 }
 
 // y = Q(sum of the window's dequantized values / count), summed in float32 in ORT's order (rows, then columns).
+// acc[c] += float(code(px[c]) - zp) * scale for c < C: one tap of an average pool, in vectors over the channels
+// (the same float32 operations per element as the scalar loop).
+template <bool S>
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void AccumulateTap(
+    const uint8_t* __restrict px, size_t C, int32_t zp, float scale, float* __restrict acc) {
+  for (size_t c = 0; c < C; ++c)
+    acc[c] += static_cast<float>((S ? static_cast<int32_t>(static_cast<int8_t>(px[c])) : px[c]) - zp) * scale;
+}
+
 void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
   const PoolWindow win(s, d, x, od, ybuf);
@@ -647,6 +656,7 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
   const size_t C = d.c;
   const QParams& qx = s.qin[0];
   const Quantizer q(s.qout);
+  const auto tap = qx.is_signed ? AccumulateTap<true> : AccumulateTap<false>;
   pfor(od->n * od->h, [&](size_t r) {
     thread_local std::vector<float> acc;
     acc.resize(C);
@@ -656,7 +666,7 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
       std::fill(acc.begin(), acc.end(), 0.0f);
       int64_t taps = 0;
       win.ForTaps(n, oh, ow, [&](const uint8_t* px) {
-        for (size_t c = 0; c < C; ++c) acc[c] += static_cast<float>(Code(px[c], qx.is_signed) - qx.zp) * qx.scale;
+        tap(px, C, qx.zp, qx.scale, acc.data());
         ++taps;
       });
       // The divisor: the window's taps inside the input, or with count_include_pad every tap inside the padded
@@ -671,9 +681,9 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
         for (int64_t kw = 0; kw < s.k[1]; ++kw) wk += w0 + kw * win.dw < wlim;
         count = hk * wk;
       }
-      uint8_t* py = y + (r * od->w + ow) * C;
       const float div = static_cast<float>(count);
-      for (size_t c = 0; c < C; ++c) py[c] = q(acc[c] / div);
+      for (size_t c = 0; c < C; ++c) acc[c] /= div;
+      QuantizeBlock(acc.data(), C, q, y + (r * od->w + ow) * C);
     }
   });
 }
