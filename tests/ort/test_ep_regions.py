@@ -883,16 +883,9 @@ def conv3x3_adder(rng, c, inits, nodes):
     return conv
 
 
-@needs_ep
-@pytest.mark.parametrize("level", ["disable", "all"])
-@pytest.mark.parametrize("act,binary", [("Relu", "Add"), ("Clip", "Add"), ("Relu", "Sum")])
-def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, level, act, binary):
-    """ResNet basic blocks quantized the way `qie quantize` does by default (MatMul / Conv / Gemm only): the
-    residual Add and the activation after it stay float between a DequantizeLinear pair and a QuantizeLinear.
-    The region takes them as one binary unit with an activation program; every node but the input Q and the output
-    DQ runs on qie, equal to ORT. Older exports (Caffe2's ResNet-50 and ShuffleNet in the onnx wheel) write the
-    residual as a two-input Sum: the same unit."""
-    rng = np.random.default_rng(31)
+def residual_blocks(rng, tmp_path, act, binary):
+    """Two ResNet basic blocks (residual ``binary``, then ``act``) quantized as `qie quantize --op-types MatMul Conv
+    Gemm` leaves them: the residual and its activation float between DequantizeLinears and a QuantizeLinear."""
     c, inits, nodes = 8, [], []
     conv = conv3x3_adder(rng, c, inits, nodes)
 
@@ -915,10 +908,52 @@ def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, 
                      [h.make_tensor_value_info(y, T.FLOAT, None)], inits)
     model = quantize(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8), rng, True, False,
                      tmp_path, op_types=QIE_QUANTIZE_OPS)
+    return model
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("act,binary", [("Relu", "Add"), ("Clip", "Add"), ("Relu", "Sum")])
+def test_residual_add_with_float_activation_as_qie_quantize_leaves_it(tmp_path, level, act, binary):
+    """ResNet basic blocks quantized the way `qie quantize` does by default (MatMul / Conv / Gemm only): the
+    residual Add and the activation after it stay float between a DequantizeLinear pair and a QuantizeLinear.
+    The region takes them as one binary unit with an activation program; every node but the input Q and the output
+    DQ runs on qie, equal to ORT. Older exports (Caffe2's ResNet-50 and ShuffleNet in the onnx wheel) write the
+    residual as a two-input Sum: the same unit."""
+    rng = np.random.default_rng(31)
+    model = residual_blocks(rng, tmp_path, act, binary)
     ours, theirs = claimed_ops(model, level)
     assert sorted(theirs) == ["DequantizeLinear"], theirs  # the input's QuantizeLinear runs in the region
     assert "QuantizeLinear" in ours, ours
     assert ours.count(binary) == 2 and ours.count(act) >= 5, ours
+    for shape in ((1, 3, 16, 16), (2, 3, 11, 7)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        assert_equals_ort(got, run(model, feeds, level, qie=False)[0][0])
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("act", ["Relu", "Clip"])
+def test_residual_activation_clamps_codes_its_quantizer_does_not(tmp_path, level, act):
+    """A Relu / Clip after a residual Add runs as a clamp of the Add's output codes, Q(clip(v)) = clamp(Q(v), Q(lo),
+    Q(hi)): exact because Q does not decrease. Calibrated, the QuantizeLinear after it saturates where the clamp
+    would (its range is the activation's); here its zero point is moved to mid-range and its scale halved, so the
+    clamp does the work: still ORT's codes."""
+    if level != "disable" and not COMPARE_BUILTIN:
+        pytest.skip("ORT's own QLinearConv is not the reference here (valgrind / no VNNI)")
+    rng = np.random.default_rng(33)
+    model = residual_blocks(rng, tmp_path, act, "Add")
+    inits = {i.name: i for i in model.graph.initializer}
+    moved = 0
+    for n in model.graph.node:  # the QuantizeLinears of the blocks' activation outputs
+        if n.op_type == "QuantizeLinear" and n.input[0] in ("b0o", "b1o"):
+            inits[n.input[2]].CopyFrom(nh.from_array(np.array(100, np.uint8), n.input[2]))
+            inits[n.input[1]].CopyFrom(nh.from_array(nh.to_array(inits[n.input[1]]) * np.float32(0.5), n.input[1]))
+            moved += 1
+    assert moved == 2
+    ours, _ = claimed_ops(model, level)
+    assert ours.count("Add") >= 1, ours
     for shape in ((1, 3, 16, 16), (2, 3, 11, 7)):
         feeds = {"x": rng.normal(size=shape).astype(np.float32)}
         (got,), _ = run(model, feeds, level, qie=True)

@@ -370,7 +370,7 @@ void FuseConvTables(RegionPlan* p) {
 // table step when nothing else reads its output (the caller drops it), else -1.
 int FoldSelfBinary(const RegionPlan* p, const std::vector<int>& producer_step,
                    const std::map<std::string, int>& readers, RegionPlan::Step* s) {
-  if (s->in.size() != 2 || s->has_pre || !s->tail.steps.empty()) return -1;
+  if (s->in.size() != 2 || s->has_pre || !s->tail.steps.empty() || !s->clamps.empty()) return -1;
   for (int t = 0; t < 2; ++t) {
     const int x = 1 - t, ps = producer_step[static_cast<size_t>(s->in[t])];
     if (ps < 0 || s->in[x] == s->in[t]) continue;
@@ -402,6 +402,38 @@ int FoldSelfBinary(const RegionPlan* p, const std::vector<int>& producer_step,
     return only_reader ? ps : -1;
   }
   return -1;
+}
+
+// A binary unit's activations when they are Relu / Clip nodes only (ResNet's Add -> Relu): the clamps they are on the
+// output codes, Q(clip(v, lo, hi)) = clamp(Q(v), Q(lo), Q(hi)) since Q does not decrease (exact; NaN, which Relu and
+// Clip make 0 or pass on, cannot come from two finite dequantized operands but by overflow, and -inf / inf map to
+// the same codes both ways). False for any other tail: it runs as a float program.
+bool TailClamps(const std::vector<const OrtNode*>& tail, const QParams& qy, std::vector<std::pair<int, int>>* clamps) {
+  std::vector<std::pair<int, int>> out;
+  for (const OrtNode* n : tail) {
+    float lo = -INFINITY, hi = INFINITY;
+    if (IsOp(n, "Relu")) {
+      lo = 0.0f;
+    } else if (IsOp(n, "Clip")) {
+      const auto in = Inputs(n);
+      if (in.size() == 1) {  // opset < 11: attributes
+        lo = AttrFloat(n, "min", -INFINITY);
+        hi = AttrFloat(n, "max", INFINITY);
+      }
+      for (size_t i = 1; i < in.size() && i < 3; ++i) {
+        if (!Input(in, i)) continue;
+        Constant c;
+        if (!ReadConstant(in[i], &c) || c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.count() != 1) return false;
+        (i == 1 ? lo : hi) = static_cast<const float*>(c.data)[0];
+      }
+      if (!(lo <= hi)) return false;  // ORT's Clip then gives max; left to the float program
+    } else {
+      return false;
+    }
+    out.emplace_back(Code(QuantizeOne(lo, qy), qy.is_signed), Code(QuantizeOne(hi, qy), qy.is_signed));
+  }
+  *clamps = out;
+  return !out.empty();
 }
 
 void PlanConv(const Unit& u, RegionPlan::Step* s) {
@@ -591,8 +623,10 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.op = op == "Add" || op == "Sum" ? '+' : op == "Sub" ? '-' : '*';
       if (u.nodes.size() > 2) {
         const std::vector<const OrtNode*> tail(u.nodes.begin() + 1, u.nodes.end() - 1);
-        s.tail = CompileProgram(Outputs(u.op)[0], tail, u.q);
-        s.tail.Expand(1, kTailBlock);
+        if (s.has_pre || !TailClamps(tail, s.qout, &s.clamps)) {
+          s.tail = CompileProgram(Outputs(u.op)[0], tail, u.q);
+          s.tail.Expand(1, kTailBlock);
+        }
       }
       const int dead = FoldSelfBinary(&p, producer_step, readers, &s);
       if (dead >= 0) {  // the table the binary read is folded into it and read by nothing else

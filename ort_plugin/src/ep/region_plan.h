@@ -63,6 +63,8 @@ struct RegionPlan {
     // binary: the operation, and the float program of the activations after it (none: tail.steps empty)
     char op = '+';
     FloatProgram tail;
+    // binary: activations that are clamps of the output codes (Relu / Clip tails; lo, hi codes), applied in order
+    std::vector<std::pair<int, int>> clamps;
     // binary / gap: per operand, the float program between its DequantizeLinear and the op (empty: none)
     std::vector<FloatProgram> pre;
     bool has_pre = false;

@@ -315,6 +315,20 @@ void RunConv(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* o
   qie::Conv(qie::GetMicroKernel(s.packed.isa), cs, s.packed, ca, pfor);  // the ISA its weights were packed for
 }
 
+// y[i] = clamp(code(y[i]), lo, hi) for i < n: a Relu / Clip after a binary unit, on its codes.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void ClampCodes(uint8_t* y, size_t n,
+                                                                                              bool is_signed, int lo,
+                                                                                              int hi) {
+  if (is_signed) {
+    int8_t* v = reinterpret_cast<int8_t*>(y);
+    const int8_t l = static_cast<int8_t>(lo), u = static_cast<int8_t>(hi);
+    for (size_t i = 0; i < n; ++i) v[i] = v[i] < l ? l : v[i] > u ? u : v[i];
+  } else {
+    const uint8_t l = static_cast<uint8_t>(lo), u = static_cast<uint8_t>(hi);
+    for (size_t i = 0; i < n; ++i) y[i] = y[i] < l ? l : y[i] > u ? u : y[i];
+  }
+}
+
 void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, const Dims& db, const uint8_t* b, Dims* od,
                std::vector<uint8_t>* ybuf, const qie::ParallelFor& pfor) {
   const Broadcast bc(s, da, db);
@@ -355,11 +369,13 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
   }
   // Operands laid out like the output along W and C (no broadcast there): one call per output row.
   const bool flat = sa[3] == 1 && sb[3] == 1 && sa[2] == Y[3] && sb[2] == Y[3];
+  const bool is_signed = s.qout.is_signed;
   pfor(rows, [&](size_t r) {
     const size_t n = r / Y[1], h = r % Y[1];
     if (flat) {
       row(a + n * sa[0] + h * sa[1], 1, b + n * sb[0] + h * sb[1], 1, y + r * Y[2] * Y[3], Y[2] * Y[3], s.qin[0],
           s.qin[1], s.qout);
+      for (const auto& [lo, hi] : s.clamps) ClampCodes(y + r * Y[2] * Y[3], Y[2] * Y[3], is_signed, lo, hi);
       return;
     }
     for (size_t w = 0; w < Y[2]; ++w) {
@@ -368,6 +384,7 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
       uint8_t* py = y + ((r * Y[2]) + w) * Y[3];
       row(pa, sa[3], pb, sb[3], py, Y[3], s.qin[0], s.qin[1], s.qout);
     }
+    for (const auto& [lo, hi] : s.clamps) ClampCodes(y + r * Y[2] * Y[3], Y[2] * Y[3], is_signed, lo, hi);
   });
 }
 
