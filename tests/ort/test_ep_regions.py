@@ -638,6 +638,37 @@ def test_channel_shuffle_in_a_region_equals_ort(tmp_path, level, signed, groups,
 
 
 @needs_ep
+def test_channel_shuffle_with_requantizing_qdq_pairs_inside(tmp_path):
+    """Q -> DQ pairs inside the shuffle (ORT's QDQ propagation puts them there with the input's scale, the identity;
+    here with other scales and zero points): each pair rounds as the QDQ graph does, composed into the unit's table."""
+    rng = np.random.default_rng(43)
+    model = quantize(shuffle_model(3, [0, 3, 4, 10, 12], [0, 12, 10, 12]), rng, True, False, tmp_path,
+                     shape=(1, 3, 10, 12), op_types=QIE_QUANTIZE_OPS)
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    relu = next(n for n in model.graph.node if n.output[0] == reshape.input[0])
+    dq = next(n for n in model.graph.node if n.output[0] == relu.input[0])
+    s_in = float(nh.to_array(next(i for i in model.graph.initializer if i.name == dq.input[1])))
+    nodes = list(model.graph.node)
+    for tensor, scale, zp in (("r5", s_in * 1.7, 120), ("t5", s_in * 0.6, 131)):
+        model.graph.initializer.extend([nh.from_array(np.array(scale, np.float32), tensor + "_ps"),
+                                        nh.from_array(np.array(zp, np.uint8), tensor + "_pz")])
+        for n in nodes:
+            n.input[:] = [tensor + "_pd" if i == tensor else i for i in n.input]
+        at = next(k for k, n in enumerate(nodes) if tensor in n.output) + 1
+        nodes[at:at] = [h.make_node("QuantizeLinear", [tensor, tensor + "_ps", tensor + "_pz"], [tensor + "_pq"]),
+                        h.make_node("DequantizeLinear", [tensor + "_pq", tensor + "_ps", tensor + "_pz"], [tensor + "_pd"])]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    ours, theirs = claimed_ops(model, "disable")
+    assert "Transpose" in ours and ours.count("QuantizeLinear") >= 3, (ours, theirs)
+    for n in (1, 2):
+        feeds = {"x": rng.normal(size=(n, 3, 10, 12)).astype(np.float32)}
+        (got,), _ = run(model, feeds, "disable", qie=True)
+        (want,), _ = run(model, feeds, "disable", qie=False)
+        assert_equals_ort(got, want)
+
+
+@needs_ep
 @pytest.mark.parametrize("case", ["symbolic_spatial", "other_perm", "groups_mismatch"])
 def test_reshape_transpose_that_is_no_channel_shuffle_stays_ort(tmp_path, case):
     """Only the exact shuffle is a unit: with symbolic H / W (the targets' sizes are not provably the input's), a

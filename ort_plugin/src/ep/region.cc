@@ -638,7 +638,21 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.C = sh.C;
       s.M = sh.groups;
       s.k = {static_cast<int64_t>(sh.H), static_cast<int64_t>(sh.W)};
-      s.requant.push_back(u.prefix[0].empty() ? Requant(s.qin[0], s.qout) : PrefixTable(u, 0, s.qin[0], s.qout));
+      // Code to code through every QuantizeLinear of the chain (a Q -> DQ pair's, one scale, then the unit's): the
+      // requantizations composed, as the QDQ graph rounds at each (pairs of the input's scale are the identity).
+      std::vector<QParams> hops;
+      for (const OrtNode* n : u.nodes)
+        if (IsOp(n, "QuantizeLinear")) hops.push_back(OutputParams(n));
+      std::vector<uint8_t> t = u.prefix[0].empty() ? Requant(s.qin[0], hops[0]) : PrefixTable(u, 0, s.qin[0], hops[0]);
+      for (size_t k = 1; k < hops.size(); ++k) {
+        const std::vector<uint8_t> next = Requant(hops[k - 1], hops[k]);
+        if (t.empty() || next.empty()) {
+          if (t.empty()) t = next;
+          continue;
+        }
+        for (int b = 0; b < 256; ++b) t[b] = next[t[b]];
+      }
+      s.requant.push_back(t);
       s.pre.clear();  // the prefix is in the table
       s.has_pre = false;
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
