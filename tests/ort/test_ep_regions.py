@@ -637,6 +637,75 @@ def test_channel_shuffle_in_a_region_equals_ort(tmp_path, level, signed, groups,
         assert_equals_ort(got, want, level)
 
 
+def shuffle_lrn_network(seed, c=12, hw=(10, 12)):
+    """A random stack (from one seed) of convs with channel shuffles (groups dividing c), LRNs (odd sizes, random
+    alpha / beta / bias), Relus and MaxPools between them, on x[N, 3, H, W] with static H, W (the shuffle's)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, count = [], [], [0]
+
+    def fresh(prefix):
+        count[0] += 1
+        return f"{prefix}{count[0]}"
+
+    def conv(x, cin, cout, k=3):
+        name = fresh("conv")
+        w = (rng.normal(size=(cout, cin, k, k)) * (1.5 / np.sqrt(cin * k * k))).astype(np.float32)
+        inits.append(nh.from_array(w, name + "_w"))
+        nodes.append(h.make_node("Conv", [x, name + "_w"], [name], pads=[k // 2] * 4))
+        return name
+
+    x = conv("x", 3, c)
+    for _ in range(int(rng.integers(3, 6))):
+        kind = int(rng.integers(4))
+        name = fresh("n")
+        if kind == 0:
+            g = int(rng.choice([d for d in (2, 3, 4, 6) if c % d == 0]))
+            s1, s2 = fresh("s"), fresh("s")
+            inits += [nh.from_array(np.array([0, g, c // g, *hw], np.int64), s1),
+                      nh.from_array(np.array([0, -1, *hw], np.int64), s2)]
+            nodes += [h.make_node("Reshape", [x, s1], [name + "_r"]),
+                      h.make_node("Transpose", [name + "_r"], [name + "_t"], perm=[0, 2, 1, 3, 4]),
+                      h.make_node("Reshape", [name + "_t", s2], [name])]
+        elif kind == 1:
+            nodes.append(h.make_node("LRN", [x], [name], size=int(rng.choice([1, 3, 5, 7])),
+                                     alpha=float(rng.uniform(1e-4, 0.5)), beta=float(rng.uniform(0.5, 1.0)),
+                                     bias=float(rng.uniform(0.5, 2.0))))
+        elif kind == 2:
+            nodes.append(h.make_node("Relu", [x], [name]))
+        else:
+            nodes.append(h.make_node("MaxPool", [x], [name], kernel_shape=[3, 3], pads=[1] * 4))
+        x = conv(name, c, c, int(rng.choice([1, 3])))
+    g = h.make_graph(nodes, f"shuffle_lrn{seed}", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, *hw])],
+                     [h.make_tensor_value_info(x, T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+@needs_ep
+@pytest.mark.parametrize("seed", range(8))
+def test_random_shuffle_lrn_networks_within_a_step_of_ort(tmp_path, seed):
+    """Random stacks of convs with channel shuffles and LRNs between them, quantized with the kernels' op types
+    (shuffles float between Q / DQ) or ORT's full set (Q / DQ around each Reshape / Transpose): every conv and
+    shuffle in qie's regions, the outputs within a step of ORT's at DISABLE_ALL and ALL (an LRN's powf / sqrt
+    form may round a code the other way), for two batch sizes."""
+    rng = np.random.default_rng(500 + seed)
+    model = quantize(shuffle_lrn_network(seed), rng, bool(seed % 2), bool(seed % 3 == 0), tmp_path,
+                     shape=(1, 3, 10, 12), op_types=QIE_QUANTIZE_OPS if seed % 2 else None)
+    step = steps(model)
+    n_shuffles = sum(n.op_type == "Transpose" for n in model.graph.node)
+    for level in ("disable", "all") if COMPARE_BUILTIN else ("disable",):
+        ours, theirs = claimed_ops(model, level)
+        assert ours.count("Conv") == sum(n.op_type == "Conv" for n in model.graph.node), (ours, theirs)
+        assert ours.count("Transpose") == n_shuffles, (ours, theirs)
+        assert ours.count("LRN") == sum(n.op_type == "LRN" for n in model.graph.node), (ours, theirs)
+        for n in (1, 2):
+            feeds = {"x": rng.normal(size=(n, 3, 10, 12)).astype(np.float32)}
+            (got,), _ = run(model, feeds, level, qie=True)
+            (want,), _ = run(model, feeds, level, qie=False)
+            diff = np.abs(got.astype(np.float64) - want)
+            assert diff.max() <= (1.0001 if COMPARE_BUILTIN else 3.0001) * step, (seed, level, diff.max() / step)
+            assert (diff > 0).mean() <= 0.02, (seed, level, (diff > 0).mean())
+
+
 @needs_ep
 def test_channel_shuffle_with_requantizing_qdq_pairs_inside(tmp_path):
     """Q -> DQ pairs inside the shuffle (ORT's QDQ propagation puts them there with the input's scale, the identity;
