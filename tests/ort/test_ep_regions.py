@@ -706,6 +706,66 @@ def test_random_shuffle_lrn_networks_within_a_step_of_ort(tmp_path, seed):
             assert (diff > 0).mean() <= 0.02, (seed, level, (diff > 0).mean())
 
 
+def slice_model(start, end, axis=1, step=None, dtype=np.int64, C=12):
+    """conv 3 -> C, then two convs reading channel slices of it (``start``:``end`` and its complement's first half),
+    their outputs concatenated; on x[N, 3, H, W]."""
+    rng = np.random.default_rng(60)
+    ws = [(rng.normal(size=(C, 3, 3, 3)) * 0.3).astype(np.float32)]
+    inits = [nh.from_array(ws[0], "w0"), nh.from_array(np.array([start], dtype), "st"),
+             nh.from_array(np.array([end], dtype), "en"), nh.from_array(np.array([axis], dtype), "ax")]
+    ins = ["a", "st", "en", "ax"]
+    if step is not None:
+        inits.append(nh.from_array(np.array([step], dtype), "sp"))
+        ins.append("sp")
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 4), h.make_node("Slice", ins, ["s"])]
+    g = h.make_graph(nodes, "slice", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])], [], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+    shape = onnx.shape_inference.infer_shapes(m).graph.value_info
+    width = next(v for v in shape if v.name == "s").type.tensor_type.shape.dim[1].dim_value if axis in (1, -3) else C
+    w1 = (rng.normal(size=(8, width, 1, 1)) * 0.3).astype(np.float32)
+    m.graph.initializer.append(nh.from_array(w1, "w1"))
+    m.graph.node.append(h.make_node("Conv", ["s", "w1"], ["y"]))
+    m.graph.output.append(h.make_tensor_value_info("y", T.FLOAT, None))
+    return m
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("ops", ["kernels", "ort"])
+@pytest.mark.parametrize("start,end,axis,dtype", [(0, 6, 1, np.int64), (6, 2**63 - 1, 1, np.int64),
+                                                  (-5, -1, -3, np.int64), (2, 100, 1, np.int32)],
+                         ids=["head", "tail_to_max", "negative", "past_the_end_int32"])
+def test_channel_slice_in_a_region_equals_ort(tmp_path, level, ops, start, end, axis, dtype):
+    """YOLO's C2f splits written as Slice along the channel axis, between two convs (float between Q / DQ with the
+    kernels' op types; DQ -> Slice -> Q of one scale with ORT's): a region step copying each pixel's channel range
+    (ONNX's start / end: negative from the end, clamped), requantized where the scales differ; equal to ORT."""
+    if level != "disable" and not COMPARE_BUILTIN:
+        pytest.skip("ORT's own QLinearConv is not the reference here (valgrind / no VNNI)")
+    rng = np.random.default_rng(61)
+    model = quantize(slice_model(start, end, axis, dtype=dtype), rng, True, False, tmp_path, shape=(1, 3, 9, 10),
+                     op_types=QIE_QUANTIZE_OPS if ops == "kernels" else None)
+    ours, theirs = claimed_ops(model, level)
+    assert "Slice" in ours and ours.count("Conv") == 2, (ours, theirs)
+    for shape in ((1, 3, 9, 10), (2, 3, 5, 7)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        assert_equals_ort(got, want, level)
+
+
+@needs_ep
+@pytest.mark.parametrize("axis,step", [(2, None), (1, 2)], ids=["height_axis", "step_2"])
+def test_slice_that_is_no_channel_range_stays_ort(tmp_path, axis, step):
+    rng = np.random.default_rng(62)
+    model = quantize(slice_model(0, 6, axis, step=step), rng, True, False, tmp_path, shape=(1, 3, 9, 10),
+                     op_types=QIE_QUANTIZE_OPS)
+    ours, theirs = claimed_ops(model, "all")
+    assert "Slice" not in ours and "Slice" in theirs, (ours, theirs)
+    feeds = {"x": rng.normal(size=(2, 3, 9, 10)).astype(np.float32)}
+    (got,), _ = run(model, feeds, "all", qie=True)
+    assert_equals_ort(got, run(model, feeds, "all", qie=False)[0][0])
+
+
 @needs_ep
 def test_channel_shuffle_with_requantizing_qdq_pairs_inside(tmp_path):
     """Q -> DQ pairs inside the shuffle (ORT's QDQ propagation puts them there with the input's scale, the identity;

@@ -655,6 +655,11 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.requant.push_back(t);
       s.pre.clear();  // the prefix is in the table
       s.has_pre = false;
+    } else if (u.kind == UnitKind::kSlice) {
+      int64_t start = 0, end = 0;
+      SliceRange(u, &start, &end);
+      s.k = {start, end};
+      s.requant.push_back(Requant(s.qin[0], s.qout));
     } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
       for (size_t k = 0; k < s.qin.size(); ++k)
         s.requant.push_back(k < u.prefix.size() && !u.prefix[k].empty() ? PrefixTable(u, k, s.qin[k], s.qout)
@@ -704,7 +709,7 @@ void ReleaseRegion(RegionPlan* plan) { delete plan; }
 namespace {
 
 // and two more: layout (transposes), conv steps with a folded table (conv+table)
-constexpr size_t kKinds = static_cast<size_t>(UnitKind::kLrn) + 1, kConvTable = kKinds + 1;
+constexpr size_t kKinds = static_cast<size_t>(UnitKind::kSlice) + 1, kConvTable = kKinds + 1;
 std::atomic<int64_t> g_ns[kKinds + 2], g_calls[kKinds + 2];
 
 // Per step (its unit's op node, e.g. "Conv 'stem'"): nanoseconds and runs, merged across regions of that name.
@@ -738,7 +743,7 @@ std::string ShapeText(const std::vector<int64_t>& v) {
 }  // namespace
 
 const char* RegionProfileNames() {
-  return "conv table binary gap concat maxpool avgpool shuffle lrn layout conv+table";
+  return "conv table binary gap concat maxpool avgpool shuffle lrn slice layout conv+table";
 }
 size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
   for (size_t k = 0; k < std::min(n, kKinds + 2); ++k) {
@@ -857,6 +862,7 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
       case UnitKind::kAvgPool: RunAvgPool(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kShuffle: RunShuffle(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kLrn: RunLrn(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kSlice: RunSlice(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kConcat: {
         std::vector<const Dims*> ds;
         std::vector<const uint8_t*> xs;

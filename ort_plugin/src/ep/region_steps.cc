@@ -514,6 +514,25 @@ void RunConcat(const RegionPlan::Step& s, const std::vector<const Dims*>& ds, co
   });
 }
 
+void RunSlice(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+              const qie::ParallelFor& pfor) {
+  const int64_t C = static_cast<int64_t>(d.c);
+  auto at = [C](int64_t v) { return std::clamp<int64_t>(v < 0 ? v + C : v, 0, C); };
+  const size_t c0 = static_cast<size_t>(at(s.k[0])), c1 = std::max(c0, static_cast<size_t>(at(s.k[1])));
+  *od = {d.n, d.h, d.w, c1 - c0};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const size_t W = c1 - c0, pixels = d.pixels(), per = std::max<size_t>(qie::kLutRows, (size_t{1} << 14) / W);
+  const std::vector<uint8_t>& rq = s.requant[0];
+  const qie::Isa isa = qie::ActiveIsa();
+  pfor((pixels + per - 1) / per, [&](size_t b) {
+    const size_t p0 = b * per, np = std::min(pixels, p0 + per) - p0;
+    for (size_t p = p0; p < p0 + np; ++p) std::memcpy(y + p * W, x + p * d.c + c0, W);
+    if (!rq.empty()) qie::LookupBlock(isa, rq.data(), 1, y + p0 * W, np, W, W);
+  });
+}
+
 void RunShuffle(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
   const size_t C = s.C, g = s.M, cg = g ? C / g : 0;

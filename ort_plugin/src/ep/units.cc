@@ -491,6 +491,33 @@ bool MatchShuffle(const OrtNode* r1, Unit* u) {
   return true;
 }
 
+// Slice's constant operands (starts, ends, axes, steps; one entry each, int64 or int32), empty where absent; false
+// when one is not such a constant.
+bool SliceOperands(const OrtNode* n, std::vector<int64_t> v[4]) {
+  const auto in = Inputs(n);
+  if (in.size() < 4 || in.size() > 5) return false;  // opset >= 10 with axes
+  for (size_t i = 1; i < in.size(); ++i) {
+    if (!Input(in, i)) continue;
+    Constant c;
+    if (!ReadConstant(in[i], &c) || c.count() != 1) return false;
+    if (c.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
+      v[i - 1] = {static_cast<const int64_t*>(c.data)[0]};
+    else if (c.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
+      v[i - 1] = {static_cast<const int32_t*>(c.data)[0]};
+    else
+      return false;
+  }
+  return !v[0].empty() && !v[1].empty();
+}
+
+// DQ(x) -> Slice of one channel range (axis 1 of a 4-D tensor, step 1) -> Q.
+bool MatchSlice(const OrtNode* n, Unit* u) {
+  std::vector<int64_t> v[4];
+  if (!SliceOperands(n, v) || v[2].empty() || (v[2][0] != 1 && v[2][0] != -3)) return false;
+  if (!v[3].empty() && v[3][0] != 1) return false;
+  return MatchMultiInput(n, UnitKind::kSlice, 4, 5, u, 1);
+}
+
 // DQ(x) -> MaxPool | AveragePool -> Q, 2-D, floor mode (MaxPool: no indices output).
 bool MatchPool(const OrtNode* n, Unit* u) {
   const bool max = IsOp(n, "MaxPool");
@@ -524,6 +551,13 @@ ShuffleShape ShuffleOf(const Unit& u) {
   std::vector<const OrtNode*> body;
   if (u.kind != UnitKind::kShuffle || !ShuffleChain(u.op, &sh, &body)) throw Failure{"channel shuffle changed"};
   return sh;
+}
+
+void SliceRange(const Unit& u, int64_t* start, int64_t* end) {
+  std::vector<int64_t> v[4];
+  if (u.kind != UnitKind::kSlice || !SliceOperands(u.op, v)) throw Failure{"slice changed"};
+  *start = v[0][0];
+  *end = v[1][0];
 }
 
 QParams InputParams(const OrtNode* dq) {
@@ -626,6 +660,8 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
         ok = MatchPool(n, &u);
       else if (op == "Reshape")
         ok = MatchShuffle(n, &u);
+      else if (op == "Slice")
+        ok = MatchSlice(n, &u);
       else if (op == "LRN")
         ok = AttrInt(n, "size", 0) % 2 == 1 && MatchMultiInput(n, UnitKind::kLrn, 1, 1, &u);  // odd, as ORT requires
       if (!ok) continue;

@@ -16,6 +16,8 @@
 //   shuffle: DQ(x) -> Reshape [N, g, C/g, H, W] -> Transpose (0, 2, 1, 3, 4) -> Reshape [N, C, H, W] -> Q
 //            (ShuffleNet's channel shuffle; static C, H, W; an identity Q -> DQ pair after the first two nodes,
 //            ORT's QDQ propagation, joins the unit)                  = codes moved, requantized by table
+//   slice:  DQ(x) -> Slice (channel axis, constant start / end, step 1) -> Q (YOLO's C2f splits)
+//                                                                     = a channel range's codes, requantized
 //   lrn:    DQ(x) -> LRN -> Q                                        = ORT's float LRN on the dequantized codes
 //           (its channel-window sums in its order, powf), Q: within one step of ORT's (its pow is Eigen's)
 //   (binary, gap and lrn operands may pass through an elementwise float prefix after their DQ: then in float32; concat
@@ -31,7 +33,7 @@
 
 namespace qie_ep {
 
-enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle, kLrn };
+enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle, kLrn, kSlice };
 
 // Where a table unit's per-channel constants run: along NCHW's axis 1 ([1,C,1,1], [C,1,1]; regions), or along the
 // last axis ([N], [1,..,1,N]; the segments after a MatMul / Gemm unit, whose output is [rows][N]). `max_rank`: the
@@ -82,6 +84,8 @@ struct ShuffleShape {
   size_t C = 0, groups = 0, H = 0, W = 0;
 };
 ShuffleShape ShuffleOf(const Unit& u);
+// A slice unit's start and end along the channel axis, as written (negative: from the end; clamped at run time).
+void SliceRange(const Unit& u, int64_t* start, int64_t* end);
 // A MaxPool's or AveragePool's window attributes in the conv geometry's terms.
 qie::ConvAttrs PoolAttrs(const OrtNode* n);
 
