@@ -149,7 +149,7 @@ def ep_stats() -> dict:
 
 
 def region_profile(steps: bool = False) -> dict:
-    """Time in the EP's regions per unit kind (conv, table, binary, gap, concat, maxpool, avgpool, shuffle, lrn, slice, layout: the
+    """Time in the EP's regions per unit kind (conv, table, binary, gap, concat, maxpool, avgpool, shuffle, lrn, slice, resize, layout: the
     NCHW <-> NHWC transposes at region edges, and conv+table: convs with the following table folded in) since load
     or ``reset_stats()``, for sessions whose EP was created
     with ``ep_options={"profile": "1"}``: {kind: {"runs": n, "ms": total}} for kinds that ran. ``steps``: per step

@@ -766,6 +766,61 @@ def test_slice_that_is_no_channel_range_stays_ort(tmp_path, axis, step):
     assert_equals_ort(got, run(model, feeds, "all", qie=False)[0][0])
 
 
+def resize_model(scales, mode="nearest", coord="asymmetric", nearest="floor"):
+    """conv 3 -> 8, Resize by constant ``scales`` [1, 1, sh, sw], conv 8 -> 8 (YOLO's neck upsampling)."""
+    rng = np.random.default_rng(70)
+    ws = [(rng.normal(size=(8, 3, 3, 3)) * 0.3).astype(np.float32), (rng.normal(size=(8, 8, 3, 3)) * 0.2).astype(np.float32)]
+    inits = [nh.from_array(w, f"w{i}") for i, w in enumerate(ws)] + [nh.from_array(np.array(scales, np.float32), "sc")]
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], pads=[1] * 4),
+             h.make_node("Resize", ["a", "", "sc"], ["r"], mode=mode, coordinate_transformation_mode=coord,
+                         nearest_mode=nearest),
+             h.make_node("Conv", ["r", "w1"], ["y"], pads=[1] * 4)]
+    g = h.make_graph(nodes, "resize", [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, "H", "W"])],
+                     [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+@needs_ep
+@pytest.mark.parametrize("level", ["disable", "all"])
+@pytest.mark.parametrize("ops", ["kernels", "ort"])
+@pytest.mark.parametrize("scales,coord,nearest", [([1, 1, 2, 2], "asymmetric", "floor"),
+                                                  ([1, 1, 2, 3], "half_pixel", "round_prefer_floor"),
+                                                  ([1, 1, 1, 2], "half_pixel", "round_prefer_ceil")],
+                         ids=["x2_torch", "2x3_half_pixel", "1x2_ceil"])
+def test_nearest_resize_in_a_region_equals_ort(tmp_path, level, ops, scales, coord, nearest):
+    """YOLO's nearest upsampling between two convs: integer scales whose modes read input pixel (oh / sh, ow / sw)
+    become a region step repeating codes (requantized where the scales differ); equal to ORT."""
+    if level != "disable" and not COMPARE_BUILTIN:
+        pytest.skip("ORT's own QLinearConv is not the reference here (valgrind / no VNNI)")
+    rng = np.random.default_rng(71)
+    model = quantize(resize_model(scales, coord=coord, nearest=nearest), rng, True, False, tmp_path,
+                     shape=(1, 3, 6, 7), op_types=QIE_QUANTIZE_OPS if ops == "kernels" else None)
+    ours, theirs = claimed_ops(model, level)
+    assert "Resize" in ours and ours.count("Conv") == 2, (ours, theirs)
+    for shape in ((1, 3, 6, 7), (2, 3, 3, 5)):
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        assert_equals_ort(got, want, level)
+
+
+@needs_ep
+@pytest.mark.parametrize("scales,mode,coord,nearest", [([1, 1, 2, 2], "nearest", "asymmetric", "round_prefer_floor"),
+                                                       ([1, 1, 2, 2], "nearest", "half_pixel", "floor"),
+                                                       ([1, 1, 1.5, 2], "nearest", "asymmetric", "floor"),
+                                                       ([1, 1, 2, 2], "linear", "asymmetric", "floor")],
+                         ids=["asymmetric_round", "half_pixel_floor", "fractional", "linear"])
+def test_resize_that_is_no_pixel_repeat_stays_ort(tmp_path, scales, mode, coord, nearest):
+    rng = np.random.default_rng(72)
+    model = quantize(resize_model(scales, mode, coord, nearest), rng, True, False, tmp_path, shape=(1, 3, 6, 7),
+                     op_types=QIE_QUANTIZE_OPS)
+    ours, theirs = claimed_ops(model, "all")
+    assert "Resize" not in ours and "Resize" in theirs, (ours, theirs)
+    feeds = {"x": rng.normal(size=(2, 3, 6, 7)).astype(np.float32)}
+    (got,), _ = run(model, feeds, "all", qie=True)
+    assert_equals_ort(got, run(model, feeds, "all", qie=False)[0][0])
+
+
 @needs_ep
 def test_channel_shuffle_with_requantizing_qdq_pairs_inside(tmp_path):
     """Q -> DQ pairs inside the shuffle (ORT's QDQ propagation puts them there with the input's scale, the identity;

@@ -655,6 +655,11 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.requant.push_back(t);
       s.pre.clear();  // the prefix is in the table
       s.has_pre = false;
+    } else if (u.kind == UnitKind::kResize) {
+      int64_t sh = 1, sw = 1;
+      ResizeScales(u, &sh, &sw);
+      s.k = {sh, sw};
+      s.requant.push_back(Requant(s.qin[0], s.qout));
     } else if (u.kind == UnitKind::kSlice) {
       int64_t start = 0, end = 0;
       SliceRange(u, &start, &end);
@@ -709,7 +714,7 @@ void ReleaseRegion(RegionPlan* plan) { delete plan; }
 namespace {
 
 // and two more: layout (transposes), conv steps with a folded table (conv+table)
-constexpr size_t kKinds = static_cast<size_t>(UnitKind::kSlice) + 1, kConvTable = kKinds + 1;
+constexpr size_t kKinds = static_cast<size_t>(UnitKind::kResize) + 1, kConvTable = kKinds + 1;
 std::atomic<int64_t> g_ns[kKinds + 2], g_calls[kKinds + 2];
 
 // Per step (its unit's op node, e.g. "Conv 'stem'"): nanoseconds and runs, merged across regions of that name.
@@ -743,7 +748,7 @@ std::string ShapeText(const std::vector<int64_t>& v) {
 }  // namespace
 
 const char* RegionProfileNames() {
-  return "conv table binary gap concat maxpool avgpool shuffle lrn slice layout conv+table";
+  return "conv table binary gap concat maxpool avgpool shuffle lrn slice resize layout conv+table";
 }
 size_t RegionProfile(int64_t* ns, int64_t* calls, size_t n) {
   for (size_t k = 0; k < std::min(n, kKinds + 2); ++k) {
@@ -863,6 +868,7 @@ static void RunSteps(RegionPlan& p, OrtKernelContext* ctx, const qie::ParallelFo
       case UnitKind::kShuffle: RunShuffle(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kLrn: RunLrn(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kSlice: RunSlice(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
+      case UnitKind::kResize: RunResize(s, d0, buf(s.in[0]).data(), &od, &y, pfor); break;
       case UnitKind::kConcat: {
         std::vector<const Dims*> ds;
         std::vector<const uint8_t*> xs;

@@ -73,7 +73,7 @@ struct RegionPlan {
     // LRN: its attributes
     int64_t lrn_size = 1;
     float lrn_alpha = 0, lrn_beta = 0, lrn_bias = 0;
-    // concat / maxpool / shuffle / slice: per input, code -> output code (empty: the identity)
+    // concat / maxpool / shuffle / slice / resize: per input, code -> output code (empty: the identity)
     std::vector<std::vector<uint8_t>> requant;
   };
   std::vector<Value> values;
@@ -152,6 +152,11 @@ void RunShuffle(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
 // requantized by table where the scales differ.
 void RunSlice(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
               const qie::ParallelFor& pfor);
+
+// Nearest upsampling by integer scales k = {sh, sw}: output pixel (oh, ow) is input pixel (oh / sh, ow / sw),
+// requantized by table where the scales differ.
+void RunResize(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+               const qie::ParallelFor& pfor);
 
 // LRN as ORT's float kernel computes it on the dequantized codes, per pixel (NHWC: its channel window contiguous):
 // squares, the window sum started at bias and slid by adding the head and subtracting the tail (ORT's order),

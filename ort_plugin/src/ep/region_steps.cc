@@ -533,6 +533,26 @@ void RunSlice(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* 
   });
 }
 
+void RunResize(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
+               const qie::ParallelFor& pfor) {
+  const size_t sh = static_cast<size_t>(s.k[0]), sw = static_cast<size_t>(s.k[1]), C = d.c;
+  *od = {d.n, d.h * sh, d.w * sw, C};
+  if (ybuf->size() < od->count()) ybuf->resize(od->count());
+  uint8_t* y = ybuf->data();
+  if (od->count() == 0) return;
+  const std::vector<uint8_t>& rq = s.requant[0];
+  const qie::Isa isa = qie::ActiveIsa();
+  const size_t row = od->w * C;  // bytes per output row
+  pfor(od->n * od->h, [&](size_t r) {
+    const size_t n = r / od->h, ih = (r % od->h) / sh;
+    const uint8_t* src = x + ((n * d.h + ih) * d.w) * C;
+    uint8_t* dst = y + r * row;
+    for (size_t iw = 0; iw < d.w; ++iw)
+      for (size_t k = 0; k < sw; ++k) std::memcpy(dst + (iw * sw + k) * C, src + iw * C, C);
+    if (!rq.empty()) qie::LookupBlock(isa, rq.data(), 1, dst, 1, row, row);
+  });
+}
+
 void RunShuffle(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od, std::vector<uint8_t>* ybuf,
                 const qie::ParallelFor& pfor) {
   const size_t C = s.C, g = s.M, cg = g ? C / g : 0;

@@ -518,6 +518,36 @@ bool MatchSlice(const OrtNode* n, Unit* u) {
   return MatchMultiInput(n, UnitKind::kSlice, 4, 5, u, 1);
 }
 
+// A nearest Resize whose output pixel (oh, ow) reads input pixel (oh / sh, ow / sw) for integer scales sh, sw >= 1
+// given by a constant `scales` input [1, 1, sh, sw]: asymmetric coordinates with floor (x = oh / s), or half-pixel
+// ones rounded to the nearest either way (x = (oh + 0.5) / s - 0.5 lies strictly within 0.5 of oh / s's floor).
+bool NearestScales(const OrtNode* n, int64_t* sh, int64_t* sw) {
+  if (!IsOp(n, "Resize") || AttrString(n, "mode", "nearest") != "nearest") return false;
+  const std::string ct = AttrString(n, "coordinate_transformation_mode", "half_pixel");
+  const std::string nm = AttrString(n, "nearest_mode", "round_prefer_floor");
+  const bool ok = (ct == "asymmetric" && nm == "floor") ||
+                  (ct == "half_pixel" && (nm == "round_prefer_floor" || nm == "round_prefer_ceil"));
+  if (!ok || !AttrInts(n, "axes").empty()) return false;
+  const auto in = Inputs(n);
+  Constant c;
+  if (in.size() < 3 || in.size() > 4 || Input(in, 3) || !ReadConstant(Input(in, 2), &c) ||
+      c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.count() != 4)
+    return false;
+  const float* f = static_cast<const float*>(c.data);
+  if (f[0] != 1.0f || f[1] != 1.0f) return false;
+  for (int i = 2; i < 4; ++i)
+    if (!(f[i] >= 1.0f && f[i] <= 64.0f) || f[i] != static_cast<float>(static_cast<int64_t>(f[i]))) return false;
+  *sh = static_cast<int64_t>(f[2]);
+  *sw = static_cast<int64_t>(f[3]);
+  return true;
+}
+
+// DQ(x) -> Resize (NearestScales) -> Q.
+bool MatchResize(const OrtNode* n, Unit* u) {
+  int64_t sh = 0, sw = 0;
+  return NearestScales(n, &sh, &sw) && MatchMultiInput(n, UnitKind::kResize, 3, 4, u, 1);
+}
+
 // DQ(x) -> MaxPool | AveragePool -> Q, 2-D, floor mode (MaxPool: no indices output).
 bool MatchPool(const OrtNode* n, Unit* u) {
   const bool max = IsOp(n, "MaxPool");
@@ -551,6 +581,10 @@ ShuffleShape ShuffleOf(const Unit& u) {
   std::vector<const OrtNode*> body;
   if (u.kind != UnitKind::kShuffle || !ShuffleChain(u.op, &sh, &body)) throw Failure{"channel shuffle changed"};
   return sh;
+}
+
+void ResizeScales(const Unit& u, int64_t* sh, int64_t* sw) {
+  if (u.kind != UnitKind::kResize || !NearestScales(u.op, sh, sw)) throw Failure{"resize changed"};
 }
 
 void SliceRange(const Unit& u, int64_t* start, int64_t* end) {
@@ -662,6 +696,8 @@ std::vector<Unit> FindUnits(const std::vector<const OrtNode*>& nodes) {
         ok = MatchShuffle(n, &u);
       else if (op == "Slice")
         ok = MatchSlice(n, &u);
+      else if (op == "Resize")
+        ok = MatchResize(n, &u);
       else if (op == "LRN")
         ok = AttrInt(n, "size", 0) % 2 == 1 && MatchMultiInput(n, UnitKind::kLrn, 1, 1, &u);  // odd, as ORT requires
       if (!ok) continue;

@@ -18,6 +18,8 @@
 //            ORT's QDQ propagation, joins the unit)                  = codes moved, requantized by table
 //   slice:  DQ(x) -> Slice (channel axis, constant start / end, step 1) -> Q (YOLO's C2f splits)
 //                                                                     = a channel range's codes, requantized
+//   resize: DQ(x) -> Resize (nearest, constant integer H / W scales, index = out / scale: asymmetric + floor or
+//           half_pixel + round_prefer_floor / ceil) -> Q (YOLO's upsampling) = codes repeated, requantized
 //   lrn:    DQ(x) -> LRN -> Q                                        = ORT's float LRN on the dequantized codes
 //           (its channel-window sums in its order, powf), Q: within one step of ORT's (its pow is Eigen's)
 //   (binary, gap and lrn operands may pass through an elementwise float prefix after their DQ: then in float32; concat
@@ -33,7 +35,7 @@
 
 namespace qie_ep {
 
-enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle, kLrn, kSlice };
+enum class UnitKind { kConv, kTable, kBinary, kGap, kConcat, kMaxPool, kAvgPool, kShuffle, kLrn, kSlice, kResize };
 
 // Where a table unit's per-channel constants run: along NCHW's axis 1 ([1,C,1,1], [C,1,1]; regions), or along the
 // last axis ([N], [1,..,1,N]; the segments after a MatMul / Gemm unit, whose output is [rows][N]). `max_rank`: the
@@ -84,6 +86,8 @@ struct ShuffleShape {
   size_t C = 0, groups = 0, H = 0, W = 0;
 };
 ShuffleShape ShuffleOf(const Unit& u);
+// A resize unit's integer scales along H and W.
+void ResizeScales(const Unit& u, int64_t* sh, int64_t* sw);
 // A slice unit's start and end along the channel axis, as written (negative: from the end; clamped at run time).
 void SliceRange(const Unit& u, int64_t* start, int64_t* end);
 // A MaxPool's or AveragePool's window attributes in the conv geometry's terms.
