@@ -655,22 +655,22 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       s.requant.push_back(t);
       s.pre.clear();  // the prefix is in the table
       s.has_pre = false;
-    } else if (u.kind == UnitKind::kResize) {
-      int64_t sh = 1, sw = 1;
-      ResizeScales(u, &sh, &sw);
-      s.k = {sh, sw};
-      s.requant.push_back(Requant(s.qin[0], s.qout));
-    } else if (u.kind == UnitKind::kSlice) {
-      int64_t start = 0, end = 0;
-      SliceRange(u, &start, &end);
-      s.k = {start, end};
-      s.requant.push_back(Requant(s.qin[0], s.qout));
-    } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool) {
+    } else if (u.kind == UnitKind::kConcat || u.kind == UnitKind::kMaxPool || u.kind == UnitKind::kSlice ||
+               u.kind == UnitKind::kResize) {
       for (size_t k = 0; k < s.qin.size(); ++k)
         s.requant.push_back(k < u.prefix.size() && !u.prefix[k].empty() ? PrefixTable(u, k, s.qin[k], s.qout)
                                                                         : Requant(s.qin[k], s.qout));
       s.pre.clear();  // a Concat input's prefix is in its table
       s.has_pre = false;
+    }
+    if (u.kind == UnitKind::kSlice) {
+      int64_t start = 0, end = 0;
+      SliceRange(u, &start, &end);
+      s.k = {start, end};
+    } else if (u.kind == UnitKind::kResize) {
+      int64_t sh = 1, sw = 1;
+      ResizeScales(u, &sh, &sw);
+      s.k = {sh, sw};
     }
     if (u.kind == UnitKind::kLrn) {
       s.lrn_size = AttrInt(u.op, "size", 1);

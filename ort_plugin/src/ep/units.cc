@@ -336,6 +336,16 @@ bool ElementwisePrefix(const OrtValueInfo* v, const OrtNode** dq, std::vector<co
   return true;
 }
 
+// ElementwisePrefix of the 4-D value `v` when its float program is plain arithmetic (no libm function), with scalar
+// constants only where `scalar` (a prefix that becomes a requantization table: Concat's, a channel shuffle's).
+bool ArithmeticPrefix(const OrtValueInfo* v, bool scalar, const OrtNode** dq, std::vector<const OrtNode*>* prefix) {
+  if (!ElementwisePrefix(v, dq, prefix) || !Rank4(Outputs(*dq)[0])) return false;
+  try {
+    const FloatProgram f = CompileProgramTo(Outputs(*dq)[0], *prefix, v);
+    return f.arithmetic && (!scalar || f.C == 1);
+  } catch (const Failure&) { return false; }
+}
+
 // op(DQ(x_0), DQ(x_1), ...) -> Q for a node whose every input is a runtime 4-D DequantizeLinear (`tensors`: only
 // the first so many inputs; the node's own checks read the constants after them, e.g. ReduceMean's axes).
 bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t max_inputs, Unit* u,
@@ -354,15 +364,10 @@ bool MatchMultiInput(const OrtNode* n, UnitKind kind, size_t min_inputs, size_t 
     const OrtNode* dq = Producer(v);
     const bool prefixed =
         kind == UnitKind::kBinary || kind == UnitKind::kGap || kind == UnitKind::kConcat || kind == UnitKind::kLrn;
-    if (prefixed && dq && !IsOp(dq, "DequantizeLinear")) {
-      if (!ElementwisePrefix(v, &dq, &prefix)) return false;
-      if (!Rank4(Outputs(dq)[0])) return false;
-      try {
-        const FloatProgram f = CompileProgramTo(Outputs(dq)[0], prefix, v);
-        // a Concat input's prefix becomes its requantization table: scalar constants only
-        if (!f.arithmetic || (kind == UnitKind::kConcat && f.C != 1)) return false;
-      } catch (const Failure&) { return false; }
-    }
+    // a Concat input's prefix becomes its requantization table: scalar constants only
+    if (prefixed && dq && !IsOp(dq, "DequantizeLinear") &&
+        !ArithmeticPrefix(v, kind == UnitKind::kConcat, &dq, &prefix))
+      return false;
     if (!InputDq(dq)) return false;
     dqs.push_back(dq);
     prefixes.push_back(prefix);
@@ -469,13 +474,7 @@ bool MatchShuffle(const OrtNode* r1, Unit* u) {
   const OrtValueInfo* x = Inputs(r1)[0];
   const OrtNode* dq = Producer(x);
   std::vector<const OrtNode*> prefix;  // elementwise float nodes after the DequantizeLinear (a Relu): in the table
-  if (dq && !IsOp(dq, "DequantizeLinear")) {
-    if (!ElementwisePrefix(x, &dq, &prefix)) return false;
-    try {
-      const FloatProgram f = CompileProgramTo(Outputs(dq)[0], prefix, x);
-      if (!f.arithmetic || f.C != 1) return false;
-    } catch (const Failure&) { return false; }
-  }
+  if (dq && !IsOp(dq, "DequantizeLinear") && !ArithmeticPrefix(x, true, &dq, &prefix)) return false;
   const OrtNode* r2 = body.back();
   const OrtNode* q = SoleConsumer(Outputs(r2)[0]);
   Constant sy, zy;
