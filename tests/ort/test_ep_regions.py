@@ -706,6 +706,26 @@ def test_random_shuffle_lrn_networks_within_a_step_of_ort(tmp_path, seed):
             assert (diff > 0).mean() <= 0.02, (seed, level, (diff > 0).mean())
 
 
+def claims_and_equals_ort(model, level, op, shapes, rng, convs=2):
+    """`op` and `convs` convolutions in qie's regions at `level`; the outputs equal ORT's for each input shape."""
+    ours, theirs = claimed_ops(model, level)
+    assert op in ours and ours.count("Conv") == convs, (ours, theirs)
+    for shape in shapes:
+        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+        (got,), _ = run(model, feeds, level, qie=True)
+        (want,), _ = run(model, feeds, level, qie=False)
+        assert_equals_ort(got, want, level)
+
+
+def stays_ort(model, op, shape, rng):
+    """`op` left to ORT at ORT_ENABLE_ALL; the outputs still ORT's."""
+    ours, theirs = claimed_ops(model, "all")
+    assert op not in ours and op in theirs, (ours, theirs)
+    feeds = {"x": rng.normal(size=shape).astype(np.float32)}
+    (got,), _ = run(model, feeds, "all", qie=True)
+    assert_equals_ort(got, run(model, feeds, "all", qie=False)[0][0])
+
+
 def slice_model(start, end, axis=1, step=None, dtype=np.int64, C=12):
     """conv 3 -> C, then two convs reading channel slices of it (``start``:``end`` and its complement's first half),
     their outputs concatenated; on x[N, 3, H, W]."""
@@ -744,13 +764,7 @@ def test_channel_slice_in_a_region_equals_ort(tmp_path, level, ops, start, end, 
     rng = np.random.default_rng(61)
     model = quantize(slice_model(start, end, axis, dtype=dtype), rng, True, False, tmp_path, shape=(1, 3, 9, 10),
                      op_types=QIE_QUANTIZE_OPS if ops == "kernels" else None)
-    ours, theirs = claimed_ops(model, level)
-    assert "Slice" in ours and ours.count("Conv") == 2, (ours, theirs)
-    for shape in ((1, 3, 9, 10), (2, 3, 5, 7)):
-        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
-        (got,), _ = run(model, feeds, level, qie=True)
-        (want,), _ = run(model, feeds, level, qie=False)
-        assert_equals_ort(got, want, level)
+    claims_and_equals_ort(model, level, "Slice", ((1, 3, 9, 10), (2, 3, 5, 7)), rng)
 
 
 @needs_ep
@@ -759,11 +773,7 @@ def test_slice_that_is_no_channel_range_stays_ort(tmp_path, axis, step):
     rng = np.random.default_rng(62)
     model = quantize(slice_model(0, 6, axis, step=step), rng, True, False, tmp_path, shape=(1, 3, 9, 10),
                      op_types=QIE_QUANTIZE_OPS)
-    ours, theirs = claimed_ops(model, "all")
-    assert "Slice" not in ours and "Slice" in theirs, (ours, theirs)
-    feeds = {"x": rng.normal(size=(2, 3, 9, 10)).astype(np.float32)}
-    (got,), _ = run(model, feeds, "all", qie=True)
-    assert_equals_ort(got, run(model, feeds, "all", qie=False)[0][0])
+    stays_ort(model, "Slice", (2, 3, 9, 10), rng)
 
 
 def resize_model(scales, mode="nearest", coord="asymmetric", nearest="floor"):
@@ -795,13 +805,7 @@ def test_nearest_resize_in_a_region_equals_ort(tmp_path, level, ops, scales, coo
     rng = np.random.default_rng(71)
     model = quantize(resize_model(scales, coord=coord, nearest=nearest), rng, True, False, tmp_path,
                      shape=(1, 3, 6, 7), op_types=QIE_QUANTIZE_OPS if ops == "kernels" else None)
-    ours, theirs = claimed_ops(model, level)
-    assert "Resize" in ours and ours.count("Conv") == 2, (ours, theirs)
-    for shape in ((1, 3, 6, 7), (2, 3, 3, 5)):
-        feeds = {"x": rng.normal(size=shape).astype(np.float32)}
-        (got,), _ = run(model, feeds, level, qie=True)
-        (want,), _ = run(model, feeds, level, qie=False)
-        assert_equals_ort(got, want, level)
+    claims_and_equals_ort(model, level, "Resize", ((1, 3, 6, 7), (2, 3, 3, 5)), rng)
 
 
 @needs_ep
@@ -814,11 +818,7 @@ def test_resize_that_is_no_pixel_repeat_stays_ort(tmp_path, scales, mode, coord,
     rng = np.random.default_rng(72)
     model = quantize(resize_model(scales, mode, coord, nearest), rng, True, False, tmp_path, shape=(1, 3, 6, 7),
                      op_types=QIE_QUANTIZE_OPS)
-    ours, theirs = claimed_ops(model, "all")
-    assert "Resize" not in ours and "Resize" in theirs, (ours, theirs)
-    feeds = {"x": rng.normal(size=(2, 3, 6, 7)).astype(np.float32)}
-    (got,), _ = run(model, feeds, "all", qie=True)
-    assert_equals_ort(got, run(model, feeds, "all", qie=False)[0][0])
+    stays_ort(model, "Resize", (2, 3, 6, 7), rng)
 
 
 @needs_ep
@@ -863,12 +863,7 @@ def test_reshape_transpose_that_is_no_channel_shuffle_stays_ort(tmp_path, case):
           "groups_mismatch": dict(groups=2, first=[0, 2, 3, 20, 12], second=[0, 12, 10, 12], C=12)}[case]
     rng = np.random.default_rng(42)
     model = quantize(shuffle_model(**kw), rng, True, False, tmp_path, shape=(1, 3, 10, 12), op_types=QIE_QUANTIZE_OPS)
-    ours, theirs = claimed_ops(model, "all")
-    assert "Transpose" not in ours and "Transpose" in theirs, (ours, theirs)
-    feeds = {"x": rng.normal(size=(2, 3, 10, 12)).astype(np.float32)}
-    (got,), _ = run(model, feeds, "all", qie=True)
-    (want,), _ = run(model, feeds, "all", qie=False)
-    assert_equals_ort(got, want)
+    stays_ort(model, "Transpose", (2, 3, 10, 12), rng)
 
 
 @needs_ep
