@@ -41,7 +41,11 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     from qie_ep.quantization.config import DEFAULT_OP_TYPES, FEATURE_MAP_OP_TYPES
 
     p.add_argument("--dynamic", action="store_true", help="dynamic quantization (activations quantized at run time)")
-    p.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                   help="per-output-channel weight scales (the default)")
+    w.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                   help="one scale per weight tensor (ONNX Runtime's quantizer's default)")
     p.add_argument("--format", choices=("qdq", "qoperator"), default="qdq", help="static model format (default qdq)")
     p.add_argument("--op-types", nargs="+", default=None, metavar="OP",
                    help=f"op types to quantize, exactly (default: {' '.join(DEFAULT_OP_TYPES)}, what qie has kernels "

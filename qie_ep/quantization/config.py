@@ -10,15 +10,16 @@ DEFAULT_OP_TYPES = ("MatMul", "Conv", "Gemm")
 FEATURE_MAP_OP_TYPES = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Add", "Mul")
 QTYPES = {"u8": "QUInt8", "s8": "QInt8"}
 # Names cached files quantized with qie's defaults (the demo's, the test models'): changed with the defaults, so no
-# file quantized under older ones is reused. "pp": ORT's pre-processing first; "fm": the feature-map op types.
-DEFAULTS_TAG = "pp-fm"
+# file quantized under older ones is reused. "pp": ORT's pre-processing first; "fm": the feature-map op types; "pc":
+# per-channel weights; "res": float outputs into residual sums (``quantizer.float_residual_outputs``).
+DEFAULTS_TAG = "pp-fm-pc-res"
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
     """How to quantize. ``op_types=()`` means ORT's full default set."""
     dynamic: bool = False
-    per_channel: bool = False
+    per_channel: bool = True               # per-output-channel weight scales (ORT's quantizer defaults to per-tensor)
     fmt: str = "qdq"                       # "qdq" or "qoperator" (static only)
     op_types: tuple = DEFAULT_OP_TYPES
     activation_type: str = "u8"            # static only; dynamic activations are always u8
@@ -27,3 +28,4 @@ class QuantizeConfig:
     calibration: str = "minmax"            # minmax | entropy | percentile
     preprocess: bool = True                # ORT's quant_pre_process first where it folds BatchNormalization
     feature_maps: bool = True              # static QDQ: also FEATURE_MAP_OP_TYPES on convolutional feature maps
+    float_residuals: bool = True           # static QDQ: no Q / DQ on a MatMul / Gemm output entering a residual sum

@@ -112,12 +112,12 @@ bool ColumnConstant(const OrtValueInfo* vi, size_t N, int64_t rank, std::vector<
 // The residual LayerNorm after the unit's float output (MatMulUnit::Norm): each value read by the next node alone.
 void MatchNorm(MatMulUnit* u, size_t N) {
   u->norm = {};
-  if (!u->dq_out) return;
+  if (!u->dq_out && u->q) return;
   for (const Unit& seg : u->tail)  // LayerNorm's last axis is N only while no Reshape / Transpose moved it
     if (std::any_of(seg.nodes.begin(), seg.nodes.end(), IsLayoutOp)) return;
   const int64_t rank = ValueRank(Outputs(u->matmul)[0]);
   MatMulUnit::Norm n;
-  const OrtValueInfo* v = Outputs(u->dq_out)[0];
+  const OrtValueInfo* v = Outputs(u->dq_out ? u->dq_out : u->matmul)[0];
   auto next = [&](const OrtValueInfo* value) -> const OrtNode* {
     return value && !IsGraphOutput(value) ? SoleConsumer(value) : nullptr;
   };
@@ -148,22 +148,31 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   n.residual = r;
   v = Outputs(c)[0];
   c = next(v);
-  if (!IsOp(c, "LayerNormalization") || rank < 1 || Inputs(c)[0] != v) return;
+  if (!u->q) n.last = n.add_res;  // a float unit may end here (the next node reads the sum, or not alone)
+  auto done = [&] {
+    if (n.last) u->norm = n;
+  };
+  if (!IsOp(c, "LayerNormalization") || rank < 1 || Inputs(c)[0] != v) return done();
   const int64_t axis = AttrInt(c, "axis", -1);
   if ((axis != -1 && axis != rank - 1) || AttrInt(c, "stash_type", 1) != 1) return;
   const auto lin = Inputs(c);
   const auto lout = Outputs(c);
   if (lin.size() < 2 || !ColumnConstant(lin[1], N, 1, &unused) ||
       (Input(lin, 2) && !ColumnConstant(lin[2], N, 1, &unused)))
-    return;
+    return done();
   for (size_t i = 1; i < lout.size(); ++i)  // Mean / InvStdDev: not computed here
-    if (lout[i] && !Name(lout[i]).empty() && (IsGraphOutput(lout[i]) || Consumers(lout[i]) > 0)) return;
+    if (lout[i] && !Name(lout[i]).empty() && (IsGraphOutput(lout[i]) || Consumers(lout[i]) > 0)) return done();
   n.ln = c;
+  if (!u->q) n.last = c;
   v = lout[0];
   c = next(v);
   Constant sy, zy;
-  if (!IsOp(c, "QuantizeLinear") || Inputs(c)[0] != v || !QOperands(c, &sy, &zy)) return;
+  if (!IsOp(c, "QuantizeLinear") || Inputs(c)[0] != v || !QOperands(c, &sy, &zy)) {
+    if (!u->q) u->norm = n;
+    return;
+  }
   n.q = c;
+  n.last = c;
   u->norm = n;
 }
 
@@ -171,7 +180,7 @@ void MatchNorm(MatMulUnit* u, size_t N) {
 // ORT fuses nothing with.
 void MatchOutBias(MatMulUnit* u, size_t N) {
   u->out_bias = nullptr;
-  if (!u->dq_out || u->norm.q) return;
+  if (!u->dq_out || u->norm.last) return;
   for (const Unit& seg : u->tail)  // the bias runs along N only while no Reshape / Transpose moved it
     if (std::any_of(seg.nodes.begin(), seg.nodes.end(), IsLayoutOp)) return;
   const OrtValueInfo* v = Outputs(u->dq_out)[0];
@@ -211,14 +220,20 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   if (!dq_x || !dq_w || Consumers(in[0]) != 1 || Consumers(in[1]) != 1 || IsGraphOutput(in[0]) || IsGraphOutput(in[1]))
     return false;
   if (has_c && (!dq_b || Consumers(in[2]) != 1 || IsGraphOutput(in[2]))) return false;
-  // The consumer: one QuantizeLinear.
+  // The consumer: one QuantizeLinear, or (a float unit) the norm tail's Add.
   size_t nc = 1;
   std::vector<const OrtNode*> consumers(nc);
   std::vector<int64_t> idx(nc);
   Check(g_api->ValueInfo_GetValueConsumers(out[0], consumers.data(), idx.data(), nc));
   const OrtNode* q = consumers[0];
-  if (!q || OpType(q) != "QuantizeLinear" || !Domain(q).empty() || idx[0] != 0) return false;
-  if (AttrInt(q, "block_size", 0) != 0 || AttrInt(q, "saturate", 1) != 1) return false;
+  if (!q) return false;
+  if (IsOp(q, "QuantizeLinear")) {
+    if (idx[0] != 0 || AttrInt(q, "block_size", 0) != 0 || AttrInt(q, "saturate", 1) != 1) return false;
+  } else if (IsOp(q, "Add")) {
+    q = nullptr;
+  } else {
+    return false;
+  }
   Constant unused;
   const auto win = Inputs(dq_w);
   if (win.empty() || !ReadConstant(win[0], &o->w) || o->w.shape.size() != 2) return false;
@@ -227,19 +242,26 @@ bool MatchUnit(const OrtNode* op, MatMulUnit* u, UnitOperands* o) {
   if (!DqOperands(dq_w, false, o->N, &o->w, &o->sw, &o->zw, &o->wt, trans_b ? 0 : 1)) return false;
   if (!DqOperands(dq_x, true, 0, &unused, &o->sx, &o->zx, &o->xt)) return false;
   if (has_c && !Int32Bias(dq_b, o->N, o->sx, o->sw, &o->bias)) return false;
+  u->dq_x = dq_x;
+  u->dq_w = dq_w;
+  u->dq_bias = dq_b;
+  u->matmul = op;
+  u->trans_b = trans_b;
+  u->tail.clear();
+  u->dq_out = nullptr;
+  u->out_bias = nullptr;
+  if (!q) {  // a float unit: only with its norm tail
+    u->q = nullptr;
+    MatchNorm(u, o->N);
+    return u->norm.last != nullptr;
+  }
   const auto qin = Inputs(q);
   if (qin.size() < 3 || !ReadConstant(qin[1], &o->sy) || o->sy.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
       o->sy.count() != 1 || !ReadConstant(Input(qin, 2), &o->zy) || !IsQ8(o->zy.type) || o->zy.count() != 1)
     return false;
   const float sy = static_cast<const float*>(o->sy.data)[0];
   if (!(std::isfinite(sy) && sy != 0.0f)) return false;
-  u->dq_x = dq_x;
-  u->dq_w = dq_w;
-  u->dq_bias = dq_b;
-  u->matmul = op;
   u->q = q;
-  u->trans_b = trans_b;
-  u->tail.clear();
   MatchTail(u, o->N);
   Constant sy_last, zy_last;
   if (!QOperands(u->last_q(), &sy_last, &zy_last)) return false;
@@ -373,7 +395,7 @@ Broadcast NormShape(const CompiledMatMul& c, OrtKernelContext* ctx, const std::v
   const std::vector<int64_t> rd = TensorShape(rv);
   Broadcast bc;
   if (!BroadcastOf(dims, rd, &bc) || bc.shape.empty() || bc.shape.back() != static_cast<int64_t>(c.N))
-    throw Failure{"LayerNormalization '" + nm.name + "': the residual of shape " + qie::ShapeStr(rd) +
+    throw Failure{nm.name + ": the residual of shape " + qie::ShapeStr(rd) +
                   " does not broadcast to the MatMul's output " + qie::ShapeStr(dims) + " along its rows"};
   const void* rp = nullptr;
   Check(g_api->GetTensorData(rv, &rp));
@@ -390,8 +412,10 @@ Broadcast NormShape(const CompiledMatMul& c, OrtKernelContext* ctx, const std::v
 // is elementwise along the row and left to the compiler's vectorizer.
 constexpr size_t kNormLanes = 16;
 
-void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, const float* res, uint8_t* y,
+void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, const float* res, void* yv,
               const qie::ParallelFor& pfor) {
+  uint8_t* y = static_cast<uint8_t*>(yv);
+  float* yf = static_cast<float*>(yv);  // a float unit's tail without the QuantizeLinear: its float values
   const CompiledMatMul::CompiledNorm& nm = c.norm;
   const size_t N = c.N;
   size_t rows = 1;
@@ -428,8 +452,10 @@ void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, cons
           for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h];
         else
           for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[0];
+        if (!nm.ln) std::memcpy(yf + (r0 + i) * N, v, N * sizeof(float));  // the sum is the output
         for (size_t h = 0; h < N; ++h) vt[h * kNormLanes + i] = v[h];
       }
+      if (!nm.ln) continue;
       for (size_t i = nr; i < kNormLanes; ++i)  // unused lanes: zeros (their sums are not read)
         for (size_t h = 0; h < N; ++h) vt[h * kNormLanes + i] = 0.0f;
       float mean[kNormLanes] = {}, square[kNormLanes] = {};
@@ -448,7 +474,10 @@ void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, cons
         for (size_t h = 0; h < N; ++h) o[h] = (v[h] - m) / denom * gamma[h];
         if (beta)
           for (size_t h = 0; h < N; ++h) o[h] = o[h] + beta[h];
-        QuantizeBlock(o, N, q, y + (r0 + i) * N);
+        if (nm.quantized)
+          QuantizeBlock(o, N, q, y + (r0 + i) * N);
+        else
+          std::memcpy(yf + (r0 + i) * N, o, N * sizeof(float));
       }
     }
   };
@@ -498,6 +527,8 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     const bool tail = !c.table.empty() || !c.programs.chain.empty();
     const bool after = c.float_out || !c.layout.empty();  // the codes do not go to the output as they are
     const size_t n = rows * c.N;
+    thread_local std::vector<float> values;  // a float unit's GEMM output; the norm tail's input
+    if (c.float_acc) values.resize(n);
     if (after || tail) codes.resize(n);
     if (after && tail) tail_codes.resize(n);
     const qie::PackedB* bp = &c.packed;
@@ -518,7 +549,7 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     g.kind = c.kind;
     g.scale = c.mult.data();
     g.y_zp = c.zy;
-    g.y = after || tail ? codes.data() : ydata;
+    g.y = c.float_acc ? static_cast<void*>(values.data()) : after || tail ? codes.data() : ydata;
     g.ldy = c.N;
     g.batch = 1;
     g.b = &bp;
@@ -557,10 +588,9 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
       if (!c.float_out && out_codes != ydata) std::memcpy(ydata, out_codes, n);
     }
     if (c.norm.on) {
-      thread_local std::vector<float> values;
       values.resize(n);
-      DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
-      NormRows(c, values.data(), norm_bc, residual, static_cast<uint8_t*>(ydata), pfor);
+      if (!c.float_acc) DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
+      NormRows(c, values.data(), norm_bc, residual, ydata, pfor);
     } else if (c.float_out) {
       float* y = static_cast<float*>(ydata);
       DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, y);
@@ -622,7 +652,8 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   const std::unordered_set<const OrtNode*> in_graph(nodes.begin(), nodes.end());
   TrimTail(&u, [&](const OrtNode* m) { return in_graph.count(m) == 0; });
   if (u.dq_out && !in_graph.count(u.dq_out)) u.DropOutput();
-  if (u.Nodes().size() != nodes.size()) throw Failure{"fused graph is not the unit GetCapability claimed"};
+  if (!u.Complete() || u.Nodes().size() != nodes.size())
+    throw Failure{"fused graph is not the unit GetCapability claimed"};
   c->K = o.K;
   c->N = o.N;
   c->gemm = OpType(op) == "Gemm";
@@ -634,21 +665,27 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
   c->zx = o.zx.data ? Zp(o.zx, 0) : 0;
   c->zw.resize(c->N);
   c->mult.resize(c->N);
-  const float fsx = static_cast<const float*>(o.sx.data)[0], fsy = static_cast<const float*>(o.sy.data)[0];
+  c->float_acc = u.q == nullptr;
+  // A float unit's values: float(acc) * (sx * sw[n]), as ORT's MatMulIntegerToFloat computes them.
+  const float fsx = static_cast<const float*>(o.sx.data)[0];
+  const float fsy = c->float_acc ? 1.0f : static_cast<const float*>(o.sy.data)[0];
   for (size_t j = 0; j < c->N; ++j) {
     const size_t i = o.sw.count() == 1 ? 0 : j;
     c->zw[j] = o.zw.data ? Zp(o.zw, i) : 0;
-    c->mult[j] = (fsx * static_cast<const float*>(o.sw.data)[i]) / fsy;
+    const float m = fsx * static_cast<const float*>(o.sw.data)[i];
+    c->mult[j] = c->float_acc ? m : m / fsy;
   }
   c->bias = o.bias;
-  c->kind = o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8 : qie::OutKind::kU8;
-  c->zy = Zp(o.zy, 0);
+  c->kind = c->float_acc                                      ? qie::OutKind::kFloat
+            : o.zy.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 ? qie::OutKind::kS8
+                                                              : qie::OutKind::kU8;
+  c->zy = c->float_acc ? 0 : Zp(o.zy, 0);
   c->float_out = u.dq_out != nullptr;
-  c->out = OutputParams(u.last_q());
+  if (!c->float_acc) c->out = OutputParams(u.last_q());
   PlanTail(u, c);
   c->x_input = FusedInput(fused, Inputs(u.dq_x)[0]);
   c->x_name = Name(Inputs(u.dq_x)[0]);
-  c->y_output = FusedOutput(fused, Outputs(u.norm.q     ? u.norm.q
+  c->y_output = FusedOutput(fused, Outputs(u.norm.last  ? u.norm.last
                                            : u.out_bias ? u.out_bias
                                            : u.dq_out   ? u.dq_out
                                                         : u.last_q())[0]);
@@ -660,21 +697,26 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
     if (c->out_bias.size() != c->N) throw Failure{"Add '" + NodeName(u.out_bias) + "': its constant changed"};
   }
   c->norm = {};
-  if (u.norm.q) {
+  if (u.norm.last) {
     CompiledMatMul::CompiledNorm& nm = c->norm;
     nm.on = true;
-    nm.name = NodeName(u.norm.ln);
+    nm.ln = u.norm.ln != nullptr;
+    nm.quantized = u.norm.q != nullptr;
+    nm.name = u.norm.ln ? "LayerNormalization '" + NodeName(u.norm.ln) + "'" : "Add '" + NodeName(u.norm.add_res) + "'";
     const int64_t rank = ValueRank(Outputs(u.matmul)[0]);
     if (u.norm.add_bias)
       for (const OrtValueInfo* in : Inputs(u.norm.add_bias))
         if (ColumnConstant(in, c->N, rank, &nm.bias)) break;
-    const auto lin = Inputs(u.norm.ln);
-    if ((u.norm.add_bias && nm.bias.empty()) || !ColumnConstant(lin[1], c->N, 1, &nm.gamma) ||
-        (Input(lin, 2) && !ColumnConstant(lin[2], c->N, 1, &nm.beta)))
-      throw Failure{"LayerNormalization '" + nm.name + "': its constants changed"};
-    nm.epsilon = AttrFloat(u.norm.ln, "epsilon", 1e-5f);
+    if (u.norm.add_bias && nm.bias.empty())
+      throw Failure{"Add '" + NodeName(u.norm.add_bias) + "': its constant changed"};
+    if (nm.ln) {
+      const auto lin = Inputs(u.norm.ln);
+      if (!ColumnConstant(lin[1], c->N, 1, &nm.gamma) || (Input(lin, 2) && !ColumnConstant(lin[2], c->N, 1, &nm.beta)))
+        throw Failure{nm.name + ": its constants changed"};
+      nm.epsilon = AttrFloat(u.norm.ln, "epsilon", 1e-5f);
+    }
     nm.residual = FusedInput(fused, u.norm.residual);
-    nm.out = OutputParams(u.norm.q);
+    if (nm.quantized) nm.out = OutputParams(u.norm.q);
   }
   c->layout.clear();
   c->shape_outs.clear();

@@ -16,6 +16,8 @@ namespace qie_ep {
 
 // A matched unit: its nodes (the op is MatMul, or Gemm with an optional DequantizeLinear'd int32 bias).
 struct MatMulUnit {
+  // q nullptr: a float unit, the op's float output read by the norm tail alone (no QuantizeLinear between them: `qie
+  // quantize` leaves a residual sum's MatMul outputs float); it is a unit only with that tail.
   const OrtNode *dq_x = nullptr, *dq_w = nullptr, *matmul = nullptr, *q = nullptr, *dq_bias = nullptr;
   // The DequantizeLinear that is the Q's only consumer, with the Q's scale and zero point: the unit then outputs
   // its float values, (q - zy) * sy, and the Q -> DQ pair costs ORT no nodes (nullptr: the codes are the output).
@@ -23,15 +25,18 @@ struct MatMulUnit {
   bool trans_b = false;
   std::vector<Unit> tail;  // the DQ -> f -> Q segments after q, in order
   // After dq_out, a transformer's residual LayerNorm: [Add(bias)] -> Add(residual, a runtime tensor of the same
-  // shape) -> LayerNormalization(last axis) -> Q; the unit then outputs that Q's codes (norm.q null: none).
+  // shape) -> LayerNormalization(last axis) -> Q; the unit then outputs that Q's codes. A float unit's tail may end
+  // at the LayerNormalization or at the residual Add (a pre-LN block's sum): it outputs those float values.
+  // last: the tail's last node (null: no tail).
   struct Norm {
-    const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *q = nullptr;
+    const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *q = nullptr, *last = nullptr;
     const OrtValueInfo* residual = nullptr;
   } norm;
   // Else, after dq_out, an Add of a float constant of 1 or N values along the last axis (a Linear's bias before float
   // ops: a classifier's logits): the unit outputs that sum (nullptr: none).
   const OrtNode* out_bias = nullptr;
   const OrtNode* last_q() const { return tail.empty() ? q : tail.back().q; }
+  bool Complete() const { return q || norm.last; }  // a float unit whose norm tail another claim took is none
   void DropOutput() {  // the unit outputs the codes: neither dq_out nor the norm or bias tail is its to take
     dq_out = nullptr;
     norm = {};
@@ -41,7 +46,7 @@ struct MatMulUnit {
     std::vector<const OrtNode*> v = {dq_x, dq_w};
     if (dq_bias) v.push_back(dq_bias);
     v.push_back(matmul);
-    v.push_back(q);
+    if (q) v.push_back(q);
     for (const Unit& seg : tail) {
       v.push_back(seg.in_dqs[0]);
       v.insert(v.end(), seg.nodes.begin(), seg.nodes.end());
@@ -49,7 +54,7 @@ struct MatMulUnit {
     }
     if (dq_out) v.push_back(dq_out);
     for (const OrtNode* n : {norm.add_bias, norm.add_res, norm.ln, norm.q})
-      if (norm.q && n) v.push_back(n);
+      if (norm.last && n) v.push_back(n);
     if (out_bias) v.push_back(out_bias);
     return v;
   }
@@ -72,7 +77,7 @@ const OrtNode* DequantizedBySame(const OrtNode* q, const Constant& sy, const Con
 // another group, or outside the fused graph at Compile); the unit then outputs the codes before it.
 template <typename Pred>
 void TrimTail(MatMulUnit* u, Pred gone) {
-  if (u->norm.q) {  // the norm tail goes first (it reads dq_out)
+  if (u->norm.last) {  // the norm tail goes first (it reads dq_out)
     bool out = false;
     for (const OrtNode* n : {u->norm.add_bias, u->norm.add_res, u->norm.ln, u->norm.q}) out = out || (n && gone(n));
     if (out || (u->dq_out && gone(u->dq_out))) u->norm = {};
@@ -134,11 +139,13 @@ struct CompiledMatMul {
   int y_output = 0;             // the fused node's output of the codes (or their float values)
   QParams out;                  // the last QuantizeLinear's scale, zero point and type
   bool float_out = false;       // the unit ends with that Q's DequantizeLinear: outputs (q - zp) * scale
+  bool float_acc = false;       // a float unit: the norm tail reads float(acc) * mult[n] (mult = sx * sw[n])
   std::vector<float> out_bias;  // [N]: then outputs (q - zp) * scale + out_bias[n] (MatMulUnit::out_bias)
   int x_input = 0;              // the fused node's input holding x
   // The norm tail (MatMulUnit::Norm): y = Q(LayerNorm(float(q - zp) * scale + bias[n] + residual) * gamma + beta).
   struct CompiledNorm {
     bool on = false;
+    bool ln = true, quantized = true;      // a float unit's tail: LayerNormalization or not; Q after it or not
     std::vector<float> bias, gamma, beta;  // [N] each (bias, beta empty: none)
     float epsilon = 1e-5f;
     int residual = -1;  // the fused node's input

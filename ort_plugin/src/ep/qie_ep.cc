@@ -158,6 +158,7 @@ struct QieEp : OrtEp {
             else
               TrimTail(&u, [](const OrtNode*) { return true; });
             if (u.dq_out && Assigned(u.dq_out)) u.DropOutput();
+            if (!u.Complete()) continue;
             bool taken = false;
             for (const OrtNode* m : u.Nodes()) taken = taken || Assigned(m);  // GetCapability may run again
             if (taken) continue;
@@ -169,6 +170,7 @@ struct QieEp : OrtEp {
         for (MatMulUnit& u : matched) {
           TrimTail(&u, [&](const OrtNode* m) { return claimed.count(m) > 0; });
           if (u.dq_out && (claimed.count(u.dq_out) || unit_inputs.count(u.dq_out))) u.DropOutput();
+          if (!u.Complete()) continue;
           const std::vector<const OrtNode*> group = u.Nodes();
           if (!outside(group)) continue;
           Check(g_ep->EpGraphSupportInfo_AddNodesToFuse(support, group.data(), group.size(), &opts));
