@@ -55,6 +55,9 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-type", choices=("u8", "s8"), default="s8", help="weights (default s8)")
     p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), default="minmax")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="node names to keep in float")
+    p.add_argument("--smooth-alpha", type=float, default=0.5, metavar="A",
+                   help="static: SmoothQuant's migration strength for the MatMuls reading a LayerNormalization's "
+                        "output (default 0.5; 0: off)")
     p.add_argument("--no-preprocess", dest="preprocess", action="store_false",
                    help="quantize the model as given: by default a graph with BatchNormalization first goes through "
                         "ONNX Runtime's quantization pre-processing (shape inference, basic graph optimization), "

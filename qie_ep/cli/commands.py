@@ -31,7 +31,7 @@ def _config(args) -> QuantizeConfig:
                "feature_maps": False}
     return QuantizeConfig(dynamic=args.dynamic, per_channel=args.per_channel, fmt=args.format, **ops,
                           activation_type=args.activation_type, weight_type=args.weight_type,
-                          exclude=tuple(args.exclude), calibration=args.calibration,
+                          exclude=tuple(args.exclude), calibration=args.calibration, smooth=args.smooth_alpha,
                           preprocess=getattr(args, "preprocess", True))
 
 
@@ -72,6 +72,7 @@ def quantize(args) -> int:
     print(f"wrote {args.output}: {kind}, {'per-channel' if cfg.per_channel else 'per-tensor'} "
           f"{cfg.weight_type} weights, {res['layers'] - len(res['kept_float'])} of {res['layers']} layers quantized"
           + (f" and {res['feature_maps']} feature-map ops between them" if res["feature_maps"] else "")
+          + (f", the MatMuls after {len(res['smoothed'])} LayerNorms smoothed" if res.get("smoothed") else "")
           + f" ({time.perf_counter() - t0:.1f} s)")
     print(f"size: {model_size_mb(args.model):.1f} MB -> {model_size_mb(args.output):.1f} MB")
     if "agreement" in res:

@@ -11,8 +11,9 @@ FEATURE_MAP_OP_TYPES = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAverage
 QTYPES = {"u8": "QUInt8", "s8": "QInt8"}
 # Names cached files quantized with qie's defaults (the demo's, the test models'): changed with the defaults, so no
 # file quantized under older ones is reused. "pp": ORT's pre-processing first; "fm": the feature-map op types; "pc":
-# per-channel weights; "res": float outputs into residual sums (``quantizer.float_residual_outputs``).
-DEFAULTS_TAG = "pp-fm-pc-res"
+# per-channel weights; "res": float outputs into residual sums (``quantizer.float_residual_outputs``); "sq": SmoothQuant
+# on LayerNormalization outputs (``smooth``).
+DEFAULTS_TAG = "pp-fm-pc-res-sq"
 
 
 @dataclass(frozen=True)
@@ -29,3 +30,4 @@ class QuantizeConfig:
     preprocess: bool = True                # ORT's quant_pre_process first where it folds BatchNormalization
     feature_maps: bool = True              # static QDQ: also FEATURE_MAP_OP_TYPES on convolutional feature maps
     float_residuals: bool = True           # static QDQ: no Q / DQ on a MatMul / Gemm output entering a residual sum
+    smooth: float = 0.5                    # static: SmoothQuant's alpha for MatMuls reading a LayerNorm (0: off)

@@ -29,6 +29,7 @@ from pathlib import Path
 from qie_ep.errors import UserError
 from qie_ep.files import atomic_output
 from qie_ep.quantization.sensitivity import search_budget
+from qie_ep.quantization.smooth import smooth_norm_inputs
 from qie_ep.quantization.config import FEATURE_MAP_OP_TYPES, QTYPES, QuantizeConfig
 from qie_ep.quantization.metrics import agreement
 from qie_ep.session import run_outputs
@@ -80,6 +81,14 @@ class Quantizer:
         c = self.config
         self.feature_maps = (feature_map_nodes(model) if c.feature_maps and c.op_types and not c.dynamic
                              and c.fmt == "qdq" else frozenset())
+        if c.smooth and not c.dynamic:  # SmoothQuant on what reads a LayerNormalization (smooth.py)
+            if not 0 < c.smooth < 1:
+                raise UserError(f"--smooth-alpha must be in (0, 1) (0: off), not {c.smooth}")
+            self.smoothed = smooth_norm_inputs(model, self.feeds, {n for n, _ in self.layers()}, c.smooth)
+            if self.smoothed:
+                onnx.save(model, str(self.source))
+        else:
+            self.smoothed = []
 
     def layers(self) -> list[tuple[str, str]]:
         """(node name, op type) of every node this configuration quantizes, in graph order."""
@@ -386,6 +395,7 @@ def quantize_file(model_path: str, output: str, feeds: list[dict], config: Quant
                 result = search_budget(q, budget, tmp, log=log, progress=progress)
         result["output"] = str(output)
         result["feature_maps"] = len(q.feature_maps)
+        result["smoothed"] = q.smoothed
         if feeds:
             result["agreement"] = agreement(q.reference(), run_outputs(Path(output), feeds))
         return result

@@ -150,3 +150,36 @@ def test_the_api_default_and_the_switch(cnn_files, tmp_path):
                   progress=False, log=lambda _: None)
     ops = {nd.op_type for nd in onnx.load(str(tmp_path / "qop.onnx")).graph.node}
     assert "QLinearConcat" not in ops and "QLinearAdd" not in ops and "QLinearConv" in ops, ops
+
+
+def test_a_residual_sums_matmul_output_stays_float(tmp_path):
+    """The output projection's MatMul -> Add(residual) -> LayerNormalization: by default no Q / DQ on the MatMul's
+    output (``float_residual_outputs``); the FFN's MatMul whose output GELU reads keeps ORT's; with
+    ``float_residuals=False`` both are quantized. Weights are per-channel by default (DequantizeLinear with an axis)."""
+    rng = np.random.default_rng(5)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    n = helper.make_node
+    inits = [_init(rng, "wo", (16, 16)), _init(rng, "bo", (16,)), _init(rng, "w1", (16, 32)), _init(rng, "w2", (32, 16)),
+             c("sqrt2", 1.4142135), c("one", 1.0), c("gamma", np.ones(16)), c("beta", np.zeros(16))]
+    nodes = [n("MatMul", ["x", "wo"], ["o"]), n("Add", ["o", "bo"], ["ob"]), n("Add", ["ob", "x"], ["res"]),
+             n("LayerNormalization", ["res", "gamma", "beta"], ["ln"], axis=-1),
+             n("MatMul", ["ln", "w1"], ["h"]), n("Div", ["h", "sqrt2"], ["hd"]), n("Erf", ["hd"], ["he"]),
+             n("Add", ["he", "one"], ["h1"]), n("Mul", ["h", "h1"], ["h2"]), n("MatMul", ["h2", "w2"], ["y"])]
+    onnx.save(_model(nodes, inits, [1, 6, 16], [1, 6, 16]), str(tmp_path / "t.onnx"))
+    feeds = [{"x": rng.standard_normal((1, 6, 16)).astype(np.float32)} for _ in range(4)]
+    quantize_file(str(tmp_path / "t.onnx"), str(tmp_path / "on.onnx"), feeds, QuantizeConfig(), progress=False,
+                  log=lambda _: None)
+    quantize_file(str(tmp_path / "t.onnx"), str(tmp_path / "off.onnx"), feeds, QuantizeConfig(float_residuals=False),
+                  progress=False, log=lambda _: None)
+    on, off = _quantized_outputs(tmp_path / "on.onnx"), _quantized_outputs(tmp_path / "off.onnx")
+    assert "o" not in on and "o" in off
+    assert "h" in on and "h" in off
+    m = onnx.load(str(tmp_path / "on.onnx"))
+    used = {i for nd in m.graph.node for i in nd.input}
+    assert all(i.name in used for i in m.graph.initializer), "the dropped pair's scale and zero point are gone"
+    wdq = [nd for nd in m.graph.node if nd.op_type == "DequantizeLinear" and nd.input[0].startswith("wo")]
+    assert wdq and numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == wdq[0].input[1])).shape == (16,)
+    want = session(str(tmp_path / "t.onnx"), qie=False).run(None, feeds[0])[0]
+    for f in ("on.onnx", "off.onnx"):
+        got = session(str(tmp_path / f)).run(None, feeds[0])[0]
+        assert np.corrcoef(want.ravel(), got.ravel())[0, 1] > 0.98, f

@@ -211,3 +211,84 @@ def test_layernorm_of_the_units_own_value_twice():
     assert assigned_to_qie(sess) == 4
     if COMPARE_BUILTIN:
         np.testing.assert_array_equal(sess.run(None, {"x": x})[0], session(model, level="all").run(None, {"x": x})[0])
+
+
+def _float_unit_model(rng, end, bias=True, n=48):
+    """`qie quantize`'s residual form: DQ(x), DQ(W) -> MatMul (no Q: float output) -> [Add(bias)] -> Add(residual)
+    [-> LayerNormalization [-> Q]], the model's output at ``end`` ("sum", "ln" or "q")."""
+    model, ops = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, n, True, x_shape=("B", "S"), quantize_output=False)
+    g = model.graph
+    b = rng.normal(0, 0.5, n).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 1.5, n).astype(np.float32), rng.normal(0, 0.2, n).astype(np.float32)
+    g.input.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, ["B", "S", n]))
+    g.initializer.extend([numpy_helper.from_array(b, "nb"), numpy_helper.from_array(gamma, "gamma"),
+                          numpy_helper.from_array(beta, "beta"), numpy_helper.from_array(np.array(0.03, np.float32), "s1"),
+                          numpy_helper.from_array(np.array(128, np.uint8), "z1")])
+    cur = "yf"
+    if bias:
+        g.node.append(helper.make_node("Add", ["yf", "nb"], ["a1"]))
+        cur = "a1"
+    g.node.append(helper.make_node("Add", [cur, "res"], ["a2"]))
+    if end != "sum":
+        g.node.append(helper.make_node("LayerNormalization", ["a2", "gamma", "beta"], ["ln"], axis=-1, epsilon=1e-5))
+    if end == "q":
+        g.node.append(helper.make_node("QuantizeLinear", ["ln", "s1", "z1"], ["q1"]))
+    out = {"sum": "a2", "ln": "ln", "q": "q1"}[end]
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info(out, TensorProto.UINT8 if end == "q" else TensorProto.FLOAT, None))
+
+    def want(x, res):  # float64 sums of the dequantized operands, then the float32 steps
+        xf = (x.astype(np.float64) - ops["zx"]) * ops["sx"]
+        wf = (ops["w"].astype(np.float64) - ops["zw"]) * ops["sw"]
+        v = (xf @ wf).astype(np.float32)
+        v = (v + b if bias else v) + res
+        if end == "sum":
+            return v
+        mean = v.mean(-1, keepdims=True, dtype=np.float32)
+        var = (v * v).mean(-1, keepdims=True, dtype=np.float32) - mean * mean
+        v = (v - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta
+        return v if end == "ln" else quantize(v, 0.03, 128, np.uint8)
+    return model, want, 3 + bias + 1 + (end != "sum") + (end == "q")
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+@pytest.mark.parametrize("end", ["sum", "ln", "q"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_float_unit_residual_tail(level, end, bias):
+    """A MatMul whose float output enters a residual sum (no Q / DQ between: `qie quantize`'s float_residual_outputs)
+    is a unit with that tail: float(acc) * (sx * sw[n]) as ORT's MatMulIntegerToFloat computes it, + bias, + the
+    residual, [LayerNormalization [Q]]: float outputs equal the float graph's to float32 rounding, codes within one
+    step, ORT's too; zero rows give none."""
+    rng = np.random.default_rng(71)
+    model, want, nodes = _float_unit_model(rng, end, bias)
+    sess = ep_session(model, level)
+    assert assigned_to_qie(sess) == nodes, sess.get_provider_graph_assignment_info()
+    plain = session(model, level=level)
+    for batch in (1, 3, 0):
+        x, res = rand(rng, np.uint8, (batch, 7, 40)), rng.normal(0, 1, (batch, 7, 48)).astype(np.float32)
+        got = sess.run(None, {"x": x, "res": res})[0]
+        assert got.shape == (batch, 7, 48)
+        if batch == 0:
+            continue
+        for name, ref in (("numpy", want(x, res)), ("ORT", plain.run(None, {"x": x, "res": res})[0])):
+            if end == "q":
+                diff = np.abs(got.astype(np.int32) - ref.astype(np.int32))
+                assert diff.max() <= 1 and diff.mean() < 0.02, (name, level, diff.max(), diff.mean())
+            else:
+                np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-5 if end == "sum" else 1e-4, err_msg=name)
+
+
+@needs_ep
+def test_float_unit_needs_its_tail():
+    """A MatMul with a float output that no residual sum reads (a bias Add alone, a Relu) stays ORT's, and so does one
+    whose residual comes from inside the unit (x + x @ W's own input is not a residual of another tensor)."""
+    rng = np.random.default_rng(72)
+    for tail in ("bias", "relu"):
+        model, _ = qdq_matmul(rng, np.uint8, np.int8, np.uint8, 40, 48, True, x_shape=("B", "S"), quantize_output=False)
+        g = model.graph
+        g.initializer.append(numpy_helper.from_array(rng.normal(0, 1, 48).astype(np.float32), "nb"))
+        g.node.append(helper.make_node("Add", ["yf", "nb"], ["o"]) if tail == "bias" else helper.make_node("Relu", ["yf"], ["o"]))
+        del g.output[:]
+        g.output.append(helper.make_tensor_value_info("o", TensorProto.FLOAT, None))
+        assert assigned_to_qie(ep_session(model, "all")) == 0, tail

@@ -154,7 +154,7 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   };
   if (!IsOp(c, "LayerNormalization") || rank < 1 || Inputs(c)[0] != v) return done();
   const int64_t axis = AttrInt(c, "axis", -1);
-  if ((axis != -1 && axis != rank - 1) || AttrInt(c, "stash_type", 1) != 1) return;
+  if ((axis != -1 && axis != rank - 1) || AttrInt(c, "stash_type", 1) != 1) return done();
   const auto lin = Inputs(c);
   const auto lout = Outputs(c);
   if (lin.size() < 2 || !ColumnConstant(lin[1], N, 1, &unused) ||
@@ -167,6 +167,24 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   v = lout[0];
   c = next(v);
   Constant sy, zy;
+  if (!u->q &&
+      (!c || IsOp(c, "Mul"))) {  // a float unit: LN -> Mul(column constant) -> Q, the LN's value maybe read too
+    const std::vector<const OrtNode*> readers = AllConsumers(v);
+    for (const OrtNode* m : readers) {
+      const OrtValueInfo* mo = IsOp(m, "Mul") && Inputs(m).size() == 2 ? Outputs(m)[0] : nullptr;
+      const OrtNode* mq = mo && !IsGraphOutput(mo) ? SoleConsumer(mo) : nullptr;
+      if (!IsOp(mq, "QuantizeLinear") || Inputs(mq)[0] != mo || !QOperands(mq, &sy, &zy) ||
+          !ColumnConstant(other(m, v), N, rank, &unused))
+        continue;
+      n.mul = m;
+      n.q = mq;
+      n.last = mq;
+      n.ln_out = readers.size() > 1 || IsGraphOutput(v);
+      break;
+    }
+    u->norm = n;
+    return;
+  }
   if (!IsOp(c, "QuantizeLinear") || Inputs(c)[0] != v || !QOperands(c, &sy, &zy)) {
     if (!u->q) u->norm = n;
     return;
@@ -412,7 +430,7 @@ Broadcast NormShape(const CompiledMatMul& c, OrtKernelContext* ctx, const std::v
 // is elementwise along the row and left to the compiler's vectorizer.
 constexpr size_t kNormLanes = 16;
 
-void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, const float* res, void* yv,
+void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, const float* res, void* yv, float* ln_y,
               const qie::ParallelFor& pfor) {
   uint8_t* y = static_cast<uint8_t*>(yv);
   float* yf = static_cast<float*>(yv);  // a float unit's tail without the QuantizeLinear: its float values
@@ -435,6 +453,7 @@ void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, cons
     const float* __restrict bias = nm.bias.empty() ? nullptr : nm.bias.data();
     const float* __restrict gamma = nm.gamma.data();
     const float* __restrict beta = nm.beta.empty() ? nullptr : nm.beta.data();
+    const float* __restrict mul = nm.mul.empty() ? nullptr : nm.mul.data();
     const size_t r_end = std::min(rows, (t + 1) * per);
     for (size_t r0 = t * per; r0 < r_end; r0 += kNormLanes) {
       const size_t nr = std::min(kNormLanes, r_end - r0);
@@ -474,10 +493,14 @@ void NormRows(const CompiledMatMul& c, const float* x, const Broadcast& bc, cons
         for (size_t h = 0; h < N; ++h) o[h] = (v[h] - m) / denom * gamma[h];
         if (beta)
           for (size_t h = 0; h < N; ++h) o[h] = o[h] + beta[h];
-        if (nm.quantized)
-          QuantizeBlock(o, N, q, y + (r0 + i) * N);
-        else
+        if (!nm.quantized) {
           std::memcpy(yf + (r0 + i) * N, o, N * sizeof(float));
+          continue;
+        }
+        if (ln_y) std::memcpy(ln_y + (r0 + i) * N, o, N * sizeof(float));
+        if (mul)  // the Mul between the LayerNormalization and the Q: its float32 products
+          for (size_t h = 0; h < N; ++h) o[h] = o[h] * mul[h];
+        QuantizeBlock(o, N, q, y + (r0 + i) * N);
       }
     }
   };
@@ -590,7 +613,16 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     if (c.norm.on) {
       values.resize(n);
       if (!c.float_acc) DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
-      NormRows(c, values.data(), norm_bc, residual, ydata, pfor);
+      float* ln_y = nullptr;  // the LayerNormalization's values, read outside the unit too
+      if (c.norm.ln_output >= 0) {
+        OrtValue* lv = nullptr;
+        Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.norm.ln_output), y_dims.data(), y_dims.size(),
+                                             &lv));
+        void* p = nullptr;
+        Check(g_api->GetTensorMutableData(lv, &p));
+        ln_y = static_cast<float*>(p);
+      }
+      NormRows(c, values.data(), norm_bc, residual, ydata, ln_y, pfor);
     } else if (c.float_out) {
       float* y = static_cast<float*>(ydata);
       DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, y);
@@ -717,6 +749,13 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
     }
     nm.residual = FusedInput(fused, u.norm.residual);
     if (nm.quantized) nm.out = OutputParams(u.norm.q);
+    nm.ln_output = u.norm.ln_out ? FusedOutput(fused, Outputs(u.norm.ln)[0]) : -1;
+    nm.mul.clear();
+    if (u.norm.mul) {
+      for (const OrtValueInfo* in : Inputs(u.norm.mul))
+        if (in != Outputs(u.norm.ln)[0] && ColumnConstant(in, c->N, rank, &nm.mul)) break;
+      if (nm.mul.size() != c->N) throw Failure{"Mul '" + NodeName(u.norm.mul) + "': its constant changed"};
+    }
   }
   c->layout.clear();
   c->shape_outs.clear();

@@ -28,9 +28,12 @@ struct MatMulUnit {
   // shape) -> LayerNormalization(last axis) -> Q; the unit then outputs that Q's codes. A float unit's tail may end
   // at the LayerNormalization or at the residual Add (a pre-LN block's sum): it outputs those float values.
   // last: the tail's last node (null: no tail).
+  // A float unit's LayerNormalization may also feed a Mul by a column constant and its Q (`qie quantize`'s SmoothQuant
+  // division) while other nodes read its value: the unit then outputs both (ln_out).
   struct Norm {
-    const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *q = nullptr, *last = nullptr;
+    const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *mul = nullptr, *q = nullptr, *last = nullptr;
     const OrtValueInfo* residual = nullptr;
+    bool ln_out = false;
   } norm;
   // Else, after dq_out, an Add of a float constant of 1 or N values along the last axis (a Linear's bias before float
   // ops: a classifier's logits): the unit outputs that sum (nullptr: none).
@@ -53,7 +56,7 @@ struct MatMulUnit {
       for (const auto& r : seg.shape_reads) v.push_back(r.first);
     }
     if (dq_out) v.push_back(dq_out);
-    for (const OrtNode* n : {norm.add_bias, norm.add_res, norm.ln, norm.q})
+    for (const OrtNode* n : {norm.add_bias, norm.add_res, norm.ln, norm.mul, norm.q})
       if (norm.last && n) v.push_back(n);
     if (out_bias) v.push_back(out_bias);
     return v;
@@ -79,7 +82,8 @@ template <typename Pred>
 void TrimTail(MatMulUnit* u, Pred gone) {
   if (u->norm.last) {  // the norm tail goes first (it reads dq_out)
     bool out = false;
-    for (const OrtNode* n : {u->norm.add_bias, u->norm.add_res, u->norm.ln, u->norm.q}) out = out || (n && gone(n));
+    for (const OrtNode* n : {u->norm.add_bias, u->norm.add_res, u->norm.ln, u->norm.mul, u->norm.q})
+      out = out || (n && gone(n));
     if (out || (u->dq_out && gone(u->dq_out))) u->norm = {};
   }
   if (u->out_bias && (gone(u->out_bias) || (u->dq_out && gone(u->dq_out)))) u->out_bias = nullptr;
@@ -146,6 +150,8 @@ struct CompiledMatMul {
   struct CompiledNorm {
     bool on = false;
     bool ln = true, quantized = true;      // a float unit's tail: LayerNormalization or not; Q after it or not
+    std::vector<float> mul;                // [N]: the Mul between the LayerNormalization and the Q (empty: none)
+    int ln_output = -1;                    // the fused node's output of the LayerNormalization's values (-1: none)
     std::vector<float> bias, gamma, beta;  // [N] each (bias, beta empty: none)
     float epsilon = 1e-5f;
     int residual = -1;  // the fused node's input
