@@ -231,11 +231,18 @@ def _float_unit_model(rng, end, bias=True, n=48):
     g.node.append(helper.make_node("Add", [cur, "res"], ["a2"]))
     if end != "sum":
         g.node.append(helper.make_node("LayerNormalization", ["a2", "gamma", "beta"], ["ln"], axis=-1, epsilon=1e-5))
+    c = rng.uniform(0.2, 3.0, n).astype(np.float32)  # SmoothQuant's 1 / s
     if end == "q":
         g.node.append(helper.make_node("QuantizeLinear", ["ln", "s1", "z1"], ["q1"]))
-    out = {"sum": "a2", "ln": "ln", "q": "q1"}[end]
+    if end in ("mulq", "mulq+ln"):
+        g.initializer.append(numpy_helper.from_array(c, "c"))
+        g.node.extend([helper.make_node("Mul", ["ln", "c"], ["m1"]), helper.make_node("QuantizeLinear", ["m1", "s1", "z1"], ["q1"])])
+    out = {"sum": "a2", "ln": "ln"}.get(end, "q1")
     del g.output[:]
-    g.output.append(helper.make_tensor_value_info(out, TensorProto.UINT8 if end == "q" else TensorProto.FLOAT, None))
+    g.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT if out != "q1" else TensorProto.UINT8, None))
+    if end == "mulq+ln":  # the LayerNormalization's value read outside the unit too (BERT's next residual)
+        g.node.append(helper.make_node("Relu", ["ln"], ["lr"]))
+        g.output.append(helper.make_tensor_value_info("lr", TensorProto.FLOAT, None))
 
     def want(x, res):  # float64 sums of the dequantized operands, then the float32 steps
         xf = (x.astype(np.float64) - ops["zx"]) * ops["sx"]
@@ -247,19 +254,22 @@ def _float_unit_model(rng, end, bias=True, n=48):
         mean = v.mean(-1, keepdims=True, dtype=np.float32)
         var = (v * v).mean(-1, keepdims=True, dtype=np.float32) - mean * mean
         v = (v - mean) / np.sqrt(var + np.float32(1e-5)) * gamma + beta
-        return v if end == "ln" else quantize(v, 0.03, 128, np.uint8)
-    return model, want, 3 + bias + 1 + (end != "sum") + (end == "q")
+        if end == "ln":
+            return v
+        return quantize(v * c if end.startswith("mulq") else v, 0.03, 128, np.uint8)
+    return model, want, 3 + bias + 1 + (end != "sum") + (end != "sum" and end != "ln") + end.startswith("mulq")
 
 
 @needs_ep
 @pytest.mark.parametrize("level", list(OPT_LEVELS))
-@pytest.mark.parametrize("end", ["sum", "ln", "q"])
+@pytest.mark.parametrize("end", ["sum", "ln", "q", "mulq", "mulq+ln"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_float_unit_residual_tail(level, end, bias):
     """A MatMul whose float output enters a residual sum (no Q / DQ between: `qie quantize`'s float_residual_outputs)
     is a unit with that tail: float(acc) * (sx * sw[n]) as ORT's MatMulIntegerToFloat computes it, + bias, + the
-    residual, [LayerNormalization [Q]]: float outputs equal the float graph's to float32 rounding, codes within one
-    step, ORT's too; zero rows give none."""
+    residual, [LayerNormalization [[Mul(column constant)] Q]]: float outputs equal the float graph's to float32
+    rounding, codes within one step, ORT's too; zero rows give none. With the Mul (SmoothQuant's division) the
+    LayerNormalization's value may also be read outside: the unit outputs it as well, equal to ORT's."""
     rng = np.random.default_rng(71)
     model, want, nodes = _float_unit_model(rng, end, bias)
     sess = ep_session(model, level)
@@ -267,11 +277,15 @@ def test_float_unit_residual_tail(level, end, bias):
     plain = session(model, level=level)
     for batch in (1, 3, 0):
         x, res = rand(rng, np.uint8, (batch, 7, 40)), rng.normal(0, 1, (batch, 7, 48)).astype(np.float32)
-        got = sess.run(None, {"x": x, "res": res})[0]
+        outs = sess.run(None, {"x": x, "res": res})
+        got = outs[0]
         assert got.shape == (batch, 7, 48)
         if batch == 0:
             continue
-        for name, ref in (("numpy", want(x, res)), ("ORT", plain.run(None, {"x": x, "res": res})[0])):
+        theirs = plain.run(None, {"x": x, "res": res})
+        if end == "mulq+ln":
+            np.testing.assert_allclose(outs[1], theirs[1], rtol=1e-5, atol=1e-5)
+        for name, ref in (("numpy", want(x, res)), ("ORT", theirs[0])):
             if end == "q":
                 diff = np.abs(got.astype(np.int32) - ref.astype(np.int32))
                 assert diff.max() <= 1 and diff.mean() < 0.02, (name, level, diff.max(), diff.mean())

@@ -542,6 +542,15 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.y_output), y_dims.data(), y_dims.size(), &y));
     void* ydata = nullptr;
     Check(g_api->GetTensorMutableData(y, &ydata));
+    float* ln_y = nullptr;  // the norm tail's LayerNormalization's values, when read outside the unit too
+    if (c.norm.ln_output >= 0) {
+      OrtValue* lv = nullptr;
+      Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.norm.ln_output), y_dims.data(), y_dims.size(),
+                                           &lv));
+      void* p = nullptr;
+      Check(g_api->GetTensorMutableData(lv, &p));
+      ln_y = static_cast<float*>(p);
+    }
     const void* xdata = nullptr;
     Check(g_api->GetTensorData(x, &xdata));
     if (rows == 0 || c.N == 0) return;
@@ -613,15 +622,6 @@ OrtStatus* ComputeMatMul(CompiledMatMul& c, OrtKernelContext* ctx) {
     if (c.norm.on) {
       values.resize(n);
       if (!c.float_acc) DequantizeCodes(out_codes, n, c.out.is_signed, c.out.zp, c.out.scale, values.data());
-      float* ln_y = nullptr;  // the LayerNormalization's values, read outside the unit too
-      if (c.norm.ln_output >= 0) {
-        OrtValue* lv = nullptr;
-        Check(g_api->KernelContext_GetOutput(ctx, static_cast<size_t>(c.norm.ln_output), y_dims.data(), y_dims.size(),
-                                             &lv));
-        void* p = nullptr;
-        Check(g_api->GetTensorMutableData(lv, &p));
-        ln_y = static_cast<float*>(p);
-      }
       NormRows(c, values.data(), norm_bc, residual, ydata, ln_y, pfor);
     } else if (c.float_out) {
       float* y = static_cast<float*>(ydata);
@@ -749,7 +749,8 @@ void CompileMatMul(const OrtGraph* graph, const OrtNode* fused, CompiledMatMul* 
     }
     nm.residual = FusedInput(fused, u.norm.residual);
     if (nm.quantized) nm.out = OutputParams(u.norm.q);
-    nm.ln_output = u.norm.ln_out ? FusedOutput(fused, Outputs(u.norm.ln)[0]) : -1;
+    // read outside the unit: then an output of the fused node (the fused graph need not say so of the value)
+    nm.ln_output = u.norm.mul ? IndexByName(Outputs(fused), Outputs(u.norm.ln)[0]) : -1;
     nm.mul.clear();
     if (u.norm.mul) {
       for (const OrtValueInfo* in : Inputs(u.norm.mul))
