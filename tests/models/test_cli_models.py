@@ -1,7 +1,9 @@
-"""`qie quantize --accuracy-budget` on the real MiniLM-L6: static QDQ of every MatMul loses the embedding
-(raw-output cosine 0.89 on the calibration sentences); the budget search keeps the most sensitive layers
-(the FFN output projections, whose GELU inputs carry outliers) in float until the output cosine is >= 0.99,
-and the sentence embeddings of held-out sentences are then >= 0.99 cosine to FP32 (measured 0.995)."""
+"""`qie quantize --accuracy-budget` on the real MiniLM-L6. With qie's defaults (per-channel weights, float residual
+updates, SmoothQuant on the LayerNorm outputs) every MatMul quantized reads 0.993 raw-output cosine on the calibration
+sentences: the default budget 0.01 keeps nothing in float, a budget of 0.004 makes the search keep the most sensitive
+layers until the output cosine is >= 0.996; the sentence embeddings of held-out sentences are then >= 0.99 cosine to
+FP32 and every quantized MatMul runs on qie. With ORT's quantizer's own choices (per-tensor weights, no smoothing,
+every MatMul output quantized) the same model reads 0.89 and 0.01 keeps 8 layers float."""
 from __future__ import annotations
 
 import json
@@ -38,13 +40,14 @@ def test_minilm_accuracy_budget_reaches_cosine_099(tmp_path, capsys):
     out, rep = tmp_path / "minilm.int8.onnx", tmp_path / "report.json"
     fp32 = models.minilm_onnx()
     assert main(["quantize", str(fp32), "-o", str(out), "--calib", str(calib), "--tokenizer", str(models.minilm_dir()),
-                 "--accuracy-budget", "0.01", "--report", str(rep)]) == 0
+                 "--accuracy-budget", "0.004", "--report", str(rep)]) == 0
     res = json.loads(rep.read_text())
-    assert res["history"][0]["cos_mean"] < 0.95  # every MatMul quantized: far off
+    assert 0.99 < res["history"][0]["cos_mean"] < 0.996  # every MatMul quantized: within 0.01, not 0.004
     kept = res["kept_float"]
     assert 0 < len(kept) <= 12 and res["met"], kept
-    assert all(k.endswith("/MatMul") for k in kept) and kept[0].endswith("output/dense/MatMul")
-    assert "kept in float to meet the budget" in capsys.readouterr().out
+    assert all(k.endswith("/MatMul") for k in kept)
+    out_text = capsys.readouterr().out
+    assert "kept in float to meet the budget" in out_text and "the MatMuls after 12 LayerNorms smoothed" in out_text, out_text
     ref, got = _embeddings(fp32, qie=False), _embeddings(out, qie=True)
     cos = (ref * got).sum(1)
     assert cos.mean() >= 0.99, cos.mean()

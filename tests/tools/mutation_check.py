@@ -111,7 +111,12 @@ MUTATIONS = [
              "      if (index >= n) return ran;", "      if (index > n) return ran;"),
     # the execution provider's units
     Mutation("EP multiplier uses the first weight scale", "ep/matmul_unit.cc",
-             "(fsx * static_cast<const float*>(o.sw.data)[i]) / fsy", "(fsx * static_cast<const float*>(o.sw.data)[0]) / fsy"),
+             "const float m = fsx * static_cast<const float*>(o.sw.data)[i];",
+             "const float m = fsx * static_cast<const float*>(o.sw.data)[0];"),
+    Mutation("EP float unit skips the smoothing Mul before its Q", "ep/matmul_unit.cc",
+             "for (size_t h = 0; h < N; ++h) o[h] = o[h] * mul[h];", "for (size_t h = 0; h < N; ++h) o[h] = o[h];"),
+    Mutation("EP float unit's sum drops the residual", "ep/matmul_unit.cc",
+             "for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h];", "for (size_t h = 0; h < N; ++h) v[h] = v[h];"),
     Mutation("EP drops the Gemm bias", "ep/matmul_unit.cc", "g.bias = c.bias.data();", "g.bias = nullptr;"),
     Mutation("EP tail skips its per-column programs", "ep/matmul_unit.cc",
              "RunChannelPrograms(c.programs, d, src, dst, pfor);", "std::memcpy(dst, src, rows * c.N);"),
