@@ -114,7 +114,8 @@ def minilm_cases() -> list[Case]:
             Case("MiniLM-L6", f"static QDQ, all {res['layers']} MatMuls", fp32, plain, feeds, accuracy, metric,
                  vectors=vectors),
             Case("MiniLM-L6", f"static QDQ, --accuracy-budget 0.01 ({len(kept)} kept float)", fp32, mixed, feeds, accuracy,
-                 metric, note="kept in float: " + ", ".join(k.replace("/bert/encoder/", "") for k in kept), vectors=vectors)]
+                 metric, note="kept in float: " + (", ".join(k.replace("/bert/encoder/", "") for k in kept) or "none"),
+                 vectors=vectors)]
 
 
 def vision_case(name: str, n_eval: int) -> Case:
