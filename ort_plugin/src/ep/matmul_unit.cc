@@ -141,9 +141,13 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   if (!r || r == v || ReadConstant(r, &k) || ValueType(r) != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ||
       ValueRank(r) != rank || rank < 1)
     return;
-  const std::vector<const OrtNode*> mine = u->Nodes();  // the residual must come from outside the unit
-  // (a fused graph's input has no producer there: ORT logs a warning for asking)
-  if (!IsRequiredGraphInput(r) && std::find(mine.begin(), mine.end(), Producer(r)) != mine.end()) return;
+  // The residual must come from outside the unit; compared by name (asking ORT for the producer of a fused graph's
+  // input logs a warning).
+  const std::vector<const OrtNode*> mine = u->Nodes();
+  const std::string rname = Name(r);
+  for (const OrtNode* m : mine)
+    for (const OrtValueInfo* o : Outputs(m))
+      if (o && Name(o) == rname) return;
   n.add_res = c;
   n.residual = r;
   v = Outputs(c)[0];

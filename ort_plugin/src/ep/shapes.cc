@@ -64,10 +64,11 @@ bool MatchShapeUnit(const OrtNode* shape, ShapeUnit* u) {
   if (!x || !dims) return false;
   u->shape = shape;
   // The DequantizeLinear only this Shape reads: its codes have the same dims.
-  const OrtNode* dq = Producer(x);
+  // (asked only then: for a fused graph's input or a value another fused node produces, ORT logs a warning)
+  const OrtNode* dq = !IsGraphOutput(x) && !IsRequiredGraphInput(x) && Consumers(x) == 1 ? Producer(x) : nullptr;
   Constant unused, s, z;
   ONNXTensorElementDataType t;
-  if (dq && !IsGraphOutput(x) && Consumers(x) == 1 && DqOperands(dq, true, 0, &unused, &s, &z, &t)) u->dq = dq;
+  if (dq && DqOperands(dq, true, 0, &unused, &s, &z, &t)) u->dq = dq;
   for (const OrtNode* g : AllConsumers(dims)) {
     std::vector<int64_t> index;
     bool scalar = false;
