@@ -1,5 +1,6 @@
-"""qie's EP shape units: Shape -> Gather(constant index) -> Unsqueeze(axes [0]), with the DequantizeLinear that only the
-Shape reads, claimed as one fused node that reads its input's dims (the Reshape targets of a torch export with dynamic
+"""qie's EP shape units: every Shape of one tensor -> Gather(constant index) -> Unsqueeze(axes [0]) -> the Concats of
+those and constants, with the DequantizeLinear that only the Shape reads, claimed as one fused node that reads its
+input's dims (the Reshape targets of a torch export with dynamic
 axes, as BERT computes them). Integers: the outputs equal ORT's exactly, at every level, as shapes change; what ORT
 reads besides (the Shape's own output, a Gather's) is output too; an index out of range is an error naming the Shape.
 """
@@ -18,18 +19,22 @@ from test_ep import assigned_to_qie, ep_session, needs_ep, rand
 
 
 def shape_model(opset=17, start=None, end=None, indices=(0, 1), vector_index=False, dq_shared=False,
-                gather_output=False, shape_output=False):
+                gather_output=False, shape_output=False, two_shapes=False):
     """y = Reshape(f, Concat(Unsqueeze(Gather(Shape(DQ(x)), i)) for i, [4, 16])): BERT's head split. f's dims have
     their own names, so ORT's ReshapeFusion cannot prove them x's (where it can, it folds the chain to 0s itself)."""
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(7, np.uint8), "z"),
              numpy_helper.from_array(np.array([4, 16], np.int64), "tail")]
     shape_attrs = {k: v for k, v in (("start", start), ("end", end)) if v is not None}
     nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"]),
-             helper.make_node("Shape", ["xf"], ["dims"], **shape_attrs)]
+             helper.make_node("Shape", ["h" if two_shapes else "xf"], ["dims"], **shape_attrs)]
     parts = []
     for k, i in enumerate(indices):
         inits.append(numpy_helper.from_array(np.array([i] if vector_index else i, np.int64), f"i{k}"))
-        nodes.append(helper.make_node("Gather", ["dims", f"i{k}"], [f"g{k}"], axis=0))
+        dims = "dims"
+        if two_shapes and k:  # BERT: each dim from its own Shape of the same float tensor
+            dims = f"dims{k}"
+            nodes.append(helper.make_node("Shape", ["h"], [dims], **shape_attrs))
+        nodes.append(helper.make_node("Gather", [dims, f"i{k}"], [f"g{k}"], axis=0))
         if vector_index:
             parts.append(f"g{k}")
             continue
@@ -49,13 +54,17 @@ def shape_model(opset=17, start=None, end=None, indices=(0, 1), vector_index=Fal
     if shape_output:
         outputs.append(helper.make_tensor_value_info("dims", TensorProto.INT64, None))
     g = helper.make_graph(nodes, "shapes", [helper.make_tensor_value_info("x", TensorProto.UINT8, ["B", "S", 64]),
-                                            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["P", "Q", 64])],
+                                            helper.make_tensor_value_info("f", TensorProto.FLOAT, ["P", "Q", 64])]
+                          + ([helper.make_tensor_value_info("h", TensorProto.FLOAT, ["B", "S", 64])] if two_shapes else []),
                           outputs, inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
 
 
-def feeds(rng, b, s):
-    return {"x": rand(rng, np.uint8, (b, s, 64)), "f": rng.normal(size=(b, s, 64)).astype(np.float32)}
+def feeds(rng, b, s, two_shapes=False):
+    f = {"x": rand(rng, np.uint8, (b, s, 64)), "f": rng.normal(size=(b, s, 64)).astype(np.float32)}
+    if two_shapes:
+        f["h"] = rng.normal(size=(b, s, 64)).astype(np.float32)
+    return f
 
 
 def check(model, level, expect_nodes, shapes=((1, 11), (2, 5), (3, 1))):
@@ -63,7 +72,7 @@ def check(model, level, expect_nodes, shapes=((1, 11), (2, 5), (3, 1))):
     assert assigned_to_qie(sess) == expect_nodes, sess.get_provider_graph_assignment_info()
     rng = np.random.default_rng(0)
     for b, s in shapes:
-        f = feeds(rng, b, s)
+        f = feeds(rng, b, s, any(i.name == "h" for i in model.graph.input))
         for got, want in zip(sess.run(None, f), plain.run(None, f)):
             assert got.shape == want.shape and got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
@@ -72,7 +81,7 @@ def check(model, level, expect_nodes, shapes=((1, 11), (2, 5), (3, 1))):
 @needs_ep
 @pytest.mark.parametrize("level", list(OPT_LEVELS))
 def test_head_split_shape_chain_is_one_unit(level):
-    check(shape_model(), level, 6)  # DQ, Shape, 2 Gathers, 2 Unsqueezes
+    check(shape_model(), level, 7)  # DQ, Shape, 2 Gathers, 2 Unsqueezes, the Concat
 
 
 @needs_ep
@@ -80,17 +89,25 @@ def test_head_split_shape_chain_is_one_unit(level):
                                   "dq_is_an_output", "gather_is_an_output", "shape_is_an_output"])
 def test_forms(case):
     kw, nodes = {
-        "opset11_axes_attribute": (dict(opset=11), 6),
-        "start_end": (dict(opset=15, start=-3, end=2, indices=(0, -1)), 6),
-        "negative_index": (dict(indices=(-3, -2)), 6),
-        "vector_index": (dict(vector_index=True), 4),
+        "opset11_axes_attribute": (dict(opset=11), 7),
+        "start_end": (dict(opset=15, start=-3, end=2, indices=(0, -1)), 7),
+        "negative_index": (dict(indices=(-3, -2)), 7),
+        "vector_index": (dict(vector_index=True), 4),  # a Concat of Gathers: ORT's
         # the dequantized tensor is a graph output too: ORT gives the Shape its own DequantizeLinear (as it does for
         # every reader of a DQ's output), which joins the unit; the output is ORT's
-        "dq_is_an_output": (dict(dq_shared=True), 6),
-        "gather_is_an_output": (dict(gather_output=True), 6),
-        "shape_is_an_output": (dict(shape_output=True), 6),
+        "dq_is_an_output": (dict(dq_shared=True), 7),
+        "gather_is_an_output": (dict(gather_output=True), 7),
+        "shape_is_an_output": (dict(shape_output=True), 7),
     }[case]
     check(shape_model(**kw), "all", nodes)
+
+
+@needs_ep
+@pytest.mark.parametrize("level", list(OPT_LEVELS))
+def test_shapes_of_one_tensor_and_their_concat_are_one_unit(level):
+    """BERT's form: each dim from its own Shape of the same float tensor, one Concat of both and constants: one unit
+    (ORT's common-subexpression elimination merges the two Shapes from BASIC on)."""
+    check(shape_model(two_shapes=True), level, 7 if level == "disable" else 6)
 
 
 @needs_ep
@@ -132,7 +149,11 @@ def shape_cases(draw):
         vector = draw(st.booleans())
         idx = [draw(st.integers(-n, n - 1)) for _ in range(draw(st.integers(1, 2)) if vector else 1)]
         inits.append(numpy_helper.from_array(np.array(idx if vector else idx[0], np.int64), f"i{k}"))
-        nodes.append(helper.make_node("Gather", ["dims", f"i{k}"], [f"g{k}"], axis=0))
+        dims = "dims"
+        if k and draw(st.booleans()):  # BERT: a dim from another Shape of the same tensor
+            dims = f"dims{k}"
+            nodes.append(helper.make_node("Shape", ["xf" if dq else "x"], [dims], **attrs))
+        nodes.append(helper.make_node("Gather", [dims, f"i{k}"], [f"g{k}"], axis=0))
         if not vector and draw(st.booleans()):
             nodes.append(helper.make_node("Unsqueeze", [f"g{k}", "ax"], [f"u{k}"]))
             outs.append(f"u{k}")

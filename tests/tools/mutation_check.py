@@ -27,7 +27,7 @@ TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
          "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py", "tests/ort/test_ep_regions.py",
-         "tests/kernels/test_amx.py", "tests/ort/test_ep_attention.py"]
+         "tests/kernels/test_amx.py", "tests/ort/test_ep_attention.py", "tests/ort/test_ep_shapes.py"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,9 @@ MUTATIONS = [
              "const float m = fsx * static_cast<const float*>(o.sw.data)[0];"),
     Mutation("EP float unit skips the smoothing Mul before its Q", "ep/matmul_unit.cc",
              "for (size_t h = 0; h < N; ++h) o[h] = o[h] * mul[h];", "for (size_t h = 0; h < N; ++h) o[h] = o[h];"),
+    Mutation("EP shape unit's Concat reads the first dim", "ep/shapes.cc",
+             "values.push_back(Dim(all, p.start, p.end, p.index, c.name));",
+             "values.push_back(Dim(all, p.start, p.end, 0, c.name));"),
     Mutation("EP float unit's sum drops the residual", "ep/matmul_unit.cc",
              "for (size_t h = 0; h < N; ++h) v[h] = v[h] + e[h];", "for (size_t h = 0; h < N; ++h) v[h] = v[h];"),
     Mutation("EP drops the Gemm bias", "ep/matmul_unit.cc", "g.bias = c.bias.data();", "g.bias = nullptr;"),

@@ -219,7 +219,8 @@ struct QieEp : OrtEp {
           size_t matmuls = 0;
           for (const OrtNode* n : nodes) {
             const std::string t = OpType(n);
-            shape_only = shape_only && (t == "Shape" || t == "Gather" || t == "Unsqueeze" || t == "DequantizeLinear");
+            shape_only = shape_only && (t == "Shape" || t == "Gather" || t == "Unsqueeze" || t == "DequantizeLinear" ||
+                                        t == "Concat");
             matmul = matmul || OpType(n) == "MatMul" || OpType(n) == "Gemm";
             matmuls += OpType(n) == "MatMul";
             softmax = softmax || OpType(n) == "Softmax";

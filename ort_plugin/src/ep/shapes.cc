@@ -12,9 +12,7 @@ namespace qie_ep {
 std::vector<const OrtNode*> ShapeUnit::Nodes() const {
   std::vector<const OrtNode*> v;
   if (dq) v.push_back(dq);
-  v.push_back(shape);
-  v.insert(v.end(), gathers.begin(), gathers.end());
-  v.insert(v.end(), unsqueezes.begin(), unsqueezes.end());
+  for (const auto* part : {&shapes, &gathers, &unsqueezes, &concats}) v.insert(v.end(), part->begin(), part->end());
   return v;
 }
 
@@ -56,85 +54,170 @@ bool UnsqueezeToOne(const OrtNode* u, const OrtValueInfo* v) {
 
 }  // namespace
 
+namespace {
+
+// A Concat (axis 0) whose inputs are all int64 1-D constants or outputs of `unsqueezes`.
+bool DimsConcat(const OrtNode* c, const std::vector<const OrtNode*>& unsqueezes) {
+  if (!IsOp(c, "Concat") || Outputs(c).size() != 1) return false;
+  const int64_t axis = AttrInt(c, "axis", 0);
+  if (axis != 0 && axis != -1) return false;
+  for (const OrtValueInfo* in : Inputs(c)) {
+    Constant k;
+    if (!in) return false;
+    if (ReadConstant(in, &k)) {
+      if (k.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 || k.shape.size() != 1) return false;
+      continue;
+    }
+    if (std::none_of(unsqueezes.begin(), unsqueezes.end(), [&](const OrtNode* q) { return Outputs(q)[0] == in; }))
+      return false;
+  }
+  return true;
+}
+
+bool IsShapeOf(const OrtNode* n, const OrtValueInfo* x) {
+  return IsOp(n, "Shape") && Inputs(n).size() == 1 && Inputs(n)[0] == x && Outputs(n).size() == 1 && Outputs(n)[0];
+}
+
+}  // namespace
+
 bool MatchShapeUnit(const OrtNode* shape, ShapeUnit* u) {
   *u = ShapeUnit{};
-  if (!IsOp(shape, "Shape") || Inputs(shape).size() != 1 || Outputs(shape).size() != 1) return false;
+  if (!IsOp(shape, "Shape") || Inputs(shape).size() != 1) return false;
   const OrtValueInfo* x = Inputs(shape)[0];
-  const OrtValueInfo* dims = Outputs(shape)[0];
-  if (!x || !dims) return false;
-  u->shape = shape;
-  // The DequantizeLinear only this Shape reads: its codes have the same dims.
-  // (asked only then: for a fused graph's input or a value another fused node produces, ORT logs a warning)
+  if (!x || !IsShapeOf(shape, x)) return false;
+  for (const OrtNode* n : AllConsumers(x))
+    if (IsShapeOf(n, x)) u->shapes.push_back(n);
+  if (u->shapes.empty() || u->shapes[0] != shape) return false;  // one unit per tensor, from its first Shape
+  // The DequantizeLinear only this Shape reads: its codes have the same dims. (Asked only then: for a fused graph's
+  // input or a value another fused node produces, ORT logs a warning.)
   const OrtNode* dq = !IsGraphOutput(x) && !IsRequiredGraphInput(x) && Consumers(x) == 1 ? Producer(x) : nullptr;
   Constant unused, s, z;
   ONNXTensorElementDataType t;
   if (dq && DqOperands(dq, true, 0, &unused, &s, &z, &t)) u->dq = dq;
-  for (const OrtNode* g : AllConsumers(dims)) {
-    std::vector<int64_t> index;
-    bool scalar = false;
-    if (!ShapeGather(g, dims, &index, &scalar)) continue;
-    u->gathers.push_back(g);
-    if (!scalar) continue;
-    const OrtValueInfo* gv = Outputs(g)[0];
-    for (const OrtNode* q : AllConsumers(gv))
-      if (UnsqueezeToOne(q, gv)) u->unsqueezes.push_back(q);
+  for (const OrtNode* sh : u->shapes) {
+    const OrtValueInfo* dims = Outputs(sh)[0];
+    for (const OrtNode* g : AllConsumers(dims)) {
+      std::vector<int64_t> index;
+      bool scalar = false;
+      if (!ShapeGather(g, dims, &index, &scalar)) continue;
+      u->gathers.push_back(g);
+      if (!scalar) continue;
+      const OrtValueInfo* gv = Outputs(g)[0];
+      for (const OrtNode* q : AllConsumers(gv))
+        if (UnsqueezeToOne(q, gv)) u->unsqueezes.push_back(q);
+    }
   }
+  for (const OrtNode* q : u->unsqueezes)
+    for (const OrtNode* c : AllConsumers(Outputs(q)[0]))
+      if (std::find(u->concats.begin(), u->concats.end(), c) == u->concats.end() && DimsConcat(c, u->unsqueezes))
+        u->concats.push_back(c);
   return u->dq || !u->gathers.empty();
 }
 
 void CompileShapes(const OrtGraph* graph, const OrtNode* fused, CompiledShapes* c) {
   const std::vector<const OrtNode*> nodes = GraphNodes(graph);
-  ShapeUnit u;
-  const OrtNode* shape = nullptr;
-  for (const OrtNode* n : nodes)
-    if (IsOp(n, "Shape")) shape = n;
   const std::unordered_set<const OrtNode*> in_graph(nodes.begin(), nodes.end());
-  if (!shape || !MatchShapeUnit(shape, &u)) throw Failure{"fused graph is not the shape unit claimed"};
+  ShapeUnit u;
+  const OrtNode* shape = nullptr;  // the anchor: the unit's first Shape
+  for (const OrtNode* n : nodes)
+    if (!shape && IsOp(n, "Shape") && MatchShapeUnit(n, &u)) shape = n;
+  if (!shape) throw Failure{"fused graph is not the shape unit claimed"};
   // At Compile a node outside the fused graph is not among the consumers: keep what is in it.
   auto inside = [&](std::vector<const OrtNode*>* v) {
     v->erase(std::remove_if(v->begin(), v->end(), [&](const OrtNode* n) { return !in_graph.count(n); }), v->end());
   };
-  inside(&u.gathers);
-  inside(&u.unsqueezes);
+  for (auto* part : {&u.shapes, &u.gathers, &u.unsqueezes, &u.concats}) inside(part);
   if (u.dq && !in_graph.count(u.dq)) u.dq = nullptr;
   if (u.Nodes().size() != nodes.size()) throw Failure{"fused graph is not the shape unit claimed"};
   c->name = NodeName(shape);
-  c->start = AttrInt(shape, "start", 0);
-  c->end = AttrInt(shape, "end", INT64_MAX);
   c->outs.clear();
-  auto add = [&](const OrtNode* n, int kind, const std::vector<int64_t>& index, bool scalar) {
-    const int o = IndexByName(Outputs(fused), Outputs(n)[0]);  // -1: read inside the node only
-    if (o >= 0) c->outs.push_back({o, kind, index, scalar});
+  // Each node's Out: its dims' source (the Shape's slice, the Gather's indices), and the fused node's output if any.
+  auto out_of = [&](const OrtNode* n, int kind, const OrtNode* sh, const std::vector<int64_t>& index, bool scalar) {
+    CompiledShapes::Out o;
+    o.output = IndexByName(Outputs(fused), Outputs(n)[0]);  // -1: read inside the node only
+    o.kind = kind;
+    o.start = AttrInt(sh, "start", 0);
+    o.end = AttrInt(sh, "end", INT64_MAX);
+    o.index = index;
+    o.scalar = scalar;
+    return o;
   };
-  add(shape, 0, {}, false);
-  for (const OrtNode* g : u.gathers) {
-    std::vector<int64_t> index;
-    bool scalar = false;
-    if (!ShapeGather(g, Outputs(shape)[0], &index, &scalar)) throw Failure{"Gather '" + NodeName(g) + "' changed"};
-    add(g, 1, index, scalar);
-    for (const OrtNode* q : u.unsqueezes)
-      if (Inputs(q)[0] == Outputs(g)[0]) add(q, 2, index, scalar);
+  std::vector<std::pair<const OrtNode*, CompiledShapes::Out>> dims_of;  // each unsqueeze's, for the concats
+  for (const OrtNode* sh : u.shapes) {
+    CompiledShapes::Out o = out_of(sh, 0, sh, {}, false);
+    if (o.output >= 0) c->outs.push_back(o);
+    for (const OrtNode* g : u.gathers) {
+      std::vector<int64_t> index;
+      bool scalar = false;
+      if (Inputs(g)[0] != Outputs(sh)[0]) continue;
+      if (!ShapeGather(g, Outputs(sh)[0], &index, &scalar)) throw Failure{"Gather '" + NodeName(g) + "' changed"};
+      o = out_of(g, 1, sh, index, scalar);
+      if (o.output >= 0) c->outs.push_back(o);
+      for (const OrtNode* q : u.unsqueezes) {
+        if (Inputs(q)[0] != Outputs(g)[0]) continue;
+        o = out_of(q, 2, sh, index, scalar);
+        dims_of.emplace_back(q, o);
+        if (o.output >= 0) c->outs.push_back(o);
+      }
+    }
+  }
+  for (const OrtNode* cat : u.concats) {
+    CompiledShapes::Out o = out_of(cat, 3, shape, {}, false);
+    if (o.output < 0) continue;
+    for (const OrtValueInfo* in : Inputs(cat)) {
+      CompiledShapes::Out::Piece p;
+      Constant k;
+      if (ReadConstant(in, &k)) {
+        p.values.assign(static_cast<const int64_t*>(k.data), static_cast<const int64_t*>(k.data) + k.count());
+        if (p.values.empty()) continue;
+      } else {
+        const auto it =
+            std::find_if(dims_of.begin(), dims_of.end(), [&](const auto& d) { return Outputs(d.first)[0] == in; });
+        if (it == dims_of.end()) throw Failure{"Concat '" + NodeName(cat) + "' changed"};
+        p.start = it->second.start;
+        p.end = it->second.end;
+        p.index = it->second.index[0];
+      }
+      o.pieces.push_back(std::move(p));
+    }
+    c->outs.push_back(std::move(o));
   }
 }
+
+namespace {
+
+// dims[i] of the Shape's slice of `all`, checked.
+int64_t Dim(const std::vector<int64_t>& all, int64_t start, int64_t end, int64_t i, const std::string& name) {
+  const std::vector<int64_t> dims = ShapeSlice(all, start, end);
+  const auto n = static_cast<int64_t>(dims.size());
+  if (i < -n || i >= n)
+    throw Failure{name + ": a Gather index " + std::to_string(i) + " is out of range for its " + std::to_string(n) +
+                  " dims"};
+  return dims[static_cast<size_t>(i < 0 ? i + n : i)];
+}
+
+}  // namespace
 
 OrtStatus* ComputeShapes(const CompiledShapes& c, OrtKernelContext* ctx) {
   return Guard("Shape", [&] {
     const OrtValue* x = nullptr;
     Check(g_api->KernelContext_GetInput(ctx, 0, &x));
-    const std::vector<int64_t> dims = ShapeSlice(TensorShape(x), c.start, c.end);
-    const auto n = static_cast<int64_t>(dims.size());
+    const std::vector<int64_t> all = TensorShape(x);
     for (const CompiledShapes::Out& o : c.outs) {
       std::vector<int64_t> values, out_shape;
       if (o.kind == 0) {
-        values = dims;
-        out_shape = {n};
-      } else {
-        for (int64_t i : o.index) {
-          if (i < -n || i >= n)
-            throw Failure{c.name + ": a Gather index " + std::to_string(i) + " is out of range for its " +
-                          std::to_string(n) + " dims"};
-          values.push_back(dims[static_cast<size_t>(i < 0 ? i + n : i)]);
+        values = ShapeSlice(all, o.start, o.end);
+        out_shape = {static_cast<int64_t>(values.size())};
+      } else if (o.kind == 3) {
+        for (const CompiledShapes::Out::Piece& p : o.pieces) {
+          if (p.values.empty())
+            values.push_back(Dim(all, p.start, p.end, p.index, c.name));
+          else
+            values.insert(values.end(), p.values.begin(), p.values.end());
         }
+        out_shape = {static_cast<int64_t>(values.size())};
+      } else {
+        for (int64_t i : o.index) values.push_back(Dim(all, o.start, o.end, i, c.name));
         if (o.kind == 2)
           out_shape = {1};
         else if (!o.scalar)
