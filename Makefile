@@ -83,6 +83,9 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   tests/ort/test_ep_tails.py::test_segments_compose tests/ort/test_ep_tails.py::test_bias_gelu_tail_within_one_step \
                   'tests/ort/test_ep_tails.py::test_head_split_layout_tail_is_exact[runtime-all]' tests/ort/test_ep_tails.py::test_layout_tail_errors_name_the_node \
                   'tests/ort/test_ep_norm_tails.py::test_residual_layernorm_tail[bias-u8-all]' \
+                  'tests/ort/test_ep_norm_tails.py::test_float_unit_residual_tail[bias-mulq+ln-all]' \
+                  'tests/ort/test_ep_norm_tails.py::test_float_unit_residual_tail[no-bias-sum-disable]' \
+                  'tests/ort/test_ep_shapes.py::test_shapes_of_one_tensor_and_their_concat_are_one_unit[disable]' \
                   'tests/ort/test_ep_attention.py::test_attention_unit_is_claimed_and_within_one_step[u8-all]' \
                   'tests/ort/test_ep_attention.py::test_attention_unit_is_claimed_and_within_one_step[s8-u8p-disable]' \
                   tests/ort/test_ep_attention.py::test_masks_steps_and_shapes tests/ort/test_ep_attention.py::test_zero_size_sequence_or_batch \

@@ -173,8 +173,7 @@ void MatchNorm(MatMulUnit* u, size_t N) {
   Constant sy, zy;
   if (!u->q &&
       (!c || IsOp(c, "Mul"))) {  // a float unit: LN -> Mul(column constant) -> Q, the LN's value maybe read too
-    const std::vector<const OrtNode*> readers = AllConsumers(v);
-    for (const OrtNode* m : readers) {
+    for (const OrtNode* m : AllConsumers(v)) {
       const OrtValueInfo* mo = IsOp(m, "Mul") && Inputs(m).size() == 2 ? Outputs(m)[0] : nullptr;
       const OrtNode* mq = mo && !IsGraphOutput(mo) ? SoleConsumer(mo) : nullptr;
       if (!IsOp(mq, "QuantizeLinear") || Inputs(mq)[0] != mo || !QOperands(mq, &sy, &zy) ||
@@ -183,7 +182,6 @@ void MatchNorm(MatMulUnit* u, size_t N) {
       n.mul = m;
       n.q = mq;
       n.last = mq;
-      n.ln_out = readers.size() > 1 || IsGraphOutput(v);
       break;
     }
     u->norm = n;

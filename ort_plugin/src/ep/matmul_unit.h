@@ -29,11 +29,10 @@ struct MatMulUnit {
   // at the LayerNormalization or at the residual Add (a pre-LN block's sum): it outputs those float values.
   // last: the tail's last node (null: no tail).
   // A float unit's LayerNormalization may also feed a Mul by a column constant and its Q (`qie quantize`'s SmoothQuant
-  // division) while other nodes read its value: the unit then outputs both (ln_out).
+  // division) while other nodes read its value: the unit then outputs both.
   struct Norm {
     const OrtNode *add_bias = nullptr, *add_res = nullptr, *ln = nullptr, *mul = nullptr, *q = nullptr, *last = nullptr;
     const OrtValueInfo* residual = nullptr;
-    bool ln_out = false;
   } norm;
   // Else, after dq_out, an Add of a float constant of 1 or N values along the last axis (a Linear's bias before float
   // ops: a classifier's logits): the unit outputs that sum (nullptr: none).
