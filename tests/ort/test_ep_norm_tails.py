@@ -308,3 +308,68 @@ def test_float_unit_needs_its_tail():
         del g.output[:]
         g.output.append(helper.make_tensor_value_info("o", TensorProto.FLOAT, None))
         assert assigned_to_qie(ep_session(model, "all")) == 0, tail
+
+
+@st.composite
+def float_unit_cases(draw):
+    """A float unit (MatMul without its Q) of random width, rank (static / symbolic dims), dtypes and weight scales,
+    with a random tail: [bias] + residual, then nothing, a LayerNorm, a LayerNorm -> Q, or a LayerNorm -> Mul -> Q
+    with the LayerNorm also read outside; and its inputs (zero rows included)."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    n, k = draw(st.integers(1, 80)), draw(st.integers(1, 40))
+    lead = draw(st.lists(st.integers(0, 4), min_size=1, max_size=2))
+    dims = tuple(f"d{i}" for i in range(len(lead))) if draw(st.booleans()) else tuple(lead)
+    xdt, wdt = draw(st.sampled_from([np.uint8, np.int8])), draw(st.sampled_from([np.int8, np.uint8]))
+    model, ops = qdq_matmul(rng, xdt, wdt, np.uint8, k, n, draw(st.booleans()), x_shape=dims, quantize_output=False)
+    g = model.graph
+    g.input.append(helper.make_tensor_value_info("res", TensorProto.FLOAT, [*dims, n]))
+    g.initializer.extend([numpy_helper.from_array(rng.normal(0, 1, n).astype(np.float32), "nb"),
+                          numpy_helper.from_array(rng.uniform(0.2, 2, n).astype(np.float32), "gamma"),
+                          numpy_helper.from_array(rng.uniform(0.3, 3, n).astype(np.float32), "c"),
+                          numpy_helper.from_array(np.array(rng.uniform(0.005, 0.1), np.float32), "s1"),
+                          numpy_helper.from_array(np.array(rng.integers(0, 50), np.uint8), "z1")])
+    cur = "yf"
+    if draw(st.booleans()):
+        g.node.append(helper.make_node("Add", ["yf", "nb"], ["a1"]))
+        cur = "a1"
+    g.node.append(helper.make_node("Add", ["res", cur], ["a2"]))
+    end = draw(st.sampled_from(["sum", "ln", "q", "mulq+ln"]))
+    outs = [("a2", TensorProto.FLOAT)]
+    if end != "sum":
+        g.node.append(helper.make_node("LayerNormalization", ["a2", "gamma"], ["ln"],
+                                       epsilon=draw(st.sampled_from([1e-5, 1e-12]))))
+        outs = [("ln", TensorProto.FLOAT)]
+    if end == "q":
+        g.node.append(helper.make_node("QuantizeLinear", ["ln", "s1", "z1"], ["q1"]))
+        outs = [("q1", TensorProto.UINT8)]
+    if end == "mulq+ln":
+        g.node.extend([helper.make_node("Mul", ["ln", "c"], ["m1"]), helper.make_node("QuantizeLinear", ["m1", "s1", "z1"], ["q1"]),
+                       helper.make_node("Relu", ["ln"], ["lr"])])
+        outs = [("q1", TensorProto.UINT8), ("lr", TensorProto.FLOAT)]
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(o, t, None) for o, t in outs)
+    x = rand(rng, xdt, (*lead, k))
+    return model, {"x": x, "res": rng.normal(0, 2, (*lead, n)).astype(np.float32)}
+
+
+@needs_ep
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(float_unit_cases(), st.sampled_from(list(OPT_LEVELS)))
+def test_property_float_units_equal_ort(case, level):
+    """Whatever plain ORT computes for a generated float unit with its tail, ORT + qie computes with the same shapes
+    and types: float outputs to float32 rounding of the sums' order, codes within one step."""
+    model, feeds = case
+    plain, sess = session(model, level=level), ep_session(model, level)
+    # the unit at least (two DequantizeLinears, the MatMul, the residual Add) as the graph is given; from BASIC on ORT's
+    # own rewrites come first (a 2-D MatMul + Add becomes a Gemm with a float C, which stays ORT's)
+    if level == "disable":
+        assert assigned_to_qie(sess) >= 4
+    for want, got in zip(plain.run(None, feeds), sess.run(None, feeds)):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if not COMPARE_BUILTIN or not want.size:
+            continue
+        if got.dtype == np.uint8:
+            diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+            assert diff.max() <= 1 and diff.mean() < 0.05, (level, diff.max(), diff.mean(), want.shape)
+        else:
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 * max(1.0, float(np.abs(want).max())))
