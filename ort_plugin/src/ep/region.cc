@@ -3,10 +3,11 @@
 // Numerics per unit (units.h): a conv computes acc = sum (x - zx)(w - zw[m]) + bias[m] exactly and
 // y = saturate(round_half_even(float(acc) * (sx * sw[m] / sy)) + zy), QLinearConv's arithmetic (what ORT runs at
 // ORT_ENABLE_EXTENDED and above; within one step of the float DQ -> Conv -> Q below that). Tables are exact
-// (units.cc). A binary unit computes the float QDQ graph per element, Q(DQ(a) op DQ(b)): equal to ORT's float
-// nodes, within one step of its QLinearAdd / QLinearMul. A global average pool sums the codes exactly and
-// quantizes float(sum - HW * zx) * sx / HW (ORT's float kernel sums floats: within one step); AveragePool sums
-// the dequantized window in float32, rows then columns, and divides: equal to ORT with count_include_pad, within
+// (units.cc). A binary unit of u8 tensors that ORT fuses into QLinearAdd / QLinearMul computes their arithmetic
+// (units.h QLinearBinary: equal to ORT at ORT_ENABLE_ALL, within one step of the float graph); any other computes
+// the float QDQ graph per element, Q(DQ(a) op DQ(b)), as ORT's float nodes. A global average pool sums the codes
+// exactly and quantizes float(sum - HW * zx) * sx / HW (ORT's float kernel sums floats: within one step); AveragePool
+// sums the dequantized window in float32, rows then columns, and divides: equal to ORT with count_include_pad, within
 // one step at the borders without it (measured; ORT's float kernel sums border windows in another order). Concat and
 // MaxPool move codes (max of codes = code of the max: DequantizeLinear is increasing) and requantize them by
 // table where the output's scale or zero point differs, exactly as the QDQ graph; so does a channel shuffle.
@@ -376,17 +377,22 @@ int FoldSelfBinary(const RegionPlan* p, const std::vector<int>& producer_step,
     if (ps < 0 || s->in[x] == s->in[t]) continue;
     const RegionPlan::Step& tab = p->steps[static_cast<size_t>(ps)];
     if (tab.kind != UnitKind::kTable || tab.in[0] != s->in[x]) continue;
-    const QParams qx = s->qin[x], qt = s->qin[t];
+    const QParams qx = s->qin[x];
     const Quantizer q(s->qout);
+    const QLinearBinary ql(s->op, s->qin[0], s->qin[1], s->qout);  // x and T(x): the same shape, no operand swap
     const auto dq = [](uint8_t v, const QParams& qp) {
       return static_cast<float>(Code(v, qp.is_signed) - qp.zp) * qp.scale;
     };
     std::vector<uint8_t> table(tab.tC * 256 + 3, 0);
     for (size_t c = 0; c < tab.tC; ++c)
       for (int k = 0; k < 256; ++k) {
-        const float fx = dq(static_cast<uint8_t>(k), qx), ft = dq(tab.table[c * 256 + static_cast<size_t>(k)], qt);
-        const float a = t == 1 ? fx : ft, b = t == 1 ? ft : fx;
-        table[c * 256 + static_cast<size_t>(k)] = q(s->op == '+' ? a + b : s->op == '-' ? a - b : a * b);
+        const uint8_t kt = tab.table[c * 256 + static_cast<size_t>(k)], kx = static_cast<uint8_t>(k);
+        const uint8_t ka = t == 1 ? kx : kt, kb = t == 1 ? kt : kx;
+        const float a = dq(ka, s->qin[0]), b = dq(kb, s->qin[1]);
+        table[c * 256 + static_cast<size_t>(k)] = s->qlinear ? ql(ka, kb)
+                                                             : q(s->op == '+'   ? a + b
+                                                                 : s->op == '-' ? a - b
+                                                                                : a * b);
       }
     const std::string& tname = p->values[static_cast<size_t>(s->in[t])].name;
     const auto r = readers.find(tname);
@@ -434,6 +440,20 @@ bool TailClamps(const std::vector<const OrtNode*>& tail, const QParams& qy, std:
   }
   *clamps = out;
   return !out.empty();
+}
+
+// Whether ORT fuses the binary unit into QLinearAdd / QLinearMul from ORT_ENABLE_EXTENDED on, whose arithmetic it then
+// takes (units.h QLinearBinary): an Add or Mul of two plain DequantizeLinears into a QuantizeLinear, u8 throughout,
+// with a Relu / Clip between only where ORT drops it (ReluQuantFusion / ClipQuantFusion: where it clamps no output
+// code). Measured on ORT 1.31, x86: DQ, DQ -> Add -> Relu -> Q is QLinearAdd with a zero point of 0, float nodes with
+// another; with s8 activations (quantize_static's QInt8) ORT leaves a network's Add / Mul (and some of its Conv) as
+// float nodes, so s8 units keep the float graph's arithmetic.
+bool QLinearOp(const std::string& op, const RegionPlan::Step& s) {
+  if ((op != "Add" && op != "Mul") || s.has_pre || !s.tail.steps.empty() || s.qin.size() != 2) return false;
+  if (s.qout.is_signed || s.qin[0].is_signed || s.qin[1].is_signed) return false;
+  for (const auto& [lo, hi] : s.clamps)
+    if (lo > 0 || hi < 255) return false;
+  return true;
 }
 
 void PlanConv(const Unit& u, RegionPlan::Step* s) {
@@ -628,6 +648,7 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
           s.tail.Expand(1, kTailBlock);
         }
       }
+      s.qlinear = QLinearOp(op, s);
       const int dead = FoldSelfBinary(&p, producer_step, readers, &s);
       if (dead >= 0) {  // the table the binary read is folded into it and read by nothing else
         p.steps.erase(p.steps.begin() + dead);

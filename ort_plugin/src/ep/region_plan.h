@@ -65,6 +65,9 @@ struct RegionPlan {
     FloatProgram tail;
     // binary: activations that are clamps of the output codes (Relu / Clip tails; lo, hi codes), applied in order
     std::vector<std::pair<int, int>> clamps;
+    // binary: ORT's QLinearAdd / QLinearMul arithmetic (units.h QLinearBinary) instead of the float graph's, where
+    // ORT fuses the unit so (QLinearOp)
+    bool qlinear = false;
     // binary / gap: per operand, the float program between its DequantizeLinear and the op (empty: none)
     std::vector<FloatProgram> pre;
     bool has_pre = false;

@@ -71,6 +71,29 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
   }
 }
 
+// y = ORT's QLinearAdd / QLinearMul of u8 x and z (units.h QLinearBinary: x the operand ORT walks as a span), one
+// row of C channels (element strides cx, cz: 1, or 0 for a broadcast operand).
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QLinearRow(
+    const uint8_t* x, size_t cx, const uint8_t* z, size_t cz, uint8_t* y, size_t C, const QLinearBinary& k) {
+  if (cx == 1 && cz == 1) {
+    for (size_t c = 0; c < C; ++c) y[c] = k(x[c], z[c]);
+  } else {
+    for (size_t c = 0; c < C; ++c) y[c] = k(x[c * cx], z[c * cz]);
+  }
+}
+
+// Whether ORT's QLinearAdd walks the second operand as the span and the first as a scalar: ORT breaks the output
+// into spans along its innermost axes, and a first operand broadcast along the innermost axis of more than one
+// element (or of one element in all) is its scalar (qlinear_binary_op.cc swaps the operands then). The layout is
+// NHWC: at ORT_ENABLE_ALL ORT runs a u8 network's QLinearConv in NHWC and moves its QLinearAdd there too (at EXTENDED
+// it stays NCHW: a first operand broadcast along C, W or H then rounds as ORT's within one step).
+bool FirstIsScalar(const Dims& da, const Dims& out) {
+  const size_t A[4] = {da.c, da.w, da.h, da.n}, Y[4] = {out.c, out.w, out.h, out.n};
+  for (int i = 0; i < 4; ++i)
+    if (Y[i] > 1) return A[i] == 1;
+  return true;
+}
+
 // The same per element in float, before a binary unit's activation program.
 template <char Op, bool AS, bool BS>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void BinaryRowF(
@@ -367,22 +390,31 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
     });
     return;
   }
+  // ORT's QLinearAdd / QLinearMul: its operands in the order it walks them
+  const bool swap = s.qlinear && FirstIsScalar(da, *od);
+  const QLinearBinary ql(s.op, s.qin[swap ? 1 : 0], s.qin[swap ? 0 : 1], s.qout);
+  const auto call = [&](const uint8_t* pa, size_t ca, const uint8_t* pb, size_t cb, uint8_t* py, size_t C) {
+    if (!s.qlinear)
+      row(pa, ca, pb, cb, py, C, s.qin[0], s.qin[1], s.qout);
+    else if (swap)
+      QLinearRow(pb, cb, pa, ca, py, C, ql);
+    else
+      QLinearRow(pa, ca, pb, cb, py, C, ql);
+  };
   // Operands laid out like the output along W and C (no broadcast there): one call per output row.
   const bool flat = sa[3] == 1 && sb[3] == 1 && sa[2] == Y[3] && sb[2] == Y[3];
   const bool is_signed = s.qout.is_signed;
   pfor(rows, [&](size_t r) {
     const size_t n = r / Y[1], h = r % Y[1];
     if (flat) {
-      row(a + n * sa[0] + h * sa[1], 1, b + n * sb[0] + h * sb[1], 1, y + r * Y[2] * Y[3], Y[2] * Y[3], s.qin[0],
-          s.qin[1], s.qout);
+      call(a + n * sa[0] + h * sa[1], 1, b + n * sb[0] + h * sb[1], 1, y + r * Y[2] * Y[3], Y[2] * Y[3]);
       for (const auto& [lo, hi] : s.clamps) ClampCodes(y + r * Y[2] * Y[3], Y[2] * Y[3], is_signed, lo, hi);
       return;
     }
     for (size_t w = 0; w < Y[2]; ++w) {
       const uint8_t* pa = a + n * sa[0] + h * sa[1] + w * sa[2];
       const uint8_t* pb = b + n * sb[0] + h * sb[1] + w * sb[2];
-      uint8_t* py = y + ((r * Y[2]) + w) * Y[3];
-      row(pa, sa[3], pb, sb[3], py, Y[3], s.qin[0], s.qin[1], s.qout);
+      call(pa, sa[3], pb, sb[3], y + ((r * Y[2]) + w) * Y[3], Y[3]);
     }
     for (const auto& [lo, hi] : s.clamps) ClampCodes(y + r * Y[2] * Y[3], Y[2] * Y[3], is_signed, lo, hi);
   });

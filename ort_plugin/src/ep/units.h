@@ -27,6 +27,7 @@
 // A unit's input DequantizeLinears may be shared with other units (a value read by a conv and a residual Add); a
 // region takes a DequantizeLinear only with every one of its consumers.
 #pragma once
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -130,6 +131,41 @@ inline uint8_t QuantizeOne(float v, const QParams& p) { return Quantizer(p)(v); 
 void QuantizeBlock(const float* x, size_t n, const Quantizer& q, uint8_t* y);
 // The code of byte b.
 inline int32_t Code(uint8_t b, bool is_signed) { return is_signed ? static_cast<int8_t>(b) : b; }
+
+// ORT's QLinearAdd / QLinearMul arithmetic: what ORT runs for DQ(a), DQ(b) -> Add / Mul -> Q on u8 tensors from
+// ORT_ENABLE_EXTENDED on, its QDQ fusion, on x86 with AVX2 (MLAS's kernels; checked bit for bit against ORT 1.31 on
+// every pair of codes, tests/ort/test_ep_qlinear_binary.py). Add, in float32 with fused multiply-adds as the wheel's
+// AVX2 kernel computes it: rx = sx / sout, ry likewise, fixed = zout - fma(rx, zx, ry * zy), v = fma(x, rx, fma(y, ry,
+// fixed)) on the raw codes, x the operand ORT walks as a span and y the other (ORT swaps the operands when the first is
+// the one broadcast along the innermost axis: FirstIsScalar). Mul: v = float((x - zx) * (y - zy)) * ((sx * sy) /
+// sout) + zout, a product then a sum. Then cvtps (half to even; NaN or |v| >= 2^31 give INT_MIN) and saturation.
+// Within one step of the float QDQ graph, Q(DQ(a) op DQ(b)).
+struct QLinearBinary {
+  bool mul = false;
+  float rx = 0, ry = 0, fixed = 0;  // add
+  float ratio = 0, zout = 0;        // mul
+  int32_t zx = 0, zy = 0;
+  QLinearBinary(char op, const QParams& x, const QParams& y, const QParams& out)
+      : mul(op == '*'),
+        rx(x.scale / out.scale),
+        ry(y.scale / out.scale),
+        fixed(static_cast<float>(out.zp) - std::fma(rx, static_cast<float>(x.zp), ry * static_cast<float>(y.zp))),
+        ratio((x.scale * y.scale) / out.scale),
+        zout(static_cast<float>(out.zp)),
+        zx(x.zp),
+        zy(y.zp) {}
+  // the output code of u8 codes x, y
+  uint8_t operator()(int32_t x, int32_t y) const {
+    float v = mul ? static_cast<float>((x - zx) * (y - zy)) * ratio + zout
+                  : std::fma(static_cast<float>(x), rx, std::fma(static_cast<float>(y), ry, fixed));
+    v = v < 2147483648.0f ? v : -2147483648.0f;  // cvtps: NaN and overflow give INT_MIN
+    v = v < 0.0f ? 0.0f : v;
+    v = v > 255.0f ? 255.0f : v;
+    constexpr float kMagic = 12582912.0f;  // round half to even (0 <= v <= 255)
+    v = (v + kMagic) - kMagic;
+    return static_cast<uint8_t>(v);
+  }
+};
 
 // A table unit's f as float32 operations on [rows][C] lanes (constants per channel, scalars expanded to C):
 // evaluated on the 256 input codes to build its tables and, where it is plain arithmetic (no libm function), on
