@@ -66,8 +66,9 @@ def test_real_model_regions(name, threads, evaluation):
     """The QDQ models with qie's EP (the one line): nearly every convolution runs inside a region (PP-LCNet's all
     32; PP-OCRv6's all but those of its attention blocks), the same labelled samples are recognised as with ORT's
     own INT8 (PP-LCNet: regions bit-identical, its final QDQ Softmax within one step of ORT's and nearer its float
-    graph; PP-OCRv6: its Sigmoid / Erf tables use libm, a step apart where
-    ORT's MLAS approximations round the other way, docs/numerics.md), and a second run gives the same outputs."""
+    graph; PP-OCRv6: logits at cosine >= 0.999 to ORT INT8's, measured 0.9997: its residual Add / SE Mul units
+    compute ORT's QLinearAdd / QLinearMul, and what remains is its attention softmax, the float graph's arithmetic
+    where ORT fuses QLinearSoftmax, docs/numerics.md), and a second run gives the same outputs."""
     import onnxruntime as ort
 
     x, labels = evaluation[name]
@@ -98,4 +99,4 @@ def test_real_model_regions(name, threads, evaluation):
     else:
         assert acc_qie >= acc_ort - 1 / N_EVAL, (acc_qie, acc_ort)  # one line of the 16 at most
         a, b = got.astype(np.float64).ravel(), want.astype(np.float64).ravel()
-        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.95
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999  # 0.9966 with the float graph's Add / Mul
