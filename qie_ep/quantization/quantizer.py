@@ -29,7 +29,7 @@ from pathlib import Path
 from qie_ep.errors import UserError
 from qie_ep.files import atomic_output
 from qie_ep.quantization.sensitivity import search_budget
-from qie_ep.quantization.smooth import smooth_norm_inputs
+from qie_ep.quantization.smooth import graph_links, smooth_norm_inputs
 from qie_ep.quantization.config import FEATURE_MAP_OP_TYPES, QTYPES, QuantizeConfig
 from qie_ep.quantization.metrics import agreement
 from qie_ep.session import run_outputs
@@ -205,11 +205,7 @@ def feature_map_nodes(model) -> frozenset:
     for n in g.node:  # topological order (ONNX requires it)
         if n.op_type in ("Conv", "ConvTranspose") or (n.op_type not in _LAYOUT and any(i in fmap for i in n.input)):
             fmap.update(o for o in n.output if rank.get(o) == 4)
-    producer = {o: n for n in g.node for o in n.output}
-    consumers = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            consumers[i].append(n)
+    producer, consumers = graph_links(g)
     fm = [n for n in g.node if n.op_type in FEATURE_MAP_OP_TYPES]
     root = {n.name: n.name for n in fm}
 
@@ -231,7 +227,7 @@ def feature_map_nodes(model) -> frozenset:
     for group in groups.values():
         names = {n.name for n in group}
         feeds = [producer[i] for n in group for i in n.input if i in producer and producer[i].name not in names]
-        reads = [c for n in group for o in n.output for c in consumers[o] if c.name not in names]
+        reads = [c for n in group for o in n.output for c in consumers.get(o, []) if c.name not in names]
         if all(n.output[0] in fmap for n in group) and not any(x.op_type in _FLOAT_ONLY for x in (*feeds, *reads)):
             chosen |= names
     return frozenset(chosen)
@@ -249,11 +245,7 @@ def float_residual_outputs(model) -> int:
     MatMul's float output, as ORT runs it (MatMulIntegerToFloat), and qie's EP (the unit's norm tail)."""
     g = model.graph
     const = {i.name for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = graph_links(g)
     outputs = {o.name for o in g.output}
 
     def sole(t):

@@ -17,16 +17,23 @@ import numpy as np
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
+def graph_links(graph) -> tuple[dict, dict]:
+    """``({tensor: the node producing it}, {tensor: [the nodes reading it, in graph order]})`` of an ONNX graph."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
 def smoothing_targets(model, quantized: set) -> dict:
     """{LayerNormalization output: [MatMul nodes reading it as A]} where every reader of that output is either such
     a MatMul in ``quantized`` (node names) with a constant 2-D float weight, or not a MatMul at all (the residual)."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
-    readers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    _, readers = graph_links(g)
     targets = {}
     for n in g.node:
         if n.op_type not in _NORMS or not n.output or n.output[0] in outputs:

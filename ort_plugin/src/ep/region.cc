@@ -665,14 +665,8 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
       for (const OrtNode* n : u.nodes)
         if (IsOp(n, "QuantizeLinear")) hops.push_back(OutputParams(n));
       std::vector<uint8_t> t = u.prefix[0].empty() ? Requant(s.qin[0], hops[0]) : PrefixTable(u, 0, s.qin[0], hops[0]);
-      for (size_t k = 1; k < hops.size(); ++k) {
-        const std::vector<uint8_t> next = Requant(hops[k - 1], hops[k]);
-        if (t.empty() || next.empty()) {
-          if (t.empty()) t = next;
-          continue;
-        }
-        for (int b = 0; b < 256; ++b) t[b] = next[t[b]];
-      }
+      size_t tC = 1;
+      for (size_t k = 1; k < hops.size(); ++k) ComposeTables(&t, &tC, Requant(hops[k - 1], hops[k]), 1);
       s.requant.push_back(t);
       s.pre.clear();  // the prefix is in the table
       s.has_pre = false;

@@ -975,6 +975,12 @@ std::vector<uint8_t> EvalTable(const Unit& u, size_t* C_out) {
 }
 
 void ComposeTables(std::vector<uint8_t>* table, size_t* tC, const std::vector<uint8_t>& t, size_t C) {
+  if (t.empty()) return;  // the identity
+  if (table->empty()) {
+    *table = t;
+    *tC = C;
+    return;
+  }
   const size_t n = std::max(*tC, C);
   if (*tC > 1 && C > 1 && *tC != C)
     throw Failure{"per-channel tables of " + std::to_string(*tC) + " and " + std::to_string(C) +

@@ -221,7 +221,8 @@ const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std:
 std::vector<uint8_t> EvalTable(const Unit& u, size_t* C);
 
 // `*table` ([*tC][256] + 3 bytes of padding; *tC = 1: one table) followed by `t` ([C][256], C = 1: one table),
-// composed in place: table[c][k] = t[c][table[c][k]]. Per-channel tables of different channel counts: Failure.
+// composed in place: table[c][k] = t[c][table[c][k]]. Per-channel tables of different channel counts: Failure. An
+// empty table is the identity (Requant's for equal parameters): `t` empty leaves `*table`, `*table` empty becomes `t`.
 void ComposeTables(std::vector<uint8_t>* table, size_t* tC, const std::vector<uint8_t>& t, size_t C);
 
 }  // namespace qie_ep
