@@ -73,12 +73,13 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) vo
 
 // y = ORT's QLinearAdd / QLinearMul of u8 x and z (units.h QLinearBinary: x the operand ORT walks as a span), one
 // row of C channels (element strides cx, cz: 1, or 0 for a broadcast operand).
+template <bool Mul>
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) void QLinearRow(
     const uint8_t* x, size_t cx, const uint8_t* z, size_t cz, uint8_t* y, size_t C, const QLinearBinary& k) {
   if (cx == 1 && cz == 1) {
-    for (size_t c = 0; c < C; ++c) y[c] = k(x[c], z[c]);
+    for (size_t c = 0; c < C; ++c) y[c] = k.Apply<Mul>(x[c], z[c]);
   } else {
-    for (size_t c = 0; c < C; ++c) y[c] = k(x[c * cx], z[c * cz]);
+    for (size_t c = 0; c < C; ++c) y[c] = k.Apply<Mul>(x[c * cx], z[c * cz]);
   }
 }
 
@@ -393,13 +394,14 @@ void RunBinary(const RegionPlan::Step& s, const Dims& da, const uint8_t* a, cons
   // ORT's QLinearAdd / QLinearMul: its operands in the order it walks them
   const bool swap = s.qlinear && FirstIsScalar(da, *od);
   const QLinearBinary ql(s.op, s.qin[swap ? 1 : 0], s.qin[swap ? 0 : 1], s.qout);
+  const auto qrow = ql.mul ? QLinearRow<true> : QLinearRow<false>;
   const auto call = [&](const uint8_t* pa, size_t ca, const uint8_t* pb, size_t cb, uint8_t* py, size_t C) {
     if (!s.qlinear)
       row(pa, ca, pb, cb, py, C, s.qin[0], s.qin[1], s.qout);
     else if (swap)
-      QLinearRow(pb, cb, pa, ca, py, C, ql);
+      qrow(pb, cb, pa, ca, py, C, ql);
     else
-      QLinearRow(pa, ca, pb, cb, py, C, ql);
+      qrow(pa, ca, pb, cb, py, C, ql);
   };
   // Operands laid out like the output along W and C (no broadcast there): one call per output row.
   const bool flat = sa[3] == 1 && sb[3] == 1 && sa[2] == Y[3] && sb[2] == Y[3];

@@ -154,16 +154,18 @@ struct QLinearBinary {
         zout(static_cast<float>(out.zp)),
         zx(x.zp),
         zy(y.zp) {}
-  // the output code of u8 codes x, y
-  uint8_t operator()(int32_t x, int32_t y) const {
-    float v = mul ? static_cast<float>((x - zx) * (y - zy)) * ratio + zout
+  // the output code of u8 codes x, y (Mul == mul: the loops that call it have no branch to vectorize around)
+  uint8_t operator()(int32_t x, int32_t y) const { return mul ? Apply<true>(x, y) : Apply<false>(x, y); }
+  template <bool Mul>
+  uint8_t Apply(int32_t x, int32_t y) const {
+    float v = Mul ? static_cast<float>((x - zx) * (y - zy)) * ratio + zout
                   : std::fma(static_cast<float>(x), rx, std::fma(static_cast<float>(y), ry, fixed));
     v = v < 2147483648.0f ? v : -2147483648.0f;  // cvtps: NaN and overflow give INT_MIN
     v = v < 0.0f ? 0.0f : v;
     v = v > 255.0f ? 255.0f : v;
     constexpr float kMagic = 12582912.0f;  // round half to even (0 <= v <= 255)
     v = (v + kMagic) - kMagic;
-    return static_cast<uint8_t>(v);
+    return static_cast<uint8_t>(static_cast<int32_t>(v));  // through int32: vectorizes
   }
 };
 
