@@ -49,7 +49,7 @@ ASAN_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_kernels
               tests/ort/test_fuzz_graphs.py tests/ort/test_gemm_ops.py tests/ort/test_conv_ops.py tests/ort/test_gemm_errors.py \
               tests/ort/test_conv_errors.py tests/ort/test_gemm_graphs.py tests/ort/test_conv_graphs.py tests/ort/test_ep.py \
               tests/ort/test_ep_regions.py tests/ort/test_ep_softmax.py tests/ort/test_ep_tails.py tests/ort/test_ep_norm_tails.py \
-              tests/ort/test_ep_attention.py tests/ort/test_ep_shapes.py
+              tests/ort/test_ep_attention.py tests/ort/test_ep_shapes.py tests/ort/test_ep_qlinear_binary.py
 ORT_INC = $$(bash ort_plugin/cmake/fetch_ort_headers.sh $$HOME/.cache/qie)
 # cmake_lib FOLDER BUILD_TYPE EXTRA_FLAGS: configure and build the library out of the package.
 define cmake_lib
@@ -78,6 +78,8 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   'tests/ort/test_ep_regions.py::test_channel_slice_in_a_region_equals_ort[negative-kernels-disable]' \
                   'tests/ort/test_ep_regions.py::test_nearest_resize_in_a_region_equals_ort[2x3_half_pixel-kernels-disable]' \
                   'tests/ort/test_ep_regions.py::test_random_shuffle_lrn_networks_within_a_step_of_ort[3]' \
+                  'tests/ort/test_ep_qlinear_binary.py::test_u8_binary_unit_equals_ort_qlinear_op_on_every_pair[a_row-Add]' \
+                  tests/ort/test_ep_qlinear_binary.py::test_silu_fold_equals_ort_qlinear_sigmoid_and_mul \
                   tests/ort/test_ep_softmax.py::test_softmax_unit_is_claimed_and_within_one_step tests/ort/test_ep_softmax.py::test_zero_size_rows_and_dims \
                   tests/ort/test_ep_softmax.py::test_softmax_of_a_scalar_is_an_error_naming_the_node \
                   tests/ort/test_ep_tails.py::test_segments_compose tests/ort/test_ep_tails.py::test_bias_gelu_tail_within_one_step \

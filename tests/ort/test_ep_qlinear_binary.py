@@ -202,3 +202,45 @@ def test_binary_unit_keeps_float_arithmetic_where_ort_keeps_float_nodes(op, tail
         assert op in ours, ours
         if COMPARE_BUILTIN and (level == "all" or not bottom):
             np.testing.assert_array_equal(got, want, err_msg=level)
+
+
+def silu_model(sx, zx, st, zt, sc, zc):
+    """x (u8 codes, 256 channels) -> identity conv -> Q -> DQ -> Mul(x, Q(Sigmoid(x))) -> Q -> DQ: SiLU quantized with
+    ORT's full op set (QLinearSigmoid and QLinearMul at ALL), which the plan folds into one table of x."""
+    m = model("Mul", (1, 256, 2, 2), (1, 256, 2, 2), np.uint8, (sx, sx, sc), (zx, zx, zc))
+    g = m.graph
+    mul = next(n for n in g.node if n.op_type == "Mul")
+    g.input.pop()  # no second input: the product's second operand is Sigmoid(x)
+    g.initializer.extend([nh.from_array(np.float32(st), "st"), nh.from_array(np.uint8(zt), "zt")])
+    keep = [n for n in g.node if not n.output[0].endswith("_b")]
+    del g.node[:]
+    at = next(i for i, n in enumerate(keep) if n is mul)
+    g.node.extend(keep[:at] + [h.make_node("Sigmoid", ["d_a"], ["sg"]),
+                               h.make_node("QuantizeLinear", ["sg", "st", "zt"], ["sq"]),
+                               h.make_node("DequantizeLinear", ["sq", "st", "zt"], ["sd"]),
+                               h.make_node("Mul", ["d_a", "sd"], ["r"])] + keep[at + 1:])
+    return m
+
+
+@needs_ep
+def test_silu_fold_equals_ort_qlinear_sigmoid_and_mul():
+    """x * Sigmoid(x) with both quantized is folded into one table of x (region.cc FoldSelfBinary) whose entries
+    take QLinearMul's arithmetic: equal to ORT INT8 at ALL on every code, with scales whose products land on ties."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(11)
+    feeds = {"a": np.arange(1024).reshape(1, 256, 2, 2).astype(np.uint8)}  # every code, per channel too
+    for trial in range(4):
+        sx = float(np.float32(np.exp(rng.uniform(-5, -2))))
+        st = 1 / 256 if trial % 2 else float(np.float32(np.exp(rng.uniform(-7, -5))))
+        sc = float(np.float32(sx * st * 10)) if trial < 2 else float(np.float32(np.exp(rng.uniform(-5, -2))))
+        zx, zc = (int(v) for v in rng.integers(0, 256, 2))
+        m = silu_model(sx, zx, st, 0, sc, zc)
+        so = options(qie=False, level="all")
+        qie_ep.register(so, ep_options={"profile": "1", "min_region_convs": "1"})
+        qie_ep.reset_stats()
+        got = ort.InferenceSession(m.SerializeToString(), so).run(None, feeds)[0]
+        p = qie_ep.region_profile()
+        assert "binary" not in p and ("conv+table" in p or "table" in p), p  # the region ran, the Mul folded
+        if COMPARE_BUILTIN:
+            np.testing.assert_array_equal(got, run(m, feeds, "all", qie=False)[0], err_msg=f"trial {trial}")

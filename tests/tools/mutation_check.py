@@ -27,7 +27,8 @@ TESTS = ["tests/kernels/test_gemm_kernels.py", "tests/kernels/test_conv_kernels.
          "tests/ort/test_gemm_ops.py",
          "tests/ort/test_conv_ops.py", "tests/kernels/test_isa_detection.py", "tests/ort/test_reliability.py",
          "tests/ort/test_ep.py", "tests/ort/test_ep_tails.py", "tests/ort/test_ep_norm_tails.py", "tests/ort/test_ep_regions.py",
-         "tests/kernels/test_amx.py", "tests/ort/test_ep_attention.py", "tests/ort/test_ep_shapes.py"]
+         "tests/kernels/test_amx.py", "tests/ort/test_ep_attention.py", "tests/ort/test_ep_shapes.py",
+         "tests/ort/test_ep_qlinear_binary.py"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,18 @@ MUTATIONS = [
              "avx512vnni"),
     Mutation("EP takes a two-input Sum as a product", "ep/region.cc",
              "s.op = op == \"Add\" || op == \"Sum\" ? '+'", "s.op = op == \"Add\" ? '+'"),
+    # QLinear binary arithmetic (session 39)
+    Mutation("QLinearAdd never swaps a broadcast first operand", "ep/region_steps.cc",
+             "if (Y[i] > 1) return A[i] == 1;", "if (Y[i] > 1) return false;"),
+    Mutation("QLinear arithmetic for s8 binary units too", "ep/region.cc",
+             "if (s.qout.is_signed || s.qin[0].is_signed || s.qin[1].is_signed) return false;", ""),
+    Mutation("QLinear arithmetic under a Relu that clamps codes", "ep/region.cc",
+             "if (lo > 0 || hi < 255) return false;", "(void)lo;"),
+    Mutation("QLinearAdd adds without fused multiply-adds", "ep/units.h",
+             "std::fma(static_cast<float>(x), rx, std::fma(static_cast<float>(y), ry, fixed))",
+             "static_cast<float>(x) * rx + (static_cast<float>(y) * ry + fixed)"),
+    Mutation("SiLU fold keeps the float product where ORT runs QLinearMul", "ep/region.cc",
+             "s->qlinear ? ql(ka, kb)", "false ? ql(ka, kb)"),
     # AMX (checked only where the CPU has it)
     Mutation("AMX snake multiplies its second 16 rows with the first's A", "kernels/x86/gemm_amx.cc",
              "const uint8_t* a1 = a + kTileRows * lda;", "const uint8_t* a1 = a;", "amx"),
