@@ -14,7 +14,7 @@ session steals the other's core), median of >= 20 runs.
 The custom ops must give ORT INT8's outputs bit for bit; the EP's regions (tables built with libm where ORT uses
 MLAS's Sigmoid / Erf) are reported by output cosine and largest difference to ORT INT8. For QDQ models the EP's
 time in its regions is split per unit kind (its `profile` option, a separate session) so the next bottleneck
-shows. Writes bench/out/models.jsonl and models.md.
+shows. Writes bench/out/models.jsonl, models.md and models.png (docs/bench-models.png is a copy).
 """
 from __future__ import annotations
 
@@ -130,6 +130,33 @@ def main(argv=None) -> None:
                 lines.append(f"| {r['model']} | {r['format']} | {r['threads']} | " +
                              ", ".join(f"{k} {us:.0f}" for k, us in r["region_steps"]) + " |")
     (OUT / "models.md").write_text("\n".join(lines) + "\n")
+    plot(rows, OUT / "models.png")
+
+
+def plot(rows: list[dict], path) -> None:
+    """Speed-ups of ORT + qie's EP over FP32, ORT INT8 and OpenVINO per QDQ model row (bars; 1 = as fast), the
+    issue's targets as lines (2x FP32 for CNNs, 1.5x MiniLM, 1.2x / 1.5x geomean ORT INT8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("qie_ep_ms") and "qoperator" not in r["format"]]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(rows)), 4.5))
+    x = np.arange(len(rows))
+    for i, (key, label) in enumerate([("ep_vs_fp32", "vs FP32"), ("ratio_ep", "vs ORT INT8"),
+                                      ("ep_vs_openvino", "vs OpenVINO")]):
+        ax.bar(x + (i - 1) * 0.27, [r.get(key) or 0 for r in rows], 0.27, label=label)
+    for y, style in ((1.0, "-"), (1.2, ":"), (1.5, "--"), (2.0, "-.")):
+        ax.axhline(y, color="grey", lw=0.8, ls=style)
+    ax.set_xticks(x, [f"{r['model']} {r['format']} {r['threads']}t" for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("speed-up of ORT + qie EP (x)")
+    ax.set_title(f"ORT + qie EP, batch 1, ORT_ENABLE_ALL ({rows[0]['cpu']}, {rows[0]['date']}): higher is better")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _agreement(want, got) -> tuple[float, float]:
