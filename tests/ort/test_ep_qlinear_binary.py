@@ -244,3 +244,78 @@ def test_silu_fold_equals_ort_qlinear_sigmoid_and_mul():
         assert "binary" not in p and ("conv+table" in p or "table" in p), p  # the region ran, the Mul folded
         if COMPARE_BUILTIN:
             np.testing.assert_array_equal(got, run(m, feeds, "all", qie=False)[0], err_msg=f"trial {trial}")
+
+
+def unary_model(kind, c, hw, sx, zx, sy, zy, const=None, sk=None, zk=None, const_first=False):
+    """a (u8 codes) -> identity conv -> Q -> DQ -> Mul / Add with a DequantizeLinear'd u8 constant [C,1,1] (``kind``
+    "Mul" / "Add") or GlobalAveragePool (``kind`` "GAP") -> Q -> DQ."""
+    m = model("Mul", (1, c, hw[0], hw[1]), (1, c, hw[0], hw[1]), np.uint8, (sx, sx, sy), (zx, zx, zy))
+    g = m.graph
+    g.input.pop()
+    keep = [n for n in g.node if not n.output[0].endswith("_b")]
+    at = next(i for i, n in enumerate(keep) if n.op_type == "Mul")
+    if kind == "GAP":
+        mid = [h.make_node("GlobalAveragePool", ["d_a"], ["r"])]
+    else:
+        g.initializer.extend([nh.from_array(const.reshape(c, 1, 1), "k"), nh.from_array(np.float32(sk), "sk"),
+                              nh.from_array(np.uint8(zk), "zk")])
+        ins = ["dk", "d_a"] if const_first else ["d_a", "dk"]
+        mid = [h.make_node("DequantizeLinear", ["k", "sk", "zk"], ["dk"]), h.make_node(kind, ins, ["r"])]
+    del g.node[:]
+    g.node.extend(keep[:at] + mid + keep[at + 1:])
+    return m
+
+
+def region_run(m, feeds):
+    import onnxruntime as ort
+
+    so = options(qie=False, level="all")
+    qie_ep.register(so, ep_options={"profile": "1", "min_region_convs": "1"})
+    qie_ep.reset_stats()
+    got = ort.InferenceSession(m.SerializeToString(), so).run(None, feeds)[0]
+    return got, qie_ep.region_profile()
+
+
+@needs_ep
+@pytest.mark.parametrize("op", ["Mul", "Add"])
+@pytest.mark.parametrize("const_first", [False, True])
+def test_table_of_a_quantized_constant_equals_ort_qlinear_op(op, const_first):
+    """DQ(x) op DQ(u8 constant [C,1,1]) -> Q (DenseNet's BatchNormalization as Mul and Add) is a table unit; ORT fuses
+    it into QLinearMul / QLinearAdd, whose arithmetic the table takes: every pair of codes, scales with ties."""
+    rng = np.random.default_rng(zlib.crc32(f"table {op} {const_first}".encode()))
+    feeds = {"a": np.tile(np.arange(256, dtype=np.uint8).reshape(1, 1, 16, 16), (1, 256, 1, 1))}
+    for trial in range(3):
+        sy = float(np.float32(np.exp(rng.uniform(-5, -2))))
+        sx = float(np.float32(sy * 0.1)) if trial == 0 else float(np.float32(np.exp(rng.uniform(-5, -2))))
+        sk = (1.0 if op == "Mul" else float(np.float32(sy * 0.3))) if trial == 0 else float(np.float32(np.exp(rng.uniform(-5, -2))))
+        zx, zy, zk = (int(v) for v in rng.integers(0, 256, 3))
+        m = unary_model(op, 256, (16, 16), sx, zx, sy, zy, const=np.arange(256, dtype=np.uint8), sk=sk, zk=zk,
+                        const_first=const_first)
+        got, p = region_run(m, feeds)
+        assert "binary" not in p and ("conv+table" in p or "table" in p), p  # a table unit of the region
+        if COMPARE_BUILTIN:
+            want = run(m, feeds, "all", qie=False)[0]
+            np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}")
+            plain = run(m, feeds, "disable", qie=False)[0]
+            assert np.abs(got - plain).max() <= sy * 1.0001
+
+
+@needs_ep
+def test_global_average_pool_equals_ort_qlinear_global_average_pool():
+    """DQ -> GlobalAveragePool -> Q, u8: ORT fuses it into QLinearGlobalAveragePool, float(sum - HW zx) times one
+    multiplier sx / (sy HW); the region's unit takes that arithmetic. Scales with .5 ties on many sums."""
+    rng = np.random.default_rng(3)
+    hw = (4, 5)
+    for trial in range(3):
+        sx = float(np.float32(np.exp(rng.uniform(-5, -2))))
+        # trial 0: sy = sx / 10, so that every odd centred sum is a .5 tie (HW = 20): the two arithmetics part on ~18%
+        sy = float(np.float32(sx * 0.1)) if trial == 0 else float(np.float32(np.exp(rng.uniform(-5, -2))))
+        zx, zy = (int(v) for v in rng.integers(0, 256, 2))
+        zy = 128 if trial == 0 else zy
+        # codes near the zero point: means inside the output range, not saturated
+        feeds = {"a": np.clip(zx + rng.integers(-12, 13, size=(1, 256, *hw)), 0, 255).astype(np.uint8)}
+        m = unary_model("GAP", 256, hw, sx, zx, sy, zy)
+        got, p = region_run(m, feeds)
+        assert "gap" in p, p
+        if COMPARE_BUILTIN:
+            np.testing.assert_array_equal(got, run(m, feeds, "all", qie=False)[0], err_msg=f"trial {trial}")

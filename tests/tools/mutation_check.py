@@ -154,6 +154,13 @@ MUTATIONS = [
              "static_cast<float>(x) * rx + (static_cast<float>(y) * ry + fixed)"),
     Mutation("SiLU fold keeps the float product where ORT runs QLinearMul", "ep/region.cc",
              "s->qlinear ? ql(ka, kb)", "false ? ql(ka, kb)"),
+    Mutation("quantized-constant table keeps the float graph's product", "ep/units.cc",
+             "const bool is_ql = QLinearTable(u, &ql, C_out);", "const bool is_ql = false;"),
+    Mutation("quantized-constant table never swaps a constant first operand", "ep/units.cc",
+             "const bool swap = const_first && (q.count() == 1 || u.layout.axis != ConstLayout::kLast);",
+             "const bool swap = false;"),
+    Mutation("GlobalAveragePool keeps the float graph's mean where ORT fuses it", "ep/region_steps.cc",
+             "const bool ort_form = !qx.is_signed && !s.qout.is_signed;", "const bool ort_form = false;"),
     # AMX (checked only where the CPU has it)
     Mutation("AMX snake multiplies its second 16 rows with the first's A", "kernels/x86/gemm_amx.cc",
              "const uint8_t* a1 = a + kTileRows * lda;", "const uint8_t* a1 = a;", "amx"),

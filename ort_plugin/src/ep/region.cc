@@ -616,8 +616,10 @@ RegionPlan* CompileRegion(const std::vector<const OrtNode*>& nodes, const std::v
     }
     if (u.kind == UnitKind::kTable) {
       size_t C = 1;
-      const std::vector<uint8_t> t = EvalTable(u, &C);
-      const RegionPlan::Chained link{s.qin[0], CompileTable(u), s.qout};
+      bool qlinear = false;
+      const std::vector<uint8_t> t = EvalTable(u, &C, &qlinear);
+      RegionPlan::Chained link{s.qin[0], CompileTable(u), s.qout};
+      link.f.arithmetic = link.f.arithmetic && !qlinear;  // its table is QLinearMul's, not the float program's
       const int v = s.in[0];
       const int ps = producer_step[v];
       if (ps >= 0 && p.steps[ps].kind == UnitKind::kTable && readers[p.values[v].name] == 1 && p.values[v].output < 0 &&

@@ -469,6 +469,11 @@ void RunGap(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od
   uint8_t* y = ybuf->data();
   const size_t hw = d.h * d.w, C = d.c;
   const QParams& qx = s.qin[0];
+  // u8 throughout: what ORT fuses into QLinearGlobalAveragePool from ORT_ENABLE_EXTENDED on, whose arithmetic (MLAS's
+  // x86 kernel: one float multiplier, as a conv's requantization) this takes; else the float graph's mean, then Q.
+  const bool ort_form = !qx.is_signed && !s.qout.is_signed;
+  const float scale = qx.scale / (s.qout.scale * static_cast<float>(hw));
+  const float lo = static_cast<float>(-s.qout.zp), hi = static_cast<float>(255 - s.qout.zp);
   constexpr size_t kBlock = 256;  // channels per task
   const size_t blocks = (C + kBlock - 1) / kBlock;
   if (od->count() == 0) return;
@@ -481,6 +486,12 @@ void RunGap(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims* od
     }
     for (size_t k = 0; k < cn; ++k) {
       const int64_t centered = acc[k] - static_cast<int64_t>(hw) * qx.zp;
+      if (ort_form) {  // QLinearGlobalAveragePool: float(sum - HW zx) * (sx / (sy HW)), rounded, + zy
+        float v = static_cast<float>(centered) * scale;
+        v = v < lo ? lo : v > hi ? hi : v;
+        y[n * C + c0 + k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(v)) + s.qout.zp);
+        continue;
+      }
       const float mean = static_cast<float>(centered) * qx.scale / static_cast<float>(hw);
       y[n * C + c0 + k] = QuantizeOne(mean, s.qout);
     }

@@ -955,7 +955,60 @@ const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std:
   return at(p.result);
 }
 
-std::vector<uint8_t> EvalTable(const Unit& u, size_t* C_out) {
+// A table unit that is one Add / Mul of its input and a DequantizeLinear'd u8 constant (a scalar or a channel vector
+// with one scale and zero point), u8 throughout, is what ORT fuses into QLinearAdd / QLinearMul from
+// ORT_ENABLE_EXTENDED on (DenseNet's BatchNormalization as Mul and Add of quantized constants): its table takes their
+// arithmetic (QLinearBinary) on the constant's codes, as binary units do (tests/ort/test_ep_qlinear_binary.py). False
+// for any other table.
+bool QLinearTable(const Unit& u, std::vector<uint8_t>* t, size_t* C) {
+  std::vector<const OrtNode*> body;  // but the constant's DequantizeLinear, a node of the unit too
+  for (const OrtNode* n : u.nodes)
+    if (n != u.q && !IsOp(n, "DequantizeLinear")) body.push_back(n);
+  if (body.size() != 1 || !Domain(body[0]).empty() || !(IsOp(body[0], "Add") || IsOp(body[0], "Mul"))) return false;
+  const auto in = Inputs(body[0]);
+  const OrtValueInfo* x = Outputs(u.in_dqs[0])[0];
+  if (in.size() != 2 || !in[0] || !in[1] || in[0] == in[1] || (in[0] != x && in[1] != x)) return false;
+  const bool const_first = in[1] == x;
+  std::vector<float> unused;
+  const OrtNode* dq = nullptr;
+  if (!ChannelConstant(in[const_first ? 0 : 1], false, u.layout, &unused, &dq) || !dq) return false;
+  for (const OrtNode* n : u.nodes)
+    if (IsOp(n, "DequantizeLinear") && n != dq) return false;
+  const auto din = Inputs(dq);
+  Constant q, s, z;
+  if (!ReadConstant(din[0], &q) || q.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || !ReadConstant(din[1], &s) ||
+      s.count() != 1)
+    return false;
+  QParams pc{static_cast<const float*>(s.data)[0], 0, false};
+  if (Input(din, 2)) {
+    if (!ReadConstant(Input(din, 2), &z) || z.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || z.count() != 1)
+      return false;
+    pc.zp = static_cast<const uint8_t*>(z.data)[0];
+  }
+  const QParams px = InputParams(u.in_dqs[0]), py = OutputParams(u.q);
+  if (px.is_signed || py.is_signed || !(pc.scale > 0.0f) || !std::isfinite(pc.scale)) return false;
+  // The constant first: ORT walks it as its scalar (the operands swapped) where it is broadcast along ORT's innermost
+  // axis: a single value, or a channel vector of a region's NCHW value (measured: ORT keeps such a QLinearAdd in
+  // NCHW at ORT_ENABLE_ALL); along a MatMul tail's last axis it is the span itself.
+  const bool swap = const_first && (q.count() == 1 || u.layout.axis != ConstLayout::kLast);
+  const QParams &pa = const_first ? pc : px, &pb = const_first ? px : pc;
+  const QLinearBinary ql(IsOp(body[0], "Mul") ? '*' : '+', swap ? pb : pa, swap ? pa : pb, py);
+  *C = q.count();
+  t->assign(*C * 256, 0);
+  const auto* codes = static_cast<const uint8_t*>(q.data);
+  for (size_t c = 0; c < *C; ++c)
+    for (int k = 0; k < 256; ++k) {
+      const int32_t a = const_first ? codes[c] : k, b = const_first ? k : codes[c];
+      (*t)[c * 256 + static_cast<size_t>(k)] = swap ? ql(b, a) : ql(a, b);
+    }
+  return true;
+}
+
+std::vector<uint8_t> EvalTable(const Unit& u, size_t* C_out, bool* qlinear) {
+  std::vector<uint8_t> ql;
+  const bool is_ql = QLinearTable(u, &ql, C_out);
+  if (qlinear) *qlinear = is_ql;
+  if (is_ql) return ql;
   const QParams px = InputParams(u.in_dqs[0]), py = OutputParams(u.q);
   FloatProgram p = CompileTable(u);
   const size_t C = p.C;

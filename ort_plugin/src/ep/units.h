@@ -220,7 +220,9 @@ FloatProgram CompileProgramTo(const OrtValueInfo* input, const std::vector<const
 const float* RunProgram(const FloatProgram& p, const float* x, size_t rows, std::vector<std::vector<float>>* regs);
 
 // A table unit's tables, [C][256] (C = 1 when every constant is a scalar).
-std::vector<uint8_t> EvalTable(const Unit& u, size_t* C);
+// `qlinear` (optional) tells whether it is ORT's QLinearAdd / QLinearMul of a quantized constant (units.cc
+// QLinearTable): then the table is not the unit's float program, which must not run in its place.
+std::vector<uint8_t> EvalTable(const Unit& u, size_t* C, bool* qlinear = nullptr);
 
 // `*table` ([*tC][256] + 3 bytes of padding; *tC = 1: one table) followed by `t` ([C][256], C = 1: one table),
 // composed in place: table[c][k] = t[c][table[c][k]]. Per-channel tables of different channel counts: Failure. An
