@@ -3,10 +3,9 @@ two-input Sum residuals, SqueezeNet's Concat fire modules, ShuffleNet's grouped 
 AveragePool + Concat downsampling, Inception v1 / v2's branch concatenations and LRN, DenseNet-121's dense blocks
 of Concat + BatchNormalization + Mul + Add + Relu), seeded random weights, quantized by `qie quantize --per-channel`
 (its default op set: the convolutions and the feature-map ops between them). With qie's EP: at ORT_ENABLE_ALL every
-output equals ORT's own INT8 run to the bit, except DenseNet-121's, which equals the QDQ graph's float semantics
-(ORT_DISABLE_ALL) to the bit where ORT INT8 puts 39 of the 1000 outputs one step off the float graph (not through its
-QLinearAdd / QLinearMul / QLinearGlobalAveragePool, whose arithmetic the EP takes since session 39 and which meet no
-tie here: another of its fused kernels, not traced); at the other levels within cosine 0.9999
+output equals ORT's own INT8 run to the bit (DenseNet-121 too since session 39: ORT INT8 puts 39 of its 1000 outputs
+one step off the float graph through QLinearAveragePool, which adds the zero point before rounding, and the EP's
+u8 average pools now do the same; before, the EP equalled the float graph there); at the other levels within cosine 0.9999
 of the QDQ graph's float semantics (the spec: a fused region's codes may sit one step from the float graph's); the
 EP claims every convolution (ShuffleNet and ResNet-50's residuals once `Sum` became a binary unit: 33 of ShuffleNet's
 49 convolutions were ORT's before; DenseNet-121's 5 alone between float concatenations before the feature-map ops
@@ -34,7 +33,7 @@ MIN_CLAIMED_CONVS = {"resnet50": 53, "squeezenet": 26, "shufflenet": 49, "incept
 CLAIMED_TOO = {"shufflenet": {"Transpose": 16}, "inception_v1": {"LRN": 2}}
 # what the EP's outputs at ORT_ENABLE_ALL equal to the bit: ORT INT8's, or (DenseNet-121) the QDQ graph's float
 # semantics, which ORT INT8's QLinearAdd / QLinearMul rounding misses by a step on some outputs
-EQUAL_TO = {"densenet121": "disable"}
+EQUAL_TO: dict = {}  # every model: ORT INT8 at ORT_ENABLE_ALL
 
 
 @pytest.fixture(scope="module", params=sorted(MIN_CLAIMED_CONVS))

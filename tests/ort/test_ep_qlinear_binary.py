@@ -248,7 +248,7 @@ def test_silu_fold_equals_ort_qlinear_sigmoid_and_mul():
 
 def unary_model(kind, c, hw, sx, zx, sy, zy, const=None, sk=None, zk=None, const_first=False):
     """a (u8 codes) -> identity conv -> Q -> DQ -> Mul / Add with a DequantizeLinear'd u8 constant [C,1,1] (``kind``
-    "Mul" / "Add") or GlobalAveragePool (``kind`` "GAP") -> Q -> DQ."""
+    "Mul" / "Add"), GlobalAveragePool ("GAP") or a 2 x 2 AveragePool of stride 2 ("AvgPool") -> Q -> DQ."""
     m = model("Mul", (1, c, hw[0], hw[1]), (1, c, hw[0], hw[1]), np.uint8, (sx, sx, sy), (zx, zx, zy))
     g = m.graph
     g.input.pop()
@@ -256,6 +256,8 @@ def unary_model(kind, c, hw, sx, zx, sy, zy, const=None, sk=None, zk=None, const
     at = next(i for i, n in enumerate(keep) if n.op_type == "Mul")
     if kind == "GAP":
         mid = [h.make_node("GlobalAveragePool", ["d_a"], ["r"])]
+    elif kind == "AvgPool":
+        mid = [h.make_node("AveragePool", ["d_a"], ["r"], kernel_shape=[2, 2], strides=[2, 2])]
     else:
         g.initializer.extend([nh.from_array(const.reshape(c, 1, 1), "k"), nh.from_array(np.float32(sk), "sk"),
                               nh.from_array(np.uint8(zk), "zk")])
@@ -319,3 +321,23 @@ def test_global_average_pool_equals_ort_qlinear_global_average_pool():
         assert "gap" in p, p
         if COMPARE_BUILTIN:
             np.testing.assert_array_equal(got, run(m, feeds, "all", qie=False)[0], err_msg=f"trial {trial}")
+
+
+@needs_ep
+def test_average_pool_equals_ort_qlinear_average_pool():
+    """DQ -> AveragePool -> Q, u8: ORT fuses it into QLinearAveragePool, which sums and divides as the float graph but
+    quantizes as nearbyint(v / s + zp), the zero point added before rounding: a .5 tie rounds the other way for an odd
+    zero point (DenseNet-121's transition pools: 39 of its 1000 outputs). The region's pool does the same for u8."""
+    rng = np.random.default_rng(4)
+    for trial in range(3):
+        sx = float(np.float32(np.exp(rng.uniform(-5, -2))))
+        sy = sx if trial == 0 else float(np.float32(np.exp(rng.uniform(-5, -2))))  # trial 0: every sum = 2 mod 4 a tie
+        zx, zy = int(rng.integers(0, 256)), 2 * int(rng.integers(0, 128)) + 1
+        feeds = {"a": np.clip(zx + rng.integers(-40, 41, size=(1, 64, 8, 10)), 0, 255).astype(np.uint8)}
+        m = unary_model("AvgPool", 64, (8, 10), sx, zx, sy, zy)
+        got, p = region_run(m, feeds)
+        assert "avgpool" in p, p
+        if COMPARE_BUILTIN:
+            np.testing.assert_array_equal(got, run(m, feeds, "all", qie=False)[0], err_msg=f"trial {trial}")
+            if trial == 0:  # the float graph rounds those ties the other way
+                assert (got != run(m, feeds, "disable", qie=False)[0]).sum() > 0

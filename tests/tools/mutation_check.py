@@ -161,6 +161,9 @@ MUTATIONS = [
              "const bool swap = false;"),
     Mutation("GlobalAveragePool keeps the float graph's mean where ORT fuses it", "ep/region_steps.cc",
              "const bool ort_form = !qx.is_signed && !s.qout.is_signed;", "const bool ort_form = false;"),
+    Mutation("AveragePool quantizes as QuantizeLinear where ORT fuses QLinearAveragePool", "ep/region_steps.cc",
+             "const bool ort_form = !qx.is_signed && !s.qout.is_signed;\n  const float zy",
+             "const bool ort_form = false;\n  const float zy"),
     # AMX (checked only where the CPU has it)
     Mutation("AMX snake multiplies its second 16 rows with the first's A", "kernels/x86/gemm_amx.cc",
              "const uint8_t* a1 = a + kTileRows * lda;", "const uint8_t* a1 = a;", "amx"),

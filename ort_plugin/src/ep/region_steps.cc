@@ -757,6 +757,10 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
   const size_t C = d.c;
   const QParams& qx = s.qin[0];
   const Quantizer q(s.qout);
+  // u8 throughout: what ORT fuses into QLinearAveragePool from ORT_ENABLE_EXTENDED on; its window sum and division are
+  // these, its quantization adds the zero point before rounding (a .5 tie rounds to the other side for an odd one)
+  const bool ort_form = !qx.is_signed && !s.qout.is_signed;
+  const float zy = static_cast<float>(s.qout.zp);
   const auto tap = qx.is_signed ? AccumulateTap<true> : AccumulateTap<false>;
   pfor(od->n * od->h, [&](size_t r) {
     thread_local std::vector<float> acc;
@@ -784,7 +788,15 @@ void RunAvgPool(const RegionPlan::Step& s, const Dims& d, const uint8_t* x, Dims
       }
       const float div = static_cast<float>(count);
       for (size_t c = 0; c < C; ++c) acc[c] /= div;
-      QuantizeBlock(acc.data(), C, q, y + (r * od->w + ow) * C);
+      uint8_t* out = y + (r * od->w + ow) * C;
+      if (ort_form) {  // QLinearAveragePool's quantization: nearbyint(v / s + zp), the zero point added in float first
+        for (size_t c = 0; c < C; ++c) {
+          const float v = std::nearbyint(acc[c] / s.qout.scale + zy);
+          out[c] = static_cast<uint8_t>(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
+        }
+        continue;
+      }
+      QuantizeBlock(acc.data(), C, q, out);
     }
   });
 }
