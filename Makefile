@@ -80,6 +80,8 @@ VALGRIND_TESTS := tests/kernels/test_gemm_kernels.py tests/kernels/test_conv_ker
                   'tests/ort/test_ep_regions.py::test_random_shuffle_lrn_networks_within_a_step_of_ort[3]' \
                   'tests/ort/test_ep_qlinear_binary.py::test_u8_binary_unit_equals_ort_qlinear_op_on_every_pair[a_row-Add]' \
                   tests/ort/test_ep_qlinear_binary.py::test_silu_fold_equals_ort_qlinear_sigmoid_and_mul \
+                  tests/ort/test_ep_qlinear_binary.py::test_average_pool_equals_ort_qlinear_average_pool \
+                  'tests/ort/test_ep_qlinear_binary.py::test_table_of_a_quantized_constant_equals_ort_qlinear_op[True-Add]' \
                   tests/ort/test_ep_softmax.py::test_softmax_unit_is_claimed_and_within_one_step tests/ort/test_ep_softmax.py::test_zero_size_rows_and_dims \
                   tests/ort/test_ep_softmax.py::test_softmax_of_a_scalar_is_an_error_naming_the_node \
                   tests/ort/test_ep_tails.py::test_segments_compose tests/ort/test_ep_tails.py::test_bias_gelu_tail_within_one_step \
