@@ -6,8 +6,9 @@
 // (units.cc). A binary unit of u8 tensors that ORT fuses into QLinearAdd / QLinearMul computes their arithmetic
 // (units.h QLinearBinary: equal to ORT at ORT_ENABLE_ALL, within one step of the float graph); any other computes
 // the float QDQ graph per element, Q(DQ(a) op DQ(b)), as ORT's float nodes. A global average pool sums the codes
-// exactly and quantizes float(sum - HW * zx) * sx / HW (ORT's float kernel sums floats: within one step); AveragePool
-// sums the dequantized window in float32, rows then columns, and divides: equal to ORT with count_include_pad, within
+// exactly and quantizes float(sum - HW * zx) * sx / HW, u8 ones as QLinearGlobalAveragePool (one multiplier);
+// AveragePool sums the dequantized window in float32, rows then columns, and divides (u8: rounded as
+// QLinearAveragePool, the zero point added first): equal to ORT with count_include_pad, within
 // one step at the borders without it (measured; ORT's float kernel sums border windows in another order). Concat and
 // MaxPool move codes (max of codes = code of the max: DequantizeLinear is increasing) and requantize them by
 // table where the output's scale or zero point differs, exactly as the QDQ graph; so does a channel shuffle.
